@@ -1,0 +1,210 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax Linen.
+
+One call runs a ragged batch: the tokens of many sequences packed on one axis, each
+sequence contributing a prefill chunk or a single decode token. K/V of the new tokens
+are scattered into the paged cache, then attention reads the pages. Layers run under
+`nn.scan`, so parameters are stacked on a leading `layers` axis and the cache is a
+carried buffer that XLA updates in place.
+
+Parameter tree under "params" (logical axis names in brackets; see sharding/rules.py):
+  embedding                        [vocab, embed]
+  layers/attn_norm/scale           [layers, embed]
+  layers/attn/{q,k,v}_proj/kernel  [layers, embed, heads|kv_heads, head_dim]
+  layers/attn/{q,k,v}_proj/bias    [layers, heads|kv_heads, head_dim]  (attention_bias only)
+  layers/attn/o_proj               [layers, heads, head_dim, embed]
+  layers/mlp_norm/scale            [layers, embed]
+  layers/mlp/{gate,up}_proj        [layers, embed, mlp]
+  layers/mlp/down_proj             [layers, mlp, embed]
+  final_norm/scale                 [embed]
+  lm_head                          [embed, vocab]                      (untied only)
+`param_specs(config)` lists them with shapes; converters fill exactly that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.rope import apply_rope, inverse_frequencies
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens sit. All int32; padded to the step's bucket."""
+
+    positions: jax.Array  # [T] absolute position of each token
+    slot_mapping: jax.Array  # [T] page * page_size + offset to write its K/V (padding: slot 0)
+    page_tables: jax.Array  # [S, P] page ids per sequence
+    seq_lens: jax.Array  # [S] context length including this step's tokens (padding: 0)
+    query_start: jax.Array  # [S + 1] cumulative query lengths
+
+
+# attention_fn(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *, sm_scale)
+AttentionFn = Callable[..., jax.Array]
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module, name, shape, names, dtype, init=_init):
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Projection(nn.Module):
+    """x[T, E] -> [T, N, D] with an optional bias, via einsum on a named kernel."""
+
+    num_heads: int
+    head_dim: int
+    head_axis: str
+    use_bias: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (x.shape[-1], self.num_heads, self.head_dim)
+        kernel = _param(self, "kernel", shape, ("embed", self.head_axis, "head_dim"), self.dtype)
+        y = jnp.einsum("TE,ENH->TNH", x, kernel)
+        if self.use_bias:
+            bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
+                          nn.initializers.zeros)
+            y = y + bias
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_fn: AttentionFn
+
+    @nn.compact
+    def __call__(self, x, kv, layer, meta: AttentionMetadata):
+        c = self.config
+        proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
+                                                self.dtype, name=name)(x)
+        q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
+        k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
+        v = proj("v_proj", c.num_kv_heads, "kv_heads")
+        inv_freq = jnp.asarray(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
+        pos = jnp.maximum(meta.positions, 0)
+        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+
+        k_pages, v_pages = kv  # [L, N, page_size, K, D]
+        page_size = k_pages.shape[2]
+        page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
+        k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
+        v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
+
+        out = self.attention_fn(
+            q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
+            sm_scale=c.head_dim**-0.5,
+        )  # [T, H, D]
+        o_kernel = _param(self, "o_proj",
+                          (c.num_heads, c.head_dim, c.hidden_size),
+                          ("heads", "head_dim", "embed"), self.dtype)
+        return jnp.einsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel), (k_pages, v_pages)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        e, f = self.config.hidden_size, self.config.intermediate_size
+        gate = _param(self, "gate_proj", (e, f), ("embed", "mlp"), self.dtype)
+        up = _param(self, "up_proj", (e, f), ("embed", "mlp"), self.dtype)
+        down = _param(self, "down_proj", (f, e), ("mlp", "embed"), self.dtype)
+        h = nn.silu(jnp.einsum("TE,EF->TF", x, gate)) * jnp.einsum("TE,EF->TF", x, up)
+        return jnp.einsum("TF,FE->TE", h, down)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_fn: AttentionFn
+
+    @nn.compact
+    def __call__(self, carry, layer, meta):
+        x, kv = carry
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
+        a, kv = Attention(c, self.dtype, self.attention_fn, name="attn")(h, kv, layer, meta)
+        x = x + a
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
+        x = x + MLP(c, self.dtype, name="mlp")(h)
+        return (x, kv), None
+
+
+class LlamaModel(nn.Module):
+    """tokens [T] + KV pages -> logits at `logits_indices` [S, vocab] (float32) + new pages."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+    attention_fn: AttentionFn
+
+    @nn.compact
+    def __call__(self, tokens, kv, meta: AttentionMetadata, logits_indices):
+        c = self.config
+        embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
+                           ("vocab", "embed"), self.dtype)
+        x = jnp.take(embedding, tokens, axis=0)
+        layers = nn.scan(
+            DecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, self.dtype, self.attention_fn, name="layers")
+        (x, kv), _ = layers((x, kv), jnp.arange(c.num_layers, dtype=jnp.int32), meta)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x[logits_indices])
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("SE,VE->SV", x, embedding, preferred_element_type=jnp.float32)
+        else:
+            head = _param(self, "lm_head", (c.hidden_size, c.vocab_size),
+                          ("embed", "vocab"), self.dtype)
+            logits = jnp.einsum("SE,EV->SV", x, head, preferred_element_type=jnp.float32)
+        return logits, kv
+
+
+def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Flat '/'-joined parameter path -> (shape, logical axis names), from the model itself."""
+    meta = _dummy_inputs(config, num_tokens=1, num_seqs=1, pages_per_seq=1)
+    model = LlamaModel(config, jnp.float32, _no_attention)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *meta)["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(
+        abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    return {
+        "/".join(k.key for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
+        for path, leaf in leaves
+    }
+
+
+def _no_attention(q, *args, **kwargs):
+    return q
+
+
+def _dummy_inputs(config: ModelConfig, num_tokens: int, num_seqs: int, pages_per_seq: int):
+    z = lambda *shape: jnp.zeros(shape, jnp.int32)
+    meta = AttentionMetadata(z(num_tokens), z(num_tokens), z(num_seqs, pages_per_seq),
+                             z(num_seqs), z(num_seqs + 1))
+    kv_shape = (config.num_layers, 1, 1, config.num_kv_heads, config.head_dim)
+    kv = (jnp.zeros(kv_shape, jnp.float32),) * 2
+    return z(num_tokens), kv, meta, z(num_seqs)

@@ -1,0 +1,43 @@
+"""MeshConfig -> jax.sharding.Mesh over (data, pipeline, tensor, expert)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sharding.rules import MESH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    pipeline: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        for axis in MESH_AXES:
+            if getattr(self, axis) < 1:
+                raise ValueError(f"mesh.{axis}={getattr(self, axis)} must be >= 1")
+
+    @property
+    def num_devices(self) -> int:
+        return self.data * self.pipeline * self.tensor * self.expert
+
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, axis) for axis in MESH_AXES)
+
+
+def make_mesh(config: MeshConfig, devices=None) -> Mesh:
+    """A Mesh with Auto axes over the first `config.num_devices` devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices > len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, config.shape(), strict=True))} needs "
+            f"{config.num_devices} devices, but only {len(devices)} are available"
+        )
+    grid = np.array(devices[: config.num_devices]).reshape(config.shape())
+    return Mesh(grid, MESH_AXES)

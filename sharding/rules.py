@@ -1,0 +1,67 @@
+"""The one table from logical axis names (used by the model and the KV cache) to mesh axes.
+
+Every logical name the model uses appears here exactly once; tests check it.
+None means replicated along that logical axis.
+"""
+
+from __future__ import annotations
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "pipeline", "tensor", "expert")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", "pipeline"),
+    # KV cache axes
+    ("cache_layers", "pipeline"),
+    ("cache_pages", None),
+    ("cache_page_slots", None),
+)
+
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def logical_to_spec(names: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for a tensor with these logical axis names on this mesh.
+
+    A mesh axis of size 1 is dropped (replicated), and so is a mesh axis whose size does
+    not divide the dimension's size when `shape` is checked by `sharding_for`.
+    """
+    axes = []
+    for name in names:
+        if name not in _RULES:
+            raise KeyError(f"logical axis {name!r} has no entry in sharding/rules.py")
+        axis = _RULES[name]
+        axes.append(axis if axis is not None and mesh.shape.get(axis, 1) > 1 else None)
+    return PartitionSpec(*axes)
+
+
+def sharding_for(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """NamedSharding for an array; raises ValueError if a sharded dim does not divide evenly."""
+    spec = logical_to_spec(names, mesh)
+    for dim, (size, axis) in enumerate(zip(shape, spec, strict=True)):
+        if axis is not None and size % mesh.shape[axis]:
+            raise ValueError(
+                f"dimension {dim} ({names[dim]}={size}) is not divisible by mesh axis "
+                f"{axis}={mesh.shape[axis]}"
+            )
+    return NamedSharding(mesh, spec)
+
+
+def tree_shardings(specs: dict, mesh: Mesh) -> dict:
+    """{path: (shape, names)} -> {path: NamedSharding}."""
+    return {k: sharding_for(names, shape, mesh) for k, (shape, names) in specs.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+__all__ = ["LOGICAL_AXIS_RULES", "MESH_AXES", "logical_to_spec", "sharding_for",
+           "tree_shardings", "replicated"]
