@@ -21,7 +21,7 @@ class MeshConfig:
     def __post_init__(self):
         for axis in MESH_AXES:
             if getattr(self, axis) < 1:
-                raise ValueError(f"mesh.{axis}={getattr(self, axis)} must be >= 1")
+                raise ValueError(f"{axis}: must be >= 1 (got {getattr(self, axis)})")
 
     @property
     def num_devices(self) -> int:

@@ -1,0 +1,220 @@
+"""Deployment configuration: frozen dataclasses read once from a YAML file.
+
+Unknown keys and bad values raise ConfigError naming the file and the key, e.g.
+`configs/x.yaml: scheduler.max_num_seqs: must be >= 1 (got 0)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from jaxserve.errors import ConfigError
+from sharding.mesh import MeshConfig
+
+DTYPES = ("float32", "bfloat16")
+BACKENDS = ("auto", "pallas", "reference")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    name: str = "model"
+    dtype: str = "bfloat16"  # compute and parameter dtype: float32 | bfloat16
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES} (got {self.dtype!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    # `demo` (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face directory,
+    # a converted jaxserve checkpoint directory, or `random` (random weights, for benchmarks).
+    source: str = "demo"
+    path: str | None = None  # where the converted checkpoint lives; default: cache_dir/<name>
+    cache_dir: str = "~/.cache/jaxserve"
+    random_shape: str | None = None  # for source=random: a model_config.json to take shapes from
+
+    def converted_path(self, model_name: str) -> Path:
+        base = self.path or os.path.join(self.cache_dir, "checkpoints", model_name)
+        return Path(os.path.expanduser(base))
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSection:
+    page_size: int = 16
+    # Bytes (an int > 1) for the KV page pool, or a fraction in (0, 1] of free device memory.
+    kv_cache_memory: float = 0.9
+    max_model_len: int = 2048
+
+    def __post_init__(self):
+        _check(self.page_size >= 1, "page_size", f"must be >= 1 (got {self.page_size})")
+        _check(self.kv_cache_memory > 0, "kv_cache_memory",
+               f"must be a byte count or a fraction in (0, 1] (got {self.kv_cache_memory})")
+        _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSection:
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256  # per-step token budget (prefill chunks + decodes)
+    chunked_prefill: bool = True
+    max_waiting: int = 1024  # waiting-queue bound; the server answers RESOURCE_EXHAUSTED beyond
+
+    def __post_init__(self):
+        _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1 (got {self.max_num_seqs})")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               f"must be >= 1 (got {self.max_num_batched_tokens})")
+        _check(self.max_waiting >= 1, "max_waiting", f"must be >= 1 (got {self.max_waiting})")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSection:
+    token_buckets: tuple[int, ...] = (16, 64, 256)
+    seq_buckets: tuple[int, ...] = (4, 16)
+    attention_backend: str = "auto"
+    compilation_cache_dir: str | None = "~/.cache/jaxserve/xla"
+    max_logprobs: int = 20
+
+    def __post_init__(self):
+        for key in ("token_buckets", "seq_buckets"):
+            buckets = getattr(self, key)
+            _check(len(buckets) > 0 and all(b >= 1 for b in buckets), key,
+                   f"must be a non-empty list of positive ints (got {list(buckets)})")
+            _check(list(buckets) == sorted(set(buckets)), key,
+                   f"must be strictly increasing (got {list(buckets)})")
+        _check(self.attention_backend in BACKENDS, "attention_backend",
+               f"must be one of {BACKENDS} (got {self.attention_backend!r})")
+        _check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9400
+    grace_period_s: float = 30.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+
+    def __post_init__(self):
+        _check(0 <= self.port < 65536, "port", f"must be in [0, 65535] (got {self.port})")
+        _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
+               "tls_cert and tls_key must be given together")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    cache: CacheSection = CacheSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    runner: RunnerSection = RunnerSection()
+    mesh: MeshConfig = MeshConfig()
+    server: ServerSection = ServerSection()
+
+    def __post_init__(self):
+        _check(self.scheduler.max_num_seqs <= self.runner.seq_buckets[-1],
+               "scheduler.max_num_seqs",
+               f"({self.scheduler.max_num_seqs}) must be <= the largest runner.seq_buckets "
+               f"({self.runner.seq_buckets[-1]})")
+        _check(self.scheduler.max_num_batched_tokens <= self.runner.token_buckets[-1],
+               "scheduler.max_num_batched_tokens",
+               f"({self.scheduler.max_num_batched_tokens}) must be <= the largest "
+               f"runner.token_buckets ({self.runner.token_buckets[-1]})")
+
+    def replace(self, **sections) -> Config:
+        """A copy with whole sections or `section__field=value` overrides."""
+        updates: dict = {}
+        for key, value in sections.items():
+            if "__" in key:
+                section, field = key.split("__", 1)
+                current = updates.get(section, getattr(self, section))
+                updates[section] = dataclasses.replace(current, **{field: value})
+            else:
+                updates[key] = value
+        return dataclasses.replace(self, **updates)
+
+
+def _coerce(value, hint, key: str):
+    """Check a YAML value against a field's type hint; tuples come from YAML lists."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key}: expected a list (got {value!r})")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(v, item, key) for v in value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{key}: expected {getattr(hint, '__name__', hint)} (got {value!r})")
+
+
+def _build_section(cls, data, section: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"{section}: expected a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ValueError(f"{section}.{unknown[0]}: unknown key (known: {known})")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{section}.{e}") from None
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    try:
+        if not isinstance(data, dict):
+            raise ValueError(f"top level: expected a mapping (got {type(data).__name__})")
+        hints = typing.get_type_hints(Config)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(hints)})")
+        sections = {name: _build_section(hints[name], data.get(name), name) for name in hints}
+        return Config(**sections)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return config_from_dict(data, str(path))

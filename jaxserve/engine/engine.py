@@ -1,0 +1,219 @@
+"""The engine: add / abort / step over the scheduler and runner, with detokenization.
+
+`step()` dispatches the next device step before it reads back the previous one, so the
+host's Python work (scheduling, detokenizing, stop strings) overlaps the device's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import time
+
+from jaxserve.config import Config
+from jaxserve.engine.page_table import PageTable
+from jaxserve.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    Status,
+    TokenLogprob,
+)
+from jaxserve.engine.runner import Runner, StepHandle
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.errors import InvalidRequestError
+from jaxserve.models.model_config import ModelConfig
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclasses.dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    held: str = ""  # detokenized text not yet emitted (may be the start of a stop string)
+    queued: list[RequestOutput] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    pages_total: int
+    pages_used: int
+    pages_free: int
+    num_compilations: int
+    num_preemptions: int
+
+
+class Engine:
+    def __init__(self, config: Config, model_config: ModelConfig, params, tokenizer: Tokenizer,
+                 mesh):
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer  # None for random-weight models: token ids only, no text
+        self.eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
+        self.runner = Runner(config, model_config, params, mesh, self.eos_ids)
+        self.page_table = PageTable(self.runner.num_pages, config.cache.page_size)
+        self.scheduler = Scheduler(config.scheduler, self.page_table)
+        self._tracked: dict[str, _Tracked] = {}
+        self._inflight: StepHandle | None = None
+        self._ids = itertools.count()
+        self._rng = random.Random()
+
+    # ----- requests ------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a request; raises InvalidRequestError naming the bad field."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        self.validate(prompt_ids, params)
+        seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
+        req = Request(request_id, list(prompt_ids), params, seed, time.monotonic(), priority)
+        detok = (IncrementalDetokenizer(self.tokenizer, prompt_ids)
+                 if self.tokenizer is not None else None)
+        self._tracked[request_id] = _Tracked(req, detok)
+        self.scheduler.add(req)
+        return request_id
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate(self.model_config.vocab_size, self.config.runner.max_logprobs)
+        if not prompt_ids:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("token_ids", f"token id {bad} is outside [0, {vocab})")
+        limit = self.config.cache.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequestError(
+                "prompt", f"the prompt has {len(prompt_ids)} tokens; the context is {limit}")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens "
+                f"({params.max_tokens}) exceeds the context of {limit} tokens")
+        budget = self.config.scheduler.max_num_batched_tokens
+        if not self.config.scheduler.chunked_prefill and len(prompt_ids) > budget:
+            raise InvalidRequestError(
+                "prompt", f"{len(prompt_ids)} tokens exceed scheduler.max_num_batched_tokens="
+                f"{budget} and chunked prefill is off")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its pages are freed and its last output says ABORT."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.request.is_finished:
+            return False
+        self._finish(tracked, FinishReason.ABORT)
+        tracked.queued.append(RequestOutput(request_id, (), tracked.held, True,
+                                            FinishReason.ABORT, (), tracked.request.metrics()))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._tracked) or self._inflight is not None
+
+    def stats(self) -> EngineStats:
+        pt = self.page_table
+        return EngineStats(self.scheduler.num_waiting, len(self.scheduler.running),
+                           pt.num_pages - 1, pt.num_used_pages, pt.num_free_pages,
+                           self.runner.num_compilations, self.scheduler.num_preemptions)
+
+    def warm_up(self, progress: bool = True) -> None:
+        self.runner.warm_up(progress)
+
+    # ----- the step ------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule and dispatch one step, then process the previous step's tokens."""
+        sched = self.scheduler.schedule()
+        for req in sched.preempted:
+            self.runner.release(req.request_id)
+        handle = None
+        if sched.seqs:
+            handle = self.runner.execute(sched, self.page_table, self._inflight)
+        previous, self._inflight = self._inflight, handle
+        if previous is not None:
+            self._process(previous)
+        return self._drain()
+
+    def _drain(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id, tracked in list(self._tracked.items()):
+            outputs.extend(tracked.queued)
+            tracked.queued.clear()
+            if tracked.request.is_finished:
+                del self._tracked[request_id]
+        return outputs
+
+    def _process(self, handle: StepHandle) -> None:
+        out = handle.fetch()
+        for row, (req, samples) in enumerate(handle.rows):
+            if not samples:
+                continue
+            req.num_pending -= 1
+            if req.is_finished:
+                continue
+            tracked = self._tracked[req.request_id]
+            try:
+                logprob = None
+                if req.params.logprobs is not None:
+                    n = req.params.logprobs
+                    logprob = TokenLogprob(int(out.tokens[row]), float(out.logprobs[row]),
+                                           tuple(zip(out.top_ids[row, :n].tolist(),
+                                                     out.top_logprobs[row, :n].tolist(),
+                                                     strict=True)))
+                self._append(tracked, int(out.tokens[row]), logprob)
+            except Exception as e:  # one request's failure never stops the others
+                self._finish(tracked, FinishReason.ERROR)
+                tracked.queued.append(RequestOutput(req.request_id, (), "", True,
+                                                    FinishReason.ERROR, (), req.metrics(),
+                                                    error=f"{type(e).__name__}: {e}"))
+
+    def _append(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> None:
+        req, p = tracked.request, tracked.request.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_ids.append(token)
+        n_out = len(req.output_ids)
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            reason, text = FinishReason.STOP, self._flush(tracked)
+        else:
+            if tracked.detokenizer is not None:
+                tracked.held += tracked.detokenizer.add([token])
+            text, stopped = self._release_text(tracked, check_stop=n_out >= p.min_tokens)
+            reason = FinishReason.STOP if stopped else None
+            if reason is None and n_out >= p.max_tokens:
+                reason, text = FinishReason.LENGTH, text + self._flush(tracked)
+        lp = (logprob,) if logprob is not None else ()
+        if reason is not None:
+            self._finish(tracked, reason)
+        tracked.queued.append(RequestOutput(req.request_id, (token,), text, reason is not None,
+                                            reason, lp, req.metrics() if reason else None))
+
+    @staticmethod
+    def _flush(tracked: _Tracked) -> str:
+        text = tracked.held + (tracked.detokenizer.flush() if tracked.detokenizer else "")
+        tracked.held = ""
+        return text
+
+    def _release_text(self, tracked: _Tracked, check_stop: bool) -> tuple[str, bool]:
+        """Emit held text, keeping back what could still become a stop string."""
+        stops = tracked.request.params.stop
+        held = tracked.held
+        if check_stop and stops:
+            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if hits:
+                tracked.held = ""
+                return held[:min(hits)], True
+        keep = max((len(s) for s in stops), default=1) - 1
+        cut = len(held) - keep if keep else len(held)
+        tracked.held = held[cut:]
+        return held[:cut], False
+
+    def _finish(self, tracked: _Tracked, reason: FinishReason) -> None:
+        req = tracked.request
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        self.scheduler.remove(req)
+        self.runner.release(req.request_id)

@@ -1,0 +1,150 @@
+"""The only owner of KV page indices: allocation, reference counts, prefix cache, freeing.
+
+Page 0 is the null page: padding tokens write there and no sequence ever owns it.
+A full page whose tokens are known is registered under a hash of its whole prefix
+(chained page by page), so a later request with the same prefix shares it instead of
+recomputing it. A shared page is only ever read: writes go to positions past the shared
+prefix, which lie in pages of the request's own.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import numpy as np
+
+NULL_PAGE = 0
+
+
+class PageTable:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_cache: bool = True):
+        if num_pages < 2:
+            raise ValueError(f"{num_pages=} must be >= 2 (page 0 is reserved)")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self._free: collections.deque[int] = collections.deque(range(1, num_pages))
+        self._refs = np.zeros(num_pages, np.int32)
+        self._tables: dict[str, list[int]] = {}
+        self._hash_of_page: dict[int, int] = {}  # page -> prefix hash
+        self._page_of_hash: dict[int, int] = {}  # prefix hash -> page
+        # Registered pages nobody references, oldest first: reusable, evicted on demand.
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    # ----- queries -------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - 1 - self.num_free_pages
+
+    def pages(self, seq_id: str) -> list[int]:
+        return self._tables.get(seq_id, [])
+
+    def pages_needed(self, seq_id: str, num_tokens: int) -> int:
+        have = len(self._tables.get(seq_id, ()))
+        return max(0, -(-num_tokens // self.page_size) - have)
+
+    def slots(self, seq_id: str, start: int, stop: int) -> np.ndarray:
+        """Cache slots (page * page_size + offset) of positions [start, stop)."""
+        table = np.asarray(self._tables[seq_id], np.int32)
+        pos = np.arange(start, stop)
+        return table[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    # ----- lifecycle -----------------------------------------------------------------
+    def admit(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True) -> int:
+        """Start a table for seq_id, sharing cached full pages of its prefix.
+
+        Returns how many tokens are already in the cache. At least one token is always
+        left to compute, so the request produces logits.
+        """
+        if seq_id in self._tables:
+            raise ValueError(f"{seq_id=} already has a page table")
+        shared: list[int] = []
+        if self.enable_prefix_cache and use_cache:
+            for h in self._prefix_hashes(token_ids, (len(token_ids) - 1) // self.page_size):
+                page = self._page_of_hash.get(h)
+                if page is None:
+                    break
+                shared.append(page)
+        for page in shared:
+            self._take(page)
+        self._tables[seq_id] = shared
+        return len(shared) * self.page_size
+
+    def ensure(self, seq_id: str, num_tokens: int) -> bool:
+        """Grow seq_id's table to hold num_tokens. All or nothing: False if pages run out."""
+        need = self.pages_needed(seq_id, num_tokens)
+        if need > self.num_free_pages:
+            return False
+        table = self._tables[seq_id]
+        for _ in range(need):
+            page = self._free.popleft() if self._free else self._evict()
+            self._refs[page] = 1
+            table.append(page)
+        return True
+
+    def register(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Offer seq_id's full pages below num_computed (tokens known) to the prefix cache."""
+        if not self.enable_prefix_cache:
+            return
+        table = self._tables[seq_id]
+        full = min(num_computed, len(token_ids)) // self.page_size
+        for i, h in enumerate(self._prefix_hashes(token_ids, full)):
+            page = table[i]
+            if page in self._hash_of_page or h in self._page_of_hash:
+                continue
+            self._hash_of_page[page] = h
+            self._page_of_hash[h] = page
+
+    def free(self, seq_id: str) -> None:
+        """Drop seq_id's references; unshared pages go back to the pool."""
+        for page in reversed(self._tables.pop(seq_id, [])):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._hash_of_page:
+                    self._evictable[page] = None
+                else:
+                    self._free.append(page)
+
+    # ----- internals -----------------------------------------------------------------
+    def _prefix_hashes(self, token_ids: Sequence[int], num_pages: int):
+        h = 0
+        ps = self.page_size
+        for i in range(num_pages):
+            h = hash((h, tuple(token_ids[i * ps:(i + 1) * ps])))
+            yield h
+
+    def _take(self, page: int) -> None:
+        if self._refs[page] == 0:
+            del self._evictable[page]
+        self._refs[page] += 1
+
+    def _evict(self) -> int:
+        page, _ = self._evictable.popitem(last=False)
+        del self._page_of_hash[self._hash_of_page.pop(page)]
+        return page
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any invariant of the pool is broken."""
+        counts = np.zeros(self.num_pages, np.int32)
+        for seq_id, table in self._tables.items():
+            assert len(set(table)) == len(table), f"{seq_id=} holds a page twice: {table}"
+            for page in table:
+                counts[page] += 1
+        assert counts[NULL_PAGE] == 0 and self._refs[NULL_PAGE] == 0, "null page in use"
+        assert np.array_equal(counts, self._refs), "reference counts disagree with the tables"
+        free = list(self._free)
+        assert len(set(free)) == len(free), "a page is on the free list twice"
+        free_set, evictable = set(free), set(self._evictable)
+        used = {p for p in range(self.num_pages) if self._refs[p] > 0}
+        assert not (free_set & evictable), "a page is both free and evictable"
+        assert not (used & (free_set | evictable)), "a page in use is also free"
+        assert used | free_set | evictable == set(range(1, self.num_pages)), "a page is lost"
+        assert all(p in self._hash_of_page for p in evictable), "evictable page has no hash"
+        assert all(self._page_of_hash[h] == p for p, h in self._hash_of_page.items()), \
+            "prefix hash maps disagree"
+        assert len(self._page_of_hash) == len(self._hash_of_page), "prefix hash maps disagree"

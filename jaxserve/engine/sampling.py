@@ -1,0 +1,96 @@
+"""On-device sampling for a batch of rows, each with its own parameters.
+
+Penalties read two per-slot device tables that the step keeps up to date:
+`prompt_mask[slot, vocab]` (token seen in the prompt) and `output_counts[slot, vocab]`
+(times generated). Randomness comes only from (request seed, output index), so a seeded
+request samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: jax.Array  # [S] f32; 0 = greedy
+    top_k: jax.Array  # [S] i32; <= 0 = off
+    top_p: jax.Array  # [S] f32
+    min_p: jax.Array  # [S] f32
+    repetition_penalty: jax.Array  # [S] f32
+    presence_penalty: jax.Array  # [S] f32
+    frequency_penalty: jax.Array  # [S] f32
+    seeds: jax.Array  # [S] u32
+    output_index: jax.Array  # [S] i32: index of the token being sampled within its request
+    banned: jax.Array  # [S, K] i32 token ids that may not be sampled now (-1 = none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    tokens: jax.Array  # [S] i32
+    logprobs: jax.Array  # [S] f32, log-probability of the chosen token (raw model distribution)
+    top_ids: jax.Array  # [S, N] i32
+    top_logprobs: jax.Array  # [S, N] f32
+
+
+def apply_penalties(logits, prompt_mask, output_counts, p: SamplingInputs):
+    """Repetition (HF/vLLM style: prompt and output), presence and frequency penalties."""
+    seen = prompt_mask | (output_counts > 0)
+    rep = p.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    counts = output_counts.astype(jnp.float32)
+    logits = logits - p.frequency_penalty[:, None] * counts
+    return logits - p.presence_penalty[:, None] * (counts > 0)
+
+
+def _filter_top_k_top_p(logits, top_k, top_p):
+    """Mask tokens outside top-k and the top-p nucleus (ties at the cut-off are kept)."""
+    vocab = logits.shape[-1]
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep token i if the mass strictly before it is < top_p (so the top token always stays).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (before < top_p[:, None]) & (jnp.arange(vocab)[None, :] < k[:, None])
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, cutoff)
+    return jnp.where(logits >= threshold, logits, NEG_INF)
+
+
+def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:
+    """logits [S, V] f32 -> one token per row."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    use_penalties = jnp.any((p.repetition_penalty != 1) | (p.presence_penalty != 0)
+                            | (p.frequency_penalty != 0))
+    logits = jax.lax.cond(use_penalties, apply_penalties, lambda lg, *_: lg,
+                          logits, prompt_mask, output_counts, p)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    banned = jnp.where(p.banned >= 0, p.banned, logits.shape[-1])  # out of range: dropped
+    logits = logits.at[rows, banned].set(NEG_INF, mode="drop")
+    greedy = jnp.argmax(logits, axis=-1)
+
+    scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
+    use_filter = jnp.any((p.top_k > 0) | (p.top_p < 1))
+    scaled = jax.lax.cond(use_filter, _filter_top_k_top_p, lambda lg, *_: lg,
+                          scaled, p.top_k, p.top_p)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    max_prob = jnp.max(probs, axis=-1, keepdims=True)
+    scaled = jnp.where(probs < p.min_p[:, None] * max_prob, NEG_INF, scaled)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+        p.seeds, p.output_index)
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
+    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+
+    tokens = jnp.where(p.temperature > 0, sampled, greedy).astype(jnp.int32)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top) if num_top else (
+        jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32))
+    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

@@ -1,0 +1,138 @@
+"""Scheduling policy: who runs this step, with how many tokens. No device code.
+
+Each step has a token budget. Running requests go first, in priority order (lower value
+first, then arrival): a decode takes one token, an unfinished prefill takes the next chunk.
+Then waiting requests are admitted while the budget, `max_num_seqs` and free pages allow.
+When a running request needs a page and none is free, the least important running request
+is preempted: its pages are freed and it goes back to the waiting queue, to be recomputed
+from its prompt and the tokens it already produced (so nothing is lost and greedy output
+is unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import time
+
+from jaxserve.config import SchedulerSection
+from jaxserve.engine.page_table import PageTable
+from jaxserve.engine.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSeq:
+    request: Request
+    start: int  # first position computed this step (== num_computed_tokens before the step)
+    num_tokens: int  # tokens computed this step
+    samples: bool  # the chunk reaches the end of the known sequence: sample a token
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    seqs: tuple[ScheduledSeq, ...]
+    preempted: tuple[Request, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerSection, page_table: PageTable):
+        self.config = config
+        self.page_table = page_table
+        self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, order, req)
+        self._order = itertools.count()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        heapq.heappush(self._waiting, (request.priority, next(self._order), request))
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues (finished or aborted) and free its pages."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self._waiting = [e for e in self._waiting if e[2] is not request]
+            heapq.heapify(self._waiting)
+        self.page_table.free(request.request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self._waiting)
+
+    # ----- the step ------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Request] = []
+        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = self._chunk(req, budget)
+            if n == 0:  # its next token is still on the device or it needs nothing now
+                i += 1
+                continue
+            while not self.page_table.ensure(req.request_id, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(self._schedule(req, n))
+                budget -= n
+                i += 1
+
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self._waiting[0][2]
+            if req.num_pending:  # a token from before its preemption is still on the device
+                break
+            # Penalty tables are rebuilt from the tokens a request computes: no shared prefix.
+            cached = self.page_table.admit(req.request_id, req.all_token_ids,
+                                           use_cache=not req.params.uses_penalties)
+            req.num_computed_tokens = cached
+            n = self._chunk(req, budget)
+            if n == 0 or not self.page_table.ensure(req.request_id, cached + n):
+                self.page_table.free(req.request_id)
+                req.num_computed_tokens = 0
+                break
+            heapq.heappop(self._waiting)
+            req.status = Status.RUNNING
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            scheduled.append(self._schedule(req, n))
+            budget -= n
+        return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        remaining = req.num_tokens - req.num_computed_tokens
+        if not self.config.chunked_prefill and remaining > budget:
+            return 0
+        return min(remaining, budget)
+
+    def _schedule(self, req: Request, n: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        self.page_table.register(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        return ScheduledSeq(req, start, n, samples=req.num_computed_tokens == req.num_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.page_table.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(req)
