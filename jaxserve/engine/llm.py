@@ -85,7 +85,7 @@ class LLM:
         ids = [self.engine.add_request(e, p) for e, p in zip(encoded, params_list, strict=True)]
         results = {i: dict(tokens=[], text=[], logprobs=[]) for i in ids}
         done: dict[str, Completion] = {}
-        while len(done) < len(ids):
+        while self.engine.has_unfinished():  # also drains the step still in flight
             for out in self.engine.step():
                 r = results[out.request_id]
                 r["tokens"].extend(out.token_ids)

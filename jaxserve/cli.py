@@ -1,0 +1,131 @@
+"""`jaxserve` command line: convert | generate | serve | client | bench.
+
+Expected failures (bad config, bad checkpoint, bad input) print one line and exit 2;
+they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxserve.errors import JaxserveError
+
+EXIT_USAGE = 2
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args):
+    from jaxserve.engine.request import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          seed=args.seed, stop=tuple(args.stop))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise JaxserveError(f"{path}: input file not found")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JaxserveError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
+            raise JaxserveError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": [...]}}')
+        rows.append(row)
+    return rows
+
+
+def cmd_generate(args) -> int:
+    from jaxserve.engine.llm import LLM
+
+    prompts: list = list(args.prompt)
+    if args.input:
+        prompts += _read_jsonl(args.input)
+    if not prompts:
+        raise JaxserveError("generate: give at least one --prompt or an --input file")
+    params = _sampling_params(args)
+    llm = LLM(args.config, progress=not args.json)
+    outs = llm.generate(prompts, params, chat=args.chat)
+    for out in outs:
+        if args.json:
+            print(json.dumps({
+                "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
+                "text": out.text, "finish_reason": out.finish_reason.value,
+                "usage": {"prompt_tokens": len(out.prompt_token_ids),
+                          "completion_tokens": len(out.token_ids)},
+            }, ensure_ascii=False))
+        else:
+            print(out.text)
+            print(f"--- [{out.finish_reason.value}, {len(out.token_ids)} tokens]")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxserve.checkpoint.convert import convert
+
+    cfg = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {cfg.architecture}, {cfg.num_layers} layers, "
+          f"{cfg.num_params / 1e6:.0f}M parameters")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="GGUF file or HF safetensors dir -> Orbax checkpoint")
+    p.add_argument("source", help="a .gguf file or a Hugging Face model directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="offline generation")
+    p.add_argument("--config", required=True)
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--input", help='JSONL file of {"prompt": ...} or {"messages": [...]}')
+    p.add_argument("--chat", action="store_true", help="render the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    from jaxserve import cli_server  # serve, client, bench
+
+    cli_server.add_commands(sub, _add_sampling_args, _sampling_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except JaxserveError as e:
+        print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
