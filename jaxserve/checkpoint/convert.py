@@ -1,0 +1,39 @@
+"""`jaxserve convert`: a GGUF file or an HF safetensors directory -> an Orbax checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxserve.checkpoint import orbax_store
+from jaxserve.checkpoint.gguf import GGUFCheckpoint
+from jaxserve.checkpoint.safetensors import SafetensorsCheckpoint
+from jaxserve.checkpoint.source import SourceCheckpoint
+from jaxserve.errors import CheckpointError
+from jaxserve.models.model_config import ModelConfig
+
+
+def open_source(source_path: Path | str) -> SourceCheckpoint:
+    """GGUFCheckpoint for a .gguf file, SafetensorsCheckpoint for a directory with config.json."""
+    path = Path(source_path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return GGUFCheckpoint(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return SafetensorsCheckpoint(path)
+    raise CheckpointError(
+        f"{path}: not a checkpoint this converter reads; expected a .gguf file or a Hugging "
+        "Face directory with config.json and *.safetensors")
+
+
+def convert(source_path: Path | str, out_dir: Path | str, dtype: str | None = None,
+            progress: bool = True, *, tokenizer: bool = True,
+            overwrite: bool = False) -> ModelConfig:
+    """Convert and return the ModelConfig written next to the params.
+
+    dtype: float32 | bfloat16 | float16. None: the source's own precision, i.e. float32
+    for quantized or F32 sources, bfloat16 for BF16 (float16 for F16) checkpoints.
+    """
+    source = open_source(source_path)
+    return orbax_store.save(source, out_dir, dtype, progress, tokenizer=tokenizer,
+                            overwrite=overwrite)

@@ -1,0 +1,296 @@
+"""The only place that writes and reads Orbax checkpoints.
+
+A converted checkpoint is a directory:
+  params/                   Orbax (OCDBT) tree: nested dict matching the model's "params"
+  model_config.json         ModelConfig.save
+  tokenizer.json | tokenizer.model, tokenizer_config.json
+                            tokenizer assets written by jaxserve.tokenizer (when asked)
+  jaxserve_checkpoint.json  completion marker, written last: format, dtype, source, and the
+                            size of every other file, so a truncated copy is detected
+
+`save` streams a source tensor by tensor into stacked arrays memory-mapped on disk, so host
+RAM stays bounded by the largest tensor, then has Orbax write them. It builds everything
+in `<out_dir>.tmp` and renames that into place at the end.
+
+`load` restores straight into the target shardings (`sharding/rules.py`): each device
+reads only its own shard, and no whole-model copy lands on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import flax.core.meta
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxserve.checkpoint.source import SourceCheckpoint, TensorItem, check_dtype
+from jaxserve.errors import CheckpointError
+from jaxserve.models.llama import param_specs
+from jaxserve.models.model_config import ModelConfig
+from sharding.rules import tree_shardings
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+MARKER = "jaxserve_checkpoint.json"
+FORMAT = "jaxserve-orbax"
+FORMAT_VERSION = 1
+_STAGING = "_staging"
+_CHUNK_BYTES = 64 << 20  # Orbax storage chunks: a device reading its shard reads little else
+
+Specs = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]
+
+
+def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None,
+         progress: bool = True, *, tokenizer: bool = True,
+         overwrite: bool = False) -> ModelConfig:
+    """Convert `source` into an Orbax checkpoint at `out_dir`, stored in `dtype`.
+
+    dtype: float32 | bfloat16 | float16; None means `source.default_dtype`.
+    tokenizer: also write the tokenizer assets (needs jaxserve.tokenizer).
+    """
+    dtype = check_dtype(dtype or source.default_dtype)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists; remove it or pass overwrite")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted conversion
+    tmp.mkdir(parents=True)
+    try:
+        staged = _stage(source, param_specs(source.config), tmp / _STAGING, jnp.dtype(dtype),
+                        progress)
+        _write_orbax(staged, tmp / PARAMS_DIR)
+        del staged
+        shutil.rmtree(tmp / _STAGING)
+        source.config.save(tmp / CONFIG_FILE)
+        if tokenizer:
+            source.write_tokenizer_assets(tmp)
+        _write_marker(tmp, {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype,
+                            "source": str(source.path)})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return source.config
+
+
+def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) with every array placed by the sharding rules on `mesh`.
+
+    dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
+    params is a nested dict, usable as `model.apply({"params": params}, ...)`.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint not found: {ckpt_dir}")
+    check_complete(ckpt_dir)
+    config = ModelConfig.load(ckpt_dir / CONFIG_FILE)
+    specs = param_specs(config)
+    stored = _stored_arrays(ckpt_dir / PARAMS_DIR)
+    for path, (shape, _) in specs.items():
+        if path not in stored:
+            raise CheckpointError(f"{ckpt_dir}: parameter {path!r} is missing from {PARAMS_DIR}/")
+        if stored[path][0] != shape:
+            raise CheckpointError(
+                f"{ckpt_dir}: parameter {path!r} has shape {stored[path][0]} in {PARAMS_DIR}/ "
+                f"but {shape} per {CONFIG_FILE}")
+    extra = sorted(set(stored) - set(specs))
+    if extra:
+        raise CheckpointError(f"{ckpt_dir}: {PARAMS_DIR}/ holds parameters the model does "
+                              f"not have: {extra}")
+    shardings = tree_shardings(specs, mesh)
+    target = _nest({
+        path: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or stored[path][1]),
+                                   sharding=shardings[path])
+        for path, (shape, _) in specs.items()
+    })
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore((ckpt_dir / PARAMS_DIR).absolute(), target)
+    except Exception as e:  # noqa: BLE001 -- Orbax re-raises tensorstore read errors as Exception
+        raise CheckpointError(f"{ckpt_dir}: cannot restore {PARAMS_DIR}/ (corrupt or "
+                              f"incomplete?): {e}") from e
+    return config, params
+
+
+def save_params(params: dict, config: ModelConfig, out_dir: Path | str,
+                dtype: str = "float32", *, overwrite: bool = False) -> ModelConfig:
+    """Write an in-memory params tree (e.g. random init; boxed or not) as a checkpoint."""
+    return save(_ParamsSource(params, config), out_dir, dtype, progress=False,
+                tokenizer=False, overwrite=overwrite)
+
+
+def check_complete(ckpt_dir: Path) -> dict:
+    """The completion marker, after checking every file it lists is there at full size."""
+    marker_path = ckpt_dir / MARKER
+    if not marker_path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint is incomplete (no {MARKER}; "
+                              "the conversion did not finish)")
+    try:
+        marker = json.loads(marker_path.read_text())
+        files = marker["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker_path}: unreadable completion marker: {e}") from e
+    if marker.get("format") != FORMAT or marker.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{marker_path}: not a {FORMAT} v{FORMAT_VERSION} checkpoint")
+    for rel, size in files.items():
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{ckpt_dir}: checkpoint is incomplete: {rel} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{ckpt_dir}: checkpoint is truncated: {rel} has "
+                                  f"{f.stat().st_size} bytes, expected {size}")
+    return marker
+
+
+# -- save helpers ---------------------------------------------------------------------
+
+
+def _stage(source: SourceCheckpoint, specs: Specs, staging: Path, dtype: np.dtype,
+           progress: bool) -> dict[str, np.memmap]:
+    """Fill one memory-mapped array per parameter from the source's tensor stream."""
+    staging.mkdir()
+    arrays = {path: np.memmap(staging / f"{i}.bin", dtype=dtype, mode="w+", shape=shape)
+              for i, (path, (shape, _)) in enumerate(specs.items())}
+    filled: dict[str, set[int | None]] = {path: set() for path in specs}
+    bar = tqdm(total=source.num_tensors, desc=f"converting {source.path.name}", unit="tensor",
+               file=sys.stderr, disable=not progress)
+    with bar:
+        for item in source.tensors():
+            _put(arrays, filled, specs, item)
+            bar.update()
+    missing = [f"{path}[layer {i}]" if i is not None else path
+               for path, (shape, names) in specs.items()
+               for i in (range(shape[0]) if _stacked(names) else [None])
+               if i not in filled[path]]
+    if missing:
+        raise CheckpointError(f"{source.path}: no tensor for {len(missing)} parameter(s): "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    for a in arrays.values():
+        a.flush()
+    return arrays
+
+
+def _put(arrays: dict[str, np.memmap], filled: dict, specs: Specs, item: TensorItem) -> None:
+    path, layer, value = item
+    label = path if layer is None else f"{path}[layer {layer}]"
+    if path not in specs:
+        raise CheckpointError(f"tensor {label}: not a parameter of this model")
+    shape, names = specs[path]
+    target = arrays[path]
+    if _stacked(names):
+        if layer is None or not 0 <= layer < shape[0]:
+            raise CheckpointError(f"tensor {label}: needs a layer index in [0, {shape[0]})")
+        target = target[layer]
+    elif layer is not None:
+        raise CheckpointError(f"tensor {label}: parameter has no layers axis")
+    if layer in filled[path]:
+        raise CheckpointError(f"tensor {label}: given more than once")
+    if tuple(value.shape) != target.shape:
+        raise CheckpointError(f"tensor {label}: shape {tuple(value.shape)}, "
+                              f"expected {target.shape}")
+    target[...] = value
+    filled[path].add(layer)
+
+
+def _write_orbax(flat: dict[str, np.ndarray], params_dir: Path) -> None:
+    tree = _nest(flat)
+    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir.absolute(), tree, save_args=save_args)
+        ckptr.wait_until_finished()
+
+
+def _write_marker(ckpt_dir: Path, info: dict) -> None:
+    files = {str(f.relative_to(ckpt_dir)): f.stat().st_size
+             for f in sorted(ckpt_dir.rglob("*")) if f.is_file()}
+    (ckpt_dir / MARKER).write_text(json.dumps({**info, "files": files}, indent=1))
+
+
+class _ParamsSource:
+    """A SourceCheckpoint over an in-memory params tree (for tests and random weights)."""
+
+    default_dtype = "float32"
+
+    def __init__(self, params: dict, config: ModelConfig):
+        self.path = Path("params")
+        self.config = config
+        self._specs = param_specs(config)
+        self._flat = _flatten(flax.core.meta.unbox(params))
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(np.shape(v)[0] if self._is_stacked(path) else 1
+                   for path, v in self._flat.items())
+
+    def tensors(self):
+        for path, value in self._flat.items():
+            value = np.asarray(value)
+            if self._is_stacked(path):
+                for i in range(value.shape[0]):
+                    yield path, i, value[i]
+            else:
+                yield path, None, value
+
+    def _is_stacked(self, path: str) -> bool:
+        return path in self._specs and _stacked(self._specs[path][1])
+
+    def write_tokenizer_assets(self, out_dir: Path) -> None:
+        raise CheckpointError("an in-memory params tree has no tokenizer")
+
+
+# -- tree helpers ---------------------------------------------------------------------
+
+
+def _stacked(names: tuple[str, ...]) -> bool:
+    return bool(names) and names[0] == "layers"
+
+
+def _nest(flat: dict) -> dict:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """The inverse of _nest, for any leaf that is not a dict."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _stored_arrays(params_dir: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flat path -> (shape, dtype) from the Orbax metadata, without reading the arrays."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(params_dir.absolute())
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{params_dir}: unreadable Orbax metadata: {e}") from e
+    meta = getattr(meta, "item_metadata", meta)  # StepMetadata in newer Orbax
+    meta = getattr(meta, "tree", meta)
+    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flatten(dict(meta)).items()}

@@ -1,0 +1,209 @@
+"""Hugging Face directory (config.json + *.safetensors) -> ModelConfig + our parameters.
+
+Tensors are read one at a time. numpy has no bfloat16, so `safe_open(framework="numpy")`
+cannot return BF16 tensors: those are memory-mapped straight from the file at the offsets
+in its header and viewed as `ml_dtypes.bfloat16`. Arrays are yielded in the source dtype
+(the Orbax writer casts); matrices are HF `[out, in]` and are transposed to our layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from jaxserve.checkpoint.source import TensorItem, to_our_layout
+from jaxserve.errors import CheckpointError
+from jaxserve.models.model_config import ModelConfig, RopeScaling
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2"}
+INDEX = "model.safetensors.index.json"
+
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed_tokens", "lm_head.weight": "lm_head",
+                 "model.norm.weight": "norm"}
+_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm",
+    "post_attention_layernorm.weight": "post_attention_layernorm",
+    **{f"self_attn.{p}_proj.weight": f"{p}_proj" for p in "qkvo"},
+    **{f"self_attn.{p}_proj.bias": f"{p}_proj.bias" for p in "qkv"},
+    **{f"mlp.{p}_proj.weight": f"{p}_proj" for p in ("gate", "up", "down")},
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+class SafetensorsCheckpoint:
+    """A SourceCheckpoint over a Hugging Face model directory."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"checkpoint not found: {config_path}")
+        try:
+            hf = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+        self.config = model_config_from_hf(hf, config_path, name=self.path.name)
+        self._files = self._tensor_files()
+        self._headers = {f: _read_header(f) for f in self._files}
+        self._plan = self._tensor_plan()
+        dtypes = {self._headers[f][0][n]["dtype"] for f, n, _, _ in self._plan}
+        self.default_dtype = _DTYPE_NAMES.get(dtypes.pop(), "float32") if len(dtypes) == 1 \
+            else "float32"
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self._plan)
+
+    def tensors(self) -> Iterator[TensorItem]:
+        for file, name, role, layer in self._plan:
+            yield to_our_layout(role, layer, self._read(file, name), self.config, name)
+
+    def write_tokenizer_assets(self, out_dir: Path) -> None:
+        from jaxserve.tokenizer import copy_tokenizer_assets_from_hf
+
+        copy_tokenizer_assets_from_hf(self.path, Path(out_dir))
+
+    def _tensor_files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: no readable weight_map: {e}") from e
+            files = [self.path / f for f in sorted(set(weight_map.values()))]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {INDEX} but missing")
+        return files
+
+    def _tensor_plan(self) -> list[tuple[Path, str, str, int | None]]:
+        plan, seen = [], {}
+        for file in self._files:
+            for name in sorted(self._headers[file][0]):
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {file}")
+                seen[name] = file
+                role, layer = _GLOBAL_NAMES.get(name), None
+                if role is None and (m := _LAYER_RE.fullmatch(name)):
+                    role, layer = _LAYER_NAMES.get(m.group(2)), int(m.group(1))
+                if _IGNORED.fullmatch(name) or (role == "lm_head"
+                                                and self.config.tie_word_embeddings):
+                    continue
+                if role is None or (role.endswith(".bias") and not self.config.attention_bias):
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r} for "
+                                          f"architecture {self.config.architecture!r}")
+                if layer is not None and layer >= self.config.num_layers:
+                    raise CheckpointError(f"{file}: tensor {name!r} is beyond "
+                                          f"num_hidden_layers={self.config.num_layers}")
+                plan.append((file, name, role, layer))
+        return plan
+
+    def _read(self, file: Path, name: str) -> np.ndarray:
+        header, data_start = self._headers[file]
+        entry = header[name]
+        if entry["dtype"] == "BF16":
+            begin, end = entry["data_offsets"]
+            raw = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin,
+                            shape=(end - begin,))
+            return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
+        if entry["dtype"] not in _NUMPY_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype "
+                                  f"{entry['dtype']}")
+        with safe_open(file, framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> ModelConfig:
+    """ModelConfig from a transformers config.json dict."""
+    archs = hf.get("architectures") or [hf.get("model_type", "?")]
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise CheckpointError(f"{config_path}: unsupported architecture {archs}; "
+                              f"supported: {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[archs[0]]
+    if hf.get("mlp_bias") or (arch != "qwen2" and hf.get("attention_bias")):
+        raise CheckpointError(f"{config_path}: attention_bias/mlp_bias on {archs[0]} "
+                              "(biases on o_proj/MLP) are not supported")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{config_path}: use_sliding_window=true is not supported")
+    heads = hf["num_attention_heads"]
+    max_pos = hf.get("max_position_embeddings", 4096)
+    if arch == "mistral" and hf.get("sliding_window"):
+        # no sliding-window attention here: within the window, full attention is identical
+        max_pos = min(max_pos, hf["sliding_window"])
+    try:
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(_rope_params(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2",
+            rope_scaling=_rope_scaling(_rope_params(hf), config_path),
+            name=name,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing key {e}") from e
+
+
+def _rope_params(hf: dict) -> dict:
+    """`rope_scaling` (transformers 4.x) or `rope_parameters` (5.x); {} when absent."""
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _rope_scaling(params: dict, config_path: Path) -> RopeScaling | None:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise CheckpointError(f"{config_path}: rope scaling type {kind!r} is not supported "
+                              "(only 'llama3')")
+    try:
+        return RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: rope scaling is missing {e}") from e
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    """The safetensors JSON header (tensor entries only) and where the data starts."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated safetensors file")
+        (size,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if file.stat().st_size < 8 + size + end:
+        raise CheckpointError(f"{file}: truncated safetensors file "
+                              f"({file.stat().st_size} bytes, header needs {8 + size + end})")
+    return header, 8 + size

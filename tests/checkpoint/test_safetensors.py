@@ -1,0 +1,243 @@
+"""HF safetensors source: tiny model directories written with the safetensors library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.flax
+import safetensors.numpy
+
+from jaxserve.checkpoint.convert import convert, open_source
+from jaxserve.checkpoint.orbax_store import load
+from jaxserve.checkpoint.safetensors import SafetensorsCheckpoint
+from jaxserve.errors import CheckpointError
+from jaxserve.models.model_config import RopeScaling
+from sharding.mesh import MeshConfig, make_mesh
+
+V, E, F, L, H, K = 96, 64, 128, 2, 4, 2  # vocab, embed, mlp, layers, heads, kv heads
+
+
+def hf_weights(seed: int = 0, *, d: int = E // H, untied: bool = False,
+               bias: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    w = {"model.embed_tokens.weight": r(V, E), "model.norm.weight": r(E)}
+    if untied:
+        w["lm_head.weight"] = r(V, E)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w |= {p + "input_layernorm.weight": r(E), p + "post_attention_layernorm.weight": r(E),
+              p + "self_attn.q_proj.weight": r(H * d, E),
+              p + "self_attn.k_proj.weight": r(K * d, E),
+              p + "self_attn.v_proj.weight": r(K * d, E),
+              p + "self_attn.o_proj.weight": r(E, H * d),
+              p + "mlp.gate_proj.weight": r(F, E), p + "mlp.up_proj.weight": r(F, E),
+              p + "mlp.down_proj.weight": r(E, F)}
+        if bias:
+            w |= {p + "self_attn.q_proj.bias": r(H * d), p + "self_attn.k_proj.bias": r(K * d),
+                  p + "self_attn.v_proj.bias": r(K * d)}
+    return w
+
+
+def hf_config(arch: str = "LlamaForCausalLM", **overrides) -> dict:
+    return {"architectures": [arch], "vocab_size": V, "hidden_size": E, "intermediate_size": F,
+            "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": K,
+            "rope_theta": 50000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 1024,
+            "tie_word_embeddings": True, "torch_dtype": "float32", **overrides}
+
+
+def write_hf(path: Path, weights: dict, config: dict, *, shards: int = 1,
+             bf16: bool = False) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    names = sorted(weights)
+    files = {f"model-{i + 1:05d}-of-{shards:05d}.safetensors": names[i::shards]
+             for i in range(shards)} if shards > 1 else {"model.safetensors": names}
+    for file, part in files.items():
+        if bf16:
+            safetensors.flax.save_file({n: jnp.asarray(weights[n], jnp.bfloat16) for n in part},
+                                       path / file)
+        else:
+            safetensors.numpy.save_file({n: weights[n] for n in part}, path / file)
+    if shards > 1:
+        weight_map = {n: file for file, part in files.items() for n in part}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+_PATHS = {"model.embed_tokens.weight": "embedding", "lm_head.weight": "lm_head",
+          "model.norm.weight": "final_norm/scale",
+          "input_layernorm.weight": "layers/attn_norm/scale",
+          "post_attention_layernorm.weight": "layers/mlp_norm/scale",
+          "self_attn.o_proj.weight": "layers/attn/o_proj",
+          **{f"self_attn.{p}_proj.weight": f"layers/attn/{p}_proj/kernel" for p in "qkv"},
+          **{f"self_attn.{p}_proj.bias": f"layers/attn/{p}_proj/bias" for p in "qkv"},
+          **{f"mlp.{p}_proj.weight": f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")}}
+
+
+def our_key(hf_name: str) -> tuple[str, int | None]:
+    if hf_name in _PATHS:
+        return _PATHS[hf_name], None
+    _, _, i, rest = hf_name.split(".", 3)
+    return _PATHS[rest], int(i)
+
+
+def ours(w: np.ndarray, name: str, d: int = E // H) -> np.ndarray:
+    """HF [out, in] -> our layout, written independently of jaxserve.checkpoint.source."""
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return w.T.reshape(E, -1, d)
+    if name.endswith("bias"):
+        return w.reshape(-1, d)
+    if name.endswith("o_proj.weight"):
+        return w.T.reshape(H, d, E)
+    if name.endswith(("_proj.weight", "lm_head.weight")):
+        return w.T
+    return w
+
+
+def streamed(source) -> dict:
+    out = {}
+    for path, layer, value in source.tensors():
+        assert (path, layer) not in out
+        out[path, layer] = np.asarray(value)
+    assert len(out) == source.num_tensors
+    return out
+
+
+def assert_all_equal(got: dict, weights: dict, d: int = E // H) -> None:
+    assert set(got) == {our_key(n) for n in weights}
+    for name, w in weights.items():
+        np.testing.assert_array_equal(got[our_key(name)], ours(w, name, d), err_msg=name)
+
+
+def test_llama_f32_tied(tmp_path):
+    weights = hf_weights()
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, hf_config()))
+    c = src.config
+    assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size) == ("llama", V, E, F)
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (L, H, K, E // H)
+    assert (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings) == (50000.0, 1e-5, 1024)
+    assert c.tie_word_embeddings and not c.attention_bias and c.rope_scaling is None
+    assert src.default_dtype == "float32"
+    got = streamed(src)
+    assert all(v.dtype == np.float32 for v in got.values())
+    assert_all_equal(got, weights)
+
+
+def test_bf16_tensors_read_exactly(tmp_path):
+    weights = hf_weights(seed=1)
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, hf_config(), bf16=True))
+    assert src.default_dtype == "bfloat16"
+    got = streamed(src)
+    assert all(v.dtype == ml_dtypes.bfloat16 for v in got.values())
+    assert_all_equal(got, {n: w.astype(ml_dtypes.bfloat16) for n, w in weights.items()})
+
+    convert(tmp_path / "m", tmp_path / "ckpt", progress=False, tokenizer=False)
+    _, params = load(tmp_path / "ckpt", make_mesh(MeshConfig()))
+    down = params["layers"]["mlp"]["down_proj"]
+    assert down.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(down[1]), weights["model.layers.1.mlp.down_proj.weight"].T.astype(
+            ml_dtypes.bfloat16))
+
+
+def test_sharded_with_index(tmp_path):
+    weights = hf_weights(seed=2)
+    path = write_hf(tmp_path / "m", weights, hf_config(), shards=3)
+    assert len(list(path.glob("*.safetensors"))) == 3
+    assert_all_equal(streamed(SafetensorsCheckpoint(path)), weights)
+
+    (path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors.*missing"):
+        SafetensorsCheckpoint(path)
+
+
+def test_qwen2_biases(tmp_path):
+    weights = hf_weights(seed=3, bias=True)
+    config = hf_config("Qwen2ForCausalLM", tie_word_embeddings=False)
+    weights["lm_head.weight"] = np.ones((V, E), np.float32)
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, config))
+    assert src.config.architecture == "qwen2" and src.config.attention_bias
+    got = streamed(src)
+    assert_all_equal(got, weights)
+    assert got["layers/attn/k_proj/bias", 0].shape == (K, E // H)
+
+
+def test_mistral_untied_sliding_window(tmp_path):
+    weights = hf_weights(seed=4, untied=True)
+    config = hf_config("MistralForCausalLM", tie_word_embeddings=False, sliding_window=512)
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, config))
+    assert src.config.architecture == "mistral" and not src.config.tie_word_embeddings
+    assert src.config.max_position_embeddings == 512  # no sliding window here: stay inside it
+    got = streamed(src)
+    assert got["lm_head", None].shape == (E, V)
+    assert_all_equal(got, weights)
+
+
+def test_tied_checkpoint_with_redundant_lm_head(tmp_path):
+    weights = hf_weights(seed=5, untied=True)
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, hf_config()))
+    got = streamed(src)
+    assert ("lm_head", None) not in got
+    assert len(got) == len(weights) - 2
+
+
+def test_llama3_rope_scaling_and_head_dim(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    weights = hf_weights(seed=6, d=32)
+    src = SafetensorsCheckpoint(
+        write_hf(tmp_path / "m", weights, hf_config(head_dim=32, rope_scaling=rope)))
+    assert src.config.head_dim == 32
+    assert src.config.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
+    assert_all_equal(streamed(src), weights, d=32)
+
+
+def test_transformers_5_rope_parameters(tmp_path):
+    config = hf_config(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    del config["rope_theta"]
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", hf_weights(), config))
+    assert src.config.rope_theta == 1e6 and src.config.rope_scaling is None
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_hf(tmp_path / "m", hf_weights(), hf_config("GPT2LMHeadModel"))
+    with pytest.raises(CheckpointError, match=r"config\.json.*GPT2LMHeadModel"):
+        open_source(path)
+
+
+def test_unsupported_rope_type(tmp_path):
+    config = hf_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="'yarn'"):
+        SafetensorsCheckpoint(write_hf(tmp_path / "m", hf_weights(), config))
+
+
+def test_missing_tensor_names_the_parameter(tmp_path):
+    weights = hf_weights()
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    path = write_hf(tmp_path / "m", weights, hf_config())
+    with pytest.raises(CheckpointError, match=r"layers/mlp/down_proj\[layer 1\]"):
+        convert(path, tmp_path / "ckpt", progress=False, tokenizer=False)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_wrong_shape_names_the_tensor(tmp_path):
+    weights = hf_weights()
+    weights["model.layers.0.mlp.up_proj.weight"] = np.zeros((F, E + 1), np.float32)
+    src = SafetensorsCheckpoint(write_hf(tmp_path / "m", weights, hf_config()))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*65"):
+        streamed(src)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        open_source(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="expected a .gguf file or a Hugging Face"):
+        convert(tmp_path / "empty", tmp_path / "out")

@@ -1,0 +1,45 @@
+"""Test-wide setup. Eight host CPU devices, so sharding tests can build real meshes;
+this must happen before jax is imported anywhere."""
+
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "smollm2-135m-cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    """The demo config with test-sized buckets; the model is fetched/converted once into
+    JAXSERVE_CACHE_DIR (default ~/.cache/jaxserve) and reused across runs."""
+    from jaxserve.config import load_config
+
+    cache = os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")
+    return load_config(DEMO_CONFIG).replace(
+        checkpoint__cache_dir=cache,
+        runner__compilation_cache_dir=os.path.join(cache, "xla-tests"),
+        runner__token_buckets=(16, 64),
+        runner__seq_buckets=(4, 16),
+        scheduler__max_num_batched_tokens=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_config):
+    from jaxserve.loader import load_model
+
+    return load_model(demo_config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_llm(demo_config):
+    from jaxserve.engine.llm import LLM
+
+    return LLM(demo_config, progress=False)
