@@ -1,0 +1,147 @@
+"""The model on small random configs against a plain-numpy forward pass written here,
+covering what the demo model does not: Llama-3 rope scaling, Qwen2 biases, untied
+embeddings, GQA ratios, and a prefill split into chunks over the paged cache."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models.llama import AttentionMetadata, LlamaModel, param_specs
+from jaxserve.models.model_config import ModelConfig, RopeScaling
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
+CONFIGS = {
+    "llama3-scaled-untied": ModelConfig(
+        "llama", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2,
+        num_heads=6, num_kv_heads=2, head_dim=8, rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16), tie_word_embeddings=False),
+    "qwen2-bias-tied": ModelConfig(
+        "qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+        num_heads=4, num_kv_heads=4, head_dim=8, rms_norm_eps=1e-6, attention_bias=True,
+        tie_word_embeddings=True),
+    "mistral-gqa8": ModelConfig(
+        "mistral", vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=2,
+        num_heads=8, num_kv_heads=1, head_dim=16),
+}
+
+
+def np_inv_freq(c: ModelConfig) -> np.ndarray:
+    d = c.head_dim
+    inv = 1.0 / c.rope_theta ** (np.arange(0, d, 2) / d)
+    s = c.rope_scaling
+    if s is None:
+        return inv
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < s.original_max_position_embeddings / s.high_freq_factor:
+            out.append(f)
+        elif wavelen > s.original_max_position_embeddings / s.low_freq_factor:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return np.array(out)
+
+
+def np_forward(c: ModelConfig, p: dict, ids: np.ndarray) -> np.ndarray:
+    """Logits of every position, plain numpy, float64, full causal attention."""
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_norm_eps) * w
+
+    def rope(x):  # [T, N, D]
+        ang = np.arange(len(ids))[:, None] * np_inv_freq(c)[None, :]
+        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x1, x2 = x[..., : c.head_dim // 2], x[..., c.head_dim // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    L = p["layers"]
+    x = p["embedding"][ids]
+    T, G = len(ids), c.num_heads // c.num_kv_heads
+    for i in range(c.num_layers):
+        a = L["attn"]
+        h = rms(x, L["attn_norm"]["scale"][i])
+        q = np.einsum("te,ehd->thd", h, a["q_proj"]["kernel"][i])
+        k = np.einsum("te,ehd->thd", h, a["k_proj"]["kernel"][i])
+        v = np.einsum("te,ehd->thd", h, a["v_proj"]["kernel"][i])
+        if c.attention_bias:
+            q, k, v = (q + a["q_proj"]["bias"][i], k + a["k_proj"]["bias"][i],
+                       v + a["v_proj"]["bias"][i])
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)
+        s = np.einsum("thd,shd->hts", q, k) / math.sqrt(c.head_dim)
+        s = np.where(np.tril(np.ones((T, T), bool))[None], s, -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", w, v)
+        x = x + np.einsum("thd,hde->te", o, a["o_proj"][i])
+        h = rms(x, L["mlp_norm"]["scale"][i])
+        m = L["mlp"]
+        g = h @ m["gate_proj"][i]
+        x = x + ((g / (1 + np.exp(-g))) * (h @ m["up_proj"][i])) @ m["down_proj"][i]
+    x = rms(x, p["final_norm"]["scale"])
+    head = p["embedding"].T if c.tie_word_embeddings else p["lm_head"]
+    return x @ head
+
+
+def random_params(c: ModelConfig, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    flat = {path: rng.normal(0, 0.2, shape).astype(np.float32) + (1.0 if "norm" in path else 0)
+            for path, (shape, _) in param_specs(c).items()}
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("chunks", [(11,), (4, 1, 6)], ids=["one-prefill", "chunked"])
+def test_model_matches_numpy(name, chunks):
+    c = CONFIGS[name]
+    params = random_params(c, seed=len(name))
+    ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
+    want = np_forward(c, jax.tree.map(np.float64, params), ids)
+
+    page_size, num_pages = 4, 6
+    kv_shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
+    kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
+    pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
+    model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference)
+    start = 0
+    for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
+        pos = np.arange(start, start + n)
+        meta = AttentionMetadata(
+            positions=jnp.asarray(pos, jnp.int32),
+            slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size,
+                                     jnp.int32),
+            page_tables=jnp.asarray(pages[None]),
+            seq_lens=jnp.asarray([start + n], jnp.int32),
+            query_start=jnp.asarray([0, n], jnp.int32),
+        )
+        logits, kv = model.apply({"params": params}, jnp.asarray(ids[start:start + n]), kv,
+                                 meta, jnp.arange(n, dtype=jnp.int32))
+        np.testing.assert_allclose(np.asarray(logits), want[start:start + n],
+                                   rtol=2e-4, atol=2e-4)
+        start += n
+
+
+def test_rope_scaling_llama31_shape():
+    """Llama 3.1's real settings: high frequencies untouched, low ones divided by 8."""
+    from jaxserve.models.rope import inverse_frequencies
+
+    scaling = RopeScaling(8.0, 1.0, 4.0, 8192)
+    c = ModelConfig("llama", 10, 8, 8, 1, 1, 1, 128, rope_theta=500000.0, rope_scaling=scaling)
+    scaled = inverse_frequencies(128, 500000.0, scaling)
+    plain = inverse_frequencies(128, 500000.0, None)
+    np.testing.assert_allclose(scaled, np_inv_freq(c), rtol=1e-6)
+    assert scaled[0] == plain[0]
+    np.testing.assert_allclose(scaled[-1], plain[-1] / 8.0, rtol=1e-6)
+    assert np.all(scaled <= plain)
