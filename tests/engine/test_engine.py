@@ -1,0 +1,225 @@
+"""The engine on the real demo model: batching invariance under chunked prefill and
+preemption, pages back in the pool, no compilation after warm-up, in-place KV cache,
+stop conditions, aborts, seeds and bad input."""
+
+import numpy as np
+import pytest
+
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import FinishReason, SamplingParams
+from jaxserve.errors import InvalidRequestError
+
+PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
+
+
+def make_engine(demo_config, demo_model, **overrides) -> Engine:
+    config = demo_config.replace(**overrides)
+    m = demo_model
+    return Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]]):
+    """Add requests at the given steps; step until done. Returns {id: (tokens, text, reason)}."""
+    results: dict[str, list] = {}
+    step = 0
+    while step <= max(arrivals, default=0) or engine.has_unfinished():
+        for rid, ids, params in arrivals.get(step, []):
+            engine.add_request(ids, params, request_id=rid)
+            results[rid] = [[], "", None]
+        for out in engine.step():
+            r = results[out.request_id]
+            r[0] += out.token_ids
+            r[1] += out.text
+            if out.finished:
+                r[2] = out.finish_reason
+        step += 1
+        engine.page_table.check_integrity()
+    return {k: tuple(v) for k, v in results.items()}
+
+
+def prompts(tokenizer, n):
+    words = ("The history of the Roman empire", "def quicksort(items):",
+             "List three colors:", "In 1969, the first", "Water boils at",
+             "A poem about autumn leaves falling", "The quick brown fox", "Dear friend,")
+    out = []
+    for i in range(n):
+        text = " ".join(words[(i + j) % len(words)] for j in range(2 + i % 5 * 3))
+        out.append(tokenizer.encode(text))
+    return out
+
+
+@pytest.fixture(scope="module")
+def greedy_alone(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    ps = prompts(demo_model.tokenizer, 17)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alone = {}
+    for i, ids in enumerate(ps):
+        alone[f"r{i}"] = run(engine, {0: [(f"r{i}", ids, params)]})[f"r{i}"]
+    return ps, params, alone
+
+
+def test_batching_chunking_and_preemption_do_not_change_greedy_output(
+        demo_config, demo_model, greedy_alone):
+    ps, params, alone = greedy_alone
+    assert max(len(p) for p in ps) > 64  # longer than the token budget: chunked prefill
+    # 26 pages of 16 tokens for 17 requests of up to ~90 tokens: preemption is certain.
+    engine = make_engine(demo_config, demo_model, cache__kv_cache_memory=26 * PAGE_BYTES,
+                         cache__max_model_len=256)
+    assert engine.runner.num_pages == 26
+    arrivals: dict = {}
+    for i, ids in enumerate(ps):
+        arrivals.setdefault(i // 3 * 2, []).append((f"r{i}", ids, params))
+    together = run(engine, arrivals)
+    assert engine.scheduler.num_preemptions > 0
+    for rid, (tokens, text, reason) in alone.items():
+        assert together[rid] == (tokens, text, reason), rid
+    assert engine.page_table.num_used_pages == 0
+    assert engine.stats().num_running == engine.stats().num_waiting == 0
+
+
+def test_no_compilation_after_warm_up_and_cache_updated_in_place(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    engine.warm_up(progress=False)
+    compiled = engine.runner.num_compilations
+    buffer = engine.runner.state.k_pages.unsafe_buffer_pointer()
+    ps = prompts(demo_model.tokenizer, 6)
+    mixed = [SamplingParams(max_tokens=5, temperature=0.0),
+             SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
+             SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
+             SamplingParams(max_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
+                            min_p=0.1, stop=("the",)),
+             SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
+             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    run(engine, {i: [(f"m{i}", ids, p)] for i, (ids, p) in enumerate(zip(ps, mixed))})
+    assert engine.runner.num_compilations == compiled
+    assert engine.runner.state.k_pages.unsafe_buffer_pointer() == buffer
+
+
+def test_stop_strings_are_matched_across_tokens_and_never_emitted(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    ids = demo_model.tokenizer.encode("Once upon a time, in a small village,")
+    free = run(engine, {0: [("a", ids, SamplingParams(max_tokens=30, temperature=0.0))]})["a"]
+    text = free[1]
+    stop = text[9:16]  # a piece that starts and ends inside tokens
+    assert len(demo_model.tokenizer.encode(stop, add_special_tokens=False)) > 1
+    params = SamplingParams(max_tokens=30, temperature=0.0, stop=(stop, "zzzz"))
+    tokens, got, reason = run(engine, {0: [("b", ids, params)]})["b"]
+    assert reason is FinishReason.STOP
+    assert got == text[: text.index(stop)]
+    assert tokens == free[0][: len(tokens)]
+
+
+def test_eos_min_tokens_and_ignore_eos(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    tok = demo_model.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": "What is 2+2?"}])
+    base = run(engine, {0: [("a", ids, SamplingParams(max_tokens=40, temperature=0.0))]})["a"]
+    assert base[2] is FinishReason.STOP and base[0][-1] in tok.eos_ids  # EOS id included
+    assert tok.decode([base[0][-1]]) == "" and "<|im_end|>" not in base[1]
+    n = len(base[0])
+    longer = run(engine, {0: [("b", ids, SamplingParams(max_tokens=40, temperature=0.0,
+                                                        min_tokens=n + 3))]})["b"]
+    assert len(longer[0]) >= n + 3
+    assert not any(t in tok.eos_ids for t in longer[0][: n + 2])
+    ignored = run(engine, {0: [("c", ids, SamplingParams(max_tokens=n + 4, temperature=0.0,
+                                                         ignore_eos=True))]})["c"]
+    assert ignored[2] is FinishReason.LENGTH and len(ignored[0]) == n + 4
+    assert ignored[0][:n] == base[0]
+    stop_id = base[0][2]
+    by_id = run(engine, {0: [("d", ids, SamplingParams(max_tokens=40, temperature=0.0,
+                                                       stop_token_ids=(stop_id,)))]})["d"]
+    assert by_id[0] == base[0][:3] and by_id[2] is FinishReason.STOP
+
+
+def test_abort_frees_pages_and_ends_with_abort(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    ids = demo_model.tokenizer.encode("Tell me a long story about dragons")
+    engine.add_request(ids, SamplingParams(max_tokens=100, temperature=0.0), request_id="x")
+    engine.add_request(ids, SamplingParams(max_tokens=3, temperature=0.0), request_id="y")
+    outs = []
+    for _ in range(3):
+        outs += engine.step()
+    assert engine.page_table.num_used_pages > 0
+    assert engine.abort("x") and not engine.abort("x")
+    while engine.has_unfinished():
+        outs += engine.step()
+    last = {o.request_id: o for o in outs if o.finished}
+    assert last["x"].finish_reason is FinishReason.ABORT
+    assert last["y"].finish_reason is FinishReason.LENGTH
+    assert engine.page_table.num_used_pages == 0
+    engine.page_table.check_integrity()
+
+
+def test_seeded_sampling_ignores_the_rest_of_the_batch(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    ps = prompts(demo_model.tokenizer, 5)
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
+    alone = run(engine, {0: [("s", ps[0], params)]})["s"][0]
+    others = [(f"o{i}", p, SamplingParams(max_tokens=6, temperature=1.0))
+              for i, p in enumerate(ps[1:])]
+    batched = run(engine, {0: others[:2], 1: [("s", ps[0], params)], 2: others[2:]})["s"][0]
+    other_seed = run(engine, {0: [("t", ps[0], SamplingParams(
+        max_tokens=8, temperature=1.0, top_p=0.95, seed=99))]})["t"][0]
+    assert alone == batched
+    assert alone != other_seed
+
+
+def test_logprobs_report_the_chosen_token(demo_config, demo_model):
+    engine = make_engine(demo_config, demo_model)
+    ids = demo_model.tokenizer.encode("The capital of France is")
+    engine.add_request(ids, SamplingParams(max_tokens=4, temperature=0.0, logprobs=3), "l")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    lps = [lp for o in outs for lp in o.logprobs]
+    assert len(lps) == 4
+    for lp in lps:
+        assert lp.top[0][0] == lp.token_id and len(lp.top) == 3
+        assert np.isclose(lp.top[0][1], lp.logprob) and lp.logprob <= 0
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(stop=tuple(f"s{i}" for i in range(17))), "stop"),
+    (dict(stop_token_ids=(49152,)), "stop_token_ids"),
+    (dict(max_tokens=2040), "max_tokens"),
+    (dict(logprobs=50), "logprobs"),
+    (dict(min_p=2.0), "min_p"),
+])
+def test_bad_sampling_values_name_the_field(demo_config, demo_model, kwargs, field):
+    engine = _shared_engine(demo_config, demo_model)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], SamplingParams(**kwargs))
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(("ids", "field"), [
+    ([], "prompt"), ([5, 49152], "token_ids"), ([-1], "token_ids"), ([7] * 2048, "prompt")])
+def test_bad_prompts_name_the_field(demo_config, demo_model, ids, field):
+    engine = _shared_engine(demo_config, demo_model)
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request(ids, SamplingParams(max_tokens=1))
+    assert e.value.field == field
+
+
+def test_engine_keeps_serving_after_bad_requests(demo_config, demo_model):
+    engine = _shared_engine(demo_config, demo_model)
+    with pytest.raises(InvalidRequestError):
+        engine.add_request([1], SamplingParams(temperature=-1))
+    out = run(engine, {0: [("ok", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))]})
+    assert len(out["ok"][0]) == 2
+    assert engine.page_table.num_used_pages == 0
+
+
+_ENGINES: dict = {}
+
+
+def _shared_engine(demo_config, demo_model) -> Engine:
+    if "e" not in _ENGINES:
+        _ENGINES["e"] = make_engine(demo_config, demo_model)
+    return _ENGINES["e"]

@@ -1,0 +1,121 @@
+"""The page allocator: free list, reference counts, prefix sharing, eviction, integrity."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxserve.engine.page_table import NULL_PAGE, PageTable
+
+
+def test_allocate_and_free_returns_every_page():
+    pt = PageTable(num_pages=9, page_size=4)
+    pt.admit("a", [1, 2, 3])
+    assert pt.ensure("a", 10)  # 3 pages
+    assert len(pt.pages("a")) == 3 and NULL_PAGE not in pt.pages("a")
+    assert pt.num_free_pages == 5
+    assert not pt.ensure("a", 40)  # would need 10 pages: nothing taken
+    assert len(pt.pages("a")) == 3 and pt.num_free_pages == 5
+    pt.check_integrity()
+    pt.free("a")
+    assert pt.num_free_pages == 8 and pt.num_used_pages == 0
+    pt.check_integrity()
+
+
+def test_slots_follow_the_table():
+    pt = PageTable(num_pages=6, page_size=4)
+    pt.admit("a", [0])
+    pt.ensure("a", 6)
+    p0, p1 = pt.pages("a")
+    assert pt.slots("a", 2, 6).tolist() == [p0 * 4 + 2, p0 * 4 + 3, p1 * 4, p1 * 4 + 1]
+
+
+def test_prefix_pages_are_shared_and_outlive_their_first_owner():
+    pt = PageTable(num_pages=10, page_size=4)
+    tokens = list(range(11))  # two full pages + 3 tokens
+    pt.admit("a", tokens)
+    pt.ensure("a", 11)
+    pt.register("a", tokens, 11)
+    assert pt.admit("b", tokens + [99]) == 8  # both full pages found
+    assert pt.pages("b") == pt.pages("a")[:2]
+    pt.ensure("b", 12)
+    assert pt.pages("b")[2] != pt.pages("a")[2]  # the partial page is never shared
+    pt.check_integrity()
+    pt.free("a")
+    pt.check_integrity()
+    assert pt.admit("c", tokens) == 8  # still cached through b
+    pt.free("b")
+    pt.free("c")
+    assert pt.num_used_pages == 0
+    assert pt.admit("d", tokens) == 8  # unreferenced, but still cached (evictable)
+    pt.free("d")
+    pt.check_integrity()
+
+
+def test_at_least_one_token_is_left_to_compute():
+    pt = PageTable(num_pages=10, page_size=4)
+    tokens = list(range(8))
+    pt.admit("a", tokens)
+    pt.ensure("a", 8)
+    pt.register("a", tokens, 8)
+    assert pt.admit("b", tokens) == 4  # not 8: the last token must produce logits
+    assert pt.admit("c", tokens, use_cache=False) == 0
+
+
+def test_cached_pages_are_evicted_when_the_pool_runs_out():
+    pt = PageTable(num_pages=5, page_size=2)
+    pt.admit("a", [1, 2, 3, 4])
+    pt.ensure("a", 4)
+    pt.register("a", [1, 2, 3, 4], 4)
+    pt.free("a")
+    assert pt.num_free_pages == 4
+    pt.admit("b", [7])
+    assert pt.ensure("b", 8)  # takes every page, evicting the cached ones
+    assert pt.admit("c", [1, 2, 3, 4, 5]) == 0
+    pt.check_integrity()
+
+
+def test_integrity_check_catches_corruption():
+    pt = PageTable(num_pages=6, page_size=4)
+    pt.admit("a", [1])
+    pt.ensure("a", 8)
+    pt._refs[pt.pages("a")[0]] += 1
+    with pytest.raises(AssertionError, match="reference counts"):
+        pt.check_integrity()
+    pt._refs[pt.pages("a")[0]] -= 1
+    pt._free.append(pt.pages("a")[1])
+    with pytest.raises(AssertionError):
+        pt.check_integrity()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["admit", "ensure", "register", "free"]),
+                          st.integers(0, 5), st.integers(1, 30), st.integers(0, 2)),
+                max_size=80))
+def test_random_operations_keep_the_invariants(ops):
+    pt = PageTable(num_pages=12, page_size=3)
+    seqs: dict[str, list[int]] = {}
+    for op, who, n, prefix in ops:
+        seq = f"s{who}"
+        tokens = [prefix] * 6 + list(range(n))  # shared prefixes between sequences
+        if op == "admit" and seq not in seqs:
+            cached = pt.admit(seq, tokens)
+            assert cached % 3 == 0 and cached < len(tokens)
+            seqs[seq] = tokens
+        elif op == "ensure" and seq in seqs:
+            before = list(pt.pages(seq))
+            free = pt.num_free_pages
+            ok = pt.ensure(seq, min(n, len(seqs[seq])))
+            assert pt.pages(seq)[: len(before)] == before
+            if not ok:
+                assert pt.pages(seq) == before and pt.num_free_pages == free
+        elif op == "register" and seq in seqs:
+            covered = len(pt.pages(seq)) * 3
+            pt.register(seq, seqs[seq], min(covered, n))
+        elif op == "free" and seq in seqs:
+            pt.free(seq)
+            del seqs[seq]
+        pt.check_integrity()
+    for seq in list(seqs):
+        pt.free(seq)
+    pt.check_integrity()
+    assert pt.num_used_pages == 0 and pt.num_free_pages == 11

@@ -1,0 +1,99 @@
+"""On-device sampling on crafted logits: exclusions hold, seeds reproduce, penalties exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.engine.sampling import SamplingInputs, apply_penalties, sample
+
+V = 8
+sample_jit = jax.jit(sample, static_argnames="num_top")
+
+
+def inputs(n, **kw):
+    base = dict(temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                presence_penalty=0.0, frequency_penalty=0.0, seeds=0, output_index=0)
+    base.update(kw)
+    arrays = {}
+    for k, v in base.items():
+        dtype = {"top_k": jnp.int32, "seeds": jnp.uint32, "output_index": jnp.int32}.get(
+            k, jnp.float32)
+        arrays[k] = jnp.broadcast_to(jnp.asarray(v, dtype), (n,))
+    return SamplingInputs(banned=kw.pop("banned", jnp.full((n, 2), -1, jnp.int32)), **arrays)
+
+
+def draw(logits, n=512, **kw):
+    """n rows of the same logits with seeds 0..n-1; returns the sampled tokens."""
+    banned = kw.pop("banned", None)
+    p = inputs(n, seeds=jnp.arange(n, dtype=jnp.uint32), **kw)
+    if banned is not None:
+        p = SamplingInputs(**{**p.__dict__, "banned": jnp.broadcast_to(
+            jnp.asarray(banned, jnp.int32), (n, len(banned)))})
+    lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V))
+    none = jnp.zeros((n, V), bool)
+    return np.asarray(sample_jit(lg, none, jnp.zeros((n, V), jnp.int32), p, num_top=3).tokens)
+
+
+PROBS = np.array([0.3, 0.25, 0.2, 0.1, 0.08, 0.04, 0.02, 0.01])
+LOGITS = np.log(PROBS)
+
+
+def test_greedy_is_argmax():
+    assert set(draw(LOGITS[::-1], temperature=0.0).tolist()) == {V - 1}
+
+
+@pytest.mark.parametrize(("kw", "allowed"), [
+    (dict(top_k=2), {0, 1}),
+    (dict(top_p=0.5), {0, 1}),  # 0.3 + 0.25 >= 0.5: the nucleus is the first two
+    (dict(top_p=0.56), {0, 1, 2}),
+    (dict(min_p=0.5), {0, 1, 2}),  # p >= 0.15
+    (dict(top_k=3, top_p=0.4), {0, 1}),
+    (dict(banned=[0, 1]), {2, 3, 4, 5, 6, 7}),
+])
+def test_filters_never_choose_excluded_tokens(kw, allowed):
+    tokens = set(draw(LOGITS, n=2048, **kw).tolist())
+    assert tokens == allowed  # every allowed token shows up too, over 2048 draws
+
+
+def test_sampling_follows_the_distribution():
+    tokens = draw(LOGITS, n=4096)
+    freq = np.bincount(tokens, minlength=V) / len(tokens)
+    np.testing.assert_allclose(freq, PROBS, atol=0.03)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    lg = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (4, V))
+    none = jnp.zeros((4, V), bool)
+    counts = jnp.zeros((4, V), jnp.int32)
+
+    def run(seeds, index):
+        p = inputs(4, seeds=jnp.asarray(seeds, jnp.uint32), output_index=index)
+        return [int(t) for t in sample_jit(lg, none, counts, p, num_top=0).tokens]
+
+    sequences = {s: [run([s, 7, 8, 9], i)[0] for i in range(40)] for s in (1, 2)}
+    again = [run([1, 3, 3, 3], i)[0] for i in range(40)]  # other rows changed
+    assert sequences[1] == again
+    assert sequences[1] != sequences[2]
+
+
+def test_penalties_match_their_definitions():
+    logits = jnp.asarray([[2.0, -2.0, 1.0, 0.5]])
+    prompt = jnp.asarray([[True, True, False, False]])
+    counts = jnp.asarray([[0, 0, 3, 0]], jnp.int32)
+    p = SamplingInputs(**{**inputs(1, repetition_penalty=2.0, presence_penalty=0.5,
+                                   frequency_penalty=0.25).__dict__})
+    got = np.asarray(apply_penalties(logits, prompt, counts, p))[0]
+    # seen (prompt or output) -> divided (positive) or multiplied (negative) by 2;
+    # generated 3 times -> minus 3 * 0.25 and minus 0.5 once.
+    np.testing.assert_allclose(got, [1.0, -4.0, 0.5 - 0.75 - 0.5, 0.5])
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    lg = jnp.asarray([LOGITS], jnp.float32)
+    p = inputs(1, temperature=0.0, repetition_penalty=3.0)
+    out = sample_jit(lg, jnp.ones((1, V), bool), jnp.zeros((1, V), jnp.int32), p, num_top=3)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs[0]), np.log(PROBS[:3]), rtol=1e-5)
+    assert np.asarray(out.top_ids[0]).tolist() == [0, 1, 2]
+    np.testing.assert_allclose(float(out.logprobs[0]), np.log(PROBS[int(out.tokens[0])]),
+                               rtol=1e-5)
