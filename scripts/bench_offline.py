@@ -1,0 +1,105 @@
+"""Offline throughput/latency benchmark of the engine.
+
+    python scripts/bench_offline.py --config configs/smollm2-135m-cpu.yaml \
+        --num-requests 32 --input-len 128 --output-len 64
+
+N requests with random prompt ids of --input-len tokens each generate exactly --output-len
+tokens (ignore_eos). Prints a summary and writes JSON (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxserve.config import load_config
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import SamplingParams
+from jaxserve.loader import load_model
+
+
+def percentiles(xs: list[float]) -> dict:
+    a = np.asarray(xs, np.float64) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
+    args = ap.parse_args()
+
+    config = load_config(args.config)
+    t0 = time.perf_counter()
+    loaded = load_model(config)
+    load_s = time.perf_counter() - t0
+    engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
+    t0 = time.perf_counter()
+    engine.warm_up()
+    compile_s = time.perf_counter() - t0
+    compiles_at_warmup = engine.runner.num_compilations
+
+    rng = np.random.default_rng(args.seed)
+    vocab = loaded.model_config.vocab_size
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    # One short request first, so first-execution costs stay out of the figures.
+    engine.add_request(rng.integers(3, vocab, 8).tolist(), SamplingParams(max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+
+    start = time.perf_counter()
+    for i in range(args.num_requests):
+        engine.add_request(rng.integers(3, vocab, args.input_len).tolist(), params, f"b{i}")
+    step_times, metrics = [], []
+    while engine.has_unfinished():
+        s = time.perf_counter()
+        outs = engine.step()
+        step_times.append(time.perf_counter() - s)
+        metrics += [o.metrics for o in outs if o.finished]
+    elapsed = time.perf_counter() - start
+
+    n_out = sum(m.completion_tokens for m in metrics)
+    n_in = sum(m.prompt_tokens for m in metrics)
+    ttft = [m.first_token_time - m.arrival_time for m in metrics]
+    tpot = [(m.finish_time - m.first_token_time) / max(1, m.completion_tokens - 1)
+            for m in metrics]
+    result = {
+        "benchmark": "offline",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "host": platform.node(), "jax": jax.__version__, "config": args.config,
+        "model": loaded.model_config.name, "dtype": config.model.dtype,
+        "num_requests": args.num_requests, "input_len": args.input_len,
+        "output_len": args.output_len, "elapsed_s": elapsed,
+        "output_tok_s": n_out / elapsed, "total_tok_s": (n_in + n_out) / elapsed,
+        "ttft": percentiles(ttft), "tpot": percentiles(tpot),
+        "step_time": percentiles(step_times), "num_steps": len(step_times),
+        "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
+        "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+    out = Path(args.out) if args.out else Path("bench/results") / (
+        f"offline-{result['backend']}-{config.model.name}-"
+        f"{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("device", "output_tok_s", "total_tok_s", "ttft",
+                                             "tpot", "step_time", "compile_s",
+                                             "compilations_after_warmup")}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
