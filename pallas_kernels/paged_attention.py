@@ -8,17 +8,114 @@ Layout (shared with the engine's KV cache):
   page_tables:      [num_seqs, pages_per_seq] int32, page ids of each sequence in order.
 Tokens at or past query_start[num_seqs] are padding: their output rows are zero.
 The K/V of this step's tokens must already be written into the pages.
+query_start[0] must be 0 and seq_lens[s] <= pages_per_seq * page_size.
+
+Kernel (Pallas, Triton backend). A work item is a run of up to `block_q` query tokens of one
+sequence; a program takes one work item and one KV head, so its q tile is the item's tokens
+times the group's query heads, [block_q * group_pad, head_dim] (token-major rows), and every
+K/V element it loads serves all query heads of the group. The program walks the sequence's
+keys in blocks of `block_kv` tokens, only up to the item's last position (a dynamic loop
+bound): the page of each key comes from the page table (a gather), keys and values are
+gathered across pages, and an online softmax in float32 (exp2 domain) accumulates. Blocks
+wholly below the item's first position run without masks; only the diagonal/tail blocks
+mask, and their K/V loads are masked too, so nothing past a sequence's length is read.
+
+Two launches share the kernel body:
+  decode phase:  every sequence with 1..block_q_decode query tokens is one item; grid
+                 (num_seqs, kv_heads, num_kv_splits). With splits > 1 (flash decoding, for
+                 small batches with long contexts) each program takes a slice of the key
+                 blocks and writes float32 partials that a second small kernel merges.
+  prefill phase: longer chunks are cut into items of block_q tokens (a prefix sum over the
+                 chunks maps program id -> (sequence, query block)); grid
+                 (max_items, kv_heads). Neighbouring programs are neighbouring query blocks
+                 of one sequence, so they share its history in L2.
+The output starts as zeros, so padding rows and sequences without tokens stay zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # Finite, so that fully masked blocks never produce inf - inf.
 DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+LOG2_E = math.log2(math.e)
+# Auto split-K aims at about two resident programs per SM of an H100/H200 (132 SMs).
+_TARGET_PROGRAMS = 264
+_MAX_KV_SPLITS = 16
+# Rows of the work-item table: sequence, first query row, query tokens, keys needed.
+_SEQ, _T0, _N, _KV_END = range(4)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Static tiling; None fields are derived from the shapes by `resolve`.
+
+    A program's q tile has block_q * group_pad rows (group_pad: query heads per KV head,
+    rounded up to a power of two), which must be a power of two >= 16 (Triton dot tiles).
+    """
+
+    block_q: int | None = None  # prefill-phase tokens per item; None: 128 rows
+    block_q_decode: int | None = None  # decode-phase tokens per sequence; None: 16 rows
+    block_kv: int = 64  # keys per loop step, prefill phase
+    block_kv_decode: int = 64  # keys per loop step, decode phase
+    num_kv_splits: int | None = None  # decode-phase split-K; None: from the batch size
+    num_warps: int = 8
+    num_stages: int = 2
+    num_warps_decode: int = 4
+    num_stages_decode: int = 3
+
+    def resolve(self, *, group: int, num_seqs: int, kv_heads: int, max_kv_len: int):
+        """Concrete sizes for these shapes; raises ValueError naming a bad field."""
+        self._check_fixed()
+        group_pad = _next_pow2(group)
+        bq_decode = self.block_q_decode
+        if bq_decode is None:
+            bq_decode = max(1, 16 // group_pad)
+        bq = max(1, 128 // group_pad) if self.block_q is None else self.block_q
+        splits = self.num_kv_splits
+        if splits is None:
+            want = max(1, _TARGET_PROGRAMS // max(1, num_seqs * kv_heads))
+            useful = max(1, -(-max_kv_len // self.block_kv_decode))
+            splits = min(_MAX_KV_SPLITS, 1 << (min(want, useful).bit_length() - 1))
+        for name, v in (("block_q", bq), ("block_q_decode", bq_decode)):
+            if not _is_pow2(v) or v * group_pad < 16:
+                raise ValueError(
+                    f"BlockSizes.{name}={v} must be a power of two with {name} * group_pad "
+                    f">= 16 ({group_pad=}: query heads per KV head, rounded up to 2^k)")
+        if not _is_pow2(splits) or splits > 64:
+            raise ValueError(f"BlockSizes.num_kv_splits={splits} must be a power of two <= 64")
+        return dataclasses.replace(
+            self, block_q=bq, block_q_decode=bq_decode, num_kv_splits=splits)
+
+    def _check_fixed(self):
+        for name in ("block_kv", "block_kv_decode"):
+            v = getattr(self, name)
+            if not _is_pow2(v) or v < 16:
+                raise ValueError(f"BlockSizes.{name}={v} must be a power of two >= 16")
+        for name in ("num_warps", "num_warps_decode"):
+            v = getattr(self, name)
+            if not _is_pow2(v) or v > 32:
+                raise ValueError(f"BlockSizes.{name}={v} must be a power of two <= 32")
+        for name in ("num_stages", "num_stages_decode"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"BlockSizes.{name}={v} must be an int >= 1")
 
 
 def token_positions(query_start, seq_lens, num_tokens):
@@ -30,6 +127,303 @@ def token_positions(query_start, seq_lens, num_tokens):
     seq = jnp.minimum(seq, num_seqs - 1)
     pos = seq_lens[seq] - (query_start[seq + 1] - t)
     return seq, jnp.where(valid, pos, -1)
+
+
+def _div(x, c: int):
+    """x // c for non-negative int32 x and a static c > 0."""
+    if _is_pow2(c):
+        return lax.shift_right_logical(x, jnp.int32(c.bit_length() - 1))
+    return lax.div(x, jnp.int32(c))
+
+
+def _rem(x, c: int):
+    """x % c for non-negative int32 x and a static c > 0."""
+    if _is_pow2(c):
+        return x & jnp.int32(c - 1)
+    return lax.rem(x, jnp.int32(c))
+
+
+def _cdiv(x, c: int):
+    return _div(x + (c - 1), c)
+
+
+def _load(ref_view, mask=None, other=0):
+    if mask is None:
+        return plgpu.load(ref_view)
+    return plgpu.load(ref_view, mask=mask, other=other)
+
+
+def _dot(a, b, b_contract: int):
+    """a [M, K] . b -> [M, N] float32; b is [N, K] (b_contract=1) or [K, N] (0)."""
+    return lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _softmax_step(q, k, v, carry, mask, scale):
+    """One online-softmax block: q [R, D] against k, v [BK, D]; mask [R, BK] or None."""
+    m, denom, acc = carry  # [R], [R], [R, D] float32; m in the exp2 domain
+    s = _dot(q, k, 1) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp2(s - m_new[:, None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp2(m - m_new)
+    denom = alpha * denom + p.sum(axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
+    return m_new, denom, acc
+
+
+def _tile_rows(t0, n, kv_head, *, block_q: int, group: int):
+    """Per q-tile row (token-major, r = i * group_pad + j): token i, q row, q head, valid."""
+    group_pad = _next_pow2(group)
+    r = lax.iota(jnp.int32, block_q * group_pad)
+    tok, head = _div(r, group_pad), _rem(r, group_pad)
+    ok = tok < n
+    if group != group_pad:
+        ok = ok & (head < group)
+    return tok, t0 + tok, kv_head * group + head, ok
+
+
+def _store_rows(o_ref, acc, denom, t_idx, h_idx, ok):
+    """Normalizes acc [R, D] by denom [R] (rows without keys -> 0) into o_ref[t_idx, h_idx]."""
+    d = lax.iota(jnp.int32, acc.shape[1])
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    o = (acc * inv[:, None]).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[t_idx[:, None], h_idx[:, None], d[None, :]], o, mask=ok[:, None])
+
+
+def _paged_kernel(
+    items_ref,  # [4, W] int32: sequence, first query row, query tokens, kv_end
+    layer_ref,  # [1] int32
+    page_tables_ref,  # [S, P] int32
+    q_ref,  # [T, H, D]
+    k_pages_ref,  # [L, N, page_size, KVH, D]
+    v_pages_ref,  # [L, N, page_size, KVH, D]
+    *out_refs,  # splits == 1: out_in (aliased), out [T, H, D]
+    #             splits > 1:  o [K, W, KVH, R, D], m [K, W, KVH, R], l [K, W, KVH, R] f32
+    block_q: int,
+    block_kv: int,
+    group: int,
+    num_splits: int,
+    scale: float,
+):
+    w, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n = items_ref[_N, w]
+
+    @pl.when(n > 0)
+    def _():
+        seq, t0, kv_end = items_ref[_SEQ, w], items_ref[_T0, w], items_ref[_KV_END, w]
+        layer = layer_ref[0]
+        num_pages, page_size = k_pages_ref.shape[1], k_pages_ref.shape[2]
+        head_dim = q_ref.shape[2]
+        d = lax.iota(jnp.int32, head_dim)
+        tok, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
+        q = _load(q_ref.at[t_idx[:, None], h_idx[:, None], d[None, :]], ok[:, None], 0.0)
+        row_pos = kv_end - n + tok  # absolute position of each row's token
+
+        def body(j, carry, masked: bool):
+            kpos = j * block_kv + lax.iota(jnp.int32, block_kv)
+            kmask = (kpos < kv_end) if masked else None
+            page = _load(page_tables_ref.at[seq, _div(kpos, page_size)], kmask, 0)
+            page = jnp.clip(page, 0, num_pages - 1)
+            idx = (layer, page[:, None], _rem(kpos, page_size)[:, None], kv_head, d[None, :])
+            kv_mask = None if kmask is None else kmask[:, None]
+            k = _load(k_pages_ref.at[idx], kv_mask, 0.0)  # [BK, D]
+            v = _load(v_pages_ref.at[idx], kv_mask, 0.0)
+            mask = (kpos[None, :] <= row_pos[:, None]) if masked else None
+            return _softmax_step(q, k, v, carry, mask, scale)
+
+        num_blocks = _cdiv(jnp.maximum(kv_end, 0), block_kv)
+        per_split = _cdiv(num_blocks, num_splits)
+        lo = split * per_split
+        hi = jnp.minimum(lo + per_split, num_blocks)
+        # Blocks before `mid` end at or before the first query position: no mask needed.
+        mid = jnp.clip(_div(jnp.maximum(kv_end - n + 1, 0), block_kv), lo, hi)
+        rows = q.shape[0]
+        carry = (jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),
+                 jnp.zeros((rows,), jnp.float32),
+                 jnp.zeros((rows, head_dim), jnp.float32))
+        carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False), carry)
+        m, denom, acc = lax.fori_loop(mid, hi, functools.partial(body, masked=True), carry)
+
+        if num_splits == 1:
+            _, o_ref = out_refs
+            _store_rows(o_ref, acc, denom, t_idx, h_idx, ok)
+        else:
+            o_part_ref, m_part_ref, l_part_ref = out_refs
+            plgpu.store(o_part_ref.at[split, w, kv_head], acc, mask=ok[:, None])
+            plgpu.store(m_part_ref.at[split, w, kv_head], m, mask=ok)
+            plgpu.store(l_part_ref.at[split, w, kv_head], denom, mask=ok)
+
+
+def _combine_kernel(
+    items_ref,  # [4, W] int32
+    o_part_ref,  # [K, W, KVH, R, D] float32
+    m_part_ref,  # [K, W, KVH, R] float32
+    l_part_ref,  # [K, W, KVH, R] float32
+    out_in_ref,  # [T, H, D], aliased with o_ref
+    o_ref,  # [T, H, D]
+    *,
+    block_q: int,
+    group: int,
+):
+    """Merges the split-K partials of one (sequence, KV head) into its output rows."""
+    del out_in_ref
+    w, kv_head = pl.program_id(0), pl.program_id(1)
+    n = items_ref[_N, w]
+
+    @pl.when(n > 0)
+    def _():
+        t0 = items_ref[_T0, w]
+        _, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
+        m = _load(m_part_ref.at[:, w, kv_head], ok[None, :], DEFAULT_MASK_VALUE)  # [K, R]
+        denom = _load(l_part_ref.at[:, w, kv_head], ok[None, :], 0.0)
+        o = _load(o_part_ref.at[:, w, kv_head], ok[None, :, None], 0.0)  # [K, R, D]
+        m_all = m.max(axis=0)
+        alpha = jnp.exp2(m - m_all[None, :])
+        l_all = (alpha * denom).sum(axis=0)
+        acc = (alpha[:, :, None] * o).sum(axis=0)
+        _store_rows(o_ref, acc, l_all, t_idx, h_idx, ok)
+
+
+def _paged_phase(q, k_pages, v_pages, layer, page_tables, items, out, *, block_q, block_kv,
+                 num_splits, num_warps, num_stages, scale, interpret, name):
+    """One launch over work items `items` [4, W]; writes their rows into `out` (aliased)."""
+    num_items = items.shape[1]
+    _, _, _, kv_heads, head_dim = k_pages.shape
+    group = q.shape[1] // kv_heads
+    kernel = functools.partial(_paged_kernel, block_q=block_q, block_kv=block_kv, group=group,
+                               num_splits=num_splits, scale=scale)
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    grid = (num_items, kv_heads, num_splits)
+    args = (items, layer, page_tables, q, k_pages, v_pages)
+    out_struct = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    if num_splits == 1:
+        return pl.pallas_call(
+            kernel, grid=grid, out_shape=out_struct, input_output_aliases={len(args): 0},
+            compiler_params=params, interpret=interpret, name=name,
+        )(*args, out)
+    part = (num_splits, num_items, kv_heads, block_q * _next_pow2(group))
+    parts = pl.pallas_call(
+        kernel, grid=grid,
+        out_shape=(jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32)),
+        compiler_params=params, interpret=interpret, name=f"{name}_split",
+    )(*args)
+    combine = functools.partial(_combine_kernel, block_q=block_q, group=group)
+    return pl.pallas_call(
+        combine, grid=(num_items, kv_heads), out_shape=out_struct, input_output_aliases={4: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret, name=f"{name}_combine",
+    )(items, *parts, out)
+
+
+def _work_items(seq_lens, query_start, num_prefill_items, *, block_q_decode, block_q):
+    """Work-item tables [4, W] (sequence, first row, tokens, kv_end) for both phases."""
+    num_seqs = seq_lens.shape[0]
+    starts = query_start[:-1]
+    q_len = query_start[1:] - starts
+    small = q_len <= block_q_decode
+    decode = jnp.stack([jnp.arange(num_seqs, dtype=jnp.int32), starts,
+                        jnp.where(small, q_len, 0), seq_lens])
+    if not num_prefill_items:
+        return decode, None
+    blocks = jnp.where(small, 0, (q_len + block_q - 1) // block_q)
+    ends = jnp.cumsum(blocks).astype(jnp.int32)
+    w = jnp.arange(num_prefill_items, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
+    valid = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    first = (w - (ends[seq] - blocks[seq])) * block_q  # first token of the item within seq
+    n = jnp.where(valid, jnp.minimum(block_q, q_len[seq] - first), 0)
+    kv_end = seq_lens[seq] - q_len[seq] + first + n
+    return decode, jnp.stack([seq, starts[seq] + first, n, kv_end])
+
+
+def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim]; got {q.shape=}")
+    if k_pages.ndim != 5:
+        raise ValueError("k_pages must be [num_layers, num_pages, page_size, num_kv_heads, "
+                         f"head_dim]; got {k_pages.shape=}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages must match k_pages; got {v_pages.shape=}, {k_pages.shape=}")
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must share a dtype; got {k_pages.dtype=}, "
+                         f"{v_pages.dtype=}")
+    for name, dtype in (("q", q.dtype), ("k_pages", k_pages.dtype)):
+        if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+            raise ValueError(f"{name} dtype {dtype} must be bfloat16, float16 or float32")
+    _, num_heads, head_dim = q.shape
+    _, _, _, kv_heads, kv_head_dim = k_pages.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and k_pages ({kv_head_dim}) differ")
+    if not _is_pow2(head_dim) or head_dim < 16:
+        raise ValueError(f"{head_dim=} must be a power of two >= 16 (64 and 128 are tested)")
+    if num_heads % kv_heads:
+        raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of {kv_heads=}")
+    if page_tables.ndim != 2 or page_tables.dtype != jnp.int32:
+        raise ValueError(f"page_tables must be int32 [num_seqs, pages_per_seq]; got "
+                         f"{page_tables.shape=} {page_tables.dtype=}")
+    num_seqs = page_tables.shape[0]
+    if seq_lens.shape != (num_seqs,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be int32 [{num_seqs}]; got {seq_lens.shape=} "
+                         f"{seq_lens.dtype=}")
+    if query_start.shape != (num_seqs + 1,) or query_start.dtype != jnp.int32:
+        raise ValueError(f"query_start must be int32 [{num_seqs + 1}]; got "
+                         f"{query_start.shape=} {query_start.dtype=}")
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"layer must be an integer scalar; got {layer=}")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+def ragged_paged_attention(
+    q,  # [T, H, D]
+    k_pages,  # [L, N, page_size, KVH, D]
+    v_pages,  # [L, N, page_size, KVH, D]
+    layer,  # int32 scalar
+    page_tables,  # [S, P] int32
+    seq_lens,  # [S] int32
+    query_start,  # [S + 1] int32
+    *,
+    sm_scale: float,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+):
+    """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
+
+    q is cast to the cache dtype for the kernel (float32 accumulation); the output has q's dtype.
+    """
+    _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start)
+    num_tokens, num_heads, _ = q.shape
+    _, _, page_size, kv_heads, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_tables.shape
+    bs = block_sizes.resolve(group=num_heads // kv_heads, num_seqs=num_seqs, kv_heads=kv_heads,
+                             max_kv_len=pages_per_seq * page_size)
+    # A chunk longer than block_q_decode has at least block_q_decode + 1 tokens.
+    num_prefill_items = 0
+    if num_tokens > bs.block_q_decode:
+        num_prefill_items = (-(-num_tokens // bs.block_q)
+                             + min(num_seqs, num_tokens // (bs.block_q_decode + 1)))
+    decode_items, prefill_items = _work_items(
+        seq_lens, query_start, num_prefill_items,
+        block_q_decode=bs.block_q_decode, block_q=bs.block_q)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    q_in = q.astype(k_pages.dtype)
+    phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, layer, page_tables,
+                              scale=float(sm_scale) * LOG2_E, interpret=interpret)
+    out = phase(decode_items, jnp.zeros_like(q_in), block_q=bs.block_q_decode,
+                block_kv=bs.block_kv_decode, num_splits=bs.num_kv_splits,
+                num_warps=bs.num_warps_decode, num_stages=bs.num_stages_decode,
+                name="ragged_paged_attention_decode")
+    if prefill_items is not None:
+        out = phase(prefill_items, out, block_q=bs.block_q, block_kv=bs.block_kv, num_splits=1,
+                    num_warps=bs.num_warps, num_stages=bs.num_stages,
+                    name="ragged_paged_attention_prefill")
+    return out.astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block"))
@@ -61,7 +455,7 @@ def ragged_paged_attention_reference(
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
 
     def body(j, carry):
-        m, l, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
+        m, denom, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
         pages = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)  # [T, ppb]
         k = k_pages[layer, pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
         v = v_pages[layer, pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
@@ -72,15 +466,15 @@ def ragged_paged_attention_reference(
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        l = alpha * l + p.sum(axis=-1)
+        denom = alpha * denom + p.sum(axis=-1)
         acc = alpha[..., None] * acc + jnp.einsum("tkgs,tskd->tkgd", p, v.astype(jnp.float32))
-        return m_new, l, acc
+        return m_new, denom, acc
 
     init = (
         jnp.full((num_tokens, num_kv_heads, group), DEFAULT_MASK_VALUE, jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
         jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

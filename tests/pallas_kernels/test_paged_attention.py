@@ -1,0 +1,242 @@
+"""Pallas ragged paged attention against the plain-jnp reference.
+
+Every case runs on a poisoned cache: layer 0, pages no sequence owns and slots past each
+sequence's length are NaN, and so are the padding query rows. The reference gets the same
+inputs with finite random values there instead. The kernel's valid rows must match the
+reference, padding rows must be exactly zero, and nothing may be NaN.
+Each class runs in interpret mode (CPU) and compiled (GPU only; skipped elsewhere).
+Shapes within a class are fixed so that jit compiles each block-size config once.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention import (
+    BlockSizes,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
+
+SM_SCALE = 0.125
+LAYER = 1
+NUM_LAYERS = 2
+
+
+@pytest.fixture(params=[pytest.param(True, id="interpret"),
+                        pytest.param(False, id="compiled", marks=pytest.mark.gpu)])
+def interpret(request):
+    if not request.param and jax.default_backend() != "gpu":
+        pytest.skip("compiled Pallas Triton kernels need a GPU")
+    return request.param
+
+
+def make_case(seed, q_lens, seq_lens, *, num_tokens, num_heads, kv_heads, head_dim,
+              page_size, pages_per_seq, num_pages, dtype):
+    """Random (poisoned_args, clean_args, num_valid_tokens) for one ragged batch."""
+    rng = np.random.default_rng(seed)
+    num_seqs = len(q_lens)
+    query_start = np.zeros(num_seqs + 1, np.int32)
+    query_start[1:] = np.cumsum(q_lens)
+    assert query_start[-1] <= num_tokens
+    need = [-(-n // page_size) for n in seq_lens]
+    assert all(n <= pages_per_seq for n in need) and sum(need) <= num_pages
+    # Table entries past a sequence's length point at arbitrary (poisoned) pages.
+    tables = rng.integers(0, num_pages, (num_seqs, pages_per_seq)).astype(np.int32)
+    live = np.zeros((num_pages, page_size), bool)  # slots holding some sequence's keys
+    order, used = rng.permutation(num_pages), 0
+    for s, (n_pages, length) in enumerate(zip(need, seq_lens, strict=True)):
+        tables[s, :n_pages] = order[used:used + n_pages]
+        used += n_pages
+        for pos in range(length):
+            live[tables[s, pos // page_size], pos % page_size] = True
+
+    shape = (NUM_LAYERS, num_pages, page_size, kv_heads, head_dim)
+    q = rng.standard_normal((num_tokens, num_heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    q_bad, k_bad, v_bad = q.copy(), k.copy(), v.copy()
+    q_bad[query_start[-1]:] = np.nan
+    for a in (k_bad, v_bad):
+        a[:LAYER] = np.nan
+        a[LAYER][~live] = np.nan
+    meta = (jnp.int32(LAYER), jnp.asarray(tables), jnp.asarray(np.asarray(seq_lens, np.int32)),
+            jnp.asarray(query_start))
+
+    def pack(*arrays):
+        return (*(jnp.asarray(a, dtype) for a in arrays), *meta)
+
+    return pack(q_bad, k_bad, v_bad), pack(q, k, v), int(query_start[-1])
+
+
+def check(out, ref, num_valid, tol):
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(ref.astype(jnp.float32))
+    assert not np.isnan(out).any(), "kernel output has NaN (read a poisoned slot)"
+    np.testing.assert_array_equal(out[num_valid:], 0.0, err_msg="padding rows must be zero")
+    np.testing.assert_allclose(out[:num_valid], ref[:num_valid], rtol=tol, atol=tol)
+
+
+def run_reference(clean):
+    with jax.default_matmul_precision("highest"):
+        return ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE)
+
+
+def run_kernel(args, block_sizes, interpret):
+    return ragged_paged_attention(*args, sm_scale=SM_SCALE, block_sizes=block_sizes,
+                                  interpret=interpret)
+
+
+# Grouped-query ratio 4, head_dim 64, page_size 8, f32: one shape, several block sizes.
+CASE_A = functools.partial(make_case, num_tokens=48, num_heads=8, kv_heads=2, head_dim=64,
+                           page_size=8, pages_per_seq=8, num_pages=40, dtype=jnp.float32)
+BATCHES_A = {
+    # decode at/over page boundaries, prefill with and without history, a 4-token chunk,
+    # a zero-length padding sequence, and 20 padding token rows
+    "mixed": ([1, 13, 0, 1, 4, 9], [37, 13, 0, 8, 20, 64]),
+    "decode": ([1, 1, 1, 1, 1, 1], [1, 7, 8, 9, 33, 64]),
+    # one chunk without history, one after 17 cached tokens, an idle sequence (no tokens)
+    "prefill": ([16, 0, 23, 0, 0, 0], [16, 5, 40, 0, 0, 0]),
+}
+BLOCKS_A = {
+    "no_split": BlockSizes(block_q=4, block_q_decode=4, block_kv=16, block_kv_decode=16,
+                           num_kv_splits=1),
+    "split2": BlockSizes(block_q=8, block_q_decode=4, block_kv=32, block_kv_decode=16,
+                         num_kv_splits=2),
+    "split4_wide": BlockSizes(block_q=4, block_q_decode=8, block_kv=16, block_kv_decode=32,
+                              num_kv_splits=4),
+}
+
+
+class TestRaggedPagedAttention:
+    @pytest.mark.parametrize("blocks", BLOCKS_A.keys())
+    @pytest.mark.parametrize("batch", BATCHES_A.keys())
+    def test_gqa4_block_sizes(self, interpret, blocks, batch):
+        bad, clean, num_valid = CASE_A(sum(map(ord, batch)), *BATCHES_A[batch])
+        out = run_kernel(bad, BLOCKS_A[blocks], interpret)
+        check(out, run_reference(clean), num_valid, 1e-5)
+
+    @pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
+    def test_gqa8_head_dim_128_bf16_cache(self, interpret, q_dtype):
+        # group 8 -> decode tile 2 tokens x 8 heads, prefill tile 16 x 8; auto split-K.
+        # A float32 q over a bfloat16 cache runs in bfloat16 and returns float32.
+        bad, clean, num_valid = make_case(
+            1, [1, 2, 11, 3], [50, 17, 30, 64], num_tokens=24, num_heads=8, kv_heads=1,
+            head_dim=128, page_size=16, pages_per_seq=4, num_pages=16, dtype=jnp.bfloat16)
+        bad = (bad[0].astype(q_dtype), *bad[1:])
+        clean = (clean[0].astype(q_dtype), *clean[1:])
+        blocks = BlockSizes(block_kv=16, block_kv_decode=16)
+        out = run_kernel(bad, blocks, interpret)
+        assert out.dtype == q_dtype
+        check(out, run_reference(clean), num_valid, 2e-2)
+
+    def test_mha_default_blocks(self, interpret):
+        # group 1: decode tile 16 tokens x 1 head; a 17-token chunk goes to the prefill phase.
+        bad, clean, num_valid = make_case(
+            2, [1, 17, 1], [5, 40, 64], num_tokens=20, num_heads=2, kv_heads=2, head_dim=64,
+            page_size=16, pages_per_seq=4, num_pages=12, dtype=jnp.float32)
+        out = run_kernel(bad, BlockSizes(), interpret)
+        check(out, run_reference(clean), num_valid, 1e-5)
+
+    def test_group_not_power_of_two(self, interpret):
+        # 6 query heads over 2 KV heads (SmolLM2 has 9 over 3): heads padded to 4 and masked.
+        bad, clean, num_valid = make_case(
+            3, [1, 6, 2], [11, 30, 48], num_tokens=16, num_heads=6, kv_heads=2, head_dim=64,
+            page_size=8, pages_per_seq=6, num_pages=24, dtype=jnp.float32)
+        blocks = BlockSizes(block_q=4, block_q_decode=4, block_kv=16, block_kv_decode=16,
+                            num_kv_splits=2)
+        out = run_kernel(bad, blocks, interpret)
+        check(out, run_reference(clean), num_valid, 1e-5)
+
+
+class TestBlockSizes:
+    def test_auto_split_k_follows_batch(self):
+        resolve = functools.partial(BlockSizes().resolve, group=4, kv_heads=8,
+                                    max_kv_len=32768)
+        assert resolve(num_seqs=1).num_kv_splits == 16
+        assert resolve(num_seqs=8).num_kv_splits == 4
+        assert resolve(num_seqs=64).num_kv_splits == 1
+        short = BlockSizes().resolve(group=4, kv_heads=8, num_seqs=1, max_kv_len=128)
+        assert short.num_kv_splits == 2  # never more splits than key blocks
+
+    def test_auto_tiles_reach_16_rows(self):
+        for group, decode, prefill in [(1, 16, 128), (3, 4, 32), (4, 4, 32), (8, 2, 16),
+                                       (32, 1, 4)]:
+            bs = BlockSizes().resolve(group=group, num_seqs=4, kv_heads=2, max_kv_len=512)
+            assert (bs.block_q_decode, bs.block_q) == (decode, prefill)
+
+
+def _small_args(**over):
+    shapes = dict(q=(8, 8, 64), k=(2, 4, 8, 2, 64), tables=(2, 3), seq_lens=(2,), qs=(3,))
+    shapes.update(over)
+    return (jnp.ones(shapes["q"], jnp.float32), jnp.ones(shapes["k"], jnp.float32),
+            jnp.ones(shapes["k"], jnp.float32), 0, jnp.zeros(shapes["tables"], jnp.int32),
+            jnp.zeros(shapes["seq_lens"], jnp.int32), jnp.zeros(shapes["qs"], jnp.int32))
+
+
+class TestInputChecks:
+    @pytest.mark.parametrize("blocks, match", [
+        (BlockSizes(block_q=3), r"block_q=3 must be a power of two"),
+        (BlockSizes(block_q=2), r"block_q=2 must be .* >= 16"),  # 2 tokens x 4 heads
+        (BlockSizes(block_q_decode=1), r"block_q_decode=1 must"),
+        (BlockSizes(block_kv=8), r"block_kv=8 must be a power of two >= 16"),
+        (BlockSizes(block_kv_decode=48), r"block_kv_decode=48 must"),
+        (BlockSizes(block_kv_decode=0), r"block_kv_decode=0 must"),
+        (BlockSizes(num_kv_splits=3), r"num_kv_splits=3 must"),
+        (BlockSizes(num_warps=6), r"num_warps=6 must"),
+        (BlockSizes(num_stages_decode=0), r"num_stages_decode=0 must"),
+    ])
+    def test_bad_block_sizes(self, blocks, match):
+        with pytest.raises(ValueError, match=match):
+            ragged_paged_attention(*_small_args(), sm_scale=1.0, block_sizes=blocks,
+                                   interpret=True)
+
+    @pytest.mark.parametrize("over, match", [
+        (dict(q=(8, 6, 64), k=(2, 4, 8, 4, 64)), r"num_q_heads \(6\) must be a multiple"),
+        (dict(q=(8, 8, 32)), r"head_dim of q \(32\) and k_pages \(64\) differ"),
+        (dict(q=(8, 8, 48), k=(2, 4, 8, 2, 48)), r"head_dim=48 must be a power of two"),
+        (dict(k=(4, 8, 2, 64)), r"k_pages must be \[num_layers"),
+        (dict(seq_lens=(3,)), r"seq_lens must be int32 \[2\]"),
+        (dict(qs=(2,)), r"query_start must be int32 \[3\]"),
+    ])
+    def test_bad_shapes(self, over, match):
+        with pytest.raises(ValueError, match=match):
+            ragged_paged_attention(*_small_args(**over), sm_scale=1.0, interpret=True)
+
+    def test_bad_dtypes(self):
+        q, k, v, layer, tables, seq_lens, qs = _small_args()
+        with pytest.raises(ValueError, match=r"k_pages and v_pages must share a dtype"):
+            ragged_paged_attention(q, k, v.astype(jnp.bfloat16), layer, tables, seq_lens, qs,
+                                   sm_scale=1.0)
+        with pytest.raises(ValueError, match=r"q dtype int32 must be"):
+            ragged_paged_attention(q.astype(jnp.int32), k, v, layer, tables, seq_lens, qs,
+                                   sm_scale=1.0)
+        with pytest.raises(ValueError, match=r"page_tables must be int32"):
+            ragged_paged_attention(q, k, v, layer, tables.astype(jnp.float32), seq_lens, qs,
+                                   sm_scale=1.0)
+
+
+class TestTritonLowering:
+    """Lowers the GPU path (Pallas -> Triton IR) for an abstract H100; needs no GPU."""
+
+    @pytest.mark.parametrize("num_seqs, num_heads, kv_heads, head_dim, dtype", [
+        (8, 32, 8, 128, jnp.bfloat16),  # auto split-K 4 + combine kernel
+        (64, 32, 4, 128, jnp.bfloat16),  # no split
+        (4, 9, 3, 64, jnp.float32),  # SmolLM2 heads, padded group
+    ])
+    def test_lowers_for_cuda(self, num_seqs, num_heads, kv_heads, head_dim, dtype):
+        sds = jax.ShapeDtypeStruct
+        pool = sds((2, 1024, 16, kv_heads, head_dim), dtype)
+        args = (sds((256, num_heads, head_dim), dtype), pool, pool, sds((), jnp.int32),
+                sds((num_seqs, 64), jnp.int32), sds((num_seqs,), jnp.int32),
+                sds((num_seqs + 1,), jnp.int32))
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                             num_cores=132, platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
+        with jax.sharding.use_abstract_mesh(mesh):
+            hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert hlo.count("__gpu$xla.gpu.triton") >= 2
