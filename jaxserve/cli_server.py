@@ -1,7 +1,130 @@
-"""CLI commands of the serving side: serve, client, bench (filled in by the server)."""
+"""CLI commands of the serving side: serve, client, bench serve."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
+import sys
+
+from jaxserve.errors import ConfigError, JaxserveError
+
+TOKEN_ENV = "JAXSERVE_TOKEN"
+
 
 def add_commands(sub, add_sampling_args, sampling_params) -> None:
-    """Register serve/client/bench subcommands (none yet)."""
+    """Register the serve, client and bench subcommands."""
+    p = sub.add_parser("serve", help="serve the model over gRPC")
+    p.add_argument("--config", required=True)
+    p.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: server.port; 0 picks a free one)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without TLS and a bearer token")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="stream a completion from a running server")
+    _add_connection_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_sampling_args(p)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop-token-id", type=int, action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.set_defaults(func=lambda args: cmd_client(args, sampling_params))
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
+                                                                     required=True)
+    p = bench.add_parser("serve", help="load generator against a running server")
+    _add_connection_args(p)
+    p.add_argument("--rate", type=float, help="requests per second (Poisson arrivals)")
+    p.add_argument("--concurrency", type=int, help="requests in flight at most")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128, help="random prompt tokens")
+    p.add_argument("--output-len", type=int, default=128, help="tokens to generate")
+    p.add_argument("--dataset", help='JSONL of {"prompt"|"token_ids"|"messages", '
+                                     '"max_tokens"?} instead of random prompts')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, help="per-request deadline (s)")
+    p.add_argument("--out", help="JSON report (default bench/results/serve-<date>.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                   help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--tls-ca", help="PEM file of the CA that signed the server's cert: "
+                                    "use TLS")
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from jaxserve.config import load_config
+    from jaxserve.loader import load_model
+    from jaxserve.server.grpc_server import serve
+    from jaxserve.server.security import check_bind_security, server_credentials
+
+    config = load_config(args.config)
+    overrides = {f"server__{k}": getattr(args, k) for k in ("host", "port")
+                 if getattr(args, k) is not None}
+    try:
+        config = config.replace(**overrides)
+    except ValueError as e:
+        raise ConfigError(f"{args.config}: server.{e}") from None
+    check_bind_security(config.server, args.insecure)  # before the slow part
+    server_credentials(config.server)
+    model = load_model(config, progress=not args.no_progress)
+    asyncio.run(serve(config, model, insecure=args.insecure, progress=not args.no_progress))
+    return 0
+
+
+def cmd_client(args, sampling_params) -> int:
+    import grpc
+
+    from jaxserve.server.client import Client
+    from jaxserve.server.protocol import FINISH_NAMES
+
+    params = dataclasses.replace(
+        sampling_params(args), min_tokens=args.min_tokens,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, stop_token_ids=tuple(args.stop_token_id),
+        ignore_eos=args.ignore_eos)
+    last = None
+    with Client(args.host, args.port, token=args.token, tls_ca=args.tls_ca) as client:
+        try:
+            for chunk in client.generate(args.prompt, params, chat=args.chat,
+                                         priority=args.priority, timeout=args.timeout):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except grpc.RpcError as e:
+            print(file=sys.stdout)
+            raise JaxserveError(f"{e.code().name}: {e.details()}") from None
+    print()
+    if last is not None:
+        u = last.usage
+        print(f"--- [{FINISH_NAMES.get(last.finish_reason, 'unknown')}, "
+              f"{u.completion_tokens} tokens; prompt {u.prompt_tokens}, "
+              f"cached {u.cached_tokens}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from jaxserve.server.bench_serve import BenchConfig, run
+
+    cfg = BenchConfig(host=args.host, port=args.port, token=args.token, tls_ca=args.tls_ca,
+                      rate=args.rate, concurrency=args.concurrency,
+                      num_requests=args.num_requests, input_len=args.input_len,
+                      output_len=args.output_len, dataset=args.dataset, seed=args.seed,
+                      timeout_s=args.timeout, progress=not args.no_progress)
+    run(cfg, args.out)
+    return 0

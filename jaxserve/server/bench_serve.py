@@ -1,0 +1,245 @@
+"""`jaxserve bench serve`: a load generator over gRPC.
+
+Requests arrive as a Poisson process (`rate` per second) or as `concurrency` clients that
+each send the next request when the last one ends (both: Poisson arrivals, at most
+`concurrency` in flight). Prompts are random token ids (`input_len` of them, `output_len`
+tokens generated with ignore_eos) or rows of a JSONL dataset. The report gives TTFT, TPOT,
+inter-token latency and end-to-end latency percentiles, throughput and errors by gRPC code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from jaxserve.engine.request import SamplingParams
+from jaxserve.errors import JaxserveError
+from jaxserve.server.client import AsyncClient
+from jaxserve.server.proto import jaxserve_pb2 as pb
+from jaxserve.server.protocol import host_port, make_request
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    token: str | None = None
+    tls_ca: str | None = None
+    rate: float | None = None  # requests/s, Poisson arrivals
+    concurrency: int | None = None  # requests in flight at most
+    num_requests: int = 100
+    input_len: int = 128
+    output_len: int = 128
+    dataset: str | None = None  # JSONL: {"prompt"|"token_ids"|"messages", "max_tokens"?}
+    seed: int = 0
+    timeout_s: float | None = None  # per-request deadline
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.rate is None and self.concurrency is None:
+            raise JaxserveError("bench serve: give --rate or --concurrency (or both)")
+        if self.rate is not None and not self.rate > 0:
+            raise JaxserveError(f"--rate: must be > 0 (got {self.rate})")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise JaxserveError(f"--concurrency: must be >= 1 (got {self.concurrency})")
+        for name in ("num_requests", "input_len", "output_len"):
+            if getattr(self, name) < 1:
+                raise JaxserveError(f"--{name.replace('_', '-')}: must be >= 1")
+
+
+@dataclasses.dataclass
+class Result:
+    code: str  # gRPC status code name; "OK" on success
+    start: float
+    chunk_times: list[float] = dataclasses.field(default_factory=list)  # chunks with tokens
+    end: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2 or not self.chunk_times:
+            return None
+        return (self.chunk_times[-1] - self.chunk_times[0]) / (self.output_tokens - 1)
+
+
+# ----- requests --------------------------------------------------------------------------
+def synthetic_requests(cfg: BenchConfig, vocab_size: int) -> list[pb.GenerateRequest]:
+    rng = np.random.default_rng(cfg.seed)
+    params = SamplingParams(max_tokens=cfg.output_len, temperature=0.0, ignore_eos=True)
+    return [make_request(rng.integers(0, vocab_size, cfg.input_len).tolist(), params=params)
+            for _ in range(cfg.num_requests)]
+
+
+def dataset_requests(cfg: BenchConfig) -> list[pb.GenerateRequest]:
+    """Rows of the dataset, cycled to num_requests; max_tokens defaults to output_len."""
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise JaxserveError(f"--dataset: {path} not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JaxserveError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        prompt = next((row[k] for k in ("prompt", "token_ids", "messages")
+                       if isinstance(row, dict) and k in row), None)
+        if prompt is None:
+            raise JaxserveError(f'{path}:{n}: expected "prompt", "token_ids" or "messages"')
+        params = SamplingParams(max_tokens=int(row.get("max_tokens", cfg.output_len)),
+                                temperature=0.0)
+        rows.append(make_request(prompt, params=params))
+    if not rows:
+        raise JaxserveError(f"{path}: no requests")
+    return [rows[i % len(rows)] for i in range(cfg.num_requests)]
+
+
+# ----- running ---------------------------------------------------------------------------
+async def _one(client: AsyncClient, request: pb.GenerateRequest, timeout) -> Result:
+    result = Result("OK", time.perf_counter())
+    call = client.generate(request, timeout=timeout)
+    try:
+        async for chunk in call:
+            if chunk.token_ids:
+                result.chunk_times.append(time.perf_counter())
+                result.output_tokens += len(chunk.token_ids)
+            if chunk.HasField("usage"):
+                result.prompt_tokens = chunk.usage.prompt_tokens
+    except grpc.aio.AioRpcError as e:
+        result.code = e.code().name
+    result.end = time.perf_counter()
+    return result
+
+
+def arrival_times(cfg: BenchConfig) -> list[float]:
+    """Send times in seconds from the start: Poisson with cfg.rate, else all at 0."""
+    if cfg.rate is None:
+        return [0.0] * cfg.num_requests
+    gaps = np.random.default_rng(cfg.seed + 1).exponential(1.0 / cfg.rate, cfg.num_requests)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
+
+
+async def run_load(cfg: BenchConfig) -> tuple[list[Result], float, pb.ModelInfo]:
+    async with AsyncClient(cfg.host, cfg.port, token=cfg.token, tls_ca=cfg.tls_ca) as client:
+        try:
+            info = await client.model_info(timeout=30)
+        except grpc.aio.AioRpcError as e:
+            raise JaxserveError(f"{host_port(cfg.host, cfg.port)}: {e.code().name}: "
+                                f"{e.details()}") from None
+        requests = (dataset_requests(cfg) if cfg.dataset
+                    else synthetic_requests(cfg, info.vocab_size))
+        limit = asyncio.Semaphore(cfg.concurrency or len(requests))
+        bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not cfg.progress)
+        start = time.perf_counter()
+
+        async def send(request, at):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            async with limit:
+                result = await _one(client, request, cfg.timeout_s)
+            bar.update()
+            return result
+
+        results = await asyncio.gather(*(send(r, t) for r, t in
+                                         zip(requests, arrival_times(cfg), strict=True)))
+        duration = time.perf_counter() - start
+        bar.close()
+    return list(results), duration, info
+
+
+# ----- the report ------------------------------------------------------------------------
+def _summary(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    arr = np.asarray(values)
+    return {"mean": float(arr.mean()),
+            **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
+
+
+def make_report(cfg: BenchConfig, results: list[Result], duration: float,
+                info: pb.ModelInfo) -> dict:
+    ok = [r for r in results if r.code == "OK"]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.code != "OK":
+            errors[r.code] = errors.get(r.code, 0) + 1
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    config = dataclasses.asdict(cfg)
+    config.pop("token")
+    return {
+        "benchmark": "serve",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "target": host_port(cfg.host, cfg.port),
+        "model": {"name": info.model_name, "dtype": info.dtype, "mesh": dict(info.mesh),
+                  "context_length": info.context_length},
+        "config": config,
+        "duration_s": duration,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "errors": errors,
+        "request_throughput": len(ok) / duration if duration else 0.0,
+        "output_token_throughput": out_tokens / duration if duration else 0.0,
+        "input_token_throughput": in_tokens / duration if duration else 0.0,
+        "total_output_tokens": out_tokens,
+        "total_input_tokens": in_tokens,
+        "ttft_s": _summary([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_s": _summary([r.tpot for r in ok if r.tpot is not None]),
+        "itl_s": _summary(itl),
+        "e2e_latency_s": _summary([r.end - r.start for r in ok]),
+    }
+
+
+def format_report(report: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{v * 1e3:.1f}"
+
+    lines = [f"{'latency (ms)':<16}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),
+                       ("e2e_latency_s", "end to end")):
+        s = report[key]
+        lines.append(f"{label:<16}" + "".join(f"{ms(s[k]):>10}"
+                                              for k in ("mean", "p50", "p90", "p99")))
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(report["errors"].items())) or "none"
+    lines += [
+        "",
+        f"requests      {report['completed']}/{report['num_requests']} completed "
+        f"in {report['duration_s']:.2f} s; errors: {errors}",
+        f"throughput    {report['request_throughput']:.2f} req/s, "
+        f"{report['output_token_throughput']:.1f} output tok/s, "
+        f"{report['input_token_throughput']:.1f} input tok/s",
+    ]
+    return "\n".join(lines)
+
+
+def default_out() -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("bench") / "results" / f"serve-{stamp}.json"
+
+
+def run(cfg: BenchConfig, out: str | Path | None = None) -> dict:
+    """Run the load, print the table, write the JSON report; returns the report."""
+    results, duration, info = asyncio.run(run_load(cfg))
+    report = make_report(cfg, results, duration, info)
+    print(format_report(report))
+    path = Path(out) if out else default_out()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return report

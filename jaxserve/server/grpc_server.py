@@ -1,0 +1,199 @@
+"""The gRPC server: InferenceService, health, reflection, auth, TLS, metrics, draining.
+
+Lifecycle: `start()` binds and serves with health NOT_SERVING; `warm_up()` compiles every
+bucket on the engine thread, then health turns SERVING; `shutdown(grace)` turns health
+NOT_SERVING, refuses new generations (UNAVAILABLE), lets running ones finish for up to
+`grace` seconds, cuts the rest (UNAVAILABLE) and stops.
+
+`serve()` is the `jaxserve serve` main (SIGTERM/SIGINT drain and exit 0); `ServerThread`
+runs a server on its own event loop thread, for tests and for embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxserve.config import Config
+from jaxserve.engine.engine import Engine
+from jaxserve.errors import JaxserveError
+from jaxserve.loader import LoadedModel
+from jaxserve.server.engine_loop import EngineLoop
+from jaxserve.server.metrics import ServerMetrics
+from jaxserve.server.proto import jaxserve_pb2_grpc as pb_grpc
+from jaxserve.server.protocol import host_port
+from jaxserve.server.security import (
+    BearerTokenInterceptor,
+    check_bind_security,
+    server_credentials,
+)
+from jaxserve.server.servicer import SERVICE_NAME, InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SHUTDOWN_MESSAGE = "the server is shutting down"
+
+
+class InferenceServer:
+    """One engine behind one gRPC server; takes an already loaded model."""
+
+    def __init__(self, config: Config, model: LoadedModel, *, insecure: bool = False):
+        check_bind_security(config.server, insecure)
+        self._credentials = server_credentials(config.server)  # fail before any work
+        self.config = config
+        self.engine = Engine(config, model.model_config, model.params, model.tokenizer,
+                             model.mesh)
+        self.metrics = ServerMetrics()
+        self.engine_loop = EngineLoop(self.engine, max_waiting=config.scheduler.max_waiting,
+                                      observer=self.metrics.observe_engine)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="jaxserve-tokenize")
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving (health NOT_SERVING until warm_up); returns the port."""
+        s = self.config.server
+        await self._set_health(NOT_SERVING)
+        interceptors = []
+        if s.auth_token:
+            interceptors.append(BearerTokenInterceptor(
+                s.auth_token, lambda method: self.metrics.count(method, "UNAUTHENTICATED")))
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(self.config, self.engine, self.engine_loop, self.metrics,
+                              self._executor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = host_port(s.host, s.port)
+        try:
+            if self._credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, self._credentials)
+        except RuntimeError as e:
+            raise JaxserveError(f"cannot bind {address}: {e}") from None
+        if not port:
+            raise JaxserveError(f"cannot bind {address}")
+        await server.start()
+        self._server, self.port = server, port
+        self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+        return port
+
+    async def warm_up(self, progress: bool = False) -> None:
+        """Start the engine thread, compile every bucket on it, then report SERVING."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future = loop.create_future()
+
+        def on_ready(error):
+            loop.call_soon_threadsafe(
+                lambda: ready.done() or (ready.set_exception(error) if error
+                                         else ready.set_result(None)))
+
+        self.engine_loop.start(warm_up=True, progress=progress, on_ready=on_ready)
+        await ready
+        await self._set_health(SERVING)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, no new generations, `grace` seconds to finish, then stop."""
+        grace = self.config.server.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.engine_loop.stop_admitting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.engine_loop.num_active and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        cut = self.engine_loop.cut_all(f"{SHUTDOWN_MESSAGE}; the request was cut after the "
+                                       f"{grace:g} s grace period")
+        if cut:
+            log.warning("cut %d requests still running after %g s", cut, grace)
+        if self._server is not None:
+            await self._server.stop(1.0)  # lets the cut handlers send their status
+        await loop.run_in_executor(None, self.engine_loop.stop, 60.0)
+        self.metrics.stop_http()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+
+class ServerThread:
+    """An InferenceServer on its own asyncio event loop thread."""
+
+    def __init__(self, server: InferenceServer):
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="jaxserve-grpc",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, warm_up: bool = True) -> int:
+        port = self.run(self.server.start())
+        if warm_up:
+            self.run(self.server.warm_up())
+        return port
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Shut the server down (draining for `grace` seconds), then end the thread."""
+        try:
+            self.run(self.server.shutdown(grace))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the event loop thread (after `server.shutdown()` ran on it)."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
+                progress: bool = True) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for server.grace_period_s."""
+    server = InferenceServer(config, model, insecure=insecure)
+    port = await server.start()
+    s = config.server
+    metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"jaxserve: listening on {host_port(s.host, port)} "
+          f"({'TLS' if s.tls_cert else 'plaintext'}{metrics}); warming up", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    warm = asyncio.create_task(server.warm_up(progress))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if warm.done():
+            warm.result()  # a failed warm-up ends the server with its error
+            print(f"jaxserve: serving {config.model.name} (health SERVING)", flush=True)
+            await stopped
+        print(f"jaxserve: draining (up to {s.grace_period_s:g} s)", file=sys.stderr,
+              flush=True)
+    finally:
+        warm.cancel()
+        await server.shutdown()
+    print("jaxserve: stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,109 @@
+"""Prometheus metrics of one server, in their own registry, served over HTTP on
+`server.metrics_port` (0 or null: no endpoint).
+
+Latencies are measured in the handlers (what a client sees, tokenization and queueing
+included); engine figures are set by the engine thread after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from jaxserve.engine.engine import EngineStats
+from jaxserve.engine.request import RequestOutput
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
+                  0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("jaxserve_time_to_first_token_seconds",
+                              "Request arrival to its first token", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.tpot = Histogram("jaxserve_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("jaxserve_request_latency_seconds",
+                             "Request arrival to its last token", buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.queue_depth = Gauge("jaxserve_queue_depth", "Requests waiting to be scheduled",
+                                 registry=r)
+        self.running = Gauge("jaxserve_running_requests", "Requests being generated",
+                             registry=r)
+        self.kv_pages_used = Gauge("jaxserve_kv_pages_used", "KV cache pages in use",
+                                   registry=r)
+        self.kv_pages_free = Gauge("jaxserve_kv_pages_free", "KV cache pages free", registry=r)
+        self.generated_tokens = Counter("jaxserve_generated_tokens",
+                                        "Tokens generated (rate() gives tokens/s)", registry=r)
+        self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished "
+                                     "requests", registry=r)
+        self.preemptions = Counter("jaxserve_preemptions", "Requests preempted for KV pages",
+                                   registry=r)
+        self.compilations = Counter("jaxserve_compilations", "XLA compilations", registry=r)
+        self.requests = Counter("jaxserve_requests", "Finished RPCs by method and gRPC code",
+                                ["method", "code"], registry=r)
+        self._last_preemptions = 0
+        self._last_compilations = 0
+        self._http = None
+
+    # ----- the engine thread ---------------------------------------------------------------
+    def observe_engine(self, stats: EngineStats, outputs: list[RequestOutput],
+                       num_waiting: int) -> None:
+        self.queue_depth.set(num_waiting)
+        self.running.set(stats.num_running)
+        self.kv_pages_used.set(stats.pages_used)
+        self.kv_pages_free.set(stats.pages_free)
+        new_tokens = sum(len(o.token_ids) for o in outputs)
+        if new_tokens:
+            self.generated_tokens.inc(new_tokens)
+        prompt = sum(o.metrics.prompt_tokens for o in outputs if o.finished and o.metrics)
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+        self._last_preemptions = self._add_delta(self.preemptions, stats.num_preemptions,
+                                                 self._last_preemptions)
+        self._last_compilations = self._add_delta(self.compilations, stats.num_compilations,
+                                                  self._last_compilations)
+
+    @staticmethod
+    def _add_delta(counter: Counter, total: int, last: int) -> int:
+        if total > last:
+            counter.inc(total - last)
+        return max(total, last)
+
+    # ----- the handlers --------------------------------------------------------------------
+    def observe_request(self, arrival: float, first_token: float | None, end: float,
+                        completion_tokens: int) -> None:
+        """Times (time.monotonic()) of a request that finished normally."""
+        self.e2e.observe(end - arrival)
+        if first_token is None:
+            return
+        self.ttft.observe(first_token - arrival)
+        if completion_tokens > 1:
+            self.tpot.observe((end - first_token) / (completion_tokens - 1))
+
+    def count(self, method: str, code_name: str) -> None:
+        self.requests.labels(method=method, code=code_name).inc()
+
+    # ----- HTTP ----------------------------------------------------------------------------
+    def start_http(self, host: str, port: int | None) -> int | None:
+        """Serve /metrics on host:port; returns the bound port (None: disabled)."""
+        if not port:
+            return None
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._http.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

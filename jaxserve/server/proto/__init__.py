@@ -1,0 +1,1 @@
+"""Generated gRPC code for jaxserve.v1 (scripts/gen_proto.sh); do not edit by hand."""

@@ -1,0 +1,103 @@
+"""TLS credentials, the bearer-token interceptor and the bind-address rule.
+
+A server bound beyond loopback must have both TLS and a token, unless the operator says
+`--insecure`. The health service is exempt from the token so load balancers can probe it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from jaxserve.config import ServerSection
+from jaxserve.errors import ConfigError
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve anywhere
+        return False
+
+
+def check_bind_security(server: ServerSection, insecure: bool) -> None:
+    """Refuse a non-loopback bind without TLS and a token, unless `insecure`."""
+    if insecure or is_loopback(server.host):
+        return
+    missing = [what for what, ok in (("TLS (server.tls_cert and server.tls_key)",
+                                      server.tls_cert is not None),
+                                     ("a bearer token (server.auth_token)",
+                                      bool(server.auth_token))) if not ok]
+    if missing:
+        raise ConfigError(
+            f"server.host={server.host!r} is not a loopback address and the server has no "
+            f"{' and no '.join(missing)}; configure them, or pass --insecure to serve "
+            f"without them")
+
+
+def server_credentials(server: ServerSection) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files, or None for plaintext."""
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    pem = {}
+    for key in ("tls_cert", "tls_key"):
+        path = Path(getattr(server, key)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"server.{key}: {path} not found")
+        pem[key] = path.read_bytes()
+    return grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])])
+
+
+def bearer_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+    return None
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Answers UNAUTHENTICATED unless the call carries `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None):
+        self._token = token.encode()
+        self._on_reject = on_reject
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        given = bearer_token(handler_call_details.invocation_metadata)
+        if given is not None and hmac.compare_digest(given.encode(), self._token):
+            return handler
+        if self._on_reject is not None:
+            self._on_reject(method)
+        return _rejecting(handler)
+
+
+async def _unauthenticated(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                        "missing or invalid bearer token (metadata authorization: Bearer ...)")
+
+
+def _rejecting(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only rejects."""
+    kwargs = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_unauthenticated, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_unauthenticated, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_unauthenticated, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(_unauthenticated, **kwargs)

@@ -1,0 +1,237 @@
+"""The jaxserve.v1.InferenceService handlers. They run on the asyncio event loop and never
+block it: tokenizing and validating happen on a small thread pool, generation on the engine
+thread (engine_loop.py); a handler only waits on its request's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from jaxserve.config import Config
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.llm import encode_prompt
+from jaxserve.engine.request import RequestOutput, SamplingParams
+from jaxserve.errors import InvalidRequestError
+from jaxserve.server import protocol
+from jaxserve.server.engine_loop import (
+    EngineLoop,
+    FailureKind,
+    NotAdmittingError,
+    QueueFullError,
+    RequestFailedError,
+    RequestStream,
+)
+from jaxserve.server.metrics import ServerMetrics
+from jaxserve.server.proto import jaxserve_pb2 as pb
+from jaxserve.server.proto import jaxserve_pb2_grpc as pb_grpc
+from sharding.rules import MESH_AXES
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+FIELD_METADATA_KEY = "jaxserve-invalid-field"  # trailing metadata naming the bad field
+
+_FAILURE_CODES = {
+    FailureKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    FailureKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    FailureKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class RpcError(Exception):
+    """Ends an RPC with `code`; raised by the handlers' own code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.field = field
+
+    @classmethod
+    def invalid(cls, field: str, message: str) -> RpcError:
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, config: Config, engine: Engine, engine_loop: EngineLoop,
+                 metrics: ServerMetrics, executor: ThreadPoolExecutor):
+        self._config = config
+        self._engine = engine  # only its pure parts (validate, config, tokenizer) are used here
+        self._engine_loop = engine_loop
+        self._metrics = metrics
+        self._executor = executor
+        self._tokenizer = engine.tokenizer
+
+    # ----- generation ----------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context) -> None:
+        async with self._rpc("Generate", context):
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    await context.write(response)
+
+    async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        async with self._rpc("GenerateUnary", context):
+            whole, texts = pb.GenerateResponse(), []
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    texts.append(response.text)
+                    whole.MergeFrom(response)  # appends repeated fields; last chunk's scalars
+            whole.text = "".join(texts)
+            return whole
+
+    async def _generate(self, request: pb.GenerateRequest, context):
+        """Responses of one request, each holding what arrived since the previous one."""
+        arrival = time.monotonic()
+        prompt_ids, params = await self._run(self._prepare, request)
+        stream = self._submit(request, prompt_ids, params)
+        context.add_done_callback(lambda _: self._abort_unfinished(stream))
+        first_token, n_tokens = None, 0
+        try:
+            while not stream.finished:
+                try:
+                    outputs = await stream.get()
+                except RequestFailedError as e:
+                    f = e.failure
+                    details = f"{f.field}: {f.message}" if f.field else f.message
+                    raise RpcError(_FAILURE_CODES[f.kind], details, f.field) from None
+                n_tokens += sum(len(o.token_ids) for o in outputs)
+                if first_token is None and n_tokens:
+                    first_token = time.monotonic()
+                yield _response(stream.request_id, outputs)
+            self._metrics.observe_request(arrival, first_token, time.monotonic(), n_tokens)
+        finally:
+            self._abort_unfinished(stream)
+
+    def _abort_unfinished(self, stream: RequestStream) -> None:
+        if not stream.finished:
+            self._engine_loop.abort(stream)
+
+    def _prepare(self, request: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """Tokenize and validate (on the thread pool); RpcError names the bad field."""
+        kind = "prompt"
+        try:
+            protocol.check_request_id(request.request_id)
+            kind, prompt = protocol.prompt_of(request)
+            params = protocol.sampling_from_proto(request.sampling)
+            prompt_ids = encode_prompt(self._tokenizer, prompt)
+            self._engine.validate(prompt_ids, params)
+        except InvalidRequestError as e:
+            raise RpcError.invalid(protocol.request_field(e.field, kind), e.message) from None
+        return prompt_ids, params
+
+    def _submit(self, request: pb.GenerateRequest, prompt_ids: list[int],
+                params: SamplingParams) -> RequestStream:
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            return self._engine_loop.submit(prompt_ids, params, request_id=request_id,
+                                            priority=request.priority,
+                                            loop=asyncio.get_running_loop())
+        except QueueFullError as e:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {e}") from None
+        except NotAdmittingError as e:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except InvalidRequestError as e:
+            raise RpcError.invalid(e.field, e.message) from None
+
+    # ----- tokenizer and model -------------------------------------------------------------
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        async with self._rpc("Tokenize", context):
+            return pb.TokenizeResponse(token_ids=await self._run(self._tokenize, request))
+
+    def _tokenize(self, request: pb.TokenizeRequest) -> list[int]:
+        if request.text and request.messages:
+            raise RpcError.invalid("messages", "give text or messages, not both")
+        if not request.text and not request.messages:
+            raise RpcError.invalid("text", "give text or messages")
+        self._need_tokenizer()
+        try:
+            if request.messages:
+                return encode_prompt(self._tokenizer,
+                                     {"messages": protocol.messages_of(request.messages)})
+            return self._tokenizer.encode(request.text)
+        except InvalidRequestError as e:
+            raise RpcError.invalid(e.field, e.message) from None
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        async with self._rpc("Detokenize", context):
+            return pb.DetokenizeResponse(text=await self._run(self._detokenize, request))
+
+    def _detokenize(self, request: pb.DetokenizeRequest) -> str:
+        self._need_tokenizer()
+        vocab = self._engine.model_config.vocab_size
+        bad = next((t for t in request.token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RpcError.invalid("token_ids", f"token id {bad} is outside [0, {vocab})")
+        return self._tokenizer.decode(list(request.token_ids),
+                                      skip_special_tokens=not request.keep_special_tokens)
+
+    def _need_tokenizer(self) -> None:
+        if self._tokenizer is None:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "this model has no tokenizer (random weights): use token ids")
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        async with self._rpc("GetModelInfo", context):
+            return self._model_info()
+
+    def _model_info(self) -> pb.ModelInfo:
+        c, mc, tok = self._config, self._engine.model_config, self._tokenizer
+        stats = self._engine_loop.stats
+        return pb.ModelInfo(
+            model_name=c.model.name, architecture=mc.architecture,
+            context_length=c.cache.max_model_len, vocab_size=mc.vocab_size,
+            dtype=c.model.dtype, mesh={a: getattr(c.mesh, a) for a in MESH_AXES},
+            page_size=c.cache.page_size, token_buckets=list(c.runner.token_buckets),
+            seq_buckets=list(c.runner.seq_buckets), max_num_seqs=c.scheduler.max_num_seqs,
+            max_waiting=c.scheduler.max_waiting, max_logprobs=c.runner.max_logprobs,
+            has_chat_template=tok is not None and tok.chat_template is not None,
+            eos_token_ids=list(self._engine.eos_ids),
+            kv_pages_total=stats.pages_total, kv_pages_used=stats.pages_used,
+            kv_pages_free=stats.pages_free, num_running=stats.num_running,
+            num_waiting=self._engine_loop.num_waiting,
+            num_compilations=stats.num_compilations, num_preemptions=stats.num_preemptions)
+
+    # ----- plumbing ------------------------------------------------------------------------
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context):
+        """Maps RpcError to its status, counts every outcome by gRPC code."""
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except RpcError as e:
+            code = e.code
+            metadata = ((FIELD_METADATA_KEY, e.field),) if e.field else ()
+            await context.abort(e.code, e.details, metadata)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None
+                    and remaining <= 0 else grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as e:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self._metrics.count(method, code.name)
+
+
+def _response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateResponse:
+    last = outputs[-1]
+    response = pb.GenerateResponse(
+        request_id=request_id, text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=protocol.logprobs_to_proto([lp for o in outputs for lp in o.logprobs]))
+    if last.finished:
+        response.finish_reason = protocol.finish_to_proto(last.finish_reason)
+        response.usage.CopyFrom(protocol.usage_to_proto(last.metrics))
+    return response

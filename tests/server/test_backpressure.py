@@ -1,0 +1,48 @@
+"""A full waiting queue answers RESOURCE_EXHAUSTED at once; so does a message over the
+configured size. One sequence runs at a time here, and two may wait."""
+
+import grpc
+import pytest
+
+from jaxserve.engine.request import SamplingParams
+from jaxserve.server.client import Client
+
+LONG = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+MAX_MESSAGE = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def client(server_config, start_server):
+    config = server_config.replace(scheduler__max_num_seqs=1, scheduler__max_waiting=2,
+                                   server__max_message_bytes=MAX_MESSAGE)
+    with start_server(config) as (_, port), Client("127.0.0.1", port) as c:
+        yield c
+
+
+def test_full_waiting_queue_is_resource_exhausted(client, wait, pages_back):
+    running = client.generate("The first one runs", LONG)
+    next(running)
+    waiting = [client.generate(f"Number {i} waits", LONG) for i in range(2)]
+    info = wait(lambda: (i := client.model_info()).num_waiting == 2 and i, 30,
+                what="two waiting requests")
+    assert info.num_running == 1
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_unary("One too many", LONG, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_waiting=2" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.generate("Streaming, one too many", LONG, timeout=30))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in (running, *waiting):
+        call.cancel()
+    pages_back(client, 0)
+    # room again
+    reply = client.generate_unary("After", SamplingParams(max_tokens=2), timeout=60)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_message_over_the_limit_is_resource_exhausted(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_unary("x" * (MAX_MESSAGE + 1), SamplingParams(max_tokens=1),
+                              timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,0 +1,247 @@
+"""Generation over gRPC against the offline engine, plus the tokenizer and info RPCs,
+health, reflection, metrics, `jaxserve client` and `jaxserve bench serve`."""
+
+import asyncio
+import json
+import socket
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from jaxserve import cli
+from jaxserve.engine.request import FinishReason, SamplingParams
+from jaxserve.server.client import AsyncClient, Client
+from jaxserve.server.proto import jaxserve_pb2 as pb
+from jaxserve.server.protocol import FINISH_NAMES, make_request
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    [1, 504, 2988, 288, 451],  # token ids
+]
+CHAT = "What is 2+2?"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(server_config, start_server):
+    """(thread, port, health statuses seen before and after warm-up)."""
+    config = server_config.replace(server__metrics_port=_free_port())
+    with start_server(config, warm_up=False) as (thread, port):
+        with Client("127.0.0.1", port) as client:
+            before = client.health()
+            thread.run(thread.server.warm_up())
+            after = client.health()
+        yield thread, port, (before, after)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with Client("127.0.0.1", served[1]) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(demo_llm):
+    """Offline greedy completions of PROMPTS and of CHAT, one prompt at a time (so the
+    server, also sent one at a time, runs the same shapes)."""
+    outs = [demo_llm.generate([p], GREEDY)[0] for p in PROMPTS]
+    return outs, demo_llm.generate([CHAT], GREEDY, chat=True)[0]
+
+
+def _collect(chunks):
+    text, ids, last = [], [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        ids.extend(chunk.token_ids)
+        last = chunk
+    return "".join(text), ids, last
+
+
+def _same(completion, text, ids, last):
+    assert ids == completion.token_ids
+    assert text == completion.text
+    assert FINISH_NAMES[last.finish_reason] == completion.finish_reason.value
+    assert last.usage.prompt_tokens == len(completion.prompt_token_ids)
+    assert last.usage.completion_tokens == len(completion.token_ids)
+
+
+def test_health_goes_not_serving_to_serving(served):
+    assert served[2] == (health_pb2.HealthCheckResponse.NOT_SERVING,
+                         health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_reflection_lists_services(served):
+    with grpc.insecure_channel(f"127.0.0.1:{served[1]}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (reply,) = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"jaxserve.v1.InferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_streaming_matches_offline(client, offline):
+    outs, chat = offline
+    for prompt, completion in zip(PROMPTS, outs, strict=True):
+        chunks = list(client.generate(prompt, GREEDY))
+        assert len(chunks) > 1  # really streamed
+        assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+        _same(completion, *_collect(chunks))
+    _same(chat, *_collect(client.generate(CHAT, GREEDY, chat=True)))
+
+
+def test_unary_matches_offline(client, offline):
+    outs, chat = offline
+    for prompt, completion in zip(PROMPTS, outs, strict=True):
+        r = client.generate_unary(prompt, GREEDY, request_id="unary-1")
+        assert r.request_id == "unary-1"
+        _same(completion, r.text, list(r.token_ids), r)
+    r = client.generate_unary([{"role": "user", "content": CHAT}], GREEDY)
+    _same(chat, r.text, list(r.token_ids), r)
+
+
+def test_sampling_options_reach_the_engine(client, demo_llm):
+    """A seeded sampled request with every option gives the offline engine's tokens."""
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=40, min_p=0.02,
+                            repetition_penalty=1.2, presence_penalty=0.3,
+                            frequency_penalty=0.2, seed=1234, min_tokens=3,
+                            stop_token_ids=(17,), logprobs=3)
+    expected = demo_llm.generate([PROMPTS[0]], params)[0]
+    text, ids, last = _collect(client.generate(PROMPTS[0], params))
+    _same(expected, text, ids, last)
+
+
+def test_logprobs_and_stop_string(client, demo_llm):
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2)
+    expected = demo_llm.generate([PROMPTS[1]], params)[0]
+    chunks = list(client.generate(PROMPTS[1], params))
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in logprobs] == expected.token_ids
+    for got, want in zip(logprobs, expected.logprobs, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [t.token_id for t in got.top] == [t for t, _ in want.top]
+    # a stop string cut from the greedy text ends generation there, never included
+    full = expected.text
+    stop = full[len(full) // 2:][:3]
+    stopped = SamplingParams(max_tokens=8, temperature=0.0, stop=(stop,))
+    text, _, last = _collect(client.generate(PROMPTS[1], stopped))
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert text == full[:full.index(stop)]
+
+
+def test_64_concurrent_streams_complete(served, client):
+    baseline = client.model_info().kv_pages_used
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def one(c, i):
+        ids = []
+        async for chunk in c.generate(make_request(f"Request number {i}:", params=params)):
+            ids.extend(chunk.token_ids)
+            last = chunk
+        return ids, last
+
+    async def run():
+        async with AsyncClient("127.0.0.1", served[1]) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(64)))
+
+    results = asyncio.run(run())
+    assert len(results) == 64
+    for ids, last in results:
+        assert len(ids) == 4
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 4
+    info = client.model_info()
+    assert (info.kv_pages_used, info.num_running, info.num_waiting) == (baseline, 0, 0)
+
+
+def test_tokenize_detokenize_and_model_info(client, demo_model, demo_config):
+    tok = demo_model.tokenizer
+    assert client.tokenize("Hello world") == tok.encode("Hello world")
+    assert client.detokenize(tok.encode("Hello world")) == "Hello world"
+    chat = client.stub.Tokenize(pb.TokenizeRequest(
+        messages=[pb.ChatMessage(role="user", content=CHAT)]))
+    assert list(chat.token_ids) == tok.encode_chat([{"role": "user", "content": CHAT}])
+    info = client.model_info()
+    assert info.model_name == demo_config.model.name
+    assert info.vocab_size == demo_model.model_config.vocab_size
+    assert info.context_length == demo_config.cache.max_model_len
+    assert info.page_size == demo_config.cache.page_size
+    assert list(info.token_buckets) == list(demo_config.runner.token_buckets)
+    assert dict(info.mesh) == {"data": 1, "pipeline": 1, "tensor": 1, "expert": 1}
+    assert info.kv_pages_total == info.kv_pages_used + info.kv_pages_free > 0
+    assert info.has_chat_template
+
+
+def test_metrics_endpoint(served, client):
+    list(client.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0)))
+    port = served[0].server.metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    text = body.decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples["jaxserve_generated_tokens_total"] >= 3
+    assert samples['jaxserve_requests_total{code="OK",method="Generate"}'] >= 1
+    assert samples["jaxserve_time_to_first_token_seconds_count"] >= 1
+    assert samples["jaxserve_request_latency_seconds_count"] >= 1
+    for name in ("jaxserve_time_per_output_token_seconds_count", "jaxserve_queue_depth",
+                 "jaxserve_running_requests", "jaxserve_kv_pages_used",
+                 "jaxserve_kv_pages_free", "jaxserve_preemptions_total",
+                 "jaxserve_compilations_total"):
+        assert name in samples, name
+    assert samples["jaxserve_kv_pages_free"] > 0
+
+
+def test_client_command_streams_the_completion(served, offline, capsys):
+    outs, _ = offline
+    code = cli.main(["client", "--port", str(served[1]), "--prompt", PROMPTS[0],
+                     "--max-tokens", "8"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out == outs[0].text + "\n"
+    assert f"--- [{outs[0].finish_reason.value}, 8 tokens" in captured.err
+
+
+def test_client_command_reports_errors(served, capsys):
+    code = cli.main(["client", "--port", str(served[1]), "--prompt", "x",
+                     "--temperature", "-1"])
+    assert code == 2
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_bench_serve_concurrency_and_rate(served, tmp_path, capsys):
+    out = tmp_path / "closed.json"
+    code = cli.main(["bench", "serve", "--port", str(served[1]), "--concurrency", "4",
+                     "--num-requests", "8", "--input-len", "8", "--output-len", "3",
+                     "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 8 and report["errors"] == {}
+    assert report["total_output_tokens"] == 8 * 3
+    assert report["total_input_tokens"] == 8 * 8
+    for key in ("ttft_s", "tpot_s", "itl_s", "e2e_latency_s"):
+        assert report[key]["p50"] is not None and report[key]["p99"] >= report[key]["p50"]
+    assert "TTFT" in capsys.readouterr().out
+
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "Hello"}\n'
+                       '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}\n')
+    out = tmp_path / "open.json"
+    assert cli.main(["bench", "serve", "--port", str(served[1]), "--rate", "20",
+                     "--num-requests", "4", "--output-len", "2", "--dataset", str(dataset),
+                     "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 4 and report["config"]["rate"] == 20
+
+
+def test_finish_reason_names_cover_the_engine():
+    assert set(FINISH_NAMES.values()) == {r.value for r in FinishReason} - {"error"}

@@ -1,0 +1,115 @@
+"""Every bad request is refused with INVALID_ARGUMENT naming the field, before it reaches
+the engine (nothing runs, nothing waits)."""
+
+import grpc
+import pytest
+
+from jaxserve.engine.request import SamplingParams
+from jaxserve.server.client import Client
+from jaxserve.server.proto import jaxserve_pb2 as pb
+from jaxserve.server.servicer import FIELD_METADATA_KEY
+
+VOCAB = 49152
+CONTEXT = 2048  # the demo config's cache.max_model_len
+
+
+def _req(prompt="Hello", **sampling):
+    req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    elif prompt is not None:
+        req.token_ids.extend(prompt)
+    return req
+
+
+def _two_kinds():
+    req = _req("Hello")
+    req.token_ids.extend([1, 2])
+    return req
+
+
+def _empty_role():
+    return pb.GenerateRequest(messages=[pb.ChatMessage(role="", content="hi")])
+
+
+CASES = [
+    ("empty prompt", _req(""), "prompt"),
+    ("no prompt", _req(None), "prompt"),
+    ("two prompt kinds", _two_kinds(), "token_ids"),
+    ("empty message role", _empty_role(), "messages[0].role"),
+    ("token id >= vocab", _req([1, VOCAB]), "token_ids"),
+    ("negative token id", _req([1, -3]), "token_ids"),
+    ("prompt longer than the context", _req([5] * (CONTEXT + 10)), "token_ids"),
+    ("text prompt longer than the context", _req("hello " * (CONTEXT + 10)), "prompt"),
+    ("max_tokens cannot fit", _req([5] * 100, max_tokens=CONTEXT - 50), "sampling.max_tokens"),
+    ("max_tokens 0", _req(max_tokens=0), "sampling.max_tokens"),
+    ("negative temperature", _req(temperature=-0.5), "sampling.temperature"),
+    ("top_p 0", _req(top_p=0.0), "sampling.top_p"),
+    ("top_p > 1", _req(top_p=1.5), "sampling.top_p"),
+    ("top_k < -1", _req(top_k=-2), "sampling.top_k"),
+    ("min_p > 1", _req(min_p=1.5), "sampling.min_p"),
+    ("repetition_penalty 0", _req(repetition_penalty=0.0), "sampling.repetition_penalty"),
+    ("presence_penalty > 2", _req(presence_penalty=2.5), "sampling.presence_penalty"),
+    ("frequency_penalty < -2", _req(frequency_penalty=-3.0), "sampling.frequency_penalty"),
+    ("seed >= 2**32", _req(seed=2**32), "sampling.seed"),
+    ("negative seed", _req(seed=-1), "sampling.seed"),
+    ("too many logprobs", _req(logprobs=1000), "sampling.logprobs"),
+    ("min_tokens > max_tokens", _req(max_tokens=4, min_tokens=5), "sampling.min_tokens"),
+    ("empty stop string", _req(stop=[""]), "sampling.stop"),
+    ("too many stop strings", _req(stop=[f"s{i}" for i in range(17)]), "sampling.stop"),
+    ("stop token id >= vocab", _req(stop_token_ids=[VOCAB]), "sampling.stop_token_ids"),
+    ("request_id too long", pb.GenerateRequest(request_id="x" * 300, prompt="hi"),
+     "request_id"),
+]
+
+
+@pytest.fixture(scope="module")
+def client(server_config, start_server):
+    with start_server(server_config) as (_, port), Client("127.0.0.1", port) as c:
+        yield c
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateUnary"])
+@pytest.mark.parametrize(("request_", "field"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_invalid_argument_names_the_field(client, method, request_, field):
+    with pytest.raises(grpc.RpcError) as e:
+        result = getattr(client.stub, method)(request_, timeout=30)
+        if method == "Generate":
+            list(result)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}: "), e.value.details()
+    assert (FIELD_METADATA_KEY, field) in tuple(e.value.trailing_metadata())
+
+
+def test_nothing_reached_the_engine(client):
+    info = client.model_info()
+    assert (info.num_running, info.num_waiting, info.kv_pages_used) == (0, 0, 0)
+
+
+def test_duplicate_running_request_id(client, pages_back):
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    first = client.generate("Hello", long, request_id="same")
+    next(first)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_unary("Hello", long, request_id="same")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("request_id: ")
+    first.cancel()
+    pages_back(client, 0)
+    # the id is free again once the first request is gone (an aborted id may be reused)
+    reply = client.generate_unary("Hello", SamplingParams(max_tokens=2), request_id="same")
+    assert reply.request_id == "same"
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda c: c.stub.Tokenize(pb.TokenizeRequest()), "text"),
+    (lambda c: c.stub.Tokenize(pb.TokenizeRequest(
+        text="a", messages=[pb.ChatMessage(role="user", content="b")])), "messages"),
+    (lambda c: c.stub.Detokenize(pb.DetokenizeRequest(token_ids=[VOCAB])), "token_ids"),
+], ids=["tokenize nothing", "tokenize both", "detokenize outside vocab"])
+def test_tokenizer_rpcs_validate(client, call, field):
+    with pytest.raises(grpc.RpcError) as e:
+        call(client)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}: ")
