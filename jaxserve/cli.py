@@ -10,9 +10,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from jaxserve.errors import JaxserveError
+from jaxserve.jsonl import read_jsonl
 
 EXIT_USAGE = 2
 
@@ -35,19 +35,10 @@ def _sampling_params(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise JaxserveError(f"{path}: input file not found")
+def _read_prompts(path: str) -> list[dict]:
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxserveError(f"{path}:{n}: invalid JSON: {e.msg}") from None
-        if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
+    for n, row in read_jsonl(path):
+        if not ({"prompt", "messages"} & set(row)):
             raise JaxserveError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": [...]}}')
         rows.append(row)
     return rows
@@ -58,7 +49,7 @@ def cmd_generate(args) -> int:
 
     prompts: list = list(args.prompt)
     if args.input:
-        prompts += _read_jsonl(args.input)
+        prompts += _read_prompts(args.input)
     if not prompts:
         raise JaxserveError("generate: give at least one --prompt or an --input file")
     params = _sampling_params(args)

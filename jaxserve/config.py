@@ -84,8 +84,10 @@ class RunnerSection:
     attention_backend: str = "auto"
     compilation_cache_dir: str | None = "~/.cache/jaxserve/xla"
     max_logprobs: int = 20
+    scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
 
     def __post_init__(self):
+        _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")
         for key in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, key)
             _check(len(buckets) > 0 and all(b >= 1 for b in buckets), key,

@@ -17,7 +17,7 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.config import Config
-from jaxserve.errors import CheckpointError
+from jaxserve.errors import CheckpointError, ConfigError, JaxserveError
 from jaxserve.models.llama import LlamaModel, _dummy_inputs, param_specs
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
@@ -49,13 +49,19 @@ def checkpoint_dir(config: Config, progress: bool = True) -> Path:
 
 
 def load_model(config: Config, progress: bool = True) -> LoadedModel:
-    mesh = make_mesh(config.mesh)
-    dtype = jnp.dtype(config.model.dtype)
-    if config.checkpoint.source == "random":
-        model_config = random_model_config(config)
-        return LoadedModel(model_config, random_params(model_config, dtype, mesh), None, mesh)
-    directory = checkpoint_dir(config, progress)
-    model_config, params = orbax_store.load(directory, mesh, dtype)
+    try:
+        mesh = make_mesh(config.mesh)
+        dtype = jnp.dtype(config.model.dtype)
+        if config.checkpoint.source == "random":
+            model_config = random_model_config(config)
+            return LoadedModel(model_config, random_params(model_config, dtype, mesh), None,
+                               mesh)
+        directory = checkpoint_dir(config, progress)
+        model_config, params = orbax_store.load(directory, mesh, dtype)
+    except JaxserveError:
+        raise
+    except ValueError as e:  # the mesh does not fit the devices or the model's shapes
+        raise ConfigError(f"mesh: {e}") from None
     return LoadedModel(model_config, params, load_tokenizer(directory), mesh)
 
 

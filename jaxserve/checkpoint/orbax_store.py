@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from jaxserve.checkpoint.source import SourceCheckpoint, TensorItem, check_dtype
 from jaxserve.errors import CheckpointError
-from jaxserve.models.llama import param_specs
+from jaxserve.models.llama import nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
 from sharding.rules import tree_shardings
 
@@ -113,7 +113,7 @@ def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None) -> tuple[ModelConfig, dic
         raise CheckpointError(f"{ckpt_dir}: {PARAMS_DIR}/ holds parameters the model does "
                               f"not have: {extra}")
     shardings = tree_shardings(specs, mesh)
-    target = _nest({
+    target = nest_params({
         path: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or stored[path][1]),
                                    sharding=shardings[path])
         for path, (shape, _) in specs.items()
@@ -208,7 +208,7 @@ def _put(arrays: dict[str, np.memmap], filled: dict, specs: Specs, item: TensorI
 
 
 def _write_orbax(flat: dict[str, np.ndarray], params_dir: Path) -> None:
-    tree = _nest(flat)
+    tree = nest_params(flat)
     save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir.absolute(), tree, save_args=save_args)
@@ -258,18 +258,6 @@ class _ParamsSource:
 
 def _stacked(names: tuple[str, ...]) -> bool:
     return bool(names) and names[0] == "layers"
-
-
-def _nest(flat: dict) -> dict:
-    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -28,6 +28,7 @@ from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
 from jaxserve.engine.sampling import SamplerOutput, SamplingInputs, sample
 from jaxserve.engine.scheduler import SchedulerOutput
+from jaxserve.errors import ConfigError
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
 from jaxserve.models.model_config import ModelConfig
 from sharding import rules
@@ -110,7 +111,7 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh) -> int:
     if budget <= 1:
         stats = mesh.devices.flat[0].memory_stats() or {}
         if "bytes_limit" not in stats:
-            raise ValueError("cache.kv_cache_memory is a fraction, but this device reports no "
+            raise ConfigError("cache.kv_cache_memory is a fraction, but this device reports no "
                              "memory size; give a byte count instead")
         budget = budget * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     return int(budget // page_bytes)
@@ -132,11 +133,12 @@ class Runner:
         self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
         self.num_pages = num_kv_pages(config, model_config, mesh)
         if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
-            raise ValueError(
+            raise ConfigError(
                 f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} tokens, "
                 f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
         self.model = LlamaModel(model_config, self.dtype,
-                                pick_attention(config.runner.attention_backend))
+                                pick_attention(config.runner.attention_backend),
+                                min(config.runner.scan_unroll, model_config.num_layers))
         self._free_slots = list(range(self.num_slots))
         self._slot_of: dict[str, int] = {}
         self.state = self._init_state()
@@ -277,6 +279,7 @@ class Runner:
                 seq.request.num_pending += 1
 
         inputs = jax.device_put(host.to_inputs(), self._replicated)
+        self._last_inputs = inputs  # kept for profiling (scripts/profile_step.py)
         prev_tokens = prev.prev_tokens if prev is not None else self._prev_tokens
         state, out, next_prev = self._executable(T, S)(self.params, self.state, inputs,
                                                        prev_tokens)

@@ -59,7 +59,8 @@ def _filter_top_k_top_p(logits, top_k, top_p):
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep token i if the mass strictly before it is < top_p (so the top token always stays).
     before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (before < top_p[:, None]) & (jnp.arange(vocab)[None, :] < k[:, None])
+    keep_sorted = ((before < top_p[:, None]) | (top_p[:, None] >= 1)) & (
+        jnp.arange(vocab)[None, :] < k[:, None])
     cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(kth, cutoff)
     return jnp.where(logits >= threshold, logits, NEG_INF)
@@ -68,19 +69,16 @@ def _filter_top_k_top_p(logits, top_k, top_p):
 def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:
     """logits [S, V] f32 -> one token per row."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    use_penalties = jnp.any((p.repetition_penalty != 1) | (p.presence_penalty != 0)
-                            | (p.frequency_penalty != 0))
-    logits = jax.lax.cond(use_penalties, apply_penalties, lambda lg, *_: lg,
-                          logits, prompt_mask, output_counts, p)
+    # No lax.cond here: on GPU a conditional makes the host wait for the device, which
+    # would stop the next step from being dispatched early. Neutral values are exact no-ops.
+    logits = apply_penalties(logits, prompt_mask, output_counts, p)
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = jnp.where(p.banned >= 0, p.banned, logits.shape[-1])  # out of range: dropped
     logits = logits.at[rows, banned].set(NEG_INF, mode="drop")
     greedy = jnp.argmax(logits, axis=-1)
 
     scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
-    use_filter = jnp.any((p.top_k > 0) | (p.top_p < 1))
-    scaled = jax.lax.cond(use_filter, _filter_top_k_top_p, lambda lg, *_: lg,
-                          scaled, p.top_k, p.top_p)
+    scaled = _filter_top_k_top_p(scaled, p.top_k, p.top_p)
     probs = jax.nn.softmax(scaled, axis=-1)
     max_prob = jnp.max(probs, axis=-1, keepdims=True)
     scaled = jnp.where(probs < p.min_p[:, None] * max_prob, NEG_INF, scaled)

@@ -158,6 +158,7 @@ class LlamaModel(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_fn: AttentionFn
+    scan_unroll: int = 1  # layers per while-loop iteration (num_layers: fully unrolled)
 
     @nn.compact
     def __call__(self, tokens, kv, meta: AttentionMetadata, logits_indices):
@@ -171,6 +172,7 @@ class LlamaModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
             length=c.num_layers,
+            unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, self.dtype, self.attention_fn, name="layers")
         (x, kv), _ = layers((x, kv), jnp.arange(c.num_layers, dtype=jnp.int32), meta)
@@ -195,6 +197,18 @@ def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
         "/".join(k.key for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
         for path, leaf in leaves
     }
+
+
+def nest_params(flat: dict) -> dict:
+    """{'layers/attn/o_proj': x, ...} (param_specs paths) -> the nested "params" tree."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
 
 
 def _no_attention(q, *args, **kwargs):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import JaxserveError
+from jaxserve.jsonl import read_jsonl
 from jaxserve.server.client import AsyncClient
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import host_port, make_request
@@ -88,18 +89,10 @@ def synthetic_requests(cfg: BenchConfig, vocab_size: int) -> list[pb.GenerateReq
 def dataset_requests(cfg: BenchConfig) -> list[pb.GenerateRequest]:
     """Rows of the dataset, cycled to num_requests; max_tokens defaults to output_len."""
     path = Path(cfg.dataset)
-    if not path.is_file():
-        raise JaxserveError(f"--dataset: {path} not found")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxserveError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    for n, row in read_jsonl(path, "--dataset file"):
         prompt = next((row[k] for k in ("prompt", "token_ids", "messages")
-                       if isinstance(row, dict) and k in row), None)
+                       if k in row), None)
         if prompt is None:
             raise JaxserveError(f'{path}:{n}: expected "prompt", "token_ids" or "messages"')
         params = SamplingParams(max_tokens=int(row.get("max_tokens", cfg.output_len)),

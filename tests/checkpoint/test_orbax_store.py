@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.checkpoint.orbax_store import MARKER, load, save_params
 from jaxserve.errors import CheckpointError
-from jaxserve.models.llama import AttentionMetadata, LlamaModel, param_specs
+from jaxserve.models.llama import AttentionMetadata, LlamaModel, nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import logical_to_spec
@@ -27,17 +27,6 @@ def random_flat(config: ModelConfig = CONFIG, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {path: rng.standard_normal(shape, dtype=np.float32) * 0.2
             for path, (shape, _) in param_specs(config).items()}
-
-
-def nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
 
 
 def leaf(tree: dict, path: str):
@@ -55,7 +44,7 @@ def mesh():
 def saved(tmp_path_factory):
     flat = random_flat()
     out = tmp_path_factory.mktemp("store") / "ckpt"
-    save_params(nest(flat), CONFIG, out)
+    save_params(nest_params(flat), CONFIG, out)
     return out, flat
 
 
@@ -87,12 +76,12 @@ def test_round_trip_into_shardings(saved, mesh):
 def test_loaded_params_run_the_model(saved, mesh):
     path, flat = saved
     _, params = load(path, mesh)
-    np.testing.assert_allclose(logits(params), logits(nest(flat)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(params), logits(nest_params(flat)), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_storage_and_cast_on_load(tmp_path, mesh):
     flat = random_flat(seed=1)
-    save_params(nest(flat), CONFIG, tmp_path / "ckpt", dtype="bfloat16")
+    save_params(nest_params(flat), CONFIG, tmp_path / "ckpt", dtype="bfloat16")
     assert json.loads((tmp_path / "ckpt" / MARKER).read_text())["dtype"] == "bfloat16"
     _, params = load(tmp_path / "ckpt", mesh)
     emb = params["embedding"]
@@ -174,9 +163,9 @@ def test_existing_output_needs_overwrite(saved, tmp_path, mesh):
     path = _copy(saved, tmp_path)
     new = random_flat(seed=7)
     with pytest.raises(CheckpointError, match="already exists"):
-        save_params(nest(new), CONFIG, path)
+        save_params(nest_params(new), CONFIG, path)
     path.with_name("ckpt.tmp").mkdir()  # stale, from an interrupted run
-    save_params(nest(new), CONFIG, path, overwrite=True)
+    save_params(nest_params(new), CONFIG, path, overwrite=True)
     _, params = load(path, mesh)
     np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]),
                                   new["final_norm/scale"])
@@ -194,7 +183,7 @@ def test_bad_params_are_rejected(tmp_path, damage, message):
     flat = random_flat()
     damage(flat)
     with pytest.raises(CheckpointError, match=message):
-        save_params(nest(flat), CONFIG, tmp_path / "ckpt")
+        save_params(nest_params(flat), CONFIG, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -202,7 +191,7 @@ def test_jax_arrays_and_boxed_params_are_accepted(tmp_path, mesh):
     """What model.init returns: jax arrays wrapped in nn.Partitioned with their axis names."""
     flat = random_flat(seed=3)
     specs = param_specs(CONFIG)
-    boxed = nest({p: nn.Partitioned(jnp.asarray(v), specs[p][1]) for p, v in flat.items()})
+    boxed = nest_params({p: nn.Partitioned(jnp.asarray(v), specs[p][1]) for p, v in flat.items()})
     save_params(boxed, CONFIG, tmp_path / "ckpt")
     _, params = load(tmp_path / "ckpt", mesh)
     for p, value in flat.items():

@@ -91,7 +91,7 @@ def test_no_compilation_after_warm_up_and_cache_updated_in_place(demo_config, de
                             min_p=0.1, stop=("the",)),
              SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
-    run(engine, {i: [(f"m{i}", ids, p)] for i, (ids, p) in enumerate(zip(ps, mixed))})
+    run(engine, {i: [(f"m{i}", ids, p)] for i, (ids, p) in enumerate(zip(ps, mixed, strict=True))})
     assert engine.runner.num_compilations == compiled
     assert engine.runner.state.k_pages.unsafe_buffer_pointer() == buffer
 

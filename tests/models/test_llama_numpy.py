@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.models.llama import AttentionMetadata, LlamaModel, param_specs
+from jaxserve.models.llama import AttentionMetadata, LlamaModel, nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
@@ -92,14 +92,7 @@ def random_params(c: ModelConfig, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     flat = {path: rng.normal(0, 0.2, shape).astype(np.float32) + (1.0 if "norm" in path else 0)
             for path, (shape, _) in param_specs(c).items()}
-    nested: dict = {}
-    for path, value in flat.items():
-        node = nested
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
+    return nest_params(flat)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,0 +1,27 @@
+"""Reading JSONL input files (prompts for generate, datasets for the load generator)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxserve.errors import JaxserveError
+
+
+def read_jsonl(path: str | Path, what: str = "input file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; JaxserveError names file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise JaxserveError(f"{p}: {what} not found")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise JaxserveError(f"{p}:{n}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise JaxserveError(f"{p}:{n}: expected a JSON object")
+        rows.append((n, row))
+    return rows

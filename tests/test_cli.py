@@ -1,0 +1,87 @@
+"""The command line, in-process: generate's JSON output and one-line errors with exit 2."""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from jaxserve import cli
+
+GOLDEN = json.loads((pathlib.Path(__file__).parent / "fixtures" / "smollm2_golden.json")
+                    .read_text())["cases"]
+DEMO = pathlib.Path(__file__).parent.parent / "configs" / "smollm2-135m-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    cache = os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")
+    text = DEMO.read_text().replace("cache_dir: ~/.cache/jaxserve", f"cache_dir: {cache}")
+    text = text.replace("compilation_cache_dir: ~/.cache/jaxserve/xla",
+                        f"compilation_cache_dir: {cache}/xla-tests")
+    text = text.replace("token_buckets: [16, 64, 256]", "token_buckets: [16, 64]")
+    text = text.replace("max_num_batched_tokens: 256", "max_num_batched_tokens: 64")
+    path = tmp_path_factory.mktemp("cfg") / "demo.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def run(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_matches_transformers_in_input_order(config_file, capsys, tmp_path):
+    raw, chat = GOLDEN[0], GOLDEN[4]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps({"messages": [{"role": "user", "content": chat["text"]}]})
+                     + "\n\n" + json.dumps({"prompt": raw["text"]}) + "\n")
+    code, out, _ = run(capsys, "generate", "--config", config_file, "--prompt", raw["text"],
+                       "--input", str(jsonl), "--max-tokens", "12", "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 3
+    assert rows[0]["token_ids"] == raw["greedy_ids"][:12]
+    assert rows[0]["prompt_token_ids"] == raw["prompt_ids"]
+    assert rows[1]["token_ids"] == chat["greedy_ids"][:12]  # messages use the chat template
+    assert rows[1]["prompt_token_ids"] == chat["prompt_ids"]
+    assert rows[2]["token_ids"] == rows[0]["token_ids"]
+    assert rows[0]["finish_reason"] == "length" and rows[0]["usage"]["completion_tokens"] == 12
+
+
+def test_generate_chat_flag(config_file, capsys):
+    case = GOLDEN[5]
+    code, out, _ = run(capsys, "generate", "--config", config_file, "--prompt", case["text"],
+                       "--chat", "--max-tokens", "8", "--json")
+    assert code == 0
+    assert json.loads(out)["token_ids"] == case["greedy_ids"][:8]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prompt", ""], "prompt: the prompt is empty"),
+    (["--prompt", "word " * 2100], "prompt: the prompt has"),
+    (["--prompt", "hi", "--max-tokens", "0"], "max_tokens: must be >= 1"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature: must be >= 0"),
+    ([], "give at least one --prompt"),
+])
+def test_generate_bad_input_is_one_line_and_exit_2(config_file, capsys, args, message):
+    code, out, err = run(capsys, "generate", "--config", config_file, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_bad_files_exit_2(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--config", str(tmp_path / "x.yaml"), "--prompt", "a")
+    assert code == 2 and "config file not found" in err
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": 1}\n')
+    code, _, err = run(capsys, "generate", "--config", str(DEMO), "--input", str(bad))
+    assert code == 2 and f"{bad}:2:" in err
+    code, _, err = run(capsys, "convert", str(tmp_path / "missing.gguf"), str(tmp_path / "o"))
+    assert code == 2 and "checkpoint not found" in err
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 10)
+    code, _, err = run(capsys, "convert", str(fake), str(tmp_path / "o"))
+    assert code == 2 and "fake.gguf" in err and "Traceback" not in err

@@ -1,0 +1,49 @@
+"""YAML configs: every shipped file loads; bad keys and values name the file and key."""
+
+import pathlib
+
+import pytest
+
+from jaxserve.config import Config, load_config
+from jaxserve.errors import ConfigError
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_demo_config_values():
+    c = load_config(CONFIGS[0].parent / "smollm2-135m-cpu.yaml")
+    assert (c.checkpoint.source, c.model.dtype, c.cache.page_size) == ("demo", "float32", 16)
+    assert c.runner.token_buckets == (16, 64, 256)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cache:\n  pagesize: 3\n", "cache.pagesize: unknown key"),
+    ("caches: {}\n", "caches: unknown section"),
+    ("scheduler:\n  max_num_seqs: 0\n", "scheduler.max_num_seqs: must be >= 1"),
+    ("runner:\n  token_buckets: [64, 16]\n", "runner.token_buckets: must be strictly increasing"),
+    ("runner:\n  attention_backend: cuda\n", "runner.attention_backend: must be one of"),
+    ("model:\n  dtype: float64\n", "model.dtype: must be one of"),
+    ("cache:\n  page_size: big\n", "cache.page_size: expected int"),
+    ("mesh:\n  tensor: 0\n", "mesh.tensor: must be >= 1"),
+    ("server:\n  tls_cert: a.pem\n", "server.tls_cert: tls_cert and tls_key"),
+    ("scheduler:\n  max_num_seqs: 64\n", "scheduler.max_num_seqs: (64) must be <="),
+    ("- a\n- b\n", "top level: expected a mapping"),
+    ("model: [\n", "invalid YAML"),
+])
+def test_bad_configs_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
