@@ -50,20 +50,39 @@ def apply_penalties(logits, prompt_mask, output_counts, p: SamplingInputs):
     return logits - p.presence_penalty[:, None] * (counts > 0)
 
 
+BISECTION_STEPS = 32  # threshold resolution: (max - min) / 2**32 of the row's range
+
+
+def _bisect(lo, hi, feasible):
+    """Largest t in [lo, hi] (per row) with feasible(t), by a fixed number of halvings.
+
+    A Python loop, so no while loop reaches XLA (on GPU a loop's condition is read by the
+    host, which would stall the next step's dispatch); and no sort of the vocabulary.
+    """
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        ok = feasible(mid)
+        lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    return lo
+
+
 def _filter_top_k_top_p(logits, top_k, top_p):
-    """Mask tokens outside top-k and the top-p nucleus (ties at the cut-off are kept)."""
+    """Mask tokens outside the top-k, then outside the top-p nucleus of what is left.
+
+    Thresholds come from bisection: top-k keeps x >= t where t is the largest value with at
+    least k tokens >= t; top-p keeps p >= t where t is the largest probability whose tokens
+    at or above it hold at least top_p of the mass. Ties at a cut-off are kept.
+    """
     vocab = logits.shape[-1]
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep token i if the mass strictly before it is < top_p (so the top token always stays).
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = ((before < top_p[:, None]) | (top_p[:, None] >= 1)) & (
-        jnp.arange(vocab)[None, :] < k[:, None])
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, cutoff)
-    return jnp.where(logits >= threshold, logits, NEG_INF)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    lo, hi = logits.min(-1, keepdims=True), logits.max(-1, keepdims=True)
+    kth = _bisect(lo, hi, lambda t: (logits >= t).sum(-1, keepdims=True) >= k)
+    logits = jnp.where((logits >= kth) | (k >= vocab), logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    target = top_p[:, None]
+    cut = _bisect(jnp.zeros_like(target), probs.max(-1, keepdims=True),
+                  lambda t: jnp.where(probs >= t, probs, 0).sum(-1, keepdims=True) >= target)
+    return jnp.where((probs >= cut) | (target >= 1), logits, NEG_INF)
 
 
 def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:

@@ -48,7 +48,9 @@ def test_greedy_is_argmax():
     (dict(top_p=0.5), {0, 1}),  # 0.3 + 0.25 >= 0.5: the nucleus is the first two
     (dict(top_p=0.56), {0, 1, 2}),
     (dict(min_p=0.5), {0, 1, 2}),  # p >= 0.15
-    (dict(top_k=3, top_p=0.4), {0, 1}),
+    # top-p applies to the top-k renormalized: 0.3/0.75 = 0.4, then 0.333, 0.267
+    (dict(top_k=3, top_p=0.5), {0, 1}),
+    (dict(top_k=3, top_p=0.35), {0}),
     (dict(banned=[0, 1]), {2, 3, 4, 5, 6, 7}),
 ])
 def test_filters_never_choose_excluded_tokens(kw, allowed):
