@@ -32,6 +32,14 @@ def demo_config():
 
 
 @pytest.fixture(scope="session")
+def demo_gguf(demo_config):
+    """Path of the demo GGUF (JAXSERVE_DEMO_GGUF, or downloaded once into the cache)."""
+    from jaxserve.checkpoint.demo import demo_gguf as fetch
+
+    return fetch(demo_config.checkpoint.cache_dir)
+
+
+@pytest.fixture(scope="session")
 def demo_model(demo_config):
     from jaxserve.loader import load_model
 

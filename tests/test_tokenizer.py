@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -388,14 +387,9 @@ def test_incremental_detokenizer_batches_specials_and_flush(bpe_dir):
 # ---------------------------------------------------------------------------- the real model
 
 
-DEMO_GGUF = os.environ.get("JAXSERVE_DEMO_GGUF")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not DEMO_GGUF or not Path(DEMO_GGUF).is_file(),
-                    reason="set JAXSERVE_DEMO_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf")
-def test_smollm2_gguf_matches_transformers(tmp_path):
-    write_tokenizer_assets_from_gguf(gguf.GGUFReader(DEMO_GGUF), tmp_path)
+def test_smollm2_gguf_matches_transformers(tmp_path, demo_gguf):
+    write_tokenizer_assets_from_gguf(gguf.GGUFReader(str(demo_gguf)), tmp_path)
     tok = load_tokenizer(tmp_path)
     assert (tok.vocab_size, tok.bos_id, tok.eos_ids, tok.add_bos) == (49152, 1, (2,), False)
     assert [i for i in range(50) if tok.is_special(i)] == list(range(17))

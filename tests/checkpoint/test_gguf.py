@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import gguf
@@ -271,15 +269,10 @@ def test_convert_and_load_sharded(tmp_path):
         np.testing.assert_array_equal(got if layer is None else got[layer], value, err_msg=p)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.environ.get("JAXSERVE_DEMO_GGUF", "")),
-                    reason="JAXSERVE_DEMO_GGUF does not point at a file")
-def test_demo_gguf(tmp_path):
-    with_tokenizer = importlib.util.find_spec("jaxserve.tokenizer") is not None
-    config = convert(os.environ["JAXSERVE_DEMO_GGUF"], tmp_path / "ckpt", progress=False,
-                     tokenizer=with_tokenizer)
+def test_demo_gguf(tmp_path, demo_gguf):
+    config = convert(demo_gguf, tmp_path / "ckpt", progress=False)
     assert (config.architecture, config.num_layers, config.hidden_size) == ("llama", 30, 576)
     assert (config.num_heads, config.num_kv_heads, config.head_dim) == (9, 3, 64)
     assert (config.vocab_size, config.tie_word_embeddings, config.rope_theta) == (
         49152, True, 100000.0)
-    if with_tokenizer:
-        assert (tmp_path / "ckpt" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "ckpt" / "tokenizer_config.json").is_file()
