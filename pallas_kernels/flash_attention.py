@@ -30,13 +30,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Finite, so that fully masked blocks never produce inf - inf.
-DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels.online_softmax import DEFAULT_MASK_VALUE, is_pow2, load, softmax_step
+
 LOG2_E = math.log2(math.e)
-
-
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,41 +47,13 @@ class BlockSizes:
     def check(self):
         for name in ("block_q", "block_k"):
             v = getattr(self, name)
-            if not _is_pow2(v) or v < 16:
+            if not is_pow2(v) or v < 16:
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of two >= 16")
-        if not _is_pow2(self.num_warps) or self.num_warps > 32:
+        if not is_pow2(self.num_warps) or self.num_warps > 32:
             raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two "
                              "<= 32")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"BlockSizes.num_stages={self.num_stages} must be an int >= 1")
-
-
-def _load(ref_view, mask=None, other=0):
-    if mask is None:
-        return plgpu.load(ref_view)
-    return plgpu.load(ref_view, mask=mask, other=other)
-
-
-def _dot(a, b, b_contract: int):
-    """a [M, K] . b -> [M, N] float32; b is [N, K] (b_contract=1) or [K, N] (0)."""
-    return lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _softmax_step(q, k, v, carry, mask, scale):
-    """One online-softmax block: q [R, D] against k, v [BK, D]; mask [R, BK] or None."""
-    m, denom, acc = carry  # [R], [R], [R, D] float32; m in the exp2 domain
-    s = _dot(q, k, 1) * scale
-    if mask is not None:
-        s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp2(s - m_new[:, None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp2(m - m_new)
-    denom = alpha * denom + p.sum(axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
-    return m_new, denom, acc
 
 
 def _flash_kernel(
@@ -110,8 +78,8 @@ def _flash_kernel(
     ragged = num_tokens % block_q != 0  # static: only then can a tile overrun the arrays
     in_range = (rows < num_tokens) if ragged else None
     row_mask = None if in_range is None else in_range[:, None]
-    q = _load(q_ref.at[pl.ds(t0, block_q), head, :], row_mask, 0.0)
-    row_start = _load(kv_start_ref.at[pl.ds(t0, block_q)], in_range, num_tokens)
+    q = load(q_ref.at[pl.ds(t0, block_q), head, :], row_mask, 0.0)
+    row_start = load(kv_start_ref.at[pl.ds(t0, block_q)], in_range, num_tokens)
 
     num_valid = cu_ref[cu_ref.shape[0] - 1]
     kv_hi = jnp.minimum(t0 + block_q, num_valid)  # keys needed: [first_start, kv_hi)
@@ -121,12 +89,12 @@ def _flash_kernel(
     def body(j, carry, masked: bool):
         kpos = j * block_k + lax.iota(jnp.int32, block_k)
         kv_mask = (kpos < kv_hi)[:, None] if masked else None
-        k = _load(k_ref.at[pl.ds(j * block_k, block_k), kv_head, :], kv_mask, 0.0)
-        v = _load(v_ref.at[pl.ds(j * block_k, block_k), kv_head, :], kv_mask, 0.0)
+        k = load(k_ref.at[pl.ds(j * block_k, block_k), kv_head, :], kv_mask, 0.0)
+        v = load(v_ref.at[pl.ds(j * block_k, block_k), kv_head, :], kv_mask, 0.0)
         mask = None
         if masked:
             mask = (kpos[None, :] >= row_start[:, None]) & (kpos[None, :] <= rows[:, None])
-        return _softmax_step(q, k, v, carry, mask, scale)
+        return softmax_step(q, k, v, carry, mask, scale)
 
     lo = lax.div(first_start, jnp.int32(block_k))
     hi = lax.div(jnp.maximum(kv_hi, 0) + (block_k - 1), jnp.int32(block_k))
@@ -182,7 +150,7 @@ def _check_inputs(q, k, v, cu_seqlens):
     num_tokens, num_heads, head_dim = q.shape
     if k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(f"k rows and head_dim must match q; got {q.shape=}, {k.shape=}")
-    if not _is_pow2(head_dim) or head_dim < 16:
+    if not is_pow2(head_dim) or head_dim < 16:
         raise ValueError(f"{head_dim=} must be a power of two >= 16 (64 and 128 are tested)")
     if num_heads % k.shape[1]:
         raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of num_kv_heads "

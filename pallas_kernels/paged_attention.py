@@ -44,8 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Finite, so that fully masked blocks never produce inf - inf.
-DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels.online_softmax import DEFAULT_MASK_VALUE, is_pow2, load, softmax_step
+
 LOG2_E = math.log2(math.e)
 # Auto split-K aims at about two resident programs per SM of an H100/H200 (132 SMs).
 _TARGET_PROGRAMS = 264
@@ -56,10 +56,6 @@ _SEQ, _T0, _N, _KV_END = range(4)
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
-
-
-def _is_pow2(x) -> bool:
-    return isinstance(x, int) and x >= 1 and x & (x - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +90,11 @@ class BlockSizes:
             useful = max(1, -(-max_kv_len // self.block_kv_decode))
             splits = min(_MAX_KV_SPLITS, 1 << (min(want, useful).bit_length() - 1))
         for name, v in (("block_q", bq), ("block_q_decode", bq_decode)):
-            if not _is_pow2(v) or v * group_pad < 16:
+            if not is_pow2(v) or v * group_pad < 16:
                 raise ValueError(
                     f"BlockSizes.{name}={v} must be a power of two with {name} * group_pad "
                     f">= 16 ({group_pad=}: query heads per KV head, rounded up to 2^k)")
-        if not _is_pow2(splits) or splits > 64:
+        if not is_pow2(splits) or splits > 64:
             raise ValueError(f"BlockSizes.num_kv_splits={splits} must be a power of two <= 64")
         return dataclasses.replace(
             self, block_q=bq, block_q_decode=bq_decode, num_kv_splits=splits)
@@ -106,11 +102,11 @@ class BlockSizes:
     def _check_fixed(self):
         for name in ("block_kv", "block_kv_decode"):
             v = getattr(self, name)
-            if not _is_pow2(v) or v < 16:
+            if not is_pow2(v) or v < 16:
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of two >= 16")
         for name in ("num_warps", "num_warps_decode"):
             v = getattr(self, name)
-            if not _is_pow2(v) or v > 32:
+            if not is_pow2(v) or v > 32:
                 raise ValueError(f"BlockSizes.{name}={v} must be a power of two <= 32")
         for name in ("num_stages", "num_stages_decode"):
             v = getattr(self, name)
@@ -131,48 +127,20 @@ def token_positions(query_start, seq_lens, num_tokens):
 
 def _div(x, c: int):
     """x // c for non-negative int32 x and a static c > 0."""
-    if _is_pow2(c):
+    if is_pow2(c):
         return lax.shift_right_logical(x, jnp.int32(c.bit_length() - 1))
     return lax.div(x, jnp.int32(c))
 
 
 def _rem(x, c: int):
     """x % c for non-negative int32 x and a static c > 0."""
-    if _is_pow2(c):
+    if is_pow2(c):
         return x & jnp.int32(c - 1)
     return lax.rem(x, jnp.int32(c))
 
 
 def _cdiv(x, c: int):
     return _div(x + (c - 1), c)
-
-
-def _load(ref_view, mask=None, other=0):
-    if mask is None:
-        return plgpu.load(ref_view)
-    return plgpu.load(ref_view, mask=mask, other=other)
-
-
-def _dot(a, b, b_contract: int):
-    """a [M, K] . b -> [M, N] float32; b is [N, K] (b_contract=1) or [K, N] (0)."""
-    return lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())),
-                           precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _softmax_step(q, k, v, carry, mask, scale):
-    """One online-softmax block: q [R, D] against k, v [BK, D]; mask [R, BK] or None."""
-    m, denom, acc = carry  # [R], [R], [R, D] float32; m in the exp2 domain
-    s = _dot(q, k, 1) * scale
-    if mask is not None:
-        s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp2(s - m_new[:, None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    alpha = jnp.exp2(m - m_new)
-    denom = alpha * denom + p.sum(axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, 0)
-    return m_new, denom, acc
 
 
 def _tile_rows(t0, n, kv_head, *, block_q: int, group: int):
@@ -220,20 +188,20 @@ def _paged_kernel(
         head_dim = q_ref.shape[2]
         d = lax.iota(jnp.int32, head_dim)
         tok, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
-        q = _load(q_ref.at[t_idx[:, None], h_idx[:, None], d[None, :]], ok[:, None], 0.0)
+        q = load(q_ref.at[t_idx[:, None], h_idx[:, None], d[None, :]], ok[:, None], 0.0)
         row_pos = kv_end - n + tok  # absolute position of each row's token
 
         def body(j, carry, masked: bool):
             kpos = j * block_kv + lax.iota(jnp.int32, block_kv)
             kmask = (kpos < kv_end) if masked else None
-            page = _load(page_tables_ref.at[seq, _div(kpos, page_size)], kmask, 0)
+            page = load(page_tables_ref.at[seq, _div(kpos, page_size)], kmask, 0)
             page = jnp.clip(page, 0, num_pages - 1)
             idx = (layer, page[:, None], _rem(kpos, page_size)[:, None], kv_head, d[None, :])
             kv_mask = None if kmask is None else kmask[:, None]
-            k = _load(k_pages_ref.at[idx], kv_mask, 0.0)  # [BK, D]
-            v = _load(v_pages_ref.at[idx], kv_mask, 0.0)
+            k = load(k_pages_ref.at[idx], kv_mask, 0.0)  # [BK, D]
+            v = load(v_pages_ref.at[idx], kv_mask, 0.0)
             mask = (kpos[None, :] <= row_pos[:, None]) if masked else None
-            return _softmax_step(q, k, v, carry, mask, scale)
+            return softmax_step(q, k, v, carry, mask, scale)
 
         num_blocks = _cdiv(jnp.maximum(kv_end, 0), block_kv)
         per_split = _cdiv(num_blocks, num_splits)
@@ -278,9 +246,9 @@ def _combine_kernel(
     def _():
         t0 = items_ref[_T0, w]
         _, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
-        m = _load(m_part_ref.at[:, w, kv_head], ok[None, :], DEFAULT_MASK_VALUE)  # [K, R]
-        denom = _load(l_part_ref.at[:, w, kv_head], ok[None, :], 0.0)
-        o = _load(o_part_ref.at[:, w, kv_head], ok[None, :, None], 0.0)  # [K, R, D]
+        m = load(m_part_ref.at[:, w, kv_head], ok[None, :], DEFAULT_MASK_VALUE)  # [K, R]
+        denom = load(l_part_ref.at[:, w, kv_head], ok[None, :], 0.0)
+        o = load(o_part_ref.at[:, w, kv_head], ok[None, :, None], 0.0)  # [K, R, D]
         m_all = m.max(axis=0)
         alpha = jnp.exp2(m - m_all[None, :])
         l_all = (alpha * denom).sum(axis=0)
@@ -361,7 +329,7 @@ def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start
     _, _, _, kv_heads, kv_head_dim = k_pages.shape
     if kv_head_dim != head_dim:
         raise ValueError(f"head_dim of q ({head_dim}) and k_pages ({kv_head_dim}) differ")
-    if not _is_pow2(head_dim) or head_dim < 16:
+    if not is_pow2(head_dim) or head_dim < 16:
         raise ValueError(f"{head_dim=} must be a power of two >= 16 (64 and 128 are tested)")
     if num_heads % kv_heads:
         raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of {kv_heads=}")
