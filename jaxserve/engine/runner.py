@@ -94,6 +94,9 @@ def pick_attention(backend: str):
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
     if backend == "pallas":
+        if jax.default_backend() != "gpu":
+            raise ConfigError("runner.attention_backend: pallas needs a GPU (this is "
+                              f"{jax.default_backend()}); use auto or reference")
         from pallas_kernels.paged_attention import ragged_paged_attention
         return ragged_paged_attention
     from pallas_kernels.paged_attention import ragged_paged_attention_reference

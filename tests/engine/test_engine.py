@@ -2,12 +2,13 @@
 preemption, pages back in the pool, no compilation after warm-up, in-place KV cache,
 stop conditions, aborts, seeds and bad input."""
 
+import jax
 import numpy as np
 import pytest
 
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import FinishReason, SamplingParams
-from jaxserve.errors import InvalidRequestError
+from jaxserve.errors import ConfigError, InvalidRequestError
 
 PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
 
@@ -223,3 +224,9 @@ def _shared_engine(demo_config, demo_model) -> Engine:
     if "e" not in _ENGINES:
         _ENGINES["e"] = make_engine(demo_config, demo_model)
     return _ENGINES["e"]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
+def test_pallas_backend_without_gpu_is_a_config_error(demo_config, demo_model):
+    with pytest.raises(ConfigError, match="attention_backend: pallas needs a GPU"):
+        make_engine(demo_config, demo_model, runner__attention_backend="pallas")
