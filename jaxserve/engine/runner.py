@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import logging
 import os
 import threading
 
@@ -32,8 +31,6 @@ from jaxserve.errors import ConfigError
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
 from jaxserve.models.model_config import ModelConfig
 from sharding import rules
-
-log = logging.getLogger(__name__)
 
 
 class _CompileCounter:
