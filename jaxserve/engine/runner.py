@@ -237,6 +237,21 @@ class Runner:
     def execute(self, sched: SchedulerOutput, page_table: PageTable,
                 prev: StepHandle | None) -> StepHandle:
         """Build inputs for the scheduled sequences and dispatch one step (does not wait)."""
+        bucket, inputs = self.prepare(sched, page_table, prev)
+        for seq in sched.seqs:
+            if seq.samples:
+                seq.request.num_pending += 1
+        prev_tokens = prev.prev_tokens if prev is not None else self._prev_tokens
+        state, out, next_prev = self._executable(*bucket)(self.params, self.state, inputs,
+                                                          prev_tokens)
+        self.state = state
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return StepHandle([(s.request, s.samples) for s in sched.seqs], out, next_prev)
+
+    def prepare(self, sched: SchedulerOutput, page_table: PageTable,
+                prev: StepHandle | None) -> tuple[tuple[int, int], StepInputs]:
+        """The (tokens, sequences) bucket and the padded step inputs, on the device."""
         n_tok = sched.num_tokens
         n_seq = len(sched.seqs)
         T = self._bucket(self.config.runner.token_buckets, n_tok, "tokens")
@@ -274,19 +289,7 @@ class Runner:
             host.set_sampling(row, req, self.eos_ids)
             q += n
         host.query_start[n_seq + 1:] = q
-        for seq in sched.seqs:
-            if seq.samples:
-                seq.request.num_pending += 1
-
-        inputs = jax.device_put(host.to_inputs(), self._replicated)
-        self._last_inputs = inputs  # kept for profiling (scripts/profile_step.py)
-        prev_tokens = prev.prev_tokens if prev is not None else self._prev_tokens
-        state, out, next_prev = self._executable(T, S)(self.params, self.state, inputs,
-                                                       prev_tokens)
-        self.state = state
-        for leaf in jax.tree.leaves(out):
-            leaf.copy_to_host_async()
-        return StepHandle([(s.request, s.samples) for s in sched.seqs], out, next_prev)
+        return (T, S), jax.device_put(host.to_inputs(), self._replicated)
 
     def _abstract_inputs(self, num_tokens: int, num_seqs: int) -> StepInputs:
         host = _HostInputs(num_tokens, num_seqs, self.pages_per_seq, self.num_slots,
