@@ -17,18 +17,25 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.config import Config
-from jaxserve.errors import CheckpointError, ConfigError, JaxserveError
-from jaxserve.models.llama import LlamaModel, _dummy_inputs, param_specs
+from jaxserve.errors import CheckpointError, ConfigError
+from jaxserve.models.llama import (
+    LlamaModel,
+    _dummy_inputs,
+    flatten_params,
+    nest_params,
+    param_specs,
+)
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from sharding import rules
-from sharding.mesh import make_mesh
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.tensor import TensorPlan, replicate_kv_heads
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    model_config: ModelConfig
-    params: dict
+    model_config: ModelConfig  # the checkpoint's
+    params: dict  # sharded; k/v projections hold plan.served_kv_heads heads
     tokenizer: Tokenizer | None
     mesh: jax.sharding.Mesh
 
@@ -49,20 +56,48 @@ def checkpoint_dir(config: Config, progress: bool = True) -> Path:
 
 
 def load_model(config: Config, progress: bool = True) -> LoadedModel:
+    """Check the mesh against the devices and the model, then load the sharded weights.
+
+    Every mesh problem is a ConfigError raised before any weight is read.
+    """
     try:
         mesh = make_mesh(config.mesh)
-        dtype = jnp.dtype(config.model.dtype)
-        if config.checkpoint.source == "random":
-            model_config = random_model_config(config)
-            return LoadedModel(model_config, random_params(model_config, dtype, mesh), None,
-                               mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dtype = jnp.dtype(config.model.dtype)
+    if config.checkpoint.source == "random":
+        model_config = random_model_config(config)
+        plan = tensor_plan(model_config, config.mesh)
+        params = random_params(model_config, dtype, mesh, replicate=_replicated_axes(plan))
+        tokenizer, directory = None, None
+    else:
         directory = checkpoint_dir(config, progress)
-        model_config, params = orbax_store.load(directory, mesh, dtype)
-    except JaxserveError:
-        raise
-    except ValueError as e:  # the mesh does not fit the devices or the model's shapes
-        raise ConfigError(f"mesh: {e}") from None
-    return LoadedModel(model_config, params, load_tokenizer(directory), mesh)
+        model_config = orbax_store.read_config(directory)
+        plan = tensor_plan(model_config, config.mesh)
+        _, params = orbax_store.load(directory, mesh, dtype, replicate=_replicated_axes(plan))
+    params = nest_params(replicate_kv_heads(flatten_params(params), param_specs(model_config),
+                                            plan, mesh))
+    tokenizer = load_tokenizer(directory) if directory is not None else None
+    return LoadedModel(model_config, params, tokenizer, mesh)
+
+
+def tensor_plan(model_config: ModelConfig, mesh: MeshConfig) -> TensorPlan:
+    """The per-device shapes for this mesh; ConfigError when the model cannot take it."""
+    if mesh.pipeline > 1:
+        raise ConfigError(f"mesh.pipeline={mesh.pipeline}: pipeline stages are not supported "
+                          "yet; use mesh.tensor and mesh.data")
+    if mesh.expert > 1:
+        raise ConfigError(f"mesh.expert={mesh.expert}: {model_config.architecture} is a dense "
+                          "model with no experts to shard")
+    try:
+        return TensorPlan.for_model(model_config, mesh.tensor)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _replicated_axes(plan: TensorPlan) -> frozenset[str]:
+    """KV heads are stored whole on every tensor rank until they are repeated and sharded."""
+    return frozenset({"kv_heads"}) if plan.kv_replicas > 1 else frozenset()
 
 
 def random_model_config(config: Config) -> ModelConfig:
@@ -73,10 +108,14 @@ def random_model_config(config: Config) -> ModelConfig:
     return ModelConfig.load(Path(shape).expanduser())
 
 
-def random_params(model_config: ModelConfig, dtype, mesh) -> dict:
-    """Random weights (same shapes and bytes as real ones), created already sharded."""
+def random_params(model_config: ModelConfig, dtype, mesh,
+                  replicate: frozenset[str] = frozenset()) -> dict:
+    """Random weights (same shapes and bytes as real ones), created already sharded.
+
+    The values depend only on the shapes (threefry is partitionable), not on the mesh.
+    """
     specs = param_specs(model_config)
-    shardings = rules.tree_shardings(specs, mesh)
+    shardings = rules.tree_shardings(specs, mesh, replicate)
     model = LlamaModel(model_config, dtype, lambda q, *a, **k: q)
     inputs = _dummy_inputs(model_config, 1, 1, 1)
 

@@ -35,9 +35,11 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     """A Mesh with Auto axes over the first `config.num_devices` devices."""
     devices = list(jax.devices() if devices is None else devices)
     if config.num_devices > len(devices):
+        axes = ", ".join(f"{a}={n}" for a, n in zip(MESH_AXES, config.shape(), strict=True))
+        kinds = sorted({d.platform for d in devices})
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, config.shape(), strict=True))} needs "
-            f"{config.num_devices} devices, but only {len(devices)} are available"
+            f"mesh ({axes}) needs {config.num_devices} devices, but only {len(devices)} "
+            f"{'/'.join(kinds)} devices are available"
         )
     grid = np.array(devices[: config.num_devices]).reshape(config.shape())
     return Mesh(grid, MESH_AXES)

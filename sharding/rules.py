@@ -18,33 +18,38 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", "pipeline"),
-    # KV cache axes
+    # KV cache axes: each data shard owns its own pages; each tensor rank its KV heads
     ("cache_layers", "pipeline"),
-    ("cache_pages", None),
+    ("cache_pages", "data"),
     ("cache_page_slots", None),
+    # Step inputs, sampled tokens and per-request sampling tables: one block per data shard
+    ("batch", "data"),
+    # The vocabulary after the LM head's gather: every tensor rank samples from all of it
+    ("sampled_vocab", None),
 )
 
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-def logical_to_spec(names: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(names: tuple[str, ...], mesh: Mesh,
+                    replicate: frozenset[str] = frozenset()) -> PartitionSpec:
     """PartitionSpec for a tensor with these logical axis names on this mesh.
 
-    A mesh axis of size 1 is dropped (replicated), and so is a mesh axis whose size does
-    not divide the dimension's size when `shape` is checked by `sharding_for`.
+    A mesh axis of size 1 is dropped (replicated); so are the logical names in `replicate`.
     """
     axes = []
     for name in names:
         if name not in _RULES:
             raise KeyError(f"logical axis {name!r} has no entry in sharding/rules.py")
-        axis = _RULES[name]
+        axis = None if name in replicate else _RULES[name]
         axes.append(axis if axis is not None and mesh.shape.get(axis, 1) > 1 else None)
     return PartitionSpec(*axes)
 
 
-def sharding_for(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+def sharding_for(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh,
+                 replicate: frozenset[str] = frozenset()) -> NamedSharding:
     """NamedSharding for an array; raises ValueError if a sharded dim does not divide evenly."""
-    spec = logical_to_spec(names, mesh)
+    spec = logical_to_spec(names, mesh, replicate)
     for dim, (size, axis) in enumerate(zip(shape, spec, strict=True)):
         if axis is not None and size % mesh.shape[axis]:
             raise ValueError(
@@ -54,9 +59,9 @@ def sharding_for(names: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> 
     return NamedSharding(mesh, spec)
 
 
-def tree_shardings(specs: dict, mesh: Mesh) -> dict:
+def tree_shardings(specs: dict, mesh: Mesh, replicate: frozenset[str] = frozenset()) -> dict:
     """{path: (shape, names)} -> {path: NamedSharding}."""
-    return {k: sharding_for(names, shape, mesh) for k, (shape, names) in specs.items()}
+    return {k: sharding_for(names, shape, mesh, replicate) for k, (shape, names) in specs.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

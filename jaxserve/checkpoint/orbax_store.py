@@ -88,17 +88,25 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     return source.config
 
 
-def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) with every array placed by the sharding rules on `mesh`.
-
-    dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
-    params is a nested dict, usable as `model.apply({"params": params}, ...)`.
-    """
+def read_config(ckpt_dir: Path | str) -> ModelConfig:
+    """The ModelConfig of a complete checkpoint, without reading any weight."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint not found: {ckpt_dir}")
     check_complete(ckpt_dir)
-    config = ModelConfig.load(ckpt_dir / CONFIG_FILE)
+    return ModelConfig.load(ckpt_dir / CONFIG_FILE)
+
+
+def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None,
+         replicate: frozenset[str] = frozenset()) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) with every array placed by the sharding rules on `mesh`.
+
+    dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
+    replicate: logical axis names to keep whole on every device (see sharding.rules).
+    params is a nested dict, usable as `model.apply({"params": params}, ...)`.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    config = read_config(ckpt_dir)
     specs = param_specs(config)
     stored = _stored_arrays(ckpt_dir / PARAMS_DIR)
     for path, (shape, _) in specs.items():
@@ -112,7 +120,7 @@ def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None) -> tuple[ModelConfig, dic
     if extra:
         raise CheckpointError(f"{ckpt_dir}: {PARAMS_DIR}/ holds parameters the model does "
                               f"not have: {extra}")
-    shardings = tree_shardings(specs, mesh)
+    shardings = tree_shardings(specs, mesh, replicate)
     target = nest_params({
         path: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or stored[path][1]),
                                    sharding=shardings[path])

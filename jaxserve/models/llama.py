@@ -18,6 +18,13 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
   final_norm/scale                 [embed]
   lm_head                          [embed, vocab]                      (untied only)
 `param_specs(config)` lists them with shapes; converters fill exactly that table.
+
+Tensor parallelism (sharding/tensor.py): under `jax.shard_map` the model is built from the
+per-device config (heads, KV heads, MLP columns and vocabulary divided over the `tensor`
+axis) with `tensor_axis` naming that axis. It then sums o_proj's and down_proj's partial
+outputs across the axis (one all-reduce each), looks up the embedding in its vocabulary
+slice (one all-reduce) and gathers the LM head's vocabulary slices. Attention and the KV
+write touch only the device's own KV heads.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.rope import apply_rope, inverse_frequencies
@@ -49,6 +57,11 @@ class AttentionMetadata:
 AttentionFn = Callable[..., jax.Array]
 
 _init = nn.initializers.normal(stddev=0.02)
+
+
+def _sum_over(x, axis: str | None):
+    """The all-reduce after a row-parallel projection (nothing without tensor parallelism)."""
+    return x if axis is None else jax.lax.psum(x, axis)
 
 
 def _param(module, name, shape, names, dtype, init=_init):
@@ -92,6 +105,7 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_fn: AttentionFn
+    tensor_axis: str | None = None
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
@@ -118,12 +132,14 @@ class Attention(nn.Module):
         o_kernel = _param(self, "o_proj",
                           (c.num_heads, c.head_dim, c.hidden_size),
                           ("heads", "head_dim", "embed"), self.dtype)
-        return jnp.einsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel), (k_pages, v_pages)
+        o = jnp.einsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel)
+        return _sum_over(o, self.tensor_axis), (k_pages, v_pages)
 
 
 class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
+    tensor_axis: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -132,40 +148,47 @@ class MLP(nn.Module):
         up = _param(self, "up_proj", (e, f), ("embed", "mlp"), self.dtype)
         down = _param(self, "down_proj", (f, e), ("mlp", "embed"), self.dtype)
         h = nn.silu(jnp.einsum("TE,EF->TF", x, gate)) * jnp.einsum("TE,EF->TF", x, up)
-        return jnp.einsum("TF,FE->TE", h, down)
+        return _sum_over(jnp.einsum("TF,FE->TE", h, down), self.tensor_axis)
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_fn: AttentionFn
+    tensor_axis: str | None = None
 
     @nn.compact
     def __call__(self, carry, layer, meta):
         x, kv = carry
-        c = self.config
+        c, axis = self.config, self.tensor_axis
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
-        a, kv = Attention(c, self.dtype, self.attention_fn, name="attn")(h, kv, layer, meta)
+        a, kv = Attention(c, self.dtype, self.attention_fn, axis, name="attn")(h, kv, layer,
+                                                                              meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + MLP(c, self.dtype, name="mlp")(h)
+        x = x + MLP(c, self.dtype, axis, name="mlp")(h)
         return (x, kv), None
 
 
 class LlamaModel(nn.Module):
-    """tokens [T] + KV pages -> logits at `logits_indices` [S, vocab] (float32) + new pages."""
+    """tokens [T] + KV pages -> logits at `logits_indices` [S, vocab] (float32) + new pages.
+
+    With `tensor_axis`, `config` holds one device's shapes (see the module docstring) and the
+    logits still cover the whole vocabulary.
+    """
 
     config: ModelConfig
     dtype: jnp.dtype
     attention_fn: AttentionFn
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: fully unrolled)
+    tensor_axis: str | None = None
 
     @nn.compact
     def __call__(self, tokens, kv, meta: AttentionMetadata, logits_indices):
         c = self.config
         embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
                            ("vocab", "embed"), self.dtype)
-        x = jnp.take(embedding, tokens, axis=0)
+        x = self._embed(embedding, tokens)
         layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
@@ -174,7 +197,7 @@ class LlamaModel(nn.Module):
             length=c.num_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.attention_fn, name="layers")
+        )(c, self.dtype, self.attention_fn, self.tensor_axis, name="layers")
         (x, kv), _ = layers((x, kv), jnp.arange(c.num_layers, dtype=jnp.int32), meta)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x[logits_indices])
         if c.tie_word_embeddings:
@@ -183,7 +206,19 @@ class LlamaModel(nn.Module):
             head = _param(self, "lm_head", (c.hidden_size, c.vocab_size),
                           ("embed", "vocab"), self.dtype)
             logits = jnp.einsum("SE,EV->SV", x, head, preferred_element_type=jnp.float32)
+        if self.tensor_axis is not None:  # [S, vocab / tp] slices -> [S, vocab]
+            logits = jax.lax.all_gather(logits, self.tensor_axis, axis=1, tiled=True)
         return logits, kv
+
+    def _embed(self, embedding, tokens):
+        """Rows of the embedding; under tensor parallelism each device holds a vocab slice."""
+        if self.tensor_axis is None:
+            return jnp.take(embedding, tokens, axis=0)
+        rows = embedding.shape[0]
+        local = tokens - jax.lax.axis_index(self.tensor_axis) * rows
+        mine = (local >= 0) & (local < rows)
+        x = jnp.take(embedding, jnp.clip(local, 0, rows - 1), axis=0)
+        return jax.lax.psum(jnp.where(mine[:, None], x, 0), self.tensor_axis)
 
 
 def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -201,14 +236,12 @@ def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
 
 def nest_params(flat: dict) -> dict:
     """{'layers/attn/o_proj': x, ...} (param_specs paths) -> the nested "params" tree."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def flatten_params(tree: dict) -> dict:
+    """The nested "params" tree -> {'layers/attn/o_proj': x, ...}."""
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _no_attention(q, *args, **kwargs):
