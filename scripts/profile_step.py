@@ -64,34 +64,29 @@ def main() -> None:
     # The jitted step alone, replaying one decode batch.
     runner = engine.runner
     sched = engine.scheduler.schedule()
-    handle = runner.execute(sched, engine.page_table, engine._inflight)
+    handle = runner.execute(sched, engine.page_tables, engine.in_flight)
     handle.fetch()
     S = len(sched.seqs)
     host_t = time.perf_counter()
-    handle2 = runner.execute(sched, engine.page_table, handle)
+    handle2 = runner.execute(sched, engine.page_tables, handle)
     dispatch_ms = (time.perf_counter() - host_t) * 1000
     handle2.fetch()
 
     # Replay the compiled step on the same inputs: device time per step, no host work.
-    key, host_in = runner.prepare(sched, engine.page_table, handle)
-    exe = runner._compiled[key]
-    state, prev = runner.state, handle2.prev_tokens
+    key, host_in = runner.prepare(sched, engine.page_tables, handle)
+    prev = handle2.prev_tokens
     for _ in range(3):
-        state, out, prev = exe(runner.params, state, host_in, prev)
+        runner.state, out, prev = runner.run_prepared(key, host_in, prev)
     jax.block_until_ready(out)
     t = time.perf_counter()
     for _ in range(20):
-        state, out, prev = exe(runner.params, state, host_in, prev)
+        runner.state, out, prev = runner.run_prepared(key, host_in, prev)
     jax.block_until_ready(out)
     step_ms = (time.perf_counter() - t) / 20 * 1000
-    runner.state = state
 
     c = loaded.model_config
     logits = jax.random.normal(jax.random.key(0), (key[1], vocab), jnp.float32)
-    from jaxserve.engine.runner import _HostInputs
-    host = _HostInputs(key[0], key[1], runner.pages_per_seq, runner.num_slots,
-                       runner.num_banned)
-    samp = jax.device_put(host.to_inputs().sampling)
+    samp = runner.unpack(key, host_in).sampling
     table = jnp.zeros((key[1], vocab), bool)
     counts = jnp.zeros((key[1], vocab), jnp.int32)
     sample_ms = bench(jax.jit(lambda *a: sample(*a, num_top=runner.num_top)),

@@ -55,8 +55,9 @@ class Engine:
         self.tokenizer = tokenizer  # None for random-weight models: token ids only, no text
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
         self.runner = Runner(config, model_config, params, mesh, self.eos_ids)
-        self.page_table = PageTable(self.runner.num_pages, config.cache.page_size)
-        self.scheduler = Scheduler(config.scheduler, self.page_table)
+        self.page_tables = [PageTable(self.runner.num_pages, config.cache.page_size)
+                            for _ in range(self.runner.num_shards)]  # one per data shard
+        self.scheduler = Scheduler(config.scheduler, self.page_tables)
         self._tracked: dict[str, _Tracked] = {}
         self._inflight: StepHandle | None = None
         self._ids = itertools.count()
@@ -110,13 +111,20 @@ class Engine:
                                             FinishReason.ABORT, (), tracked.request.metrics()))
         return True
 
+    @property
+    def in_flight(self) -> StepHandle | None:
+        """The step dispatched last and not yet read back (profiling)."""
+        return self._inflight
+
     def has_unfinished(self) -> bool:
         return bool(self._tracked) or self._inflight is not None
 
     def stats(self) -> EngineStats:
-        pt = self.page_table
+        pts = self.page_tables
         return EngineStats(self.scheduler.num_waiting, len(self.scheduler.running),
-                           pt.num_pages - 1, pt.num_used_pages, pt.num_free_pages,
+                           sum(pt.num_pages - 1 for pt in pts),
+                           sum(pt.num_used_pages for pt in pts),
+                           sum(pt.num_free_pages for pt in pts),
                            self.runner.num_compilations, self.scheduler.num_preemptions)
 
     def warm_up(self, progress: bool = True) -> None:
@@ -130,7 +138,7 @@ class Engine:
             self.runner.release(req.request_id)
         handle = None
         if sched.seqs:
-            handle = self.runner.execute(sched, self.page_table, self._inflight)
+            handle = self.runner.execute(sched, self.page_tables, self._inflight)
         previous, self._inflight = self._inflight, handle
         if previous is not None:
             self._process(previous)
@@ -147,9 +155,7 @@ class Engine:
 
     def _process(self, handle: StepHandle) -> None:
         out = handle.fetch()
-        for row, (req, samples) in enumerate(handle.rows):
-            if not samples:
-                continue
+        for req, shard, row in handle.rows:
             req.num_pending -= 1
             if req.is_finished:
                 continue
@@ -158,11 +164,12 @@ class Engine:
                 logprob = None
                 if req.params.logprobs is not None:
                     n = req.params.logprobs
-                    logprob = TokenLogprob(int(out.tokens[row]), float(out.logprobs[row]),
-                                           tuple(zip(out.top_ids[row, :n].tolist(),
-                                                     out.top_logprobs[row, :n].tolist(),
+                    logprob = TokenLogprob(int(out.tokens[shard, row]),
+                                           float(out.logprobs[shard, row]),
+                                           tuple(zip(out.top_ids[shard, row, :n].tolist(),
+                                                     out.top_logprobs[shard, row, :n].tolist(),
                                                      strict=True)))
-                self._append(tracked, int(out.tokens[row]), logprob)
+                self._append(tracked, int(out.tokens[shard, row]), logprob)
             except Exception as e:  # one request's failure never stops the others
                 self._finish(tracked, FinishReason.ERROR)
                 tracked.queued.append(RequestOutput(req.request_id, (), "", True,

@@ -3,8 +3,9 @@
 Page 0 is the null page: padding tokens write there and no sequence ever owns it.
 A full page whose tokens are known is registered under a hash of its whole prefix
 (chained page by page), so a later request with the same prefix shares it instead of
-recomputing it. A shared page is only ever read: writes go to positions past the shared
-prefix, which lie in pages of the request's own.
+recomputing it. Each sequence's chain is extended only by its new full pages, so the work
+per step does not grow with the context. A shared page is only ever read: writes go to
+positions past the shared prefix, which lie in pages of the request's own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PageTable:
         self._free: collections.deque[int] = collections.deque(range(1, num_pages))
         self._refs = np.zeros(num_pages, np.int32)
         self._tables: dict[str, list[int]] = {}
+        self._chains: dict[str, tuple[int, int]] = {}  # seq -> (full pages hashed, last hash)
         self._hash_of_page: dict[int, int] = {}  # page -> prefix hash
         self._page_of_hash: dict[int, int] = {}  # prefix hash -> page
         # Registered pages nobody references, oldest first: reusable, evicted on demand.
@@ -63,17 +65,16 @@ class PageTable:
         """
         if seq_id in self._tables:
             raise ValueError(f"{seq_id=} already has a page table")
-        shared: list[int] = []
-        if self.enable_prefix_cache and use_cache:
-            for h in self._prefix_hashes(token_ids, (len(token_ids) - 1) // self.page_size):
-                page = self._page_of_hash.get(h)
-                if page is None:
-                    break
-                shared.append(page)
+        shared, chain = self._cached_prefix(token_ids) if use_cache else ([], 0)
         for page in shared:
             self._take(page)
         self._tables[seq_id] = shared
+        self._chains[seq_id] = (len(shared), chain)
         return len(shared) * self.page_size
+
+    def num_cached_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens of this prefix that `admit` would find in the cache (nothing is taken)."""
+        return len(self._cached_prefix(token_ids)[0]) * self.page_size
 
     def ensure(self, seq_id: str, num_tokens: int) -> bool:
         """Grow seq_id's table to hold num_tokens. All or nothing: False if pages run out."""
@@ -93,15 +94,21 @@ class PageTable:
             return
         table = self._tables[seq_id]
         full = min(num_computed, len(token_ids)) // self.page_size
-        for i, h in enumerate(self._prefix_hashes(token_ids, full)):
+        done, h = self._chains[seq_id]
+        ps = self.page_size
+        for i in range(done, full):
+            h = _chain(h, token_ids[i * ps:(i + 1) * ps])
             page = table[i]
             if page in self._hash_of_page or h in self._page_of_hash:
                 continue
             self._hash_of_page[page] = h
             self._page_of_hash[h] = page
+        if full > done:
+            self._chains[seq_id] = (full, h)
 
     def free(self, seq_id: str) -> None:
         """Drop seq_id's references; unshared pages go back to the pool."""
+        self._chains.pop(seq_id, None)
         for page in reversed(self._tables.pop(seq_id, [])):
             self._refs[page] -= 1
             if self._refs[page] == 0:
@@ -111,12 +118,22 @@ class PageTable:
                     self._free.append(page)
 
     # ----- internals -----------------------------------------------------------------
-    def _prefix_hashes(self, token_ids: Sequence[int], num_pages: int):
-        h = 0
+    def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Cached pages of the prefix's full pages (leaving at least one token to compute),
+        and the chained hash of the last of them."""
+        pages: list[int] = []
+        chain = 0
+        if not self.enable_prefix_cache:
+            return pages, chain
         ps = self.page_size
-        for i in range(num_pages):
-            h = hash((h, tuple(token_ids[i * ps:(i + 1) * ps])))
-            yield h
+        for i in range((len(token_ids) - 1) // ps):
+            h = _chain(chain, token_ids[i * ps:(i + 1) * ps])
+            page = self._page_of_hash.get(h)
+            if page is None:
+                break
+            pages.append(page)
+            chain = h
+        return pages, chain
 
     def _take(self, page: int) -> None:
         if self._refs[page] == 0:
@@ -148,3 +165,11 @@ class PageTable:
         assert all(self._page_of_hash[h] == p for p, h in self._hash_of_page.items()), \
             "prefix hash maps disagree"
         assert len(self._page_of_hash) == len(self._hash_of_page), "prefix hash maps disagree"
+        assert set(self._chains) == set(self._tables), "hash chains and tables disagree"
+        assert all(n <= len(self._tables[s]) for s, (n, _) in self._chains.items()), \
+            "a hash chain covers pages the sequence does not hold"
+
+
+def _chain(prefix_hash: int, page_tokens: Sequence[int]) -> int:
+    """The hash of a prefix extended by one full page of tokens."""
+    return hash((prefix_hash, tuple(page_tokens)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import math
@@ -124,6 +125,33 @@ class RequestOutput:
     error: str | None = None
 
 
+class TokenView(collections.abc.Sequence):
+    """prompt + output ids, indexed and sliced as one sequence without a copy."""
+
+    __slots__ = ("_prompt", "_output")
+
+    def __init__(self, prompt: list[int], output: list[int]):
+        self._prompt, self._output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self._prompt) + len(self._output)
+
+    def __getitem__(self, i):
+        n = len(self._prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            if stop <= n:
+                return self._prompt[start:stop]
+            if start >= n:
+                return self._output[start - n:stop - n]
+            return self._prompt[start:] + self._output[:stop - n]
+        if i < 0:
+            i += len(self)
+        return self._prompt[i] if i < n else self._output[i - n]
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """A request's mutable engine-side state. The scheduler and engine own its fields."""
@@ -140,6 +168,7 @@ class Request:
     num_pending: int = 0  # sampled on the device, not yet read back (0 or 1)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    shard: int = 0  # the data shard holding its KV pages (assigned at each admission)
     finish_reason: FinishReason | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -156,7 +185,13 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt and output ids, as a new list (use `token_ids` to avoid the copy)."""
         return self.prompt_ids + self.output_ids
+
+    @property
+    def token_ids(self) -> TokenView:
+        """Prompt and output ids as one read-only sequence, without copying them."""
+        return TokenView(self.prompt_ids, self.output_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -7,6 +7,12 @@ of (tokens, sequences) buckets, each compiled ahead of time at warm-up.
 
 Overlap: a decode's input token may come from the previous step's sampled tokens, still on
 the device (`prev_index`), so the host dispatches step N+1 before it reads step N back.
+
+Meshes: the step runs under `jax.shard_map` over the whole mesh, so every collective in it
+is one we wrote. Each `data` shard runs its own sequences on its own KV pages and penalty
+slots (step inputs carry a leading [D] axis); within a shard, the `tensor` ranks hold their
+slices of the weights and their own KV heads (sharding/tensor.py), and all-reduce after the
+row-parallel projections. The KV cache is never gathered, moved or reduced.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ from tqdm import tqdm
 from jaxserve.config import Config
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
-from jaxserve.engine.sampling import SamplerOutput, SamplingInputs, sample
-from jaxserve.engine.scheduler import SchedulerOutput
+from jaxserve.engine.sampling import SamplerOutput, sample
+from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.engine.step_inputs import HostInputs, Layout, ShardInputs, StepInputs
 from jaxserve.errors import ConfigError
-from jaxserve.models.llama import AttentionMetadata, LlamaModel
+from jaxserve.models.llama import LlamaModel
 from jaxserve.models.model_config import ModelConfig
 from sharding import rules
+from sharding.tensor import TensorPlan
+
+TENSOR_AXIS = "tensor"
 
 
 class _CompileCounter:
@@ -54,34 +64,22 @@ def compile_counter() -> _CompileCounter:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StepInputs:
-    token_ids: jax.Array  # [T] host-known input tokens
-    prev_index: jax.Array  # [T] row of the previous step's tokens to use instead (-1: none)
-    token_slot: jax.Array  # [T] penalty-table slot of the token's request (R: padding)
-    token_is_output: jax.Array  # [T] bool: position >= prompt length (counts for penalties)
-    meta: AttentionMetadata
-    logits_indices: jax.Array  # [S] last token of each sequence
-    row_slots: jax.Array  # [S] penalty-table slot of each sequence (R: padding)
-    reset_slots: jax.Array  # [S] slots whose tables restart this step (R: none)
-    sampling: SamplingInputs
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
 class DeviceState:
-    k_pages: jax.Array  # [L, N, page_size, KVH, D]
-    v_pages: jax.Array  # [L, N, page_size, KVH, D]
-    prompt_mask: jax.Array  # [R, V] bool
-    output_counts: jax.Array  # [R, V] int32
+    """Global arrays; one data shard's block (its pages, its slots) is shown after the |."""
+
+    k_pages: jax.Array  # [L, D * N | N, page_size, KVH, head_dim], KVH split over tensor
+    v_pages: jax.Array  # [L, D * N | N, page_size, KVH, head_dim]
+    prompt_mask: jax.Array  # [D * R | R, V] bool
+    output_counts: jax.Array  # [D * R | R, V] int32
 
 
 @dataclasses.dataclass
 class StepHandle:
-    """A dispatched step: its device outputs and which requests sampled in which row."""
+    """A dispatched step: its device outputs and which request sampled in which row."""
 
-    rows: list[tuple[Request, bool]]  # (request, samples) per sequence row
-    out: SamplerOutput
-    prev_tokens: jax.Array  # [S_max] sampled tokens, padded, for the next step's inputs
+    rows: list[tuple[Request, int, int]]  # (request, data shard, row) of each sampled token
+    out: SamplerOutput  # arrays [D, S, ...]
+    prev_tokens: jax.Array  # [D, S_max] sampled tokens, padded, for the next step's inputs
 
     def fetch(self) -> SamplerOutput:
         return jax.device_get(self.out)
@@ -100,20 +98,22 @@ def pick_attention(backend: str):
     return ragged_paged_attention_reference
 
 
-def num_kv_pages(config: Config, model: ModelConfig, mesh) -> int:
-    """Pages that fit the configured KV budget (bytes, or a fraction of free memory)."""
+def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int) -> int:
+    """Pages per data shard that fit the KV budget of every device: bytes per device, or a
+    fraction of the free memory of the device that has least (weights already loaded)."""
     dtype_bytes = jnp.dtype(config.model.dtype).itemsize
-    tp = mesh.shape.get("tensor", 1)
-    heads_per_device = max(1, model.num_kv_heads // tp)
-    page_bytes = 2 * model.num_layers * config.cache.page_size * heads_per_device \
+    page_bytes = 2 * model.num_layers * config.cache.page_size * kv_heads_per_device \
         * model.head_dim * dtype_bytes
     budget = config.cache.kv_cache_memory
     if budget <= 1:
-        stats = mesh.devices.flat[0].memory_stats() or {}
-        if "bytes_limit" not in stats:
-            raise ConfigError("cache.kv_cache_memory is a fraction, but this device reports no "
-                             "memory size; give a byte count instead")
-        budget = budget * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        free = []
+        for device in mesh.devices.flat:
+            stats = device.memory_stats() or {}
+            if "bytes_limit" not in stats:
+                raise ConfigError("cache.kv_cache_memory is a fraction, but this device reports "
+                                  "no memory size; give a byte count instead")
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        budget = budget * min(free)
     return int(budget // page_bytes)
 
 
@@ -127,58 +127,87 @@ class Runner:
         self.page_size = config.cache.page_size
         self.pages_per_seq = -(-config.cache.max_model_len // self.page_size)
         self.max_seqs = config.runner.seq_buckets[-1]
-        self.num_slots = config.scheduler.max_num_seqs
+        self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
         self.num_top = config.runner.max_logprobs
         self.eos_ids = tuple(eos_ids)
         self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
-        self.num_pages = num_kv_pages(config, model_config, mesh)
+        self.num_shards = mesh.shape["data"]
+        self.plan = TensorPlan.for_model(model_config, mesh.shape[TENSOR_AXIS])
+        self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads)
         if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
             raise ConfigError(
                 f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} tokens, "
                 f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
-        self.model = LlamaModel(model_config, self.dtype,
+        self.model = LlamaModel(self.plan.per_device(model_config), self.dtype,
                                 pick_attention(config.runner.attention_backend),
-                                min(config.runner.scan_unroll, model_config.num_layers))
-        self._free_slots = list(range(self.num_slots))
-        self._slot_of: dict[str, int] = {}
+                                min(config.runner.scan_unroll, model_config.num_layers),
+                                tensor_axis=TENSOR_AXIS)
+        self._free_slots = [list(range(self.num_slots)) for _ in range(self.num_shards)]
+        self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
         self.state = self._init_state()
-        self._prev_tokens = jax.device_put(np.zeros(self.max_seqs, np.int32), self._replicated)
+        self._prev_tokens = jax.device_put(np.zeros((self.num_shards, self.max_seqs), np.int32),
+                                           self._per_shard)
         self._compiled: dict[tuple[int, int], object] = {}
-        self._jitted = jax.jit(self._step, donate_argnums=(1,))
         compile_counter()
 
     # ----- device state ----------------------------------------------------------------
     @property
-    def _replicated(self):
-        return rules.replicated(self.mesh)
+    def _per_shard(self):
+        """Arrays with a leading [D] axis, one block per data shard."""
+        return jax.sharding.NamedSharding(self.mesh, rules.logical_to_spec(("batch",),
+                                                                           self.mesh))
 
     def _init_state(self) -> DeviceState:
+        """The KV cache and penalty tables, each created already sharded by a jitted fill."""
         c = self.model_config
-        kv_shape = (c.num_layers, self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        kv_shape = (c.num_layers, self.num_shards * self.num_pages, self.page_size,
+                    self.plan.served_kv_heads, c.head_dim)
         kv_names = ("cache_layers", "cache_pages", "cache_page_slots", "kv_heads", "head_dim")
         kv_sharding = rules.sharding_for(kv_names, kv_shape, self.mesh)
-        table = (self.num_slots, c.vocab_size)
+        table = (self.num_shards * self.num_slots, c.vocab_size)
+        table_sharding = rules.sharding_for(("batch", "sampled_vocab"), table, self.mesh)
         zeros = lambda shape, dtype, sharding: jax.jit(
             lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
         return DeviceState(
             zeros(kv_shape, self.dtype, kv_sharding),
             zeros(kv_shape, self.dtype, kv_sharding),
-            zeros(table, jnp.bool_, self._replicated),
-            zeros(table, jnp.int32, self._replicated),
+            zeros(table, jnp.bool_, table_sharding),
+            zeros(table, jnp.int32, table_sharding),
         )
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
-        slot = self._slot_of.pop(request_id, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+        held = self._slot_of.pop(request_id, None)
+        if held is not None:
+            shard, slot = held
+            self._free_slots[shard].append(slot)
 
     @property
     def num_compilations(self) -> int:
         return compile_counter().count
 
     # ----- the jitted step -------------------------------------------------------------
+    def _sharded_step(self, layout: Layout):
+        """The step under shard_map: (params, state, ints [D, ...], floats [D, ...],
+        prev tokens [D, S_max]) -> (state, sampler output [D, S, ...], tokens [D, S_max])."""
+        spec = lambda tree: jax.tree.map(lambda a: a.sharding.spec, tree)
+        per_shard = self._per_shard.spec
+        state = spec(self.state)
+
+        def shard_step(params, state, ints, floats, prev_tokens):
+            inp = layout.unpack(ints[0], floats[0])  # this data shard's block
+            state, out, next_prev = self._step(params, state, inp, prev_tokens[0])
+            return state, jax.tree.map(lambda a: a[None], out), next_prev[None]
+
+        # check_vma off: the LM head's all_gather leaves the logits (and so the sampled
+        # tokens and tables) equal on every tensor rank, but JAX types them as varying.
+        return jax.shard_map(shard_step, mesh=self.mesh,
+                             in_specs=(spec(self.params), state, per_shard, per_shard,
+                                       per_shard),
+                             out_specs=(state, per_shard, per_shard), check_vma=False)
+
     def _step(self, params, state: DeviceState, inp: StepInputs, prev_tokens):
+        """One data shard's step on one device: local shapes, collectives over tensor only."""
         tokens = jnp.where(inp.prev_index >= 0,
                            prev_tokens[jnp.maximum(inp.prev_index, 0)], inp.token_ids)
         r = self.num_slots  # out-of-range slot: writes are dropped
@@ -193,16 +222,31 @@ class Runner:
             inp.logits_indices)
         rows = jnp.minimum(inp.row_slots, r - 1)
         out = sample(logits, prompt_mask[rows], counts[rows], inp.sampling, self.num_top)
-        next_prev = jnp.zeros(self.max_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
+        next_prev = jnp.pad(out.tokens, (0, self.max_seqs - out.tokens.shape[0]))
         return DeviceState(k_pages, v_pages, prompt_mask, counts), out, next_prev
+
+    def _layout(self, num_tokens: int, num_seqs: int) -> Layout:
+        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
 
     def _executable(self, num_tokens: int, num_seqs: int):
         key = (num_tokens, num_seqs)
         if key not in self._compiled:
-            inputs = self._abstract_inputs(num_tokens, num_seqs)
-            lowered = self._jitted.lower(self.params, self.state, inputs, self._prev_tokens)
+            layout = self._layout(num_tokens, num_seqs)
+            step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
+            buffers = [jax.ShapeDtypeStruct((self.num_shards, n), dtype, sharding=self._per_shard)
+                       for n, dtype in ((layout.num_ints, jnp.int32),
+                                        (layout.num_floats, jnp.float32))]
+            lowered = step.lower(self.params, self.state, *buffers, self._prev_tokens)
             self._compiled[key] = lowered.compile()
         return self._compiled[key]
+
+    def compiled_text(self, num_tokens: int, num_seqs: int) -> str:
+        """The optimized HLO of one bucket's step (its collectives are checked by tests)."""
+        return self._executable(num_tokens, num_seqs).as_text()
+
+    def compiled_temp_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """Scratch memory one bucket's step needs on a device, besides its arguments."""
+        return self._executable(num_tokens, num_seqs).memory_analysis().temp_size_in_bytes
 
     def bucket_pairs(self) -> list[tuple[int, int]]:
         tokens, seqs = self.config.runner.token_buckets, self.config.runner.seq_buckets
@@ -228,44 +272,69 @@ class Runner:
         return buckets[i]
 
     def _slot(self, req: Request) -> tuple[int, bool]:
-        """The request's penalty-table slot, and whether it was just assigned."""
-        if req.request_id in self._slot_of:
-            return self._slot_of[req.request_id], False
-        self._slot_of[req.request_id] = self._free_slots.pop()
-        return self._slot_of[req.request_id], True
+        """The request's penalty-table slot in its shard, and whether it was just assigned."""
+        held = self._slot_of.get(req.request_id)  # released when a request is preempted
+        if held is not None:
+            return held[1], False
+        self._slot_of[req.request_id] = (req.shard, self._free_slots[req.shard].pop())
+        return self._slot_of[req.request_id][1], True
 
-    def execute(self, sched: SchedulerOutput, page_table: PageTable,
+    def execute(self, sched: SchedulerOutput, page_tables: list[PageTable],
                 prev: StepHandle | None) -> StepHandle:
         """Build inputs for the scheduled sequences and dispatch one step (does not wait)."""
-        bucket, inputs = self.prepare(sched, page_table, prev)
+        bucket, inputs, rows = self._build(sched, page_tables, prev)
         for seq in sched.seqs:
             if seq.samples:
                 seq.request.num_pending += 1
         prev_tokens = prev.prev_tokens if prev is not None else self._prev_tokens
-        state, out, next_prev = self._executable(*bucket)(self.params, self.state, inputs,
+        state, out, next_prev = self._executable(*bucket)(self.params, self.state, *inputs,
                                                           prev_tokens)
         self.state = state
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
-        return StepHandle([(s.request, s.samples) for s in sched.seqs], out, next_prev)
+        return StepHandle(rows, out, next_prev)
 
-    def prepare(self, sched: SchedulerOutput, page_table: PageTable,
-                prev: StepHandle | None) -> tuple[tuple[int, int], StepInputs]:
-        """The (tokens, sequences) bucket and the padded step inputs, on the device."""
-        n_tok = sched.num_tokens
-        n_seq = len(sched.seqs)
+    def prepare(self, sched: SchedulerOutput, page_tables: list[PageTable],
+                prev: StepHandle | None) -> tuple[tuple[int, int], tuple[jax.Array, jax.Array]]:
+        """The (tokens, sequences) bucket and the packed step inputs (ints, floats), each
+        [D, ...], on the device."""
+        bucket, inputs, _ = self._build(sched, page_tables, prev)
+        return bucket, inputs
+
+    def run_prepared(self, bucket: tuple[int, int], inputs, prev_tokens):
+        """Run one compiled step on prepared inputs (profiling): new state, outputs, tokens."""
+        return self._executable(*bucket)(self.params, self.state, *inputs, prev_tokens)
+
+    def unpack(self, bucket: tuple[int, int], inputs) -> StepInputs:
+        """Prepared inputs of the first data shard as named arrays (profiling, tests)."""
+        return self._layout(*bucket).unpack(inputs[0][0], inputs[1][0])
+
+    def _build(self, sched: SchedulerOutput, page_tables: list[PageTable],
+               prev: StepHandle | None):
+        by_shard: list[list[ScheduledSeq]] = [[] for _ in range(self.num_shards)]
+        for seq in sched.seqs:
+            by_shard[seq.request.shard].append(seq)
+        n_tok = max(sum(s.num_tokens for s in seqs) for seqs in by_shard)
+        n_seq = max(len(seqs) for seqs in by_shard)
         T = self._bucket(self.config.runner.token_buckets, n_tok, "tokens")
         S = self._bucket(self.config.runner.seq_buckets, n_seq, "sequences")
-        host = _HostInputs(T, S, self.pages_per_seq, self.num_slots, self.num_banned)
-        prev_row = {}
-        if prev is not None:
-            prev_row = {id(req): i for i, (req, samples) in enumerate(prev.rows) if samples}
+        prev_row = {id(req): row for req, _, row in prev.rows} if prev is not None else {}
+        rows: list[tuple[Request, int, int]] = []
+        host = HostInputs(self._layout(T, S), self.num_shards, self.num_slots)
+        for shard, seqs in enumerate(by_shard):
+            self._fill(host.shards[shard], seqs, page_tables[shard], prev_row)
+            rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
+        inputs = jax.device_put((host.ints, host.floats), self._per_shard)
+        return (T, S), inputs, rows
 
+    def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
+              prev_row: dict[int, int]) -> None:
+        """One data shard's sequences into its padded buffers."""
         q = 0
-        for row, seq in enumerate(sched.seqs):
+        for row, seq in enumerate(seqs):
             req = seq.request
             slot, fresh = self._slot(req)
-            known = req.all_token_ids
+            known = req.token_ids
             n = seq.num_tokens
             positions = np.arange(seq.start, seq.start + n)
             for j, p in enumerate(positions):
@@ -288,71 +357,7 @@ class Runner:
                 host.reset_slots[row] = slot
             host.set_sampling(row, req, self.eos_ids)
             q += n
-        host.query_start[n_seq + 1:] = q
-        return (T, S), jax.device_put(host.to_inputs(), self._replicated)
-
-    def _abstract_inputs(self, num_tokens: int, num_seqs: int) -> StepInputs:
-        host = _HostInputs(num_tokens, num_seqs, self.pages_per_seq, self.num_slots,
-                           self.num_banned)
-        return jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
-            host.to_inputs())
-
-
-class _HostInputs:
-    """Numpy buffers for one step, padded to a (T, S) bucket."""
-
-    def __init__(self, T: int, S: int, P: int, num_slots: int, num_banned: int):
-        i32 = lambda *shape, fill=0: np.full(shape, fill, np.int32)
-        self.token_ids = i32(T)
-        self.prev_index = i32(T, fill=-1)
-        self.token_slot = i32(T, fill=num_slots)
-        self.token_is_output = np.zeros(T, bool)
-        self.positions = i32(T, fill=-1)
-        self.slot_mapping = i32(T)  # padding writes into the null page
-        self.page_tables = i32(S, P)
-        self.seq_lens = i32(S)
-        self.query_start = i32(S + 1)
-        self.logits_indices = i32(S)
-        self.row_slots = i32(S, fill=num_slots)
-        self.reset_slots = i32(S, fill=num_slots)
-        self.temperature = np.zeros(S, np.float32)
-        self.top_k = i32(S)
-        self.top_p = np.ones(S, np.float32)
-        self.min_p = np.zeros(S, np.float32)
-        self.repetition_penalty = np.ones(S, np.float32)
-        self.presence_penalty = np.zeros(S, np.float32)
-        self.frequency_penalty = np.zeros(S, np.float32)
-        self.seeds = np.zeros(S, np.uint32)
-        self.output_index = i32(S)
-        self.banned = i32(S, num_banned, fill=-1)
-
-    def set_sampling(self, row: int, req: Request, eos_ids: tuple[int, ...]) -> None:
-        p = req.params
-        self.temperature[row] = p.temperature
-        self.top_k[row] = p.top_k
-        self.top_p[row] = p.top_p
-        self.min_p[row] = p.min_p
-        self.repetition_penalty[row] = p.repetition_penalty
-        self.presence_penalty[row] = p.presence_penalty
-        self.frequency_penalty[row] = p.frequency_penalty
-        self.seeds[row] = req.seed
-        index = req.num_tokens - req.num_prompt_tokens
-        self.output_index[row] = index
-        if index < p.min_tokens:
-            banned = list(p.stop_token_ids) + list(eos_ids)
-            self.banned[row, :len(banned)] = banned
-
-    def to_inputs(self) -> StepInputs:
-        meta = AttentionMetadata(self.positions, self.slot_mapping, self.page_tables,
-                                 self.seq_lens, self.query_start)
-        sampling = SamplingInputs(self.temperature, self.top_k, self.top_p, self.min_p,
-                                  self.repetition_penalty, self.presence_penalty,
-                                  self.frequency_penalty, self.seeds, self.output_index,
-                                  self.banned)
-        return StepInputs(self.token_ids, self.prev_index, self.token_slot,
-                          self.token_is_output, meta, self.logits_indices, self.row_slots,
-                          self.reset_slots, sampling)
+        host.query_start[len(seqs) + 1:] = q
 
 
 def setup_compilation_cache(directory: str | None) -> None:

@@ -7,6 +7,11 @@ When a running request needs a page and none is free, the least important runnin
 is preempted: its pages are freed and it goes back to the waiting queue, to be recomputed
 from its prompt and the tokens it already produced (so nothing is lost and greedy output
 is unchanged).
+
+Data parallelism: each data shard has its own page table, token budget and `max_num_seqs`.
+One waiting queue feeds them all; a request is placed when it is admitted, on the shard
+that holds most of its prefix in cache, else the least loaded one, and it stays there until
+it finishes or is preempted (a preempted request may be placed anew).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import heapq
 import itertools
 import time
+from collections.abc import Sequence
 
 from jaxserve.config import SchedulerSection
 from jaxserve.engine.page_table import PageTable
@@ -40,9 +46,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerSection, page_table: PageTable):
+    def __init__(self, config: SchedulerSection, page_tables: Sequence[PageTable]):
         self.config = config
-        self.page_table = page_table
+        self.page_tables = list(page_tables)  # one per data shard
         self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, order, req)
         self._order = itertools.count()
         self.running: list[Request] = []
@@ -63,59 +69,83 @@ class Scheduler:
         else:
             self._waiting = [e for e in self._waiting if e[2] is not request]
             heapq.heapify(self._waiting)
-        self.page_table.free(request.request_id)
+        self.page_tables[request.shard].free(request.request_id)
 
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 
     # ----- the step ------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budgets = [self.config.max_num_batched_tokens] * len(self.page_tables)
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running):
             req = self.running[i]
-            n = self._chunk(req, budget)
-            if n == 0:  # its next token is still on the device or it needs nothing now
+            n = self._chunk(req, budgets[req.shard])
+            if n == 0:  # no budget left on its shard, or its next token is on the device
                 i += 1
                 continue
-            while not self.page_table.ensure(req.request_id, req.num_computed_tokens + n):
-                victim = self.running[-1]
+            table = self.page_tables[req.shard]
+            while not table.ensure(req.request_id, req.num_computed_tokens + n):
+                victim = next(r for r in reversed(self.running) if r.shard == req.shard)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             else:
                 scheduled.append(self._schedule(req, n))
-                budget -= n
+                budgets[req.shard] -= n
                 i += 1
 
-        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        load = [0] * len(self.page_tables)
+        for req in self.running:
+            load[req.shard] += 1
+        while self._waiting:
             req = self._waiting[0][2]
             if req.num_pending:  # a token from before its preemption is still on the device
                 break
             # Penalty tables are rebuilt from the tokens a request computes: no shared prefix.
-            cached = self.page_table.admit(req.request_id, req.all_token_ids,
-                                           use_cache=not req.params.uses_penalties)
+            use_cache = not req.params.uses_penalties
+            shard = self._place(req, budgets, load, use_cache)
+            if shard is None:
+                break
+            table = self.page_tables[shard]
+            cached = table.admit(req.request_id, req.token_ids, use_cache=use_cache)
             req.num_computed_tokens = cached
-            n = self._chunk(req, budget)
-            if n == 0 or not self.page_table.ensure(req.request_id, cached + n):
-                self.page_table.free(req.request_id)
+            n = self._chunk(req, budgets[shard])
+            if n == 0 or not table.ensure(req.request_id, cached + n):
+                table.free(req.request_id)
                 req.num_computed_tokens = 0
                 break
             heapq.heappop(self._waiting)
             req.status = Status.RUNNING
+            req.shard = shard
             if req.num_preemptions == 0:
                 req.num_cached_tokens = cached
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
             scheduled.append(self._schedule(req, n))
-            budget -= n
+            budgets[shard] -= n
+            load[shard] += 1
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
+
+    def _place(self, req: Request, budgets: list[int], load: list[int],
+               use_cache: bool) -> int | None:
+        """The data shard for a request being admitted: of those with token budget and a free
+        sequence slot, the one caching most of its prefix, then the least loaded."""
+        open_shards = [s for s in range(len(self.page_tables))
+                       if budgets[s] > 0 and load[s] < self.config.max_num_seqs]
+        if len(open_shards) <= 1:
+            return open_shards[0] if open_shards else None
+        def score(s: int):
+            table = self.page_tables[s]
+            cached = table.num_cached_tokens(req.token_ids) if use_cache else 0
+            return (-cached, load[s], -table.num_free_pages)
+        return min(open_shards, key=score)
 
     def _chunk(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
@@ -126,12 +156,13 @@ class Scheduler:
     def _schedule(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
         req.num_computed_tokens += n
-        self.page_table.register(req.request_id, req.all_token_ids, req.num_computed_tokens)
+        self.page_tables[req.shard].register(req.request_id, req.token_ids,
+                                             req.num_computed_tokens)
         return ScheduledSeq(req, start, n, samples=req.num_computed_tokens == req.num_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.page_table.free(req.request_id)
+        self.page_tables[req.shard].free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -34,7 +34,8 @@ def run(engine: Engine, arrivals: dict[int, list[tuple[str, list[int], SamplingP
             if out.finished:
                 r[2] = out.finish_reason
         step += 1
-        engine.page_table.check_integrity()
+        for pt in engine.page_tables:
+            pt.check_integrity()
     return {k: tuple(v) for k, v in results.items()}
 
 
@@ -75,7 +76,7 @@ def test_batching_chunking_and_preemption_do_not_change_greedy_output(
     assert engine.scheduler.num_preemptions > 0
     for rid, (tokens, text, reason) in alone.items():
         assert together[rid] == (tokens, text, reason), rid
-    assert engine.page_table.num_used_pages == 0
+    assert engine.stats().pages_used == 0
     assert engine.stats().num_running == engine.stats().num_waiting == 0
 
 
@@ -141,15 +142,16 @@ def test_abort_frees_pages_and_ends_with_abort(demo_config, demo_model):
     outs = []
     for _ in range(3):
         outs += engine.step()
-    assert engine.page_table.num_used_pages > 0
+    assert engine.stats().pages_used > 0
     assert engine.abort("x") and not engine.abort("x")
     while engine.has_unfinished():
         outs += engine.step()
     last = {o.request_id: o for o in outs if o.finished}
     assert last["x"].finish_reason is FinishReason.ABORT
     assert last["y"].finish_reason is FinishReason.LENGTH
-    assert engine.page_table.num_used_pages == 0
-    engine.page_table.check_integrity()
+    assert engine.stats().pages_used == 0
+    for pt in engine.page_tables:
+        pt.check_integrity()
 
 
 def test_seeded_sampling_ignores_the_rest_of_the_batch(demo_config, demo_model):
@@ -214,7 +216,7 @@ def test_engine_keeps_serving_after_bad_requests(demo_config, demo_model):
         engine.add_request([1], SamplingParams(temperature=-1))
     out = run(engine, {0: [("ok", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0))]})
     assert len(out["ok"][0]) == 2
-    assert engine.page_table.num_used_pages == 0
+    assert engine.stats().pages_used == 0
 
 
 _ENGINES: dict = {}

@@ -119,3 +119,38 @@ def test_random_operations_keep_the_invariants(ops):
         pt.free(seq)
     pt.check_integrity()
     assert pt.num_used_pages == 0 and pt.num_free_pages == 11
+
+
+def test_registering_step_by_step_finds_the_same_prefix_as_all_at_once():
+    tokens = list(range(100, 139))  # 9 full pages of 4, and 3 tokens
+    step = PageTable(num_pages=32, page_size=4)
+    step.admit("a", tokens[:1])
+    for n in range(1, len(tokens) + 1):  # one token more each step, as a decode runs
+        step.ensure("a", n)
+        step.register("a", tokens[:n], n)
+    once = PageTable(num_pages=32, page_size=4)
+    once.admit("a", tokens)
+    once.ensure("a", len(tokens))
+    once.register("a", tokens, len(tokens))
+    for pt in (step, once):
+        pt.check_integrity()
+        assert pt.admit("b", tokens[:30] + [7]) == 28  # 7 cached full pages
+        assert pt.pages("b") == pt.pages("a")[:7]
+        # A prefix sharing the cache's first 3 pages extends that chain from there.
+        pt.ensure("b", 31)
+        pt.register("b", tokens[:30] + [7], 31)
+        pt.check_integrity()
+        assert pt.admit("c", tokens[:30] + [7, 8]) == 28
+
+
+def test_a_request_token_view_reads_prompt_and_output_without_copying():
+    from jaxserve.engine.request import Request, SamplingParams
+
+    req = Request("r", [1, 2, 3], SamplingParams(), seed=0, arrival_time=0.0)
+    req.output_ids += [4, 5]
+    view = req.token_ids
+    assert len(view) == 5 and list(view) == req.all_token_ids == [1, 2, 3, 4, 5]
+    assert view[1:4] == [2, 3, 4] and view[3:] == [4, 5] and view[:2] == [1, 2]
+    assert view[-1] == 5 and view[::2] == [1, 3, 5]
+    req.output_ids.append(6)  # a view sees tokens appended after it was taken
+    assert view[5] == 6

@@ -42,7 +42,7 @@ def run_step(sched: Scheduler, log: list | None = None):
 
 def test_chunked_prefill_runs_beside_decodes():
     pt = PageTable(num_pages=64, page_size=4)
-    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=16), pt)
+    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=16), [pt])
     short = make_request(3, max_tokens=10)
     sched.add(short)
     run_step(sched)  # short's prefill
@@ -60,7 +60,7 @@ def test_chunked_prefill_runs_beside_decodes():
 
 def test_max_num_seqs_bounds_the_running_set():
     pt = PageTable(num_pages=64, page_size=4)
-    sched = Scheduler(SchedulerSection(max_num_seqs=2, max_num_batched_tokens=64), pt)
+    sched = Scheduler(SchedulerSection(max_num_seqs=2, max_num_batched_tokens=64), [pt])
     reqs = [make_request(3, 5, t=i) for i in range(5)]
     for r in reqs:
         sched.add(r)
@@ -71,7 +71,7 @@ def test_max_num_seqs_bounds_the_running_set():
 
 def test_priority_orders_admission():
     pt = PageTable(num_pages=64, page_size=4)
-    sched = Scheduler(SchedulerSection(max_num_seqs=1, max_num_batched_tokens=64), pt)
+    sched = Scheduler(SchedulerSection(max_num_seqs=1, max_num_batched_tokens=64), [pt])
     low, high = make_request(3, 5, priority=5, t=0), make_request(3, 5, priority=-1, t=1)
     sched.add(low)
     sched.add(high)
@@ -81,7 +81,7 @@ def test_priority_orders_admission():
 def test_preemption_recomputes_and_loses_nothing():
     # 9 usable pages of 2 tokens: two requests of 6 + 8 tokens cannot both finish.
     pt = PageTable(num_pages=10, page_size=2)
-    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=32), pt)
+    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=32), [pt])
     first, second = make_request(6, 8, t=0), make_request(6, 8, t=1)
     alone = make_request(6, 8, t=2)
     sched.add(first)
@@ -93,7 +93,7 @@ def test_preemption_recomputes_and_loses_nothing():
     assert preempted and all(r is second for r in preempted)  # the later arrival yields
     assert second.num_preemptions >= 1
     other = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=32),
-                      PageTable(num_pages=64, page_size=2))
+                      [PageTable(num_pages=64, page_size=2)])
     other.add(alone)
     while other.has_work():
         run_step(other)
@@ -110,13 +110,15 @@ def test_preemption_recomputes_and_loses_nothing():
     max_seqs=st.integers(1, 6),
     num_pages=st.integers(12, 40),
     aborts=st.sets(st.integers(0, 13), max_size=3),
+    num_shards=st.integers(1, 3),
 )
 def test_random_workloads_keep_invariants_and_finish(workload, budget, max_seqs, num_pages,
-                                                     aborts):
+                                                     aborts, num_shards):
     page_size = 4
-    pt = PageTable(num_pages=num_pages, page_size=page_size)
+    pts = [PageTable(num_pages=num_pages, page_size=page_size) for _ in range(num_shards)]
     sched = Scheduler(SchedulerSection(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
-                      pt)
+                      pts)
+    placed: dict[str, int] = {}
     reqs = [make_request(p, m, priority=pr, t=i)
             for i, (p, m, _, pr) in enumerate(workload)]
     arrivals = {i: w[2] for i, w in enumerate(workload)}
@@ -128,15 +130,25 @@ def test_random_workloads_keep_invariants_and_finish(workload, budget, max_seqs,
                 r.status = Status.FINISHED
                 sched.remove(r)
         out = run_step(sched)
-        assert out.num_tokens <= budget
-        assert len(sched.running) <= max_seqs
+        for shard in range(num_shards):  # budgets and slots hold per data shard
+            assert sum(s.num_tokens for s in out.seqs if s.request.shard == shard) <= budget
+            assert sum(r.shard == shard for r in sched.running) <= max_seqs
         assert len({s.request.request_id for s in out.seqs}) == len(out.seqs)
+        for req in out.preempted:
+            placed.pop(req.request_id, None)  # a preempted request may be placed anew
         for s in out.seqs:
             assert s.num_tokens >= 1
-            if s.request.is_finished:
+            req = s.request
+            # No migration while running: a request stays on the shard that admitted it.
+            assert placed.setdefault(req.request_id, req.shard) == req.shard
+            if req.is_finished:
                 continue
-            assert len(pt.pages(s.request.request_id)) * page_size >= s.request.num_computed_tokens
-        pt.check_integrity()
+            assert len(pts[req.shard].pages(req.request_id)) * page_size \
+                >= req.num_computed_tokens
+            assert all(not other.pages(req.request_id)
+                       for i, other in enumerate(pts) if i != req.shard)
+        for pt in pts:
+            pt.check_integrity()
         if step > max(arrivals.values()) and not sched.has_work():
             break
     assert not sched.has_work()
@@ -148,4 +160,4 @@ def test_random_workloads_keep_invariants_and_finish(workload, budget, max_seqs,
             while len(ref.output_ids) < ref.params.max_tokens:
                 ref.output_ids.append(next_token(ref))
             assert r.output_ids == ref.output_ids
-    assert pt.num_used_pages == 0
+    assert all(pt.num_used_pages == 0 for pt in pts)

@@ -1,0 +1,156 @@
+"""A step's inputs: written on the host into two packed buffers, unpacked inside the step.
+
+A step takes about twenty small arrays (token ids, positions, page tables, sampling
+parameters). Sent one by one, each costs a host-to-device transfer per device, which shows
+in every decode step. So the host writes them into one int32 and one float32 buffer per
+data shard, through named numpy views that read like separate arrays, and the jitted step
+slices them apart again (`Layout.unpack`). The bucket fixes every shape, so the slices are
+static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.engine.request import Request
+from jaxserve.engine.sampling import SamplingInputs
+from jaxserve.models.llama import AttentionMetadata
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One data shard's inputs, as the jitted step sees them."""
+
+    token_ids: jax.Array  # [T] host-known input tokens
+    prev_index: jax.Array  # [T] row of the previous step's tokens to use instead (-1: none)
+    token_slot: jax.Array  # [T] penalty-table slot of the token's request (R: padding)
+    token_is_output: jax.Array  # [T] bool: position >= prompt length (counts for penalties)
+    meta: AttentionMetadata
+    logits_indices: jax.Array  # [S] last token of each sequence
+    row_slots: jax.Array  # [S] penalty-table slot of each sequence (R: padding)
+    reset_slots: jax.Array  # [S] slots whose tables restart this step (R: none)
+    sampling: SamplingInputs
+
+
+# Field name -> (buffer, shape in terms of T, S, P (pages per sequence), K (banned ids)).
+# "i": int32 buffer; "f": float32 buffer; "b": bool kept as int32; "u": uint32 kept as int32.
+_FIELDS = (
+    ("token_ids", "i", "T"), ("prev_index", "i", "T"), ("token_slot", "i", "T"),
+    ("token_is_output", "b", "T"), ("positions", "i", "T"), ("slot_mapping", "i", "T"),
+    ("page_tables", "i", "SP"), ("seq_lens", "i", "S"), ("query_start", "i", "S+1"),
+    ("logits_indices", "i", "S"), ("row_slots", "i", "S"), ("reset_slots", "i", "S"),
+    ("temperature", "f", "S"), ("top_k", "i", "S"), ("top_p", "f", "S"), ("min_p", "f", "S"),
+    ("repetition_penalty", "f", "S"), ("presence_penalty", "f", "S"),
+    ("frequency_penalty", "f", "S"), ("seeds", "u", "S"), ("output_index", "i", "S"),
+    ("banned", "i", "SK"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each field sits in the two buffers, for one (T, S) bucket."""
+
+    T: int  # padded tokens
+    S: int  # padded sequences
+    P: int  # pages per sequence
+    K: int  # banned token ids per sequence
+
+    def shape(self, dims: str) -> tuple[int, ...]:
+        return {"T": (self.T,), "S": (self.S,), "S+1": (self.S + 1,), "SP": (self.S, self.P),
+                "SK": (self.S, self.K)}[dims]
+
+    @functools.cached_property
+    def _table(self):
+        slots, ends = {}, {False: 0, True: 0}
+        for name, kind, dims in _FIELDS:
+            shape = self.shape(dims)
+            is_float = kind == "f"
+            start = ends[is_float]
+            ends[is_float] = start + int(np.prod(shape))
+            slots[name] = (is_float, start, ends[is_float], shape)
+        return slots, ends[False], ends[True]
+
+    @property
+    def slots(self) -> dict[str, tuple[bool, int, int, tuple[int, ...]]]:
+        """name -> (in the float buffer, start, stop, shape)."""
+        return self._table[0]
+
+    @property
+    def num_ints(self) -> int:
+        return self._table[1]
+
+    @property
+    def num_floats(self) -> int:
+        return self._table[2]
+
+    def unpack(self, ints: jax.Array, floats: jax.Array) -> StepInputs:
+        """ints [num_ints] int32, floats [num_floats] f32 (one shard) -> StepInputs."""
+        kinds = {name: kind for name, kind, _ in _FIELDS}
+
+        def get(name):
+            is_float, start, stop, shape = self.slots[name]
+            x = (floats if is_float else ints)[start:stop].reshape(shape)
+            if kinds[name] == "b":
+                return x != 0
+            if kinds[name] == "u":
+                return jax.lax.bitcast_convert_type(x, jnp.uint32)
+            return x
+
+        meta = AttentionMetadata(*(get(n) for n in ("positions", "slot_mapping", "page_tables",
+                                                      "seq_lens", "query_start")))
+        sampling = SamplingInputs(*(get(f.name) for f in dataclasses.fields(SamplingInputs)))
+        return StepInputs(get("token_ids"), get("prev_index"), get("token_slot"),
+                          get("token_is_output"), meta, get("logits_indices"),
+                          get("row_slots"), get("reset_slots"), sampling)
+
+
+class HostInputs:
+    """Every data shard's padded inputs for one step: ints [D, num_ints], floats [D, ...]."""
+
+    def __init__(self, layout: Layout, num_shards: int, num_slots: int):
+        self.layout = layout
+        self.ints = np.zeros((num_shards, layout.num_ints), np.int32)
+        self.floats = np.zeros((num_shards, layout.num_floats), np.float32)
+        self.shards = [ShardInputs(self, d, num_slots) for d in range(num_shards)]
+
+
+class ShardInputs:
+    """Named views of one shard's row of the buffers (token_ids, page_tables, ...)."""
+
+    def __init__(self, host: HostInputs, shard: int, num_slots: int):
+        for name, kind, _ in _FIELDS:
+            is_float, start, stop, shape = host.layout.slots[name]
+            view = (host.floats if is_float else host.ints)[shard, start:stop].reshape(shape)
+            setattr(self, name, view.view(np.uint32) if kind == "u" else view)
+        # Padding: no previous token, no slot, position -1 (the null page takes its K/V),
+        # neutral sampling parameters, nothing banned.
+        self.prev_index[:] = -1
+        self.token_slot[:] = num_slots
+        self.positions[:] = -1
+        self.row_slots[:] = num_slots
+        self.reset_slots[:] = num_slots
+        self.top_p[:] = 1
+        self.repetition_penalty[:] = 1
+        self.banned[:] = -1
+
+    def set_sampling(self, row: int, req: Request, eos_ids: tuple[int, ...]) -> None:
+        p = req.params
+        self.temperature[row] = p.temperature
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.min_p[row] = p.min_p
+        self.repetition_penalty[row] = p.repetition_penalty
+        self.presence_penalty[row] = p.presence_penalty
+        self.frequency_penalty[row] = p.frequency_penalty
+        self.seeds[row] = req.seed
+        index = req.num_tokens - req.num_prompt_tokens
+        self.output_index[row] = index
+        if index < p.min_tokens:
+            banned = list(p.stop_token_ids) + list(eos_ids)
+            self.banned[row, :len(banned)] = banned

@@ -1,0 +1,212 @@
+"""Tensor and data parallelism on 8 host CPU devices: the same greedy tokens as one device,
+each device holding only its shard of the KV cache, no collective on the KV cache or the
+weights in the compiled step, no compilation after warm-up, and clear errors for meshes
+that cannot work."""
+
+import json
+import re
+
+import jax
+import pytest
+
+from jaxserve import cli
+from jaxserve.config import Config
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import SamplingParams
+from jaxserve.errors import ConfigError
+from jaxserve.loader import load_model
+from jaxserve.models.model_config import ModelConfig
+from sharding.mesh import MeshConfig
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+TEXTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, in a village",
+         "List three colors:", "Water boils at", "The quick brown fox jumps over the lazy")
+
+
+def engine_on(config: Config, **mesh) -> Engine:
+    config = config.replace(mesh=MeshConfig(**mesh))
+    m = load_model(config, progress=False)
+    return Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
+
+
+def greedy(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict[str, list[int]]:
+    """All prompts at once (batched, and split over data shards); {id: generated ids}."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(ids, params, f"r{i}")
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        for pt in engine.page_tables:
+            pt.check_integrity()
+    assert engine.stats().pages_used == 0
+    return tokens
+
+
+def assert_kv_shards(engine: Engine, kv_heads_per_device: int) -> None:
+    """Every device holds its data shard's pages and its tensor rank's KV heads, no more."""
+    c, runner = engine.model_config, engine.runner
+    local = (c.num_layers, runner.num_pages, runner.page_size, kv_heads_per_device, c.head_dim)
+    for cache in (runner.state.k_pages, runner.state.v_pages):
+        shards = cache.addressable_shards
+        assert len(shards) == runner.mesh.devices.size
+        assert all(s.data.shape == local for s in shards)
+
+
+@pytest.fixture(scope="module")
+def small_config(demo_config):
+    """The demo at test size: 128-token context, 12 MiB of KV pages per device."""
+    return demo_config.replace(cache__max_model_len=128, cache__kv_cache_memory=float(12 << 20),
+                               runner__compilation_cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def demo_prompts(demo_model):
+    return [demo_model.tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def demo_reference(small_config, demo_prompts):
+    return greedy(engine_on(small_config), demo_prompts)
+
+
+@pytest.mark.parametrize("mesh", [dict(tensor=3), dict(data=2), dict(tensor=3, data=2)],
+                         ids=["tensor3", "data2", "tensor3-data2"])
+def test_demo_model_gives_the_same_greedy_tokens_as_one_device(small_config, demo_prompts,
+                                                                demo_reference, mesh):
+    engine = engine_on(small_config, **mesh)
+    assert greedy(engine, demo_prompts) == demo_reference
+    assert_kv_shards(engine, kv_heads_per_device=3 // mesh.get("tensor", 1))
+
+
+def test_data_shards_each_run_their_own_sequences(small_config, demo_prompts):
+    engine = engine_on(small_config, data=2)
+    for i, ids in enumerate(demo_prompts[:4]):
+        engine.add_request(ids, GREEDY, f"r{i}")
+    engine.step()
+    shards = sorted(r.shard for r in engine.scheduler.running)
+    assert shards == [0, 0, 1, 1]  # least loaded first: two requests on each shard
+    assert [pt.num_used_pages > 0 for pt in engine.page_tables] == [True, True]
+
+
+# ----- a small random model with 8 KV heads: tensor 2, 4, 8 and replicated KV heads -------
+
+def random_config(tmp_path, demo_config, num_kv_heads: int, num_heads: int = 8) -> Config:
+    shape = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=16, name=f"random-h{num_heads}-kv{num_kv_heads}")
+    path = tmp_path / f"h{num_heads}-kv{num_kv_heads}.json"
+    shape.save(path)
+    return demo_config.replace(model__dtype="float32", checkpoint__source="random",
+                               checkpoint__random_shape=str(path), cache__max_model_len=128,
+                               cache__kv_cache_memory=float(1 << 20),
+                               runner__compilation_cache_dir=None)
+
+
+def random_prompts(n: int = 5) -> list[list[int]]:
+    return [[(7 * i + 13 * j) % 509 + 3 for j in range(5 + 9 * i)] for i in range(n)]
+
+
+@pytest.mark.parametrize("num_kv_heads,tensor", [(8, 2), (8, 4), (8, 8), (2, 4)],
+                         ids=["kv8-tensor2", "kv8-tensor4", "kv8-tensor8", "kv2-tensor4"])
+def test_random_model_gives_the_same_greedy_tokens_on_any_tensor_size(tmp_path, demo_config,
+                                                                       num_kv_heads, tensor):
+    config = random_config(tmp_path, demo_config, num_kv_heads)
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2)
+    one = engine_on(config)
+    ref = greedy(one, random_prompts(), params)
+    sharded = engine_on(config, tensor=tensor)
+    assert greedy(sharded, random_prompts(), params) == ref
+    # Replicated KV heads (2 heads on 4 devices): each device still holds exactly one.
+    assert_kv_shards(sharded, kv_heads_per_device=max(1, num_kv_heads // tensor))
+    assert sharded.runner.plan.kv_replicas == max(1, tensor // num_kv_heads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu" or jax.device_count() < 2,
+                    reason="needs two GPUs")
+@pytest.mark.parametrize("num_kv_heads", [8, 1], ids=["kv8", "kv1-replicated"])
+def test_pallas_on_two_gpus_gives_the_tokens_of_one(tmp_path, demo_config, num_kv_heads):
+    config = random_config(tmp_path, demo_config, num_kv_heads).replace(
+        runner__attention_backend="pallas")
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    with jax.default_matmul_precision("highest"):
+        ref = greedy(engine_on(config), random_prompts(), params)
+        sharded = engine_on(config, tensor=2)
+        assert greedy(sharded, random_prompts(), params) == ref
+    assert_kv_shards(sharded, kv_heads_per_device=max(1, num_kv_heads // 2))
+
+
+# ----- the compiled step: collectives, and no compilation after warm-up ------------------
+
+COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|"
+                        r"reduce-scatter|collective-broadcast)(?:-start)?\(")
+
+
+def test_compiled_step_reduces_activations_only_and_never_recompiles(small_config,
+                                                                     demo_prompts):
+    engine = engine_on(small_config, tensor=3, data=2)
+    engine.warm_up(progress=False)
+    compiled = engine.runner.num_compilations
+    c = engine.model_config
+    for tokens, seqs in engine.runner.bucket_pairs():
+        found = COLLECTIVE.findall(engine.runner.compiled_text(tokens, seqs))
+        kinds = sorted({kind for _, kind in found})
+        assert kinds == ["all-gather", "all-reduce"], kinds
+        for shape, kind in found:
+            if kind == "all-reduce":  # o_proj, down_proj and the embedding: [tokens, hidden]
+                assert shape.startswith(f"f32[{tokens},{c.hidden_size}]"), shape
+            else:  # the LM head's vocabulary slices: [sequences, vocab] logits, never weights
+                assert shape.startswith(f"f32[{seqs},{c.vocab_size}]"), shape
+    mixed = [SamplingParams(max_tokens=5, temperature=0.0),
+             SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
+             SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
+             SamplingParams(max_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
+                            min_p=0.1, stop=("the",)),
+             SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
+             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    for i, (ids, p) in enumerate(zip(demo_prompts, mixed, strict=True)):
+        engine.add_request(ids, p, f"m{i}")
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.runner.num_compilations == compiled
+    assert engine.stats().pages_used == 0
+
+
+# ----- meshes that cannot work: one clear error, before any weight is read ---------------
+
+@pytest.mark.parametrize("mesh,heads,kv,message", [
+    (dict(tensor=16), 8, 8, r"mesh \(data=1, pipeline=1, tensor=16, expert=1\) needs 16 "
+                            r"devices, but only 8 cpu devices are available"),
+    (dict(tensor=3, data=3), 8, 8, r"needs 9 devices, but only 8"),
+    (dict(tensor=3), 8, 8, r"mesh.tensor=3: num_heads=8 is not divisible by tensor=3"),
+    (dict(tensor=4), 12, 6, r"mesh.tensor=4: num_kv_heads=6 is not divisible by tensor=4"),
+    (dict(tensor=4), 12, 3, r"mesh.tensor=4: num_kv_heads=3 is fewer than tensor=4 and does "
+                            r"not divide it"),
+    (dict(tensor=8), 8, 4, None),  # 4 KV heads on 8 devices: each replicated twice, fine
+    (dict(pipeline=2), 8, 8, r"mesh.pipeline=2: pipeline stages are not supported"),
+    (dict(expert=2), 8, 8, r"mesh.expert=2: llama is a dense model"),
+])
+def test_bad_meshes_are_config_errors_naming_the_numbers(tmp_path, demo_config, mesh, heads,
+                                                         kv, message):
+    config = random_config(tmp_path, demo_config, kv, heads).replace(mesh=MeshConfig(**mesh))
+    if message is None:
+        assert load_model(config, progress=False).params
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_model(config, progress=False)
+
+
+def test_serve_on_a_bad_mesh_exits_2_with_one_line(demo_config, tmp_path, capsys):
+    data = json.loads(json.dumps({"model": {"name": "SmolLM2-135M-Instruct",
+                                            "dtype": "float32"},
+                                  "checkpoint": {"cache_dir": demo_config.checkpoint.cache_dir},
+                                  "mesh": {"tensor": 2}}))
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    code = cli.main(["serve", "--config", str(path), "--port", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("jaxserve serve: error: mesh.tensor=2: num_heads=9 is not divisible by "
+                   "tensor=2")
