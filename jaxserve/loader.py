@@ -69,7 +69,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         model_config = random_model_config(config)
         plan = tensor_plan(model_config, config.mesh)
         params = random_params(model_config, dtype, mesh, replicate=_replicated_axes(plan))
-        tokenizer, directory = None, None
+        directory = None
     else:
         directory = checkpoint_dir(config, progress)
         model_config = orbax_store.read_config(directory)

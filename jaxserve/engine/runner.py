@@ -132,6 +132,9 @@ class Runner:
         self.eos_ids = tuple(eos_ids)
         self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
         self.num_shards = mesh.shape["data"]
+        # Arrays with a leading [D] axis (step inputs, sampled tokens): a block per data shard.
+        self._per_shard = jax.sharding.NamedSharding(mesh, rules.logical_to_spec(("batch",),
+                                                                                 mesh))
         self.plan = TensorPlan.for_model(model_config, mesh.shape[TENSOR_AXIS])
         self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads)
         if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
@@ -151,11 +154,6 @@ class Runner:
         compile_counter()
 
     # ----- device state ----------------------------------------------------------------
-    @property
-    def _per_shard(self):
-        """Arrays with a leading [D] axis, one block per data shard."""
-        return jax.sharding.NamedSharding(self.mesh, rules.logical_to_spec(("batch",),
-                                                                           self.mesh))
 
     def _init_state(self) -> DeviceState:
         """The KV cache and penalty tables, each created already sharded by a jitted fill."""
