@@ -29,6 +29,7 @@ from jaxserve.models.model_config import ModelConfig
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from sharding import rules
 from sharding.mesh import MeshConfig, make_mesh
+from sharding.pipeline import PipelinePlan, pad_layers
 from sharding.tensor import TensorPlan, replicate_kv_heads
 
 
@@ -67,37 +68,53 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     dtype = jnp.dtype(config.model.dtype)
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)
-        plan = tensor_plan(model_config, config.mesh)
-        params = random_params(model_config, dtype, mesh, replicate=_replicated_axes(plan))
+        tensor, pipeline = parallel_plans(model_config, config.mesh)
+        params = random_params(model_config, dtype, mesh,
+                               replicate=_held_whole(tensor, pipeline))
         directory = None
     else:
         directory = checkpoint_dir(config, progress)
         model_config = orbax_store.read_config(directory)
-        plan = tensor_plan(model_config, config.mesh)
-        _, params = orbax_store.load(directory, mesh, dtype, replicate=_replicated_axes(plan))
-    params = nest_params(replicate_kv_heads(flatten_params(params), param_specs(model_config),
-                                            plan, mesh))
+        tensor, pipeline = parallel_plans(model_config, config.mesh)
+        _, params = orbax_store.load(directory, mesh, dtype,
+                                     replicate=_held_whole(tensor, pipeline))
+    specs = param_specs(model_config)
+    flat = pad_layers(flatten_params(params), specs, pipeline, mesh,
+                      replicate=_held_whole(tensor, None))
+    flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     tokenizer = load_tokenizer(directory) if directory is not None else None
-    return LoadedModel(model_config, params, tokenizer, mesh)
+    return LoadedModel(model_config, nest_params(flat), tokenizer, mesh)
 
 
-def tensor_plan(model_config: ModelConfig, mesh: MeshConfig) -> TensorPlan:
-    """The per-device shapes for this mesh; ConfigError when the model cannot take it."""
-    if mesh.pipeline > 1:
-        raise ConfigError(f"mesh.pipeline={mesh.pipeline}: pipeline stages are not supported "
-                          "yet; use mesh.tensor and mesh.data")
+def parallel_plans(model_config: ModelConfig,
+                   mesh: MeshConfig) -> tuple[TensorPlan, PipelinePlan]:
+    """What each device holds on this mesh; ConfigError when the model cannot take it."""
     if mesh.expert > 1:
         raise ConfigError(f"mesh.expert={mesh.expert}: {model_config.architecture} is a dense "
                           "model with no experts to shard")
     try:
-        return TensorPlan.for_model(model_config, mesh.tensor)
+        return (TensorPlan.for_model(model_config, mesh.tensor),
+                PipelinePlan.make(model_config.num_layers, mesh.pipeline, mesh.pipeline_layers))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def _replicated_axes(plan: TensorPlan) -> frozenset[str]:
-    """KV heads are stored whole on every tensor rank until they are repeated and sharded."""
-    return frozenset({"kv_heads"}) if plan.kv_replicas > 1 else frozenset()
+def padded_specs(specs: dict, pipeline: PipelinePlan) -> dict:
+    """Parameter specs with the stacked layer axis laid out as stages x slots."""
+    rows = pipeline.stages * pipeline.slots
+    return {path: ((rows, *shape[1:]) if names and names[0] == "layers" else shape, names)
+            for path, (shape, names) in specs.items()}
+
+
+def _held_whole(tensor: TensorPlan, pipeline: PipelinePlan | None) -> frozenset[str]:
+    """Logical axes restored whole on every device, to be repeated or padded after: KV heads
+    that will be replicated, and layers that do not split evenly over the stages."""
+    names = set()
+    if tensor.kv_replicas > 1:
+        names.add("kv_heads")
+    if pipeline is not None and pipeline.is_padded:
+        names.add("layers")
+    return frozenset(names)
 
 
 def random_model_config(config: Config) -> ModelConfig:

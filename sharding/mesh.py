@@ -17,11 +17,16 @@ class MeshConfig:
     pipeline: int = 1
     tensor: int = 1
     expert: int = 1
+    # Layers per pipeline stage, in order; empty: balanced by the loader.
+    pipeline_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for axis in MESH_AXES:
             if getattr(self, axis) < 1:
                 raise ValueError(f"{axis}: must be >= 1 (got {getattr(self, axis)})")
+        if self.pipeline_layers and len(self.pipeline_layers) != self.pipeline:
+            raise ValueError(f"pipeline_layers: {len(self.pipeline_layers)} stages given for "
+                             f"pipeline={self.pipeline}")
 
     @property
     def num_devices(self) -> int:

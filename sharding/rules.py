@@ -24,6 +24,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("cache_page_slots", None),
     # Step inputs, sampled tokens and per-request sampling tables: one block per data shard
     ("batch", "data"),
+    # Per-stage blocks (each stage's micro-batch inputs, carried activations): one per stage
+    ("stage", "pipeline"),
     # The vocabulary after the LM head's gather: every tensor rank samples from all of it
     ("sampled_vocab", None),
 )

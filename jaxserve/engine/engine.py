@@ -57,7 +57,7 @@ class Engine:
         self.runner = Runner(config, model_config, params, mesh, self.eos_ids)
         self.page_tables = [PageTable(self.runner.num_pages, config.cache.page_size)
                             for _ in range(self.runner.num_shards)]  # one per data shard
-        self.scheduler = Scheduler(config.scheduler, self.page_tables)
+        self.scheduler = Scheduler(config.scheduler, self.page_tables, self.runner.stages)
         self._tracked: dict[str, _Tracked] = {}
         self._inflight: StepHandle | None = None
         self._ids = itertools.count()
@@ -137,7 +137,7 @@ class Engine:
         for req in sched.preempted:
             self.runner.release(req.request_id)
         handle = None
-        if sched.seqs:
+        if sched.seqs or self.runner.pipeline_busy:
             handle = self.runner.execute(sched, self.page_tables, self._inflight)
         previous, self._inflight = self._inflight, handle
         if previous is not None:

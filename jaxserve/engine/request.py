@@ -169,6 +169,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     shard: int = 0  # the data shard holding its KV pages (assigned at each admission)
+    ready_tick: int = 0  # the first scheduler tick at which its next input is available
     finish_reason: FinishReason | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

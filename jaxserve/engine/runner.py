@@ -18,6 +18,7 @@ row-parallel projections. The KV cache is never gathered, moved or reduced.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 import os
@@ -29,15 +30,17 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import Config
+from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
-from jaxserve.engine.sampling import SamplerOutput, sample
+from jaxserve.engine.sampling import SamplerOutput
 from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from jaxserve.engine.step_inputs import HostInputs, Layout, ShardInputs, StepInputs
 from jaxserve.errors import ConfigError
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.model_config import ModelConfig
 from sharding import rules
+from sharding.pipeline import PipelinePlan
 from sharding.tensor import TensorPlan
 
 TENSOR_AXIS = "tensor"
@@ -62,27 +65,24 @@ def compile_counter() -> _CompileCounter:
     return _CompileCounter()
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DeviceState:
-    """Global arrays; one data shard's block (its pages, its slots) is shown after the |."""
-
-    k_pages: jax.Array  # [L, D * N | N, page_size, KVH, head_dim], KVH split over tensor
-    v_pages: jax.Array  # [L, D * N | N, page_size, KVH, head_dim]
-    prompt_mask: jax.Array  # [D * R | R, V] bool
-    output_counts: jax.Array  # [D * R | R, V] int32
-
-
 @dataclasses.dataclass
 class StepHandle:
     """A dispatched step: its device outputs and which request sampled in which row."""
 
     rows: list[tuple[Request, int, int]]  # (request, data shard, row) of each sampled token
-    out: SamplerOutput  # arrays [D, S, ...]
-    prev_tokens: jax.Array  # [D, S_max] sampled tokens, padded, for the next step's inputs
+    out: SamplerOutput  # arrays [D, P, S, ...]; the last stage's ([:, -1]) are the samples
+    prev_tokens: jax.Array  # [D, P, S_max] tokens each stage received, for the next step
 
     def fetch(self) -> SamplerOutput:
-        return jax.device_get(self.out)
+        return jax.tree.map(lambda a: a[:, -1], jax.device_get(self.out))
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    """The inputs of one micro-batch, in its own bucket, while it moves down the stages."""
+
+    host: HostInputs  # [D, 1, ...]
+    rows: list[tuple[Request, int, int]]  # the tokens it will sample
 
 
 def pick_attention(backend: str):
@@ -98,11 +98,12 @@ def pick_attention(backend: str):
     return ragged_paged_attention_reference
 
 
-def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int) -> int:
+def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int,
+                 layers_per_device: int) -> int:
     """Pages per data shard that fit the KV budget of every device: bytes per device, or a
     fraction of the free memory of the device that has least (weights already loaded)."""
     dtype_bytes = jnp.dtype(config.model.dtype).itemsize
-    page_bytes = 2 * model.num_layers * config.cache.page_size * kv_heads_per_device \
+    page_bytes = 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
         * model.head_dim * dtype_bytes
     budget = config.cache.kv_cache_memory
     if budget <= 1:
@@ -132,24 +133,32 @@ class Runner:
         self.eos_ids = tuple(eos_ids)
         self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
         self.num_shards = mesh.shape["data"]
-        # Arrays with a leading [D] axis (step inputs, sampled tokens): a block per data shard.
-        self._per_shard = jax.sharding.NamedSharding(mesh, rules.logical_to_spec(("batch",),
-                                                                                 mesh))
+        self.stages = mesh.shape[PIPELINE_AXIS]
+        # Arrays with leading [D, P] axes (step inputs, sampled tokens): a block per data
+        # shard and pipeline stage.
+        self._per_block = jax.sharding.NamedSharding(
+            mesh, rules.logical_to_spec(("batch", "stage"), mesh))
         self.plan = TensorPlan.for_model(model_config, mesh.shape[TENSOR_AXIS])
-        self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads)
+        self.pipeline = PipelinePlan.make(model_config.num_layers, self.stages,
+                                          config.mesh.pipeline_layers)
+        self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads,
+                                      self.pipeline.slots)
         if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
             raise ConfigError(
                 f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} tokens, "
                 f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
-        self.model = LlamaModel(self.plan.per_device(model_config), self.dtype,
-                                pick_attention(config.runner.attention_backend),
-                                min(config.runner.scan_unroll, model_config.num_layers),
-                                tensor_axis=TENSOR_AXIS)
+        local = dataclasses.replace(self.plan.per_device(model_config),
+                                    num_layers=self.pipeline.slots)
+        model = LlamaModel(local, self.dtype, pick_attention(config.runner.attention_backend),
+                           min(config.runner.scan_unroll, local.num_layers),
+                           tensor_axis=TENSOR_AXIS)
+        self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._free_slots = [list(range(self.num_slots)) for _ in range(self.num_shards)]
         self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
         self.state = self._init_state()
-        self._prev_tokens = jax.device_put(np.zeros((self.num_shards, self.max_seqs), np.int32),
-                                           self._per_shard)
+        self._prev_tokens = jax.device_put(
+            np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32), self._per_block)
+        self._ring: collections.deque[_MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int], object] = {}
         compile_counter()
 
@@ -158,19 +167,26 @@ class Runner:
     def _init_state(self) -> DeviceState:
         """The KV cache and penalty tables, each created already sharded by a jitted fill."""
         c = self.model_config
-        kv_shape = (c.num_layers, self.num_shards * self.num_pages, self.page_size,
-                    self.plan.served_kv_heads, c.head_dim)
+        kv_shape = (self.stages * self.pipeline.slots, self.num_shards * self.num_pages,
+                    self.page_size, self.plan.served_kv_heads, c.head_dim)
         kv_names = ("cache_layers", "cache_pages", "cache_page_slots", "kv_heads", "head_dim")
         kv_sharding = rules.sharding_for(kv_names, kv_shape, self.mesh)
         table = (self.num_shards * self.num_slots, c.vocab_size)
         table_sharding = rules.sharding_for(("batch", "sampled_vocab"), table, self.mesh)
         zeros = lambda shape, dtype, sharding: jax.jit(
             lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        pipe_x = history = None
+        if self.stages > 1:  # what each stage hands the next
+            blocks = (self.num_shards, self.stages)
+            t_max = self.config.runner.token_buckets[-1]
+            pipe_x = zeros((*blocks, t_max, c.hidden_size), self.dtype, self._per_block)
+            history = zeros((*blocks, self.stages, self.max_seqs), jnp.int32, self._per_block)
         return DeviceState(
             zeros(kv_shape, self.dtype, kv_sharding),
             zeros(kv_shape, self.dtype, kv_sharding),
             zeros(table, jnp.bool_, table_sharding),
             zeros(table, jnp.int32, table_sharding),
+            pipe_x, history,
         )
 
     def release(self, request_id: str) -> None:
@@ -186,42 +202,24 @@ class Runner:
 
     # ----- the jitted step -------------------------------------------------------------
     def _sharded_step(self, layout: Layout):
-        """The step under shard_map: (params, state, ints [D, ...], floats [D, ...],
-        prev tokens [D, S_max]) -> (state, sampler output [D, S, ...], tokens [D, S_max])."""
+        """The step under shard_map: (params, state, ints [D, P, ...], floats [D, P, ...],
+        received tokens [D, P, S_max]) -> (state, sampler output [D, P, S, ...], tokens to
+        send on [D, P, S_max]). Each device gets its (data shard, stage) block."""
         spec = lambda tree: jax.tree.map(lambda a: a.sharding.spec, tree)
-        per_shard = self._per_shard.spec
+        per_block = self._per_block.spec
         state = spec(self.state)
 
-        def shard_step(params, state, ints, floats, prev_tokens):
-            inp = layout.unpack(ints[0], floats[0])  # this data shard's block
-            state, out, next_prev = self._step(params, state, inp, prev_tokens[0])
-            return state, jax.tree.map(lambda a: a[None], out), next_prev[None]
+        def shard_step(params, state, ints, floats, recv):
+            inp = layout.unpack(ints[0, 0], floats[0, 0])
+            state, out, send = self._step(params, state, inp, recv[0, 0])
+            return state, jax.tree.map(lambda a: a[None, None], out), send[None, None]
 
         # check_vma off: the LM head's all_gather leaves the logits (and so the sampled
         # tokens and tables) equal on every tensor rank, but JAX types them as varying.
         return jax.shard_map(shard_step, mesh=self.mesh,
-                             in_specs=(spec(self.params), state, per_shard, per_shard,
-                                       per_shard),
-                             out_specs=(state, per_shard, per_shard), check_vma=False)
-
-    def _step(self, params, state: DeviceState, inp: StepInputs, prev_tokens):
-        """One data shard's step on one device: local shapes, collectives over tensor only."""
-        tokens = jnp.where(inp.prev_index >= 0,
-                           prev_tokens[jnp.maximum(inp.prev_index, 0)], inp.token_ids)
-        r = self.num_slots  # out-of-range slot: writes are dropped
-        prompt_mask = state.prompt_mask.at[inp.reset_slots].set(False, mode="drop")
-        counts = state.output_counts.at[inp.reset_slots].set(0, mode="drop")
-        prompt_mask = prompt_mask.at[jnp.where(inp.token_is_output, r, inp.token_slot),
-                                     tokens].set(True, mode="drop")
-        counts = counts.at[jnp.where(inp.token_is_output, inp.token_slot, r),
-                           tokens].add(1, mode="drop")
-        logits, (k_pages, v_pages) = self.model.apply(
-            {"params": params}, tokens, (state.k_pages, state.v_pages), inp.meta,
-            inp.logits_indices)
-        rows = jnp.minimum(inp.row_slots, r - 1)
-        out = sample(logits, prompt_mask[rows], counts[rows], inp.sampling, self.num_top)
-        next_prev = jnp.pad(out.tokens, (0, self.max_seqs - out.tokens.shape[0]))
-        return DeviceState(k_pages, v_pages, prompt_mask, counts), out, next_prev
+                             in_specs=(spec(self.params), state, per_block, per_block,
+                                       per_block),
+                             out_specs=(state, per_block, per_block), check_vma=False)
 
     def _layout(self, num_tokens: int, num_seqs: int) -> Layout:
         return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
@@ -231,7 +229,8 @@ class Runner:
         if key not in self._compiled:
             layout = self._layout(num_tokens, num_seqs)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
-            buffers = [jax.ShapeDtypeStruct((self.num_shards, n), dtype, sharding=self._per_shard)
+            blocks = (self.num_shards, self.stages)
+            buffers = [jax.ShapeDtypeStruct((*blocks, n), dtype, sharding=self._per_block)
                        for n, dtype in ((layout.num_ints, jnp.int32),
                                         (layout.num_floats, jnp.float32))]
             lowered = step.lower(self.params, self.state, *buffers, self._prev_tokens)
@@ -279,8 +278,12 @@ class Runner:
 
     def execute(self, sched: SchedulerOutput, page_tables: list[PageTable],
                 prev: StepHandle | None) -> StepHandle:
-        """Build inputs for the scheduled sequences and dispatch one step (does not wait)."""
-        bucket, inputs, rows = self._build(sched, page_tables, prev)
+        """Dispatch one step for the scheduled sequences (does not wait). With pipeline
+        stages they enter stage 0, and the handle's rows are the micro-batch leaving the last
+        stage."""
+        self._ring.appendleft(self._micro_batch(sched, page_tables, prev))
+        bucket, inputs = self._tick_inputs(list(self._ring))
+        rows = self._ring[-1].rows if len(self._ring) == self.stages else []
         for seq in sched.seqs:
             if seq.samples:
                 seq.request.num_pending += 1
@@ -292,23 +295,30 @@ class Runner:
             leaf.copy_to_host_async()
         return StepHandle(rows, out, next_prev)
 
+    @property
+    def pipeline_busy(self) -> bool:
+        """Micro-batches with tokens to sample are still short of the last stage, so the
+        pipeline must go on ticking even with nothing new to schedule."""
+        return any(mb.rows for mb in list(self._ring)[:self.stages - 1])
+
     def prepare(self, sched: SchedulerOutput, page_tables: list[PageTable],
                 prev: StepHandle | None) -> tuple[tuple[int, int], tuple[jax.Array, jax.Array]]:
-        """The (tokens, sequences) bucket and the packed step inputs (ints, floats), each
-        [D, ...], on the device."""
-        bucket, inputs, _ = self._build(sched, page_tables, prev)
-        return bucket, inputs
+        """The (tokens, sequences) bucket and the packed inputs (ints, floats), each
+        [D, P, ...] on the device, of a step that would run these sequences (profiling)."""
+        ring = [self._micro_batch(sched, page_tables, prev), *list(self._ring)[:-1]]
+        return self._tick_inputs(ring[:self.stages])
 
     def run_prepared(self, bucket: tuple[int, int], inputs, prev_tokens):
         """Run one compiled step on prepared inputs (profiling): new state, outputs, tokens."""
         return self._executable(*bucket)(self.params, self.state, *inputs, prev_tokens)
 
     def unpack(self, bucket: tuple[int, int], inputs) -> StepInputs:
-        """Prepared inputs of the first data shard as named arrays (profiling, tests)."""
-        return self._layout(*bucket).unpack(inputs[0][0], inputs[1][0])
+        """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
+        return self._layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
 
-    def _build(self, sched: SchedulerOutput, page_tables: list[PageTable],
-               prev: StepHandle | None):
+    def _micro_batch(self, sched: SchedulerOutput, page_tables: list[PageTable],
+                     prev: StepHandle | None) -> _MicroBatch:
+        """The scheduled sequences' inputs, padded to their own bucket."""
         by_shard: list[list[ScheduledSeq]] = [[] for _ in range(self.num_shards)]
         for seq in sched.seqs:
             by_shard[seq.request.shard].append(seq)
@@ -320,10 +330,23 @@ class Runner:
         rows: list[tuple[Request, int, int]] = []
         host = HostInputs(self._layout(T, S), self.num_shards, self.num_slots)
         for shard, seqs in enumerate(by_shard):
-            self._fill(host.shards[shard], seqs, page_tables[shard], prev_row)
+            self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row)
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
-        inputs = jax.device_put((host.ints, host.floats), self._per_shard)
-        return (T, S), inputs, rows
+        return _MicroBatch(host, rows)
+
+    def _tick_inputs(self, ring: list[_MicroBatch]) -> tuple[tuple[int, int], tuple]:
+        """Inputs of one step: stage s gets ring[s], all in the largest bucket among them."""
+        T = max(mb.host.layout.T for mb in ring)
+        S = max(mb.host.layout.S for mb in ring)
+        if self.stages == 1:
+            host = ring[0].host
+        else:
+            host = HostInputs(self._layout(T, S), self.num_shards, self.num_slots,
+                              self.stages)
+            for stage, mb in enumerate(ring):
+                for shard in range(self.num_shards):
+                    mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
+        return (T, S), jax.device_put((host.ints, host.floats), self._per_block)
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[int, int]) -> None:

@@ -12,6 +12,13 @@ Data parallelism: each data shard has its own page table, token budget and `max_
 One waiting queue feeds them all; a request is placed when it is admitted, on the shard
 that holds most of its prefix in cache, else the least loaded one, and it stays there until
 it finishes or is preempted (a preempted request may be placed anew).
+
+Pipeline stages: each step is one tick of a pipeline holding `stages` micro-batches, and a
+sequence's sampled token comes out `stages` ticks after it went in. So a sequence that
+samples is scheduled again no sooner than that, and each tick takes at most
+max_num_seqs / stages sequences per data shard: the running batch splits into one
+micro-batch per stage, all in flight at once. Prefill chunks that do not sample follow each
+other tick by tick.
 """
 
 from __future__ import annotations
@@ -46,9 +53,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerSection, page_tables: Sequence[PageTable]):
+    def __init__(self, config: SchedulerSection, page_tables: Sequence[PageTable],
+                 stages: int = 1):
         self.config = config
         self.page_tables = list(page_tables)  # one per data shard
+        self.stages = stages
+        self.tick = 0  # steps scheduled so far
+        self._per_tick = -(-config.max_num_seqs // stages)  # sequences per shard per tick
         self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, order, req)
         self._order = itertools.count()
         self.running: list[Request] = []
@@ -76,7 +87,9 @@ class Scheduler:
 
     # ----- the step ------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.tick += 1
         budgets = [self.config.max_num_batched_tokens] * len(self.page_tables)
+        seats = [self._per_tick] * len(self.page_tables)  # sequences each shard may still add
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
@@ -84,8 +97,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            n = self._chunk(req, budgets[req.shard])
-            if n == 0:  # no budget left on its shard, or its next token is on the device
+            ready = req.ready_tick <= self.tick and seats[req.shard] > 0
+            n = self._chunk(req, budgets[req.shard]) if ready else 0
+            if n == 0:  # no budget or seat left on its shard, or its next token is on its way
                 i += 1
                 continue
             table = self.page_tables[req.shard]
@@ -98,6 +112,7 @@ class Scheduler:
             else:
                 scheduled.append(self._schedule(req, n))
                 budgets[req.shard] -= n
+                seats[req.shard] -= 1
                 i += 1
 
         load = [0] * len(self.page_tables)
@@ -109,7 +124,7 @@ class Scheduler:
                 break
             # Penalty tables are rebuilt from the tokens a request computes: no shared prefix.
             use_cache = not req.params.uses_penalties
-            shard = self._place(req, budgets, load, use_cache)
+            shard = self._place(req, budgets, load, seats, use_cache)
             if shard is None:
                 break
             table = self.page_tables[shard]
@@ -130,15 +145,16 @@ class Scheduler:
             self.running.append(req)
             scheduled.append(self._schedule(req, n))
             budgets[shard] -= n
+            seats[shard] -= 1
             load[shard] += 1
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
-    def _place(self, req: Request, budgets: list[int], load: list[int],
+    def _place(self, req: Request, budgets: list[int], load: list[int], seats: list[int],
                use_cache: bool) -> int | None:
         """The data shard for a request being admitted: of those with token budget and a free
         sequence slot, the one caching most of its prefix, then the least loaded."""
-        open_shards = [s for s in range(len(self.page_tables))
-                       if budgets[s] > 0 and load[s] < self.config.max_num_seqs]
+        open_shards = [s for s in range(len(self.page_tables)) if budgets[s] > 0
+                       and seats[s] > 0 and load[s] < self.config.max_num_seqs]
         if len(open_shards) <= 1:
             return open_shards[0] if open_shards else None
         def score(s: int):
@@ -158,7 +174,9 @@ class Scheduler:
         req.num_computed_tokens += n
         self.page_tables[req.shard].register(req.request_id, req.token_ids,
                                              req.num_computed_tokens)
-        return ScheduledSeq(req, start, n, samples=req.num_computed_tokens == req.num_tokens)
+        samples = req.num_computed_tokens == req.num_tokens
+        req.ready_tick = self.tick + (self.stages if samples else 1)
+        return ScheduledSeq(req, start, n, samples=samples)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

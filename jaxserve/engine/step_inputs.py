@@ -111,22 +111,24 @@ class Layout:
 
 
 class HostInputs:
-    """Every data shard's padded inputs for one step: ints [D, num_ints], floats [D, ...]."""
+    """Padded inputs of every (data shard, pipeline stage) block of one step:
+    ints [D, P, num_ints], floats [D, P, num_floats]; `blocks[d][p]` names one block's views."""
 
-    def __init__(self, layout: Layout, num_shards: int, num_slots: int):
+    def __init__(self, layout: Layout, num_shards: int, num_slots: int, num_stages: int = 1):
         self.layout = layout
-        self.ints = np.zeros((num_shards, layout.num_ints), np.int32)
-        self.floats = np.zeros((num_shards, layout.num_floats), np.float32)
-        self.shards = [ShardInputs(self, d, num_slots) for d in range(num_shards)]
+        self.ints = np.zeros((num_shards, num_stages, layout.num_ints), np.int32)
+        self.floats = np.zeros((num_shards, num_stages, layout.num_floats), np.float32)
+        self.blocks = [[ShardInputs(self.ints[d, p], self.floats[d, p], layout, num_slots)
+                        for p in range(num_stages)] for d in range(num_shards)]
 
 
 class ShardInputs:
-    """Named views of one shard's row of the buffers (token_ids, page_tables, ...)."""
+    """Named views of one block of the buffers (token_ids, page_tables, ...)."""
 
-    def __init__(self, host: HostInputs, shard: int, num_slots: int):
+    def __init__(self, ints: np.ndarray, floats: np.ndarray, layout: Layout, num_slots: int):
         for name, kind, _ in _FIELDS:
-            is_float, start, stop, shape = host.layout.slots[name]
-            view = (host.floats if is_float else host.ints)[shard, start:stop].reshape(shape)
+            is_float, start, stop, shape = layout.slots[name]
+            view = (floats if is_float else ints)[start:stop].reshape(shape)
             setattr(self, name, view.view(np.uint32) if kind == "u" else view)
         # Padding: no previous token, no slot, position -1 (the null page takes its K/V),
         # neutral sampling parameters, nothing banned.
@@ -138,6 +140,13 @@ class ShardInputs:
         self.top_p[:] = 1
         self.repetition_penalty[:] = 1
         self.banned[:] = -1
+
+    def copy_into(self, dst: ShardInputs) -> None:
+        """Write this block into `dst`, a block of a bucket at least as large."""
+        for name, _, _ in _FIELDS:
+            src = getattr(self, name)
+            getattr(dst, name)[tuple(slice(0, n) for n in src.shape)] = src
+        dst.query_start[len(self.query_start):] = self.query_start[-1]
 
     def set_sampling(self, row: int, req: Request, eos_ids: tuple[int, ...]) -> None:
         p = req.params

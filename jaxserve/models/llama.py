@@ -183,13 +183,11 @@ class LlamaModel(nn.Module):
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: fully unrolled)
     tensor_axis: str | None = None
 
-    @nn.compact
-    def __call__(self, tokens, kv, meta: AttentionMetadata, logits_indices):
+    def setup(self):
         c = self.config
-        embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
-                           ("vocab", "embed"), self.dtype)
-        x = self._embed(embedding, tokens)
-        layers = nn.scan(
+        self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
+                                ("vocab", "embed"), self.dtype)
+        self.layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
@@ -197,18 +195,37 @@ class LlamaModel(nn.Module):
             length=c.num_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.attention_fn, self.tensor_axis, name="layers")
-        (x, kv), _ = layers((x, kv), jnp.arange(c.num_layers, dtype=jnp.int32), meta)
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x[logits_indices])
-        if c.tie_word_embeddings:
-            logits = jnp.einsum("SE,VE->SV", x, embedding, preferred_element_type=jnp.float32)
+        )(c, self.dtype, self.attention_fn, self.tensor_axis)
+        self.final_norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size),
+                                  ("embed", "vocab"), self.dtype)
+
+    def __call__(self, tokens, kv, meta: AttentionMetadata, logits_indices):
+        x, kv = self.decode(self.embed(tokens), kv, meta)
+        return self.logits(x, logits_indices), kv
+
+    def embed(self, tokens):
+        """tokens [T] -> x [T, embed]."""
+        return self._embed(self.embedding, tokens)
+
+    def decode(self, x, kv, meta: AttentionMetadata):
+        """x [T, embed] through every layer this model holds; K/V written into `kv`."""
+        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, kv), _ = self.layers((x, kv), layers, meta)
+        return x, kv
+
+    def logits(self, x, logits_indices):
+        """Float32 logits [S, vocab] of the rows `logits_indices` of x [T, embed]."""
+        x = self.final_norm(x[logits_indices])
+        if self.config.tie_word_embeddings:
+            logits = jnp.einsum("SE,VE->SV", x, self.embedding,
+                                preferred_element_type=jnp.float32)
         else:
-            head = _param(self, "lm_head", (c.hidden_size, c.vocab_size),
-                          ("embed", "vocab"), self.dtype)
-            logits = jnp.einsum("SE,EV->SV", x, head, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("SE,EV->SV", x, self.lm_head, preferred_element_type=jnp.float32)
         if self.tensor_axis is not None:  # [S, vocab / tp] slices -> [S, vocab]
             logits = jax.lax.all_gather(logits, self.tensor_axis, axis=1, tiled=True)
-        return logits, kv
+        return logits
 
     def _embed(self, embedding, tokens):
         """Rows of the embedding; under tensor parallelism each device holds a vocab slice."""

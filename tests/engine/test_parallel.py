@@ -43,10 +43,13 @@ def greedy(engine: Engine, prompts: list[list[int]], params=GREEDY) -> dict[str,
     return tokens
 
 
-def assert_kv_shards(engine: Engine, kv_heads_per_device: int) -> None:
-    """Every device holds its data shard's pages and its tensor rank's KV heads, no more."""
+def assert_kv_shards(engine: Engine, kv_heads_per_device: int,
+                     layers_per_device: int | None = None) -> None:
+    """Every device holds its data shard's pages, its tensor rank's KV heads and its pipeline
+    stage's layers, no more."""
     c, runner = engine.model_config, engine.runner
-    local = (c.num_layers, runner.num_pages, runner.page_size, kv_heads_per_device, c.head_dim)
+    layers = layers_per_device or c.num_layers
+    local = (layers, runner.num_pages, runner.page_size, kv_heads_per_device, c.head_dim)
     for cache in (runner.state.k_pages, runner.state.v_pages):
         shards = cache.addressable_shards
         assert len(shards) == runner.mesh.devices.size
@@ -70,13 +73,24 @@ def demo_reference(small_config, demo_prompts):
     return greedy(engine_on(small_config), demo_prompts)
 
 
-@pytest.mark.parametrize("mesh", [dict(tensor=3), dict(data=2), dict(tensor=3, data=2)],
-                         ids=["tensor3", "data2", "tensor3-data2"])
+@pytest.mark.parametrize("mesh,layers_per_device", [
+    (dict(tensor=3), 30), (dict(data=2), 30), (dict(tensor=3, data=2), 30),
+    (dict(pipeline=2), 15), (dict(pipeline=3), 10), (dict(pipeline=5), 6),
+    (dict(pipeline=4), 8),  # 30 layers: 8, 8, 7, 7, the short stages padded to 8 slots
+    (dict(pipeline=2, pipeline_layers=(20, 10)), 20),  # an explicit uneven split
+    (dict(pipeline=2, tensor=3), 15),
+], ids=["tensor3", "data2", "tensor3-data2", "pipeline2", "pipeline3", "pipeline5",
+        "pipeline4-balanced", "pipeline2-explicit", "pipeline2-tensor3"])
 def test_demo_model_gives_the_same_greedy_tokens_as_one_device(small_config, demo_prompts,
-                                                                demo_reference, mesh):
+                                                                demo_reference, mesh,
+                                                                layers_per_device):
     engine = engine_on(small_config, **mesh)
     assert greedy(engine, demo_prompts) == demo_reference
-    assert_kv_shards(engine, kv_heads_per_device=3 // mesh.get("tensor", 1))
+    assert_kv_shards(engine, kv_heads_per_device=3 // mesh.get("tensor", 1),
+                     layers_per_device=layers_per_device)
+    # Weights too: each stage holds its own layer slots only.
+    q_proj = engine.runner.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert {s.data.shape[0] for s in q_proj.addressable_shards} == {layers_per_device}
 
 
 def test_data_shards_each_run_their_own_sequences(small_config, demo_prompts):
@@ -143,21 +157,28 @@ COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-p
                         r"reduce-scatter|collective-broadcast)(?:-start)?\(")
 
 
-def test_compiled_step_reduces_activations_only_and_never_recompiles(small_config,
-                                                                     demo_prompts):
-    engine = engine_on(small_config, tensor=3, data=2)
+@pytest.mark.parametrize("mesh", [dict(tensor=3, data=2), dict(pipeline=2, tensor=3)],
+                         ids=["tensor3-data2", "pipeline2-tensor3"])
+def test_compiled_step_moves_activations_only_and_never_recompiles(small_config, demo_prompts,
+                                                                   mesh):
+    engine = engine_on(small_config, **mesh)
     engine.warm_up(progress=False)
     compiled = engine.runner.num_compilations
-    c = engine.model_config
-    for tokens, seqs in engine.runner.bucket_pairs():
-        found = COLLECTIVE.findall(engine.runner.compiled_text(tokens, seqs))
+    c, runner = engine.model_config, engine.runner
+    for tokens, seqs in runner.bucket_pairs():
+        found = COLLECTIVE.findall(runner.compiled_text(tokens, seqs))
         kinds = sorted({kind for _, kind in found})
-        assert kinds == ["all-gather", "all-reduce"], kinds
+        expected = ["all-gather", "all-reduce"] + (["collective-permute"]
+                                                   if runner.stages > 1 else [])
+        assert kinds == expected, kinds
         for shape, kind in found:
             if kind == "all-reduce":  # o_proj, down_proj and the embedding: [tokens, hidden]
                 assert shape.startswith(f"f32[{tokens},{c.hidden_size}]"), shape
-            else:  # the LM head's vocabulary slices: [sequences, vocab] logits, never weights
+            elif kind == "all-gather":  # the LM head's vocabulary slices: logits, not weights
                 assert shape.startswith(f"f32[{seqs},{c.vocab_size}]"), shape
+            else:  # stage to stage: activations [tokens, hidden] and sampled tokens
+                assert shape.startswith((f"f32[{tokens},{c.hidden_size}]",
+                                         f"s32[{runner.max_seqs}]")), shape
     mixed = [SamplingParams(max_tokens=5, temperature=0.0),
              SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
              SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
@@ -185,7 +206,10 @@ def test_compiled_step_reduces_activations_only_and_never_recompiles(small_confi
     (dict(tensor=4), 12, 3, r"mesh.tensor=4: num_kv_heads=3 is fewer than tensor=4 and does "
                             r"not divide it"),
     (dict(tensor=8), 8, 4, None),  # 4 KV heads on 8 devices: each replicated twice, fine
-    (dict(pipeline=2), 8, 8, r"mesh.pipeline=2: pipeline stages are not supported"),
+    (dict(pipeline=2, pipeline_layers=(1, 2)), 8, 8,
+     r"mesh.pipeline_layers=\[1, 2\] must give each of the 2 stages at least one layer "
+     r"and sum to num_layers=2"),
+    (dict(pipeline=3), 8, 8, r"mesh.pipeline=3: more stages than num_layers=2"),
     (dict(expert=2), 8, 8, r"mesh.expert=2: llama is a dense model"),
 ])
 def test_bad_meshes_are_config_errors_naming_the_numbers(tmp_path, demo_config, mesh, heads,

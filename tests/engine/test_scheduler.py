@@ -161,3 +161,40 @@ def test_random_workloads_keep_invariants_and_finish(workload, budget, max_seqs,
                 ref.output_ids.append(next_token(ref))
             assert r.output_ids == ref.output_ids
     assert all(pt.num_used_pages == 0 for pt in pts)
+
+
+def test_pipeline_stages_split_the_batch_into_micro_batches_in_flight():
+    """Two stages: a sequence's token comes back two ticks after it went in, so the running
+    batch alternates between two micro-batches and every tick has work."""
+    import collections
+
+    pt = PageTable(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=64), [pt],
+                      stages=2)
+    reqs = [make_request(3, max_tokens=5) for _ in range(4)]
+    for r in reqs:
+        sched.add(r)
+    pipeline: collections.deque = collections.deque()
+    ticks = []
+    while sched.has_work() or any(out.seqs for out in pipeline):
+        out = sched.schedule()
+        for s in out.seqs:  # dispatched: the sampled token is on its way (as Runner.execute)
+            s.request.num_pending += s.samples
+        pipeline.append(out)
+        ticks.append({reqs.index(s.request) for s in out.seqs})
+        if len(pipeline) == 2:  # the micro-batch of two ticks ago leaves the last stage
+            for s in pipeline.popleft().seqs:
+                if s.samples:
+                    s.request.num_pending -= 1
+                    run_token(sched, s.request)
+        pt.check_integrity()
+    assert ticks[:6] == [{0, 1}, {2, 3}] * 3
+    assert all(len(r.output_ids) == 5 for r in reqs)
+    assert pt.num_used_pages == 0
+
+
+def run_token(sched: Scheduler, req: Request) -> None:
+    req.output_ids.append(next_token(req))
+    if len(req.output_ids) >= req.params.max_tokens:
+        req.status = Status.FINISHED
+        sched.remove(req)
