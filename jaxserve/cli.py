@@ -52,9 +52,16 @@ def cmd_generate(args) -> int:
         prompts += _read_prompts(args.input)
     if not prompts:
         raise JaxserveError("generate: give at least one --prompt or an --input file")
+    from jaxserve import launch
+    from jaxserve.config import load_config
+
     params = _sampling_params(args)
-    llm = LLM(args.config, progress=not args.json)
+    config = launch.with_distributed_args(load_config(args.config), args, args.config)
+    if not launch.join(config):  # a follower: the leader's steps until it is done
+        return launch.follow(config, progress=not args.json)
+    llm = LLM(config, progress=not args.json)
     outs = llm.generate(prompts, params, chat=args.chat)
+    llm.engine.close()
     for out in outs:
         if args.json:
             print(json.dumps({
@@ -97,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="render the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     _add_sampling_args(p)
+    from jaxserve import launch
+
+    launch.add_distributed_args(p)
     p.set_defaults(func=cmd_generate)
 
     from jaxserve import cli_server  # serve, client, bench

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from jaxserve import launch
 from jaxserve.errors import ConfigError, JaxserveError
 
 TOKEN_ENV = "JAXSERVE_TOKEN"
@@ -21,6 +22,7 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without TLS and a bearer token")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    launch.add_distributed_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("client", help="stream a completion from a running server")
@@ -70,7 +72,7 @@ def cmd_serve(args) -> int:
 
     from jaxserve.config import load_config
     from jaxserve.loader import load_model
-    from jaxserve.server.grpc_server import serve
+    from jaxserve.server.grpc_server import EXIT_PEER_LOST, serve
     from jaxserve.server.security import check_bind_security, server_credentials
 
     config = load_config(args.config)
@@ -80,11 +82,19 @@ def cmd_serve(args) -> int:
         config = config.replace(**overrides)
     except ValueError as e:
         raise ConfigError(f"{args.config}: server.{e}") from None
+    config = launch.with_distributed_args(config, args, args.config)
+    progress = not args.no_progress
+    if not launch.join(config):  # a follower: no gRPC, the leader's steps until it stops
+        return launch.follow(config, progress)
     check_bind_security(config.server, args.insecure)  # before the slow part
     server_credentials(config.server)
-    model = load_model(config, progress=not args.no_progress)
-    asyncio.run(serve(config, model, insecure=args.insecure, progress=not args.no_progress))
-    return 0
+    model = load_model(config, progress=progress)
+    code = asyncio.run(serve(config, model, insecure=args.insecure, progress=progress))
+    if code == EXIT_PEER_LOST:  # the engine thread may be stuck in a collective: leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_client(args, sampling_params) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from jaxserve.errors import ConfigError
+from sharding.distributed import DistributedConfig
 from sharding.mesh import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -125,6 +126,7 @@ class Config:
     runner: RunnerSection = RunnerSection()
     mesh: MeshConfig = MeshConfig()
     server: ServerSection = ServerSection()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         _check(self.scheduler.max_num_seqs <= self.runner.seq_buckets[-1],

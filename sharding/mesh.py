@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sharding.distributed import device_grid
 from sharding.rules import MESH_AXES
 
 
@@ -37,14 +38,22 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-    """A Mesh with Auto axes over the first `config.num_devices` devices."""
+    """A Mesh with Auto axes over the first `config.num_devices` devices; over several
+    processes, every device of every process, tensor groups inside a host."""
     devices = list(jax.devices() if devices is None else devices)
+    axes = ", ".join(f"{a}={n}" for a, n in zip(MESH_AXES, config.shape(), strict=True))
     if config.num_devices > len(devices):
-        axes = ", ".join(f"{a}={n}" for a, n in zip(MESH_AXES, config.shape(), strict=True))
         kinds = sorted({d.platform for d in devices})
         raise ValueError(
             f"mesh ({axes}) needs {config.num_devices} devices, but only {len(devices)} "
             f"{'/'.join(kinds)} devices are available"
         )
+    if jax.process_count() > 1:
+        if config.num_devices != len(devices):
+            raise ValueError(f"mesh ({axes}) needs {config.num_devices} devices, but the "
+                             f"{jax.process_count()} processes hold {len(devices)}: a "
+                             "multi-process mesh must use every device")
+        return Mesh(device_grid(dict(zip(MESH_AXES, config.shape(), strict=True)), MESH_AXES),
+                    MESH_AXES)
     grid = np.array(devices[: config.num_devices]).reshape(config.shape())
     return Mesh(grid, MESH_AXES)

@@ -130,6 +130,14 @@ class Engine:
     def warm_up(self, progress: bool = True) -> None:
         self.runner.warm_up(progress)
 
+    def ping(self) -> None:
+        """Over several processes: a collective that returns only if they are all there."""
+        self.runner.ping()
+
+    def close(self) -> None:
+        """Over several processes: release the followers (call once, when done)."""
+        self.runner.close()
+
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step, then process the previous step's tokens."""

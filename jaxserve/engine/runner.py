@@ -27,10 +27,12 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxserve.config import Config
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
+from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
 from jaxserve.engine.sampling import SamplerOutput
@@ -108,14 +110,17 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: 
     budget = config.cache.kv_cache_memory
     if budget <= 1:
         free = []
-        for device in mesh.devices.flat:
+        for device in mesh.local_devices:
             stats = device.memory_stats() or {}
             if "bytes_limit" not in stats:
                 raise ConfigError("cache.kv_cache_memory is a fraction, but this device reports "
                                   "no memory size; give a byte count instead")
             free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
         budget = budget * min(free)
-    return int(budget // page_bytes)
+    pages = int(budget // page_bytes)
+    if jax.process_count() > 1:  # every process must build the same cache
+        pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+    return pages
 
 
 class Runner:
@@ -156,10 +161,12 @@ class Runner:
         self._free_slots = [list(range(self.num_slots)) for _ in range(self.num_shards)]
         self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
         self.state = self._init_state()
-        self._prev_tokens = jax.device_put(
-            np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32), self._per_block)
+        self._prev_tokens = self._to_global(
+            np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[_MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int], object] = {}
+        # Over several processes, the leader tells the others what to run (multihost.py).
+        self.channel = StepChannel(self._buffer_shapes) if jax.process_count() > 1 else None
         compile_counter()
 
     # ----- device state ----------------------------------------------------------------
@@ -189,6 +196,16 @@ class Runner:
             pipe_x, history,
         )
 
+    def _to_global(self, host: np.ndarray) -> jax.Array:
+        """A [D, P, ...] host array (the same on every process) as a global array."""
+        if jax.process_count() == 1:
+            return jax.device_put(host, self._per_block)
+        return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
+
+    def _buffer_shapes(self, bucket: tuple[int, int]):
+        layout, blocks = self._layout(*bucket), (self.num_shards, self.stages)
+        return (*blocks, layout.num_ints), (*blocks, layout.num_floats)
+
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
         held = self._slot_of.pop(request_id, None)
@@ -209,17 +226,27 @@ class Runner:
         per_block = self._per_block.spec
         state = spec(self.state)
 
+        # Over several processes the leader reads every block's samples, so they are
+        # gathered onto every device (a few KB); in one process each block stays put.
+        gather = jax.process_count() > 1
+        out_spec = jax.sharding.PartitionSpec() if gather else per_block
+
         def shard_step(params, state, ints, floats, recv):
             inp = layout.unpack(ints[0, 0], floats[0, 0])
             state, out, send = self._step(params, state, inp, recv[0, 0])
-            return state, jax.tree.map(lambda a: a[None, None], out), send[None, None]
+            out = jax.tree.map(lambda a: a[None, None], out)
+            if gather:
+                out = jax.tree.map(lambda a: jax.lax.all_gather(
+                    a, ("data", PIPELINE_AXIS), axis=0, tiled=True).reshape(
+                        self.num_shards, self.stages, *a.shape[2:]), out)
+            return state, out, send[None, None]
 
         # check_vma off: the LM head's all_gather leaves the logits (and so the sampled
         # tokens and tables) equal on every tensor rank, but JAX types them as varying.
         return jax.shard_map(shard_step, mesh=self.mesh,
                              in_specs=(spec(self.params), state, per_block, per_block,
                                        per_block),
-                             out_specs=(state, per_block, per_block), check_vma=False)
+                             out_specs=(state, out_spec, per_block), check_vma=False)
 
     def _layout(self, num_tokens: int, num_seqs: int) -> Layout:
         return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
@@ -255,7 +282,9 @@ class Runner:
         return pairs
 
     def warm_up(self, progress: bool = True) -> None:
-        """Compile every bucket now, so serving never compiles."""
+        """Compile every bucket now, so serving never compiles (the followers too)."""
+        if self.channel is not None and self.channel.is_leader():
+            self.channel.send(Message(Op.WARM_UP))
         setup_compilation_cache(self.config.runner.compilation_cache_dir)
         pairs = self.bucket_pairs()
         for t, s in tqdm(pairs, desc="compiling buckets", disable=not progress, unit="bucket"):
@@ -282,18 +311,46 @@ class Runner:
         stages they enter stage 0, and the handle's rows are the micro-batch leaving the last
         stage."""
         self._ring.appendleft(self._micro_batch(sched, page_tables, prev))
-        bucket, inputs = self._tick_inputs(list(self._ring))
+        bucket, host = self._tick_inputs(list(self._ring))
         rows = self._ring[-1].rows if len(self._ring) == self.stages else []
         for seq in sched.seqs:
             if seq.samples:
                 seq.request.num_pending += 1
-        prev_tokens = prev.prev_tokens if prev is not None else self._prev_tokens
-        state, out, next_prev = self._executable(*bucket)(self.params, self.state, *inputs,
-                                                          prev_tokens)
-        self.state = state
+        if self.channel is not None:
+            self.channel.send(Message(Op.STEP, bucket, prev is not None, host.ints, host.floats))
+        out, next_prev = self._run(bucket, host.ints, host.floats,
+                                   prev.prev_tokens if prev is not None else None)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return StepHandle(rows, out, next_prev)
+
+    def _run(self, bucket, ints: np.ndarray, floats: np.ndarray, prev_tokens):
+        """Dispatch one compiled step (every process does, with the same inputs)."""
+        prev_tokens = self._prev_tokens if prev_tokens is None else prev_tokens
+        self.state, out, next_prev = self._executable(*bucket)(
+            self.params, self.state, self._to_global(ints), self._to_global(floats),
+            prev_tokens)
+        return out, next_prev
+
+    def follow(self) -> None:
+        """A follower's life: run what the leader sends until it says STOP."""
+        prev = None
+        while (message := self.channel.receive()).op != Op.STOP:
+            if message.op == Op.WARM_UP:
+                self.warm_up(progress=False)
+            elif message.op == Op.STEP:
+                _, prev = self._run(message.bucket, message.ints, message.floats,
+                                    prev if message.continues else None)
+
+    def ping(self) -> None:
+        """A collective over every process: returns only if they are all there."""
+        if self.channel is not None:
+            self.channel.send(Message(Op.PING))
+
+    def close(self) -> None:
+        """Let the followers go (the leader, once it has finished serving)."""
+        if self.channel is not None and self.channel.is_leader():
+            self.channel.send(Message(Op.STOP))
 
     @property
     def pipeline_busy(self) -> bool:
@@ -306,7 +363,8 @@ class Runner:
         """The (tokens, sequences) bucket and the packed inputs (ints, floats), each
         [D, P, ...] on the device, of a step that would run these sequences (profiling)."""
         ring = [self._micro_batch(sched, page_tables, prev), *list(self._ring)[:-1]]
-        return self._tick_inputs(ring[:self.stages])
+        bucket, host = self._tick_inputs(ring[:self.stages])
+        return bucket, (self._to_global(host.ints), self._to_global(host.floats))
 
     def run_prepared(self, bucket: tuple[int, int], inputs, prev_tokens):
         """Run one compiled step on prepared inputs (profiling): new state, outputs, tokens."""
@@ -334,7 +392,7 @@ class Runner:
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
         return _MicroBatch(host, rows)
 
-    def _tick_inputs(self, ring: list[_MicroBatch]) -> tuple[tuple[int, int], tuple]:
+    def _tick_inputs(self, ring: list[_MicroBatch]) -> tuple[tuple[int, int], HostInputs]:
         """Inputs of one step: stage s gets ring[s], all in the largest bucket among them."""
         T = max(mb.host.layout.T for mb in ring)
         S = max(mb.host.layout.S for mb in ring)
@@ -346,7 +404,7 @@ class Runner:
             for stage, mb in enumerate(ring):
                 for shard in range(self.num_shards):
                     mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
-        return (T, S), jax.device_put((host.ints, host.floats), self._per_block)
+        return (T, S), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[int, int]) -> None:

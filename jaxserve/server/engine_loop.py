@@ -5,6 +5,10 @@ validated request and get a RequestStream back; they `abort()` it when the clien
 away. Both only take a lock for a moment. The engine thread takes new submissions and
 aborts between steps, calls `engine.step()`, and hands each step's outputs to the streams
 with `loop.call_soon_threadsafe`; with nothing to do it sleeps on a condition variable.
+
+Over several processes a failed step means a peer is gone: the loop stops and reports it
+(`on_fatal`) instead of serving on. While idle it pings the peers every PING_INTERVAL_S, and
+`busy_for()` lets a watchdog see a step (or ping) that never returns.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import enum
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from jaxserve.engine.engine import Engine, EngineStats
@@ -98,13 +103,19 @@ class _Submission:
 
 
 Observer = Callable[[EngineStats, list[RequestOutput], int], None]
+PING_INTERVAL_S = 2.0
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, *, max_waiting: int, observer: Observer | None = None):
+    def __init__(self, engine: Engine, *, max_waiting: int, observer: Observer | None = None,
+                 on_fatal: Callable[[str], None] | None = None, multi_process: bool = False):
         self.engine = engine
         self.max_waiting = max_waiting
         self._observer = observer  # (stats, outputs, num_waiting), on the engine thread
+        self._on_fatal = on_fatal  # (message), on the engine thread
+        self._multi_process = multi_process
+        self._busy_since: float | None = None  # when the step or ping under way began
+        self._failed = False  # a fault ended the loop (see _fatal)
         self._cv = threading.Condition()
         self._inbox: list[_Submission] = []
         self._aborts: list[str] = []  # engine ids
@@ -182,6 +193,11 @@ class EngineLoop:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def busy_for(self) -> float:
+        """Seconds the step (or ping) under way has taken so far; 0 when none is."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     @property
     def num_waiting(self) -> int:
         with self._cv:
@@ -206,13 +222,19 @@ class EngineLoop:
             on_ready(error)
         while (work := self._take_work()) is not None:
             self._iterate(*work)
+            if self._failed:
+                return  # the server reports the fault and exits; no step can finish now
 
     def _take_work(self) -> tuple[list[_Submission], list[str]] | None:
         """Sleep until there is something to do; None once stopped (and wound down)."""
         with self._cv:
             while not (self._inbox or self._aborts or self._stopping
                        or self.engine.has_unfinished()):
-                self._cv.wait()
+                if self._multi_process:
+                    if not self._cv.wait(PING_INTERVAL_S) and not self._ping():
+                        return None
+                else:
+                    self._cv.wait()
             if self._stopping:
                 leftover = [*self._aborts, *self._streams]  # unknown ids are no-ops
             else:
@@ -266,10 +288,33 @@ class EngineLoop:
             self._fail([sub.stream.engine_id],
                        Failure(FailureKind.INTERNAL, f"{type(e).__name__}: {e}"))
 
+    def _ping(self) -> bool:
+        """(Idle, holding the lock) check that every peer process is still there."""
+        self._busy_since = time.monotonic()
+        try:
+            self.engine.ping()
+            return True
+        except Exception as e:
+            self._fatal(f"a peer process did not answer: {type(e).__name__}: {e}")
+            return False
+        finally:
+            self._busy_since = None
+
+    def _fatal(self, message: str) -> None:
+        log.error("%s", message)
+        self._stopping = self._failed = True
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
     def _step(self) -> list[RequestOutput]:
+        self._busy_since = time.monotonic()
         try:
             return self.engine.step()
         except Exception as e:
+            if self._multi_process:  # the processes are out of step: nothing can go on
+                with self._cv:
+                    self._fatal(f"a step failed across processes: {type(e).__name__}: {e}")
+                return []
             # A failure outside any one request (per-request failures come back as outputs
             # with FinishReason.ERROR): end the requests in flight, keep serving new ones.
             log.exception("engine step failed")
@@ -280,6 +325,8 @@ class EngineLoop:
             self._fail(engine_ids, Failure(FailureKind.INTERNAL,
                                            f"engine step failed: {type(e).__name__}: {e}"))
             return []
+        finally:
+            self._busy_since = None
 
     def _fail(self, engine_ids: list[str], failure: Failure) -> None:
         with self._cv:

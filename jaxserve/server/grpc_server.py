@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import jax
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SHUTDOWN_MESSAGE = "the server is shutting down"
+EXIT_PEER_LOST = 3  # a peer process was lost: the orchestrator should restart the group
 
 
 class InferenceServer:
@@ -54,17 +56,28 @@ class InferenceServer:
         self.engine = Engine(config, model.model_config, model.params, model.tokenizer,
                              model.mesh)
         self.metrics = ServerMetrics()
+        self.multi_process = jax.process_count() > 1
         self.engine_loop = EngineLoop(self.engine, max_waiting=config.scheduler.max_waiting,
-                                      observer=self.metrics.observe_engine)
+                                      observer=self.metrics.observe_engine,
+                                      on_fatal=self._fault_threadsafe,
+                                      multi_process=self.multi_process)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="jaxserve-tokenize")
         self._server: grpc.aio.Server | None = None
+        self.fault: str | None = None  # why the server gave up (a lost peer process)
+        self.failed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until warm_up); returns the port."""
         s = self.config.server
+        self._loop = asyncio.get_running_loop()
+        self.failed = asyncio.Event()
+        if self.multi_process:
+            self._spawn(self._watchdog())
         await self._set_health(NOT_SERVING)
         interceptors = []
         if s.auth_token:
@@ -110,6 +123,38 @@ class InferenceServer:
         await ready
         await self._set_health(SERVING)
 
+    # ----- faults: a lost peer process ----------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fault_threadsafe(self, message: str) -> None:
+        self._loop.call_soon_threadsafe(self._fault, message)
+
+    def _fault(self, message: str) -> None:
+        """NOT_SERVING, every request cut with UNAVAILABLE, and `failed` set for serve()."""
+        if self.fault is not None:
+            return
+        self.fault = message
+        log.error("giving up: %s", message)
+        self.engine_loop.stop_admitting()
+        self.engine_loop.cut_all(f"{message}; the server is going down, retry once it is "
+                                 "back")
+        self._spawn(self._set_health(NOT_SERVING))
+        self.failed.set()
+
+    async def _watchdog(self) -> None:
+        """A step (or idle ping) that does not return means a peer process is hung or gone."""
+        limit = self.config.distributed.step_timeout_s
+        while self.fault is None:
+            await asyncio.sleep(min(1.0, limit / 4))
+            busy = self.engine_loop.busy_for()
+            if busy > limit:
+                self._fault(f"a step across processes has not finished in {busy:.0f} s "
+                            f"(distributed.step_timeout_s={limit:g}): a peer process is "
+                            "lost or hung")
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, no new generations, `grace` seconds to finish, then stop."""
         grace = self.config.server.grace_period_s if grace is None else grace
@@ -126,8 +171,17 @@ class InferenceServer:
         if self._server is not None:
             await self._server.stop(1.0)  # lets the cut handlers send their status
         await loop.run_in_executor(None, self.engine_loop.stop, 60.0)
+        await loop.run_in_executor(None, self.engine.close)  # let the followers go
         self.metrics.stop_http()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def abandon(self) -> None:
+        """After a fault: stop listening; the engine thread may be stuck in a collective, so
+        it is left behind (the process is about to exit)."""
+        await asyncio.sleep(1.0)  # health checks and retries see NOT_SERVING / UNAVAILABLE
+        if self._server is not None:
+            await self._server.stop(0.5)
+        self.metrics.stop_http()
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -171,8 +225,9 @@ class ServerThread:
 
 
 async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
-                progress: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for server.grace_period_s."""
+                progress: bool = True) -> int:
+    """Serve until SIGTERM or SIGINT, then drain for server.grace_period_s; returns the exit
+    code (EXIT_PEER_LOST when a peer process was lost)."""
     server = InferenceServer(config, model, insecure=insecure)
     port = await server.start()
     s = config.server
@@ -185,15 +240,24 @@ async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
         loop.add_signal_handler(sig, stop.set)
     warm = asyncio.create_task(server.warm_up(progress))
     stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    failed = asyncio.create_task(server.failed.wait())
+    await asyncio.wait({warm, stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
     try:
-        if warm.done():
+        if warm.done() and server.fault is None:
             warm.result()  # a failed warm-up ends the server with its error
             print(f"jaxserve: serving {config.model.name} (health SERVING)", flush=True)
-            await stopped
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if server.fault is not None:
+            print(f"jaxserve: {server.fault}; exiting", file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
         print(f"jaxserve: draining (up to {s.grace_period_s:g} s)", file=sys.stderr,
               flush=True)
     finally:
         warm.cancel()
-        await server.shutdown()
+        failed.cancel()
+        if server.fault is None:
+            await server.shutdown()
+        else:
+            await server.abandon()
     print("jaxserve: stopped", file=sys.stderr, flush=True)
+    return 0

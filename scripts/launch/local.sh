@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Start N jaxserve processes on this machine as one deployment (process 0 leads and serves
+# gRPC; the others follow), with the machine's devices split between them.
+#
+#   scripts/launch/local.sh N CONFIG [serve args...]
+#   COMMAND=generate scripts/launch/local.sh 2 configs/x.yaml --prompt "Hello" --json
+#
+# GPUs: process i sees GPUs [i*G/N, (i+1)*G/N) (CUDA_VISIBLE_DEVICES). Without GPUs each
+# process gets DEVICES_PER_PROCESS host CPU devices (default 1). The coordinator listens on
+# 127.0.0.1:$COORDINATOR_PORT (default: a free port). SIGTERM or SIGINT goes to the leader,
+# which drains and then releases the followers. Exits with the leader's code; a follower
+# that fails first ends the group with its code.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 N CONFIG [args...]" >&2
+  exit 2
+fi
+n=$1
+config=$2
+shift 2
+here=$(cd "$(dirname "$0")/../.." && pwd)
+jaxserve=${JAXSERVE:-$here/.venv/bin/jaxserve}
+command=${COMMAND:-serve}
+port=${COORDINATOR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+
+pids=()
+for ((i = 0; i < n; i++)); do
+  env_vars=()
+  if [ "$gpus" -gt 0 ]; then
+    per=$((gpus / n))
+    env_vars+=("CUDA_VISIBLE_DEVICES=$(seq -s, $((i * per)) $((i * per + per - 1)))")
+  else
+    env_vars+=("XLA_FLAGS=${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}")
+  fi
+  extra=()
+  if [ "$i" -gt 0 ] && [ "$command" = serve ]; then
+    extra+=(--no-progress)
+  fi
+  env "${env_vars[@]}" "$jaxserve" "$command" --config "$config" \
+    --coordinator-address "127.0.0.1:$port" --num-processes "$n" --process-id "$i" \
+    "${extra[@]}" "$@" &
+  pids+=($!)
+done
+
+trap 'kill -TERM "${pids[0]}" 2>/dev/null || true' TERM INT
+# The group's exit code: the first non-zero one, the leader's first; 0 when all exit 0.
+# A follower that fails ends the wait at once (the leader then notices the loss itself).
+codes=()
+while true; do
+  for ((i = 0; i < n; i++)); do
+    if [ -z "${codes[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      code=0
+      wait "${pids[$i]}" || code=$?
+      codes[$i]=$code
+      echo "local.sh: process $i exited with $code" >&2
+    fi
+  done
+  if [ -n "${codes[0]:-}" ] || [[ " ${codes[*]} " =~ \ [1-9] ]]; then
+    break
+  fi
+  sleep 0.5
+done
+for ((i = 0; i < n; i++)); do
+  if [ -z "${codes[$i]:-}" ]; then
+    code=0
+    wait "${pids[$i]}" || code=$?
+    codes[$i]=$code
+    echo "local.sh: process $i exited with $code" >&2
+  fi
+done
+if [ "${codes[0]}" -ne 0 ]; then
+  exit "${codes[0]}"
+fi
+for code in "${codes[@]}"; do
+  if [ "$code" -ne 0 ]; then
+    exit "$code"
+  fi
+done
+exit 0

@@ -1,0 +1,192 @@
+"""Several processes on one machine (2 processes x 3 host CPU devices, gloo collectives),
+started by scripts/launch/local.sh: the leader serves the demo over gRPC with the same
+greedy tokens as transformers, followers exit 0 when the leader stops, a lost follower
+makes the leader go NOT_SERVING, fail requests with UNAVAILABLE and exit non-zero, and
+bad coordinates or configs are one-line errors."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from jaxserve.engine.request import SamplingParams
+from jaxserve.server.client import Client
+from sharding.distributed import DistributedConfig, initialize
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+LOCAL = REPO / "scripts" / "launch" / "local.sh"
+GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())["cases"]
+JAXSERVE = str(pathlib.Path(sys.executable).parent / "jaxserve")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**e, "JAXSERVE": JAXSERVE, "DEVICES_PER_PROCESS": "3", **extra}
+
+
+@pytest.fixture(scope="module")
+def config_file(demo_config, demo_model, tmp_path_factory):
+    """The demo on pipeline 2 x tensor 3 (two processes of three devices)."""
+    text = (REPO / "configs" / "smollm2-135m-cpu.yaml").read_text()
+    cache = demo_config.checkpoint.cache_dir
+    for old, new in (("cache_dir: ~/.cache/jaxserve", f"cache_dir: {cache}"),
+                     ("pipeline: 1", "pipeline: 2"), ("tensor: 1", "tensor: 3"),
+                     ("kv_cache_memory: 268435456", "kv_cache_memory: 16777216"),
+                     ("max_model_len: 2048", "max_model_len: 256"),
+                     ("token_buckets: [16, 64, 256]", "token_buckets: [16, 64]"),
+                     ("max_num_batched_tokens: 256", "max_num_batched_tokens: 64"),
+                     ("metrics_port: 9400", "metrics_port: null")):
+        assert old in text, old
+        text = text.replace(old, new)
+    text += "distributed:\n  init_timeout_s: 20\n  step_timeout_s: 10\n"
+    path = tmp_path_factory.mktemp("multihost") / "pp2-tp3.yaml"
+    path.write_text(text)
+    return path
+
+
+def start_group(config_file, port: int) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(LOCAL), "2", str(config_file), "--port", str(port)],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_serving(proc: subprocess.Popen, port: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with Client("127.0.0.1", port) as c:
+                if c.health(timeout=1) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the leader did not report SERVING")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_two_processes_serve_the_transformers_tokens_and_stop_together(config_file):
+    port = free_port()
+    group = start_group(config_file, port)
+    try:
+        wait_serving(group, port)
+        with Client("127.0.0.1", port) as client:
+            def ids(case):
+                params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
+                                        temperature=0.0)
+                return [t for c in client.generate(case["prompt_ids"], params, timeout=120)
+                        for t in c.token_ids]
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(ids, GOLDEN))
+        assert got == [case["greedy_ids"][:10] for case in GOLDEN]
+    finally:
+        if group.poll() is None:
+            group.send_signal(signal.SIGTERM)  # local.sh hands it to the leader
+    code, out = finish(group)
+    assert code == 0, out
+    assert "local.sh: process 0 exited with 0" in out and \
+        "local.sh: process 1 exited with 0" in out, out
+
+
+@pytest.mark.slow
+def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
+    port = free_port()
+    group = start_group(config_file, port)
+    try:
+        wait_serving(group, port)
+        children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        follower = [int(c) for c in children
+                    if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(follower) == 1, children
+        os.kill(follower[0], signal.SIGKILL)
+        lost = time.monotonic()
+        seen = []
+        with Client("127.0.0.1", port) as client:
+            while time.monotonic() - lost < 30:
+                try:
+                    seen.append(client.health(timeout=1))
+                    list(client.generate([1, 2, 3], SamplingParams(max_tokens=2), timeout=10))
+                except grpc.RpcError as e:
+                    seen.append(e.code())
+                    break
+                time.sleep(0.05)
+        assert seen[-1] == grpc.StatusCode.UNAVAILABLE, seen
+        code, out = finish(group)
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+    assert code == 3, out  # the leader's EXIT_PEER_LOST: the orchestrator restarts the group
+    assert time.monotonic() - lost < 30
+    assert "local.sh: process 0 exited with 3" in out, out
+
+
+def test_a_follower_with_a_wrong_coordinator_says_so_in_one_line(config_file):
+    r = subprocess.run([JAXSERVE, "serve", "--config", str(config_file),
+                        "--coordinator-address", f"127.0.0.1:{free_port()}",
+                        "--num-processes", "2", "--process-id", "1"],
+                       env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "jaxserve serve: error: cannot reach the coordinator 127.0.0.1:")
+
+
+def test_a_process_id_out_of_range_is_refused(config_file):
+    r = subprocess.run([JAXSERVE, "serve", "--config", str(config_file),
+                        "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+                        "--process-id", "2"], env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"jaxserve serve: error: {config_file}: "
+                                "distributed.process_id: 2 is outside [0, 2)")
+
+
+def test_processes_started_with_different_configs_both_refuse(config_file, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(config_file.read_text().replace("max_num_seqs: 16", "max_num_seqs: 8"))
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([JAXSERVE, "serve", "--config", str(path), "--port", "0",
+                               "--coordinator-address", address, "--num-processes", "2",
+                               "--process-id", str(i)],
+                              env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+                              stderr=subprocess.PIPE, text=True)
+             for i, path in enumerate((config_file, other))]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert err.strip().splitlines()[-1] == (
+            "jaxserve serve: error: process(es) [1] were started with a config that differs "
+            "from process 0's (model, checkpoint, cache, scheduler, runner or mesh); start "
+            "every process with the same config")
+
+
+def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():
+    lws = {"LWS_LEADER_ADDRESS": "group-0.svc", "LWS_GROUP_SIZE": "4", "LWS_WORKER_INDEX": "2"}
+    c = DistributedConfig().resolved(lws)
+    assert (c.coordinator_address, c.num_processes, c.process_id) == ("group-0.svc:8476", 4, 2)
+    explicit = DistributedConfig("h:1", 2, 0)
+    assert explicit.resolved(lws) == explicit  # flags win
+    assert initialize(DistributedConfig(), environ={}) is False  # one process: nothing to do
+    with pytest.raises(ValueError, match="--num-processes is missing"):
+        initialize(DistributedConfig(coordinator_address="h:1", process_id=0), environ={})
