@@ -162,23 +162,35 @@ def test_a_process_id_out_of_range_is_refused(config_file):
                                 "distributed.process_id: 2 is outside [0, 2)")
 
 
+def start_pair(configs, counts):
+    address = f"127.0.0.1:{free_port()}"
+    return [subprocess.Popen([JAXSERVE, "serve", "--config", str(path), "--port", "0",
+                              "--coordinator-address", address, "--num-processes", str(n),
+                              "--process-id", str(i)],
+                             env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+                             stderr=subprocess.PIPE, text=True)
+            for i, (path, n) in enumerate(zip(configs, counts, strict=True))]
+
+
 def test_processes_started_with_different_configs_both_refuse(config_file, tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text(config_file.read_text().replace("max_num_seqs: 16", "max_num_seqs: 8"))
-    address = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([JAXSERVE, "serve", "--config", str(path), "--port", "0",
-                               "--coordinator-address", address, "--num-processes", "2",
-                               "--process-id", str(i)],
-                              env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
-                              stderr=subprocess.PIPE, text=True)
-             for i, path in enumerate((config_file, other))]
-    for p in procs:
+    for p in start_pair((config_file, other), (2, 2)):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2, err
         assert err.strip().splitlines()[-1] == (
             "jaxserve serve: error: process(es) [1] were started with a config that differs "
             "from process 0's (model, checkpoint, cache, scheduler, runner or mesh); start "
             "every process with the same config")
+
+
+def test_a_mismatched_number_of_processes_is_refused_by_both(config_file):
+    for p in start_pair((config_file, config_file), (2, 3)):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert err.strip().splitlines()[-1] == (
+            "jaxserve serve: error: process(es) [1] were told --num-processes [3], but the "
+            "deployment has 2 processes")
 
 
 def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():

@@ -80,11 +80,20 @@ def config_digest(config: Config) -> bytes:
 
 
 def check_same_config(config: Config) -> None:
-    """ConfigError on every process when some process was started with another config."""
+    """ConfigError on every process when some process was started with another config, or
+    was told another number of processes than the deployment has."""
     if jax.process_count() == 1:
         return
-    mine = np.frombuffer(config_digest(config), np.uint8)
+    told = config.distributed.resolved().num_processes or jax.process_count()
+    mine = np.concatenate([np.frombuffer(config_digest(config), np.uint8).astype(np.int64),
+                           [told]])
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    counts = every[:, -1]
+    wrong = [i for i, n in enumerate(counts) if n != jax.process_count()]
+    if wrong:
+        raise ConfigError(f"process(es) {wrong} were told --num-processes "
+                          f"{sorted({int(counts[i]) for i in wrong})}, but the deployment "
+                          f"has {jax.process_count()} processes")
     differ = [i for i, d in enumerate(every) if not np.array_equal(d, every[0])]
     if differ:
         raise ConfigError(f"process(es) {differ} were started with a config that differs "

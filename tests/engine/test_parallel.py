@@ -78,9 +78,9 @@ def demo_reference(small_config, demo_prompts):
     (dict(pipeline=2), 15), (dict(pipeline=3), 10), (dict(pipeline=5), 6),
     (dict(pipeline=4), 8),  # 30 layers: 8, 8, 7, 7, the short stages padded to 8 slots
     (dict(pipeline=2, pipeline_layers=(20, 10)), 20),  # an explicit uneven split
-    (dict(pipeline=2, tensor=3), 15),
+    (dict(pipeline=2, tensor=3), 15), (dict(pipeline=3, data=2), 10),
 ], ids=["tensor3", "data2", "tensor3-data2", "pipeline2", "pipeline3", "pipeline5",
-        "pipeline4-balanced", "pipeline2-explicit", "pipeline2-tensor3"])
+        "pipeline4-balanced", "pipeline2-explicit", "pipeline2-tensor3", "pipeline3-data2"])
 def test_demo_model_gives_the_same_greedy_tokens_as_one_device(small_config, demo_prompts,
                                                                 demo_reference, mesh,
                                                                 layers_per_device):
