@@ -1,9 +1,10 @@
 """The only owner of KV page indices: allocation, reference counts, prefix cache, freeing.
 
 Page 0 is the null page: padding tokens write there and no sequence ever owns it.
-A full page whose tokens are known is registered under a hash of its whole prefix
+A full page whose tokens are known is registered under a SHA-256 of its whole prefix
 (chained page by page), so a later request with the same prefix shares it instead of
-recomputing it. Each sequence's chain is extended only by its new full pages, so the work
+recomputing it. A hit is also checked against the page's own tokens and the digest of the
+prefix before it, so no hash collision can hand one request another's KV. Each sequence's chain is extended only by its new full pages, so the work
 per step does not grow with the context. A shared page is only ever read: writes go to
 positions past the shared prefix, which lie in pages of the request's own.
 """
@@ -11,11 +12,23 @@ positions past the shared prefix, which lie in pages of the request's own.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
 NULL_PAGE = 0
+ROOT = b""  # the digest of the empty prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    """What a registered page holds: checked on every hit."""
+
+    digest: bytes  # SHA-256 of the prefix up to and including this page
+    parent: bytes  # the digest of the prefix before this page
+    tokens: tuple[int, ...]  # this page's tokens
 
 
 class PageTable:
@@ -28,9 +41,9 @@ class PageTable:
         self._free: collections.deque[int] = collections.deque(range(1, num_pages))
         self._refs = np.zeros(num_pages, np.int32)
         self._tables: dict[str, list[int]] = {}
-        self._chains: dict[str, tuple[int, int]] = {}  # seq -> (full pages hashed, last hash)
-        self._hash_of_page: dict[int, int] = {}  # page -> prefix hash
-        self._page_of_hash: dict[int, int] = {}  # prefix hash -> page
+        self._chains: dict[str, tuple[int, bytes]] = {}  # seq -> (full pages hashed, digest)
+        self._cached: dict[int, _Cached] = {}  # registered page -> what it holds
+        self._page_of_hash: dict[bytes, int] = {}  # prefix digest -> page
         # Registered pages nobody references, oldest first: reusable, evicted on demand.
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
 
@@ -65,7 +78,7 @@ class PageTable:
         """
         if seq_id in self._tables:
             raise ValueError(f"{seq_id=} already has a page table")
-        shared, chain = self._cached_prefix(token_ids) if use_cache else ([], 0)
+        shared, chain = self._cached_prefix(token_ids) if use_cache else ([], ROOT)
         for page in shared:
             self._take(page)
         self._tables[seq_id] = shared
@@ -97,11 +110,12 @@ class PageTable:
         done, h = self._chains[seq_id]
         ps = self.page_size
         for i in range(done, full):
-            h = _chain(h, token_ids[i * ps:(i + 1) * ps])
+            tokens = tuple(token_ids[i * ps:(i + 1) * ps])
+            parent, h = h, _chain(h, tokens)
             page = table[i]
-            if page in self._hash_of_page or h in self._page_of_hash:
+            if page in self._cached or h in self._page_of_hash:
                 continue
-            self._hash_of_page[page] = h
+            self._cached[page] = _Cached(h, parent, tokens)
             self._page_of_hash[h] = page
         if full > done:
             self._chains[seq_id] = (full, h)
@@ -112,24 +126,28 @@ class PageTable:
         for page in reversed(self._tables.pop(seq_id, [])):
             self._refs[page] -= 1
             if self._refs[page] == 0:
-                if page in self._hash_of_page:
+                if page in self._cached:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
 
     # ----- internals -----------------------------------------------------------------
-    def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], bytes]:
         """Cached pages of the prefix's full pages (leaving at least one token to compute),
-        and the chained hash of the last of them."""
+        and the chained digest of the last of them."""
         pages: list[int] = []
-        chain = 0
+        chain = ROOT
         if not self.enable_prefix_cache:
             return pages, chain
         ps = self.page_size
         for i in range((len(token_ids) - 1) // ps):
-            h = _chain(chain, token_ids[i * ps:(i + 1) * ps])
+            tokens = tuple(token_ids[i * ps:(i + 1) * ps])
+            h = _chain(chain, tokens)
             page = self._page_of_hash.get(h)
             if page is None:
+                break
+            held = self._cached[page]
+            if held.tokens != tokens or held.parent != chain:  # a collision: never share
                 break
             pages.append(page)
             chain = h
@@ -142,7 +160,7 @@ class PageTable:
 
     def _evict(self) -> int:
         page, _ = self._evictable.popitem(last=False)
-        del self._page_of_hash[self._hash_of_page.pop(page)]
+        del self._page_of_hash[self._cached.pop(page).digest]
         return page
 
     def check_integrity(self) -> None:
@@ -161,15 +179,15 @@ class PageTable:
         assert not (free_set & evictable), "a page is both free and evictable"
         assert not (used & (free_set | evictable)), "a page in use is also free"
         assert used | free_set | evictable == set(range(1, self.num_pages)), "a page is lost"
-        assert all(p in self._hash_of_page for p in evictable), "evictable page has no hash"
-        assert all(self._page_of_hash[h] == p for p, h in self._hash_of_page.items()), \
+        assert all(p in self._cached for p in evictable), "evictable page has no hash"
+        assert all(self._page_of_hash[c.digest] == p for p, c in self._cached.items()), \
             "prefix hash maps disagree"
-        assert len(self._page_of_hash) == len(self._hash_of_page), "prefix hash maps disagree"
+        assert len(self._page_of_hash) == len(self._cached), "prefix hash maps disagree"
         assert set(self._chains) == set(self._tables), "hash chains and tables disagree"
         assert all(n <= len(self._tables[s]) for s, (n, _) in self._chains.items()), \
             "a hash chain covers pages the sequence does not hold"
 
 
-def _chain(prefix_hash: int, page_tokens: Sequence[int]) -> int:
-    """The hash of a prefix extended by one full page of tokens."""
-    return hash((prefix_hash, tuple(page_tokens)))
+def _chain(prefix: bytes, page_tokens: tuple[int, ...]) -> bytes:
+    """The SHA-256 of a prefix (given by its digest) extended by one full page of tokens."""
+    return hashlib.sha256(prefix + np.asarray(page_tokens, np.int64).tobytes()).digest()

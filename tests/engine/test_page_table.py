@@ -154,3 +154,17 @@ def test_a_request_token_view_reads_prompt_and_output_without_copying():
     assert view[-1] == 5 and view[::2] == [1, 3, 5]
     req.output_ids.append(6)  # a view sees tokens appended after it was taken
     assert view[5] == 6
+
+
+def test_prefixes_that_collide_under_pythons_hash_are_never_shared():
+    # hash(-1) == hash(-2) in CPython, so (h, (-1, ...)) and (h, (-2, ...)) hash alike:
+    # a cache keyed by Python's hash would hand b the KV of a's different prefix.
+    pt = PageTable(num_pages=16, page_size=4)
+    a, b = [-1, 5, 6, 7, 8], [-2, 5, 6, 7, 8]
+    assert hash(tuple(a[:4])) == hash(tuple(b[:4]))
+    pt.admit("a", a)
+    pt.ensure("a", 5)
+    pt.register("a", a, 5)
+    assert pt.admit("b", b) == 0  # nothing shared
+    assert pt.admit("c", a) == 4  # the same prefix still is
+    pt.check_integrity()
