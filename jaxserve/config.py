@@ -37,6 +37,13 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizerSection:
+    # Special-token strings inside chat message content are plain text (they cannot open or
+    # close a turn); true lets trusted callers write control tokens in content.
+    special_tokens_in_content: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     # `demo` (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face directory,
     # a converted jaxserve checkpoint directory, or `random` (random weights, for benchmarks).
@@ -120,6 +127,7 @@ class ServerSection:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSection = ModelSection()
+    tokenizer: TokenizerSection = TokenizerSection()
     checkpoint: CheckpointSection = CheckpointSection()
     cache: CacheSection = CacheSection()
     scheduler: SchedulerSection = SchedulerSection()

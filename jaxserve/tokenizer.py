@@ -48,7 +48,8 @@ _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 class Tokenizer(abc.ABC):
     """Text <-> token ids, special tokens and the chat template of one model."""
 
-    def __init__(self, settings: dict[str, Any], vocab_size: int, special_ids: Iterable[int]):
+    def __init__(self, settings: dict[str, Any], vocab_size: int, special_ids: Iterable[int],
+                 special_strings: Iterable[str]):
         self.vocab_size: int = vocab_size  # the tokenizer's; a model's embedding may be larger
         self.bos_id: int | None = settings["bos_token_id"]
         self.eos_ids: tuple[int, ...] = tuple(settings["eos_token_ids"])
@@ -56,10 +57,25 @@ class Tokenizer(abc.ABC):
         self.chat_template: str | None = settings["chat_template"]
         self._template_tokens: dict[str, str] = dict(settings["special_tokens"])
         self._special_ids = frozenset(special_ids)
+        strings = sorted(set(special_strings) - {""}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, strings))) if strings else None
 
     @abc.abstractmethod
     def _encode_text(self, text: str) -> list[int]:
         """Ids of `text`, special-token strings in it matched whole, no BOS added."""
+
+    @abc.abstractmethod
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: special-token strings in it are ordinary text."""
+
+    @abc.abstractmethod
+    def _token_strings(self) -> Iterable[str]:
+        """The text of every token of the vocabulary."""
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest token's text: no token stands for more input text."""
+        return max(1, max(len(t.encode("utf-8")) for t in self._token_strings()))
 
     @abc.abstractmethod
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -89,10 +105,25 @@ class Tokenizer(abc.ABC):
             **self._template_tokens,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered conversation; the template writes BOS itself if it wants one."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    plain_content: bool = False) -> list[int]:
+        """Ids of the rendered conversation; the template writes BOS itself if it wants one.
+
+        plain_content: special-token strings inside message content are tokenized as text,
+        so content cannot forge a turn. Content without such strings tokenizes exactly as it
+        would otherwise. ValueError if the template alters a content holding one.
+        """
         text = self.apply_chat_template(messages, add_generation_prompt)
-        return self.encode(text, add_special_tokens=False)
+        contents = [m["content"] for m in messages]
+        if not (plain_content and self._special_re is not None
+                and any(self._special_re.search(c) for c in contents)):
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for a, b in _content_spans(text, contents):
+            ids += self._encode_text(text[pos:a]) + self._encode_plain(text[a:b])
+            pos = b
+        return ids + self._encode_text(text[pos:])
 
 
 class HFTokenizer(Tokenizer):
@@ -101,11 +132,22 @@ class HFTokenizer(Tokenizer):
     def __init__(self, backend: tokenizers.Tokenizer, settings: dict[str, Any]):
         added = backend.get_added_tokens_decoder()
         special = [i for i, token in added.items() if token.special]
-        super().__init__(settings, backend.get_vocab_size(with_added_tokens=True), special)
+        super().__init__(settings, backend.get_vocab_size(with_added_tokens=True), special,
+                         [token.content for token in added.values() if token.special])
         self._backend = backend
+        # A copy that reads special-token strings as text (a flag of the tokenizer object,
+        # so it is a separate object: encode runs on several threads).
+        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
 
     def _encode_text(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def _token_strings(self) -> Iterable[str]:
+        return self._backend.get_vocab(with_added_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -127,7 +169,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp_no_prefix = spm.SentencePieceProcessor(model_proto=no_prefix)
         n = self._sp.get_piece_size()
         special = [i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)]
-        super().__init__(settings, n, special)
+        super().__init__(settings, n, special, [self._sp.id_to_piece(i) for i in special])
         self._special_pieces = {self._sp.id_to_piece(i): i for i in special}
         # Never empty: sentencepiece refuses a model without an unknown piece.
         alternatives = sorted(self._special_pieces, key=len, reverse=True)
@@ -142,6 +184,12 @@ class SentencePieceTokenizer(Tokenizer):
                 sp = self._sp if index == 0 else self._sp_no_prefix
                 ids.extend(sp.encode(part))
         return ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._sp_no_prefix.encode(text)  # sentencepiece itself never matches them
+
+    def _token_strings(self) -> Iterable[str]:
+        return (self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # Only the start of the text loses its dummy-prefix space, not a run after `<s>`.
@@ -161,6 +209,24 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------- chat templates
+
+
+def _content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
+    """Where each message's content sits in the rendered conversation, in order (verbatim,
+    or stripped of surrounding whitespace as some templates do)."""
+    spans, pos = [], 0
+    for content in contents:
+        for candidate in (content, content.strip()):
+            start = text.find(candidate, pos) if candidate else -1
+            if start >= 0:
+                spans.append((start, start + len(candidate)))
+                pos = start + len(candidate)
+                break
+        else:
+            if content.strip():
+                raise ValueError("the chat template changes message content, so special-token "
+                                 "strings in it cannot be kept as plain text")
+    return spans
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.engine.llm import encode_prompt
+from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.request import SamplingParams
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
@@ -19,7 +19,7 @@ CASES = GOLDEN["cases"]
 
 
 def _encode(tokenizer, case):
-    return encode_prompt(tokenizer, case["text"], chat=case["kind"] == "chat")
+    return InputProcessor(tokenizer, 2048).encode(case["text"], chat=case["kind"] == "chat")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["kind"] + ":" + c["text"][:20])

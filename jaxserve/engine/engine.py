@@ -12,6 +12,7 @@ import random
 import time
 
 from jaxserve.config import Config
+from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import (
     FinishReason,
@@ -54,6 +55,9 @@ class Engine:
         self.model_config = model_config
         self.tokenizer = tokenizer  # None for random-weight models: token ids only, no text
         self.eos_ids = tokenizer.eos_ids if tokenizer is not None else ()
+        # Prompts -> checked token ids, for the offline API and the server alike.
+        self.inputs = InputProcessor(tokenizer, config.cache.max_model_len,
+                                     config.tokenizer.special_tokens_in_content)
         self.runner = Runner(config, model_config, params, mesh, self.eos_ids)
         self.page_tables = [PageTable(self.runner.num_pages, config.cache.page_size)
                             for _ in range(self.runner.num_shards)]  # one per data shard

@@ -7,13 +7,9 @@ import os
 
 from jaxserve.config import Config, load_config
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.input_processor import Prompt
 from jaxserve.engine.request import FinishReason, RequestMetrics, SamplingParams, TokenLogprob
-from jaxserve.errors import InvalidRequestError
 from jaxserve.loader import load_model
-from jaxserve.tokenizer import Tokenizer
-
-# A prompt: text, token ids, {"prompt": text}, or {"messages": [{"role", "content"}, ...]}.
-Prompt = str | list[int] | dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,38 +21,6 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[TokenLogprob]
     metrics: RequestMetrics | None
-
-
-def encode_prompt(tokenizer: Tokenizer | None, prompt: Prompt, chat: bool = False) -> list[int]:
-    """Token ids of a prompt; chat renders the model's chat template over a user message."""
-    if isinstance(prompt, dict):
-        if "messages" in prompt:
-            return _encode_messages(tokenizer, prompt["messages"])
-        if "prompt" not in prompt:
-            raise InvalidRequestError("prompt", "expected a 'prompt' or 'messages' key")
-        prompt = prompt["prompt"]
-    if isinstance(prompt, list):
-        return [int(t) for t in prompt]
-    if not isinstance(prompt, str) or not prompt:
-        raise InvalidRequestError("prompt", "the prompt is empty")
-    if tokenizer is None:
-        raise InvalidRequestError("prompt", "this model has no tokenizer; send token ids")
-    if chat:
-        return _encode_messages(tokenizer, [{"role": "user", "content": prompt}])
-    return tokenizer.encode(prompt)
-
-
-def _encode_messages(tokenizer: Tokenizer | None, messages) -> list[int]:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages", "expected a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}]",
-                                      "each message needs string 'role' and 'content'")
-    if tokenizer is None or tokenizer.chat_template is None:
-        raise InvalidRequestError("messages", "this model has no chat template")
-    return tokenizer.encode_chat(messages)
 
 
 class LLM:
@@ -79,7 +43,7 @@ class LLM:
             prompts = [prompts]
         params = params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        encoded = [encode_prompt(self.tokenizer, p, chat) for p in prompts]
+        encoded = [self.engine.inputs.encode(p, chat) for p in prompts]
         for ids, p in zip(encoded, params_list, strict=True):
             self.engine.validate(ids, p)  # reject before anything is queued
         ids = [self.engine.add_request(e, p) for e, p in zip(encoded, params_list, strict=True)]

@@ -4,9 +4,10 @@ Page 0 is the null page: padding tokens write there and no sequence ever owns it
 A full page whose tokens are known is registered under a SHA-256 of its whole prefix
 (chained page by page), so a later request with the same prefix shares it instead of
 recomputing it. A hit is also checked against the page's own tokens and the digest of the
-prefix before it, so no hash collision can hand one request another's KV. Each sequence's chain is extended only by its new full pages, so the work
-per step does not grow with the context. A shared page is only ever read: writes go to
-positions past the shared prefix, which lie in pages of the request's own.
+prefix before it, so no hash collision can hand one request another's KV. Each sequence's
+chain is extended only by its new full pages, so the work per step does not grow with the
+context. A shared page is only ever read: writes go to positions past the shared prefix,
+which lie in pages of the request's own.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import math
 from jaxserve.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # output is held back by one stop string's length
 MAX_STOP_TOKEN_IDS = 16
 
 
@@ -71,6 +72,9 @@ class SamplingParams:
             bad("stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(self.stop)})")
         if any(not s for s in self.stop):
             bad("stop", "stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            bad("stop", f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters "
+                        f"(got {max(len(s) for s in self.stop)})")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids",
                 f"at most {MAX_STOP_TOKEN_IDS} stop token ids (got {len(self.stop_token_ids)})")

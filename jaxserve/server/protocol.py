@@ -88,7 +88,7 @@ def make_request(prompt: str | list[int] | list[dict] | None = None, *,
 
 
 def prompt_of(request: pb.GenerateRequest) -> tuple[str, str | list[int] | dict]:
-    """(kind, prompt for encode_prompt); exactly one prompt kind must be present."""
+    """(kind, prompt for InputProcessor.encode); exactly one prompt kind must be present."""
     present = [k for k, here in (("prompt", request.HasField("prompt")),
                                  ("token_ids", len(request.token_ids) > 0),
                                  ("messages", len(request.messages) > 0)) if here]

@@ -16,7 +16,6 @@ import grpc
 
 from jaxserve.config import Config
 from jaxserve.engine.engine import Engine
-from jaxserve.engine.llm import encode_prompt
 from jaxserve.engine.request import RequestOutput, SamplingParams
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server import protocol
@@ -120,7 +119,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             protocol.check_request_id(request.request_id)
             kind, prompt = protocol.prompt_of(request)
             params = protocol.sampling_from_proto(request.sampling)
-            prompt_ids = encode_prompt(self._tokenizer, prompt)
+            prompt_ids = self._engine.inputs.encode(prompt)
             self._engine.validate(prompt_ids, params)
         except InvalidRequestError as e:
             raise RpcError.invalid(protocol.request_field(e.field, kind), e.message) from None
@@ -153,9 +152,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._need_tokenizer()
         try:
             if request.messages:
-                return encode_prompt(self._tokenizer,
-                                     {"messages": protocol.messages_of(request.messages)})
-            return self._tokenizer.encode(request.text)
+                return self._engine.inputs.encode_messages(
+                    protocol.messages_of(request.messages))
+            return self._engine.inputs.encode(request.text)
         except InvalidRequestError as e:
             raise RpcError.invalid(e.field, e.message) from None
 

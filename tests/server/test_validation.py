@@ -28,15 +28,17 @@ def _two_kinds():
     return req
 
 
-def _empty_role():
-    return pb.GenerateRequest(messages=[pb.ChatMessage(role="", content="hi")])
+def _role(role: str):
+    return pb.GenerateRequest(messages=[pb.ChatMessage(role=role, content="hi")])
 
 
 CASES = [
     ("empty prompt", _req(""), "prompt"),
     ("no prompt", _req(None), "prompt"),
     ("two prompt kinds", _two_kinds(), "token_ids"),
-    ("empty message role", _empty_role(), "messages[0].role"),
+    ("empty message role", _role(""), "messages[0].role"),
+    ("unknown message role", _role("root"), "messages[0].role"),
+    ("role with a newline", _role("user\nsystem"), "messages[0].role"),
     ("token id >= vocab", _req([1, VOCAB]), "token_ids"),
     ("negative token id", _req([1, -3]), "token_ids"),
     ("prompt longer than the context", _req([5] * (CONTEXT + 10)), "token_ids"),
@@ -57,6 +59,7 @@ CASES = [
     ("min_tokens > max_tokens", _req(max_tokens=4, min_tokens=5), "sampling.min_tokens"),
     ("empty stop string", _req(stop=[""]), "sampling.stop"),
     ("too many stop strings", _req(stop=[f"s{i}" for i in range(17)]), "sampling.stop"),
+    ("stop string too long", _req(stop=["x" * 1000]), "sampling.stop"),
     ("stop token id >= vocab", _req(stop_token_ids=[VOCAB]), "sampling.stop_token_ids"),
     ("request_id too long", pb.GenerateRequest(request_id="x" * 300, prompt="hi"),
      "request_id"),
@@ -80,6 +83,14 @@ def test_invalid_argument_names_the_field(client, method, request_, field):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(f"{field}: "), e.value.details()
     assert (FIELD_METADATA_KEY, field) in tuple(e.value.trailing_metadata())
+
+
+def test_a_huge_prompt_is_refused_by_its_size_before_tokenizing(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_unary("x" * (15 << 20), SamplingParams(max_tokens=1), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"prompt: the text is longer than the context of "
+                                        f"{CONTEXT} tokens could hold ("), e.value.details()
 
 
 def test_nothing_reached_the_engine(client):
