@@ -29,14 +29,13 @@ from jaxserve.errors import JaxserveError
 from jaxserve.loader import LoadedModel
 from jaxserve.server.engine_loop import EngineLoop
 from jaxserve.server.metrics import ServerMetrics
-from jaxserve.server.proto import jaxserve_pb2_grpc as pb_grpc
 from jaxserve.server.protocol import host_port
 from jaxserve.server.security import (
     BearerTokenInterceptor,
     check_bind_security,
     server_credentials,
 )
-from jaxserve.server.servicer import SERVICE_NAME, InferenceServicer
+from jaxserve.server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,8 @@ class InferenceServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(self.config, self.engine, self.engine_loop, self.metrics,
-                              self._executor), server)
+        add_to_server(InferenceServicer(self.config, self.engine, self.engine_loop,
+                                        self.metrics, self._executor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

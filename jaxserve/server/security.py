@@ -91,8 +91,9 @@ async def _unauthenticated(_request, context):
 
 
 def _rejecting(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only rejects."""
-    kwargs = dict(request_deserializer=handler.request_deserializer,
+    """A handler of the same kind as `handler` that only rejects, without deserializing the
+    request: nothing of an unauthenticated caller's message is parsed."""
+    kwargs = dict(request_deserializer=None,
                   response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(_unauthenticated, **kwargs)

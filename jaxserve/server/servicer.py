@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -70,13 +71,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ----- generation ----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
-        async with self._rpc("Generate", context):
+        async with self._rpc("Generate", context, request):
             async with contextlib.aclosing(self._generate(request, context)) as responses:
                 async for response in responses:
                     await context.write(response)
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        async with self._rpc("GenerateUnary", context):
+        async with self._rpc("GenerateUnary", context, request):
             whole, texts = pb.GenerateResponse(), []
             async with contextlib.aclosing(self._generate(request, context)) as responses:
                 async for response in responses:
@@ -141,7 +142,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ----- tokenizer and model -------------------------------------------------------------
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        async with self._rpc("Tokenize", context):
+        async with self._rpc("Tokenize", context, request):
             return pb.TokenizeResponse(token_ids=await self._run(self._tokenize, request))
 
     def _tokenize(self, request: pb.TokenizeRequest) -> list[int]:
@@ -159,7 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise RpcError.invalid(e.field, e.message) from None
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
-        async with self._rpc("Detokenize", context):
+        async with self._rpc("Detokenize", context, request):
             return pb.DetokenizeResponse(text=await self._run(self._detokenize, request))
 
     def _detokenize(self, request: pb.DetokenizeRequest) -> str:
@@ -177,7 +178,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                            "this model has no tokenizer (random weights): use token ids")
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        async with self._rpc("GetModelInfo", context):
+        async with self._rpc("GetModelInfo", context, request):
             return self._model_info()
 
     def _model_info(self) -> pb.ModelInfo:
@@ -202,10 +203,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context):
+    async def _rpc(self, method: str, context, request):
         """Maps RpcError to its status, counts every outcome by gRPC code."""
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, Undecodable):
+                log.warning("%s: undecodable request: %s", method, request.reason)
+                raise RpcError.invalid("request", f"cannot decode the message: "
+                                                  f"{request.reason}")
             yield
         except RpcError as e:
             code = e.code
@@ -222,6 +227,40 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(code, f"internal error: {type(e).__name__}: {e}")
         finally:
             self._metrics.count(method, code.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Undecodable:
+    """A request message that did not parse (corrupt bytes, a string that is not UTF-8)."""
+
+    reason: str
+
+
+def _lenient(parse):
+    """A deserializer that hands the handler an Undecodable instead of raising, so the
+    client gets INVALID_ARGUMENT rather than UNKNOWN and the log one line, not a traceback."""
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 -- protobuf raises DecodeError and others
+            return Undecodable(f"{type(e).__name__}: {str(e)[:200]}")
+    return deserialize
+
+
+def add_to_server(servicer: InferenceServicer, server) -> None:
+    """Register the service with lenient request deserializers."""
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    handlers = {}
+    for m in service.methods:
+        make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = make(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name).FromString),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _response(request_id: str, outputs: list[RequestOutput]) -> pb.GenerateResponse:

@@ -121,3 +121,11 @@ def test_serve_refuses_insecure_public_bind_before_loading(capsys):
     code = cli.main(["serve", "--config", str(REPO_CONFIG), "--host", "0.0.0.0"])
     assert code == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+def test_an_unauthenticated_call_is_refused_before_its_message_is_parsed(port, cert):
+    with _client(port, cert, token=None) as client:
+        call = client.channel.unary_unary("/jaxserve.v1.InferenceService/GenerateUnary")
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\xff\xff\xff\xff", timeout=30)  # garbage: never deserialized
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -124,3 +124,22 @@ def test_tokenizer_rpcs_validate(client, call, field):
         call(client)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(f"{field}: ")
+
+
+def _raw(client, method: str, data: bytes) -> grpc.RpcError:
+    call = client.channel.unary_unary(f"/jaxserve.v1.InferenceService/{method}")
+    with pytest.raises(grpc.RpcError) as e:
+        call(data, timeout=30, metadata=client.metadata)
+    return e.value
+
+
+@pytest.mark.parametrize("data", [
+    b"\xff\xff\xff\xff",  # not a protobuf message
+    b"\x12\x02\xc3\x28",  # field 2 (prompt): a string that is not UTF-8
+], ids=["corrupt", "not-utf8"])
+def test_undecodable_requests_are_invalid_argument(client, data):
+    for method in ("GenerateUnary", "Tokenize"):
+        error = _raw(client, method, data)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        assert error.details().startswith("request: cannot decode the message: ")
+    assert client.model_info().num_running == 0  # and the server goes on serving
