@@ -48,12 +48,15 @@ class CheckpointSection:
     # `demo` (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face directory,
     # a converted jaxserve checkpoint directory, or `random` (random weights, for benchmarks).
     source: str = "demo"
-    path: str | None = None  # where the converted checkpoint lives; default: cache_dir/<name>
+    # Where the converted checkpoint lives; default: cache_dir/checkpoints/<name>-<identity>,
+    # so that another source (or the same file changed) converts anew.
+    path: str | None = None
     cache_dir: str = "~/.cache/jaxserve"
     random_shape: str | None = None  # for source=random: a model_config.json to take shapes from
 
-    def converted_path(self, model_name: str) -> Path:
-        base = self.path or os.path.join(self.cache_dir, "checkpoints", model_name)
+    def converted_path(self, model_name: str, identity: str) -> Path:
+        base = self.path or os.path.join(self.cache_dir, "checkpoints",
+                                         f"{model_name}-{identity[:12]}")
         return Path(os.path.expanduser(base))
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.checkpoint import orbax_store
-from jaxserve.checkpoint.convert import convert
+from jaxserve.checkpoint.convert import convert, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.config import Config
 from jaxserve.errors import CheckpointError, ConfigError
@@ -42,17 +42,32 @@ class LoadedModel:
 
 
 def checkpoint_dir(config: Config, progress: bool = True) -> Path:
-    """The converted checkpoint for this config, converting the source on first use."""
+    """The converted checkpoint for this config, converting the source on first use.
+
+    Converted checkpoints are keyed by their source's identity (path, file sizes and times,
+    conversion options): a changed or different source converts anew, never reusing
+    another's weights, and a missing source is an error.
+    """
     ck = config.checkpoint
-    source = ck.source
-    if source != "demo" and (Path(source).expanduser() / orbax_store.MARKER).is_file():
-        return Path(source).expanduser()
-    out = ck.converted_path(config.model.name)
+    if ck.source == "demo":
+        src = demo_gguf(ck.cache_dir)
+    else:
+        src = Path(ck.source).expanduser()
+        if not src.exists():
+            raise CheckpointError(f"checkpoint.source: {ck.source} does not exist")
+        if (src / orbax_store.MARKER).is_file():
+            return src  # already a converted checkpoint
+    identity = source_identity(src)
+    out = ck.converted_path(config.model.name, identity)
     if (out / orbax_store.MARKER).is_file():
-        return out
-    src = demo_gguf(ck.cache_dir) if source == "demo" else Path(source).expanduser()
+        if orbax_store.check_complete(out).get("source_identity") == identity:
+            return out
+        if ck.path:
+            raise CheckpointError(
+                f"checkpoint.path: {out} holds a conversion of another source (or of an "
+                f"older version of {src}); remove it or choose another path")
     print(f"converting {src} -> {out} (once; later starts reuse it)", file=sys.stderr)
-    convert(src, out, progress=progress)
+    convert(src, out, progress=progress, overwrite=out.exists())
     return out
 
 

@@ -49,8 +49,8 @@ Specs = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]
 
 
 def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None,
-         progress: bool = True, *, tokenizer: bool = True,
-         overwrite: bool = False) -> ModelConfig:
+         progress: bool = True, *, tokenizer: bool = True, overwrite: bool = False,
+         identity: str | None = None) -> ModelConfig:
     """Convert `source` into an Orbax checkpoint at `out_dir`, stored in `dtype`.
 
     dtype: float32 | bfloat16 | float16; None means `source.default_dtype`.
@@ -74,7 +74,7 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         if tokenizer:
             source.write_tokenizer_assets(tmp)
         _write_marker(tmp, {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype,
-                            "source": str(source.path)})
+                            "source": str(source.path), "source_identity": identity})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -241,3 +241,30 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="expected a .gguf file or a Hugging Face"):
         convert(tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
+    from jaxserve.config import Config
+    from jaxserve.loader import checkpoint_dir
+
+    src = write_hf(tmp_path / "hf", hf_weights(seed=1), hf_config())
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(
+        str(src / "tokenizer.json"))
+    config = Config().replace(model__name="tiny", checkpoint__source=str(src),
+                              checkpoint__cache_dir=str(tmp_path / "cache"))
+    mesh = make_mesh(MeshConfig())
+    first = checkpoint_dir(config, progress=False)
+    assert checkpoint_dir(config, progress=False) == first  # converted once, reused
+    embedding = lambda d: np.asarray(load(d, mesh)[1]["embedding"])
+    np.testing.assert_array_equal(embedding(first), hf_weights(seed=1)["model.embed_tokens.weight"])
+    # The same source path with other weights (same model.name): converted anew, not reused.
+    (src / "model.safetensors").unlink()
+    safetensors.numpy.save_file(hf_weights(seed=2), src / "model.safetensors")
+    second = checkpoint_dir(config, progress=False)
+    assert second != first
+    np.testing.assert_array_equal(embedding(second),
+                                  hf_weights(seed=2)["model.embed_tokens.weight"])
+    missing = config.replace(checkpoint__source=str(tmp_path / "nope.gguf"))
+    with pytest.raises(CheckpointError, match=r"checkpoint.source: .*nope.gguf does not exist"):
+        checkpoint_dir(missing, progress=False)
