@@ -115,6 +115,8 @@ class EngineLoop:
         self._on_fatal = on_fatal  # (message), on the engine thread
         self._multi_process = multi_process
         self._busy_since: float | None = None  # when the step or ping under way began
+        # Sequences that can run at once: a burst may fill them besides the waiting bound.
+        self._slots = engine.config.scheduler.max_num_seqs * engine.runner.num_shards
         self._failed = False  # a fault ended the loop (see _fatal)
         self._cv = threading.Condition()
         self._inbox: list[_Submission] = []
@@ -144,9 +146,11 @@ class EngineLoop:
             if request_id in self._client_ids:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already running")
             waiting = len(self._inbox) + self._engine_waiting
-            if waiting >= self.max_waiting:
-                raise QueueFullError(f"{waiting} requests are waiting "
-                                     f"(scheduler.max_waiting={self.max_waiting})")
+            free = max(0, self._slots - self.stats.num_running)
+            if waiting >= self.max_waiting + free:
+                raise QueueFullError(f"{waiting} requests are waiting or starting "
+                                     f"(scheduler.max_waiting={self.max_waiting} beyond the "
+                                     f"{self._slots} running slots)")
             stream = RequestStream(request_id, f"{request_id}#{next(self._ids)}", loop)
             self._streams[stream.engine_id] = stream
             self._client_ids.add(request_id)

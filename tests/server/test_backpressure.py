@@ -29,7 +29,7 @@ def test_full_waiting_queue_is_resource_exhausted(client, wait, pages_back):
     with pytest.raises(grpc.RpcError) as e:
         client.generate_unary("One too many", LONG, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_waiting=2" in e.value.details()
+    assert "max_waiting=2 beyond the 1 running slots" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         list(client.generate("Streaming, one too many", LONG, timeout=30))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -39,6 +39,22 @@ def test_full_waiting_queue_is_resource_exhausted(client, wait, pages_back):
     # room again
     reply = client.generate_unary("After", SamplingParams(max_tokens=2), timeout=60)
     assert reply.usage.completion_tokens == 2
+
+
+def test_a_burst_may_fill_the_free_running_slots_besides_the_waiting_queue(
+        server_config, start_server, pages_back):
+    """Four free slots and room for two to wait: six at once are all taken (the waiting
+    bound alone used to refuse all but three)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = server_config.replace(scheduler__max_num_seqs=4, scheduler__max_waiting=2)
+    with start_server(config) as (_, port), Client("127.0.0.1", port) as c:
+        short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda i: c.generate_unary(f"burst {i}", short, timeout=120),
+                                    range(6)))
+        assert [r.usage.completion_tokens for r in replies] == [3] * 6
+        pages_back(c, 0)
 
 
 def test_message_over_the_limit_is_resource_exhausted(client):
