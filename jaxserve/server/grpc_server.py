@@ -81,14 +81,18 @@ class InferenceServer:
         interceptors = []
         if s.auth_token:
             interceptors.append(BearerTokenInterceptor(
-                s.auth_token, lambda method: self.metrics.count(method, "UNAUTHENTICATED")))
+                s.auth_token,
+                lambda method: self.metrics.count(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")))
         server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", s.max_message_bytes),
+            # Twice the limit reaches the handlers, which refuse (and count) what is over it;
+            # beyond that the transport refuses alone.
+            ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
         add_to_server(InferenceServicer(self.config, self.engine, self.engine_loop,
-                                        self.metrics, self._executor), server)
+                                        self.metrics, self._executor), server,
+                      s.max_message_bytes)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

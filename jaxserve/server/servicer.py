@@ -74,7 +74,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async with self._rpc("Generate", context, request):
             async with contextlib.aclosing(self._generate(request, context)) as responses:
                 async for response in responses:
-                    await context.write(response)
+                    await context.write(self._fits(response))
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         async with self._rpc("GenerateUnary", context, request):
@@ -84,7 +84,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     texts.append(response.text)
                     whole.MergeFrom(response)  # appends repeated fields; last chunk's scalars
             whole.text = "".join(texts)
-            return whole
+            return self._fits(whole)
 
     async def _generate(self, request: pb.GenerateRequest, context):
         """Responses of one request, each holding what arrived since the previous one."""
@@ -143,7 +143,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # ----- tokenizer and model -------------------------------------------------------------
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         async with self._rpc("Tokenize", context, request):
-            return pb.TokenizeResponse(token_ids=await self._run(self._tokenize, request))
+            return self._fits(pb.TokenizeResponse(
+                token_ids=await self._run(self._tokenize, request)))
 
     def _tokenize(self, request: pb.TokenizeRequest) -> list[int]:
         if request.text and request.messages:
@@ -161,7 +162,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         async with self._rpc("Detokenize", context, request):
-            return pb.DetokenizeResponse(text=await self._run(self._detokenize, request))
+            return self._fits(pb.DetokenizeResponse(
+                text=await self._run(self._detokenize, request)))
 
     def _detokenize(self, request: pb.DetokenizeRequest) -> str:
         self._need_tokenizer()
@@ -204,29 +206,56 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context, request):
-        """Maps RpcError to its status, counts every outcome by gRPC code."""
-        code = grpc.StatusCode.OK
+        """Maps RpcError to its status; counts every RPC once, with the code its client got.
+
+        The count is taken when gRPC reports the RPC done: a handler that returned after the
+        client's deadline (or was cut by it) counts DEADLINE_EXCEEDED, not OK or CANCELLED.
+        """
+        outcome: list[grpc.StatusCode] = []  # the handler's own verdict, when it has one
+        context.add_done_callback(lambda _: self._metrics.count(
+            method, _final_code(outcome, context).name))
         try:
             if isinstance(request, Undecodable):
                 log.warning("%s: undecodable request: %s", method, request.reason)
                 raise RpcError.invalid("request", f"cannot decode the message: "
                                                   f"{request.reason}")
+            if isinstance(request, Oversize):
+                raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the request has {request.size} bytes; the limit is "
+                               f"{self._config.server.max_message_bytes} "
+                               "(server.max_message_bytes)")
             yield
+            outcome.append(grpc.StatusCode.OK)
         except RpcError as e:
-            code = e.code
+            outcome.append(e.code)
             metadata = ((FIELD_METADATA_KEY, e.field),) if e.field else ()
             await context.abort(e.code, e.details, metadata)
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None
-                    and remaining <= 0 else grpc.StatusCode.CANCELLED)
-            raise
+            raise  # the client went away or its deadline passed: _final_code tells which
         except Exception as e:
-            code = grpc.StatusCode.INTERNAL
+            outcome.append(grpc.StatusCode.INTERNAL)
             log.exception("%s failed", method)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        finally:
-            self._metrics.count(method, code.name)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error: {type(e).__name__}: {e}")
+
+    def _fits(self, response):
+        """A response over server.max_message_bytes: RESOURCE_EXHAUSTED from us, counted, rather
+        than a transport failure after a handler that thinks it succeeded."""
+        size = response.ByteSize()
+        if size > self._config.server.max_message_bytes:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the response would have {size} bytes; the limit is "
+                           f"{self._config.server.max_message_bytes} "
+                           "(server.max_message_bytes)")
+        return response
+
+
+def _final_code(outcome: list[grpc.StatusCode], context) -> grpc.StatusCode:
+    """What the client got: a deadline that passed wins over whatever the handler did."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return outcome[0] if outcome else grpc.StatusCode.CANCELLED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +265,20 @@ class Undecodable:
     reason: str
 
 
-def _lenient(parse):
-    """A deserializer that hands the handler an Undecodable instead of raising, so the
-    client gets INVALID_ARGUMENT rather than UNKNOWN and the log one line, not a traceback."""
+@dataclasses.dataclass(frozen=True)
+class Oversize:
+    """A request message over server.max_message_bytes (left unparsed)."""
+
+    size: int
+
+
+def _lenient(parse, max_bytes: int):
+    """A deserializer that hands the handler an Undecodable or Oversize marker instead of
+    raising, so the client gets INVALID_ARGUMENT or RESOURCE_EXHAUSTED rather than UNKNOWN,
+    the log one line rather than a traceback, and the RPC is counted."""
     def deserialize(data: bytes):
+        if len(data) > max_bytes:
+            return Oversize(len(data))
         try:
             return parse(data)
         except Exception as e:  # noqa: BLE001 -- protobuf raises DecodeError and others
@@ -247,7 +286,7 @@ def _lenient(parse):
     return deserialize
 
 
-def add_to_server(servicer: InferenceServicer, server) -> None:
+def add_to_server(servicer: InferenceServicer, server, max_bytes: int) -> None:
     """Register the service with lenient request deserializers."""
     service = pb.DESCRIPTOR.services_by_name["InferenceService"]
     handlers = {}
@@ -256,7 +295,8 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
                 else grpc.unary_unary_rpc_method_handler)
         handlers[m.name] = make(
             getattr(servicer, m.name),
-            request_deserializer=_lenient(getattr(pb, m.input_type.name).FromString),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name).FromString,
+                                          max_bytes),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))

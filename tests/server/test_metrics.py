@@ -1,0 +1,78 @@
+"""jaxserve_requests_total counts every RPC once, under the code its client got and the
+method's short name: deadlines (also short ones), cancels, missing tokens, requests and
+responses over server.max_message_bytes."""
+
+import grpc
+import pytest
+
+from jaxserve.engine.request import SamplingParams
+from jaxserve.server.client import Client
+
+TOKEN = "metrics-token"
+LIMIT = 8 * 1024
+LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def served(server_config, start_server):
+    config = server_config.replace(server__auth_token=TOKEN, server__max_message_bytes=LIMIT)
+    with start_server(config) as (thread, port):
+        yield thread.server, port
+
+
+def counted(server, method, code):
+    return server.metrics.registry.get_sample_value(
+        "jaxserve_requests_total", {"method": method, "code": code}) or 0.0
+
+
+def expect(server, wait, method, code, before, n=1):
+    wait(lambda: counted(server, method, code) == before + n, 30,
+         what=f"{n} more {method} {code}")
+    assert counted(server, method, code) == before + n
+
+
+def failure(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        result = call()
+        list(result) if not hasattr(result, "usage") else result
+    return e.value.code()
+
+
+def test_every_rpc_is_counted_under_the_code_its_client_got(served, wait, pages_back):
+    server, port = served
+    with Client("127.0.0.1", port, token=TOKEN) as c:
+        before = counted(server, "GenerateUnary", "OK")
+        c.generate_unary("Hi", SamplingParams(max_tokens=2), timeout=60)
+        expect(server, wait, "GenerateUnary", "OK", before)
+
+        before = counted(server, "Generate", "DEADLINE_EXCEEDED")
+        assert failure(lambda: c.generate("Hi", LONG, timeout=0.5)) == \
+            grpc.StatusCode.DEADLINE_EXCEEDED
+        expect(server, wait, "Generate", "DEADLINE_EXCEEDED", before)
+
+        before = counted(server, "GenerateUnary", "DEADLINE_EXCEEDED")
+        for _ in range(5):  # 50 ms: cut early, while tokenizing or at the first steps
+            assert failure(lambda: c.generate_unary("Hi", LONG, timeout=0.05)) == \
+                grpc.StatusCode.DEADLINE_EXCEEDED
+        expect(server, wait, "GenerateUnary", "DEADLINE_EXCEEDED", before, n=5)
+
+        before = counted(server, "Generate", "CANCELLED")
+        stream = c.generate("Hi", LONG)
+        next(stream)
+        stream.cancel()
+        expect(server, wait, "Generate", "CANCELLED", before)
+
+        before = counted(server, "GenerateUnary", "RESOURCE_EXHAUSTED")
+        assert failure(lambda: c.generate_unary("x" * (LIMIT + 10), LONG, timeout=30)) == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED  # the request is over the limit
+        big = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=20)
+        assert failure(lambda: c.generate_unary("Hi", big, timeout=60)) == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED  # the response would be
+        expect(server, wait, "GenerateUnary", "RESOURCE_EXHAUSTED", before, n=2)
+        pages_back(c, 0)
+
+    with Client("127.0.0.1", port) as no_token:
+        before = counted(server, "Generate", "UNAUTHENTICATED")
+        assert failure(lambda: no_token.generate("Hi", LONG, timeout=30)) == \
+            grpc.StatusCode.UNAUTHENTICATED
+        expect(server, wait, "Generate", "UNAUTHENTICATED", before)
