@@ -19,6 +19,8 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: server.port; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus port (default: server.metrics_port; 0 picks a free one)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without TLS and a bearer token")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -73,10 +75,14 @@ def cmd_serve(args) -> int:
     from jaxserve.config import load_config
     from jaxserve.loader import load_model
     from jaxserve.server.grpc_server import EXIT_PEER_LOST, serve
-    from jaxserve.server.security import check_bind_security, server_credentials
+    from jaxserve.server.security import (
+        check_bind_security,
+        check_ports_free,
+        server_credentials,
+    )
 
     config = load_config(args.config)
-    overrides = {f"server__{k}": getattr(args, k) for k in ("host", "port")
+    overrides = {f"server__{k}": getattr(args, k) for k in ("host", "port", "metrics_port")
                  if getattr(args, k) is not None}
     try:
         config = config.replace(**overrides)
@@ -88,6 +94,7 @@ def cmd_serve(args) -> int:
         return launch.follow(config, progress)
     check_bind_security(config.server, args.insecure)  # before the slow part
     server_credentials(config.server)
+    check_ports_free(config.server)
     model = load_model(config, progress=progress)
     code = asyncio.run(serve(config, model, insecure=args.insecure, progress=progress))
     if code == EXIT_PEER_LOST:  # the engine thread may be stuck in a collective: leave now

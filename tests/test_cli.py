@@ -85,3 +85,23 @@ def test_bad_files_exit_2(capsys, tmp_path):
     fake.write_bytes(b"GGUF" + b"\0" * 10)
     code, _, err = run(capsys, "convert", str(fake), str(tmp_path / "o"))
     assert code == 2 and "fake.gguf" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag,key", [("--port", "server.port"),
+                                      ("--metrics-port", "server.metrics_port")])
+def test_serve_reports_a_busy_port_in_one_line_before_loading(tmp_path, capsys, flag, key):
+    import socket
+
+    config = tmp_path / "c.yaml"  # a source that does not exist: loading would fail loudly
+    config.write_text("checkpoint:\n  source: /nonexistent/model.gguf\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = "--metrics-port" if flag == "--port" else "--port"
+        code = cli.main(["serve", "--config", str(config), flag, str(port), other, "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"jaxserve serve: error: {key}={port}: cannot listen on "
+                          f"127.0.0.1:{port}"), err
+    assert len(err.splitlines()) == 1

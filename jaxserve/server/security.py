@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,24 @@ def check_bind_security(server: ServerSection, insecure: bool) -> None:
             f"server.host={server.host!r} is not a loopback address and the server has no "
             f"{' and no '.join(missing)}; configure them, or pass --insecure to serve "
             f"without them")
+
+
+def check_ports_free(server: ServerSection) -> None:
+    """ConfigError naming the key when the gRPC or metrics port is taken: checked before
+    the model loads, so a clash costs a second, not a load and a traceback."""
+    for key, port in (("server.port", server.port), ("server.metrics_port",
+                                                     server.metrics_port)):
+        if not port:
+            continue  # 0 picks a free port; None turns the endpoint off
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((server.host.strip("[]"), port))
+            except OSError as e:
+                raise ConfigError(f"{key}={port}: cannot listen on {server.host}:{port} "
+                                  f"({e.strerror or e}); is another server running there?"
+                                  ) from None
 
 
 def server_credentials(server: ServerSection) -> grpc.ServerCredentials | None:
