@@ -18,7 +18,9 @@ EXIT_USAGE = 2
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
+    from jaxserve.engine.request import DEFAULT_MAX_TOKENS
+
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
@@ -45,18 +47,25 @@ def _read_prompts(path: str) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    from jaxserve.engine.llm import LLM
-
-    prompts: list = list(args.prompt)
-    if args.input:
-        prompts += _read_prompts(args.input)
-    if not prompts:
-        raise JaxserveError("generate: give at least one --prompt or an --input file")
     from jaxserve import launch
     from jaxserve.config import load_config
+    from jaxserve.engine.llm import LLM
 
-    params = _sampling_params(args)
+    # Everything that can be checked without the model is checked before it loads.
+    prompts: list = list(args.prompt)
+    if any(not p for p in prompts):
+        raise JaxserveError("--prompt: the prompt is empty")
+    if args.input:
+        rows = _read_prompts(args.input)
+        if not rows:
+            raise JaxserveError(f"{args.input}: no prompts in it (expected JSONL lines of "
+                                '{"prompt": ...} or {"messages": [...]})')
+        prompts += rows
+    if not prompts:
+        raise JaxserveError("generate: give at least one --prompt or an --input file")
     config = launch.with_distributed_args(load_config(args.config), args, args.config)
+    params = _sampling_params(args)
+    params.validate(vocab_size=2**31 - 1, max_logprobs=config.runner.max_logprobs)
     if not launch.join(config):  # a follower: the leader's steps until it is done
         return launch.follow(config, progress=not args.json)
     llm = LLM(config, progress=not args.json)

@@ -13,8 +13,14 @@ def read_jsonl(path: str | Path, what: str = "input file") -> list[tuple[int, di
     p = Path(path)
     if not p.is_file():
         raise JaxserveError(f"{p}: {what} not found")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise JaxserveError(f"{p}:{line}: not UTF-8 text (byte {e.start}: "
+                            f"{p.read_bytes()[e.start:e.start + 1]!r})") from None
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -105,3 +105,20 @@ def test_serve_reports_a_busy_port_in_one_line_before_loading(tmp_path, capsys, 
     assert err.startswith(f"jaxserve serve: error: {key}={port}: cannot listen on "
                           f"127.0.0.1:{port}"), err
     assert len(err.splitlines()) == 1
+
+
+def test_generate_checks_its_input_before_loading_the_model(capsys, tmp_path):
+    config = tmp_path / "c.yaml"  # loading would fail: each error below must come first
+    config.write_text("checkpoint:\n  source: /nonexistent/model.gguf\n")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    for args, message in (
+            (["--input", str(latin1)], f"{latin1}:2: not UTF-8 text (byte 32: b'\\xe9')"),
+            (["--input", str(empty)], f"{empty}: no prompts in it"),
+            (["--prompt", "hi", "--temperature", "-1"], "temperature: must be >= 0"),
+            (["--prompt", "hi", "--max-tokens", "0"], "max_tokens: must be >= 1")):
+        code, _, err = run(capsys, "generate", "--config", str(config), *args)
+        assert code == 2, err
+        assert message in err and err.count("\n") == 1, err

@@ -9,6 +9,7 @@ import math
 
 from jaxserve.errors import InvalidRequestError
 
+DEFAULT_MAX_TOKENS = 64  # the server's and the CLI's, when a request names none
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256  # output is held back by one stop string's length
 MAX_STOP_TOKEN_IDS = 16
@@ -16,7 +17,7 @@ MAX_STOP_TOKEN_IDS = 16
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 (or 0) means no top-k
