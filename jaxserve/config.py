@@ -64,12 +64,13 @@ class CheckpointSection:
 class CacheSection:
     page_size: int = 16
     # Bytes (an int > 1) for the KV page pool, or a fraction in (0, 1] of free device memory.
-    kv_cache_memory: float = 0.9
+    # null: 0.9 of free memory where devices report it (GPUs), else 1 GiB per device (CPU).
+    kv_cache_memory: float | None = None
     max_model_len: int = 2048
 
     def __post_init__(self):
         _check(self.page_size >= 1, "page_size", f"must be >= 1 (got {self.page_size})")
-        _check(self.kv_cache_memory > 0, "kv_cache_memory",
+        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
                f"must be a byte count or a fraction in (0, 1] (got {self.kv_cache_memory})")
         _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")
 

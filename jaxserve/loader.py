@@ -17,6 +17,7 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.config import Config
+from jaxserve.engine.runner import kv_budget
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.models.llama import (
     LlamaModel,
@@ -80,6 +81,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         mesh = make_mesh(config.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    kv_budget(config, mesh.local_devices)  # a KV size these devices cannot take fails now
     dtype = jnp.dtype(config.model.dtype)
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)

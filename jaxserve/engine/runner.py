@@ -100,6 +100,25 @@ def pick_attention(backend: str):
     return ragged_paged_attention_reference
 
 
+DEFAULT_KV_FRACTION = 0.9
+DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (CPU)
+
+
+def kv_budget(config: Config, devices) -> float:
+    """cache.kv_cache_memory, or its default for these devices: a fraction (<= 1) of free
+    memory, or bytes. ConfigError for a fraction on devices that report no memory size."""
+    budget = config.cache.kv_cache_memory
+    reported = all("bytes_limit" in (d.memory_stats() or {}) for d in devices)
+    if budget is None:
+        return DEFAULT_KV_FRACTION if reported else DEFAULT_KV_BYTES
+    if budget <= 1 and not reported:
+        kind = "/".join(sorted({d.platform for d in devices}))
+        raise ConfigError(f"cache.kv_cache_memory={budget:g} is a fraction of free device "
+                          f"memory, but {kind} devices report no memory size; give a byte "
+                          "count (e.g. 268435456) or leave it unset")
+    return budget
+
+
 def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int,
                  layers_per_device: int) -> int:
     """Pages per data shard that fit the KV budget of every device: bytes per device, or a
@@ -107,15 +126,10 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: 
     dtype_bytes = jnp.dtype(config.model.dtype).itemsize
     page_bytes = 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
         * model.head_dim * dtype_bytes
-    budget = config.cache.kv_cache_memory
+    budget = kv_budget(config, mesh.local_devices)
     if budget <= 1:
-        free = []
-        for device in mesh.local_devices:
-            stats = device.memory_stats() or {}
-            if "bytes_limit" not in stats:
-                raise ConfigError("cache.kv_cache_memory is a fraction, but this device reports "
-                                  "no memory size; give a byte count instead")
-            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        free = [device.memory_stats()["bytes_limit"]
+                - device.memory_stats().get("bytes_in_use", 0) for device in mesh.local_devices]
         budget = budget * min(free)
     pages = int(budget // page_bytes)
     if jax.process_count() > 1:  # every process must build the same cache

@@ -232,3 +232,17 @@ def _shared_engine(demo_config, demo_model) -> Engine:
 def test_pallas_backend_without_gpu_is_a_config_error(demo_config, demo_model):
     with pytest.raises(ConfigError, match="attention_backend: pallas needs a GPU"):
         make_engine(demo_config, demo_model, runner__attention_backend="pallas")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU defaults")
+def test_kv_cache_size_defaults_to_bytes_on_cpu_and_a_fraction_fails_first(demo_config,
+                                                                          demo_model):
+    from jaxserve.loader import load_model
+
+    engine = make_engine(demo_config, demo_model, cache__kv_cache_memory=None)
+    assert engine.runner.num_pages == (1 << 30) // PAGE_BYTES  # 1 GiB by default on CPU
+    missing = demo_config.replace(checkpoint__source="/nonexistent/model.gguf",
+                                  cache__kv_cache_memory=0.9)
+    with pytest.raises(ConfigError, match=r"cache.kv_cache_memory=0.9 is a fraction of free "
+                                          r"device memory, but cpu devices report no memory"):
+        load_model(missing, progress=False)  # before the source is even looked at
