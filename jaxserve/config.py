@@ -19,6 +19,11 @@ from sharding.distributed import DistributedConfig
 from sharding.mesh import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
+CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilations go
+
+
+def default_cache_dir() -> str:
+    return os.environ.get(CACHE_ENV, "~/.cache/jaxserve")
 BACKENDS = ("auto", "pallas", "reference")
 
 
@@ -51,7 +56,7 @@ class CheckpointSection:
     # Where the converted checkpoint lives; default: cache_dir/checkpoints/<name>-<identity>,
     # so that another source (or the same file changed) converts anew.
     path: str | None = None
-    cache_dir: str = "~/.cache/jaxserve"
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)  # $JAXSERVE_CACHE_DIR
     random_shape: str | None = None  # for source=random: a model_config.json to take shapes from
 
     def converted_path(self, model_name: str, identity: str) -> Path:
@@ -94,7 +99,8 @@ class RunnerSection:
     token_buckets: tuple[int, ...] = (16, 64, 256)
     seq_buckets: tuple[int, ...] = (4, 16)
     attention_backend: str = "auto"
-    compilation_cache_dir: str | None = "~/.cache/jaxserve/xla"
+    compilation_cache_dir: str | None = dataclasses.field(
+        default_factory=lambda: os.path.join(default_cache_dir(), "xla"))
     max_logprobs: int = 20
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -83,6 +84,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         raise ConfigError(str(e)) from None
     kv_budget(config, mesh.local_devices)  # a KV size these devices cannot take fails now
     dtype = jnp.dtype(config.model.dtype)
+    started = time.monotonic()
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
@@ -93,6 +95,10 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         directory = checkpoint_dir(config, progress)
         model_config = orbax_store.read_config(directory)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
+        if progress:
+            print(f"jaxserve: loading {model_config.num_params / 1e6:,.0f}M parameters "
+                  f"from {directory} onto {mesh.devices.size} {jax.default_backend()} "
+                  "device(s)", file=sys.stderr, flush=True)
         _, params = orbax_store.load(directory, mesh, dtype,
                                      replicate=_held_whole(tensor, pipeline))
     specs = param_specs(model_config)
@@ -100,6 +106,9 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
                       replicate=_held_whole(tensor, None))
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     tokenizer = load_tokenizer(directory) if directory is not None else None
+    if progress:
+        print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,
+              flush=True)
     return LoadedModel(model_config, nest_params(flat), tokenizer, mesh)
 
 

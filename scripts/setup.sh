@@ -26,4 +26,12 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+# The package is installed editable: code changes need no reinstall, only a changed
+# pyproject.toml (dependencies, entry points) does.
+stamp=.venv/.jaxserve-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing jaxserve and its dependencies into .venv" >&2
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi

@@ -16,9 +16,9 @@ DEMO = pathlib.Path(__file__).parent.parent / "configs" / "smollm2-135m-cpu.yaml
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     cache = os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")
-    text = DEMO.read_text().replace("cache_dir: ~/.cache/jaxserve", f"cache_dir: {cache}")
-    text = text.replace("compilation_cache_dir: ~/.cache/jaxserve/xla",
-                        f"compilation_cache_dir: {cache}/xla-tests")
+    text = DEMO.read_text().replace("  source: demo", f"  source: demo\n  cache_dir: {cache}")
+    text = text.replace("  # compilation_cache_dir: <cache_dir>/xla   (default)",
+                        f"  compilation_cache_dir: {cache}/xla-tests")
     text = text.replace("token_buckets: [16, 64, 256]", "token_buckets: [16, 64]")
     text = text.replace("max_num_batched_tokens: 256", "max_num_batched_tokens: 64")
     path = tmp_path_factory.mktemp("cfg") / "demo.yaml"

@@ -44,7 +44,7 @@ def config_file(demo_config, demo_model, tmp_path_factory):
     """The demo on pipeline 2 x tensor 3 (two processes of three devices)."""
     text = (REPO / "configs" / "smollm2-135m-cpu.yaml").read_text()
     cache = demo_config.checkpoint.cache_dir
-    for old, new in (("cache_dir: ~/.cache/jaxserve", f"cache_dir: {cache}"),
+    for old, new in (("  source: demo", f"  source: demo\n  cache_dir: {cache}"),
                      ("pipeline: 1", "pipeline: 2"), ("tensor: 1", "tensor: 3"),
                      ("kv_cache_memory: 268435456", "kv_cache_memory: 16777216"),
                      ("max_model_len: 2048", "max_model_len: 256"),
