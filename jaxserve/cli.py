@@ -7,6 +7,7 @@ they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -21,7 +22,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     from jaxserve.engine.request import DEFAULT_MAX_TOKENS
 
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--min-p", type=float, default=0.0)
@@ -94,10 +95,34 @@ def cmd_convert(args) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that names each flag's default, where it has a meaningful one."""
+
+    @staticmethod
+    def _shown(default) -> bool:
+        return not (default is None or default is False or default == []
+                    or default is argparse.SUPPRESS)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shown(action.default):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shown(action.default) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every command's --help shows each flag's default.
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, formatter_class=_DefaultsFormatter, **k)
 
     p = sub.add_parser("convert", help="GGUF file or HF safetensors dir -> Orbax checkpoint")
     p.add_argument("source", help="a .gguf file or a Hugging Face model directory")

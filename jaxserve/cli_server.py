@@ -27,9 +27,15 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     launch.add_distributed_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("client", help="stream a completion from a running server")
+    p = sub.add_parser("client", help="talk to a running server: stream a completion, or "
+                                      "tokenize, detokenize, model info, health")
     _add_connection_args(p)
-    p.add_argument("--prompt", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="stream a completion of this prompt")
+    what.add_argument("--tokenize", metavar="TEXT", help="print the token ids of TEXT")
+    what.add_argument("--detokenize", metavar="IDS", help='print the text of "1 2 3"')
+    what.add_argument("--info", action="store_true", help="print the model and engine figures")
+    what.add_argument("--health", action="store_true", help="print the health status")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
@@ -55,7 +61,7 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
                                      '"max_tokens"?} instead of random prompts')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline (s)")
-    p.add_argument("--out", help="JSON report (default bench/results/serve-<date>.json)")
+    p.add_argument("--out", help="JSON report (default: <cache dir>/bench/serve-<time>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_bench_serve)
 
@@ -63,8 +69,7 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
-                   help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--token", help=f"bearer token; ${TOKEN_ENV} when not given")
     p.add_argument("--tls-ca", help="PEM file of the CA that signed the server's cert: "
                                     "use TLS")
 
@@ -110,13 +115,21 @@ def cmd_client(args, sampling_params) -> int:
     from jaxserve.server.client import Client
     from jaxserve.server.protocol import FINISH_NAMES
 
+    if args.prompt is None:
+        with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
+            try:
+                print(_client_query(client, args))
+            except grpc.RpcError as e:
+                raise JaxserveError(f"{e.code().name}: {e.details()}") from None
+        return 0
+
     params = dataclasses.replace(
         sampling_params(args), min_tokens=args.min_tokens,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop_token_ids=tuple(args.stop_token_id),
         ignore_eos=args.ignore_eos)
     last = None
-    with Client(args.host, args.port, token=args.token, tls_ca=args.tls_ca) as client:
+    with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
         try:
             for chunk in client.generate(args.prompt, params, chat=args.chat,
                                          priority=args.priority, timeout=args.timeout):
@@ -135,10 +148,34 @@ def cmd_client(args, sampling_params) -> int:
     return 0
 
 
+def _token(args) -> str | None:
+    return args.token or os.environ.get(TOKEN_ENV)
+
+
+def _client_query(client, args) -> str:
+    """The answer to --tokenize, --detokenize, --info or --health, as printed text."""
+    from google.protobuf import json_format
+    from grpc_health.v1 import health_pb2
+
+    if args.tokenize is not None:
+        return " ".join(map(str, client.tokenize(args.tokenize, timeout=args.timeout)))
+    if args.detokenize is not None:
+        try:
+            ids = [int(t) for t in args.detokenize.replace(",", " ").split()]
+        except ValueError:
+            raise JaxserveError(f"--detokenize {args.detokenize!r}: expected token ids such "
+                                'as "1 2 3"') from None
+        return client.detokenize(ids, timeout=args.timeout)
+    if args.info:
+        return json_format.MessageToJson(client.model_info(timeout=args.timeout))
+    status = client.health(timeout=args.timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
 def cmd_bench_serve(args) -> int:
     from jaxserve.server.bench_serve import BenchConfig, run
 
-    cfg = BenchConfig(host=args.host, port=args.port, token=args.token, tls_ca=args.tls_ca,
+    cfg = BenchConfig(host=args.host, port=args.port, token=_token(args), tls_ca=args.tls_ca,
                       rate=args.rate, concurrency=args.concurrency,
                       num_requests=args.num_requests, input_len=args.input_len,
                       output_len=args.output_len, dataset=args.dataset, seed=args.seed,

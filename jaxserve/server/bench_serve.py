@@ -222,8 +222,11 @@ def format_report(report: dict) -> str:
 
 
 def default_out() -> Path:
+    """<cache dir>/bench/serve-<time>.json: outside the source tree unless --out says so."""
+    from jaxserve.config import default_cache_dir
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("bench") / "results" / f"serve-{stamp}.json"
+    return Path(default_cache_dir()).expanduser() / "bench" / f"serve-{stamp}.json"
 
 
 def run(cfg: BenchConfig, out: str | Path | None = None) -> dict:

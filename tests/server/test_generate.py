@@ -211,6 +211,22 @@ def test_client_command_streams_the_completion(served, offline, capsys):
     assert f"--- [{outs[0].finish_reason.value}, 8 tokens" in captured.err
 
 
+def test_client_command_tokenizes_detokenizes_and_reports(served, client, capsys):
+    port = str(served[1])
+    ids = client.tokenize("Hello world")
+    assert cli.main(["client", "--port", port, "--tokenize", "Hello world"]) == 0
+    assert capsys.readouterr().out == " ".join(map(str, ids)) + "\n"
+    assert cli.main(["client", "--port", port, "--detokenize", " ".join(map(str, ids))]) == 0
+    assert capsys.readouterr().out == "Hello world\n"
+    assert cli.main(["client", "--port", port, "--health"]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
+    assert cli.main(["client", "--port", port, "--info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modelName"] == client.model_info().model_name
+    assert cli.main(["client", "--port", port, "--detokenize", "1 two"]) == 2
+    assert "--detokenize '1 two': expected token ids" in capsys.readouterr().err
+
+
 def test_client_command_reports_errors(served, capsys):
     code = cli.main(["client", "--port", str(served[1]), "--prompt", "x",
                      "--temperature", "-1"])
@@ -241,6 +257,13 @@ def test_bench_serve_concurrency_and_rate(served, tmp_path, capsys):
                      "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["completed"] == 4 and report["config"]["rate"] == 20
+
+
+def test_bench_serve_writes_outside_the_source_tree_by_default(monkeypatch, tmp_path):
+    from jaxserve.server.bench_serve import default_out
+
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
+    assert default_out().parent == tmp_path / "bench"
 
 
 def test_finish_reason_names_cover_the_engine():
