@@ -47,3 +47,10 @@ def test_bad_configs_name_file_and_key(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_cache_directory_follows_jaxserve_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
+    demo = load_config(pathlib.Path(__file__).parent.parent / "configs" / "smollm2-135m-cpu.yaml")
+    assert demo.checkpoint.cache_dir == str(tmp_path)
+    assert demo.runner.compilation_cache_dir == str(tmp_path / "xla")
