@@ -41,18 +41,22 @@ from sharding.mesh import MeshConfig
 ADMISSION_STEPS = 200  # at most this many steps to re-admit every request (budget >= 128)
 
 
+def median_seconds(fn, *args, reps: int) -> float:
+    """Median wall time of fn(*args) to completion, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def copy_bandwidth(gib: float = 4.0) -> float:
     """Bytes per second of a device-to-device copy on the first device (read + write)."""
     n = int(gib * 2**30) // 2
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 1)
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t)
-    return 2 * n * 2 / float(np.median(times))
+    return 2 * n * 2 / median_seconds(jax.jit(lambda a: a * 1), x, reps=10)
 
 
 def all_reduce_latency(hidden: int, rows: int, chain: int = 64) -> float | None:
@@ -71,13 +75,7 @@ def all_reduce_latency(hidden: int, rows: int, chain: int = 64) -> float | None:
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
     x = jax.device_put(jax.random.normal(jax.random.key(1), (2 * rows, hidden), jnp.bfloat16),
                        jax.sharding.NamedSharding(mesh, spec))
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(20):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / chain
+    return median_seconds(f, x, reps=20) / chain
 
 
 def parse_mesh(text: str) -> MeshConfig:

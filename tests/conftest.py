@@ -51,3 +51,18 @@ def demo_llm(demo_config):
     from jaxserve.engine.llm import LLM
 
     return LLM(demo_config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mixed_sampling():
+    """Six requests' sampling parameters that cover every sampling feature (greedy,
+    temperature with top-p/top-k/min-p, penalties, logprobs, stop strings and ids)."""
+    from jaxserve.engine.request import SamplingParams
+
+    return [SamplingParams(max_tokens=5, temperature=0.0),
+            SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
+            SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
+            SamplingParams(max_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
+                           min_p=0.1, stop=("the",)),
+            SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
+            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]

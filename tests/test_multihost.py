@@ -4,6 +4,7 @@ greedy tokens as transformers, followers exit 0 when the leader stops, a lost fo
 makes the leader go NOT_SERVING, fail requests with UNAVAILABLE and exit non-zero, and
 bad coordinates or configs are one-line errors."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -84,12 +85,22 @@ def finish(proc: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str]:
     return proc.returncode, out
 
 
-@pytest.mark.slow
-def test_two_processes_serve_the_transformers_tokens_and_stop_together(config_file):
+@contextlib.contextmanager
+def serving_group(config_file):
+    """(local.sh process, gRPC port) of two processes serving; killed if still up after."""
     port = free_port()
     group = start_group(config_file, port)
     try:
         wait_serving(group, port)
+        yield group, port
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_processes_serve_the_transformers_tokens_and_stop_together(config_file):
+    with serving_group(config_file) as (group, port):
         with Client("127.0.0.1", port) as client:
             def ids(case):
                 params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
@@ -99,10 +110,8 @@ def test_two_processes_serve_the_transformers_tokens_and_stop_together(config_fi
             with ThreadPoolExecutor(4) as pool:
                 got = list(pool.map(ids, GOLDEN))
         assert got == [case["greedy_ids"][:10] for case in GOLDEN]
-    finally:
-        if group.poll() is None:
-            group.send_signal(signal.SIGTERM)  # local.sh hands it to the leader
-    code, out = finish(group)
+        group.send_signal(signal.SIGTERM)  # local.sh hands it to the leader
+        code, out = finish(group)
     assert code == 0, out
     assert "local.sh: process 0 exited with 0" in out and \
         "local.sh: process 1 exited with 0" in out, out
@@ -110,10 +119,7 @@ def test_two_processes_serve_the_transformers_tokens_and_stop_together(config_fi
 
 @pytest.mark.slow
 def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
-    port = free_port()
-    group = start_group(config_file, port)
-    try:
-        wait_serving(group, port)
+    with serving_group(config_file) as (group, port):
         children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
                                   text=True).stdout.split()
         follower = [int(c) for c in children
@@ -133,9 +139,6 @@ def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
                 time.sleep(0.05)
         assert seen[-1] == grpc.StatusCode.UNAVAILABLE, seen
         code, out = finish(group)
-    finally:
-        if group.poll() is None:
-            os.killpg(group.pid, signal.SIGKILL)
     assert code == 3, out  # the leader's EXIT_PEER_LOST: the orchestrator restarts the group
     assert time.monotonic() - lost < 30
     assert "local.sh: process 0 exited with 3" in out, out

@@ -80,19 +80,14 @@ def test_batching_chunking_and_preemption_do_not_change_greedy_output(
     assert engine.stats().num_running == engine.stats().num_waiting == 0
 
 
-def test_no_compilation_after_warm_up_and_cache_updated_in_place(demo_config, demo_model):
+def test_no_compilation_after_warm_up_and_cache_updated_in_place(demo_config, demo_model,
+                                                                  mixed_sampling):
     engine = make_engine(demo_config, demo_model)
     engine.warm_up(progress=False)
     compiled = engine.runner.num_compilations
     buffer = engine.runner.state.k_pages.unsafe_buffer_pointer()
     ps = prompts(demo_model.tokenizer, 6)
-    mixed = [SamplingParams(max_tokens=5, temperature=0.0),
-             SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
-             SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
-             SamplingParams(max_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
-                            min_p=0.1, stop=("the",)),
-             SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
-             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    mixed = mixed_sampling
     run(engine, {i: [(f"m{i}", ids, p)] for i, (ids, p) in enumerate(zip(ps, mixed, strict=True))})
     assert engine.runner.num_compilations == compiled
     assert engine.runner.state.k_pages.unsafe_buffer_pointer() == buffer

@@ -160,7 +160,7 @@ COLLECTIVE = re.compile(r"= (\S+) (all-reduce|all-gather|all-to-all|collective-p
 @pytest.mark.parametrize("mesh", [dict(tensor=3, data=2), dict(pipeline=2, tensor=3)],
                          ids=["tensor3-data2", "pipeline2-tensor3"])
 def test_compiled_step_moves_activations_only_and_never_recompiles(small_config, demo_prompts,
-                                                                   mesh):
+                                                                   mesh, mixed_sampling):
     engine = engine_on(small_config, **mesh)
     engine.warm_up(progress=False)
     compiled = engine.runner.num_compilations
@@ -179,13 +179,7 @@ def test_compiled_step_moves_activations_only_and_never_recompiles(small_config,
             else:  # stage to stage: activations [tokens, hidden] and sampled tokens
                 assert shape.startswith((f"f32[{tokens},{c.hidden_size}]",
                                          f"s32[{runner.max_seqs}]")), shape
-    mixed = [SamplingParams(max_tokens=5, temperature=0.0),
-             SamplingParams(max_tokens=7, temperature=0.8, top_p=0.9, seed=3, logprobs=2),
-             SamplingParams(max_tokens=4, temperature=1.0, top_k=5, repetition_penalty=1.3),
-             SamplingParams(max_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
-                            min_p=0.1, stop=("the",)),
-             SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
-             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+    mixed = mixed_sampling
     for i, (ids, p) in enumerate(zip(demo_prompts, mixed, strict=True)):
         engine.add_request(ids, p, f"m{i}")
         engine.step()
