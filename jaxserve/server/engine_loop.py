@@ -104,6 +104,7 @@ class _Submission:
 
 Observer = Callable[[EngineStats, list[RequestOutput], int], None]
 PING_INTERVAL_S = 2.0
+_IDLE = object()  # _take_work's answer when an idle multi-process loop should ping
 
 
 class EngineLoop:
@@ -225,20 +226,23 @@ class EngineLoop:
         if on_ready is not None:
             on_ready(error)
         while (work := self._take_work()) is not None:
-            self._iterate(*work)
+            if work is _IDLE:
+                self._ping()  # outside the lock: submit() never waits on a peer
+            else:
+                self._iterate(*work)
             if self._failed:
                 return  # the server reports the fault and exits; no step can finish now
 
-    def _take_work(self) -> tuple[list[_Submission], list[str]] | None:
-        """Sleep until there is something to do; None once stopped (and wound down)."""
+    def _take_work(self) -> tuple[list[_Submission], list[str]] | object | None:
+        """Sleep until there is something to do; _IDLE when several processes should check
+        on each other; None once stopped (and wound down)."""
         with self._cv:
             while not (self._inbox or self._aborts or self._stopping
                        or self.engine.has_unfinished()):
-                if self._multi_process:
-                    if not self._cv.wait(PING_INTERVAL_S) and not self._ping():
-                        return None
-                else:
+                if not self._multi_process:
                     self._cv.wait()
+                elif not self._cv.wait(PING_INTERVAL_S):
+                    return _IDLE
             if self._stopping:
                 leftover = [*self._aborts, *self._streams]  # unknown ids are no-ops
             else:
@@ -292,15 +296,14 @@ class EngineLoop:
             self._fail([sub.stream.engine_id],
                        Failure(FailureKind.INTERNAL, f"{type(e).__name__}: {e}"))
 
-    def _ping(self) -> bool:
-        """(Idle, holding the lock) check that every peer process is still there."""
+    def _ping(self) -> None:
+        """(Idle) check that every peer process is still there; a hang shows in busy_for()."""
         self._busy_since = time.monotonic()
         try:
             self.engine.ping()
-            return True
         except Exception as e:
-            self._fatal(f"a peer process did not answer: {type(e).__name__}: {e}")
-            return False
+            with self._cv:
+                self._fatal(f"a peer process did not answer: {type(e).__name__}: {e}")
         finally:
             self._busy_since = None
 
