@@ -115,9 +115,17 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
 def parallel_plans(model_config: ModelConfig,
                    mesh: MeshConfig) -> tuple[TensorPlan, PipelinePlan]:
     """What each device holds on this mesh; ConfigError when the model cannot take it."""
-    if mesh.expert > 1:
-        raise ConfigError(f"mesh.expert={mesh.expert}: {model_config.architecture} is a dense "
+    c = model_config
+    if mesh.expert > 1 and not c.is_moe:
+        raise ConfigError(f"mesh.expert={mesh.expert}: {c.architecture} is a dense "
                           "model with no experts to shard")
+    if c.is_moe and c.num_experts % mesh.expert:
+        raise ConfigError(f"mesh.expert={mesh.expert}: num_experts={c.num_experts} is not "
+                          f"divisible by expert={mesh.expert}")
+    if c.is_mixed and mesh.pipeline > 1:
+        raise ConfigError(f"mesh.pipeline={mesh.pipeline}: {c.architecture} mixes dense "
+                          f"layers {list(c.dense_layers)} with MoE layers; such a model takes "
+                          "no pipeline stages (use tensor, expert or data)")
     try:
         return (TensorPlan.for_model(model_config, mesh.tensor),
                 PipelinePlan.make(model_config.num_layers, mesh.pipeline, mesh.pipeline_layers))

@@ -18,6 +18,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", "pipeline"),
+    # Mixture of experts: experts over `expert`, each expert's columns over `tensor`; the
+    # router is replicated. A model mixing dense and MoE layers stacks each kind's MLP weights
+    # on its own axis (held whole: such models take no pipeline stages).
+    ("expert", "expert"),
+    ("moe_mlp", "tensor"),
+    ("router_experts", None),
+    ("dense_layers", None),
+    ("moe_layers", None),
     # KV cache axes: each data shard owns its own pages; each tensor rank its KV heads
     ("cache_layers", "pipeline"),
     ("cache_pages", "data"),

@@ -31,6 +31,7 @@ class TensorPlan:
     kv_replicas: int  # devices holding each checkpoint KV head (1: no replication)
     mlp: int  # intermediate columns per device
     vocab: int  # vocabulary rows per device
+    moe_mlp: int = 0  # columns of each expert per device (MoE models)
 
     @property
     def served_kv_heads(self) -> int:
@@ -42,17 +43,18 @@ class TensorPlan:
         """The plan for a ModelConfig (anything with its head, MLP and vocabulary sizes)."""
         c = model_config
         return cls.make(tp=tp, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size)
+                        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+                        moe_intermediate_size=getattr(c, "moe_intermediate_size", 0))
 
     def per_device(self, model_config):
         """The ModelConfig with one device's shapes: what the model is built from."""
         return dataclasses.replace(model_config, num_heads=self.heads,
                                    num_kv_heads=self.kv_heads, intermediate_size=self.mlp,
-                                   vocab_size=self.vocab)
+                                   vocab_size=self.vocab, moe_intermediate_size=self.moe_mlp)
 
     @classmethod
     def make(cls, *, tp: int, num_heads: int, num_kv_heads: int, intermediate_size: int,
-             vocab_size: int) -> TensorPlan:
+             vocab_size: int, moe_intermediate_size: int = 0) -> TensorPlan:
         """The plan for `tp` devices; ValueError naming both numbers when it cannot work."""
         def need(ok: bool, why: str) -> None:
             if not ok:
@@ -71,8 +73,10 @@ class TensorPlan:
         need(intermediate_size % tp == 0,
              f"intermediate_size={intermediate_size} is not divisible by tensor={tp}")
         need(vocab_size % tp == 0, f"vocab_size={vocab_size} is not divisible by tensor={tp}")
+        need(moe_intermediate_size % tp == 0, f"moe_intermediate_size={moe_intermediate_size} "
+             f"is not divisible by tensor={tp}")
         return cls(tp, num_heads // tp, kv_heads, replicas, intermediate_size // tp,
-                   vocab_size // tp)
+                   vocab_size // tp, moe_intermediate_size // tp)
 
 
 def replicate_kv_heads(params: dict, specs: dict, plan: TensorPlan, mesh: Mesh) -> dict:

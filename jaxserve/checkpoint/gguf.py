@@ -22,8 +22,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from jaxserve.checkpoint.source import TensorItem, to_our_layout
+from jaxserve.checkpoint.source import Index, TensorItem, num_items, to_our_layout
 from jaxserve.errors import CheckpointError
+from jaxserve.models import registry
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from jaxserve.models.rope import inverse_frequencies
 
@@ -32,7 +33,6 @@ SUPPORTED_TYPES = frozenset({
     Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 })
-ARCHITECTURES = ("llama", "qwen2")  # Mistral GGUFs say "llama"
 
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens", "output.weight": "lm_head",
                  "output_norm.weight": "norm"}
@@ -42,8 +42,12 @@ _LAYER_NAMES = {
     "attn_q.bias": "q_proj.bias", "attn_k.bias": "k_proj.bias", "attn_v.bias": "v_proj.bias",
     "attn_output.weight": "o_proj", "ffn_gate.weight": "gate_proj",
     "ffn_up.weight": "up_proj", "ffn_down.weight": "down_proj",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "ffn_gate_inp.weight": "router", "ffn_gate_exps.weight": "experts_gate",
+    "ffn_up_exps.weight": "experts_up", "ffn_down_exps.weight": "experts_down",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+_OLD_EXPERT_RE = re.compile(r"blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight")
 ROPE_FREQS = "rope_freqs.weight"
 _MISSING = object()
 
@@ -69,16 +73,16 @@ class GGUFCheckpoint:
 
     @property
     def num_tensors(self) -> int:
-        return len(self._plan)
+        return sum(num_items(role) for _, role, _ in self._plan)
 
     def tensors(self) -> Iterator[TensorItem]:
-        for t, role, layer in self._plan:
+        permuted = registry.ARCHITECTURES[self.config.architecture].gguf_permuted_qk
+        for t, role, index in self._plan:
             w = self._dequantize(t)
-            if self.config.architecture == "llama" and role in ("q_proj", "k_proj",
-                                                                "q_proj.bias", "k_proj.bias"):
+            if permuted and role in ("q_proj", "k_proj", "q_proj.bias", "k_proj.bias"):
                 c = self.config
                 w = _unpermute(w, c.num_heads if role.startswith("q") else c.num_kv_heads)
-            yield to_our_layout(role, layer, w, self.config, t.name)
+            yield from to_our_layout(role, index, w, self.config, t.name)
 
     def write_tokenizer_assets(self, out_dir: Path) -> None:
         from jaxserve.tokenizer import write_tokenizer_assets_from_gguf
@@ -97,22 +101,39 @@ class GGUFCheckpoint:
 
     def _model_config(self) -> ModelConfig:
         arch = self._get("general.architecture")
-        if arch not in ARCHITECTURES:
-            raise CheckpointError(f"{self.path}: unsupported GGUF architecture {arch!r}; "
-                                  f"supported: {', '.join(ARCHITECTURES)}")
         g = lambda key, default=_MISSING: self._get(f"{arch}.{key}", default)
+        experts = int(g("expert_count", 0) or 0)
+        if old := next((n for n in self._by_name if _OLD_EXPERT_RE.fullmatch(n)), None):
+            raise CheckpointError(f"{self.path}: tensor {old!r}: one tensor per expert (old "
+                                  "Mixtral GGUFs) is not supported; reconvert the model with "
+                                  "a current llama.cpp, which stacks them (ffn_*_exps)")
+        if any(n.endswith("_exps.weight") for n in self._by_name) != (experts > 0):
+            raise CheckpointError(f"{self.path}: {arch}.expert_count={experts} does not match "
+                                  "the file's expert tensors (ffn_*_exps)")
+        try:
+            family = registry.by_gguf(arch, experts > 0)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
         embed, heads = g("embedding_length"), g("attention.head_count")
         kv_heads = _uniform(g("attention.head_count_kv", heads), "head_count_kv", self.path)
         head_dim = self._head_dim(g, embed, heads)
         theta = float(g("rope.freq_base", 10000.0))
         if "token_embd.weight" not in self._by_name:
             raise CheckpointError(f"{self.path}: tensor 'token_embd.weight' is missing")
+        ffn = _uniform(g("feed_forward_length"), "feed_forward_length", self.path)
+        moe = {} if not experts else {
+            "num_experts": experts,
+            "num_experts_per_tok": int(g("expert_used_count")),
+            "moe_intermediate_size": int(g("expert_feed_forward_length", ffn)),
+            "norm_topk_prob": bool(g("expert_weights_norm", True)),
+            "dense_layers": tuple(i for i in range(g("block_count"))
+                                  if f"blk.{i}.ffn_gate_inp.weight" not in self._by_name),
+        }
         return ModelConfig(
-            architecture=arch,
+            architecture=family.name,
             vocab_size=int(self._by_name["token_embd.weight"].shape[1]),
             hidden_size=embed,
-            intermediate_size=_uniform(g("feed_forward_length"), "feed_forward_length",
-                                       self.path),
+            intermediate_size=ffn,
             num_layers=g("block_count"),
             num_heads=heads,
             num_kv_heads=kv_heads,
@@ -124,6 +145,8 @@ class GGUFCheckpoint:
             attention_bias="blk.0.attn_q.bias" in self._by_name,
             rope_scaling=self._rope_scaling(g, head_dim, theta),
             name=self._get("general.name", self.path.stem),
+            **moe,
+            **family.gguf_fields,
         )
 
     def _head_dim(self, g, embed: int, heads: int) -> int:
@@ -152,7 +175,7 @@ class GGUFCheckpoint:
 
     # -- tensors ----------------------------------------------------------------------
 
-    def _tensor_plan(self) -> list[tuple[gguf.ReaderTensor, str, int | None]]:
+    def _tensor_plan(self) -> list[tuple[gguf.ReaderTensor, str, Index]]:
         plan = []
         for t in self.reader.tensors:
             if t.tensor_type not in SUPPORTED_TYPES:
@@ -168,7 +191,7 @@ class GGUFCheckpoint:
                 if layer >= self.config.num_layers:
                     raise CheckpointError(f"{self.path}: tensor {t.name!r} is beyond "
                                           f"block_count={self.config.num_layers}")
-            if role is None:
+            if role is None or (role.endswith("_norm") and not self.config.qk_norm):
                 raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r} for "
                                       f"architecture {self.config.architecture!r}")
             plan.append((t, role, layer))

@@ -174,17 +174,15 @@ def _stage(source: SourceCheckpoint, specs: Specs, staging: Path, dtype: np.dtyp
     staging.mkdir()
     arrays = {path: np.memmap(staging / f"{i}.bin", dtype=dtype, mode="w+", shape=shape)
               for i, (path, (shape, _)) in enumerate(specs.items())}
-    filled: dict[str, set[int | None]] = {path: set() for path in specs}
+    filled: dict[str, set[tuple[int, ...]]] = {path: set() for path in specs}
     bar = tqdm(total=source.num_tensors, desc=f"converting {source.path.name}", unit="tensor",
                file=sys.stderr, disable=not progress)
     with bar:
         for item in source.tensors():
             _put(arrays, filled, specs, item)
             bar.update()
-    missing = [f"{path}[layer {i}]" if i is not None else path
-               for path, (shape, names) in specs.items()
-               for i in (range(shape[0]) if _stacked(names) else [None])
-               if i not in filled[path]]
+    missing = [_label(path, index) for path, (shape, names) in specs.items()
+               for index in np.ndindex(*shape[:_indexed(names)]) if index not in filled[path]]
     if missing:
         raise CheckpointError(f"{source.path}: no tensor for {len(missing)} parameter(s): "
                               f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -194,25 +192,33 @@ def _stage(source: SourceCheckpoint, specs: Specs, staging: Path, dtype: np.dtyp
 
 
 def _put(arrays: dict[str, np.memmap], filled: dict, specs: Specs, item: TensorItem) -> None:
-    path, layer, value = item
-    label = path if layer is None else f"{path}[layer {layer}]"
+    path, index, value = item
+    index = () if index is None else index if isinstance(index, tuple) else (index,)
+    label = _label(path, index)
     if path not in specs:
         raise CheckpointError(f"tensor {label}: not a parameter of this model")
     shape, names = specs[path]
-    target = arrays[path]
-    if _stacked(names):
-        if layer is None or not 0 <= layer < shape[0]:
-            raise CheckpointError(f"tensor {label}: needs a layer index in [0, {shape[0]})")
-        target = target[layer]
-    elif layer is not None:
-        raise CheckpointError(f"tensor {label}: parameter has no layers axis")
-    if layer in filled[path]:
+    lead = shape[:_indexed(names)]
+    if len(index) > len(lead) or (not index and lead) or \
+            any(not 0 <= i < n for i, n in zip(index, lead, strict=False)):
+        raise CheckpointError(f"tensor {label}: needs an index within {list(lead)} "
+                              f"({', '.join(names[:len(lead)]) or 'none'})")
+    target = arrays[path][index] if index else arrays[path]
+    covered = {index + rest for rest in np.ndindex(*lead[len(index):])}
+    if covered & filled[path]:
         raise CheckpointError(f"tensor {label}: given more than once")
     if tuple(value.shape) != target.shape:
         raise CheckpointError(f"tensor {label}: shape {tuple(value.shape)}, "
                               f"expected {target.shape}")
     target[...] = value
-    filled[path].add(layer)
+    filled[path] |= covered
+
+
+def _label(path: str, index: tuple[int, ...]) -> str:
+    """A parameter and its index in words: 'layers/moe/up_proj[layer 3, expert 5]'."""
+    kinds = ("layer", "expert")
+    return path if not index else \
+        f"{path}[{', '.join(f'{k} {i}' for k, i in zip(kinds, index, strict=False))}]"
 
 
 def _write_orbax(flat: dict[str, np.ndarray], params_dir: Path) -> None:
@@ -255,7 +261,7 @@ class _ParamsSource:
                 yield path, None, value
 
     def _is_stacked(self, path: str) -> bool:
-        return path in self._specs and _stacked(self._specs[path][1])
+        return path in self._specs and _indexed(self._specs[path][1]) > 0
 
     def write_tokenizer_assets(self, out_dir: Path) -> None:
         raise CheckpointError("an in-memory params tree has no tokenizer")
@@ -264,8 +270,15 @@ class _ParamsSource:
 # -- tree helpers ---------------------------------------------------------------------
 
 
-def _stacked(names: tuple[str, ...]) -> bool:
-    return bool(names) and names[0] == "layers"
+STACKED_AXES = ("layers", "dense_layers", "moe_layers")
+
+
+def _indexed(names: tuple[str, ...]) -> int:
+    """How many leading axes a source addresses by index: the stacked layer axis, and the
+    experts of an MoE tensor."""
+    if not names or names[0] not in STACKED_AXES:
+        return 0
+    return 2 if len(names) > 1 and names[1] == "expert" else 1
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -18,12 +18,11 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from jaxserve.checkpoint.source import TensorItem, to_our_layout
+from jaxserve.checkpoint.source import Index, TensorItem, num_items, to_our_layout
 from jaxserve.errors import CheckpointError
+from jaxserve.models import registry
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                 "Qwen2ForCausalLM": "qwen2"}
 INDEX = "model.safetensors.index.json"
 
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "embed_tokens", "lm_head.weight": "lm_head",
@@ -33,9 +32,18 @@ _LAYER_NAMES = {
     "post_attention_layernorm.weight": "post_attention_layernorm",
     **{f"self_attn.{p}_proj.weight": f"{p}_proj" for p in "qkvo"},
     **{f"self_attn.{p}_proj.bias": f"{p}_proj.bias" for p in "qkv"},
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
     **{f"mlp.{p}_proj.weight": f"{p}_proj" for p in ("gate", "up", "down")},
+    # MoE: the router, and every expert of the layer packed (transformers 5 in memory)
+    "mlp.gate.weight": "router", "block_sparse_moe.gate.weight": "router",
+    "mlp.experts.gate_up_proj": "experts_gate_up", "mlp.experts.down_proj": "experts_down",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# One expert: Mixtral's w1/w3/w2 or Qwen-MoE's gate/up/down_proj
+_EXPERT_RE = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+_EXPERT_ROLES = {"w1": "expert_gate", "w3": "expert_up", "w2": "expert_down",
+                 "gate_proj": "expert_gate", "up_proj": "expert_up",
+                 "down_proj": "expert_down"}
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -58,16 +66,17 @@ class SafetensorsCheckpoint:
         self._headers = {f: _read_header(f) for f in self._files}
         self._plan = self._tensor_plan()
         dtypes = {self._headers[f][0][n]["dtype"] for f, n, _, _ in self._plan}
-        self.default_dtype = _DTYPE_NAMES.get(dtypes.pop(), "float32") if len(dtypes) == 1 \
-            else "float32"
+        stated = hf.get("dtype") or hf.get("torch_dtype")  # transformers 5 / 4.x spelling
+        self.default_dtype = (_DTYPE_NAMES.get(dtypes.pop(), "float32") if len(dtypes) == 1
+                              else stated if stated in _DTYPE_NAMES.values() else "float32")
 
     @property
     def num_tensors(self) -> int:
-        return len(self._plan)
+        return sum(num_items(role) for _, _, role, _ in self._plan)
 
     def tensors(self) -> Iterator[TensorItem]:
-        for file, name, role, layer in self._plan:
-            yield to_our_layout(role, layer, self._read(file, name), self.config, name)
+        for file, name, role, index in self._plan:
+            yield from to_our_layout(role, index, self._read(file, name), self.config, name)
 
     def write_tokenizer_assets(self, out_dir: Path) -> None:
         from jaxserve.tokenizer import copy_tokenizer_assets_from_hf
@@ -91,26 +100,35 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{f}: listed in {INDEX} but missing")
         return files
 
-    def _tensor_plan(self) -> list[tuple[Path, str, str, int | None]]:
+    def _tensor_plan(self) -> list[tuple[Path, str, str, Index]]:
         plan, seen = [], {}
         for file in self._files:
             for name in sorted(self._headers[file][0]):
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {file}")
                 seen[name] = file
-                role, layer = _GLOBAL_NAMES.get(name), None
+                role, index = _GLOBAL_NAMES.get(name), None
                 if role is None and (m := _LAYER_RE.fullmatch(name)):
-                    role, layer = _LAYER_NAMES.get(m.group(2)), int(m.group(1))
+                    role, index = _LAYER_NAMES.get(m.group(2)), int(m.group(1))
+                    layer = index
+                    if role is None and (e := _EXPERT_RE.fullmatch(m.group(2))):
+                        role, index = _EXPERT_ROLES.get(e.group(2)), (layer, int(e.group(1)))
+                        if index[1] >= self.config.num_experts:
+                            raise CheckpointError(
+                                f"{file}: tensor {name!r} is beyond num_experts="
+                                f"{self.config.num_experts}")
                 if _IGNORED.fullmatch(name) or (role == "lm_head"
                                                 and self.config.tie_word_embeddings):
                     continue
-                if role is None or (role.endswith(".bias") and not self.config.attention_bias):
+                if role is None or (role.endswith(".bias") and not self.config.attention_bias) \
+                        or (role.endswith("_norm") and not self.config.qk_norm):
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} for "
                                           f"architecture {self.config.architecture!r}")
+                layer = index[0] if isinstance(index, tuple) else index
                 if layer is not None and layer >= self.config.num_layers:
                     raise CheckpointError(f"{file}: tensor {name!r} is beyond "
                                           f"num_hidden_layers={self.config.num_layers}")
-                plan.append((file, name, role, layer))
+                plan.append((file, name, role, index))
         return plan
 
     def _read(self, file: Path, name: str) -> np.ndarray:
@@ -129,25 +147,21 @@ class SafetensorsCheckpoint:
 
 
 def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> ModelConfig:
-    """ModelConfig from a transformers config.json dict."""
+    """ModelConfig from a transformers config.json dict (4.x or 5.x spellings)."""
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise CheckpointError(f"{config_path}: unsupported architecture {archs}; "
-                              f"supported: {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[archs[0]]
-    if hf.get("mlp_bias") or (arch != "qwen2" and hf.get("attention_bias")):
-        raise CheckpointError(f"{config_path}: attention_bias/mlp_bias on {archs[0]} "
-                              "(biases on o_proj/MLP) are not supported")
-    if hf.get("use_sliding_window"):
-        raise CheckpointError(f"{config_path}: use_sliding_window=true is not supported")
-    heads = hf["num_attention_heads"]
-    max_pos = hf.get("max_position_embeddings", 4096)
-    if arch == "mistral" and hf.get("sliding_window"):
-        # no sliding-window attention here: within the window, full attention is identical
-        max_pos = min(max_pos, hf["sliding_window"])
     try:
-        return ModelConfig(
-            architecture=arch,
+        if len(archs) != 1:
+            raise ValueError(f"one architecture expected, got {archs}")
+        family = registry.by_hf_class(archs[0])
+        fields = family.read_hf(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    except KeyError as e:
+        raise CheckpointError(f"{config_path}: missing key {e}") from None
+    heads = hf.get("num_attention_heads")
+    try:
+        common = dict(
+            architecture=family.name,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -157,14 +171,17 @@ def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> Mo
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rope_theta=float(_rope_params(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=max_pos,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2",
             rope_scaling=_rope_scaling(_rope_params(hf), config_path),
             name=name,
         )
-    except KeyError as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from e
+    try:
+        return ModelConfig(**{**common, **fields})
+    except CheckpointError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
 
 
 def _rope_params(hf: dict) -> dict:

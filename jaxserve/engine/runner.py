@@ -46,6 +46,7 @@ from sharding.pipeline import PipelinePlan
 from sharding.tensor import TensorPlan
 
 TENSOR_AXIS = "tensor"
+EXPERT_AXIS = "expert"
 
 
 class _CompileCounter:
@@ -168,9 +169,12 @@ class Runner:
                 f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
+        experts = mesh.shape[EXPERT_AXIS]
         model = LlamaModel(local, self.dtype, pick_attention(config.runner.attention_backend),
                            min(config.runner.scan_unroll, local.num_layers),
-                           tensor_axis=TENSOR_AXIS)
+                           tensor_axis=TENSOR_AXIS,
+                           expert_axis=EXPERT_AXIS if experts > 1 else None,
+                           expert_shards=experts)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._free_slots = [list(range(self.num_slots)) for _ in range(self.num_shards)]
         self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax Linen.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Mixtral, Qwen3-MoE) in Linen.
 
 One call runs a ragged batch: the tokens of many sequences packed on one axis, each
 sequence contributing a prefill chunk or a single decode token. K/V of the new tokens
@@ -11,20 +11,30 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
   layers/attn_norm/scale           [layers, embed]
   layers/attn/{q,k,v}_proj/kernel  [layers, embed, heads|kv_heads, head_dim]
   layers/attn/{q,k,v}_proj/bias    [layers, heads|kv_heads, head_dim]  (attention_bias only)
+  layers/attn/{q,k}_norm/scale     [layers, head_dim]                  (qk_norm only)
   layers/attn/o_proj               [layers, heads, head_dim, embed]
   layers/mlp_norm/scale            [layers, embed]
-  layers/mlp/{gate,up}_proj        [layers, embed, mlp]
+  layers/mlp/{gate,up}_proj        [layers, embed, mlp]                (dense models)
   layers/mlp/down_proj             [layers, mlp, embed]
+  layers/moe/...                   [layers, ...] see models/moe.py     (MoE models)
   final_norm/scale                 [embed]
   lm_head                          [embed, vocab]                      (untied only)
 `param_specs(config)` lists them with shapes; converters fill exactly that table.
+
+A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
+`decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
+stacked per kind instead, outside the layer scan: `dense_mlp/*` [dense_layers, ...] and
+`moe/*` [moe_layers, ...]. Each scanned layer picks its kind and row with `lax.cond`.
+`ffn_param(config, role, layer)` says where a layer's MLP tensor goes.
 
 Tensor parallelism (sharding/tensor.py): under `jax.shard_map` the model is built from the
 per-device config (heads, KV heads, MLP columns and vocabulary divided over the `tensor`
 axis) with `tensor_axis` naming that axis. It then sums o_proj's and down_proj's partial
 outputs across the axis (one all-reduce each), looks up the embedding in its vocabulary
 slice (one all-reduce) and gathers the LM head's vocabulary slices. Attention and the KV
-write touch only the device's own KV heads.
+write touch only the device's own KV heads. With `expert_axis`, each device holds
+num_experts / expert_shards experts of every MoE layer (models/moe.py); the MLP's partial
+outputs are summed over the tensor and expert axes in one all-reduce.
 """
 
 from __future__ import annotations
@@ -35,9 +45,11 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.rope import apply_rope, inverse_frequencies
 
 
@@ -59,9 +71,9 @@ AttentionFn = Callable[..., jax.Array]
 _init = nn.initializers.normal(stddev=0.02)
 
 
-def _sum_over(x, axis: str | None):
-    """The all-reduce after a row-parallel projection (nothing without tensor parallelism)."""
-    return x if axis is None else jax.lax.psum(x, axis)
+def _sum_over(x, axis):
+    """The all-reduce after a row-parallel projection (nothing without parallelism)."""
+    return x if not axis else jax.lax.psum(x, axis)
 
 
 def _param(module, name, shape, names, dtype, init=_init):
@@ -71,10 +83,12 @@ def _param(module, name, shape, names, dtype, init=_init):
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
+    axis: str = "embed"  # the logical name of the normalised axis
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis,), self.dtype,
+                       nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
@@ -115,6 +129,9 @@ class Attention(nn.Module):
         q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
         k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
         v = proj("v_proj", c.num_kv_heads, "kv_heads")
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
         inv_freq = jnp.asarray(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
         pos = jnp.maximum(meta.positions, 0)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
@@ -136,38 +153,128 @@ class Attention(nn.Module):
         return _sum_over(o, self.tensor_axis), (k_pages, v_pages)
 
 
+def mlp_forward(x, gate, up, down):
+    """SwiGLU MLP: x [T, E] -> [T, E] (this device's partial sum under tensor parallelism)."""
+    h = nn.silu(jnp.einsum("TE,EF->TF", x, gate)) * jnp.einsum("TE,EF->TF", x, up)
+    return jnp.einsum("TF,FE->TE", h, down)
+
+
+def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None) -> dict:
+    e, f = config.hidden_size, config.intermediate_size
+    lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
+    p = lambda name, shape, axes: _param(module, name, (*lead, *shape), (*names, *axes), dtype)
+    return {"gate": p("gate_proj", (e, f), ("embed", "mlp")),
+            "up": p("up_proj", (e, f), ("embed", "mlp")),
+            "down": p("down_proj", (f, e), ("mlp", "embed"))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """The mesh axes a per-device model sums over (None: not split over that axis)."""
+
+    tensor_axis: str | None = None
+    expert_axis: str | None = None
+    expert_shards: int = 1  # devices on the expert axis; each holds num_experts / this
+
+    @property
+    def mlp_axes(self) -> tuple[str, ...]:
+        return tuple(a for a in (self.tensor_axis, self.expert_axis) if a)
+
+
 class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
-    tensor_axis: str | None = None
+    parallel: Parallel = Parallel()
 
     @nn.compact
     def __call__(self, x):
-        e, f = self.config.hidden_size, self.config.intermediate_size
-        gate = _param(self, "gate_proj", (e, f), ("embed", "mlp"), self.dtype)
-        up = _param(self, "up_proj", (e, f), ("embed", "mlp"), self.dtype)
-        down = _param(self, "down_proj", (f, e), ("mlp", "embed"), self.dtype)
-        h = nn.silu(jnp.einsum("TE,EF->TF", x, gate)) * jnp.einsum("TE,EF->TF", x, up)
-        return _sum_over(jnp.einsum("TF,FE->TE", h, down), self.tensor_axis)
+        w = _mlp_params(self, self.config, self.dtype)
+        return _sum_over(mlp_forward(x, w["gate"], w["up"], w["down"]),
+                         self.parallel.tensor_axis)
+
+
+class MoE(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    parallel: Parallel = Parallel()
+
+    @nn.compact
+    def __call__(self, x):
+        c, par = self.config, self.parallel
+        w = moe_params(self, _param, c, c.num_experts // par.expert_shards, self.dtype)
+        y, experts = moe_forward(x, **w, top_k=c.num_experts_per_tok,
+                                 normalize=c.norm_topk_prob, expert_axis=par.expert_axis)
+        return _sum_over(y, par.mlp_axes), experts
+
+
+def _mixed_ffn(config: ModelConfig, parallel: Parallel, x, layer, stacks: dict):
+    """The MLP of `layer` in a model that mixes dense and MoE layers (see the docstring),
+    and its routed experts ([T, k]; -1 on a dense layer)."""
+    c = config
+    is_moe = jnp.asarray([i in set(c.moe_layers) for i in range(c.num_layers)])[layer]
+    moe_rows, dense_rows = np.full(c.num_layers, 0, np.int32), np.full(c.num_layers, 0, np.int32)
+    moe_rows[list(c.moe_layers)] = np.arange(len(c.moe_layers))
+    dense_rows[list(c.dense_layers)] = np.arange(len(c.dense_layers))
+    pick = lambda tree, rows: jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, jnp.asarray(rows)[layer], keepdims=False),
+        tree)
+
+    def moe():
+        return moe_forward(x, **pick(stacks["moe"], moe_rows), top_k=c.num_experts_per_tok,
+                           normalize=c.norm_topk_prob, expert_axis=parallel.expert_axis)
+
+    def dense():
+        y = mlp_forward(x, **pick(stacks["mlp"], dense_rows))
+        if parallel.expert_axis is not None:
+            # replicated over the expert axis: one rank's copy enters the shared all-reduce
+            y = jnp.where(jax.lax.axis_index(parallel.expert_axis) == 0, y, jnp.zeros_like(y))
+        return y, jnp.full((x.shape[0], c.num_experts_per_tok), -1, jnp.int32)
+
+    y, experts = jax.lax.cond(is_moe, moe, dense)
+    return _sum_over(y, parallel.mlp_axes), experts
+
+
+class _FFNStack(nn.Module):
+    """One kind's MLP weights, stacked over the layers of that kind (mixed models)."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+    kind: str  # "dense" | "moe"
+    expert_shards: int
+
+    @nn.compact
+    def __call__(self) -> dict:
+        c = self.config
+        if self.kind == "moe":
+            return moe_params(self, _param, c, c.num_experts // self.expert_shards, self.dtype,
+                              (len(c.moe_layers), "moe_layers"))
+        return _mlp_params(self, c, self.dtype, (len(c.dense_layers), "dense_layers"))
 
 
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     attention_fn: AttentionFn
-    tensor_axis: str | None = None
+    parallel: Parallel = Parallel()
 
     @nn.compact
-    def __call__(self, carry, layer, meta):
+    def __call__(self, carry, layer, meta, ffn_stacks=None):
         x, kv = carry
-        c, axis = self.config, self.tensor_axis
+        c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
-        a, kv = Attention(c, self.dtype, self.attention_fn, axis, name="attn")(h, kv, layer,
-                                                                              meta)
+        a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, name="attn")(
+            h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + MLP(c, self.dtype, axis, name="mlp")(h)
-        return (x, kv), None
+        if c.is_mixed:
+            y, experts = _mixed_ffn(c, par, h, layer, ffn_stacks)
+        elif c.is_moe:
+            y, experts = MoE(c, self.dtype, par, name="moe")(h)
+        else:
+            y, experts = MLP(c, self.dtype, par, name="mlp")(h), None
+        if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
+            self.sow("intermediates", "routed_experts", experts)
+        return (x + y, kv), None
 
 
 class LlamaModel(nn.Module):
@@ -182,20 +289,26 @@ class LlamaModel(nn.Module):
     attention_fn: AttentionFn
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: fully unrolled)
     tensor_axis: str | None = None
+    expert_axis: str | None = None
+    expert_shards: int = 1
 
     def setup(self):
         c = self.config
+        par = Parallel(self.tensor_axis, self.expert_axis, self.expert_shards)
         self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"), self.dtype)
         self.layers = nn.scan(
             DecoderLayer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.attention_fn, self.tensor_axis)
+        )(c, self.dtype, self.attention_fn, par)
+        if c.is_mixed:  # MLP weights stacked per kind, outside the scan
+            self.dense_mlp = _FFNStack(c, self.dtype, "dense", 1)
+            self.moe = _FFNStack(c, self.dtype, "moe", self.expert_shards)
         self.final_norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _param(self, "lm_head", (c.hidden_size, c.vocab_size),
@@ -212,7 +325,8 @@ class LlamaModel(nn.Module):
     def decode(self, x, kv, meta: AttentionMetadata):
         """x [T, embed] through every layer this model holds; K/V written into `kv`."""
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, kv), _ = self.layers((x, kv), layers, meta)
+        stacks = {"mlp": self.dense_mlp(), "moe": self.moe()} if self.config.is_mixed else None
+        (x, kv), _ = self.layers((x, kv), layers, meta, stacks)
         return x, kv
 
     def logits(self, x, logits_indices):
@@ -249,6 +363,21 @@ def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
         "/".join(k.key for k in path): (tuple(leaf.value.shape), tuple(leaf.names))
         for path, leaf in leaves
     }
+
+
+def ffn_param(config: ModelConfig, name: str, layer: int) -> tuple[str, int]:
+    """(param path, row on its stacked axis) of layer `layer`'s MLP tensor `name`
+    (`gate_proj`, `up_proj`, `down_proj` of a dense MLP; `router`, `experts/gate_proj`, ...
+    of an MoE block)."""
+    moe = name == "router" or name.startswith("experts/")
+    leaf = name.removeprefix("experts/")
+    if not config.is_mixed:
+        return f"layers/{'moe' if moe else 'mlp'}/{leaf}", layer
+    rows = config.moe_layers if moe else config.dense_layers
+    if layer not in rows:
+        kind = "MoE" if moe else "dense"
+        raise ValueError(f"layer {layer} has no {kind} MLP")
+    return f"{'moe' if moe else 'dense_mlp'}/{leaf}", rows.index(layer)
 
 
 def nest_params(flat: dict) -> dict:

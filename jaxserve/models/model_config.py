@@ -1,4 +1,4 @@
-"""ModelConfig: the shapes and constants of a Llama-family decoder.
+"""ModelConfig: the shapes and constants of a Llama-family decoder, dense or MoE.
 
 Written next to every converted checkpoint as `model_config.json`; read back when the
 checkpoint is loaded. Converters build it from GGUF metadata or an HF `config.json`.
@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 from jaxserve.errors import CheckpointError
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+from jaxserve.models.registry import SUPPORTED as SUPPORTED_ARCHITECTURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +26,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # one of SUPPORTED_ARCHITECTURES (jaxserve/models/registry.py)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,6 +41,14 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: q/k/v projections carry biases
     rope_scaling: RopeScaling | None = None
     name: str = "model"
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE
+    # Mixture of experts (num_experts = 0: a dense model). Every layer not in dense_layers
+    # routes each token to num_experts_per_tok experts of moe_intermediate_size columns.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    dense_layers: tuple[int, ...] = ()  # MoE models only: layers that keep a dense MLP
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -58,13 +65,55 @@ class ModelConfig:
                 f"model config: num_heads={self.num_heads} must be a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+        if self.num_experts:
+            self._check_experts()
+
+    def _check_experts(self) -> None:
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise CheckpointError(
+                f"model config: num_experts_per_tok={self.num_experts_per_tok} must be "
+                f"between 1 and num_experts={self.num_experts}")
+        if self.moe_intermediate_size <= 0:
+            raise CheckpointError(f"model config: moe_intermediate_size="
+                                  f"{self.moe_intermediate_size} must be > 0")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad or list(self.dense_layers) != sorted(set(self.dense_layers)):
+            raise CheckpointError(f"model config: dense_layers={list(self.dense_layers)} must "
+                                  f"be increasing layer indices below {self.num_layers}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and len(self.dense_layers) < self.num_layers
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP is a mixture of experts."""
+        if not self.is_moe:
+            return ()
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.num_layers) if i not in dense)
+
+    @property
+    def is_mixed(self) -> bool:
+        """Dense and MoE layers in one model (their MLP weights are stacked apart)."""
+        return self.is_moe and bool(self.dense_layers)
 
     @property
     def num_params(self) -> int:
         e, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         qkvo = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = qkvo + 3 * e * f + 2 * e
-        return v * e * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + e
+        moe = self.num_experts * (3 * e * self.moe_intermediate_size + e)
+        mlps = (self.num_layers - len(self.moe_layers)) * 3 * e * f + len(self.moe_layers) * moe
+        per_layer = qkvo + 2 * e + (2 * self.head_dim if self.qk_norm else 0)
+        return (v * e * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer
+                + mlps + e)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token reads: only num_experts_per_tok of each MoE layer's experts."""
+        unused = self.num_experts - self.num_experts_per_tok
+        return self.num_params - len(self.moe_layers) * unused * 3 * self.hidden_size * \
+            self.moe_intermediate_size
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -74,6 +123,8 @@ class ModelConfig:
         d = dict(d)
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "dense_layers" in d:
+            d["dense_layers"] = tuple(d["dense_layers"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -1,0 +1,90 @@
+"""Mixture-of-experts MLP: routing, tokens sorted by expert, grouped matmuls (ragged_dot).
+
+Routing (as Mixtral and Qwen3-MoE define it): router logits [T, experts] in float32, softmax,
+top-k, and when `norm_topk_prob` the k weights renormalised to sum to 1. No capacity limit:
+no token is ever dropped.
+
+Expert compute: the T*k (token, expert) pairs are sorted by expert, so each expert's rows are
+contiguous, and `jax.lax.ragged_dot` runs one grouped matmul per projection over the groups.
+Each pair's output is scaled by its routing weight and added back to its token's row.
+
+Expert parallelism (`expert` mesh axis, replicated tokens + psum): every device of a data
+shard holds the same tokens and routes all of them, but computes only the pairs routed to
+its own experts (num_experts / expert of them); pairs for other experts sort to the end, past
+the groups, and contribute zero. The partial outputs are summed over the `expert` axis, in
+the same all-reduce that sums the `tensor` axis's partial down-projections (each tensor rank
+holds moe_intermediate / tensor columns of every local expert). Why psum rather than an
+all-to-all: docs/parallelism.md.
+
+Parameters (logical axes in brackets, see sharding/rules.py):
+  router     [embed, router_experts]          replicated: every device routes every token
+  gate_proj  [expert, embed, moe_mlp]
+  up_proj    [expert, embed, moe_mlp]
+  down_proj  [expert, moe_mlp, embed]
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int,
+          normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """x [T, E] -> (weights [T, k] float32, expert ids [T, k] int32), best first."""
+    logits = jnp.einsum("TE,EX->TX", x, router, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
+                    up: jax.Array, down: jax.Array, first_expert: jax.Array | int = 0):
+    """Sum over each token's routed experts held here of weight * expert(x).
+
+    x [T, E]; weights, experts [T, k]; gate/up [n, E, F], down [n, F, E] hold experts
+    first_expert .. first_expert + n - 1. Pairs routed elsewhere add nothing.
+    """
+    num_tokens, k = experts.shape
+    n = gate.shape[0]
+    local = experts.reshape(-1) - first_expert
+    mine = (local >= 0) & (local < n)
+    key = jnp.where(mine, local, n)  # other devices' experts sort last, outside every group
+    order = jnp.argsort(key, stable=True)
+    group_sizes = jnp.sum(key[:, None] == jnp.arange(n), axis=0, dtype=jnp.int32)
+    token = order // k
+    xs = x[token]  # [T*k, E], grouped by expert
+    h = nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * \
+        jax.lax.ragged_dot(xs, up, group_sizes)
+    y = jax.lax.ragged_dot(h.astype(x.dtype), down, group_sizes)
+    scale = jnp.where(mine[order], weights.reshape(-1)[order], 0.0)
+    y = jnp.where(mine[order][:, None], y, 0) * scale[:, None].astype(y.dtype)
+    return jnp.zeros((num_tokens, x.shape[1]), y.dtype).at[token].add(y).astype(x.dtype)
+
+
+def moe_forward(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array,
+                down: jax.Array, *, top_k: int, normalize: bool,
+                expert_axis: str | None) -> tuple[jax.Array, jax.Array]:
+    """(this device's partial MoE output for x [T, E], summed over the mesh by the caller;
+    the routed expert ids [T, k])."""
+    weights, experts = route(x, router, top_k, normalize)
+    first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * gate.shape[0]
+    return experts_forward(x, weights, experts, gate, up, down, first), experts
+
+
+def moe_params(module: nn.Module, param, config, num_local: int, dtype,
+               stack: tuple[int, str] | None = None) -> dict:
+    """Declare MoE parameters on `module` (param: llama._param); `stack` = (n, axis name)
+    stacks n blocks on a leading axis (the MoE layers of a model that mixes in dense ones)."""
+    e, f = config.hidden_size, config.moe_intermediate_size
+    lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
+    p = lambda name, shape, axes: param(module, name, (*lead, *shape), (*names, *axes), dtype)
+    return {
+        "router": p("router", (e, config.num_experts), ("embed", "router_experts")),
+        "gate": p("gate_proj", (num_local, e, f), ("expert", "embed", "moe_mlp")),
+        "up": p("up_proj", (num_local, e, f), ("expert", "embed", "moe_mlp")),
+        "down": p("down_proj", (num_local, f, e), ("expert", "moe_mlp", "embed")),
+    }
