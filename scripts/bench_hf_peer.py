@@ -5,6 +5,14 @@ shapes, greedy, fixed prompt/output lengths.
     python scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
         --batch 1 32 128 --input-len 512 --output-len 64
 
+A model larger than one GPU (Mixtral-8x7B) is spread over every GPU the way
+`from_pretrained(..., device_map="auto")` does it (accelerate: balanced memory, whole decoder
+layers per GPU, hooks that move activations between them), with --device-map auto and
+--no-compile (a dynamic cache: torch.compile does not span the hooks):
+
+    python scripts/bench_hf_peer.py --shape configs/shapes/mixtral-8x7b.json \
+        --device-map auto --no-compile --batch 1 32 128
+
 Runs on the GPU machine's own Python (torch + transformers there); writes JSON.
 """
 
@@ -17,11 +25,18 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 
-def build(shape: dict) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
+def hf_config(shape: dict):
+    common = dict(
         vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
         intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
         num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
@@ -29,31 +44,84 @@ def build(shape: dict) -> LlamaForCausalLM:
         rms_norm_eps=shape["rms_norm_eps"],
         max_position_embeddings=shape["max_position_embeddings"],
         tie_word_embeddings=shape["tie_word_embeddings"])
+    if shape["architecture"] == "mixtral":
+        return MixtralForCausalLM, MixtralConfig(
+            **common, num_local_experts=shape["num_experts"],
+            num_experts_per_tok=shape["num_experts_per_tok"])
+    return LlamaForCausalLM, LlamaConfig(**common)
+
+
+def build(shape: dict, device_map: str | None = None):
+    cls, cfg = hf_config(shape)
     torch.manual_seed(0)
+    if device_map == "auto":
+        return build_spread(cls, cfg)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = cls(cfg).to(torch.bfloat16)
     return model.eval()
 
 
-def run(model, batch: int, input_len: int, output_len: int, compiled: bool) -> dict:
-    ids = torch.randint(3, model.config.vocab_size, (batch, input_len), device="cuda")
-    gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len,
-                           do_sample=False, cache_implementation="static" if compiled else None,
-                           pad_token_id=0, eos_token_id=None)
-    kwargs = {"generation_config": gen}
-    for _ in range(2):  # warm-up (compiles)
-        model.generate(ids, **kwargs)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        model.generate(ids, **kwargs)
+def build_spread(cls, cfg):
+    """What from_pretrained(device_map="auto") builds, with random weights made in place."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory, set_module_tensor_to_device
+
+    with init_empty_weights():
+        model = cls(cfg).to(torch.bfloat16)  # the meta parameters' dtype is what is built
+    keep = model._no_split_modules or []
+    budget = get_balanced_memory(model, dtype=torch.bfloat16, no_split_module_classes=keep)
+    device_map = infer_auto_device_map(model, max_memory=budget, dtype=torch.bfloat16,
+                                       no_split_module_classes=keep)
+    for name, param in model.named_parameters():
+        owner = max((k for k in device_map if k == "" or name.startswith(k + ".")), key=len)
+        device = device_map[owner]
+        value = torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+        value.normal_(0.0, 0.02) if param.dim() > 1 else value.fill_(1.0)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=torch.bfloat16)
+    model = dispatch_model(model, device_map=device_map)
+    if getattr(cfg, "num_local_experts", 0):
+        # grouped matmuls over the experts (torch grouped_mm): the fastest transformers offers,
+        # and unlike "batched_mm" it does not copy each token's expert weights
+        try:
+            model.set_experts_implementation("grouped_mm")
+        except (ValueError, ImportError):
+            model.set_experts_implementation("eager")
+    gib = [round(torch.cuda.memory_allocated(i) / 2**30, 1)
+           for i in range(torch.cuda.device_count())]
+    print(f"GiB per GPU: {gib}, experts: {getattr(cfg, '_experts_implementation', None)}",
+          flush=True)
+    return model.eval()
+
+
+def run(model, batch: int, input_len: int, output_len: int, compiled: bool,
+        reps: int = 3) -> dict:
+    """Median time of `generate` for output_len tokens, and of a generate that stops after
+    the first token; their difference is the decode of output_len - 1 tokens."""
+    ids = torch.randint(3, model.config.vocab_size, (batch, input_len), device=model.device)
+
+    def timed(new_tokens: int) -> float:
+        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False,
+                               cache_implementation="static" if compiled else None,
+                               pad_token_id=0, eos_token_id=None)
+        for _ in range(1 if reps == 1 else 2):  # warm-up (compiles)
+            model.generate(ids, generation_config=gen)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    t = sorted(times)[1]
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model.generate(ids, generation_config=gen)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2]
+
+    t = timed(output_len)
+    first = timed(1)
     return {"batch": batch, "input_len": input_len, "output_len": output_len,
-            "compiled_static_cache": compiled, "seconds": t,
-            "output_tok_s": batch * output_len / t}
+            "compiled_static_cache": compiled, "seconds": t, "output_tok_s": batch * output_len / t,
+            "first_token_seconds": first,
+            "decode_step_ms": (t - first) / (output_len - 1) * 1e3,
+            "decode_tok_s": batch * (output_len - 1) / (t - first)}
 
 
 def main() -> None:
@@ -63,19 +131,25 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--device-map", choices=["auto"], help="spread over every GPU")
+    ap.add_argument("--reps", type=int, default=3, help="timed generates per figure (median)")
     ap.add_argument("--out", default="bench/results/hf-peer.json")
     args = ap.parse_args()
     shape = json.loads(Path(args.shape).read_text())
-    model = build(shape)  # with a static cache, generate() compiles the decode step itself
+    model = build(shape, args.device_map)  # a static cache: generate() compiles the step
     rows = []
-    for b in args.batch:
-        rows.append(run(model, b, args.input_len, args.output_len, not args.no_compile))
+    for b in args.batch:  # every row is on disk as soon as it is measured
+        rows.append(run(model, b, args.input_len, args.output_len, not args.no_compile,
+                        args.reps))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "hf-peer", "date": datetime.datetime.now(datetime.UTC).isoformat(
-        timespec="seconds"), "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "shape": args.shape, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        result = {"benchmark": "hf-peer", "date": datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpus": torch.cuda.device_count(), "device_map": args.device_map,
+            "experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "shape": args.shape, "rows": rows}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ Figures:
                      --output-len steps (see run_batch for how they all reach decode at once);
   decode_tok_s       output tokens per second over those steps (all replicas);
   floor_ms           (weight bytes + KV bytes read per step) of one device over the copy
-                     bandwidth measured at the start of the run;
+                     bandwidth measured at the start of the run; for an MoE model only
+                     the experts a step routes to are read: B decode tokens each routed
+                     to k of n experts touch an expected 1 - (1 - k/n)^B of them (uniform
+                     routing, which random routers give), and that share of the device's
+                     expert bytes counts;
 XLA_FLAGS and the NCCL variables in the environment are recorded with the figures.
 """
 
@@ -36,6 +40,7 @@ from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model, random_model_config
+from jaxserve.models.llama import flatten_params
 from sharding.mesh import MeshConfig
 
 ADMISSION_STEPS = 200  # at most this many steps to re-admit every request (budget >= 128)
@@ -230,11 +235,18 @@ def bench_mesh(config, mesh_text: str, args, bandwidth: float, rng, keep) -> Non
     compiled = engine.runner.num_compilations
     run_batch(engine, 1, 32, 4, rng)  # first executions stay out of the figures
     weights = device0_bytes(loaded.params)
+    c = loaded.model_config
+    experts = device0_bytes([v for k, v in flatten_params(loaded.params).items()
+                             if "moe/" in k and k.endswith("_proj")])
     for b in args.batch:
         row = run_batch(engine, b, args.input_len, args.output_len, rng)
         kv = b * row["mean_context"] * kv_bytes_per_token(engine)
+        touched = 1 - (1 - c.num_experts_per_tok / c.num_experts) ** b if c.is_moe else 1.0
+        read = weights - experts * (1 - touched)
         row.update(mesh=mesh_text, weight_bytes_per_device=weights, kv_bytes_per_device=kv,
-                   floor_ms=(weights + kv) / bandwidth * 1e3, load_s=load_s,
+                   expert_bytes_per_device=experts, expected_expert_share_read=touched,
+                   weight_bytes_read_per_device=read,
+                   floor_ms=(read + kv) / bandwidth * 1e3, load_s=load_s,
                    compile_s=compile_s, step_scratch_bytes=temp,
                    kv_pages_per_replica=engine.runner.num_pages)
         row["floor_share"] = row["floor_ms"] / row["decode_step_ms"]
