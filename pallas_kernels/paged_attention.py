@@ -394,7 +394,7 @@ def ragged_paged_attention(
     return out.astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "by_sequence"))
 def ragged_paged_attention_reference(
     q,  # [T, H, D]
     k_pages,  # [L, N, page_size, KVH, D]
@@ -406,36 +406,67 @@ def ragged_paged_attention_reference(
     *,
     sm_scale: float,
     pages_per_block: int = 8,
+    by_sequence: bool | None = None,
 ):
-    """Plain-jnp ragged paged attention with an online softmax over blocks of pages."""
+    """Plain-jnp ragged paged attention with an online softmax over blocks of pages.
+
+    Two formulations of the same sums, chosen by the shapes (static): each token gathers
+    its own sequence's pages; or, for a few sequences (<= 4) with several tokens each
+    (prefill chunks), each block of pages is gathered once per sequence and every token is
+    scored against every sequence's block in one matmul, the other sequences' keys masked
+    out. On CPU the second is several times faster for a prefill chunk (the per-token
+    gather moves the chunk's K/V once per token); with many sequences its wasted scores
+    (one set per sequence) cost more than the gathers save.
+    by_sequence forces one of them (None: chosen by the shapes).
+    """
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pages.shape
     group = num_heads // num_kv_heads
+    num_seqs = page_tables.shape[0]
     seq, pos = token_positions(query_start, seq_lens, num_tokens)
 
     pages_per_seq = page_tables.shape[1]
     ppb = min(pages_per_block, pages_per_seq)
     padded = -(-pages_per_seq // ppb) * ppb
-    tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))[seq]  # [T, padded]
+    by_seq = (num_seqs <= 4 and num_tokens >= 4 * num_seqs) if by_sequence is None \
+        else by_sequence
+    tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))
+    if not by_seq:
+        tables = tables[seq]  # [T, padded]
+    owner = seq[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
     block_len = ppb * page_size
     num_blocks = jnp.minimum((jnp.max(pos) + block_len) // block_len, padded // ppb)
 
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
 
+    def scores(j):
+        """(scores [T, KVH, G, K], mask [T, 1, 1, K], values) of block j; K keys per token."""
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)
+        kpos = j * block_len + jnp.arange(block_len)
+        causal = kpos[None, :] <= pos[:, None]  # [T, block_len]
+        k = k_pages[layer, pages].astype(jnp.float32)
+        v = v_pages[layer, pages].astype(jnp.float32)
+        if by_seq:  # pages [S, ppb]: keys of every sequence's block
+            k = k.reshape(num_seqs * block_len, num_kv_heads, head_dim)
+            v = v.reshape(num_seqs * block_len, num_kv_heads, head_dim)
+            s = jnp.einsum("tkgd,skd->tkgs", qg, k)
+            mask = (owner[:, :, None] & causal[:, None, :]).reshape(num_tokens, -1)
+            return s, mask[:, None, None, :], v
+        k = k.reshape(num_tokens, block_len, num_kv_heads, head_dim)  # pages [T, ppb]
+        v = v.reshape(num_tokens, block_len, num_kv_heads, head_dim)
+        return jnp.einsum("tkgd,tskd->tkgs", qg, k), causal[:, None, None, :], v
+
     def body(j, carry):
         m, denom, acc = carry  # [T, KVH, G], [T, KVH, G], [T, KVH, G, D]
-        pages = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)  # [T, ppb]
-        k = k_pages[layer, pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
-        v = v_pages[layer, pages].reshape(num_tokens, block_len, num_kv_heads, head_dim)
-        s = jnp.einsum("tkgd,tskd->tkgs", qg, k.astype(jnp.float32))
-        kpos = j * block_len + jnp.arange(block_len)
-        mask = (kpos[None, :] <= pos[:, None])[:, None, None, :]  # [T, 1, 1, S]
+        s, mask, v = scores(j)
         s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
         denom = alpha * denom + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("tkgs,tskd->tkgd", p, v.astype(jnp.float32))
+        pv = jnp.einsum("tkgs,skd->tkgd", p, v) if by_seq else \
+            jnp.einsum("tkgs,tskd->tkgd", p, v)
+        acc = alpha[..., None] * acc + pv
         return m_new, denom, acc
 
     init = (

@@ -88,25 +88,33 @@ def _filter_top_k_top_p(logits, top_k, top_p):
 def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:
     """logits [S, V] f32 -> one token per row."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    # No lax.cond here: on GPU a conditional makes the host wait for the device, which
+    # No lax.cond on GPU: there a conditional makes the host wait for the device, which
     # would stop the next step from being dispatched early. Neutral values are exact no-ops.
     logits = apply_penalties(logits, prompt_mask, output_counts, p)
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = jnp.where(p.banned >= 0, p.banned, logits.shape[-1])  # out of range: dropped
     logits = logits.at[rows, banned].set(NEG_INF, mode="drop")
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
-    scaled = _filter_top_k_top_p(scaled, p.top_k, p.top_p)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    max_prob = jnp.max(probs, axis=-1, keepdims=True)
-    scaled = jnp.where(probs < p.min_p[:, None] * max_prob, NEG_INF, scaled)
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
-        p.seeds, p.output_index)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
-    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    def random_sample(logits):
+        scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
+        scaled = _filter_top_k_top_p(scaled, p.top_k, p.top_p)
+        probs = jax.nn.softmax(scaled, axis=-1)
+        max_prob = jnp.max(probs, axis=-1, keepdims=True)
+        scaled = jnp.where(probs < p.min_p[:, None] * max_prob, NEG_INF, scaled)
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+            p.seeds, p.output_index)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
+        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(p.temperature > 0, sampled, greedy)
 
-    tokens = jnp.where(p.temperature > 0, sampled, greedy).astype(jnp.int32)
+    if jax.default_backend() == "cpu":
+        # On CPU nothing is dispatched ahead, so a branch costs nothing, and an all-greedy
+        # batch skips the top-k/top-p bisection (about 20 ms of a 16-row step).
+        tokens = jax.lax.cond(jnp.any(p.temperature > 0), random_sample, lambda _: greedy,
+                              logits)
+    else:
+        tokens = random_sample(logits)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top) if num_top else (
         jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32))

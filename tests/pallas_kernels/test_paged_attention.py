@@ -240,3 +240,17 @@ class TestTritonLowering:
         with jax.sharding.use_abstract_mesh(mesh):
             hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert hlo.count("__gpu$xla.gpu.triton") >= 2
+
+
+@pytest.mark.parametrize("batch", BATCHES_A)
+def test_reference_formulations_agree(batch):
+    """Per-token gathers (decode) and per-sequence blocks (prefill chunks) give the same
+    attention on every kind of batch."""
+    _, clean, num_valid = CASE_A(3, *BATCHES_A[batch])
+    with jax.default_matmul_precision("highest"):
+        per_token = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE,
+                                                     by_sequence=False)
+        per_seq = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE, by_sequence=True)
+    np.testing.assert_allclose(np.asarray(per_seq)[:num_valid],
+                               np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(per_seq)[num_valid:], 0.0)
