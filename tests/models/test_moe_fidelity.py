@@ -43,7 +43,9 @@ def config_for(demo_config, checkpoint, **mesh):
 
 
 MESHES = {"one-device": {}, "expert2": {"expert": 2}, "expert4": {"expert": 4},
-          "expert2-tensor2": {"expert": 2, "tensor": 2}, "expert2-data2": {"expert": 2, "data": 2}}
+          "expert2-tensor2": {"expert": 2, "tensor": 2}, "expert2-data2": {"expert": 2, "data": 2},
+          # the 8-GPU meshes of the scale-out runs (scripts/bench_scaleout.sh)
+          "expert8": {"expert": 8}, "expert4-tensor2": {"expert": 4, "tensor": 2}}
 
 
 @pytest.mark.parametrize("mesh", [*MESHES.values(), {"pipeline": 2, "expert": 2}],
