@@ -22,7 +22,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from jaxserve.checkpoint.source import Index, TensorItem, num_items, to_our_layout
+from jaxserve.checkpoint.source import (
+    Index,
+    TensorItem,
+    expected_role,
+    num_items,
+    to_our_layout,
+)
 from jaxserve.errors import CheckpointError
 from jaxserve.models import registry
 from jaxserve.models.model_config import ModelConfig, RopeScaling
@@ -191,7 +197,7 @@ class GGUFCheckpoint:
                 if layer >= self.config.num_layers:
                     raise CheckpointError(f"{self.path}: tensor {t.name!r} is beyond "
                                           f"block_count={self.config.num_layers}")
-            if role is None or (role.endswith("_norm") and not self.config.qk_norm):
+            if not expected_role(role, self.config):
                 raise CheckpointError(f"{self.path}: unexpected tensor {t.name!r} for "
                                       f"architecture {self.config.architecture!r}")
             plan.append((t, role, layer))

@@ -18,7 +18,13 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from jaxserve.checkpoint.source import Index, TensorItem, num_items, to_our_layout
+from jaxserve.checkpoint.source import (
+    Index,
+    TensorItem,
+    expected_role,
+    num_items,
+    to_our_layout,
+)
 from jaxserve.errors import CheckpointError
 from jaxserve.models import registry
 from jaxserve.models.model_config import ModelConfig, RopeScaling
@@ -107,27 +113,25 @@ class SafetensorsCheckpoint:
                 if name in seen:
                     raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {file}")
                 seen[name] = file
-                role, index = _GLOBAL_NAMES.get(name), None
+                role, layer, expert = _GLOBAL_NAMES.get(name), None, None
                 if role is None and (m := _LAYER_RE.fullmatch(name)):
-                    role, index = _LAYER_NAMES.get(m.group(2)), int(m.group(1))
-                    layer = index
+                    role, layer = _LAYER_NAMES.get(m.group(2)), int(m.group(1))
                     if role is None and (e := _EXPERT_RE.fullmatch(m.group(2))):
-                        role, index = _EXPERT_ROLES.get(e.group(2)), (layer, int(e.group(1)))
-                        if index[1] >= self.config.num_experts:
+                        role, expert = _EXPERT_ROLES.get(e.group(2)), int(e.group(1))
+                        if expert >= self.config.num_experts:
                             raise CheckpointError(
                                 f"{file}: tensor {name!r} is beyond num_experts="
                                 f"{self.config.num_experts}")
                 if _IGNORED.fullmatch(name) or (role == "lm_head"
                                                 and self.config.tie_word_embeddings):
                     continue
-                if role is None or (role.endswith(".bias") and not self.config.attention_bias) \
-                        or (role.endswith("_norm") and not self.config.qk_norm):
+                if not expected_role(role, self.config):
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} for "
                                           f"architecture {self.config.architecture!r}")
-                layer = index[0] if isinstance(index, tuple) else index
                 if layer is not None and layer >= self.config.num_layers:
                     raise CheckpointError(f"{file}: tensor {name!r} is beyond "
                                           f"num_hidden_layers={self.config.num_layers}")
+                index = layer if expert is None else (layer, expert)
                 plan.append((file, name, role, index))
         return plan
 

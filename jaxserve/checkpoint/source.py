@@ -111,6 +111,16 @@ _PACKED = {"experts_gate_up": ("experts_gate", "experts_up")}
 ROLES = (*_ROLES, *_FFN, *_PACKED)
 
 
+def expected_role(role: str | None, config: ModelConfig) -> bool:
+    """Whether a source tensor playing `role` belongs in this model: a known role, and no
+    q/k/v bias or q/k norm where the model has none."""
+    if role is None:
+        return False
+    if role.endswith(".bias"):
+        return config.attention_bias
+    return config.qk_norm or role not in ("q_norm", "k_norm")
+
+
 def num_items(role: str) -> int:
     """How many TensorItems one source tensor playing `role` becomes."""
     return len(_PACKED.get(role, (role,)))

@@ -189,8 +189,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype)
-        return _sum_over(mlp_forward(x, w["gate"], w["up"], w["down"]),
-                         self.parallel.tensor_axis)
+        return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
 class MoE(nn.Module):
@@ -202,35 +201,46 @@ class MoE(nn.Module):
     def __call__(self, x):
         c, par = self.config, self.parallel
         w = moe_params(self, _param, c, c.num_experts // par.expert_shards, self.dtype)
-        y, experts = moe_forward(x, **w, top_k=c.num_experts_per_tok,
-                                 normalize=c.norm_topk_prob, expert_axis=par.expert_axis)
+        y, experts = _moe(c, par, x, w)
         return _sum_over(y, par.mlp_axes), experts
+
+
+def _moe(config: ModelConfig, parallel: Parallel, x, weights: dict):
+    """One MoE block on this device's experts: (partial output, routed experts [T, k])."""
+    return moe_forward(x, **weights, top_k=config.num_experts_per_tok,
+                       normalize=config.norm_topk_prob, expert_axis=parallel.expert_axis)
+
+
+def _ffn_rows(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: whether its MLP is MoE, and its row in the stack of its kind (the layers
+    of each kind in order; see the module docstring)."""
+    is_moe = np.isin(np.arange(config.num_layers), config.moe_layers)
+    rows = np.zeros(config.num_layers, np.int32)
+    rows[is_moe] = np.arange(is_moe.sum())
+    rows[~is_moe] = np.arange((~is_moe).sum())
+    return is_moe, rows
 
 
 def _mixed_ffn(config: ModelConfig, parallel: Parallel, x, layer, stacks: dict):
     """The MLP of `layer` in a model that mixes dense and MoE layers (see the docstring),
     and its routed experts ([T, k]; -1 on a dense layer)."""
     c = config
-    is_moe = jnp.asarray([i in set(c.moe_layers) for i in range(c.num_layers)])[layer]
-    moe_rows, dense_rows = np.full(c.num_layers, 0, np.int32), np.full(c.num_layers, 0, np.int32)
-    moe_rows[list(c.moe_layers)] = np.arange(len(c.moe_layers))
-    dense_rows[list(c.dense_layers)] = np.arange(len(c.dense_layers))
-    pick = lambda tree, rows: jax.tree.map(
-        lambda a: jax.lax.dynamic_index_in_dim(a, jnp.asarray(rows)[layer], keepdims=False),
-        tree)
+    is_moe, rows = _ffn_rows(c)
+    row = jnp.asarray(rows)[layer]
+    pick = lambda tree: jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, row, keepdims=False), tree)
 
     def moe():
-        return moe_forward(x, **pick(stacks["moe"], moe_rows), top_k=c.num_experts_per_tok,
-                           normalize=c.norm_topk_prob, expert_axis=parallel.expert_axis)
+        return _moe(c, parallel, x, pick(stacks["moe"]))
 
     def dense():
-        y = mlp_forward(x, **pick(stacks["mlp"], dense_rows))
+        y = mlp_forward(x, **pick(stacks["mlp"]))
         if parallel.expert_axis is not None:
             # replicated over the expert axis: one rank's copy enters the shared all-reduce
             y = jnp.where(jax.lax.axis_index(parallel.expert_axis) == 0, y, jnp.zeros_like(y))
         return y, jnp.full((x.shape[0], c.num_experts_per_tok), -1, jnp.int32)
 
-    y, experts = jax.lax.cond(is_moe, moe, dense)
+    y, experts = jax.lax.cond(jnp.asarray(is_moe)[layer], moe, dense)
     return _sum_over(y, parallel.mlp_axes), experts
 
 
@@ -373,11 +383,10 @@ def ffn_param(config: ModelConfig, name: str, layer: int) -> tuple[str, int]:
     leaf = name.removeprefix("experts/")
     if not config.is_mixed:
         return f"layers/{'moe' if moe else 'mlp'}/{leaf}", layer
-    rows = config.moe_layers if moe else config.dense_layers
-    if layer not in rows:
-        kind = "MoE" if moe else "dense"
-        raise ValueError(f"layer {layer} has no {kind} MLP")
-    return f"{'moe' if moe else 'dense_mlp'}/{leaf}", rows.index(layer)
+    is_moe, rows = _ffn_rows(config)
+    if not 0 <= layer < config.num_layers or is_moe[layer] != moe:
+        raise ValueError(f"layer {layer} has no {'MoE' if moe else 'dense'} MLP")
+    return f"{'moe' if moe else 'dense_mlp'}/{leaf}", int(rows[layer])
 
 
 def nest_params(flat: dict) -> dict:
