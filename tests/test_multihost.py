@@ -133,7 +133,7 @@ def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
             while time.monotonic() - lost < 30:
                 try:
                     seen.append(client.health(timeout=1))
-                    list(client.generate([1, 2, 3], SamplingParams(max_tokens=2), timeout=10))
+                    list(client.generate([1, 2, 3], SamplingParams(max_tokens=2), timeout=25))
                 except grpc.RpcError as e:
                     seen.append(e.code())
                     break

@@ -3,14 +3,23 @@
 Over several processes (sharding/distributed.py) the leader alone runs the scheduler, the
 tokenizer and the gRPC server. Before each step it sends the other processes what they
 need to run the same compiled step on the global mesh: a header (what to do, the bucket,
-whether the step follows on from the previous one) and the step's packed host inputs. The
-messages travel by JAX's own `broadcast_one_to_all` (a collective over every device), so
-there is no transport of our own to configure, secure or keep alive.
+whether the step follows on from the previous one) and the step's packed host inputs.
 
-A follower that dies or hangs shows up on the leader as a collective that fails or never
-completes; the server's watchdog (distributed.step_timeout_s) turns either into a fault.
-While idle the leader pings every few seconds, so a lost follower is noticed without
-traffic too.
+The messages travel through the key-value store of JAX's own coordination service (the one
+`jax.distributed.initialize` starts on process 0), one key per message, so there is no
+transport of our own to configure, secure or keep alive. A first version sent them with
+`multihost_utils.broadcast_one_to_all`, a collective on the devices: on GPUs each send then
+waited for the previous step to finish on the device, and took 3.4-6 ms of an 8-10 ms
+step (docs/multihost.md). The store is host to host and never waits on a device.
+
+The leader does not wait for the followers to read: every step ends in a collective over
+all processes (the sampled tokens are gathered), so no follower falls more than a step or
+two behind, and the leader deletes each key once it is KEEP messages old.
+
+A follower that dies or hangs shows up on the leader as a step whose collective fails or
+never completes; the server's watchdog (distributed.step_timeout_s) turns either into a
+fault. While idle the leader pings every few seconds: a ping is a message and then one
+small collective over every device, which returns only if every process is there.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import itertools
 import json
 
 import jax
 import numpy as np
+from jax._src import distributed  # the coordination service's client (no public handle yet)
 from jax.experimental import multihost_utils
 
 from jaxserve.config import Config
@@ -44,12 +55,22 @@ class Message:
     floats: np.ndarray | None = None
 
 
+_channels = itertools.count()  # every process makes its channels in the same order
+KEEP = 256  # messages the store keeps; a follower is never more than a few behind
+WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the leader lives
+
+
 class StepChannel:
     """The leader's per-step messages to every other process."""
 
-    def __init__(self, buffer_shapes):
-        """buffer_shapes(bucket) -> (ints shape, floats shape) of that bucket's inputs."""
+    def __init__(self, buffer_shapes, client=None, name: str | None = None):
+        """buffer_shapes(bucket) -> (ints shape, floats shape) of that bucket's inputs;
+        client: the store (default: jax.distributed's); name: the channel's keys' folder
+        (default: the how-manyth channel this process makes, the same on every process)."""
         self._shapes = buffer_shapes
+        self._client = client or distributed.global_state.client
+        self._prefix = f"jaxserve/steps/{next(_channels) if name is None else name}/"
+        self._count = 0  # messages sent (leader) or received (follower)
 
     @staticmethod
     def is_leader() -> bool:
@@ -57,19 +78,44 @@ class StepChannel:
 
     def send(self, message: Message) -> None:
         header = np.array([message.op, *message.bucket, message.continues], np.int32)
-        multihost_utils.broadcast_one_to_all(header)
+        payload = header.tobytes()
         if message.op == Op.STEP:
-            multihost_utils.broadcast_one_to_all((message.ints, message.floats))
+            payload += (np.ascontiguousarray(message.ints, np.int32).tobytes()
+                        + np.ascontiguousarray(message.floats, np.float32).tobytes())
+        self._client.key_value_set_bytes(self._prefix + str(self._count), payload)
+        if self._count >= KEEP:
+            self._client.key_value_delete(self._prefix + str(self._count - KEEP))
+        self._count += 1
+        if message.op == Op.PING:
+            _all_here()
 
     def receive(self) -> Message:
-        op, t, s, continues = multihost_utils.broadcast_one_to_all(np.zeros(4, np.int32))
+        key = self._prefix + str(self._count)
+        while True:  # the leader pings while idle; the runtime ends us if it dies
+            try:
+                payload = self._client.blocking_key_value_get_bytes(key, WAIT_MS)
+                break
+            except Exception as e:  # noqa: BLE001 -- jaxlib raises its own error type
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        self._count += 1
+        op, t, s, continues = np.frombuffer(payload[:16], np.int32)
         message = Message(Op(int(op)), (int(t), int(s)), bool(continues))
+        if message.op == Op.PING:
+            _all_here()
         if message.op != Op.STEP:
             return message
         ints_shape, floats_shape = self._shapes(message.bucket)
-        ints, floats = multihost_utils.broadcast_one_to_all(
-            (np.zeros(ints_shape, np.int32), np.zeros(floats_shape, np.float32)))
+        n_ints = int(np.prod(ints_shape))
+        ints = np.frombuffer(payload, np.int32, n_ints, 16).reshape(ints_shape)
+        floats = np.frombuffer(payload, np.float32, offset=16 + 4 * n_ints).reshape(
+            floats_shape)
         return dataclasses.replace(message, ints=ints, floats=floats)
+
+
+def _all_here() -> None:
+    """A collective over every device: returns only once every process has joined it."""
+    multihost_utils.broadcast_one_to_all(np.zeros(1, np.int32))
 
 
 def config_digest(config: Config) -> bytes:

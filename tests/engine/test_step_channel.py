@@ -1,0 +1,101 @@
+"""The leader's step messages through a key-value store: what is sent is what is received,
+in order, and the store keeps a bounded number of them."""
+
+import numpy as np
+import pytest
+
+from jaxserve.engine import multihost
+from jaxserve.engine.multihost import Message, Op, StepChannel
+
+
+class Store:
+    """The coordination service's key-value calls, in memory."""
+
+    def __init__(self):
+        self.values: dict[str, bytes] = {}
+        self.timeouts = 0
+
+    def key_value_set_bytes(self, key: str, value: bytes) -> None:
+        assert key not in self.values, f"{key} written twice"
+        self.values[key] = value
+
+    def key_value_delete(self, key: str) -> None:
+        del self.values[key]
+
+    def blocking_key_value_get_bytes(self, key: str, timeout_ms: int) -> bytes:
+        if key not in self.values:
+            self.timeouts += 1
+            raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+        return self.values[key]
+
+
+def shapes(bucket):
+    t, s = bucket
+    return (1, 2, 3 * t + s), (1, 2, s)
+
+
+def step(bucket, seed):
+    rng = np.random.default_rng(seed)
+    ints_shape, floats_shape = shapes(bucket)
+    return Message(Op.STEP, bucket, bool(seed % 2),
+                   rng.integers(-2**31, 2**31 - 1, ints_shape, dtype=np.int32),
+                   rng.standard_normal(floats_shape).astype(np.float32))
+
+
+def test_a_follower_receives_every_message_as_sent_in_order():
+    store = Store()
+    leader = StepChannel(shapes, store, name="t")
+    follower = StepChannel(shapes, store, name="t")
+    sent = [Message(Op.WARM_UP), step((16, 4), 1), step((64, 16), 2), step((16, 4), 3),
+            Message(Op.PING), Message(Op.STOP)]
+    for m in sent:
+        leader.send(m)
+    for m in sent:
+        got = follower.receive()
+        assert (got.op, got.bucket, got.continues) == (m.op, m.bucket, m.continues)
+        if m.op == Op.STEP:
+            np.testing.assert_array_equal(got.ints, m.ints)
+            np.testing.assert_array_equal(got.floats, m.floats)
+            assert got.ints.dtype == np.int32 and got.floats.dtype == np.float32
+        else:
+            assert got.ints is None and got.floats is None
+
+
+def test_the_store_keeps_at_most_keep_messages(monkeypatch):
+    monkeypatch.setattr(multihost, "KEEP", 4)
+    store = Store()
+    leader = StepChannel(shapes, store, name="t")
+    follower = StepChannel(shapes, store, name="t")
+    for i in range(10):
+        leader.send(step((16, 4), i))
+        assert follower.receive().ints[0, 0, 0] == step((16, 4), i).ints[0, 0, 0]
+        assert len(store.values) == min(i + 1, 4)
+    assert sorted(store.values) == [f"jaxserve/steps/t/{i}" for i in range(6, 10)]
+
+
+def test_a_follower_waits_through_timeouts_and_fails_on_other_errors():
+    store = Store()
+    follower = StepChannel(shapes, store, name="t")
+    calls = iter([RuntimeError("DEADLINE_EXCEEDED: timed out"),
+                  RuntimeError("DEADLINE_EXCEEDED: timed out")])
+
+    def get(key, timeout_ms):
+        error = next(calls, None)
+        if error is not None:
+            raise error
+        return np.array([Op.STOP, 0, 0, 0], np.int32).tobytes()
+
+    store.blocking_key_value_get_bytes = get
+    assert follower.receive().op == Op.STOP
+
+    def broken(key, timeout_ms):
+        raise RuntimeError("UNAVAILABLE: the coordination service is gone")
+
+    store.blocking_key_value_get_bytes = broken
+    with pytest.raises(RuntimeError, match="UNAVAILABLE"):
+        follower.receive()
+
+
+def test_channels_made_in_the_same_order_share_their_keys_and_others_do_not():
+    a, b = StepChannel(shapes, Store()), StepChannel(shapes, Store())
+    assert a._prefix != b._prefix
