@@ -13,6 +13,13 @@ layers per GPU, hooks that move activations between them), with --device-map aut
     python scripts/bench_hf_peer.py --shape configs/shapes/mixtral-8x7b.json \
         --device-map auto --no-compile --batch 1 32 128
 
+Transformers' own tensor parallelism (the `base_model_tp_plan` of the model, one process
+per GPU under torchrun) is --tp. It loads a checkpoint, so rank 0 first saves random
+weights of the shape to --checkpoint-dir (skipped when one is there); only rank 0 writes:
+
+    torchrun --nproc-per-node 2 scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
+        --tp --checkpoint-dir /tmp/llama3-8b-random --no-compile --batch 1 32
+
 Runs on the GPU machine's own Python (torch + transformers there); writes JSON.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -93,10 +101,40 @@ def build_spread(cls, cfg):
     return model.eval()
 
 
+def build_tp(shape: dict, checkpoint_dir: str):
+    """The model split over every torchrun process by transformers' tensor-parallel plan."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    path = Path(checkpoint_dir)
+    if dist.get_rank() == 0 and not (path / "config.json").exists():
+        cls, cfg = hf_config(shape)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = cls(cfg).to(torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    dist.barrier()
+    try:  # transformers >= 5.17 takes the plan's size in a DistributedConfig
+        from transformers import DistributedConfig
+        options = {"distributed_config": DistributedConfig(tp_size=dist.get_world_size())}
+    except ImportError:
+        options = {"tp_plan": "auto"}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **options)
+    print(f"rank {dist.get_rank()}: GiB on this GPU "
+          f"{torch.cuda.memory_allocated() / 2**30:.1f}", flush=True)
+    return model.eval()
+
+
 def run(model, batch: int, input_len: int, output_len: int, compiled: bool,
         reps: int = 3) -> dict:
     """Median time of `generate` for output_len tokens, and of a generate that stops after
     the first token; their difference is the decode of output_len - 1 tokens."""
+    torch.manual_seed(batch)  # the same prompts in every process under torchrun
     ids = torch.randint(3, model.config.vocab_size, (batch, input_len), device=model.device)
 
     def timed(new_tokens: int) -> float:
@@ -132,20 +170,32 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--device-map", choices=["auto"], help="spread over every GPU")
+    ap.add_argument("--tp", action="store_true",
+                    help="transformers' tensor parallelism, one process per GPU (torchrun)")
+    ap.add_argument("--checkpoint-dir", help="with --tp: where the random weights are saved")
     ap.add_argument("--reps", type=int, default=3, help="timed generates per figure (median)")
     ap.add_argument("--out", default="bench/results/hf-peer.json")
     args = ap.parse_args()
     shape = json.loads(Path(args.shape).read_text())
-    model = build(shape, args.device_map)  # a static cache: generate() compiles the step
+    if args.tp:
+        if not args.checkpoint_dir or "LOCAL_RANK" not in os.environ:
+            ap.error("--tp runs under torchrun and needs --checkpoint-dir")
+        model = build_tp(shape, args.checkpoint_dir)
+    else:
+        model = build(shape, args.device_map)  # a static cache: generate() compiles the step
+    writes = int(os.environ.get("RANK", "0")) == 0
     rows = []
     for b in args.batch:  # every row is on disk as soon as it is measured
         rows.append(run(model, b, args.input_len, args.output_len, not args.no_compile,
                         args.reps))
+        if not writes:
+            continue
         print(json.dumps(rows[-1]), flush=True)
         result = {"benchmark": "hf-peer", "date": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gpus": torch.cuda.device_count(), "device_map": args.device_map,
+            "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")) if args.tp else None,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "shape": args.shape, "rows": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,19 @@ Figures:
                      to k of n experts touch an expected 1 - (1 - k/n)^B of them (uniform
                      routing, which random routers give), and that share of the device's
                      expert bytes counts;
+  broadcast_ms       over several processes, the leader's wall time per decode step spent
+                     sending the step's inputs to the other processes (multihost.py), and
+                     its share of the step;
 XLA_FLAGS and the NCCL variables in the environment are recorded with the figures.
+
+Several processes (one GPU each, the code path of several hosts): start one per GPU with
+--coordinator-address/--num-processes/--process-id, as `jaxserve serve` takes them. Process 0
+runs the engine and writes the JSON; the others follow its steps, mesh after mesh:
+
+    for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python scripts/bench_parallel.py \
+        --config configs/llama3-8b-random-gpu.yaml --mesh pipeline=2 --mesh tensor=2 \
+        --coordinator-address 127.0.0.1:8476 --num-processes 2 --process-id $i \
+        --out result.json & done; wait
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import numpy as np
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
+from jaxserve.launch import add_distributed_args, join, with_distributed_args
 from jaxserve.loader import load_model, random_model_config
 from jaxserve.models.llama import flatten_params
 from sharding.mesh import MeshConfig
@@ -78,8 +91,9 @@ def all_reduce_latency(hidden: int, rows: int, chain: int = 64) -> float | None:
 
     spec = jax.sharding.PartitionSpec("tensor")
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
-    x = jax.device_put(jax.random.normal(jax.random.key(1), (2 * rows, hidden), jnp.bfloat16),
-                       jax.sharding.NamedSharding(mesh, spec))
+    host = np.asarray(jax.random.normal(jax.random.key(1), (2 * rows, hidden), jnp.float32))
+    x = jax.make_array_from_callback(host.shape, jax.sharding.NamedSharding(mesh, spec),
+                                     lambda i: host[i].astype(jnp.bfloat16))
     return median_seconds(f, x, reps=20) / chain
 
 
@@ -88,7 +102,7 @@ def parse_mesh(text: str) -> MeshConfig:
 
 
 def device0_bytes(arrays) -> int:
-    """Bytes that the first device holds of these arrays."""
+    """Bytes that the first device (the leader's) holds of these arrays."""
     d0 = jax.devices()[0]
     return sum(s.data.nbytes for a in jax.tree.leaves(arrays) for s in a.addressable_shards
                if s.device == d0)
@@ -134,12 +148,14 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
     assert len(running) == total, (len(running), total)
     context = [sum(r.num_tokens for r in running) / total]
     times, tokens = [], 0
+    sent_before = sent_seconds(engine)
     for _ in range(output_len):
         t = time.perf_counter()
         tokens += sum(len(o.token_ids) for o in engine.step())
         times.append(time.perf_counter() - t)
     assert len(engine.scheduler.running) == total  # nobody finished inside the window
     context.append(sum(r.num_tokens for r in running) / total)
+    sent = sent_seconds(engine) - sent_before
     for r in list(running):
         engine.abort(r.request_id)
     drain(engine)
@@ -149,19 +165,41 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
             "decode_step_p90_ms": float(np.percentile(times, 90) * 1e3),
             "decode_tok_s": tokens / sum(times),
             "prefill_tok_s_at_bucket": total * input_len / prefill_s,
+            "broadcast_ms": sent / output_len * 1e3,
+            "broadcast_share": sent / sum(times),
             "preemptions": engine.scheduler.num_preemptions}
 
 
 def memory_in_use() -> list[float]:
-    """GiB in use on each device."""
+    """GiB in use on each of this process's devices."""
     return [round((d.memory_stats() or {}).get("bytes_in_use", 0) / 2**30, 2)
-            for d in jax.devices()]
+            for d in jax.local_devices()]
 
 
 def kv_bytes_per_token(engine: Engine) -> int:
-    """KV bytes one token's cache takes on one device (K and V, every layer)."""
-    c, plan = engine.model_config, engine.runner.plan
-    return 2 * c.num_layers * plan.kv_heads * c.head_dim * engine.runner.dtype.itemsize
+    """KV bytes one token's cache takes on one device (K and V, every layer of its stage)."""
+    c, runner = engine.model_config, engine.runner
+    return (2 * runner.pipeline.slots * runner.plan.kv_heads * c.head_dim
+            * runner.dtype.itemsize)
+
+
+class TimedSend:
+    """The leader's step channel, counting the wall time its sends take."""
+
+    def __init__(self, channel):
+        self._send, self.seconds = channel.send, 0.0
+        channel.send = self
+
+    def __call__(self, message) -> None:
+        t = time.perf_counter()
+        self._send(message)
+        self.seconds += time.perf_counter() - t
+
+
+def sent_seconds(engine: Engine) -> float:
+    """Seconds the leader has spent sending steps to the other processes (0 in one process)."""
+    channel = engine.runner.channel
+    return channel.send.seconds if channel is not None else 0.0
 
 
 def main() -> None:
@@ -177,6 +215,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=float, default=0.85)
     ap.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth test")
     ap.add_argument("--out", required=True)
+    add_distributed_args(ap)
     args = ap.parse_args()
 
     base = load_config(args.config).replace(
@@ -189,12 +228,22 @@ def main() -> None:
         runner__compilation_cache_dir=None)
     if args.shape:
         base = base.replace(checkpoint__random_shape=args.shape)
+    base = with_distributed_args(base, args, "bench_parallel")
+    leader = join(base)  # every process runs what follows up to the meshes, in step
     bandwidth = copy_bandwidth(args.copy_gib)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     hidden = random_model_config(base).hidden_size
     all_reduce = {rows: all_reduce_latency(hidden, rows) for rows in (32, 128)}
     print(f"all-reduce of [rows, {hidden}] bf16 over 2 devices, us: "
           f"{ {k: v and round(v * 1e6, 1) for k, v in all_reduce.items()} }", flush=True)
+    if not leader:
+        for mesh_text in args.mesh:
+            loaded = load_model(base.replace(mesh=parse_mesh(mesh_text)), progress=False)
+            Engine(base, loaded.model_config, loaded.params, None, loaded.mesh).runner.follow()
+            del loaded
+            gc.collect()
+            jax.clear_caches()
+        return
     rng = np.random.default_rng(0)
     runs: list[dict] = []
     for mesh_text in args.mesh:
@@ -206,6 +255,8 @@ def main() -> None:
             bench_mesh(base.replace(mesh=parse_mesh(mesh_text)), mesh_text, args, bandwidth,
                        rng, keep)
         except Exception:  # noqa: BLE001 -- report it and go on with the next mesh
+            if jax.process_count() > 1:
+                raise  # the followers wait in a collective: end them all
             traceback.print_exc()
             keep({"mesh": mesh_text, "error": traceback.format_exc(limit=3)})
         gc.collect()  # the engine's jitted step refers back to it: free its KV cache now
@@ -223,6 +274,8 @@ def bench_mesh(config, mesh_text: str, args, bandwidth: float, rng, keep) -> Non
     t = time.perf_counter()
     loaded = load_model(config, progress=False)
     engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
+    if engine.runner.channel is not None:
+        TimedSend(engine.runner.channel)
     load_s = time.perf_counter() - t
     print(f"{mesh_text}: loaded in {load_s:.0f} s, {engine.runner.num_pages} KV pages per "
           f"replica, GiB in use {memory_in_use()}", flush=True)
@@ -240,7 +293,8 @@ def bench_mesh(config, mesh_text: str, args, bandwidth: float, rng, keep) -> Non
                              if "moe/" in k and k.endswith("_proj")])
     for b in args.batch:
         row = run_batch(engine, b, args.input_len, args.output_len, rng)
-        kv = b * row["mean_context"] * kv_bytes_per_token(engine)
+        # a pipeline tick runs one micro-batch (B / stages sequences) through each stage
+        kv = b / engine.runner.stages * row["mean_context"] * kv_bytes_per_token(engine)
         touched = 1 - (1 - c.num_experts_per_tok / c.num_experts) ** b if c.is_moe else 1.0
         read = weights - experts * (1 - touched)
         row.update(mesh=mesh_text, weight_bytes_per_device=weights, kv_bytes_per_device=kv,
@@ -254,7 +308,8 @@ def bench_mesh(config, mesh_text: str, args, bandwidth: float, rng, keep) -> Non
         keep(row)
         print(json.dumps({k: row[k] for k in ("mesh", "batch_per_replica", "decode_step_ms",
                                               "decode_tok_s", "mean_context", "floor_ms",
-                                              "floor_share")}), flush=True)
+                                              "floor_share", "broadcast_ms")}), flush=True)
+    engine.runner.close()  # the followers go on to the next mesh
 
 
 def write(args, bandwidth: float, all_reduce: dict, runs: list[dict]) -> None:
@@ -262,6 +317,7 @@ def write(args, bandwidth: float, all_reduce: dict, runs: list[dict]) -> None:
     result = {"benchmark": "parallel-decode",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+              "num_processes": jax.process_count(),
               "jax": jax.__version__, "config": args.config, "shape": args.shape,
               "copy_bandwidth_bytes_s": bandwidth, "all_reduce_s_by_rows": all_reduce,
               "env": env, "runs": runs}
