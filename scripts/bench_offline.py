@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine
+from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 
@@ -59,6 +59,7 @@ def main() -> None:
     while engine.has_unfinished():
         engine.step()
 
+    engine.step_times = StepTimes()
     start = time.perf_counter()
     for i in range(args.num_requests):
         engine.add_request(rng.integers(3, vocab, args.input_len).tolist(), params, f"b{i}")
@@ -86,6 +87,8 @@ def main() -> None:
         "output_tok_s": n_out / elapsed, "total_tok_s": (n_in + n_out) / elapsed,
         "ttft": percentiles(ttft), "tpot": percentiles(tpot),
         "step_time": percentiles(step_times), "num_steps": len(step_times),
+        # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
+        "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
         "preemptions": engine.scheduler.num_preemptions,

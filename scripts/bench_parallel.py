@@ -18,6 +18,8 @@ Figures:
                      to k of n experts touch an expected 1 - (1 - k/n)^B of them (uniform
                      routing, which random routers give), and that share of the device's
                      expert bytes counts;
+  step_phases_ms     the engine's own timers (engine.StepTimes): host work per step by phase,
+                     and wait, the time blocked on the device;
   broadcast_ms       over several processes, the leader's wall time per decode step spent
                      sending the step's inputs to the other processes (multihost.py), and
                      its share of the step;
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine
+from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.launch import add_distributed_args, join, with_distributed_args
 from jaxserve.loader import load_model, random_model_config
@@ -149,6 +151,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
     context = [sum(r.num_tokens for r in running) / total]
     times, tokens = [], 0
     sent_before = sent_seconds(engine)
+    engine.step_times = StepTimes()
     for _ in range(output_len):
         t = time.perf_counter()
         tokens += sum(len(o.token_ids) for o in engine.step())
@@ -166,6 +169,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
             "decode_tok_s": tokens / sum(times),
             "prefill_tok_s_at_bucket": total * input_len / prefill_s,
             "broadcast_ms": sent / output_len * 1e3,
+            "step_phases_ms": engine.step_times.per_step_ms(),
             "broadcast_share": sent / sum(times),
             "preemptions": engine.scheduler.num_preemptions}
 

@@ -48,6 +48,29 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclasses.dataclass
+class StepTimes:
+    """Seconds spent in each phase of `step()`, summed over steps (benchmarks read these).
+
+    host = schedule + inputs + outputs: the Python work of a step, which the device step
+    must hide; wait: blocked reading back the previous step (the device is behind)."""
+
+    steps: int = 0
+    schedule: float = 0.0  # the scheduler's choice of sequences and pages
+    inputs: float = 0.0  # building the step's inputs and dispatching it
+    wait: float = 0.0  # reading back the previous step's tokens
+    outputs: float = 0.0  # appending tokens, detokenizing, stop checks, output records
+
+    @property
+    def host(self) -> float:
+        return self.schedule + self.inputs + self.outputs
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {f"{k}_ms": getattr(self, k) / n * 1e3
+                for k in ("host", "schedule", "inputs", "outputs", "wait")}
+
+
 class Engine:
     def __init__(self, config: Config, model_config: ModelConfig, params, tokenizer: Tokenizer,
                  mesh):
@@ -66,6 +89,7 @@ class Engine:
         self._inflight: StepHandle | None = None
         self._ids = itertools.count()
         self._rng = random.Random()
+        self.step_times = StepTimes()
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -145,16 +169,27 @@ class Engine:
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step, then process the previous step's tokens."""
+        times, t0 = self.step_times, time.perf_counter()
         sched = self.scheduler.schedule()
         for req in sched.preempted:
             self.runner.release(req.request_id)
+        t1 = time.perf_counter()
         handle = None
         if sched.seqs or self.runner.pipeline_busy:
             handle = self.runner.execute(sched, self.page_tables, self._inflight)
         previous, self._inflight = self._inflight, handle
+        t2 = t3 = time.perf_counter()
         if previous is not None:
-            self._process(previous)
-        return self._drain()
+            out = previous.fetch()
+            t3 = time.perf_counter()
+            self._process(previous, out)
+        outputs = self._drain()
+        times.steps += 1
+        times.schedule += t1 - t0
+        times.inputs += t2 - t1
+        times.wait += t3 - t2
+        times.outputs += time.perf_counter() - t3
+        return outputs
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []
@@ -165,8 +200,7 @@ class Engine:
                 del self._tracked[request_id]
         return outputs
 
-    def _process(self, handle: StepHandle) -> None:
-        out = handle.fetch()
+    def _process(self, handle: StepHandle, out) -> None:
         for req, shard, row in handle.rows:
             req.num_pending -= 1
             if req.is_finished:

@@ -42,6 +42,7 @@ class PageTable:
         self._free: collections.deque[int] = collections.deque(range(1, num_pages))
         self._refs = np.zeros(num_pages, np.int32)
         self._tables: dict[str, list[int]] = {}
+        self._rows: dict[str, np.ndarray] = {}  # the tables as int32 arrays (step inputs)
         self._chains: dict[str, tuple[int, bytes]] = {}  # seq -> (full pages hashed, digest)
         self._cached: dict[int, _Cached] = {}  # registered page -> what it holds
         self._page_of_hash: dict[bytes, int] = {}  # prefix digest -> page
@@ -60,13 +61,17 @@ class PageTable:
     def pages(self, seq_id: str) -> list[int]:
         return self._tables.get(seq_id, [])
 
+    def row(self, seq_id: str) -> np.ndarray:
+        """seq_id's pages as an int32 array (kept up to date: no conversion per step)."""
+        return self._rows[seq_id]
+
     def pages_needed(self, seq_id: str, num_tokens: int) -> int:
         have = len(self._tables.get(seq_id, ()))
         return max(0, -(-num_tokens // self.page_size) - have)
 
     def slots(self, seq_id: str, start: int, stop: int) -> np.ndarray:
         """Cache slots (page * page_size + offset) of positions [start, stop)."""
-        table = np.asarray(self._tables[seq_id], np.int32)
+        table = self._rows[seq_id]
         pos = np.arange(start, stop)
         return table[pos // self.page_size] * self.page_size + pos % self.page_size
 
@@ -83,6 +88,7 @@ class PageTable:
         for page in shared:
             self._take(page)
         self._tables[seq_id] = shared
+        self._rows[seq_id] = np.asarray(shared, np.int32)
         self._chains[seq_id] = (len(shared), chain)
         return len(shared) * self.page_size
 
@@ -100,6 +106,8 @@ class PageTable:
             page = self._free.popleft() if self._free else self._evict()
             self._refs[page] = 1
             table.append(page)
+        if need:
+            self._rows[seq_id] = np.asarray(table, np.int32)
         return True
 
     def register(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
@@ -124,6 +132,7 @@ class PageTable:
     def free(self, seq_id: str) -> None:
         """Drop seq_id's references; unshared pages go back to the pool."""
         self._chains.pop(seq_id, None)
+        self._rows.pop(seq_id, None)
         for page in reversed(self._tables.pop(seq_id, [])):
             self._refs[page] -= 1
             if self._refs[page] == 0:
@@ -185,6 +194,8 @@ class PageTable:
             "prefix hash maps disagree"
         assert len(self._page_of_hash) == len(self._cached), "prefix hash maps disagree"
         assert set(self._chains) == set(self._tables), "hash chains and tables disagree"
+        assert all(self._rows[s].tolist() == t for s, t in self._tables.items()) \
+            and set(self._rows) == set(self._tables), "table arrays disagree with the tables"
         assert all(n <= len(self._tables[s]) for s, (n, _) in self._chains.items()), \
             "a hash chain covers pages the sequence does not hold"
 

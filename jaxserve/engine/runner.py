@@ -426,35 +426,58 @@ class Runner:
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[int, int]) -> None:
-        """One data shard's sequences into its padded buffers."""
-        q = 0
-        for row, seq in enumerate(seqs):
-            req = seq.request
-            slot, fresh = self._slot(req)
-            known = req.token_ids
-            n = seq.num_tokens
-            positions = np.arange(seq.start, seq.start + n)
-            for j, p in enumerate(positions):
-                if p < len(known):
-                    host.token_ids[q + j] = known[p]
-                else:  # the token sampled by the previous step, still on the device
-                    host.prev_index[q + j] = prev_row[id(req)]
-            host.positions[q:q + n] = positions
-            host.slot_mapping[q:q + n] = page_table.slots(req.request_id, seq.start,
-                                                               seq.start + n)
-            host.token_slot[q:q + n] = slot
-            host.token_is_output[q:q + n] = positions >= req.num_prompt_tokens
-            pages = page_table.pages(req.request_id)
+        """One data shard's sequences into its padded buffers: one pass over the sequences
+        gathers their numbers, then whole-array writes place them (per-token work is numpy;
+        a page table is one array copy, whatever the context)."""
+        S = len(seqs)
+        if S == 0:
+            return  # all padding: query_start stays 0
+        reqs = [seq.request for seq in seqs]
+        starts = np.fromiter((seq.start for seq in seqs), np.int64, S)
+        counts = np.fromiter((seq.num_tokens for seq in seqs), np.int64, S)
+        ends = np.cumsum(counts)
+        firsts, total = ends - counts, int(ends[-1])
+        row_of = np.repeat(np.arange(S), counts)  # each token's sequence
+        positions = np.arange(total) - np.repeat(firsts - starts, counts)
+        held = [self._slot(req) for req in reqs]
+        slots = np.fromiter((slot for slot, _ in held), np.int32, S)
+        prompt_lens = np.fromiter((req.num_prompt_tokens for req in reqs), np.int64, S)
+
+        for row, (seq, req) in enumerate(zip(seqs, reqs, strict=True)):
+            pages = page_table.row(req.request_id)
             host.page_tables[row, :len(pages)] = pages
-            host.seq_lens[row] = seq.start + n
-            host.query_start[row + 1] = q + n
-            host.logits_indices[row] = q + n - 1
-            host.row_slots[row] = slot
-            if fresh:
-                host.reset_slots[row] = slot
-            host.set_sampling(row, req, self.eos_ids)
-            q += n
-        host.query_start[len(seqs) + 1:] = q
+            q, n, known = int(firsts[row]), seq.num_tokens, req.token_ids
+            k = max(0, min(n, len(known) - seq.start))  # inputs the host knows
+            if k:
+                host.token_ids[q:q + k] = known[seq.start:seq.start + k]
+            if k < n:  # the token sampled by the previous step, still on the device
+                host.prev_index[q + k:q + n] = prev_row[id(req)]
+        ps = self.page_size
+        host.positions[:total] = positions
+        host.slot_mapping[:total] = (host.page_tables[row_of, positions // ps] * ps
+                                     + positions % ps)
+        host.token_slot[:total] = slots[row_of]
+        host.token_is_output[:total] = positions >= prompt_lens[row_of]
+        host.seq_lens[:S] = starts + counts
+        host.query_start[1:S + 1] = ends
+        host.query_start[S + 1:] = total
+        host.logits_indices[:S] = ends - 1
+        host.row_slots[:S] = slots
+        fresh = np.fromiter((new for _, new in held), bool, S)
+        host.reset_slots[:S][fresh] = slots[fresh]
+
+        params = [req.params for req in reqs]
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            getattr(host, name)[:S] = [getattr(p, name) for p in params]
+        host.seeds[:S] = [req.seed for req in reqs]
+        out_index = [req.num_tokens - n for req, n in zip(reqs, prompt_lens.tolist(),
+                                                          strict=True)]
+        host.output_index[:S] = out_index
+        for row, (p, index) in enumerate(zip(params, out_index, strict=True)):
+            if index < p.min_tokens:  # EOS and stop ids are banned until min_tokens
+                banned = [*p.stop_token_ids, *self.eos_ids]
+                host.banned[row, :len(banned)] = banned
 
 
 def setup_compilation_cache(directory: str | None) -> None:

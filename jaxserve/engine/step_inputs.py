@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplingInputs
 from jaxserve.models.llama import AttentionMetadata
 
@@ -147,19 +146,3 @@ class ShardInputs:
             src = getattr(self, name)
             getattr(dst, name)[tuple(slice(0, n) for n in src.shape)] = src
         dst.query_start[len(self.query_start):] = self.query_start[-1]
-
-    def set_sampling(self, row: int, req: Request, eos_ids: tuple[int, ...]) -> None:
-        p = req.params
-        self.temperature[row] = p.temperature
-        self.top_k[row] = p.top_k
-        self.top_p[row] = p.top_p
-        self.min_p[row] = p.min_p
-        self.repetition_penalty[row] = p.repetition_penalty
-        self.presence_penalty[row] = p.presence_penalty
-        self.frequency_penalty[row] = p.frequency_penalty
-        self.seeds[row] = req.seed
-        index = req.num_tokens - req.num_prompt_tokens
-        self.output_index[row] = index
-        if index < p.min_tokens:
-            banned = list(p.stop_token_ids) + list(eos_ids)
-            self.banned[row, :len(banned)] = banned

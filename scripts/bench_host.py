@@ -1,0 +1,112 @@
+"""Host work per decode step: the Python side of `engine.step()`, by phase, against context.
+
+    python scripts/bench_host.py --batch 64 --context 512 2048 8192 --out host.json
+
+The host's share of a step does not depend on the model's size, so a tiny random model on
+CPU shows it (the device part, reading the KV cache, is reported apart as `wait_ms`). B
+requests with the same prompt (so the prefix cache prefills it once) decode together; the
+engine's own phase timers (`Engine.step_times`) are read over --steps decode steps:
+schedule_ms (scheduler), inputs_ms (building and dispatching the step), outputs_ms
+(appending tokens, stop checks, output records), host_ms (their sum) and wait_ms.
+
+On CPU the "device" is the same two cores, so a long context's attention slows the host
+phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
+putting them on the device) again with the device idle: `Runner.prepare`, median of 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxserve.config import load_config
+from jaxserve.engine.engine import Engine, StepTimes
+from jaxserve.engine.request import SamplingParams
+from jaxserve.loader import load_model
+from jaxserve.models.model_config import ModelConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                   num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, name="tiny")
+
+
+def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, TINY.vocab_size, context).tolist()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), "warm")
+    while engine.has_unfinished():
+        engine.step()
+    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(prompt, params, f"r{i}")
+    while engine.scheduler.num_waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    engine.step_times = StepTimes()
+    for _ in range(steps):
+        engine.step()
+    assert len(engine.scheduler.running) == batch
+    row = {"batch": batch, "context": context, "steps": steps,
+           **{k: round(v, 4) for k, v in engine.step_times.per_step_ms().items()}}
+    jax.block_until_ready(engine.in_flight.out)
+    sched = engine.scheduler.schedule()
+    times = []
+    for _ in range(200):
+        t = time.perf_counter()
+        jax.block_until_ready(engine.runner.prepare(sched, engine.page_tables,
+                                                    engine.in_flight)[1])
+        times.append(time.perf_counter() - t)
+    row["prepare_idle_ms"] = round(float(np.median(times)) * 1e3, 4)
+    for r in list(engine.scheduler.running):
+        engine.abort(r.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    shape = Path(args.out).with_suffix(".shape.json")
+    TINY.save(shape)
+    b_max, c_max = max(args.batch), max(args.context)
+    config = load_config(REPO / "configs" / "smollm2-135m-cpu.yaml").replace(
+        model__dtype="float32", checkpoint__source="random",
+        checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
+        cache__max_model_len=c_max + args.steps + 128,
+        cache__kv_cache_memory=float(2**30),
+        runner__token_buckets=(b_max, 2048), runner__seq_buckets=(b_max,),
+        scheduler__max_num_seqs=b_max, scheduler__max_num_batched_tokens=2048)
+    loaded = load_model(config, progress=False)
+    shape.unlink()
+    engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
+    rows = []
+    for b in args.batch:
+        for c in args.context:
+            rows.append(measure(engine, b, c, args.steps, seed=len(rows)))
+            print(json.dumps(rows[-1]), flush=True)
+    result = {"benchmark": "host-work-per-step",
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
+                         f"{jax.devices()[0].device_kind}",
+              "model": dataclasses.asdict(TINY), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
