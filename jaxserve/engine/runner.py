@@ -1,4 +1,7 @@
-"""The device side of the engine: padded step inputs, jitted steps, buckets, warm-up.
+"""The device side of the engine: jitted steps, buckets, warm-up, the KV cache.
+
+Step inputs are built on the host by batch_builder.py (buckets, penalty slots, packed
+buffers); this module compiles, dispatches and, over several processes, mirrors the steps.
 
 One jitted step runs the model on a ragged batch (prefill chunks and decodes together) and
 samples one token per sequence, all on the device. The KV pages and the per-slot penalty
@@ -17,7 +20,6 @@ row-parallel projections. The KV cache is never gathered, moved or reduced.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -31,13 +33,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxserve.config import Config
+from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
-from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
+from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplerOutput
-from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
-from jaxserve.engine.step_inputs import HostInputs, Layout, ShardInputs, StepInputs
+from jaxserve.engine.scheduler import SchedulerOutput
+from jaxserve.engine.step_inputs import Layout, StepInputs
 from jaxserve.errors import ConfigError
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.model_config import ModelConfig
@@ -78,14 +81,6 @@ class StepHandle:
 
     def fetch(self) -> SamplerOutput:
         return jax.tree.map(lambda a: a[:, -1], jax.device_get(self.out))
-
-
-@dataclasses.dataclass
-class _MicroBatch:
-    """The inputs of one micro-batch, in its own bucket, while it moves down the stages."""
-
-    host: HostInputs  # [D, 1, ...]
-    rows: list[tuple[Request, int, int]]  # the tokens it will sample
 
 
 def pick_attention(backend: str):
@@ -146,12 +141,9 @@ class Runner:
         self.params = params
         self.dtype = jnp.dtype(config.model.dtype)
         self.page_size = config.cache.page_size
-        self.pages_per_seq = -(-config.cache.max_model_len // self.page_size)
         self.max_seqs = config.runner.seq_buckets[-1]
         self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
         self.num_top = config.runner.max_logprobs
-        self.eos_ids = tuple(eos_ids)
-        self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
         self.num_shards = mesh.shape["data"]
         self.stages = mesh.shape[PIPELINE_AXIS]
         # Arrays with leading [D, P] axes (step inputs, sampled tokens): a block per data
@@ -176,12 +168,11 @@ class Runner:
                            expert_axis=EXPERT_AXIS if experts > 1 else None,
                            expert_shards=experts)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
-        self._free_slots = [list(range(self.num_slots)) for _ in range(self.num_shards)]
-        self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
+        self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)
         self.state = self._init_state()
         self._prev_tokens = self._to_global(
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
-        self._ring: collections.deque[_MicroBatch] = collections.deque(maxlen=self.stages)
+        self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int], object] = {}
         # Over several processes, the leader tells the others what to run (multihost.py).
         self.channel = StepChannel(self._buffer_shapes) if jax.process_count() > 1 else None
@@ -221,15 +212,12 @@ class Runner:
         return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
 
     def _buffer_shapes(self, bucket: tuple[int, int]):
-        layout, blocks = self._layout(*bucket), (self.num_shards, self.stages)
+        layout, blocks = self.batch.layout(*bucket), (self.num_shards, self.stages)
         return (*blocks, layout.num_ints), (*blocks, layout.num_floats)
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
-        held = self._slot_of.pop(request_id, None)
-        if held is not None:
-            shard, slot = held
-            self._free_slots[shard].append(slot)
+        self.batch.release(request_id)
 
     @property
     def num_compilations(self) -> int:
@@ -266,13 +254,10 @@ class Runner:
                                        per_block),
                              out_specs=(state, out_spec, per_block), check_vma=False)
 
-    def _layout(self, num_tokens: int, num_seqs: int) -> Layout:
-        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
-
     def _executable(self, num_tokens: int, num_seqs: int):
         key = (num_tokens, num_seqs)
         if key not in self._compiled:
-            layout = self._layout(num_tokens, num_seqs)
+            layout = self.batch.layout(num_tokens, num_seqs)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             blocks = (self.num_shards, self.stages)
             buffers = [jax.ShapeDtypeStruct((*blocks, n), dtype, sharding=self._per_block)
@@ -309,27 +294,14 @@ class Runner:
             self._executable(t, s)
 
     # ----- building inputs -------------------------------------------------------------
-    def _bucket(self, buckets, n: int, what: str) -> int:
-        i = bisect.bisect_left(buckets, n)
-        if i == len(buckets):
-            raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
-        return buckets[i]
-
-    def _slot(self, req: Request) -> tuple[int, bool]:
-        """The request's penalty-table slot in its shard, and whether it was just assigned."""
-        held = self._slot_of.get(req.request_id)  # released when a request is preempted
-        if held is not None:
-            return held[1], False
-        self._slot_of[req.request_id] = (req.shard, self._free_slots[req.shard].pop())
-        return self._slot_of[req.request_id][1], True
-
     def execute(self, sched: SchedulerOutput, page_tables: list[PageTable],
                 prev: StepHandle | None) -> StepHandle:
         """Dispatch one step for the scheduled sequences (does not wait). With pipeline
         stages they enter stage 0, and the handle's rows are the micro-batch leaving the last
         stage."""
-        self._ring.appendleft(self._micro_batch(sched, page_tables, prev))
-        bucket, host = self._tick_inputs(list(self._ring))
+        self._ring.appendleft(self.batch.micro_batch(sched, page_tables,
+                                                     prev.rows if prev is not None else []))
+        bucket, host = self.batch.tick_inputs(list(self._ring))
         rows = self._ring[-1].rows if len(self._ring) == self.stages else []
         for seq in sched.seqs:
             if seq.samples:
@@ -380,8 +352,9 @@ class Runner:
                 prev: StepHandle | None) -> tuple[tuple[int, int], tuple[jax.Array, jax.Array]]:
         """The (tokens, sequences) bucket and the packed inputs (ints, floats), each
         [D, P, ...] on the device, of a step that would run these sequences (profiling)."""
-        ring = [self._micro_batch(sched, page_tables, prev), *list(self._ring)[:-1]]
-        bucket, host = self._tick_inputs(ring[:self.stages])
+        ring = [self.batch.micro_batch(sched, page_tables, prev.rows if prev is not None else []),
+                *list(self._ring)[:-1]]
+        bucket, host = self.batch.tick_inputs(ring[:self.stages])
         return bucket, (self._to_global(host.ints), self._to_global(host.floats))
 
     def run_prepared(self, bucket: tuple[int, int], inputs, prev_tokens):
@@ -390,95 +363,7 @@ class Runner:
 
     def unpack(self, bucket: tuple[int, int], inputs) -> StepInputs:
         """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
-        return self._layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
-
-    def _micro_batch(self, sched: SchedulerOutput, page_tables: list[PageTable],
-                     prev: StepHandle | None) -> _MicroBatch:
-        """The scheduled sequences' inputs, padded to their own bucket."""
-        by_shard: list[list[ScheduledSeq]] = [[] for _ in range(self.num_shards)]
-        for seq in sched.seqs:
-            by_shard[seq.request.shard].append(seq)
-        n_tok = max(sum(s.num_tokens for s in seqs) for seqs in by_shard)
-        n_seq = max(len(seqs) for seqs in by_shard)
-        T = self._bucket(self.config.runner.token_buckets, n_tok, "tokens")
-        S = self._bucket(self.config.runner.seq_buckets, n_seq, "sequences")
-        prev_row = {id(req): row for req, _, row in prev.rows} if prev is not None else {}
-        rows: list[tuple[Request, int, int]] = []
-        host = HostInputs(self._layout(T, S), self.num_shards, self.num_slots)
-        for shard, seqs in enumerate(by_shard):
-            self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row)
-            rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
-        return _MicroBatch(host, rows)
-
-    def _tick_inputs(self, ring: list[_MicroBatch]) -> tuple[tuple[int, int], HostInputs]:
-        """Inputs of one step: stage s gets ring[s], all in the largest bucket among them."""
-        T = max(mb.host.layout.T for mb in ring)
-        S = max(mb.host.layout.S for mb in ring)
-        if self.stages == 1:
-            host = ring[0].host
-        else:
-            host = HostInputs(self._layout(T, S), self.num_shards, self.num_slots,
-                              self.stages)
-            for stage, mb in enumerate(ring):
-                for shard in range(self.num_shards):
-                    mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
-        return (T, S), host
-
-    def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
-              prev_row: dict[int, int]) -> None:
-        """One data shard's sequences into its padded buffers: one pass over the sequences
-        gathers their numbers, then whole-array writes place them (per-token work is numpy;
-        a page table is one array copy, whatever the context)."""
-        S = len(seqs)
-        if S == 0:
-            return  # all padding: query_start stays 0
-        reqs = [seq.request for seq in seqs]
-        starts = np.fromiter((seq.start for seq in seqs), np.int64, S)
-        counts = np.fromiter((seq.num_tokens for seq in seqs), np.int64, S)
-        ends = np.cumsum(counts)
-        firsts, total = ends - counts, int(ends[-1])
-        row_of = np.repeat(np.arange(S), counts)  # each token's sequence
-        positions = np.arange(total) - np.repeat(firsts - starts, counts)
-        held = [self._slot(req) for req in reqs]
-        slots = np.fromiter((slot for slot, _ in held), np.int32, S)
-        prompt_lens = np.fromiter((req.num_prompt_tokens for req in reqs), np.int64, S)
-
-        for row, (seq, req) in enumerate(zip(seqs, reqs, strict=True)):
-            pages = page_table.row(req.request_id)
-            host.page_tables[row, :len(pages)] = pages
-            q, n, known = int(firsts[row]), seq.num_tokens, req.token_ids
-            k = max(0, min(n, len(known) - seq.start))  # inputs the host knows
-            if k:
-                host.token_ids[q:q + k] = known[seq.start:seq.start + k]
-            if k < n:  # the token sampled by the previous step, still on the device
-                host.prev_index[q + k:q + n] = prev_row[id(req)]
-        ps = self.page_size
-        host.positions[:total] = positions
-        host.slot_mapping[:total] = (host.page_tables[row_of, positions // ps] * ps
-                                     + positions % ps)
-        host.token_slot[:total] = slots[row_of]
-        host.token_is_output[:total] = positions >= prompt_lens[row_of]
-        host.seq_lens[:S] = starts + counts
-        host.query_start[1:S + 1] = ends
-        host.query_start[S + 1:] = total
-        host.logits_indices[:S] = ends - 1
-        host.row_slots[:S] = slots
-        fresh = np.fromiter((new for _, new in held), bool, S)
-        host.reset_slots[:S][fresh] = slots[fresh]
-
-        params = [req.params for req in reqs]
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
-            getattr(host, name)[:S] = [getattr(p, name) for p in params]
-        host.seeds[:S] = [req.seed for req in reqs]
-        out_index = [req.num_tokens - n for req, n in zip(reqs, prompt_lens.tolist(),
-                                                          strict=True)]
-        host.output_index[:S] = out_index
-        for row, (p, index) in enumerate(zip(params, out_index, strict=True)):
-            if index < p.min_tokens:  # EOS and stop ids are banned until min_tokens
-                banned = [*p.stop_token_ids, *self.eos_ids]
-                host.banned[row, :len(banned)] = banned
-
+        return self.batch.layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
 
 def setup_compilation_cache(directory: str | None) -> None:
     """Enable JAX's persistent compilation cache, so a second start skips compiling."""

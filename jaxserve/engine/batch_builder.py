@@ -1,0 +1,157 @@
+"""From the scheduler's choice to a step's host inputs: buckets, penalty slots, buffers.
+
+The runner asks for one micro-batch per step (`micro_batch`): the scheduled sequences of
+each data shard, padded to the smallest (tokens, sequences) bucket that holds them, written
+into the packed buffers of step_inputs.py. With pipeline stages, `tick_inputs` stacks the
+micro-batches in flight, one per stage, into one step's inputs. Each request holds a
+penalty-table slot in its data shard from its first step until it finishes or is preempted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+
+import numpy as np
+
+from jaxserve.config import Config
+from jaxserve.engine.page_table import PageTable
+from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
+from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.engine.step_inputs import HostInputs, Layout, ShardInputs
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """The inputs of one micro-batch, in its own bucket, while it moves down the stages."""
+
+    host: HostInputs  # [D, 1, ...]
+    rows: list[tuple[Request, int, int]]  # the tokens it will sample
+
+
+class BatchBuilder:
+    def __init__(self, config: Config, num_shards: int, stages: int, eos_ids):
+        self.config = config
+        self.num_shards = num_shards
+        self.stages = stages
+        self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
+        self.page_size = config.cache.page_size
+        self.pages_per_seq = -(-config.cache.max_model_len // self.page_size)
+        self.eos_ids = tuple(eos_ids)
+        self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
+        self._free_slots = [list(range(self.num_slots)) for _ in range(num_shards)]
+        self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
+
+    @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
+    def layout(self, num_tokens: int, num_seqs: int) -> Layout:
+        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
+
+    def bucket(self, buckets, n: int, what: str) -> int:
+        i = bisect.bisect_left(buckets, n)
+        if i == len(buckets):
+            raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
+        return buckets[i]
+
+    def slot(self, req: Request) -> tuple[int, bool]:
+        """The request's penalty-table slot in its shard, and whether it was just assigned."""
+        held = self._slot_of.get(req.request_id)  # released when a request is preempted
+        if held is not None:
+            return held[1], False
+        self._slot_of[req.request_id] = (req.shard, self._free_slots[req.shard].pop())
+        return self._slot_of[req.request_id][1], True
+
+    def micro_batch(self, sched: SchedulerOutput, page_tables: list[PageTable],
+                    prev_rows: list[tuple[Request, int, int]]) -> MicroBatch:
+        """The scheduled sequences' inputs, padded to their own bucket."""
+        by_shard: list[list[ScheduledSeq]] = [[] for _ in range(self.num_shards)]
+        for seq in sched.seqs:
+            by_shard[seq.request.shard].append(seq)
+        n_tok = max(sum(s.num_tokens for s in seqs) for seqs in by_shard)
+        n_seq = max(len(seqs) for seqs in by_shard)
+        T = self.bucket(self.config.runner.token_buckets, n_tok, "tokens")
+        S = self.bucket(self.config.runner.seq_buckets, n_seq, "sequences")
+        prev_row = {id(req): row for req, _, row in prev_rows}
+        rows: list[tuple[Request, int, int]] = []
+        host = HostInputs(self.layout(T, S), self.num_shards, self.num_slots)
+        for shard, seqs in enumerate(by_shard):
+            self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row)
+            rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
+        return MicroBatch(host, rows)
+
+    def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int], HostInputs]:
+        """Inputs of one step: stage s gets ring[s], all in the largest bucket among them."""
+        T = max(mb.host.layout.T for mb in ring)
+        S = max(mb.host.layout.S for mb in ring)
+        if self.stages == 1:
+            host = ring[0].host
+        else:
+            host = HostInputs(self.layout(T, S), self.num_shards, self.num_slots,
+                              self.stages)
+            for stage, mb in enumerate(ring):
+                for shard in range(self.num_shards):
+                    mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
+        return (T, S), host
+
+    def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
+              prev_row: dict[int, int]) -> None:
+        """One data shard's sequences into its padded buffers: one pass over the sequences
+        gathers their numbers, then whole-array writes place them (per-token work is numpy;
+        a page table is one array copy, whatever the context)."""
+        S = len(seqs)
+        if S == 0:
+            return  # all padding: query_start stays 0
+        reqs = [seq.request for seq in seqs]
+        starts = np.fromiter((seq.start for seq in seqs), np.int64, S)
+        counts = np.fromiter((seq.num_tokens for seq in seqs), np.int64, S)
+        ends = np.cumsum(counts)
+        firsts, total = ends - counts, int(ends[-1])
+        row_of = np.repeat(np.arange(S), counts)  # each token's sequence
+        positions = np.arange(total) - np.repeat(firsts - starts, counts)
+        held = [self.slot(req) for req in reqs]
+        slots = np.fromiter((slot for slot, _ in held), np.int32, S)
+        prompt_lens = np.fromiter((req.num_prompt_tokens for req in reqs), np.int64, S)
+
+        for row, (seq, req) in enumerate(zip(seqs, reqs, strict=True)):
+            pages = page_table.row(req.request_id)
+            host.page_tables[row, :len(pages)] = pages
+            q, n, known = int(firsts[row]), seq.num_tokens, req.token_ids
+            k = max(0, min(n, len(known) - seq.start))  # inputs the host knows
+            if k:
+                host.token_ids[q:q + k] = known[seq.start:seq.start + k]
+            if k < n:  # the token sampled by the previous step, still on the device
+                host.prev_index[q + k:q + n] = prev_row[id(req)]
+        ps = self.page_size
+        host.positions[:total] = positions
+        host.slot_mapping[:total] = (host.page_tables[row_of, positions // ps] * ps
+                                     + positions % ps)
+        host.token_slot[:total] = slots[row_of]
+        host.token_is_output[:total] = positions >= prompt_lens[row_of]
+        host.seq_lens[:S] = starts + counts
+        host.query_start[1:S + 1] = ends
+        host.query_start[S + 1:] = total
+        host.logits_indices[:S] = ends - 1
+        host.row_slots[:S] = slots
+        fresh = np.fromiter((new for _, new in held), bool, S)
+        host.reset_slots[:S][fresh] = slots[fresh]
+
+        params = [req.params for req in reqs]
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            getattr(host, name)[:S] = [getattr(p, name) for p in params]
+        host.seeds[:S] = [req.seed for req in reqs]
+        out_index = [req.num_tokens - n for req, n in zip(reqs, prompt_lens.tolist(),
+                                                          strict=True)]
+        host.output_index[:S] = out_index
+        for row, (p, index) in enumerate(zip(params, out_index, strict=True)):
+            if index < p.min_tokens:  # EOS and stop ids are banned until min_tokens
+                banned = [*p.stop_token_ids, *self.eos_ids]
+                host.banned[row, :len(banned)] = banned
+
+    def release(self, request_id: str) -> None:
+        """Give back a finished or preempted request's penalty slot."""
+        held = self._slot_of.pop(request_id, None)
+        if held is not None:
+            shard, slot = held
+            self._free_slots[shard].append(slot)
+
