@@ -49,9 +49,9 @@ def config_file(demo_config, demo_model, tmp_path_factory):
                      ("pipeline: 1", "pipeline: 2"), ("tensor: 1", "tensor: 3"),
                      ("kv_cache_memory: 268435456", "kv_cache_memory: 16777216"),
                      ("max_model_len: 2048", "max_model_len: 256"),
-                     ("token_buckets: [1, 4, 16, 64, 256, 1024]", "token_buckets: [16, 64]"),
+                     ("token_buckets: [1, 4, 16, 64, 256, 1024, 2048]", "token_buckets: [16, 64]"),
                      ("seq_buckets: [1, 4, 16]", "seq_buckets: [4, 16]"),
-                     ("max_num_batched_tokens: 1024", "max_num_batched_tokens: 64"),
+                     ("max_num_batched_tokens: 2048", "max_num_batched_tokens: 64"),
                      ("metrics_port: 9400", "metrics_port: null")):
         assert old in text, old
         text = text.replace(old, new)
