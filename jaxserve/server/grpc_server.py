@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -240,6 +241,7 @@ async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    warm_started = time.monotonic()
     warm = asyncio.create_task(server.warm_up(progress))
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(server.failed.wait())
@@ -247,6 +249,8 @@ async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
     try:
         if warm.done() and server.fault is None:
             warm.result()  # a failed warm-up ends the server with its error
+            print(f"jaxserve: {len(server.engine.runner.bucket_pairs())} step programs ready in "
+                  f"{time.monotonic() - warm_started:.1f} s", flush=True)
             print(f"jaxserve: serving {config.model.name} (health SERVING)", flush=True)
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         if server.fault is not None:
