@@ -18,7 +18,7 @@ per GPU under torchrun) is --tp. It loads a checkpoint, so rank 0 first saves ra
 weights of the shape to --checkpoint-dir (skipped when one is there); only rank 0 writes:
 
     torchrun --nproc-per-node 2 scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
-        --tp --checkpoint-dir /tmp/llama3-8b-random --no-compile --batch 1 32
+        --tp --checkpoint-dir hf-llama3-8b-random --no-compile --batch 1 32
 
 Runs on the GPU machine's own Python (torch + transformers there); writes JSON.
 """
