@@ -52,9 +52,10 @@ def test_every_rpc_is_counted_under_the_code_its_client_got(served, wait, pages_
 
         before = counted(server, "GenerateUnary", "DEADLINE_EXCEEDED")
         # Short deadlines, each cut while the request runs. (A deadline that passes before
-        # gRPC even dispatches the call reaches no handler, and is not counted.)
-        for _ in range(5):
-            assert failure(lambda: c.generate_unary("Hi", LONG, timeout=0.3)) == \
+        # gRPC even dispatches the call reaches no handler, and is not counted.) The client
+        # cancels as its deadline passes, a few ms before the server's copy of it runs out.
+        for timeout in (0.3, 1.0, 1.0, 1.0, 1.0):
+            assert failure(lambda t=timeout: c.generate_unary("Hi", LONG, timeout=t)) == \
                 grpc.StatusCode.DEADLINE_EXCEEDED
         expect(server, wait, "GenerateUnary", "DEADLINE_EXCEEDED", before, n=5)
 
