@@ -16,7 +16,7 @@ import functools
 import numpy as np
 
 from jaxserve.config import Config
-from jaxserve.engine.page_table import PageTable
+from jaxserve.engine.page_table import PageTable, cache_slots
 from jaxserve.engine.request import MAX_STOP_TOKEN_IDS, Request
 from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from jaxserve.engine.step_inputs import HostInputs, Layout, ShardInputs
@@ -123,8 +123,8 @@ class BatchBuilder:
                 host.prev_index[q + k:q + n] = prev_row[id(req)]
         ps = self.page_size
         host.positions[:total] = positions
-        host.slot_mapping[:total] = (host.page_tables[row_of, positions // ps] * ps
-                                     + positions % ps)
+        host.slot_mapping[:total] = cache_slots(host.page_tables[row_of, positions // ps],
+                                                positions, ps)
         host.token_slot[:total] = slots[row_of]
         host.token_is_output[:total] = positions >= prompt_lens[row_of]
         host.seq_lens[:S] = starts + counts

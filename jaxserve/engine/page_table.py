@@ -71,9 +71,8 @@ class PageTable:
 
     def slots(self, seq_id: str, start: int, stop: int) -> np.ndarray:
         """Cache slots (page * page_size + offset) of positions [start, stop)."""
-        table = self._rows[seq_id]
         pos = np.arange(start, stop)
-        return table[pos // self.page_size] * self.page_size + pos % self.page_size
+        return cache_slots(self._rows[seq_id][pos // self.page_size], pos, self.page_size)
 
     # ----- lifecycle -----------------------------------------------------------------
     def admit(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True) -> int:
@@ -198,6 +197,11 @@ class PageTable:
             and set(self._rows) == set(self._tables), "table arrays disagree with the tables"
         assert all(n <= len(self._tables[s]) for s, (n, _) in self._chains.items()), \
             "a hash chain covers pages the sequence does not hold"
+
+
+def cache_slots(pages: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:
+    """The cache slot (page * page_size + offset) of each position, given its page."""
+    return pages * page_size + positions % page_size
 
 
 def _chain(prefix: bytes, page_tokens: tuple[int, ...]) -> bytes:

@@ -365,6 +365,7 @@ class Runner:
         """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
         return self.batch.layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
 
+
 def setup_compilation_cache(directory: str | None) -> None:
     """Enable JAX's persistent compilation cache, so a second start skips compiling."""
     if not directory:
