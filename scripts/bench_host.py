@@ -26,9 +26,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from engine_runs import abort_all, decode_together
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine, StepTimes
+from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 from jaxserve.models.model_config import ModelConfig
@@ -45,14 +46,7 @@ def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> 
     while engine.has_unfinished():
         engine.step()
     params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(prompt, params, f"r{i}")
-    while engine.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    engine.step_times = StepTimes()
+    decode_together(engine, [prompt] * batch, params, "r")
     for _ in range(steps):
         engine.step()
     assert len(engine.scheduler.running) == batch
@@ -67,10 +61,7 @@ def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> 
                                                     engine.in_flight)[1])
         times.append(time.perf_counter() - t)
     row["prepare_idle_ms"] = round(float(np.median(times)) * 1e3, 4)
-    for r in list(engine.scheduler.running):
-        engine.abort(r.request_id)
-    while engine.has_unfinished():
-        engine.step()
+    abort_all(engine)
     return row
 
 

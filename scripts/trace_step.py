@@ -31,9 +31,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from engine_runs import abort_all, decode_together
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine, StepTimes
+from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 
@@ -73,14 +74,8 @@ def trace_steps(engine: Engine, steps: int) -> dict[str, float]:
 def profile(engine: Engine, batch: int, context: int, steps: int, rng) -> dict:
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(rng.integers(3, vocab, context).tolist(), params, f"b{batch}-{i}")
-    while engine.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    engine.step_times = StepTimes()
+    prompts = [rng.integers(3, vocab, context).tolist() for _ in range(batch)]
+    decode_together(engine, prompts, params, f"b{batch}-")
     events = trace_steps(engine, steps)
     times = engine.step_times.per_step_ms()
     ops = {n: us for n, us in events.items() if OP.match(n)}
@@ -88,10 +83,7 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng) -> dict:
     for name, us in ops.items():
         classes[op_class(name)] += us / 1e3
     step_ms = times["host_ms"] + times["wait_ms"]
-    for r in list(engine.scheduler.running):
-        engine.abort(r.request_id)
-    while engine.has_unfinished():
-        engine.step()
+    abort_all(engine)
     return {"batch": batch, "context": context, "steps": steps,
             "step_ms": round(step_ms, 3),
             "classes_ms": {k: round(v, 3) for k, v in classes.most_common()},
