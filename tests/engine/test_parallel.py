@@ -141,8 +141,9 @@ def test_random_model_gives_the_same_greedy_tokens_on_any_tensor_size(tmp_path, 
                     reason="needs two GPUs")
 @pytest.mark.parametrize("num_kv_heads", [8, 1], ids=["kv8", "kv1-replicated"])
 def test_pallas_on_two_gpus_gives_the_tokens_of_one(tmp_path, demo_config, num_kv_heads):
+    # All layers unrolled, as every GPU config runs them (no while loop over the layers).
     config = random_config(tmp_path, demo_config, num_kv_heads).replace(
-        runner__attention_backend="pallas")
+        runner__attention_backend="pallas", runner__scan_unroll=2)
     params = SamplingParams(max_tokens=8, temperature=0.0)
     with jax.default_matmul_precision("highest"):
         ref = greedy(engine_on(config), random_prompts(), params)
