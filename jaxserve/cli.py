@@ -89,9 +89,11 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint.convert import convert
 
-    cfg = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    cfg = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                  quantization=args.quantize)
+    quantized = "" if cfg.quantization == "none" else f", linear layers in {cfg.quantization}"
     print(f"wrote {args.out}: {cfg.architecture}, {cfg.num_layers} layers, "
-          f"{cfg.num_params / 1e6:.0f}M parameters")
+          f"{cfg.num_params / 1e6:.0f}M parameters{quantized}")
     return 0
 
 
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a .gguf file or a Hugging Face model directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
+                   help="store the linear layers' weights quantized, with per-channel scales")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 

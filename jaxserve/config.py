@@ -19,6 +19,7 @@ from sharding.distributed import DistributedConfig
 from sharding.mesh import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "fp8")
 CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilations go
 
 
@@ -36,9 +37,15 @@ def _check(ok: bool, key: str, message: str) -> None:
 class ModelSection:
     name: str = "model"
     dtype: str = "bfloat16"  # compute and parameter dtype: float32 | bfloat16
+    # Weight-only quantization of the linear layers: none | int8 | fp8 (models/quant.py).
+    # A full-precision checkpoint is quantized as it loads; one converted with
+    # `jaxserve convert --quantize` loads as stored, and must match.
+    quantization: str = "none"
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES} (got {self.dtype!r})")
+        _check(self.quantization in QUANTIZATIONS, "quantization",
+               f"must be one of {QUANTIZATIONS} (got {self.quantization!r})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ from jaxserve.models.llama import (
     param_specs,
 )
 from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.quant import CONTRACTED, SCALE, contracted_axes, quantize
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from sharding import rules
 from sharding.mesh import MeshConfig, make_mesh
@@ -88,6 +89,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
+        check_quantization(config, model_config)
         params = random_params(model_config, dtype, mesh,
                                replicate=_held_whole(tensor, pipeline))
         directory = None
@@ -95,15 +97,21 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         directory = checkpoint_dir(config, progress)
         model_config = orbax_store.read_config(directory)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
+        check_quantization(config, model_config)
         if progress:
             print(f"jaxserve: loading {model_config.num_params / 1e6:,.0f}M parameters "
                   f"from {directory} onto {mesh.devices.size} {jax.default_backend()} "
                   "device(s)", file=sys.stderr, flush=True)
         _, params = orbax_store.load(directory, mesh, dtype,
                                      replicate=_held_whole(tensor, pipeline))
+    flat = flatten_params(params)
+    mode = config.model.quantization
+    if model_config.quantization != mode:  # a full-precision checkpoint, quantized now
+        flat = quantize_params(flat, param_specs(model_config), mode, mesh,
+                               _held_whole(tensor, pipeline))
+        model_config = dataclasses.replace(model_config, quantization=mode)
     specs = param_specs(model_config)
-    flat = pad_layers(flatten_params(params), specs, pipeline, mesh,
-                      replicate=_held_whole(tensor, None))
+    flat = pad_layers(flat, specs, pipeline, mesh, replicate=_held_whole(tensor, None))
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
@@ -131,6 +139,38 @@ def parallel_plans(model_config: ModelConfig,
                 PipelinePlan.make(model_config.num_layers, mesh.pipeline, mesh.pipeline_layers))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_quantization(config: Config, model_config: ModelConfig) -> None:
+    """model.quantization against the checkpoint: a full-precision checkpoint can be
+    quantized as it loads; a quantized one loads only in its own mode."""
+    mode, stored = config.model.quantization, model_config.quantization
+    if stored != "none" and stored != mode:
+        raise ConfigError(f"model.quantization: {mode} asked, but the checkpoint's linear "
+                          f"layers are stored in {stored}; set model.quantization: {stored} "
+                          "or convert the source again without --quantize")
+    if mode != "none" and model_config.is_moe:
+        raise ConfigError(f"model.quantization: {mode}: {model_config.architecture} is a "
+                          "mixture of experts, whose experts are not quantized yet; use none")
+
+
+def quantize_params(flat: dict, specs: dict, mode: str, mesh,
+                    replicate: frozenset[str] = frozenset()) -> dict:
+    """Full-precision params on the mesh -> the linear layers quantized in place, each weight
+    and its scale sharded by the rules (models/quant.py)."""
+    out = dict(flat)
+    for path in CONTRACTED:
+        if path not in flat:
+            continue
+        shape, names = specs[path]
+        axes = contracted_axes(names, path)
+        keep = [i for i in range(len(shape)) if i not in axes]
+        shardings = (rules.sharding_for(names, shape, mesh, replicate),
+                     rules.sharding_for(tuple(names[i] for i in keep),
+                                        tuple(shape[i] for i in keep), mesh, replicate))
+        q = jax.jit(lambda w, a=axes: quantize(w, a, mode), out_shardings=shardings)
+        out[path], out[path + SCALE] = q(flat[path])
+    return out
 
 
 def padded_specs(specs: dict, pipeline: PipelinePlan) -> dict:

@@ -28,7 +28,8 @@ def open_source(source_path: Path | str) -> SourceCheckpoint:
         "Face directory with config.json and *.safetensors")
 
 
-def source_identity(source_path: Path | str, dtype: str | None = None) -> str:
+def source_identity(source_path: Path | str, dtype: str | None = None,
+                    quantization: str = "none") -> str:
     """A digest of what a conversion depends on: the source's resolved path, the size and
     modification time of its files, the conversion options and the output format version.
     A checkpoint converted from anything else has another identity."""
@@ -39,19 +40,23 @@ def source_identity(source_path: Path | str, dtype: str | None = None) -> str:
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = {"source": str(path), "files": stats, "dtype": dtype,
            "format": orbax_store.FORMAT_VERSION}
+    if quantization != "none":
+        key["quantization"] = quantization
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def convert(source_path: Path | str, out_dir: Path | str, dtype: str | None = None,
             progress: bool = True, *, tokenizer: bool = True,
-            overwrite: bool = False) -> ModelConfig:
+            overwrite: bool = False, quantization: str = "none") -> ModelConfig:
     """Convert and return the ModelConfig written next to the params; the completion marker
     records the source's identity (`source_identity`).
 
     dtype: float32 | bfloat16 | float16. None: the source's own precision, i.e. float32
     for quantized or F32 sources, bfloat16 for BF16 (float16 for F16) checkpoints.
+    quantization: none | int8 | fp8: store the linear layers' weights quantized
+    (models/quant.py); the other tensors stay in dtype.
     """
     source = open_source(source_path)
     return orbax_store.save(source, out_dir, dtype, progress, tokenizer=tokenizer,
-                            overwrite=overwrite,
-                            identity=source_identity(source_path, dtype))
+                            overwrite=overwrite, quantization=quantization,
+                            identity=source_identity(source_path, dtype, quantization))

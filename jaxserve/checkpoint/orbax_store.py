@@ -5,8 +5,12 @@ A converted checkpoint is a directory:
   model_config.json         ModelConfig.save
   tokenizer.json | tokenizer.model, tokenizer_config.json
                             tokenizer assets written by jaxserve.tokenizer (when asked)
-  jaxserve_checkpoint.json  completion marker, written last: format, dtype, source, and the
-                            size of every other file, so a truncated copy is detected
+  jaxserve_checkpoint.json  completion marker, written last: format, dtype, quantization,
+                            source, and the size of every other file, so a truncated copy
+                            is detected
+
+With `quantize` (int8 | fp8) the linear layers' weights are stored quantized, each with its
+`_scale` array (models/quant.py), and model_config.json records the mode.
 
 `save` streams a source tensor by tensor into stacked arrays memory-mapped on disk, so host
 RAM stays bounded by the largest tensor, then has Orbax write them. It builds everything
@@ -18,6 +22,7 @@ reads only its own shard, and no whole-model copy lands on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -35,6 +40,7 @@ from jaxserve.checkpoint.source import SourceCheckpoint, TensorItem, check_dtype
 from jaxserve.errors import CheckpointError
 from jaxserve.models.llama import nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.quant import CONTRACTED, SCALE, STORAGE, contracted_axes, quantize
 from sharding.rules import tree_shardings
 
 PARAMS_DIR = "params"
@@ -50,10 +56,11 @@ Specs = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]
 
 def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None,
          progress: bool = True, *, tokenizer: bool = True, overwrite: bool = False,
-         identity: str | None = None) -> ModelConfig:
+         identity: str | None = None, quantization: str = "none") -> ModelConfig:
     """Convert `source` into an Orbax checkpoint at `out_dir`, stored in `dtype`.
 
     dtype: float32 | bfloat16 | float16; None means `source.default_dtype`.
+    quantization: none | int8 | fp8, the linear layers' storage (models/quant.py).
     tokenizer: also write the tokenizer assets (needs jaxserve.tokenizer).
     """
     dtype = check_dtype(dtype or source.default_dtype)
@@ -65,16 +72,20 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         shutil.rmtree(tmp)  # left by an interrupted conversion
     tmp.mkdir(parents=True)
     try:
-        staged = _stage(source, param_specs(source.config), tmp / _STAGING, jnp.dtype(dtype),
-                        progress)
+        config = dataclasses.replace(source.config, quantization=quantization)
+        specs = param_specs(source.config)
+        staged = _stage(source, specs, tmp / _STAGING, jnp.dtype(dtype), progress)
+        if quantization != "none":
+            staged = _quantize(staged, specs, quantization, tmp / _STAGING)
         _write_orbax(staged, tmp / PARAMS_DIR)
         del staged
         shutil.rmtree(tmp / _STAGING)
-        source.config.save(tmp / CONFIG_FILE)
+        config.save(tmp / CONFIG_FILE)
         if tokenizer:
             source.write_tokenizer_assets(tmp)
         _write_marker(tmp, {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype,
-                            "source": str(source.path), "source_identity": identity})
+                            "quantization": quantization, "source": str(source.path),
+                            "source_identity": identity})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,7 +96,7 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         shutil.rmtree(old)
     else:
         tmp.rename(out_dir)
-    return source.config
+    return config
 
 
 def read_config(ckpt_dir: Path | str) -> ModelConfig:
@@ -121,9 +132,12 @@ def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None,
         raise CheckpointError(f"{ckpt_dir}: {PARAMS_DIR}/ holds parameters the model does "
                               f"not have: {extra}")
     shardings = tree_shardings(specs, mesh, replicate)
-    target = nest_params({
-        path: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype or stored[path][1]),
-                                   sharding=shardings[path])
+    quantized = {p for p in CONTRACTED if config.quantization != "none"}
+    quantized |= {p + SCALE for p in quantized}
+    target = nest_params({  # quantized weights and their scales keep their stored dtype
+        path: jax.ShapeDtypeStruct(
+            shape, jnp.dtype(stored[path][1] if path in quantized else dtype or stored[path][1]),
+            sharding=shardings[path])
         for path, (shape, _) in specs.items()
     })
     try:
@@ -166,6 +180,28 @@ def check_complete(ckpt_dir: Path) -> dict:
 
 
 # -- save helpers ---------------------------------------------------------------------
+
+
+def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str,
+              staging: Path) -> dict[str, np.memmap]:
+    """The staged full-precision arrays with the linear layers' weights quantized, layer by
+    layer (host memory: one layer's weight in float32)."""
+    out, cpu = dict(staged), jax.local_devices(backend="cpu")[0]
+    for path in CONTRACTED:
+        if path not in staged:
+            continue
+        w, names = staged[path], specs[path][1]
+        axes = tuple(a - 1 for a in contracted_axes(names, path))  # per layer: no layers axis
+        stem = staging / path.replace("/", ".")
+        q = np.memmap(f"{stem}.q", dtype=STORAGE[mode], mode="w+", shape=w.shape)
+        scale = np.memmap(f"{stem}.scale", dtype=np.float32, mode="w+",
+                          shape=tuple(n for i, n in enumerate(w.shape) if i - 1 not in axes))
+        one = jax.jit(lambda x, a=axes: quantize(x, a, mode))
+        for layer in range(w.shape[0]):  # on the host's CPU, whatever the accelerator
+            q_layer, scale_layer = one(jax.device_put(np.asarray(w[layer]), cpu))
+            q[layer], scale[layer] = np.asarray(q_layer), np.asarray(scale_layer)
+        out[path], out[path + SCALE] = q, scale
+    return out
 
 
 def _stage(source: SourceCheckpoint, specs: Specs, staging: Path, dtype: np.dtype,

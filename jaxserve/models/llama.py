@@ -50,6 +50,7 @@ from flax import traverse_util
 
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
+from jaxserve.models.quant import SCALE, STORAGE, qeinsum
 from jaxserve.models.rope import apply_rope, inverse_frequencies
 
 
@@ -80,6 +81,17 @@ def _param(module, name, shape, names, dtype, init=_init):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
+def _linear(module, name, shape, names, dtype, out: int, mode: str):
+    """A linear layer's weight and, quantized (models/quant.py), its per-output-channel
+    scale over the last `out` axes: (weight, scale or None)."""
+    if mode == "none":
+        return _param(module, name, shape, names, dtype), None
+    w = _param(module, name, shape, names, STORAGE[mode], nn.initializers.zeros)
+    scale = _param(module, name + SCALE, shape[-out:], names[-out:], jnp.float32,
+                   nn.initializers.ones)
+    return w, scale
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -102,12 +114,14 @@ class Projection(nn.Module):
     head_axis: str
     use_bias: bool
     dtype: jnp.dtype
+    quantization: str = "none"
 
     @nn.compact
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
-        kernel = _param(self, "kernel", shape, ("embed", self.head_axis, "head_dim"), self.dtype)
-        y = jnp.einsum("TE,ENH->TNH", x, kernel)
+        kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
+                                self.dtype, 2, self.quantization)
+        y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
                           nn.initializers.zeros)
@@ -125,7 +139,7 @@ class Attention(nn.Module):
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
-                                                self.dtype, name=name)(x)
+                                                self.dtype, c.quantization, name=name)(x)
         q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
         k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
         v = proj("v_proj", c.num_kv_heads, "kv_heads")
@@ -146,26 +160,33 @@ class Attention(nn.Module):
             q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
             sm_scale=c.head_dim**-0.5,
         )  # [T, H, D]
-        o_kernel = _param(self, "o_proj",
-                          (c.num_heads, c.head_dim, c.hidden_size),
-                          ("heads", "head_dim", "embed"), self.dtype)
-        o = jnp.einsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel)
+        o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
+                                    ("heads", "head_dim", "embed"), self.dtype, 1,
+                                    c.quantization)
+        o = qeinsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel, o_scale)
         return _sum_over(o, self.tensor_axis), (k_pages, v_pages)
 
 
-def mlp_forward(x, gate, up, down):
-    """SwiGLU MLP: x [T, E] -> [T, E] (this device's partial sum under tensor parallelism)."""
-    h = nn.silu(jnp.einsum("TE,EF->TF", x, gate)) * jnp.einsum("TE,EF->TF", x, up)
-    return jnp.einsum("TF,FE->TE", h, down)
+def mlp_forward(x, gate, up, down, gate_scale=None, up_scale=None, down_scale=None):
+    """SwiGLU MLP: x [T, E] -> [T, E] (this device's partial sum under tensor parallelism);
+    the scales of quantized weights (models/quant.py), if any."""
+    h = (nn.silu(qeinsum("TE,EF->TF", x, gate, gate_scale))
+         * qeinsum("TE,EF->TF", x, up, up_scale))
+    return qeinsum("TF,FE->TE", h, down, down_scale)
 
 
-def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None) -> dict:
+def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
+                quantization: str = "none") -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
-    p = lambda name, shape, axes: _param(module, name, (*lead, *shape), (*names, *axes), dtype)
-    return {"gate": p("gate_proj", (e, f), ("embed", "mlp")),
-            "up": p("up_proj", (e, f), ("embed", "mlp")),
-            "down": p("down_proj", (f, e), ("mlp", "embed"))}
+    w = {}
+    for key, shape, axes in (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp")),
+                             ("down", (f, e), ("mlp", "embed"))):
+        w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
+                                1, quantization)
+        if scale is not None:
+            w[f"{key}_scale"] = scale
+    return w
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +209,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = _mlp_params(self, self.config, self.dtype)
+        w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from jaxserve.config import QUANTIZATIONS as MODES
 from jaxserve.errors import CheckpointError
 from jaxserve.models.registry import SUPPORTED as SUPPORTED_ARCHITECTURES
 
@@ -49,6 +50,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     dense_layers: tuple[int, ...] = ()  # MoE models only: layers that keep a dense MLP
+    # Weight-only quantization of the linear layers as stored: none | int8 | fp8
+    # (models/quant.py). Dense models only.
+    quantization: str = "none"
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -67,6 +71,12 @@ class ModelConfig:
             )
         if self.num_experts:
             self._check_experts()
+        if self.quantization not in MODES:
+            raise CheckpointError(f"model config: quantization={self.quantization!r} is not "
+                                  f"one of {', '.join(MODES)}")
+        if self.quantization != "none" and self.num_experts:
+            raise CheckpointError(f"model config: quantization={self.quantization}: MoE models "
+                                  "are not quantized yet (their experts would stay full size)")
 
     def _check_experts(self) -> None:
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -1,0 +1,72 @@
+"""Quality of quantized weights: teacher-forced top-1 agreement and perplexity against full
+precision, on a committed public-domain text.
+
+    python scripts/quant_quality.py --config configs/smollm2-135m-cpu.yaml \
+        --modes int8 fp8 --out bench/results/quant-quality.json
+
+The text (bench/texts/public-domain-sample.txt: the Declaration of Independence, the
+Gettysburg Address and Lincoln's Second Inaugural Address) runs through the model as one
+sequence (jaxserve/quality.py). Reference: the config's model with `model.quantization: none`
+in the config's dtype (float32 on CPU, bfloat16 on GPU). For each mode, the share of
+positions whose top-1 next token matches the reference's, and both perplexities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+
+from jaxserve.config import load_config
+from jaxserve.loader import load_model
+from jaxserve.quality import compare, score
+
+TEXT = Path(__file__).resolve().parent.parent / "bench" / "texts" / "public-domain-sample.txt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/smollm2-135m-cpu.yaml")
+    ap.add_argument("--modes", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"])
+    ap.add_argument("--text", default=str(TEXT))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    config = load_config(args.config)
+    dtype = config.model.dtype
+    t = time.perf_counter()
+    loaded = load_model(config.replace(model__quantization="none"), progress=False)
+    if loaded.tokenizer is None:
+        raise SystemExit("the config's checkpoint has no tokenizer (random weights?): "
+                         "quality needs real weights")
+    ids = loaded.tokenizer.encode(Path(args.text).read_text())
+    reference = score(loaded, ids, dtype)
+    print(f"reference ({dtype}): {len(ids)} tokens, perplexity "
+          f"{compare(reference, reference)['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",
+          flush=True)
+    rows = []
+    for mode in args.modes:
+        t = time.perf_counter()
+        quantized = load_model(config.replace(model__quantization=mode), progress=False)
+        row = {"mode": mode, **compare(reference, score(quantized, ids, dtype)),
+               "seconds": time.perf_counter() - t}
+        rows.append(row)
+        print(f"{mode}: top-1 agreement {row['top1_agreement']:.2%}, perplexity "
+              f"{row['perplexity']:.3f} (reference {row['perplexity_reference']:.3f})",
+              flush=True)
+    result = {"benchmark": "quantization-quality",
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "device": jax.devices()[0].device_kind, "machine": platform.machine(),
+              "jax": jax.__version__, "config": args.config, "dtype": dtype,
+              "text": Path(args.text).name, "tokens": len(ids), "runs": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
