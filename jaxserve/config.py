@@ -20,6 +20,7 @@ from sharding.mesh import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "fp8")
+KV_DTYPES = ("auto", "int8", "fp8")
 CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilations go
 
 
@@ -79,9 +80,14 @@ class CacheSection:
     # null: 0.9 of free memory where devices report it (GPUs), else 1 GiB per device (CPU).
     kv_cache_memory: float | None = None
     max_model_len: int = 2048
+    # auto: pages in the model dtype; int8 | fp8: pages quantized, with a float32 scale per
+    # (token, KV head) (models/quant.py), about half the bytes of bfloat16.
+    kv_dtype: str = "auto"
 
     def __post_init__(self):
         _check(self.page_size >= 1, "page_size", f"must be >= 1 (got {self.page_size})")
+        _check(self.kv_dtype in KV_DTYPES, "kv_dtype",
+               f"must be one of {KV_DTYPES} (got {self.kv_dtype!r})")
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
                f"must be a byte count or a fraction in (0, 1] (got {self.kv_cache_memory})")
         _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxserve.loader import LoadedModel
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
+from jaxserve.models.quant import STORAGE
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 PAGE = 16
@@ -28,15 +29,20 @@ class Score:
     nll: np.ndarray  # [N - 1] -log p(true next token), float64
 
 
-def score(loaded: LoadedModel, ids: list[int], dtype: str, chunk: int = 512) -> Score:
-    """Teacher-forced top-1 and loss of `loaded` (one device) over the token ids `ids`."""
+def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto",
+          chunk: int = 512) -> Score:
+    """Teacher-forced top-1 and loss of `loaded` (one device) over the token ids `ids`, with
+    its KV cache in `dtype` (kv_dtype auto) or quantized (int8 | fp8, as cache.kv_dtype)."""
     c = loaded.model_config
     model = LlamaModel(c, jnp.dtype(dtype), ragged_paged_attention_reference,
                        scan_unroll=1)
     n = len(ids)
     pages = -(-n // PAGE)
     kv_shape = (c.num_layers, pages + 1, PAGE, c.num_kv_heads, c.head_dim)  # page 0: padding
-    kv = (jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype))
+    pages_dtype = dtype if kv_dtype == "auto" else STORAGE[kv_dtype]
+    kv = (jnp.zeros(kv_shape, pages_dtype), jnp.zeros(kv_shape, pages_dtype))
+    if kv_dtype != "auto":  # and one scale per (token, KV head)
+        kv += (jnp.zeros(kv_shape[:-1], jnp.float32), jnp.zeros(kv_shape[:-1], jnp.float32))
     table = jnp.arange(1, pages + 1, dtype=jnp.int32)[None]
     tokens = np.asarray(ids, np.int32)
 

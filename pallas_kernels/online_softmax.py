@@ -27,10 +27,16 @@ def dot(a, b, b_contract: int):
                            precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def softmax_step(q, k, v, carry, mask, scale):
-    """One online-softmax block: q [R, D] against k, v [BK, D]; mask [R, BK] or None."""
+def softmax_step(q, k, v, carry, mask, scale, k_scale=None, v_scale=None):
+    """One online-softmax block: q [R, D] against k, v [BK, D]; mask [R, BK] or None.
+
+    k_scale, v_scale [BK]: a quantized cache's per-key scales. Key j's score is
+    (q . k_j) * k_scale[j], and its value enters as p_j * v_scale[j] times v_j, so the
+    quantized K/V are never scaled element by element."""
     m, denom, acc = carry  # [R], [R], [R, D] float32; m in the exp2 domain
     s = dot(q, k, 1) * scale
+    if k_scale is not None:
+        s = s * k_scale[None, :]
     if mask is not None:
         s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=1))
@@ -39,5 +45,6 @@ def softmax_step(q, k, v, carry, mask, scale):
         p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp2(m - m_new)
     denom = alpha * denom + p.sum(axis=1)
-    acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v, 0)
+    pv = p if v_scale is None else p * v_scale[None, :]
+    acc = alpha[:, None] * acc + dot(pv.astype(v.dtype), v, 0)
     return m_new, denom, acc

@@ -6,6 +6,9 @@ Layout (shared with the engine's KV cache):
                     q[query_start[s]:query_start[s+1]] and are the LAST tokens of its context,
                     so query token i of s sits at position seq_lens[s] - q_len(s) + i.
   page_tables:      [num_seqs, pages_per_seq] int32, page ids of each sequence in order.
+  k_scales, v_scales: [num_layers, num_pages, page_size, num_kv_heads] float32, only for
+                    int8 or float8_e4m3fn pages: the K/V vector of (token, head) is its page
+                    entry times its scale (jaxserve/models/quant.py writes them).
 Tokens at or past query_start[num_seqs] are padding: their output rows are zero.
 The K/V of this step's tokens must already be written into the pages.
 query_start[0] must be 0 and seq_lens[s] <= pages_per_seq * page_size.
@@ -169,14 +172,18 @@ def _paged_kernel(
     q_ref,  # [T, H, D]
     k_pages_ref,  # [L, N, page_size, KVH, D]
     v_pages_ref,  # [L, N, page_size, KVH, D]
-    *out_refs,  # splits == 1: out_in (aliased), out [T, H, D]
-    #             splits > 1:  o [K, W, KVH, R, D], m [K, W, KVH, R], l [K, W, KVH, R] f32
+    *refs,  # quantized: k_scales, v_scales [L, N, page_size, KVH] f32; then the outputs:
+    #         splits == 1: out_in (aliased), out [T, H, D]
+    #         splits > 1:  o [K, W, KVH, R, D], m [K, W, KVH, R], l [K, W, KVH, R] f32
     block_q: int,
     block_kv: int,
     group: int,
     num_splits: int,
     scale: float,
+    quantized: bool,
 ):
+    (k_scale_ref, v_scale_ref), out_refs = (refs[:2], refs[2:]) if quantized else \
+        ((None, None), refs)
     w, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = items_ref[_N, w]
 
@@ -198,10 +205,17 @@ def _paged_kernel(
             page = jnp.clip(page, 0, num_pages - 1)
             idx = (layer, page[:, None], _rem(kpos, page_size)[:, None], kv_head, d[None, :])
             kv_mask = None if kmask is None else kmask[:, None]
-            k = load(k_pages_ref.at[idx], kv_mask, 0.0)  # [BK, D]
-            v = load(v_pages_ref.at[idx], kv_mask, 0.0)
+            zero = 0 if k_pages_ref.dtype == jnp.int8 else 0.0
+            k = load(k_pages_ref.at[idx], kv_mask, zero)  # [BK, D]
+            v = load(v_pages_ref.at[idx], kv_mask, zero)
             mask = (kpos[None, :] <= row_pos[:, None]) if masked else None
-            return softmax_step(q, k, v, carry, mask, scale)
+            if not quantized:
+                return softmax_step(q, k, v, carry, mask, scale)
+            at = (layer, page, _rem(kpos, page_size), kv_head)  # one scale per key
+            k_scale = load(k_scale_ref.at[at], kmask, 0.0)  # [BK]
+            v_scale = load(v_scale_ref.at[at], kmask, 0.0)
+            return softmax_step(q, k.astype(q.dtype), v.astype(q.dtype), carry, mask, scale,
+                                k_scale, v_scale)
 
         num_blocks = _cdiv(jnp.maximum(kv_end, 0), block_kv)
         per_split = _cdiv(num_blocks, num_splits)
@@ -256,17 +270,18 @@ def _combine_kernel(
         _store_rows(o_ref, acc, l_all, t_idx, h_idx, ok)
 
 
-def _paged_phase(q, k_pages, v_pages, layer, page_tables, items, out, *, block_q, block_kv,
-                 num_splits, num_warps, num_stages, scale, interpret, name):
-    """One launch over work items `items` [4, W]; writes their rows into `out` (aliased)."""
+def _paged_phase(q, k_pages, v_pages, scales, layer, page_tables, items, out, *, block_q,
+                 block_kv, num_splits, num_warps, num_stages, scale, interpret, name):
+    """One launch over work items `items` [4, W]; writes their rows into `out` (aliased).
+    scales: () or (k_scales, v_scales) of quantized pages."""
     num_items = items.shape[1]
     _, _, _, kv_heads, head_dim = k_pages.shape
     group = q.shape[1] // kv_heads
     kernel = functools.partial(_paged_kernel, block_q=block_q, block_kv=block_kv, group=group,
-                               num_splits=num_splits, scale=scale)
+                               num_splits=num_splits, scale=scale, quantized=bool(scales))
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     grid = (num_items, kv_heads, num_splits)
-    args = (items, layer, page_tables, q, k_pages, v_pages)
+    args = (items, layer, page_tables, q, k_pages, v_pages, *scales)
     out_struct = jax.ShapeDtypeStruct(out.shape, out.dtype)
     if num_splits == 1:
         return pl.pallas_call(
@@ -311,7 +326,8 @@ def _work_items(seq_lens, query_start, num_prefill_items, *, block_q_decode, blo
     return decode, jnp.stack([seq, starts[seq] + first, n, kv_end])
 
 
-def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start):
+def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start,
+                  k_scales=None, v_scales=None):
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim]; got {q.shape=}")
     if k_pages.ndim != 5:
@@ -322,9 +338,22 @@ def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start
     if k_pages.dtype != v_pages.dtype:
         raise ValueError(f"k_pages and v_pages must share a dtype; got {k_pages.dtype=}, "
                          f"{v_pages.dtype=}")
-    for name, dtype in (("q", q.dtype), ("k_pages", k_pages.dtype)):
-        if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-            raise ValueError(f"{name} dtype {dtype} must be bfloat16, float16 or float32")
+    floats = (jnp.bfloat16, jnp.float16, jnp.float32)
+    if q.dtype not in floats:
+        raise ValueError(f"q dtype {q.dtype} must be bfloat16, float16 or float32")
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales come together")
+    if k_scales is None and k_pages.dtype not in floats:
+        raise ValueError(f"k_pages dtype {k_pages.dtype} must be bfloat16, float16 or float32 "
+                         "(int8 and float8_e4m3fn pages need k_scales and v_scales)")
+    if k_scales is not None:
+        if k_pages.dtype not in (jnp.int8, jnp.float8_e4m3fn):
+            raise ValueError(f"k_pages dtype {k_pages.dtype} with scales must be int8 or "
+                             "float8_e4m3fn")
+        for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if s.shape != k_pages.shape[:4] or s.dtype != jnp.float32:
+                raise ValueError(f"{name} must be float32 {k_pages.shape[:4]}; got "
+                                 f"{s.shape=} {s.dtype=}")
     _, num_heads, head_dim = q.shape
     _, _, _, kv_heads, kv_head_dim = k_pages.shape
     if kv_head_dim != head_dim:
@@ -360,12 +389,16 @@ def ragged_paged_attention(
     sm_scale: float,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
+    k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
+    v_scales=None,
 ):
     """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
 
-    q is cast to the cache dtype for the kernel (float32 accumulation); the output has q's dtype.
+    q is cast to the cache dtype for the kernel (float32 accumulation); the output has q's
+    dtype. Quantized pages are instead converted to q's dtype as they load.
     """
-    _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start)
+    _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start,
+                  k_scales, v_scales)
     num_tokens, num_heads, _ = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
@@ -380,8 +413,9 @@ def ragged_paged_attention(
         seq_lens, query_start, num_prefill_items,
         block_q_decode=bs.block_q_decode, block_q=bs.block_q)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    q_in = q.astype(k_pages.dtype)
-    phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, layer, page_tables,
+    scales = () if k_scales is None else (k_scales, v_scales)
+    q_in = q if scales else q.astype(k_pages.dtype)
+    phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, scales, layer, page_tables,
                               scale=float(sm_scale) * LOG2_E, interpret=interpret)
     out = phase(decode_items, jnp.zeros_like(q_in), block_q=bs.block_q_decode,
                 block_kv=bs.block_kv_decode, num_splits=bs.num_kv_splits,
@@ -407,6 +441,8 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     pages_per_block: int = 8,
     by_sequence: bool | None = None,
+    k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
+    v_scales=None,
 ):
     """Plain-jnp ragged paged attention with an online softmax over blocks of pages.
 
@@ -446,6 +482,9 @@ def ragged_paged_attention_reference(
         causal = kpos[None, :] <= pos[:, None]  # [T, block_len]
         k = k_pages[layer, pages].astype(jnp.float32)
         v = v_pages[layer, pages].astype(jnp.float32)
+        if k_scales is not None:  # quantized pages: one scale per (token, KV head)
+            k = k * k_scales[layer, pages][..., None]
+            v = v * v_scales[layer, pages][..., None]
         if by_seq:  # pages [S, ppb]: keys of every sequence's block
             k = k.reshape(num_seqs * block_len, num_kv_heads, head_dim)
             v = v.reshape(num_seqs * block_len, num_kv_heads, head_dim)

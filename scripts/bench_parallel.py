@@ -53,6 +53,7 @@ import numpy as np
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
+from jaxserve.engine.runner import kv_bytes_per_head_token
 from jaxserve.launch import add_distributed_args, join, with_distributed_args
 from jaxserve.loader import load_model, random_model_config
 from jaxserve.models.llama import flatten_params
@@ -183,8 +184,8 @@ def memory_in_use() -> list[float]:
 def kv_bytes_per_token(engine: Engine) -> int:
     """KV bytes one token's cache takes on one device (K and V, every layer of its stage)."""
     c, runner = engine.model_config, engine.runner
-    return (2 * runner.pipeline.slots * runner.plan.kv_heads * c.head_dim
-            * runner.dtype.itemsize)
+    return (2 * runner.pipeline.slots * runner.plan.kv_heads
+            * kv_bytes_per_head_token(runner.config, c.head_dim))
 
 
 class TimedSend:

@@ -1,14 +1,16 @@
-"""Quality of quantized weights: teacher-forced top-1 agreement and perplexity against full
-precision, on a committed public-domain text.
+"""Quality of quantized weights and KV caches: teacher-forced top-1 agreement and perplexity
+against full precision, on a committed public-domain text.
 
     python scripts/quant_quality.py --config configs/smollm2-135m-cpu.yaml \
-        --modes int8 fp8 --out bench/results/quant-quality.json
+        --modes int8 fp8 --kv-modes int8 fp8 --out bench/results/quant-quality.json
 
 The text (bench/texts/public-domain-sample.txt: the Declaration of Independence, the
 Gettysburg Address and Lincoln's Second Inaugural Address) runs through the model as one
 sequence (jaxserve/quality.py). Reference: the config's model with `model.quantization: none`
-in the config's dtype (float32 on CPU, bfloat16 on GPU). For each mode, the share of
-positions whose top-1 next token matches the reference's, and both perplexities.
+in the config's dtype (float32 on CPU, bfloat16 on GPU), its KV cache in that dtype too.
+For each weight mode (`model.quantization`, KV cache as the reference's) and each KV mode
+(`cache.kv_dtype`, weights as the reference's): the share of positions whose top-1 next
+token matches the reference's, and both perplexities.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ TEXT = Path(__file__).resolve().parent.parent / "bench" / "texts" / "public-doma
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/smollm2-135m-cpu.yaml")
-    ap.add_argument("--modes", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"])
+    ap.add_argument("--modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"],
+                    help="weight quantizations")
+    ap.add_argument("--kv-modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"],
+                    help="KV cache dtypes")
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -50,13 +55,17 @@ def main() -> None:
           f"{compare(reference, reference)['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",
           flush=True)
     rows = []
-    for mode in args.modes:
+    runs = [("weights", mode) for mode in args.modes] + [("kv_cache", m) for m in args.kv_modes]
+    for what, mode in runs:
         t = time.perf_counter()
-        quantized = load_model(config.replace(model__quantization=mode), progress=False)
-        row = {"mode": mode, **compare(reference, score(quantized, ids, dtype)),
-               "seconds": time.perf_counter() - t}
+        if what == "weights":
+            model = load_model(config.replace(model__quantization=mode), progress=False)
+            result = compare(reference, score(model, ids, dtype))
+        else:
+            result = compare(reference, score(loaded, ids, dtype, kv_dtype=mode))
+        row = {"quantized": what, "mode": mode, **result, "seconds": time.perf_counter() - t}
         rows.append(row)
-        print(f"{mode}: top-1 agreement {row['top1_agreement']:.2%}, perplexity "
+        print(f"{what} {mode}: top-1 agreement {row['top1_agreement']:.2%}, perplexity "
               f"{row['perplexity']:.3f} (reference {row['perplexity_reference']:.3f})",
               flush=True)
     result = {"benchmark": "quantization-quality",

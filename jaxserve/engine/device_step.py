@@ -44,6 +44,13 @@ class DeviceState:
     output_counts: jax.Array  # [D * R | R, V] int32
     pipe_x: jax.Array | None = None  # [D, P, T_max, E | 1, 1, T_max, E]; P > 1 only
     history: jax.Array | None = None  # [D, P, P, S_max | 1, 1, P, S_max]; P > 1 only
+    # int8/fp8 pages (cache.kv_dtype): (k_scales, v_scales), each k_pages' shape less head_dim
+    kv_scales: tuple[jax.Array, jax.Array] | None = None
+
+    @property
+    def kv(self) -> tuple:
+        """What the model's layers carry: (k_pages, v_pages[, k_scales, v_scales])."""
+        return (self.k_pages, self.v_pages, *(self.kv_scales or ()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +78,21 @@ class StepFn:
         if P > 1:
             carried = state.pipe_x[0, 0, :x.shape[0]]
             x = jnp.where(stage == 0, x, carried)
-        x, (k_pages, v_pages) = self.model.apply(
-            variables, x, (state.k_pages, state.v_pages), inp.meta, method=LlamaModel.decode)
+        x, (k_pages, v_pages, *kv_scales) = self.model.apply(
+            variables, x, state.kv, inp.meta, method=LlamaModel.decode)
+        kv_scales = tuple(kv_scales) or None
         logits = self.model.apply(variables, x, inp.logits_indices, method=LlamaModel.logits)
         rows = jnp.minimum(inp.row_slots, self.num_slots - 1)
         out = sample(logits, prompt_mask[rows], counts[rows], inp.sampling, self.num_top)
         sampled = jnp.pad(out.tokens, (0, self.max_seqs - out.tokens.shape[0]))
         if P == 1:
-            return DeviceState(k_pages, v_pages, prompt_mask, counts), out, sampled
+            return DeviceState(k_pages, v_pages, prompt_mask, counts,
+                               kv_scales=kv_scales), out, sampled
         ring = [(i, (i + 1) % P) for i in range(P)]
         pipe_x = state.pipe_x.at[0, 0, :x.shape[0]].set(
             jax.lax.ppermute(x, PIPELINE_AXIS, ring))
         history = jnp.concatenate([sampled[None], state.history[0, 0, :-1]])[None, None]
-        state = DeviceState(k_pages, v_pages, prompt_mask, counts, pipe_x, history)
+        state = DeviceState(k_pages, v_pages, prompt_mask, counts, pipe_x, history, kv_scales)
         return state, out, jax.lax.ppermute(sampled, PIPELINE_AXIS, ring)
 
     def _update_tables(self, state: DeviceState, inp: StepInputs, tokens):

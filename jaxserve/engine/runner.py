@@ -44,6 +44,7 @@ from jaxserve.engine.step_inputs import Layout, StepInputs
 from jaxserve.errors import ConfigError
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.quant import STORAGE
 from sharding import rules
 from sharding.pipeline import PipelinePlan
 from sharding.tensor import TensorPlan
@@ -115,13 +116,24 @@ def kv_budget(config: Config, devices) -> float:
     return budget
 
 
+def kv_dtype(config: Config) -> jnp.dtype:
+    """The KV pages' dtype: the model's, or int8/fp8 storage (cache.kv_dtype)."""
+    kind = config.cache.kv_dtype
+    return jnp.dtype(config.model.dtype if kind == "auto" else STORAGE[kind])
+
+
+def kv_bytes_per_head_token(config: Config, head_dim: int) -> int:
+    """Bytes of K or V for one token of one KV head of one layer: the vector, plus its
+    float32 scale in a quantized cache."""
+    return head_dim * kv_dtype(config).itemsize + (4 if config.cache.kv_dtype != "auto" else 0)
+
+
 def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int,
                  layers_per_device: int) -> int:
     """Pages per data shard that fit the KV budget of every device: bytes per device, or a
     fraction of the free memory of the device that has least (weights already loaded)."""
-    dtype_bytes = jnp.dtype(config.model.dtype).itemsize
     page_bytes = 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
-        * model.head_dim * dtype_bytes
+        * kv_bytes_per_head_token(config, model.head_dim)
     budget = kv_budget(config, mesh.local_devices)
     if budget <= 1:
         free = [device.memory_stats()["bytes_limit"]
@@ -197,12 +209,18 @@ class Runner:
             t_max = self.config.runner.token_buckets[-1]
             pipe_x = zeros((*blocks, t_max, c.hidden_size), self.dtype, self._per_block)
             history = zeros((*blocks, self.stages, self.max_seqs), jnp.int32, self._per_block)
+        kv_scales = None
+        if self.config.cache.kv_dtype != "auto":  # one float32 scale per (token, KV head)
+            scale_sharding = rules.sharding_for(kv_names[:-1], kv_shape[:-1], self.mesh)
+            kv_scales = tuple(zeros(kv_shape[:-1], jnp.float32, scale_sharding)
+                              for _ in range(2))
+        cache = kv_dtype(self.config)
         return DeviceState(
-            zeros(kv_shape, self.dtype, kv_sharding),
-            zeros(kv_shape, self.dtype, kv_sharding),
+            zeros(kv_shape, cache, kv_sharding),
+            zeros(kv_shape, cache, kv_sharding),
             zeros(table, jnp.bool_, table_sharding),
             zeros(table, jnp.int32, table_sharding),
-            pipe_x, history,
+            pipe_x, history, kv_scales,
         )
 
     def _to_global(self, host: np.ndarray) -> jax.Array:

@@ -50,7 +50,7 @@ from flax import traverse_util
 
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
-from jaxserve.models.quant import SCALE, STORAGE, qeinsum
+from jaxserve.models.quant import SCALE, STORAGE, kv_mode, qeinsum, quantize_vectors
 from jaxserve.models.rope import apply_rope, inverse_frequencies
 
 
@@ -150,21 +150,27 @@ class Attention(nn.Module):
         pos = jnp.maximum(meta.positions, 0)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
 
-        k_pages, v_pages = kv  # [L, N, page_size, K, D]
+        k_pages, v_pages, *scales = kv  # [L, N, page_size, K, D] (+ scales [L, N, page_size, K])
         page_size = k_pages.shape[2]
         page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
+        extra = {}
+        if scales:  # a quantized cache: one scale per (token, KV head)
+            mode = kv_mode(k_pages.dtype)
+            (k, k_scale), (v, v_scale) = quantize_vectors(k, mode), quantize_vectors(v, mode)
+            extra = dict(k_scales=scales[0].at[layer, page, offset].set(k_scale),
+                         v_scales=scales[1].at[layer, page, offset].set(v_scale))
         k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
         v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
 
         out = self.attention_fn(
             q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
-            sm_scale=c.head_dim**-0.5,
+            sm_scale=c.head_dim**-0.5, **extra,
         )  # [T, H, D]
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype, 1,
                                     c.quantization)
         o = qeinsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel, o_scale)
-        return _sum_over(o, self.tensor_axis), (k_pages, v_pages)
+        return _sum_over(o, self.tensor_axis), (k_pages, v_pages, *extra.values())
 
 
 def mlp_forward(x, gate, up, down, gate_scale=None, up_scale=None, down_scale=None):

@@ -73,6 +73,17 @@ def contracted_axes(names: tuple[str, ...], path: str) -> tuple[int, ...]:
     return tuple(i for i, n in enumerate(names) if n in CONTRACTED[path])
 
 
+def quantize_vectors(x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """K or V vectors [..., head_dim] -> (q [..., head_dim] in the storage dtype, float32
+    scale [...]): one scale per vector, as the KV cache stores them (cache.kv_dtype)."""
+    return quantize(x, (x.ndim - 1,), mode)
+
+
+def kv_mode(dtype) -> str | None:
+    """int8 | fp8 for a quantized cache's storage dtype; None for a float cache."""
+    return {v: k for k, v in STORAGE.items()}.get(jnp.dtype(dtype))
+
+
 def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
     """einsum(eq, x, w) in x's dtype; a quantized w is converted on the fly and the output
     scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs)."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.models.quant import quantize_vectors
 from pallas_kernels.paged_attention import (
     BlockSizes,
     ragged_paged_attention,
@@ -254,3 +255,72 @@ def test_reference_formulations_agree(batch):
     np.testing.assert_allclose(np.asarray(per_seq)[:num_valid],
                                np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(per_seq)[num_valid:], 0.0)
+
+
+# ----- quantized pages (cache.kv_dtype int8 / fp8) ----------------------------------------
+
+def quantized_case(seed, batch, mode):
+    """(poisoned kernel args, poisoned scales, (reference args, scales), reference args on the
+    dequantized pages, num_valid): int8 or fp8 pages with one float32 scale per (token, KV
+    head); dead slots' scales are NaN, and so are their fp8 entries."""
+    bad, clean, num_valid = CASE_A(seed, *BATCHES_A[batch])
+    q, k, v = clean[:3]
+    (kq, ks), (vq, vs) = quantize_vectors(k, mode), quantize_vectors(v, mode)
+    dead = jnp.isnan(bad[1][..., 0])  # [L, N, page_size, KVH]: slots no sequence owns
+    poison = (lambda x: x) if mode == "int8" else (  # float8_e4m3fn has a NaN
+        lambda x: jnp.where(dead[..., None], jnp.nan, x.astype(jnp.float32)).astype(x.dtype))
+    poisoned = (bad[0], poison(kq), poison(vq), *bad[3:])
+    scales = (jnp.where(dead, jnp.nan, ks), jnp.where(dead, jnp.nan, vs))
+    dequantized = (q, kq.astype(jnp.float32) * ks[..., None],
+                   vq.astype(jnp.float32) * vs[..., None], *clean[3:])
+    return poisoned, scales, (clean[:1] + (kq, vq) + clean[3:], (ks, vs)), dequantized, \
+        num_valid
+
+
+class TestQuantizedPages:
+    @pytest.mark.parametrize("mode", ["int8", "fp8"])
+    @pytest.mark.parametrize("blocks", ["no_split", "split2"])
+    @pytest.mark.parametrize("batch", BATCHES_A.keys())
+    def test_matches_the_reference_on_dequantized_pages(self, interpret, mode, blocks, batch):
+        poisoned, scales, (ref_args, ref_scales), dequantized, num_valid = quantized_case(
+            5, batch, mode)
+        want = run_reference(dequantized)
+        out = ragged_paged_attention(*poisoned, sm_scale=SM_SCALE, block_sizes=BLOCKS_A[blocks],
+                                     interpret=interpret, k_scales=scales[0],
+                                     v_scales=scales[1])
+        check(out, want, num_valid, 2e-5)
+        # the reference's own quantized path: the same sums
+        with jax.default_matmul_precision("highest"):
+            ref = ragged_paged_attention_reference(*ref_args, sm_scale=SM_SCALE,
+                                                   k_scales=ref_scales[0],
+                                                   v_scales=ref_scales[1])
+        np.testing.assert_allclose(np.asarray(ref)[:num_valid], np.asarray(want)[:num_valid],
+                                   rtol=1e-5, atol=1e-5)
+
+    def test_bad_scales(self):
+        q, k, v, layer, tables, seq_lens, qs = _small_args()
+        kq = k.astype(jnp.int8)
+        scales = jnp.ones(k.shape[:4], jnp.float32)
+        with pytest.raises(ValueError, match="int8 and float8_e4m3fn pages need k_scales"):
+            ragged_paged_attention(q, kq, kq, layer, tables, seq_lens, qs, sm_scale=1.0)
+        with pytest.raises(ValueError, match="k_scales and v_scales come together"):
+            ragged_paged_attention(q, kq, kq, layer, tables, seq_lens, qs, sm_scale=1.0,
+                                   k_scales=scales)
+        with pytest.raises(ValueError, match=r"v_scales must be float32"):
+            ragged_paged_attention(q, kq, kq, layer, tables, seq_lens, qs, sm_scale=1.0,
+                                   k_scales=scales, v_scales=scales[..., :1])
+
+    @pytest.mark.parametrize("dtype", [jnp.int8, jnp.float8_e4m3fn])
+    def test_lowers_for_cuda(self, dtype):
+        sds = jax.ShapeDtypeStruct
+        pool, scale = sds((2, 1024, 16, 8, 128), dtype), sds((2, 1024, 16, 8), jnp.float32)
+        args = (sds((256, 32, 128), jnp.bfloat16), pool, pool, sds((), jnp.int32),
+                sds((8, 64), jnp.int32), sds((8,), jnp.int32), sds((9,), jnp.int32))
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                             num_cores=132, platform="gpu")
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+        fn = functools.partial(ragged_paged_attention, sm_scale=0.1)
+        with jax.sharding.use_abstract_mesh(mesh):
+            hlo = jax.jit(fn).trace(*args, k_scales=scale, v_scales=scale).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert hlo.count("__gpu$xla.gpu.triton") >= 2
