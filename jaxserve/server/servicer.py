@@ -18,6 +18,7 @@ import grpc
 from jaxserve.config import Config
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import RequestOutput, SamplingParams
+from jaxserve.engine.runner import kv_dtype
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server import protocol
 from jaxserve.server.engine_loop import (
@@ -195,6 +196,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_waiting=c.scheduler.max_waiting, max_logprobs=c.runner.max_logprobs,
             has_chat_template=tok is not None and tok.chat_template is not None,
             eos_token_ids=list(self._engine.eos_ids),
+            quantization=mc.quantization, kv_dtype=str(kv_dtype(c)),
             kv_pages_total=stats.pages_total, kv_pages_used=stats.pages_used,
             kv_pages_free=stats.pages_free, num_running=stats.num_running,
             num_waiting=self._engine_loop.num_waiting,

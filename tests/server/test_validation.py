@@ -98,6 +98,11 @@ def test_nothing_reached_the_engine(client):
     assert (info.num_running, info.num_waiting, info.kv_pages_used) == (0, 0, 0)
 
 
+def test_model_info_names_the_weights_and_cache_storage(client):
+    info = client.model_info()
+    assert (info.dtype, info.quantization, info.kv_dtype) == ("float32", "none", "float32")
+
+
 def test_duplicate_running_request_id(client, pages_back):
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     first = client.generate("Hello", long, request_id="same")

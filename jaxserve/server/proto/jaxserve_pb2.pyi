@@ -151,7 +151,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "dtype", "mesh", "page_size", "token_buckets", "seq_buckets", "max_num_seqs", "max_waiting", "max_logprobs", "has_chat_template", "eos_token_ids", "kv_pages_total", "kv_pages_used", "kv_pages_free", "num_running", "num_waiting", "num_compilations", "num_preemptions")
+    __slots__ = ("model_name", "architecture", "context_length", "vocab_size", "dtype", "mesh", "page_size", "token_buckets", "seq_buckets", "max_num_seqs", "max_waiting", "max_logprobs", "has_chat_template", "eos_token_ids", "quantization", "kv_dtype", "kv_pages_total", "kv_pages_used", "kv_pages_free", "num_running", "num_waiting", "num_compilations", "num_preemptions")
     class MeshEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class ModelInfo(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,8 @@ class ModelInfo(_message.Message):
     max_logprobs: int
     has_chat_template: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    quantization: str
+    kv_dtype: str
     kv_pages_total: int
     kv_pages_used: int
     kv_pages_free: int
@@ -201,4 +205,4 @@ class ModelInfo(_message.Message):
     num_waiting: int
     num_compilations: int
     num_preemptions: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., mesh: _Optional[_Mapping[str, int]] = ..., page_size: _Optional[int] = ..., token_buckets: _Optional[_Iterable[int]] = ..., seq_buckets: _Optional[_Iterable[int]] = ..., max_num_seqs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., has_chat_template: bool = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_compilations: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., mesh: _Optional[_Mapping[str, int]] = ..., page_size: _Optional[int] = ..., token_buckets: _Optional[_Iterable[int]] = ..., seq_buckets: _Optional[_Iterable[int]] = ..., max_num_seqs: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., has_chat_template: bool = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_compilations: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
