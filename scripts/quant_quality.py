@@ -27,6 +27,7 @@ import jax
 from jaxserve.config import load_config
 from jaxserve.loader import load_model
 from jaxserve.quality import compare, score
+from sharding.mesh import MeshConfig
 
 TEXT = Path(__file__).resolve().parent.parent / "bench" / "texts" / "public-domain-sample.txt"
 
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    config = load_config(args.config)
+    config = load_config(args.config).replace(mesh=MeshConfig())  # one device: quality.py
     dtype = config.model.dtype
     t = time.perf_counter()
     loaded = load_model(config.replace(model__quantization="none"), progress=False)
