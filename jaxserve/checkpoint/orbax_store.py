@@ -76,7 +76,7 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         specs = param_specs(source.config)
         staged = _stage(source, specs, tmp / _STAGING, jnp.dtype(dtype), progress)
         if quantization != "none":
-            staged = _quantize(staged, specs, quantization, tmp / _STAGING)
+            staged = _quantize(staged, specs, quantization, tmp / _STAGING, progress)
         _write_orbax(staged, tmp / PARAMS_DIR)
         del staged
         shutil.rmtree(tmp / _STAGING)
@@ -182,14 +182,16 @@ def check_complete(ckpt_dir: Path) -> dict:
 # -- save helpers ---------------------------------------------------------------------
 
 
-def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str,
-              staging: Path) -> dict[str, np.memmap]:
+def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str, staging: Path,
+              progress: bool) -> dict[str, np.memmap]:
     """The staged full-precision arrays with the linear layers' weights quantized, layer by
     layer (host memory: one layer's weight in float32)."""
     out, cpu = dict(staged), jax.local_devices(backend="cpu")[0]
-    for path in CONTRACTED:
-        if path not in staged:
-            continue
+    paths = [path for path in CONTRACTED if path in staged]
+    layers = sum(staged[path].shape[0] for path in paths)
+    bar = tqdm(total=layers, desc=f"quantizing to {mode}", unit="matrix", file=sys.stderr,
+               disable=not progress)
+    for path in paths:
         w, names = staged[path], specs[path][1]
         axes = tuple(a - 1 for a in contracted_axes(names, path))  # per layer: no layers axis
         stem = staging / path.replace("/", ".")
@@ -200,7 +202,9 @@ def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str,
         for layer in range(w.shape[0]):  # on the host's CPU, whatever the accelerator
             q_layer, scale_layer = one(jax.device_put(np.asarray(w[layer]), cpu))
             q[layer], scale[layer] = np.asarray(q_layer), np.asarray(scale_layer)
+            bar.update()
         out[path], out[path + SCALE] = q, scale
+    bar.close()
     return out
 
 
