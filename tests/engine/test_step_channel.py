@@ -20,7 +20,11 @@ class Store:
         self.values[key] = value
 
     def key_value_delete(self, key: str) -> None:
-        del self.values[key]
+        """The key and every key below it, as the coordination service does."""
+        gone = [k for k in self.values if k == key or k.startswith(key + "/")]
+        assert gone, f"{key}: nothing to delete"
+        for k in gone:
+            del self.values[k]
 
     def blocking_key_value_get_bytes(self, key: str, timeout_ms: int) -> bytes:
         if key not in self.values:
@@ -61,16 +65,20 @@ def test_a_follower_receives_every_message_as_sent_in_order():
             assert got.ints is None and got.floats is None
 
 
-def test_the_store_keeps_at_most_keep_messages(monkeypatch):
+def test_the_store_keeps_one_to_two_blocks_of_messages(monkeypatch):
     monkeypatch.setattr(multihost, "KEEP", 4)
     store = Store()
     leader = StepChannel(shapes, store, name="t")
     follower = StepChannel(shapes, store, name="t")
-    for i in range(10):
+    kept = []
+    for i in range(14):
         leader.send(step((16, 4), i))
         assert follower.receive().ints[0, 0, 0] == step((16, 4), i).ints[0, 0, 0]
-        assert len(store.values) == min(i + 1, 4)
-    assert sorted(store.values) == [f"jaxserve/steps/t/{i}" for i in range(6, 10)]
+        kept.append(len(store.values))
+    # blocks of 4: starting block b deletes block b - 2 in one call
+    assert kept == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    assert sorted(store.values, key=lambda k: int(k.rsplit("/", 1)[1])) == [
+        f"jaxserve/steps/t/{i // 4}/{i}" for i in range(8, 14)]
 
 
 def test_a_follower_waits_through_timeouts_and_fails_on_other_errors():
@@ -114,5 +122,5 @@ def test_a_step_like_the_last_one_in_its_bucket_travels_as_a_small_difference():
         np.testing.assert_array_equal(got.ints, m.ints)
         np.testing.assert_array_equal(got.floats, m.floats)
     raw_bytes = first.ints.nbytes + first.floats.nbytes
-    assert len(store.values["jaxserve/steps/t/0"]) > raw_bytes  # random: incompressible
-    assert len(store.values["jaxserve/steps/t/2"]) < raw_bytes // 10
+    assert len(store.values["jaxserve/steps/t/0/0"]) > raw_bytes  # random: incompressible
+    assert len(store.values["jaxserve/steps/t/0/2"]) < raw_bytes // 10
