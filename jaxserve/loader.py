@@ -149,9 +149,6 @@ def check_quantization(config: Config, model_config: ModelConfig) -> None:
         raise ConfigError(f"model.quantization: {mode} asked, but the checkpoint's linear "
                           f"layers are stored in {stored}; set model.quantization: {stored} "
                           "or convert the source again without --quantize")
-    if mode != "none" and model_config.is_moe:
-        raise ConfigError(f"model.quantization: {mode}: {model_config.architecture} is a "
-                          "mixture of experts, whose experts are not quantized yet; use none")
 
 
 def quantize_params(flat: dict, specs: dict, mode: str, mesh,

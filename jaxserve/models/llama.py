@@ -50,7 +50,14 @@ from flax import traverse_util
 
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
-from jaxserve.models.quant import SCALE, STORAGE, kv_mode, qeinsum, quantize_vectors
+from jaxserve.models.quant import (
+    SCALE,
+    STORAGE,
+    kv_mode,
+    qeinsum,
+    quantize_vectors,
+    scale_spec,
+)
 from jaxserve.models.rope import apply_rope, inverse_frequencies
 
 
@@ -81,13 +88,13 @@ def _param(module, name, shape, names, dtype, init=_init):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
-def _linear(module, name, shape, names, dtype, out: int, mode: str):
-    """A linear layer's weight and, quantized (models/quant.py), its per-output-channel
-    scale over the last `out` axes: (weight, scale or None)."""
+def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str):
+    """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
+    weight's axes less the `contracted` ones: (weight, scale or None)."""
     if mode == "none":
         return _param(module, name, shape, names, dtype), None
     w = _param(module, name, shape, names, STORAGE[mode], nn.initializers.zeros)
-    scale = _param(module, name + SCALE, shape[-out:], names[-out:], jnp.float32,
+    scale = _param(module, name + SCALE, *scale_spec(names, shape, contracted), jnp.float32,
                    nn.initializers.ones)
     return w, scale
 
@@ -120,7 +127,7 @@ class Projection(nn.Module):
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
-                                self.dtype, 2, self.quantization)
+                                self.dtype, ("embed",), self.quantization)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -167,8 +174,8 @@ class Attention(nn.Module):
             sm_scale=c.head_dim**-0.5, **extra,
         )  # [T, H, D]
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
-                                    ("heads", "head_dim", "embed"), self.dtype, 1,
-                                    c.quantization)
+                                    ("heads", "head_dim", "embed"), self.dtype,
+                                    ("heads", "head_dim"), c.quantization)
         o = qeinsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel, o_scale)
         return _sum_over(o, self.tensor_axis), (k_pages, v_pages, *extra.values())
 
@@ -189,7 +196,7 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
     for key, shape, axes in (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp")),
                              ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
-                                1, quantization)
+                                axes[:1], quantization)
         if scale is not None:
             w[f"{key}_scale"] = scale
     return w
@@ -227,7 +234,7 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, par = self.config, self.parallel
-        w = moe_params(self, _param, c, c.num_experts // par.expert_shards, self.dtype)
+        w = moe_params(self, _param, _linear, c, c.num_experts // par.expert_shards, self.dtype)
         y, experts = _moe(c, par, x, w)
         return _sum_over(y, par.mlp_axes), experts
 
@@ -283,9 +290,10 @@ class _FFNStack(nn.Module):
     def __call__(self) -> dict:
         c = self.config
         if self.kind == "moe":
-            return moe_params(self, _param, c, c.num_experts // self.expert_shards, self.dtype,
-                              (len(c.moe_layers), "moe_layers"))
-        return _mlp_params(self, c, self.dtype, (len(c.dense_layers), "dense_layers"))
+            return moe_params(self, _param, _linear, c, c.num_experts // self.expert_shards,
+                              self.dtype, (len(c.moe_layers), "moe_layers"))
+        return _mlp_params(self, c, self.dtype, (len(c.dense_layers), "dense_layers"),
+                           c.quantization)
 
 
 class DecoderLayer(nn.Module):

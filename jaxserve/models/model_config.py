@@ -51,7 +51,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     dense_layers: tuple[int, ...] = ()  # MoE models only: layers that keep a dense MLP
     # Weight-only quantization of the linear layers as stored: none | int8 | fp8
-    # (models/quant.py). Dense models only.
+    # (models/quant.py).
     quantization: str = "none"
 
     def __post_init__(self):
@@ -74,9 +74,6 @@ class ModelConfig:
         if self.quantization not in MODES:
             raise CheckpointError(f"model config: quantization={self.quantization!r} is not "
                                   f"one of {', '.join(MODES)}")
-        if self.quantization != "none" and self.num_experts:
-            raise CheckpointError(f"model config: quantization={self.quantization}: MoE models "
-                                  "are not quantized yet (their experts would stay full size)")
 
     def _check_experts(self) -> None:
         if not 1 <= self.num_experts_per_tok <= self.num_experts:

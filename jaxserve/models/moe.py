@@ -48,11 +48,14 @@ def route(x: jax.Array, router: jax.Array, top_k: int,
 
 
 def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
-                    up: jax.Array, down: jax.Array, first_expert: jax.Array | int = 0):
+                    up: jax.Array, down: jax.Array, first_expert: jax.Array | int = 0,
+                    gate_scale=None, up_scale=None, down_scale=None):
     """Sum over each token's routed experts held here of weight * expert(x).
 
     x [T, E]; weights, experts [T, k]; gate/up [n, E, F], down [n, F, E] hold experts
-    first_expert .. first_expert + n - 1. Pairs routed elsewhere add nothing.
+    first_expert .. first_expert + n - 1. Pairs routed elsewhere add nothing. Quantized
+    weights (models/quant.py) come with scales [n, F] (gate, up) and [n, E] (down): each
+    row's product is scaled by its own expert's scales.
     """
     num_tokens, k = experts.shape
     n = gate.shape[0]
@@ -63,8 +66,16 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: 
     group_sizes = jnp.sum(key[:, None] == jnp.arange(n), axis=0, dtype=jnp.int32)
     token = order // k
     xs = x[token]  # [T*k, E], grouped by expert
-    h = nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
-    y = grouped_matmul(h.astype(x.dtype), down, group_sizes)
+    row_expert = jnp.minimum(key[order], n - 1)  # rows of other experts are masked below
+
+    def matmul(a, w, scale):
+        if scale is None:
+            return grouped_matmul(a, w, group_sizes)
+        y = grouped_matmul(a, w.astype(a.dtype), group_sizes)
+        return (y.astype(jnp.float32) * scale[row_expert]).astype(a.dtype)
+
+    h = nn.silu(matmul(xs, gate, gate_scale)) * matmul(xs, up, up_scale)
+    y = matmul(h.astype(x.dtype), down, down_scale)
     scale = jnp.where(mine[order], weights.reshape(-1)[order], 0.0)
     y = jnp.where(mine[order][:, None], y, 0) * scale[:, None].astype(y.dtype)
     return jnp.zeros((num_tokens, x.shape[1]), y.dtype).at[token].add(y).astype(x.dtype)
@@ -93,25 +104,31 @@ def _on_hopper() -> bool:
 
 
 def moe_forward(x: jax.Array, router: jax.Array, gate: jax.Array, up: jax.Array,
-                down: jax.Array, *, top_k: int, normalize: bool,
-                expert_axis: str | None) -> tuple[jax.Array, jax.Array]:
+                down: jax.Array, *, top_k: int, normalize: bool, expert_axis: str | None,
+                **scales) -> tuple[jax.Array, jax.Array]:
     """(this device's partial MoE output for x [T, E], summed over the mesh by the caller;
-    the routed expert ids [T, k])."""
+    the routed expert ids [T, k]). scales: gate_scale, up_scale, down_scale of quantized
+    experts."""
     weights, experts = route(x, router, top_k, normalize)
     first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * gate.shape[0]
-    return experts_forward(x, weights, experts, gate, up, down, first), experts
+    return experts_forward(x, weights, experts, gate, up, down, first, **scales), experts
 
 
-def moe_params(module: nn.Module, param, config, num_local: int, dtype,
+def moe_params(module: nn.Module, param, linear, config, num_local: int, dtype,
                stack: tuple[int, str] | None = None) -> dict:
-    """Declare MoE parameters on `module` (param: llama._param); `stack` = (n, axis name)
-    stacks n blocks on a leading axis (the MoE layers of a model that mixes in dense ones)."""
+    """Declare MoE parameters on `module` (param, linear: llama._param, llama._linear);
+    `stack` = (n, axis name) stacks n blocks on a leading axis (the MoE layers of a model
+    that mixes in dense ones). Experts follow config.quantization; the router never does."""
     e, f = config.hidden_size, config.moe_intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
-    p = lambda name, shape, axes: param(module, name, (*lead, *shape), (*names, *axes), dtype)
-    return {
-        "router": p("router", (e, config.num_experts), ("embed", "router_experts")),
-        "gate": p("gate_proj", (num_local, e, f), ("expert", "embed", "moe_mlp")),
-        "up": p("up_proj", (num_local, e, f), ("expert", "embed", "moe_mlp")),
-        "down": p("down_proj", (num_local, f, e), ("expert", "moe_mlp", "embed")),
-    }
+    w = {"router": param(module, "router", (*lead, e, config.num_experts),
+                         (*names, "embed", "router_experts"), dtype)}
+    for key, shape, axes in (("gate", (num_local, e, f), ("expert", "embed", "moe_mlp")),
+                             ("up", (num_local, e, f), ("expert", "embed", "moe_mlp")),
+                             ("down", (num_local, f, e), ("expert", "moe_mlp", "embed"))):
+        # the scale keeps the expert axis: one per expert and output channel
+        w[key], scale = linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
+                               axes[1:2], config.quantization)
+        if scale is not None:
+            w[f"{key}_scale"] = scale
+    return w

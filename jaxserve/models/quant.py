@@ -13,9 +13,9 @@ by the scale: x . (q * scale) = (x . q) * scale, because the scale does not depe
 contracted index. Under tensor parallelism a row-parallel weight (o_proj, down_proj) keeps
 its whole output axis, so each device's partial sum is scaled before the all-reduce.
 
-Which weights: the attention projections (q, k, v, o) and a dense MLP's gate, up and down
-projections. The embedding and the LM head stay in the model dtype; MoE experts are not
-quantized yet (a ConfigError says so).
+Which weights: the attention projections (q, k, v, o), a dense MLP's gate, up and down
+projections, and every MoE expert's (a scale per expert and output channel). The router,
+the embedding and the LM head stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ CONTRACTED = {
     "layers/mlp/gate_proj": ("embed",),
     "layers/mlp/up_proj": ("embed",),
     "layers/mlp/down_proj": ("mlp",),
+    "layers/moe/gate_proj": ("embed",),  # [layers, expert, embed, moe_mlp]
+    "layers/moe/up_proj": ("embed",),
+    "layers/moe/down_proj": ("moe_mlp",),
+    # models that mix dense and MoE layers stack each kind outside the layer scan
+    "dense_mlp/gate_proj": ("embed",),
+    "dense_mlp/up_proj": ("embed",),
+    "dense_mlp/down_proj": ("mlp",),
+    "moe/gate_proj": ("embed",),
+    "moe/up_proj": ("embed",),
+    "moe/down_proj": ("moe_mlp",),
 }
 
 

@@ -1,7 +1,10 @@
 """Weight-only quantization (models/quant.py): the quantize/dequantize arithmetic against
-numpy and ml_dtypes, the quantized model on the demo against float32, `convert --quantize`,
-quantized weights on a mesh, and the errors for settings that cannot work."""
+numpy and ml_dtypes, the quantized model on the demo against float32, quantized MoE experts
+against their dequantized weights, `convert --quantize`, quantized weights on a mesh, the
+quantized KV cache, and the errors for settings that cannot work."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -15,14 +18,14 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
-from jaxserve.loader import load_model
-from jaxserve.models.llama import flatten_params
-from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import dequantize, qeinsum, quantize
+from jaxserve.loader import LoadedModel, load_model
+from jaxserve.models.llama import flatten_params, nest_params, param_specs
+from jaxserve.models.quant import CONTRACTED, SCALE, contracted_axes, dequantize, qeinsum, quantize
 from jaxserve.quality import compare, score
 from sharding.mesh import MeshConfig
 
 TEXT = Path(__file__).resolve().parents[2] / "bench" / "texts" / "public-domain-sample.txt"
+MOE_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_hf"
 
 
 def weights(seed=0, shape=(3, 40, 5, 8)):
@@ -166,16 +169,53 @@ def test_unknown_quantization_names_the_key(demo_config):
         demo_config.replace(model__quantization="int4")
 
 
-def test_moe_models_are_refused(tmp_path, demo_config):
-    shape = ModelConfig("mixtral", vocab_size=64, hidden_size=32, intermediate_size=64,
-                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=16)
-    shape.save(tmp_path / "moe.json")
-    config = demo_config.replace(checkpoint__source="random", model__quantization="int8",
-                                 checkpoint__random_shape=str(tmp_path / "moe.json"))
-    with pytest.raises(ConfigError, match="model.quantization: int8: mixtral is a mixture of "
-                                          "experts"):
-        load_model(config, progress=False)
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """{name: converted float32 checkpoint} of the seeded tiny MoE models."""
+    out = {}
+    for name in ("mixtral", "qwen3_moe"):
+        dest = tmp_path_factory.mktemp("moe") / name
+        assert cli.main(["convert", str(MOE_FIXTURES / name), str(dest), "--dtype",
+                         "float32"]) == 0
+        out[name] = dest
+    return out
+
+
+@pytest.mark.parametrize("name,expert_path", [("mixtral", "layers/moe/gate_proj"),
+                                              ("qwen3_moe", "moe/gate_proj")])
+def test_quantized_experts_compute_with_their_dequantized_weights(demo_config, tiny_moe,
+                                                                   name, expert_path):
+    config = demo_config.replace(
+        checkpoint__source=str(tiny_moe[name]), model__name=name, model__dtype="float32",
+        model__quantization="int8", runner__token_buckets=(16, 64), runner__seq_buckets=(4,),
+        scheduler__max_num_seqs=4, scheduler__max_num_batched_tokens=64,
+        cache__max_model_len=128, cache__kv_cache_memory=float(1 << 20),
+        runner__compilation_cache_dir=None)
+    quantized = load_model(config, progress=False)
+    c, flat = quantized.model_config, flatten_params(quantized.params)
+    assert flat[expert_path].dtype == np.int8  # one scale per expert and output channel
+    assert flat[expert_path + "_scale"].shape == (*flat[expert_path].shape[:2],
+                                                  c.moe_intermediate_size)
+    assert flat[expert_path.replace("gate", "down") + "_scale"].shape == (
+        *flat[expert_path].shape[:2], c.hidden_size)
+    # The same model with every quantized weight turned back into float32 must compute
+    # the same logits: the scales apply to the right experts and channels.
+    specs = param_specs(c)
+    floats = {k: v for k, v in flat.items() if not k.endswith(SCALE)}
+    for path in CONTRACTED:
+        if path in flat:
+            floats[path] = dequantize(flat[path], flat[path + SCALE],
+                                      contracted_axes(specs[path][1], path))
+    dequantized = LoadedModel(dataclasses.replace(c, quantization="none"),
+                              nest_params(floats), None, quantized.mesh)
+    ids = [t for case in json.loads((MOE_FIXTURES / "golden.json").read_text())[name]["cases"]
+           for t in case["prompt_ids"]]
+    got, want = score(quantized, ids, "float32"), score(dequantized, ids, "float32")
+    np.testing.assert_array_equal(got.argmax, want.argmax)
+    np.testing.assert_allclose(got.nll, want.nll, rtol=1e-4, atol=1e-4)
+    # and the experts shard with their scales: same tokens on an expert x tensor mesh
+    prompts = [ids[:9], ids[9:20]]
+    assert greedy(config, prompts, MeshConfig(expert=2, tensor=2)) == greedy(config, prompts)
 
 
 def test_quantized_params_live_on_their_devices(demo_config):
