@@ -24,6 +24,8 @@ Figures:
                      sending the step's inputs to the other processes (multihost.py), and
                      its share of the step;
 XLA_FLAGS and the NCCL variables in the environment are recorded with the figures.
+--quantization and --kv-dtype run every mesh with int8/fp8 weights or KV pages
+(docs/quantization.md); the floor counts the bytes the quantized model reads.
 
 Several processes (one GPU each, the code path of several hosts): start one per GPU with
 --coordinator-address/--num-processes/--process-id, as `jaxserve serve` takes them. Process 0
@@ -219,6 +221,10 @@ def main() -> None:
     ap.add_argument("--seq-buckets", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--kv-cache-memory", type=float, default=0.85)
     ap.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth test")
+    ap.add_argument("--quantization", choices=["none", "int8", "fp8"],
+                    help="model.quantization for every mesh (default: the config's)")
+    ap.add_argument("--kv-dtype", choices=["auto", "int8", "fp8"],
+                    help="cache.kv_dtype for every mesh (default: the config's)")
     ap.add_argument("--out", required=True)
     add_distributed_args(ap)
     args = ap.parse_args()
@@ -233,6 +239,10 @@ def main() -> None:
         runner__compilation_cache_dir=None)
     if args.shape:
         base = base.replace(checkpoint__random_shape=args.shape)
+    if args.quantization:
+        base = base.replace(model__quantization=args.quantization)
+    if args.kv_dtype:
+        base = base.replace(cache__kv_dtype=args.kv_dtype)
     base = with_distributed_args(base, args, "bench_parallel")
     leader = join(base)  # every process runs what follows up to the meshes, in step
     bandwidth = copy_bandwidth(args.copy_gib)
@@ -324,6 +334,8 @@ def write(args, bandwidth: float, all_reduce: dict, runs: list[dict]) -> None:
               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
               "num_processes": jax.process_count(),
               "jax": jax.__version__, "config": args.config, "shape": args.shape,
+              "quantization": args.quantization or "config's",
+              "kv_dtype": args.kv_dtype or "config's",
               "copy_bandwidth_bytes_s": bandwidth, "all_reduce_s_by_rows": all_reduce,
               "env": env, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
