@@ -125,15 +125,20 @@ def greedy(config, prompts, mesh=None):
     return out
 
 
-def test_int8_on_a_mesh_gives_the_tokens_of_one_device(demo_config, demo_model):
-    config = demo_config.replace(model__quantization="int8", cache__max_model_len=128,
-                                 cache__kv_cache_memory=float(12 << 20),
-                                 runner__compilation_cache_dir=None)
-    prompts = [demo_model.tokenizer.encode(t) for t in
+def assert_meshes_give_the_tokens_of_one_device(config, tokenizer):
+    """Greedy tokens on `tensor: 3` and on `pipeline: 2` equal those on one device."""
+    prompts = [tokenizer.encode(t) for t in
                ("The capital of France is", "def fibonacci(n):", "List three colors:")]
     one = greedy(config, prompts)
     assert greedy(config, prompts, MeshConfig(tensor=3)) == one
     assert greedy(config, prompts, MeshConfig(pipeline=2)) == one
+
+
+def test_int8_on_a_mesh_gives_the_tokens_of_one_device(demo_config, demo_model):
+    config = demo_config.replace(model__quantization="int8", cache__max_model_len=128,
+                                 cache__kv_cache_memory=float(12 << 20),
+                                 runner__compilation_cache_dir=None)
+    assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer)
 
 
 # ----- convert --quantize ---------------------------------------------------------------
@@ -251,11 +256,7 @@ def test_engine_with_a_quantized_kv_cache(demo_config, demo_model, kv_dtype, sto
     config = demo_config.replace(cache__kv_dtype=kv_dtype, cache__max_model_len=128,
                                  cache__kv_cache_memory=float(budget),
                                  runner__compilation_cache_dir=None)
-    prompts = [demo_model.tokenizer.encode(t) for t in
-               ("The capital of France is", "def fibonacci(n):", "List three colors:")]
-    one = greedy(config, prompts)
-    assert greedy(config, prompts, MeshConfig(tensor=3)) == one
-    assert greedy(config, prompts, MeshConfig(pipeline=2)) == one
+    assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer)
 
     m = demo_model
     engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
