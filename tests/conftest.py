@@ -66,3 +66,27 @@ def mixed_sampling():
                            min_p=0.1, stop=("the",)),
             SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=(13,)),
             SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+
+
+@pytest.fixture(scope="session")
+def unused_port():
+    """unused_port() -> a free loopback port below the kernel's ephemeral range."""
+    return _unused_port
+
+
+def _unused_port() -> int:
+    """A free loopback port below the kernel's ephemeral range (Linux: 32768 and up). A port
+    asked of the kernel with bind(0) and then released can be handed straight to the next
+    bind(0), such as a test server's own gRPC port, before the test binds it."""
+    import random
+    import socket
+
+    start = random.randrange(20000, 30000)
+    for port in range(start, 32768):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {start}-32767")

@@ -109,7 +109,13 @@ class InferenceServer:
             raise JaxserveError(f"cannot bind {address}")
         await server.start()
         self._server, self.port = server, port
-        self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+        try:
+            self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
+        except OSError as e:
+            await server.stop(None)
+            where = host_port(s.host, s.metrics_port)
+            raise JaxserveError(f"server.metrics_port: cannot bind {where}: "
+                                f"{e.strerror or e}") from None
         return port
 
     async def warm_up(self, progress: bool = False) -> None:

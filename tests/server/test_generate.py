@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jaxserve import cli
 from jaxserve.engine.request import FinishReason, SamplingParams
+from jaxserve.errors import JaxserveError
 from jaxserve.server.client import AsyncClient, Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import FINISH_NAMES, make_request
@@ -26,16 +27,10 @@ CHAT = "What is 2+2?"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(server_config, start_server):
+def served(server_config, start_server, unused_port):
     """(thread, port, health statuses seen before and after warm-up)."""
-    config = server_config.replace(server__metrics_port=_free_port())
+    config = server_config.replace(server__metrics_port=unused_port())
     with start_server(config, warm_up=False) as (thread, port):
         with Client("127.0.0.1", port) as client:
             before = client.health()
@@ -199,6 +194,18 @@ def test_metrics_endpoint(served, client):
                  "jaxserve_compilations_total"):
         assert name in samples, name
     assert samples["jaxserve_kv_pages_free"] > 0
+
+
+def test_a_busy_metrics_port_is_a_clear_error(server_config, start_server, unused_port):
+    port = unused_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with pytest.raises(JaxserveError, match=rf"server.metrics_port: cannot bind "
+                                                rf"127.0.0.1:{port}: Address already in use"):
+            with start_server(server_config.replace(server__metrics_port=port),
+                              warm_up=False):
+                pass
 
 
 def test_client_command_streams_the_completion(served, offline, capsys):
