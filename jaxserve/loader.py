@@ -28,7 +28,7 @@ from jaxserve.models.llama import (
     param_specs,
 )
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import CONTRACTED, SCALE, contracted_axes, quantize
+from jaxserve.models.quant import SCALE, quantize, quantized_weights
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from sharding import rules
 from sharding.mesh import MeshConfig, make_mesh
@@ -107,9 +107,9 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     flat = flatten_params(params)
     mode = config.model.quantization
     if model_config.quantization != mode:  # a full-precision checkpoint, quantized now
+        model_config = dataclasses.replace(model_config, quantization=mode)
         flat = quantize_params(flat, param_specs(model_config), mode, mesh,
                                _held_whole(tensor, pipeline))
-        model_config = dataclasses.replace(model_config, quantization=mode)
     specs = param_specs(model_config)
     flat = pad_layers(flat, specs, pipeline, mesh, replicate=_held_whole(tensor, None))
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
@@ -154,17 +154,11 @@ def check_quantization(config: Config, model_config: ModelConfig) -> None:
 def quantize_params(flat: dict, specs: dict, mode: str, mesh,
                     replicate: frozenset[str] = frozenset()) -> dict:
     """Full-precision params on the mesh -> the linear layers quantized in place, each weight
-    and its scale sharded by the rules (models/quant.py)."""
+    and its scale sharded by the rules (models/quant.py). specs: the quantized model's."""
     out = dict(flat)
-    for path in CONTRACTED:
-        if path not in flat:
-            continue
-        shape, names = specs[path]
-        axes = contracted_axes(names, path)
-        keep = [i for i in range(len(shape)) if i not in axes]
-        shardings = (rules.sharding_for(names, shape, mesh, replicate),
-                     rules.sharding_for(tuple(names[i] for i in keep),
-                                        tuple(shape[i] for i in keep), mesh, replicate))
+    for path, axes in quantized_weights(specs).items():
+        shardings = tuple(rules.sharding_for(names, shape, mesh, replicate)
+                          for shape, names in (specs[path], specs[path + SCALE]))
         q = jax.jit(lambda w, a=axes: quantize(w, a, mode), out_shardings=shardings)
         out[path], out[path + SCALE] = q(flat[path])
     return out

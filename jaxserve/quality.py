@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxserve.loader import LoadedModel
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
-from jaxserve.models.quant import STORAGE
+from jaxserve.models.quant import kv_pages_dtype
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 PAGE = 16
@@ -39,7 +39,7 @@ def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto
     n = len(ids)
     pages = -(-n // PAGE)
     kv_shape = (c.num_layers, pages + 1, PAGE, c.num_kv_heads, c.head_dim)  # page 0: padding
-    pages_dtype = dtype if kv_dtype == "auto" else STORAGE[kv_dtype]
+    pages_dtype = kv_pages_dtype(kv_dtype, dtype)
     kv = (jnp.zeros(kv_shape, pages_dtype), jnp.zeros(kv_shape, pages_dtype))
     if kv_dtype != "auto":  # and one scale per (token, KV head)
         kv += (jnp.zeros(kv_shape[:-1], jnp.float32), jnp.zeros(kv_shape[:-1], jnp.float32))

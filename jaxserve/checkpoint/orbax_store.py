@@ -40,7 +40,7 @@ from jaxserve.checkpoint.source import SourceCheckpoint, TensorItem, check_dtype
 from jaxserve.errors import CheckpointError
 from jaxserve.models.llama import nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import CONTRACTED, SCALE, STORAGE, contracted_axes, quantize
+from jaxserve.models.quant import SCALE, STORAGE, quantize, quantized_weights
 from sharding.rules import tree_shardings
 
 PARAMS_DIR = "params"
@@ -73,10 +73,11 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     tmp.mkdir(parents=True)
     try:
         config = dataclasses.replace(source.config, quantization=quantization)
-        specs = param_specs(source.config)
-        staged = _stage(source, specs, tmp / _STAGING, jnp.dtype(dtype), progress)
+        staged = _stage(source, param_specs(source.config), tmp / _STAGING, jnp.dtype(dtype),
+                        progress)
         if quantization != "none":
-            staged = _quantize(staged, specs, quantization, tmp / _STAGING, progress)
+            staged = _quantize(staged, param_specs(config), quantization, tmp / _STAGING,
+                               progress)
         _write_orbax(staged, tmp / PARAMS_DIR)
         del staged
         shutil.rmtree(tmp / _STAGING)
@@ -132,7 +133,7 @@ def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None,
         raise CheckpointError(f"{ckpt_dir}: {PARAMS_DIR}/ holds parameters the model does "
                               f"not have: {extra}")
     shardings = tree_shardings(specs, mesh, replicate)
-    quantized = {p for p in CONTRACTED if config.quantization != "none"}
+    quantized = set(quantized_weights(specs))
     quantized |= {p + SCALE for p in quantized}
     target = nest_params({  # quantized weights and their scales keep their stored dtype
         path: jax.ShapeDtypeStruct(
@@ -185,19 +186,19 @@ def check_complete(ckpt_dir: Path) -> dict:
 def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str, staging: Path,
               progress: bool) -> dict[str, np.memmap]:
     """The staged full-precision arrays with the linear layers' weights quantized, layer by
-    layer (host memory: one layer's weight in float32)."""
+    layer (host memory: one layer's weight in float32). specs: the quantized model's."""
     out, cpu = dict(staged), jax.local_devices(backend="cpu")[0]
-    paths = [path for path in CONTRACTED if path in staged]
-    layers = sum(staged[path].shape[0] for path in paths)
+    weights = quantized_weights(specs)
+    layers = sum(staged[path].shape[0] for path in weights)
     bar = tqdm(total=layers, desc=f"quantizing to {mode}", unit="matrix", file=sys.stderr,
                disable=not progress)
-    for path in paths:
-        w, names = staged[path], specs[path][1]
-        axes = tuple(a - 1 for a in contracted_axes(names, path))  # per layer: no layers axis
+    for path, axes in weights.items():
+        w = staged[path]
+        axes = tuple(a - 1 for a in axes)  # per layer: no stacked layer axis
         stem = staging / path.replace("/", ".")
         q = np.memmap(f"{stem}.q", dtype=STORAGE[mode], mode="w+", shape=w.shape)
         scale = np.memmap(f"{stem}.scale", dtype=np.float32, mode="w+",
-                          shape=tuple(n for i, n in enumerate(w.shape) if i - 1 not in axes))
+                          shape=specs[path + SCALE][0])
         one = jax.jit(lambda x, a=axes: quantize(x, a, mode))
         for layer in range(w.shape[0]):  # on the host's CPU, whatever the accelerator
             q_layer, scale_layer = one(jax.device_put(np.asarray(w[layer]), cpu))

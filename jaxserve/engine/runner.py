@@ -44,7 +44,7 @@ from jaxserve.engine.step_inputs import Layout, StepInputs
 from jaxserve.errors import ConfigError
 from jaxserve.models.llama import LlamaModel
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import STORAGE
+from jaxserve.models.quant import kv_pages_dtype
 from sharding import rules
 from sharding.pipeline import PipelinePlan
 from sharding.tensor import TensorPlan
@@ -118,8 +118,7 @@ def kv_budget(config: Config, devices) -> float:
 
 def kv_dtype(config: Config) -> jnp.dtype:
     """The KV pages' dtype: the model's, or int8/fp8 storage (cache.kv_dtype)."""
-    kind = config.cache.kv_dtype
-    return jnp.dtype(config.model.dtype if kind == "auto" else STORAGE[kind])
+    return jnp.dtype(kv_pages_dtype(config.cache.kv_dtype, config.model.dtype))
 
 
 def kv_bytes_per_head_token(config: Config, head_dim: int) -> int:

@@ -28,27 +28,6 @@ STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
 QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 SCALE = "_scale"  # suffix of a quantized weight's scale parameter
 
-# Logical axis names each quantized weight contracts over (see models/llama.py).
-CONTRACTED = {
-    "layers/attn/q_proj/kernel": ("embed",),
-    "layers/attn/k_proj/kernel": ("embed",),
-    "layers/attn/v_proj/kernel": ("embed",),
-    "layers/attn/o_proj": ("heads", "head_dim"),
-    "layers/mlp/gate_proj": ("embed",),
-    "layers/mlp/up_proj": ("embed",),
-    "layers/mlp/down_proj": ("mlp",),
-    "layers/moe/gate_proj": ("embed",),  # [layers, expert, embed, moe_mlp]
-    "layers/moe/up_proj": ("embed",),
-    "layers/moe/down_proj": ("moe_mlp",),
-    # models that mix dense and MoE layers stack each kind outside the layer scan
-    "dense_mlp/gate_proj": ("embed",),
-    "dense_mlp/up_proj": ("embed",),
-    "dense_mlp/down_proj": ("mlp",),
-    "moe/gate_proj": ("embed",),
-    "moe/up_proj": ("embed",),
-    "moe/down_proj": ("moe_mlp",),
-}
-
 
 def scale_spec(names: tuple[str, ...], shape: tuple[int, ...],
                contracted: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -79,8 +58,17 @@ def dequantize(q, scale, contracted_axes: tuple[int, ...]):
     return jnp.asarray(q).astype(jnp.float32) * jnp.expand_dims(scale, contracted_axes)
 
 
-def contracted_axes(names: tuple[str, ...], path: str) -> tuple[int, ...]:
-    return tuple(i for i, n in enumerate(names) if n in CONTRACTED[path])
+def quantized_weights(specs: dict) -> dict[str, tuple[int, ...]]:
+    """{weight path: its contracted axes} from the param specs of a quantized model (see
+    llama.param_specs): each weight that has a `_scale` entry, contracted over the axes its
+    scale lacks. The model's layers declare both, so this is the one list of them."""
+    return {path: tuple(i for i, n in enumerate(names) if n not in specs[path + SCALE][1])
+            for path, (_, names) in specs.items() if path + SCALE in specs}
+
+
+def kv_pages_dtype(kv_dtype: str, model_dtype) -> np.dtype:
+    """The KV pages' dtype for cache.kv_dtype: the model's (auto), or int8/fp8 storage."""
+    return np.dtype(jnp.dtype(model_dtype) if kv_dtype == "auto" else STORAGE[kv_dtype])
 
 
 def quantize_vectors(x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:

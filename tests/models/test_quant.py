@@ -20,7 +20,7 @@ from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
 from jaxserve.loader import LoadedModel, load_model
 from jaxserve.models.llama import flatten_params, nest_params, param_specs
-from jaxserve.models.quant import CONTRACTED, SCALE, contracted_axes, dequantize, qeinsum, quantize
+from jaxserve.models.quant import SCALE, dequantize, qeinsum, quantize, quantized_weights
 from jaxserve.quality import compare, score
 from sharding.mesh import MeshConfig
 
@@ -205,12 +205,9 @@ def test_quantized_experts_compute_with_their_dequantized_weights(demo_config, t
         *flat[expert_path].shape[:2], c.hidden_size)
     # The same model with every quantized weight turned back into float32 must compute
     # the same logits: the scales apply to the right experts and channels.
-    specs = param_specs(c)
     floats = {k: v for k, v in flat.items() if not k.endswith(SCALE)}
-    for path in CONTRACTED:
-        if path in flat:
-            floats[path] = dequantize(flat[path], flat[path + SCALE],
-                                      contracted_axes(specs[path][1], path))
+    for path, axes in quantized_weights(param_specs(c)).items():
+        floats[path] = dequantize(flat[path], flat[path + SCALE], axes)
     dequantized = LoadedModel(dataclasses.replace(c, quantization="none"),
                               nest_params(floats), None, quantized.mesh)
     ids = [t for case in json.loads((MOE_FIXTURES / "golden.json").read_text())[name]["cases"]
