@@ -7,6 +7,7 @@ into `checkpoint.path` (default: cache_dir/checkpoints/<model name>) and reused 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,10 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         model_config = random_model_config(config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
+        # Random weights are made in the asked mode, so a quantized model never exists in
+        # full precision (a 70B model in fp8 fits one GPU that its bf16 weights do not).
+        model_config = dataclasses.replace(model_config,
+                                           quantization=config.model.quantization)
         params = random_params(model_config, dtype, mesh,
                                replicate=_held_whole(tensor, pipeline))
         directory = None
@@ -198,17 +203,38 @@ def random_params(model_config: ModelConfig, dtype, mesh,
     """
     specs = param_specs(model_config)
     shardings = rules.tree_shardings(specs, mesh, replicate)
-    model = LlamaModel(model_config, dtype, lambda q, *a, **k: q)
     inputs = _dummy_inputs(model_config, 1, 1, 1)
+    quantized = quantized_weights(specs)
+    # The full-precision model's init gives every param but the quantized linear weights,
+    # which are made below (its own linear weights are dead code, dropped by XLA).
+    model = LlamaModel(dataclasses.replace(model_config, quantization="none"), dtype,
+                       lambda q, *a, **k: q)
+    kept = [path for path in specs if path not in quantized and
+            not (path.endswith(SCALE) and path[:-len(SCALE)] in quantized)]
 
     def init(key):
-        params = model.init(key, *inputs)["params"]
-        return jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                            is_leaf=lambda x: hasattr(x, "names"))
+        flat = flatten_params(model.init(key, *inputs)["params"])
+        return {path: getattr(flat[path], "value", flat[path]) for path in kept}
 
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    flat_paths = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    out_shardings = jax.tree_util.tree_unflatten(
-        jax.tree.structure(abstract),
-        [shardings["/".join(k.key for k in path)] for path, _ in flat_paths])
-    return jax.jit(init, out_shardings=out_shardings)(jax.random.key(0))
+    flat = jax.jit(init, out_shardings={path: shardings[path] for path in kept})(
+        jax.random.key(0))
+    for i, (path, axes) in enumerate(sorted(quantized.items())):
+        shape, names = specs[path]
+        make = functools.partial(_random_quantized, shape=shape, axes=axes, dtype=dtype,
+                                 mode=model_config.quantization,
+                                 stacked=bool(names) and names[0] == "layers")
+        flat[path], flat[path + SCALE] = jax.jit(
+            make, out_shardings=(shardings[path], shardings[path + SCALE]))(
+                jax.random.fold_in(jax.random.key(1), i))
+    return nest_params(flat)
+
+
+def _random_quantized(key, *, shape, axes, dtype, mode, stacked):
+    """A random linear weight made and quantized one layer at a time (no full-precision
+    copy of the whole stack): (weight in the storage dtype, its scale)."""
+    def one(k, shape=shape, axes=axes):
+        return quantize(jax.random.normal(k, shape, dtype) * 0.02, axes, mode)
+    if not stacked:
+        return one(key)
+    inner = tuple(a - 1 for a in axes)
+    return jax.lax.map(lambda k: one(k, shape[1:], inner), jax.random.split(key, shape[0]))

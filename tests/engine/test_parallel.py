@@ -7,6 +7,7 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxserve import cli
@@ -16,6 +17,7 @@ from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
 from jaxserve.loader import load_model
 from jaxserve.models.model_config import ModelConfig
+from jaxserve.models.quant import STORAGE
 from sharding.mesh import MeshConfig
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -134,6 +136,20 @@ def test_random_model_gives_the_same_greedy_tokens_on_any_tensor_size(tmp_path, 
     # Replicated KV heads (2 heads on 4 devices): each device still holds exactly one.
     assert_kv_shards(sharded, kv_heads_per_device=max(1, num_kv_heads // tensor))
     assert sharded.runner.plan.kv_replicas == max(1, tensor // num_kv_heads)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_random_weights_are_made_quantized_and_shard(tmp_path, demo_config, mode):
+    """checkpoint.source=random with model.quantization: the linear weights are made in the
+    storage dtype (never whole in full precision), the same on one device and on tensor 2."""
+    config = random_config(tmp_path, demo_config, 8).replace(model__quantization=mode)
+    one = engine_on(config)
+    q_proj = one.runner.params["layers"]["attn"]["q_proj"]
+    assert q_proj["kernel"].dtype == STORAGE[mode]
+    assert q_proj["kernel_scale"].shape == (2, 8, 16)  # layers x heads x head_dim
+    assert float(jnp.min(q_proj["kernel_scale"])) > 0  # filled, not the ones of a placeholder
+    ref = greedy(one, random_prompts())
+    assert greedy(engine_on(config, tensor=2), random_prompts()) == ref
 
 
 @pytest.mark.gpu
