@@ -144,7 +144,9 @@ def cmd_client(args, sampling_params) -> int:
         u = last.usage
         print(f"--- [{FINISH_NAMES.get(last.finish_reason, 'unknown')}, "
               f"{u.completion_tokens} tokens; prompt {u.prompt_tokens}, "
-              f"cached {u.cached_tokens}]", file=sys.stderr)
+              f"cached {u.cached_tokens}"
+              + (f", speculative {u.accepted_tokens}/{u.draft_tokens} accepted"
+                 if u.draft_tokens else "") + "]", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ from sharding.mesh import MeshConfig
 DTYPES = ("float32", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "fp8")
 KV_DTYPES = ("auto", "int8", "fp8")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilations go
 
 
@@ -108,6 +109,44 @@ class SchedulerSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeSection:
+    """Speculative decoding (engine/speculative.py): propose `num_tokens` tokens per step and
+    verify them in the same ragged step."""
+
+    method: str = "none"  # none | ngram (prompt lookup) | draft (a draft model)
+    num_tokens: int = 4  # proposed tokens per step (k)
+    ngram_min: int = 2  # shortest suffix matched against the context
+    ngram_max: int = 4  # longest suffix tried first
+    draft_config: str | None = None  # method: draft -- the draft model's jaxserve config
+    # A request stops speculating when, over its last `window` steps, fewer than
+    # `min_accepted` proposed tokens per step were accepted.
+    min_accepted: float = 0.5
+    window: int = 16
+
+    def __post_init__(self):
+        _check(self.method in SPECULATIVE_METHODS, "method",
+               f"must be one of {SPECULATIVE_METHODS} (got {self.method!r})")
+        _check(1 <= self.num_tokens <= 16, "num_tokens",
+               f"must be in [1, 16] (got {self.num_tokens})")
+        _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min",
+               f"must be >= 1 and <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
+        _check(self.method != "draft", "method",
+               "draft-model speculation is not available yet; use ngram")
+        _check(self.window >= 1, "window", f"must be >= 1 (got {self.window})")
+        _check(self.min_accepted >= 0, "min_accepted",
+               f"must be >= 0 (got {self.min_accepted})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def rows(self) -> int:
+        """Tokens sampled per sequence per step: the proposed ones and one more."""
+        return 1 + self.num_tokens if self.enabled else 1
+
+
+@dataclasses.dataclass(frozen=True)
 class RunnerSection:
     token_buckets: tuple[int, ...] = (16, 64, 256)
     seq_buckets: tuple[int, ...] = (4, 16)
@@ -158,6 +197,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     server: ServerSection = ServerSection()
     distributed: DistributedConfig = DistributedConfig()
+    speculative: SpeculativeSection = SpeculativeSection()
 
     def __post_init__(self):
         _check(self.scheduler.max_num_seqs <= self.runner.seq_buckets[-1],
@@ -168,6 +208,9 @@ class Config:
                "scheduler.max_num_batched_tokens",
                f"({self.scheduler.max_num_batched_tokens}) must be <= the largest "
                f"runner.token_buckets ({self.runner.token_buckets[-1]})")
+        _check(not self.speculative.enabled or self.mesh.pipeline == 1, "speculative.method",
+               f"{self.speculative.method} needs mesh.pipeline: 1 (got {self.mesh.pipeline}): "
+               "a verified step's tokens must be read back before the next step")
 
     def replace(self, **sections) -> Config:
         """A copy with whole sections or `section__field=value` overrides."""

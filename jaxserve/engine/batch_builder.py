@@ -45,7 +45,8 @@ class BatchBuilder:
 
     @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
     def layout(self, num_tokens: int, num_seqs: int) -> Layout:
-        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned)
+        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned,
+                      self.config.speculative.rows)
 
     def bucket(self, buckets, n: int, what: str) -> int:
         i = bisect.bisect_left(buckets, n)
@@ -119,7 +120,9 @@ class BatchBuilder:
             k = max(0, min(n, len(known) - seq.start))  # inputs the host knows
             if k:
                 host.token_ids[q:q + k] = known[seq.start:seq.start + k]
-            if k < n:  # the token sampled by the previous step, still on the device
+            if req.draft:  # speculative decoding: the proposed tokens follow the known ones
+                host.token_ids[q + k:q + n] = req.draft
+            elif k < n:  # the token sampled by the previous step, still on the device
                 host.prev_index[q + k:q + n] = prev_row[id(req)]
         ps = self.page_size
         host.positions[:total] = positions
@@ -130,7 +133,14 @@ class BatchBuilder:
         host.seq_lens[:S] = starts + counts
         host.query_start[1:S + 1] = ends
         host.query_start[S + 1:] = total
-        host.logits_indices[:S] = ends - 1
+        drafts = np.fromiter((len(req.draft) for req in reqs), np.int64, S)
+        host.num_draft[:S] = drafts
+        J = host.logits_indices.shape[1]
+        host.logits_indices[:S] = (ends - 1 - drafts)[:, None] + np.minimum(
+            np.arange(J)[None, :], drafts[:, None])
+        if drafts.any():  # proposed tokens are not the request's yet: no penalty counts
+            is_draft = np.arange(total) > np.repeat(ends - 1 - drafts, counts)
+            host.token_slot[:total][is_draft] = self.num_slots
         host.row_slots[:S] = slots
         fresh = np.fromiter((new for _, new in held), bool, S)
         host.reset_slots[:S][fresh] = slots[fresh]

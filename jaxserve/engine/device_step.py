@@ -81,10 +81,9 @@ class StepFn:
         x, (k_pages, v_pages, *kv_scales) = self.model.apply(
             variables, x, state.kv, inp.meta, method=LlamaModel.decode)
         kv_scales = tuple(kv_scales) or None
-        logits = self.model.apply(variables, x, inp.logits_indices, method=LlamaModel.logits)
-        rows = jnp.minimum(inp.row_slots, self.num_slots - 1)
-        out = sample(logits, prompt_mask[rows], counts[rows], inp.sampling, self.num_top)
-        sampled = jnp.pad(out.tokens, (0, self.max_seqs - out.tokens.shape[0]))
+        out = self._sample(variables, x, tokens, inp, prompt_mask, counts)
+        last = jnp.take_along_axis(out.tokens, out.num_accepted[:, None], axis=1)[:, 0]
+        sampled = jnp.pad(last, (0, self.max_seqs - last.shape[0]))
         if P == 1:
             return DeviceState(k_pages, v_pages, prompt_mask, counts,
                                kv_scales=kv_scales), out, sampled
@@ -94,6 +93,34 @@ class StepFn:
         history = jnp.concatenate([sampled[None], state.history[0, 0, :-1]])[None, None]
         state = DeviceState(k_pages, v_pages, prompt_mask, counts, pipe_x, history, kv_scales)
         return state, out, jax.lax.ppermute(sampled, PIPELINE_AXIS, ring)
+
+    def _sample(self, variables, x, tokens, inp: StepInputs, prompt_mask, counts):
+        """Sample J rows per sequence -> SamplerOutput [S, J, ...] and num_accepted [S].
+
+        With J > 1 (speculative decoding) row j samples the position of the j-th proposed
+        token, with output index + j, so each row draws what it would draw without
+        speculation; proposal j + 1 is accepted while every row up to j sampled exactly
+        the proposal after it (engine/speculative.py says why that rule is exact)."""
+        S, J = inp.logits_indices.shape
+        logits = self.model.apply(variables, x, inp.logits_indices.reshape(S * J),
+                                  method=LlamaModel.logits)
+        rows = jnp.minimum(inp.row_slots, self.num_slots - 1)
+        params = inp.sampling
+        if J > 1:
+            params = jax.tree.map(lambda a: jnp.repeat(a, J, axis=0), params)
+            params = dataclasses.replace(
+                params, output_index=params.output_index + jnp.tile(jnp.arange(J), S))
+            rows = jnp.repeat(rows, J)
+        out = sample(logits, prompt_mask[rows], counts[rows], params, self.num_top)
+        out = jax.tree.map(lambda a: a.reshape(S, J, *a.shape[1:]), out)
+        if J > 1:
+            proposed = tokens[inp.logits_indices[:, 1:]]  # [S, J - 1]
+            live = jnp.arange(J - 1)[None, :] < inp.num_draft[:, None]
+            match = (out.tokens[:, :-1] == proposed) & live
+            accepted = jnp.cumprod(match.astype(jnp.int32), axis=1).sum(axis=1)
+        else:
+            accepted = jnp.zeros((S,), jnp.int32)
+        return dataclasses.replace(out, num_accepted=accepted.astype(jnp.int32))
 
     def _update_tables(self, state: DeviceState, inp: StepInputs, tokens):
         """Reset new requests' slots, then mark prompt tokens seen and count output tokens."""

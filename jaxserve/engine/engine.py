@@ -24,6 +24,7 @@ from jaxserve.engine.request import (
 )
 from jaxserve.engine.runner import Runner, StepHandle
 from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.speculative import NgramProposer, may_speculate, record
 from jaxserve.errors import InvalidRequestError
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,6 +47,9 @@ class EngineStats:
     pages_free: int
     num_compilations: int
     num_preemptions: int
+    draft_tokens: int = 0  # speculative decoding, since start: tokens proposed
+    accepted_tokens: int = 0  # of which accepted
+    verify_steps: int = 0  # sequence-steps that verified a proposal
 
 
 @dataclasses.dataclass
@@ -90,6 +94,9 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random()
         self.step_times = StepTimes()
+        spec = config.speculative
+        self.proposer = NgramProposer(spec) if spec.enabled else None
+        self._spec_totals = [0, 0, 0]  # proposed, accepted, verify steps
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -153,7 +160,8 @@ class Engine:
                            sum(pt.num_pages - 1 for pt in pts),
                            sum(pt.num_used_pages for pt in pts),
                            sum(pt.num_free_pages for pt in pts),
-                           self.runner.num_compilations, self.scheduler.num_preemptions)
+                           self.runner.num_compilations, self.scheduler.num_preemptions,
+                           *self._spec_totals)
 
     def warm_up(self, progress: bool = True) -> None:
         self.runner.warm_up(progress)
@@ -170,7 +178,15 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule and dispatch one step, then process the previous step's tokens."""
         times, t0 = self.step_times, time.perf_counter()
+        if self.proposer is not None:
+            self._propose(times)
+            t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        if self.proposer is not None:
+            scheduled = {id(seq.request) for seq in sched.seqs}
+            for req in self.scheduler.running:
+                if req.draft and id(req) not in scheduled:
+                    req.draft = []
         for req in sched.preempted:
             self.runner.release(req.request_id)
         t1 = time.perf_counter()
@@ -191,6 +207,25 @@ class Engine:
         times.outputs += time.perf_counter() - t3
         return outputs
 
+    def _propose(self, times: StepTimes) -> None:
+        """Speculative decoding: read back the step in flight if a request that speculates
+        needs its token (a proposal continues the known sequence), then propose."""
+        running = self.scheduler.running
+        if self._inflight is not None and any(
+                req.num_pending and may_speculate(req) for req in running):
+            t = time.perf_counter()
+            previous, self._inflight = self._inflight, None
+            out = previous.fetch()
+            times.wait += time.perf_counter() - t
+            self._process(previous, out)
+        k = self.config.speculative.num_tokens
+        for req in running:
+            if (req.num_pending == 0 and req.num_computed_tokens == req.num_tokens - 1
+                    and may_speculate(req)):
+                room = req.params.max_tokens - len(req.output_ids) - 1
+                req.draft = self.proposer.propose(req.token_ids, min(k, room)) if room else []
+                req.spec_eligible = True
+
     def _drain(self) -> list[RequestOutput]:
         outputs = []
         for request_id, tracked in list(self._tracked.items()):
@@ -203,19 +238,34 @@ class Engine:
     def _process(self, handle: StepHandle, out) -> None:
         for req, shard, row in handle.rows:
             req.num_pending -= 1
+            proposed, req.draft = len(req.draft), []
+            accepted = int(out.num_accepted[shard, row]) if proposed else 0
+            if req.spec_eligible:
+                req.spec_eligible = False
+                record(req, proposed, accepted, self.config.speculative)
+                self._spec_totals[0] += proposed
+                self._spec_totals[1] += accepted
+                self._spec_totals[2] += proposed > 0
             if req.is_finished:
                 continue
+            if proposed > accepted:  # rejected tokens: their K/V and pages are dropped
+                req.num_computed_tokens -= proposed - accepted
+                self.scheduler.page_tables[req.shard].truncate(req.request_id,
+                                                               req.num_computed_tokens)
             tracked = self._tracked[req.request_id]
             try:
-                logprob = None
-                if req.params.logprobs is not None:
-                    n = req.params.logprobs
-                    logprob = TokenLogprob(int(out.tokens[shard, row]),
-                                           float(out.logprobs[shard, row]),
-                                           tuple(zip(out.top_ids[shard, row, :n].tolist(),
-                                                     out.top_logprobs[shard, row, :n].tolist(),
-                                                     strict=True)))
-                self._append(tracked, int(out.tokens[shard, row]), logprob)
+                for j in range(accepted + 1):
+                    if req.is_finished:  # a stop inside the accepted run ends it there
+                        break
+                    logprob = None
+                    if req.params.logprobs is not None:
+                        n = req.params.logprobs
+                        logprob = TokenLogprob(
+                            int(out.tokens[shard, row, j]), float(out.logprobs[shard, row, j]),
+                            tuple(zip(out.top_ids[shard, row, j, :n].tolist(),
+                                      out.top_logprobs[shard, row, j, :n].tolist(),
+                                      strict=True)))
+                    self._append(tracked, int(out.tokens[shard, row, j]), logprob)
             except Exception as e:  # one request's failure never stops the others
                 self._finish(tracked, FinishReason.ERROR)
                 tracked.queued.append(RequestOutput(req.request_id, (), "", True,

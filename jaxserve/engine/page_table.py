@@ -128,6 +128,21 @@ class PageTable:
         if full > done:
             self._chains[seq_id] = (full, h)
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Give back seq_id's pages past the first num_tokens tokens (rejected speculative
+        tokens). Those pages hold no known token, so none is in the prefix cache."""
+        table = self._tables[seq_id]
+        keep = -(-num_tokens // self.page_size)
+        if keep >= len(table):
+            return
+        for page in table[keep:]:
+            assert page not in self._cached, "a registered page holds known tokens"
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+        del table[keep:]
+        self._rows[seq_id] = np.asarray(table, np.int32)
+
     def free(self, seq_id: str) -> None:
         """Drop seq_id's references; unshared pages go back to the pool."""
         self._chains.pop(seq_id, None)

@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    speculative: bool = True  # False: this request never speculates (speculative: config)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -114,6 +115,9 @@ class RequestMetrics:
     completion_tokens: int
     cached_tokens: int
     preemptions: int
+    draft_tokens: int = 0  # speculative decoding: tokens proposed
+    accepted_tokens: int = 0  # of which accepted
+    verify_steps: int = 0  # steps that verified a proposal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +161,17 @@ class TokenView(collections.abc.Sequence):
         return self._prompt[i] if i < n else self._output[i - n]
 
 
+@dataclasses.dataclass
+class SpecCounts:
+    """A request's speculative-decoding tallies."""
+
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0  # steps that verified a proposal
+    recent: collections.deque = dataclasses.field(  # accepted per step, the last window
+        default_factory=collections.deque)
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """A request's mutable engine-side state. The scheduler and engine own its fields."""
@@ -179,6 +194,11 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    # Speculative decoding (engine/speculative.py)
+    draft: list[int] = dataclasses.field(default_factory=list)  # proposed for the next step
+    speculating: bool = True  # False once its acceptance stayed low
+    spec_eligible: bool = False  # it could propose this step (counted when read back)
+    spec: SpecCounts = dataclasses.field(default_factory=lambda: SpecCounts())
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -213,4 +233,7 @@ class Request:
             completion_tokens=len(self.output_ids),
             cached_tokens=self.num_cached_tokens,
             preemptions=self.num_preemptions,
+            draft_tokens=self.spec.proposed,
+            accepted_tokens=self.spec.accepted,
+            verify_steps=self.spec.steps,
         )

@@ -38,6 +38,9 @@ class SamplerOutput:
     logprobs: jax.Array  # [S] f32, log-probability of the chosen token (raw model distribution)
     top_ids: jax.Array  # [S, N] i32
     top_logprobs: jax.Array  # [S, N] f32
+    # The step's output (device_step.py) has a J axis after S (rows sampled per sequence)
+    # and the number of proposed tokens accepted per sequence (speculative decoding).
+    num_accepted: jax.Array | None = None  # [S] i32
 
 
 def apply_penalties(logits, prompt_mask, output_counts, p: SamplingInputs):

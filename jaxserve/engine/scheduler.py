@@ -165,6 +165,9 @@ class Scheduler:
 
     def _chunk(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
+        if req.draft:  # speculative decoding: the proposed tokens are computed too
+            del req.draft[max(0, budget - remaining):]  # as many as the budget takes
+            remaining += len(req.draft)
         if not self.config.chunked_prefill and remaining > budget:
             return 0
         return min(remaining, budget)
@@ -174,12 +177,13 @@ class Scheduler:
         req.num_computed_tokens += n
         self.page_tables[req.shard].register(req.request_id, req.token_ids,
                                              req.num_computed_tokens)
-        samples = req.num_computed_tokens == req.num_tokens
+        samples = req.num_computed_tokens >= req.num_tokens  # > with proposed tokens
         req.ready_tick = self.tick + (self.stages if samples else 1)
         return ScheduledSeq(req, start, n, samples=samples)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.draft = []
         self.page_tables[req.shard].free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1

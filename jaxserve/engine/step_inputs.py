@@ -31,19 +31,23 @@ class StepInputs:
     token_slot: jax.Array  # [T] penalty-table slot of the token's request (R: padding)
     token_is_output: jax.Array  # [T] bool: position >= prompt length (counts for penalties)
     meta: AttentionMetadata
-    logits_indices: jax.Array  # [S] last token of each sequence
+    logits_indices: jax.Array  # [S, J] tokens sampled in each sequence: its last, or with
+    # J > 1 (speculative decoding) its last known token and each proposed one after it
+    num_draft: jax.Array  # [S] proposed tokens at the end of each sequence's chunk
     row_slots: jax.Array  # [S] penalty-table slot of each sequence (R: padding)
     reset_slots: jax.Array  # [S] slots whose tables restart this step (R: none)
     sampling: SamplingInputs
 
 
-# Field name -> (buffer, shape in terms of T, S, P (pages per sequence), K (banned ids)).
+# Field name -> (buffer, shape in terms of T, S, P (pages per sequence), K (banned ids),
+# J (rows sampled per sequence: 1, or 1 + speculative.num_tokens)).
 # "i": int32 buffer; "f": float32 buffer; "b": bool kept as int32; "u": uint32 kept as int32.
 _FIELDS = (
     ("token_ids", "i", "T"), ("prev_index", "i", "T"), ("token_slot", "i", "T"),
     ("token_is_output", "b", "T"), ("positions", "i", "T"), ("slot_mapping", "i", "T"),
     ("page_tables", "i", "SP"), ("seq_lens", "i", "S"), ("query_start", "i", "S+1"),
-    ("logits_indices", "i", "S"), ("row_slots", "i", "S"), ("reset_slots", "i", "S"),
+    ("logits_indices", "i", "SJ"), ("num_draft", "i", "S"), ("row_slots", "i", "S"),
+    ("reset_slots", "i", "S"),
     ("temperature", "f", "S"), ("top_k", "i", "S"), ("top_p", "f", "S"), ("min_p", "f", "S"),
     ("repetition_penalty", "f", "S"), ("presence_penalty", "f", "S"),
     ("frequency_penalty", "f", "S"), ("seeds", "u", "S"), ("output_index", "i", "S"),
@@ -59,10 +63,11 @@ class Layout:
     S: int  # padded sequences
     P: int  # pages per sequence
     K: int  # banned token ids per sequence
+    J: int = 1  # rows sampled per sequence
 
     def shape(self, dims: str) -> tuple[int, ...]:
         return {"T": (self.T,), "S": (self.S,), "S+1": (self.S + 1,), "SP": (self.S, self.P),
-                "SK": (self.S, self.K)}[dims]
+                "SK": (self.S, self.K), "SJ": (self.S, self.J)}[dims]
 
     @functools.cached_property
     def _table(self):
@@ -106,7 +111,7 @@ class Layout:
         sampling = SamplingInputs(*(get(f.name) for f in dataclasses.fields(SamplingInputs)))
         return StepInputs(get("token_ids"), get("prev_index"), get("token_slot"),
                           get("token_is_output"), meta, get("logits_indices"),
-                          get("row_slots"), get("reset_slots"), sampling)
+                          get("num_draft"), get("row_slots"), get("reset_slots"), sampling)
 
 
 class HostInputs:

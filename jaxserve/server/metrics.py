@@ -48,6 +48,15 @@ class ServerMetrics:
         self.preemptions = Counter("jaxserve_preemptions", "Requests preempted for KV pages",
                                    registry=r)
         self.compilations = Counter("jaxserve_compilations", "XLA compilations", registry=r)
+        # Speculative decoding: acceptance rate = accepted / draft; mean accepted length
+        # (tokens per verifying step) = (accepted + verify_steps) / verify_steps.
+        self.spec_draft = Counter("jaxserve_spec_draft_tokens", "Speculative tokens proposed",
+                                  registry=r)
+        self.spec_accepted = Counter("jaxserve_spec_accepted_tokens",
+                                     "Speculative tokens accepted", registry=r)
+        self.spec_steps = Counter("jaxserve_spec_verify_steps",
+                                  "Sequence-steps that verified a proposal", registry=r)
+        self._last_spec = (0, 0, 0)
         self.requests = Counter("jaxserve_requests", "Finished RPCs by method and gRPC code",
                                 ["method", "code"], registry=r)
         self._last_preemptions = 0
@@ -71,6 +80,11 @@ class ServerMetrics:
                                                  self._last_preemptions)
         self._last_compilations = self._add_delta(self.compilations, stats.num_compilations,
                                                   self._last_compilations)
+        self._last_spec = tuple(
+            self._add_delta(counter, total, last) for counter, total, last in zip(
+                (self.spec_draft, self.spec_accepted, self.spec_steps),
+                (stats.draft_tokens, stats.accepted_tokens, stats.verify_steps),
+                self._last_spec, strict=True))
 
     @staticmethod
     def _add_delta(counter: Counter, total: int, last: int) -> int:

@@ -51,6 +51,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
+        speculative=opt("speculative", True),
     )
 
 
@@ -65,6 +66,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if not params.speculative:
+        msg.speculative = False
     return msg
 
 
@@ -142,7 +145,9 @@ def usage_to_proto(metrics: RequestMetrics | None) -> pb.Usage:
         return pb.Usage()
     return pb.Usage(prompt_tokens=metrics.prompt_tokens,
                     completion_tokens=metrics.completion_tokens,
-                    cached_tokens=metrics.cached_tokens)
+                    cached_tokens=metrics.cached_tokens,
+                    draft_tokens=metrics.draft_tokens,
+                    accepted_tokens=metrics.accepted_tokens)
 
 
 def finish_to_proto(reason: FinishReason | None) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jaxserve/server/proto/jaxserve.proto\x12\x0bjaxserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"K\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xca\x04\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12.\n\x04mesh\x18\x06 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x15\n\rtoken_buckets\x18\x08 \x03(\x05\x12\x13\n\x0bseq_buckets\x18\t \x03(\x05\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x0b \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x0c \x01(\x05\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x15\n\reos_token_ids\x18\x0e \x03(\x05\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x10\n\x08kv_dtype\x18\x10 \x01(\t\x12\x16\n\x0ekv_pages_total\x18\x14 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x15 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x16 \x01(\x05\x12\x13\n\x0bnum_running\x18\x17 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x18 \x01(\x05\x12\x18\n\x10num_compilations\x18\x19 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x1a \x01(\x03\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8d\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jaxserve/server/proto/jaxserve.proto\x12\x0bjaxserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc3\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x0bspeculative\x18\x0f \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0e\n\x0c_speculative\"\xc5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\t\n\x07_prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"\x7f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\x05\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxserve.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"K\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.jaxserve.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xca\x04\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12.\n\x04mesh\x18\x06 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x15\n\rtoken_buckets\x18\x08 \x03(\x05\x12\x13\n\x0bseq_buckets\x18\t \x03(\x05\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x0b \x01(\x05\x12\x14\n\x0cmax_logprobs\x18\x0c \x01(\x05\x12\x19\n\x11has_chat_template\x18\r \x01(\x08\x12\x15\n\reos_token_ids\x18\x0e \x03(\x05\x12\x14\n\x0cquantization\x18\x0f \x01(\t\x12\x10\n\x08kv_dtype\x18\x10 \x01(\t\x12\x16\n\x0ekv_pages_total\x18\x14 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x15 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x16 \x01(\x05\x12\x13\n\x0bnum_running\x18\x17 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x18 \x01(\x05\x12\x18\n\x10num_compilations\x18\x19 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x1a \x01(\x03\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8d\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxserve.v1.TokenizeRequest\x1a\x1d.jaxserve.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxserve.v1.DetokenizeRequest\x1a\x1f.jaxserve.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_MESHENTRY']._loaded_options = None
   _globals['_MODELINFO_MESHENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1968
-  _globals['_FINISHREASON']._serialized_end=2088
+  _globals['_FINISHREASON']._serialized_start=2057
+  _globals['_FINISHREASON']._serialized_end=2177
   _globals['_CHATMESSAGE']._serialized_start=53
   _globals['_CHATMESSAGE']._serialized_end=97
   _globals['_SAMPLINGPARAMS']._serialized_start=100
-  _globals['_SAMPLINGPARAMS']._serialized_end=509
-  _globals['_GENERATEREQUEST']._serialized_start=512
-  _globals['_GENERATEREQUEST']._serialized_end=709
-  _globals['_TOPLOGPROB']._serialized_start=711
-  _globals['_TOPLOGPROB']._serialized_end=758
-  _globals['_TOKENLOGPROB']._serialized_start=760
-  _globals['_TOKENLOGPROB']._serialized_end=847
-  _globals['_USAGE']._serialized_start=849
-  _globals['_USAGE']._serialized_end=929
-  _globals['_GENERATERESPONSE']._serialized_start=932
-  _globals['_GENERATERESPONSE']._serialized_end=1133
-  _globals['_TOKENIZEREQUEST']._serialized_start=1135
-  _globals['_TOKENIZEREQUEST']._serialized_end=1210
-  _globals['_TOKENIZERESPONSE']._serialized_start=1212
-  _globals['_TOKENIZERESPONSE']._serialized_end=1249
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1251
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1318
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1320
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1354
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1356
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1377
-  _globals['_MODELINFO']._serialized_start=1380
-  _globals['_MODELINFO']._serialized_end=1966
-  _globals['_MODELINFO_MESHENTRY']._serialized_start=1923
-  _globals['_MODELINFO_MESHENTRY']._serialized_end=1966
-  _globals['_INFERENCESERVICE']._serialized_start=2091
-  _globals['_INFERENCESERVICE']._serialized_end=2488
+  _globals['_SAMPLINGPARAMS']._serialized_end=551
+  _globals['_GENERATEREQUEST']._serialized_start=554
+  _globals['_GENERATEREQUEST']._serialized_end=751
+  _globals['_TOPLOGPROB']._serialized_start=753
+  _globals['_TOPLOGPROB']._serialized_end=800
+  _globals['_TOKENLOGPROB']._serialized_start=802
+  _globals['_TOKENLOGPROB']._serialized_end=889
+  _globals['_USAGE']._serialized_start=891
+  _globals['_USAGE']._serialized_end=1018
+  _globals['_GENERATERESPONSE']._serialized_start=1021
+  _globals['_GENERATERESPONSE']._serialized_end=1222
+  _globals['_TOKENIZEREQUEST']._serialized_start=1224
+  _globals['_TOKENIZEREQUEST']._serialized_end=1299
+  _globals['_TOKENIZERESPONSE']._serialized_start=1301
+  _globals['_TOKENIZERESPONSE']._serialized_end=1338
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1340
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1407
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1409
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1443
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1445
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1466
+  _globals['_MODELINFO']._serialized_start=1469
+  _globals['_MODELINFO']._serialized_end=2055
+  _globals['_MODELINFO_MESHENTRY']._serialized_start=2012
+  _globals['_MODELINFO_MESHENTRY']._serialized_end=2055
+  _globals['_INFERENCESERVICE']._serialized_start=2180
+  _globals['_INFERENCESERVICE']._serialized_end=2577
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,177 @@
+"""Speculative decoding (n-gram) on the demo model: output identical to decoding without it
+(greedy and seeded sampling, stops, logprobs, batched with requests that do not speculate,
+under preemption), rejected tokens' pages back in the pool, and proposals that were in
+fact accepted."""
+
+import math
+
+import pytest
+
+from jaxserve.config import SpeculativeSection
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import FinishReason, SamplingParams
+from jaxserve.engine.speculative import NgramProposer
+from jaxserve.errors import ConfigError
+
+SPEC = SpeculativeSection(method="ngram", num_tokens=4)
+REPEAT = "The cat sat on the mat. The dog sat on the log. " * 3 + "The cat sat on the"
+PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
+
+
+def make_engine(demo_config, demo_model, **overrides) -> Engine:
+    m = demo_model
+    return Engine(demo_config.replace(**overrides), m.model_config, m.params, m.tokenizer,
+                  m.mesh)
+
+
+def run(engine: Engine, requests, arrive_every: int = 0):
+    """Add the requests (one every `arrive_every` steps, or all at once) and step until
+    done, checking after every step that each running request holds exactly the pages of
+    the tokens it has computed (rejected tokens' pages were given back).
+    Returns {id: (tokens, text, finish reason, logprobs)} and {id: final metrics}."""
+    results, metrics = {}, {}
+    pending, step = list(requests), 0
+    ps = engine.config.cache.page_size
+
+    def holds_its_pages(req):
+        pages = engine.page_tables[req.shard].pages(req.request_id)
+        assert len(pages) == math.ceil(req.num_computed_tokens / ps), req.request_id
+
+    process = engine._process
+
+    def process_and_check(handle, out):  # right after a verification is read back
+        process(handle, out)
+        for req, _, _ in handle.rows:
+            if req in engine.scheduler.running:
+                holds_its_pages(req)
+    engine._process = process_and_check
+    while pending or engine.has_unfinished():
+        if pending and (arrive_every == 0 or step % arrive_every == 0):
+            for rid, ids, params in (pending if arrive_every == 0 else pending[:1]):
+                engine.add_request(ids, params, request_id=rid)
+                results[rid] = [[], "", None, []]
+            pending = [] if arrive_every == 0 else pending[1:]
+        for out in engine.step():
+            r = results[out.request_id]
+            r[0] += out.token_ids
+            r[1] += out.text
+            r[3] += [(lp.token_id, round(lp.logprob, 3)) for lp in out.logprobs]
+            if out.finished:
+                r[2] = out.finish_reason
+                metrics[out.request_id] = out.metrics
+        step += 1
+        for req in engine.scheduler.running:
+            holds_its_pages(req)
+        for pt in engine.page_tables:
+            pt.check_integrity()
+    assert engine.stats().pages_used == 0
+    return {k: tuple(v) for k, v in results.items()}, metrics
+
+
+def test_ngram_proposals():
+    p = NgramProposer(SpeculativeSection(method="ngram", ngram_min=1, ngram_max=3))
+    assert p.propose([1, 2, 3, 4, 9, 2, 3], 2) == [4, 9]  # suffix [2, 3] seen at 1
+    assert p.propose([1, 2, 3, 1, 2, 3, 1, 2], 3) == [3, 1, 2]  # longest suffix first
+    assert p.propose([1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the last occurrence
+    assert p.propose([1, 2, 8, 1, 2, 9, 1, 2], 9) == [9, 1, 2]  # as many as follow
+    assert p.propose([5, 6, 7], 2) == []
+    two = NgramProposer(SpeculativeSection(method="ngram", ngram_min=2, ngram_max=3))
+    assert two.propose([4, 1, 5, 1], 2) == []  # only a 1-token suffix recurs
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="speculative|method"):
+        SpeculativeSection(method="draft")
+    with pytest.raises(ValueError, match="num_tokens"):
+        SpeculativeSection(method="ngram", num_tokens=0)
+    with pytest.raises(ValueError, match="ngram_min"):
+        SpeculativeSection(method="ngram", ngram_min=3, ngram_max=2)
+
+
+def test_pipeline_stages_refuse_speculation(demo_config):
+    from jaxserve.config import config_from_dict
+    with pytest.raises(ConfigError, match="speculative.method: ngram needs mesh.pipeline: 1"):
+        config_from_dict({"speculative": {"method": "ngram"}, "mesh": {"pipeline": 2}})
+
+
+@pytest.fixture(scope="module")
+def workload(demo_model):
+    tok = demo_model.tokenizer
+    rep, plain = tok.encode(REPEAT), tok.encode("Write a short poem about the sea and a ship.")
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    return [
+        ("rep", rep, SamplingParams(max_tokens=24, logprobs=2, **greedy)),
+        ("plain", plain, SamplingParams(max_tokens=16, **greedy)),
+        ("short", rep, SamplingParams(max_tokens=7, **greedy)),  # max_tokens inside a run
+        ("stop", rep, SamplingParams(max_tokens=24, stop=("log",), **greedy)),
+        ("eos-id", rep, SamplingParams(max_tokens=24, stop_token_ids=(tok.encode(" dog")[0],),
+                                       **greedy)),
+        ("optout", rep, SamplingParams(max_tokens=12, speculative=False, **greedy)),
+        ("penalty", rep, SamplingParams(max_tokens=12, repetition_penalty=1.3, **greedy)),
+        ("sampled", rep, SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, seed=3,
+                                        ignore_eos=True)),
+        ("min-tokens", rep, SamplingParams(max_tokens=12, min_tokens=6, **greedy)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def baseline(demo_config, demo_model, workload):
+    return run(make_engine(demo_config, demo_model), workload)[0]
+
+
+def test_output_is_unchanged_and_proposals_are_accepted(demo_config, demo_model, workload,
+                                                        baseline):
+    engine = make_engine(demo_config, demo_model, speculative=SPEC)
+    engine.warm_up(progress=False)
+    compiled = engine.stats().num_compilations
+    results, metrics = run(engine, workload)
+    assert baseline["stop"][2] is FinishReason.STOP  # the stop string did end it
+    assert baseline["eos-id"][2] is FinishReason.STOP
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+    # The repetitive prompt's continuation was mostly proposed and accepted...
+    assert metrics["rep"].accepted_tokens >= 12
+    assert metrics["rep"].verify_steps <= 12  # 24 tokens in at most 12 steps
+    assert metrics["sampled"].accepted_tokens > 0
+    # ... and what may not speculate did not.
+    for rid in ("optout", "penalty"):
+        assert metrics[rid].draft_tokens == 0, rid
+    stats = engine.stats()
+    assert stats.accepted_tokens == sum(m.accepted_tokens for m in metrics.values())
+    assert stats.draft_tokens > stats.accepted_tokens  # some were rejected (and rolled back)
+    assert stats.num_compilations == compiled  # the verification shapes were warmed up
+
+
+def test_output_is_unchanged_under_preemption(demo_config, demo_model, workload, baseline):
+    # 12 pages of 16 tokens for requests of ~45-60 tokens each: preemption is certain.
+    engine = make_engine(demo_config, demo_model, speculative=SPEC,
+                         cache__kv_cache_memory=12 * PAGE_BYTES, cache__max_model_len=128)
+    results, _ = run(engine, workload, arrive_every=2)
+    assert engine.scheduler.num_preemptions > 0
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+
+
+def test_rejected_proposals_are_rolled_back(demo_config, demo_model, workload, baseline):
+    """A proposer that is always wrong: every step rejects all k tokens, so every step rolls
+    back their K/V and pages (crossing page boundaries), and output stays the same."""
+    engine = make_engine(demo_config, demo_model, speculative=SPEC)
+    vocab = demo_model.model_config.vocab_size
+    engine.proposer.propose = lambda ids, k: [vocab - 1] * k
+    results, metrics = run(engine, workload)
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+    # Nothing accepted: speculation turned itself off after `window` steps.
+    assert metrics["rep"].accepted_tokens == 0
+    assert metrics["rep"].verify_steps == SPEC.window
+    assert metrics["rep"].draft_tokens == 4 * SPEC.window
+
+
+def test_acceptance_that_stays_low_switches_speculation_off(demo_config, demo_model):
+    # Every proposal is rejected when min_accepted cannot be met: off after `window` steps.
+    spec = SpeculativeSection(method="ngram", num_tokens=4, min_accepted=5.0, window=3)
+    engine = make_engine(demo_config, demo_model, speculative=spec)
+    ids = demo_model.tokenizer.encode(REPEAT)
+    _, metrics = run(engine, [("r", ids, SamplingParams(max_tokens=20, temperature=0.0))])
+    assert metrics["r"].verify_steps <= 3
+    assert metrics["r"].completion_tokens == 20
