@@ -44,9 +44,8 @@ class BatchBuilder:
         self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
 
     @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
-    def layout(self, num_tokens: int, num_seqs: int) -> Layout:
-        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned,
-                      self.config.speculative.rows)
+    def layout(self, num_tokens: int, num_seqs: int, rows: int = 1) -> Layout:
+        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned, rows)
 
     def bucket(self, buckets, n: int, what: str) -> int:
         i = bisect.bisect_left(buckets, n)
@@ -72,27 +71,32 @@ class BatchBuilder:
         n_seq = max(len(seqs) for seqs in by_shard)
         T = self.bucket(self.config.runner.token_buckets, n_tok, "tokens")
         S = self.bucket(self.config.runner.seq_buckets, n_seq, "sequences")
+        # Rows sampled per sequence: 1, or 1 + k when a sequence verifies proposed tokens
+        # (speculative decoding): two programs per bucket, so plain steps stay plain.
+        J = self.config.speculative.rows if any(s.request.draft for s in sched.seqs) else 1
         prev_row = {id(req): row for req, _, row in prev_rows}
         rows: list[tuple[Request, int, int]] = []
-        host = HostInputs(self.layout(T, S), self.num_shards, self.num_slots)
+        host = HostInputs(self.layout(T, S, J), self.num_shards, self.num_slots)
         for shard, seqs in enumerate(by_shard):
             self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row)
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
         return MicroBatch(host, rows)
 
-    def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int], HostInputs]:
-        """Inputs of one step: stage s gets ring[s], all in the largest bucket among them."""
+    def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int, int], HostInputs]:
+        """Inputs of one step: stage s gets ring[s], all in the largest bucket among them.
+        The bucket is (tokens, sequences, rows sampled per sequence)."""
         T = max(mb.host.layout.T for mb in ring)
         S = max(mb.host.layout.S for mb in ring)
         if self.stages == 1:
             host = ring[0].host
+            return (T, S, host.layout.J), host
         else:
             host = HostInputs(self.layout(T, S), self.num_shards, self.num_slots,
                               self.stages)
             for stage, mb in enumerate(ring):
                 for shard in range(self.num_shards):
                     mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
-        return (T, S), host
+        return (T, S, 1), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[int, int]) -> None:

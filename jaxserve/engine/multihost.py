@@ -54,7 +54,7 @@ class Op(enum.IntEnum):
 @dataclasses.dataclass(frozen=True)
 class Message:
     op: Op
-    bucket: tuple[int, int] = (0, 0)
+    bucket: tuple[int, int, int] = (0, 0, 1)  # tokens, sequences, rows per sequence
     continues: bool = False  # the step takes the previous step's sampled tokens
     ints: np.ndarray | None = None
     floats: np.ndarray | None = None
@@ -62,6 +62,7 @@ class Message:
 
 _channels = itertools.count()  # every process makes its channels in the same order
 KEEP = 256  # messages per block of keys; the store keeps one to two blocks
+HEADER = 5 * 4  # bytes: op, the bucket's three numbers, continues (int32 each)
 WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the leader lives
 
 
@@ -76,7 +77,7 @@ class StepChannel:
         self._client = client or distributed.global_state.client
         self._prefix = f"jaxserve/steps/{next(_channels) if name is None else name}/"
         self._count = 0  # messages sent (leader) or received (follower)
-        self._last: dict[tuple[int, int], np.ndarray] = {}  # per bucket: the last inputs
+        self._last: dict[tuple[int, ...], np.ndarray] = {}  # per bucket: the last inputs
 
     @staticmethod
     def is_leader() -> bool:
@@ -111,15 +112,15 @@ class StepChannel:
                 if "DEADLINE_EXCEEDED" not in str(e):
                     raise
         self._count += 1
-        op, t, s, continues = np.frombuffer(payload[:16], np.int32)
-        message = Message(Op(int(op)), (int(t), int(s)), bool(continues))
+        op, t, s, j, continues = np.frombuffer(payload[:HEADER], np.int32)
+        message = Message(Op(int(op)), (int(t), int(s), int(j)), bool(continues))
         if message.op == Op.PING:
             _all_here()
         if message.op != Op.STEP:
             return message
         ints_shape, floats_shape = self._shapes(message.bucket)
         n_ints = int(np.prod(ints_shape))
-        raw = self._undelta(message.bucket, payload[16:])
+        raw = self._undelta(message.bucket, payload[HEADER:])
         return dataclasses.replace(message, ints=raw[:n_ints].reshape(ints_shape),
                                    floats=raw[n_ints:].view(np.float32).reshape(floats_shape))
 

@@ -184,7 +184,7 @@ class Runner:
         self._prev_tokens = self._to_global(
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
-        self._compiled: dict[tuple[int, int], object] = {}
+        self._compiled: dict[tuple[int, int, int], object] = {}
         # Over several processes, the leader tells the others what to run (multihost.py).
         self.channel = StepChannel(self._buffer_shapes) if jax.process_count() > 1 else None
         compile_counter()
@@ -228,7 +228,7 @@ class Runner:
             return jax.device_put(host, self._per_block)
         return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
 
-    def _buffer_shapes(self, bucket: tuple[int, int]):
+    def _buffer_shapes(self, bucket: tuple[int, int, int]):
         layout, blocks = self.batch.layout(*bucket), (self.num_shards, self.stages)
         return (*blocks, layout.num_ints), (*blocks, layout.num_floats)
 
@@ -271,10 +271,10 @@ class Runner:
                                        per_block),
                              out_specs=(state, out_spec, per_block), check_vma=False)
 
-    def _executable(self, num_tokens: int, num_seqs: int):
-        key = (num_tokens, num_seqs)
+    def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1):
+        key = (num_tokens, num_seqs, rows)
         if key not in self._compiled:
-            layout = self.batch.layout(num_tokens, num_seqs)
+            layout = self.batch.layout(num_tokens, num_seqs, rows)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             blocks = (self.num_shards, self.stages)
             buffers = [jax.ShapeDtypeStruct((*blocks, n), dtype, sharding=self._per_block)
@@ -284,13 +284,14 @@ class Runner:
             self._compiled[key] = lowered.compile()
         return self._compiled[key]
 
-    def compiled_text(self, num_tokens: int, num_seqs: int) -> str:
+    def compiled_text(self, num_tokens: int, num_seqs: int, rows: int = 1) -> str:
         """The optimized HLO of one bucket's step (its collectives are checked by tests)."""
-        return self._executable(num_tokens, num_seqs).as_text()
+        return self._executable(num_tokens, num_seqs, rows).as_text()
 
-    def compiled_temp_bytes(self, num_tokens: int, num_seqs: int) -> int:
+    def compiled_temp_bytes(self, num_tokens: int, num_seqs: int, rows: int = 1) -> int:
         """Scratch memory one bucket's step needs on a device, besides its arguments."""
-        return self._executable(num_tokens, num_seqs).memory_analysis().temp_size_in_bytes
+        return self._executable(num_tokens, num_seqs, rows).memory_analysis() \
+            .temp_size_in_bytes
 
     def bucket_pairs(self) -> list[tuple[int, int]]:
         tokens, seqs = self.config.runner.token_buckets, self.config.runner.seq_buckets
@@ -301,14 +302,21 @@ class Runner:
                     pairs.append((t, s))
         return pairs
 
+    def step_programs(self) -> list[tuple[int, int, int]]:
+        """Every (tokens, sequences, rows per sequence) program serving may run: each bucket
+        pair, and with speculative decoding its verifying variant too."""
+        rows = sorted({1, self.config.speculative.rows})
+        return [(t, s, j) for t, s in self.bucket_pairs() for j in rows]
+
     def warm_up(self, progress: bool = True) -> None:
         """Compile every bucket now, so serving never compiles (the followers too)."""
         if self.channel is not None and self.channel.is_leader():
             self.channel.send(Message(Op.WARM_UP))
         setup_compilation_cache(self.config.runner.compilation_cache_dir)
-        pairs = self.bucket_pairs()
-        for t, s in tqdm(pairs, desc="compiling buckets", disable=not progress, unit="bucket"):
-            self._executable(t, s)
+        programs = self.step_programs()
+        for bucket in tqdm(programs, desc="compiling buckets", disable=not progress,
+                           unit="bucket"):
+            self._executable(*bucket)
 
     # ----- building inputs -------------------------------------------------------------
     def execute(self, sched: SchedulerOutput, page_tables: list[PageTable],
@@ -366,19 +374,19 @@ class Runner:
         return any(mb.rows for mb in list(self._ring)[:self.stages - 1])
 
     def prepare(self, sched: SchedulerOutput, page_tables: list[PageTable],
-                prev: StepHandle | None) -> tuple[tuple[int, int], tuple[jax.Array, jax.Array]]:
-        """The (tokens, sequences) bucket and the packed inputs (ints, floats), each
+                prev: StepHandle | None) -> tuple[tuple[int, ...], tuple[jax.Array, jax.Array]]:
+        """The (tokens, sequences, rows) bucket and the packed inputs (ints, floats), each
         [D, P, ...] on the device, of a step that would run these sequences (profiling)."""
         ring = [self.batch.micro_batch(sched, page_tables, prev.rows if prev is not None else []),
                 *list(self._ring)[:-1]]
         bucket, host = self.batch.tick_inputs(ring[:self.stages])
         return bucket, (self._to_global(host.ints), self._to_global(host.floats))
 
-    def run_prepared(self, bucket: tuple[int, int], inputs, prev_tokens):
+    def run_prepared(self, bucket: tuple[int, int, int], inputs, prev_tokens):
         """Run one compiled step on prepared inputs (profiling): new state, outputs, tokens."""
         return self._executable(*bucket)(self.params, self.state, *inputs, prev_tokens)
 
-    def unpack(self, bucket: tuple[int, int], inputs) -> StepInputs:
+    def unpack(self, bucket: tuple[int, int, int], inputs) -> StepInputs:
         """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
         return self.batch.layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
 

@@ -255,7 +255,7 @@ async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
     try:
         if warm.done() and server.fault is None:
             warm.result()  # a failed warm-up ends the server with its error
-            print(f"jaxserve: {len(server.engine.runner.bucket_pairs())} step programs ready in "
+            print(f"jaxserve: {len(server.engine.runner.step_programs())} step programs ready in "
                   f"{time.monotonic() - warm_started:.1f} s", flush=True)
             print(f"jaxserve: serving {config.model.name} (health SERVING)", flush=True)
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
