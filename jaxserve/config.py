@@ -130,8 +130,8 @@ class SpeculativeSection:
                f"must be in [1, 16] (got {self.num_tokens})")
         _check(1 <= self.ngram_min <= self.ngram_max, "ngram_min",
                f"must be >= 1 and <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
-        _check(self.method != "draft", "method",
-               "draft-model speculation is not available yet; use ngram")
+        _check(self.method != "draft" or bool(self.draft_config), "draft_config",
+               "method: draft needs the draft model's jaxserve config")
         _check(self.window >= 1, "window", f"must be >= 1 (got {self.window})")
         _check(self.min_accepted >= 0, "min_accepted",
                f"must be >= 0 (got {self.min_accepted})")

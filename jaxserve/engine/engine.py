@@ -24,7 +24,7 @@ from jaxserve.engine.request import (
 )
 from jaxserve.engine.runner import Runner, StepHandle
 from jaxserve.engine.scheduler import Scheduler
-from jaxserve.engine.speculative import NgramProposer, may_speculate, record
+from jaxserve.engine.speculative import make_proposer, may_speculate, record
 from jaxserve.errors import InvalidRequestError
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -95,7 +95,7 @@ class Engine:
         self._rng = random.Random()
         self.step_times = StepTimes()
         spec = config.speculative
-        self.proposer = NgramProposer(spec) if spec.enabled else None
+        self.proposer = make_proposer(spec, model_config.vocab_size) if spec.enabled else None
         self._spec_totals = [0, 0, 0]  # proposed, accepted, verify steps
 
     # ----- requests ------------------------------------------------------------------
@@ -165,6 +165,8 @@ class Engine:
 
     def warm_up(self, progress: bool = True) -> None:
         self.runner.warm_up(progress)
+        if self.proposer is not None:
+            self.proposer.warm_up(progress)
 
     def ping(self) -> None:
         """Over several processes: a collective that returns only if they are all there."""
@@ -185,8 +187,8 @@ class Engine:
         if self.proposer is not None:
             scheduled = {id(seq.request) for seq in sched.seqs}
             for req in self.scheduler.running:
-                if req.draft and id(req) not in scheduled:
-                    req.draft = []
+                if id(req) not in scheduled:  # no budget or seat this step
+                    req.draft, req.spec_eligible = [], False
         for req in sched.preempted:
             self.runner.release(req.request_id)
         t1 = time.perf_counter()
@@ -219,12 +221,16 @@ class Engine:
             times.wait += time.perf_counter() - t
             self._process(previous, out)
         k = self.config.speculative.num_tokens
-        for req in running:
-            if (req.num_pending == 0 and req.num_computed_tokens == req.num_tokens - 1
-                    and may_speculate(req)):
-                room = req.params.max_tokens - len(req.output_ids) - 1
-                req.draft = self.proposer.propose(req.token_ids, min(k, room)) if room else []
-                req.spec_eligible = True
+        ready = [req for req in running if req.num_pending == 0 and may_speculate(req)
+                 and req.num_computed_tokens == req.num_tokens - 1]
+        room = {req.request_id: min(k, req.params.max_tokens - len(req.output_ids) - 1)
+                for req in ready}
+        ready = [req for req in ready if room[req.request_id] > 0]
+        for req in ready:
+            req.spec_eligible = True
+        if ready:
+            for request_id, draft in self.proposer.propose(ready, room).items():
+                self._tracked[request_id].request.draft = draft
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []
@@ -320,3 +326,5 @@ class Engine:
         req.finish_time = time.monotonic()
         self.scheduler.remove(req)
         self.runner.release(req.request_id)
+        if self.proposer is not None:
+            self.proposer.forget(req.request_id)

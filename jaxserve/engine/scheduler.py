@@ -183,7 +183,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        req.draft = []
+        req.draft, req.spec_eligible = [], False
         self.page_tables[req.shard].free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1

@@ -1,4 +1,5 @@
-"""Speculative decoding by n-gram lookup (prompt lookup): proposals and their bookkeeping.
+"""Speculative decoding: proposals by n-gram lookup (prompt lookup) or by a draft model
+(draft.py), and their bookkeeping.
 
 Each step, a request that speculates proposes up to k tokens: the tokens that followed the
 last earlier occurrence of its context's final n tokens (n from `ngram_max` down to
@@ -29,11 +30,30 @@ from jaxserve.config import SpeculativeSection
 from jaxserve.engine.request import Request
 
 
+def make_proposer(config: SpeculativeSection, vocab_size: int):
+    """The proposer of speculative.method: NgramProposer, or a DraftProposer (draft.py)."""
+    if config.method == "ngram":
+        return NgramProposer(config)
+    from jaxserve.engine.draft import DraftProposer
+    return DraftProposer.load(config.draft_config, vocab_size)
+
+
 class NgramProposer:
     def __init__(self, config: SpeculativeSection):
         self.config = config
 
-    def propose(self, token_ids, k: int) -> list[int]:
+    def propose(self, requests: list[Request], room: dict[str, int]) -> dict[str, list[int]]:
+        """Up to room[id] tokens for each request (see lookup)."""
+        return {req.request_id: self.lookup(req.token_ids, room[req.request_id])
+                for req in requests}
+
+    def forget(self, request_id: str) -> None:
+        pass  # nothing kept per request
+
+    def warm_up(self, progress: bool = False) -> None:
+        pass
+
+    def lookup(self, token_ids, k: int) -> list[int]:
         """Up to k tokens that followed the last earlier occurrence of the longest suffix
         (ngram_max down to ngram_min tokens) of token_ids; [] when none occurs."""
         ids = np.asarray(token_ids, np.int64)

@@ -3,6 +3,7 @@
 under preemption), rejected tokens' pages back in the pool, and proposals that were in
 fact accepted."""
 
+import dataclasses
 import math
 
 import pytest
@@ -70,17 +71,17 @@ def run(engine: Engine, requests, arrive_every: int = 0):
 
 def test_ngram_proposals():
     p = NgramProposer(SpeculativeSection(method="ngram", ngram_min=1, ngram_max=3))
-    assert p.propose([1, 2, 3, 4, 9, 2, 3], 2) == [4, 9]  # suffix [2, 3] seen at 1
-    assert p.propose([1, 2, 3, 1, 2, 3, 1, 2], 3) == [3, 1, 2]  # longest suffix first
-    assert p.propose([1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the last occurrence
-    assert p.propose([1, 2, 8, 1, 2, 9, 1, 2], 9) == [9, 1, 2]  # as many as follow
-    assert p.propose([5, 6, 7], 2) == []
+    assert p.lookup([1, 2, 3, 4, 9, 2, 3], 2) == [4, 9]  # suffix [2, 3] seen at 1
+    assert p.lookup([1, 2, 3, 1, 2, 3, 1, 2], 3) == [3, 1, 2]  # longest suffix first
+    assert p.lookup([1, 2, 8, 1, 2, 9, 1, 2], 2) == [9, 1]  # the last occurrence
+    assert p.lookup([1, 2, 8, 1, 2, 9, 1, 2], 9) == [9, 1, 2]  # as many as follow
+    assert p.lookup([5, 6, 7], 2) == []
     two = NgramProposer(SpeculativeSection(method="ngram", ngram_min=2, ngram_max=3))
-    assert two.propose([4, 1, 5, 1], 2) == []  # only a 1-token suffix recurs
+    assert two.lookup([4, 1, 5, 1], 2) == []  # only a 1-token suffix recurs
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="speculative|method"):
+    with pytest.raises(ValueError, match="draft_config: method: draft needs"):
         SpeculativeSection(method="draft")
     with pytest.raises(ValueError, match="num_tokens"):
         SpeculativeSection(method="ngram", num_tokens=0)
@@ -157,7 +158,7 @@ def test_rejected_proposals_are_rolled_back(demo_config, demo_model, workload, b
     back their K/V and pages (crossing page boundaries), and output stays the same."""
     engine = make_engine(demo_config, demo_model, speculative=SPEC)
     vocab = demo_model.model_config.vocab_size
-    engine.proposer.propose = lambda ids, k: [vocab - 1] * k
+    engine.proposer.lookup = lambda ids, k: [vocab - 1] * k
     results, metrics = run(engine, workload)
     for rid in baseline:
         assert results[rid] == baseline[rid], rid
@@ -175,3 +176,102 @@ def test_acceptance_that_stays_low_switches_speculation_off(demo_config, demo_mo
     _, metrics = run(engine, [("r", ids, SamplingParams(max_tokens=20, temperature=0.0))])
     assert metrics["r"].verify_steps <= 3
     assert metrics["r"].completion_tokens == 20
+
+
+def test_sampled_tokens_follow_the_same_distribution(demo_config, demo_model):
+    """Unseeded sampling, statistically: where speculation verified two proposals, the two
+    tokens that follow have the joint distribution of sampling without speculation
+    (chi-square over disjoint seeds; top-k 8 for a small support, temperature 2 for many
+    rejections). Categories: (second token accepted the proposal?, third token), so a rule
+    that samples the third token after a rejected proposal stands out."""
+    from scipy.stats import chi2_contingency
+    ids = demo_model.tokenizer.encode(REPEAT)
+    lookup = NgramProposer(SPEC).lookup
+
+    def categories(engine, seeds):
+        params = SamplingParams(max_tokens=4, temperature=2.0, top_k=8, ignore_eos=True)
+        requests = [(f"s{s}", ids, dataclasses.replace(params, seed=s)) for s in seeds]
+        results, _ = run(engine, requests)
+        out = []
+        for s in seeds:
+            t1, t2, t3 = results[f"s{s}"][0][:3]
+            proposal = lookup([*ids, t1], 2)
+            if len(proposal) == 2:
+                out.append((t2 == proposal[0], t3))
+        return out
+
+    engine = make_engine(demo_config, demo_model, speculative=SPEC)
+    spec = categories(engine, range(500))
+    assert engine.stats().verify_steps >= len(spec) >= 150
+    assert 0.2 < sum(a for a, _ in spec) / len(spec) < 0.9  # accepted and rejected both
+    plain = categories(make_engine(demo_config, demo_model), range(1000, 1500))
+    cells = sorted(set(spec) | set(plain))
+    table = [[spec.count(c) for c in cells], [plain.count(c) for c in cells]]
+    assert chi2_contingency(table).pvalue > 0.001
+
+
+# ----- a draft model --------------------------------------------------------------------
+
+def draft_yaml(tmp_path, demo_config, checkpoint: str) -> str:
+    """A draft model's config file: small buckets and KV pool, the demo's cache dirs."""
+    c = demo_config
+    path = tmp_path / "draft.yaml"
+    path.write_text(f"""model: {{name: draft, dtype: float32}}
+checkpoint: {{{checkpoint}, cache_dir: {c.checkpoint.cache_dir}}}
+cache: {{page_size: 16, kv_cache_memory: 67108864, max_model_len: 256}}
+scheduler: {{max_num_seqs: 16, max_num_batched_tokens: 64}}
+runner: {{token_buckets: [16, 64], seq_buckets: [4, 16],
+          compilation_cache_dir: {c.runner.compilation_cache_dir}}}
+""")
+    return str(path)
+
+
+def random_draft_shape(tmp_path, vocab: int) -> str:
+    from jaxserve.models.model_config import ModelConfig
+    shape = ModelConfig("llama", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                        name="random-draft")
+    path = tmp_path / "draft-shape.json"
+    shape.save(path)
+    return str(path)
+
+
+def test_the_model_as_its_own_draft_is_accepted_and_changes_nothing(
+        tmp_path, demo_config, demo_model, workload, baseline):
+    spec = SpeculativeSection(method="draft", num_tokens=4,
+                              draft_config=draft_yaml(tmp_path, demo_config, "source: demo"))
+    engine = make_engine(demo_config, demo_model, speculative=spec)
+    results, metrics = run(engine, workload)
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+    greedy = [rid for rid, _, p in workload if p.temperature == 0 and p.speculative
+              and not p.uses_penalties]
+    proposed = sum(metrics[rid].draft_tokens for rid in greedy)
+    accepted = sum(metrics[rid].accepted_tokens for rid in greedy)
+    assert proposed >= 40 and accepted >= 0.95 * proposed  # the same model agrees with itself
+    assert metrics["optout"].draft_tokens == metrics["penalty"].draft_tokens == 0
+    draft = engine.proposer
+    assert draft.page_table.num_used_pages == 0 and not draft._shadows  # all given back
+
+
+def test_a_random_draft_is_mostly_rejected_and_changes_nothing(
+        tmp_path, demo_config, demo_model, workload, baseline):
+    vocab = demo_model.model_config.vocab_size
+    checkpoint = f"source: random, random_shape: {random_draft_shape(tmp_path, vocab)}"
+    spec = SpeculativeSection(method="draft", num_tokens=3,
+                              draft_config=draft_yaml(tmp_path, demo_config, checkpoint))
+    engine = make_engine(demo_config, demo_model, speculative=spec)
+    results, metrics = run(engine, workload, arrive_every=2)
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+    assert metrics["rep"].draft_tokens > 0
+    assert engine.proposer.page_table.num_used_pages == 0
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tmp_path, demo_config, demo_model):
+    checkpoint = f"source: random, random_shape: {random_draft_shape(tmp_path, 1000)}"
+    spec = SpeculativeSection(method="draft",
+                              draft_config=draft_yaml(tmp_path, demo_config, checkpoint))
+    with pytest.raises(ConfigError, match="the draft's vocabulary has 1000 tokens, the "
+                                          "model's 49152"):
+        make_engine(demo_config, demo_model, speculative=spec)
