@@ -4,6 +4,13 @@ Tensors are read one at a time. numpy has no bfloat16, so `safe_open(framework="
 cannot return BF16 tensors: those are memory-mapped straight from the file at the offsets
 in its header and viewed as `ml_dtypes.bfloat16`. Arrays are yielded in the source dtype
 (the Orbax writer casts); matrices are HF `[out, in]` and are transposed to our layout.
+
+FP8 checkpoints (an `F8_E4M3` weight with a `weight_scale`, per tensor or per output
+channel, as compressed-tensors writes them; or a `weight_scale_inv` per 128 x 128 block, as
+transformers' `fp8` format does) are read and scaled back to float32 here: the converter
+then sees full precision, and `--quantize fp8` (or `model.quantization: fp8`) stores 8-bit
+weights again, per output channel. A channel-scaled checkpoint whose channels reach the
+fp8 maximum, as quantizers write them, comes back to the same bytes.
 """
 
 from __future__ import annotations
@@ -51,7 +58,14 @@ _EXPERT_ROLES = {"w1": "expert_gate", "w3": "expert_up", "w2": "expert_down",
                  "gate_proj": "expert_gate", "up_proj": "expert_up",
                  "down_proj": "expert_down"}
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# An FP8 weight's companions: its scale(s), read with it; a static activation scale, unused
+# (jaxserve quantizes weights only).
+_FP8_SCALES = ("weight_scale", "weight_scale_inv")
+_COMPANION = re.compile(r".+\.(weight_scale|weight_scale_inv|input_scale)")
+FP8_BLOCK = 128  # transformers' fp8 format: one scale per 128 x 128 block
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+# Dtypes numpy lacks, memory-mapped from the file at the header's offsets
+_RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 _DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -122,6 +136,8 @@ class SafetensorsCheckpoint:
                             raise CheckpointError(
                                 f"{file}: tensor {name!r} is beyond num_experts="
                                 f"{self.config.num_experts}")
+                if _COMPANION.fullmatch(name):
+                    continue  # read with its weight (_read)
                 if _IGNORED.fullmatch(name) or (role == "lm_head"
                                                 and self.config.tie_word_embeddings):
                     continue
@@ -138,16 +154,45 @@ class SafetensorsCheckpoint:
     def _read(self, file: Path, name: str) -> np.ndarray:
         header, data_start = self._headers[file]
         entry = header[name]
-        if entry["dtype"] == "BF16":
+        if entry["dtype"] in _RAW_DTYPES:
             begin, end = entry["data_offsets"]
             raw = np.memmap(file, dtype=np.uint8, mode="r", offset=data_start + begin,
                             shape=(end - begin,))
-            return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
+            array = raw.view(_RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            return self._fp8_to_f32(file, name, array) if entry["dtype"] == "F8_E4M3" \
+                else array
         if entry["dtype"] not in _NUMPY_DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype "
                                   f"{entry['dtype']}")
         with safe_open(file, framework="numpy") as f:
             return f.get_tensor(name)
+
+    def _fp8_to_f32(self, file: Path, name: str, q: np.ndarray) -> np.ndarray:
+        """An F8_E4M3 weight [out, in] times its scale: per tensor, per output channel, or
+        per 128 x 128 block."""
+        stem = name[:-len("weight")]
+        found = [(stem + s, f) for s in _FP8_SCALES for f in self._files
+                 if stem + s in self._headers[f][0]]
+        if not found:
+            raise CheckpointError(f"{file}: FP8 tensor {name!r} has no {stem}weight_scale or "
+                                  f"{stem}weight_scale_inv")
+        scale_name, scale_file = found[0]
+        scale = np.asarray(self._read(scale_file, scale_name), np.float32)
+        w = q.astype(np.float32)
+        out, cols = w.shape
+        if scale_name.endswith("_inv"):  # one scale per 128 x 128 block
+            blocks = (-(-out // FP8_BLOCK), -(-cols // FP8_BLOCK))
+            if scale.shape != blocks:
+                raise CheckpointError(f"{file}: {scale_name!r} has shape {list(scale.shape)}; "
+                                      f"{name!r} {list(w.shape)} needs {list(blocks)} blocks")
+            full = np.repeat(np.repeat(scale, FP8_BLOCK, 0), FP8_BLOCK, 1)
+            return w * full[:out, :cols]
+        if scale.size == 1:
+            return w * scale.reshape(())
+        if scale.size == out:
+            return w * scale.reshape(out, 1)
+        raise CheckpointError(f"{file}: {scale_name!r} has {scale.size} values; {name!r} "
+                              f"[{out}, {cols}] takes 1 (per tensor) or {out} (per channel)")
 
 
 def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> ModelConfig:

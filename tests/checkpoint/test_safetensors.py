@@ -268,3 +268,99 @@ def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
     missing = config.replace(checkpoint__source=str(tmp_path / "nope.gguf"))
     with pytest.raises(CheckpointError, match=r"checkpoint.source: .*nope.gguf does not exist"):
         checkpoint_dir(missing, progress=False)
+
+
+# ----- FP8 checkpoints (compressed-tensors' weight_scale; transformers' weight_scale_inv) --
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
+              np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
+
+
+def write_raw(path: Path, tensors: dict[str, np.ndarray], config: dict) -> Path:
+    """A one-file HF directory written byte by byte (the safetensors format: an 8-byte
+    header length, a JSON header, the data), so any dtype can be stored."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    header, blobs, offset = {}, [], 0
+    for name, a in tensors.items():
+        data = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    (path / "model.safetensors").write_bytes(
+        len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    return path
+
+
+def fp8_checkpoint(weights: dict, scale_kind: str) -> tuple[dict, dict]:
+    """The linear weights as F8_E4M3 with scales; -> (tensors to write, float32 weights the
+    reader must return)."""
+    fp8_max = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+    tensors, expect = {}, {}
+    for name, w in weights.items():
+        if not name.endswith("_proj.weight"):
+            tensors[name] = expect[name] = w
+            continue
+        stem = name[:-len("weight")]
+        if scale_kind == "channel":
+            scale = (np.abs(w).max(axis=1, keepdims=True) / fp8_max).astype(np.float32)
+            tensors[stem + "weight_scale"] = scale
+            tensors[stem + "input_scale"] = np.ones((1,), np.float32)  # unused: ignored
+        elif scale_kind == "tensor":
+            scale = np.float32(np.abs(w).max() / fp8_max).reshape(1)
+            tensors[stem + "weight_scale"] = scale
+        else:  # one scale per 128 x 128 block: a single block at these sizes, so vary it
+            scale = np.full((1, 1), np.abs(w).max() / fp8_max, np.float32)
+            tensors[stem + "weight_scale_inv"] = scale
+        q = (w / scale.reshape(-1, 1) if scale.size > 1 else w / scale.reshape(())).astype(
+            ml_dtypes.float8_e4m3fn)
+        tensors[name] = q
+        expect[name] = q.astype(np.float32) * (scale.reshape(-1, 1) if scale.size > 1
+                                               else scale.reshape(()))
+    return tensors, expect
+
+
+@pytest.mark.parametrize("scale_kind", ["channel", "tensor", "block"])
+def test_fp8_checkpoints_read_as_their_scaled_values(tmp_path, scale_kind):
+    tensors, expect = fp8_checkpoint(hf_weights(seed=5), scale_kind)
+    src = SafetensorsCheckpoint(write_raw(tmp_path / "m", tensors,
+                                          hf_config(torch_dtype="bfloat16")))
+    assert src.default_dtype == "bfloat16"  # the config's word: F8 and F32 tensors mixed
+    assert_all_equal(streamed(src), expect)
+
+
+def test_fp8_channel_checkpoint_converts_back_to_its_own_bytes(tmp_path):
+    tensors, _ = fp8_checkpoint(hf_weights(seed=6), "channel")
+    write_raw(tmp_path / "m", tensors, hf_config())
+    convert(tmp_path / "m", tmp_path / "ckpt", progress=False, tokenizer=False,
+            quantization="fp8")
+    _, params = load(tmp_path / "ckpt", make_mesh(MeshConfig()))
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.1.self_attn.o_proj.weight"):
+        path, layer = our_key(name)
+        stored = np.asarray(params_at(params, path)[layer])
+        assert stored.dtype == ml_dtypes.float8_e4m3fn
+        np.testing.assert_array_equal(stored.view(np.uint8),
+                                      ours(tensors[name], name).view(np.uint8), err_msg=name)
+
+
+def params_at(params: dict, path: str):
+    for key in path.split("/"):
+        params = params[key]
+    return params
+
+
+def test_fp8_checkpoint_errors(tmp_path):
+    tensors, _ = fp8_checkpoint(hf_weights(seed=7), "channel")
+    del tensors["model.layers.0.mlp.up_proj.weight_scale"]
+    src = SafetensorsCheckpoint(write_raw(tmp_path / "a", tensors, hf_config()))
+    with pytest.raises(CheckpointError, match=r"mlp\.up_proj\.weight' has no .*weight_scale"):
+        streamed(src)
+    tensors, _ = fp8_checkpoint(hf_weights(seed=7), "block")
+    tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = np.ones((2, 2), np.float32)
+    src = SafetensorsCheckpoint(write_raw(tmp_path / "b", tensors, hf_config()))
+    with pytest.raises(CheckpointError, match=r"weight_scale_inv' has shape \[2, 2\]"):
+        streamed(src)
