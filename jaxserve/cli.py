@@ -78,12 +78,23 @@ def cmd_generate(args) -> int:
                 "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
                 "text": out.text, "finish_reason": out.finish_reason.value,
                 "usage": {"prompt_tokens": len(out.prompt_token_ids),
-                          "completion_tokens": len(out.token_ids)},
+                          "completion_tokens": len(out.token_ids),
+                          **_speculative_usage(out.metrics)},
             }, ensure_ascii=False))
         else:
             print(out.text)
             print(f"--- [{out.finish_reason.value}, {len(out.token_ids)} tokens]")
     return 0
+
+
+def _speculative_usage(metrics) -> dict:
+    """Speculative decoding's figures for a request's usage (when it proposed anything)."""
+    if metrics is None or not metrics.draft_tokens:
+        return {}
+    return {"draft_tokens": metrics.draft_tokens, "accepted_tokens": metrics.accepted_tokens,
+            "acceptance_rate": round(metrics.accepted_tokens / metrics.draft_tokens, 4),
+            "mean_accepted_length": round(
+                (metrics.accepted_tokens + metrics.verify_steps) / metrics.verify_steps, 4)}
 
 
 def cmd_convert(args) -> int:

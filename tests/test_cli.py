@@ -124,3 +124,22 @@ def test_generate_checks_its_input_before_loading_the_model(capsys, tmp_path):
         code, _, err = run(capsys, "generate", "--config", str(config), *args)
         assert code == 2, err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_generate_json_reports_speculation(config_file, capsys, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(pathlib.Path(config_file).read_text()
+                    + "speculative:\n  method: ngram\n  num_tokens: 4\n")
+    prompt = "The cat sat on the mat. The dog sat on the log. " * 3 + "The cat sat on the"
+    rows = []
+    for cfg in (config_file, str(spec)):
+        code, out, _ = run(capsys, "generate", "--config", cfg, "--prompt", prompt,
+                           "--max-tokens", "16", "--temperature", "0", "--json")
+        assert code == 0
+        rows.append(json.loads(out))
+    plain, speculative = rows
+    assert speculative["token_ids"] == plain["token_ids"]
+    assert "draft_tokens" not in plain["usage"]
+    usage = speculative["usage"]
+    assert usage["accepted_tokens"] >= 8 and usage["draft_tokens"] >= usage["accepted_tokens"]
+    assert usage["mean_accepted_length"] > 2
