@@ -5,10 +5,11 @@ mean accepted length, on a repetitive and a non-repetitive workload, same run.
         --batch 1 8 --num-tokens 4 --rounds 3
 
 Repetitive: chat requests to repeat a passage of the committed public-domain text
-(bench/texts/) word for word. Non-repetitive: chat requests to write something new. Both
-greedy, with --output-len tokens at most. Each round runs every (workload, batch) without
-and with speculation, alternating, on one loaded model; the figures are medians over
-rounds. Checks that both give the same tokens. Writes JSON (default bench/results/).
+(bench/texts/, 150 words each) word for word. Non-repetitive: chat requests to write
+something new. Both greedy, with --output-len tokens at most. Each round runs every
+(workload, batch) without and with speculation, alternating, on one loaded model; the
+figures are medians over rounds. Checks that both give the same tokens. Writes JSON
+(default bench/results/).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ TOPICS = ("a lighthouse keeper", "a city under the sea", "the first snow of wint
           "an old bridge", "a garden at night")
 
 
-def workloads(tokenizer, batch: int) -> dict[str, list[list[int]]]:
+def workloads(tokenizer, batch: int, words_per_passage: int = 150) -> dict[str, list[list[int]]]:
     words = TEXT.read_text().split()
     repeat, new = [], []
     for i in range(batch):
-        passage = " ".join(words[i * 90:i * 90 + 90])
+        w = words_per_passage
+        passage = " ".join(words[i * w:(i + 1) * w])
         repeat.append(tokenizer.encode_chat([{"role": "user", "content":
                       f"Repeat the following text exactly, word for word:\n\n{passage}"}]))
         new.append(tokenizer.encode_chat([{"role": "user", "content":
@@ -73,7 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64,
+                    help="at most; shorter than the passage, so a copy never runs out")
     ap.add_argument("--num-tokens", type=int, default=4, help="k, tokens proposed per step")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
