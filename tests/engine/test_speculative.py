@@ -168,6 +168,20 @@ def test_rejected_proposals_are_rolled_back(demo_config, demo_model, workload, b
     assert metrics["rep"].draft_tokens == 4 * SPEC.window
 
 
+def test_output_is_unchanged_on_data_and_tensor_shards(demo_config, workload, baseline):
+    """Two data shards (each verifying its own sequences) and tensor 3 within each."""
+    from jaxserve.loader import load_model
+    from sharding.mesh import MeshConfig
+    config = demo_config.replace(mesh=MeshConfig(data=2, tensor=3), speculative=SPEC)
+    m = load_model(config, progress=False)
+    engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
+    results, metrics = run(engine, workload)
+    for rid in baseline:
+        assert results[rid] == baseline[rid], rid
+    assert engine.runner.num_shards == 2
+    assert metrics["rep"].accepted_tokens >= 12
+
+
 def test_acceptance_that_stays_low_switches_speculation_off(demo_config, demo_model):
     # Every proposal is rejected when min_accepted cannot be met: off after `window` steps.
     spec = SpeculativeSection(method="ngram", num_tokens=4, min_accepted=5.0, window=3)
