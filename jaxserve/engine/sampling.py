@@ -53,6 +53,21 @@ def apply_penalties(logits, prompt_mask, output_counts, p: SamplingInputs):
     return logits - p.presence_penalty[:, None] * (counts > 0)
 
 
+def argmax(x):
+    """argmax over the last axis, int32; the first index on ties, as jnp.argmax.
+
+    On CPU XLA's argmax (one reduction of (value, index) pairs) is slow: 8.4 ms for
+    [80, 49152] on this project's 2-core machine, against 2.5 ms for a max, then the
+    smallest index that holds it. On GPU jnp.argmax is one pass and stays.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # a NaN row (never equal to its max): last
+
+
 BISECTION_STEPS = 32  # threshold resolution: (max - min) / 2**32 of the row's range
 
 
@@ -97,7 +112,7 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
     rows = jnp.arange(logits.shape[0])[:, None]
     banned = jnp.where(p.banned >= 0, p.banned, logits.shape[-1])  # out of range: dropped
     logits = logits.at[rows, banned].set(NEG_INF, mode="drop")
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def random_sample(logits):
         scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
@@ -108,7 +123,7 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
             p.seeds, p.output_index)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],)))(keys)
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+        sampled = argmax(scaled + gumbel)
         return jnp.where(p.temperature > 0, sampled, greedy)
 
     if jax.default_backend() == "cpu":

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.engine.sampling import SamplingInputs, apply_penalties, sample
+from jaxserve.engine.sampling import SamplingInputs, apply_penalties, argmax, sample
 
 V = 8
 sample_jit = jax.jit(sample, static_argnames="num_top")
@@ -99,3 +99,13 @@ def test_logprobs_are_of_the_raw_distribution():
     assert np.asarray(out.top_ids[0]).tolist() == [0, 1, 2]
     np.testing.assert_allclose(float(out.logprobs[0]), np.log(PROBS[int(out.tokens[0])]),
                                rtol=1e-5)
+
+
+def test_argmax_takes_the_first_of_ties_like_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, (64, 300)).astype(np.float32)  # many ties
+    x[3] = -np.inf  # a row with every token banned
+    x[4, 7] = x[4, 250] = 9.0
+    got = np.asarray(argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32 and got[4] == 7 and got[3] == 0
