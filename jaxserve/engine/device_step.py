@@ -120,7 +120,7 @@ class StepFn:
             accepted = jnp.cumprod(match.astype(jnp.int32), axis=1).sum(axis=1)
         else:
             accepted = jnp.zeros((S,), jnp.int32)
-        return dataclasses.replace(out, num_accepted=accepted.astype(jnp.int32))
+        return dataclasses.replace(out, num_accepted=accepted)
 
     def _update_tables(self, state: DeviceState, inp: StepInputs, tokens):
         """Reset new requests' slots, then mark prompt tokens seen and count output tokens."""

@@ -19,6 +19,7 @@ from jaxserve.engine.request import (
     Request,
     RequestOutput,
     SamplingParams,
+    SpecCounts,
     Status,
     TokenLogprob,
 )
@@ -96,7 +97,7 @@ class Engine:
         self.step_times = StepTimes()
         spec = config.speculative
         self.proposer = make_proposer(spec, model_config.vocab_size) if spec.enabled else None
-        self._spec_totals = [0, 0, 0]  # proposed, accepted, verify steps
+        self._spec_totals = SpecCounts()  # every request's, since start
 
     # ----- requests ------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
@@ -161,7 +162,8 @@ class Engine:
                            sum(pt.num_used_pages for pt in pts),
                            sum(pt.num_free_pages for pt in pts),
                            self.runner.num_compilations, self.scheduler.num_preemptions,
-                           *self._spec_totals)
+                           self._spec_totals.proposed, self._spec_totals.accepted,
+                           self._spec_totals.steps)
 
     def warm_up(self, progress: bool = True) -> None:
         self.runner.warm_up(progress)
@@ -229,8 +231,9 @@ class Engine:
         for req in ready:
             req.spec_eligible = True
         if ready:
-            for request_id, draft in self.proposer.propose(ready, room).items():
-                self._tracked[request_id].request.draft = draft
+            drafts = self.proposer.propose(ready, room)
+            for req in ready:
+                req.draft = drafts.get(req.request_id, [])
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []
@@ -249,9 +252,7 @@ class Engine:
             if req.spec_eligible:
                 req.spec_eligible = False
                 record(req, proposed, accepted, self.config.speculative)
-                self._spec_totals[0] += proposed
-                self._spec_totals[1] += accepted
-                self._spec_totals[2] += proposed > 0
+                self._spec_totals.add(proposed, accepted)
             if req.is_finished:
                 continue
             if proposed > accepted:  # rejected tokens: their K/V and pages are dropped

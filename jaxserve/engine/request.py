@@ -171,6 +171,12 @@ class SpecCounts:
     recent: collections.deque = dataclasses.field(  # accepted per step, the last window
         default_factory=collections.deque)
 
+    def add(self, proposed: int, accepted: int) -> None:
+        """Count one step: `proposed` tokens verified (0: nothing was proposed)."""
+        self.proposed += proposed
+        self.accepted += accepted
+        self.steps += proposed > 0
+
 
 @dataclasses.dataclass(eq=False)
 class Request:

@@ -79,9 +79,7 @@ def record(req: Request, proposed: int, accepted: int, config: SpeculativeSectio
     stops speculating when, over its last `window` steps, fewer than `min_accepted` tokens
     per step were accepted."""
     s = req.spec
-    s.proposed += proposed
-    s.accepted += accepted
-    s.steps += proposed > 0
+    s.add(proposed, accepted)
     s.recent.append(accepted)  # a step with no proposal counts as none accepted
     if len(s.recent) > config.window:
         s.recent.popleft()
