@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from jaxserve.config import QUANTIZATIONS
 from jaxserve.errors import JaxserveError
 from jaxserve.jsonl import read_jsonl
 
@@ -141,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a .gguf file or a Hugging Face model directory")
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
-                   help="store the linear layers' weights quantized, with per-channel scales")
+    p.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
+                   help="store the linear layers' weights quantized: int8 or fp8 with "
+                        "per-channel scales, q8_0 with a scale per 32 inputs (a Q8_0 GGUF's "
+                        "own bytes)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -19,7 +19,7 @@ from sharding.distributed import DistributedConfig
 from sharding.mesh import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
-QUANTIZATIONS = ("none", "int8", "fp8")
+QUANTIZATIONS = ("none", "int8", "fp8", "q8_0")
 KV_DTYPES = ("auto", "int8", "fp8")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilations go
@@ -39,7 +39,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 class ModelSection:
     name: str = "model"
     dtype: str = "bfloat16"  # compute and parameter dtype: float32 | bfloat16
-    # Weight-only quantization of the linear layers: none | int8 | fp8 (models/quant.py).
+    # Weight-only quantization of the linear layers: none | int8 | fp8 | q8_0 (int8 in
+    # blocks of 32, GGUF Q8_0's layout; models/quant.py).
     # A full-precision checkpoint is quantized as it loads; one converted with
     # `jaxserve convert --quantize` loads as stored, and must match.
     quantization: str = "none"

@@ -29,7 +29,7 @@ from jaxserve.models.llama import (
     param_specs,
 )
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import SCALE, quantize, quantized_weights
+from jaxserve.models.quant import SCALE, block_problem, quantize, quantized_weights
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
 from sharding import rules
 from sharding.mesh import MeshConfig, make_mesh
@@ -107,8 +107,14 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
             print(f"jaxserve: loading {model_config.num_params / 1e6:,.0f}M parameters "
                   f"from {directory} onto {mesh.devices.size} {jax.default_backend()} "
                   "device(s)", file=sys.stderr, flush=True)
+        # Weights quantized below are restored as stored (a GGUF's float32), so they are
+        # quantized from the source's own values: a Q8_0 GGUF gives back its own blocks.
+        mode = config.model.quantization
+        exact = frozenset(quantized_weights(param_specs(
+            dataclasses.replace(model_config, quantization=mode)))) \
+            if mode != model_config.quantization else frozenset()
         _, params = orbax_store.load(directory, mesh, dtype,
-                                     replicate=_held_whole(tensor, pipeline))
+                                     replicate=_held_whole(tensor, pipeline), keep_dtype=exact)
     flat = flatten_params(params)
     mode = config.model.quantization
     if model_config.quantization != mode:  # a full-precision checkpoint, quantized now
@@ -154,6 +160,8 @@ def check_quantization(config: Config, model_config: ModelConfig) -> None:
         raise ConfigError(f"model.quantization: {mode} asked, but the checkpoint's linear "
                           f"layers are stored in {stored}; set model.quantization: {stored} "
                           "or convert the source again without --quantize")
+    if mode == "q8_0" and (problem := block_problem(model_config, config.mesh.tensor)):
+        raise ConfigError(f"model.quantization: {problem}")
 
 
 def quantize_params(flat: dict, specs: dict, mode: str, mesh,

@@ -35,7 +35,7 @@ TEXT = Path(__file__).resolve().parent.parent / "bench" / "texts" / "public-doma
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/smollm2-135m-cpu.yaml")
-    ap.add_argument("--modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"],
+    ap.add_argument("--modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8", "q8_0"],
                     help="weight quantizations")
     ap.add_argument("--kv-modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"],
                     help="KV cache dtypes")

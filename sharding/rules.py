@@ -24,6 +24,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("expert", "expert"),
     ("moe_mlp", "tensor"),
     ("router_experts", None),
+    # q8_0 block scales (models/quant.py): a contracted axis in blocks of 32, split as it is
+    ("embed_blocks", None),
+    ("head_dim_blocks", None),
+    ("mlp_blocks", "tensor"),
+    ("moe_mlp_blocks", "tensor"),
     ("dense_layers", None),
     ("moe_layers", None),
     # KV cache axes: each data shard owns its own pages; each tensor rank its KV heads

@@ -9,7 +9,7 @@ A converted checkpoint is a directory:
                             source, and the size of every other file, so a truncated copy
                             is detected
 
-With `quantize` (int8 | fp8) the linear layers' weights are stored quantized, each with its
+With `quantize` (int8 | fp8 | q8_0) the linear layers' weights are stored quantized, each with its
 `_scale` array (models/quant.py), and model_config.json records the mode.
 
 `save` streams a source tensor by tensor into stacked arrays memory-mapped on disk, so host
@@ -40,7 +40,7 @@ from jaxserve.checkpoint.source import SourceCheckpoint, TensorItem, check_dtype
 from jaxserve.errors import CheckpointError
 from jaxserve.models.llama import nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import SCALE, STORAGE, quantize, quantized_weights
+from jaxserve.models.quant import SCALE, STORAGE, block_problem, quantize, quantized_weights
 from sharding.rules import tree_shardings
 
 PARAMS_DIR = "params"
@@ -70,11 +70,17 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted conversion
+    if quantization == "q8_0" and (problem := block_problem(source.config)):
+        raise CheckpointError(f"{source.path}: {problem}")
     tmp.mkdir(parents=True)
     try:
         config = dataclasses.replace(source.config, quantization=quantization)
+        # Weights about to be quantized are staged in float32 whatever dtype says, so they
+        # are quantized from the source's own values (a Q8_0 GGUF's blocks come back as
+        # they are), never from a bfloat16 rounding of them.
+        exact = set(quantized_weights(param_specs(config))) if quantization != "none" else ()
         staged = _stage(source, param_specs(source.config), tmp / _STAGING, jnp.dtype(dtype),
-                        progress)
+                        progress, float32=exact)
         if quantization != "none":
             staged = _quantize(staged, param_specs(config), quantization, tmp / _STAGING,
                                progress)
@@ -110,11 +116,14 @@ def read_config(ckpt_dir: Path | str) -> ModelConfig:
 
 
 def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None,
-         replicate: frozenset[str] = frozenset()) -> tuple[ModelConfig, dict]:
+         replicate: frozenset[str] = frozenset(),
+         keep_dtype: frozenset[str] = frozenset()) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) with every array placed by the sharding rules on `mesh`.
 
     dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
     replicate: logical axis names to keep whole on every device (see sharding.rules).
+    keep_dtype: params restored in their stored dtype whatever `dtype` says (weights about
+    to be quantized; quantized weights and their scales always are).
     params is a nested dict, usable as `model.apply({"params": params}, ...)`.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -134,7 +143,7 @@ def load(ckpt_dir: Path | str, mesh: Mesh, dtype=None,
                               f"not have: {extra}")
     shardings = tree_shardings(specs, mesh, replicate)
     quantized = set(quantized_weights(specs))
-    quantized |= {p + SCALE for p in quantized}
+    quantized |= {p + SCALE for p in quantized} | keep_dtype
     target = nest_params({  # quantized weights and their scales keep their stored dtype
         path: jax.ShapeDtypeStruct(
             shape, jnp.dtype(stored[path][1] if path in quantized else dtype or stored[path][1]),
@@ -210,10 +219,12 @@ def _quantize(staged: dict[str, np.memmap], specs: Specs, mode: str, staging: Pa
 
 
 def _stage(source: SourceCheckpoint, specs: Specs, staging: Path, dtype: np.dtype,
-           progress: bool) -> dict[str, np.memmap]:
-    """Fill one memory-mapped array per parameter from the source's tensor stream."""
+           progress: bool, float32=()) -> dict[str, np.memmap]:
+    """Fill one memory-mapped array per parameter from the source's tensor stream, in dtype,
+    or in float32 for the paths in `float32`."""
     staging.mkdir()
-    arrays = {path: np.memmap(staging / f"{i}.bin", dtype=dtype, mode="w+", shape=shape)
+    arrays = {path: np.memmap(staging / f"{i}.bin", mode="w+", shape=shape,
+                              dtype=np.float32 if path in float32 else dtype)
               for i, (path, (shape, _)) in enumerate(specs.items())}
     filled: dict[str, set[tuple[int, ...]]] = {path: set() for path in specs}
     bar = tqdm(total=source.num_tensors, desc=f"converting {source.path.name}", unit="tensor",

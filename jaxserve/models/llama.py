@@ -94,7 +94,7 @@ def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode
     if mode == "none":
         return _param(module, name, shape, names, dtype), None
     w = _param(module, name, shape, names, STORAGE[mode], nn.initializers.zeros)
-    scale = _param(module, name + SCALE, *scale_spec(names, shape, contracted), jnp.float32,
+    scale = _param(module, name + SCALE, *scale_spec(names, shape, contracted, mode), jnp.float32,
                    nn.initializers.ones)
     return w, scale
 

@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxserve.models.quant import block_axis, dequantize
+
 
 def route(x: jax.Array, router: jax.Array, top_k: int,
           normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -71,6 +73,8 @@ def experts_forward(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: 
     def matmul(a, w, scale):
         if scale is None:
             return grouped_matmul(a, w, group_sizes)
+        if block_axis(w.shape, scale.shape) is not None:  # q8_0
+            return grouped_matmul(a, dequantize(w, scale).astype(a.dtype), group_sizes)
         y = grouped_matmul(a, w.astype(a.dtype), group_sizes)
         return (y.astype(jnp.float32) * scale[row_expert]).astype(a.dtype)
 

@@ -1,5 +1,5 @@
 """Weight-only quantization of the linear layers: int8 or fp8 (e4m3) with a scale per
-output channel.
+output channel, or q8_0: int8 with a scale per block of 32 inputs.
 
 A quantized linear weight is stored as two parameters: the weight itself, same path, shape
 and logical axes as in full precision but in the storage dtype (`int8`,
@@ -13,9 +13,19 @@ by the scale: x . (q * scale) = (x . q) * scale, because the scale does not depe
 contracted index. Under tensor parallelism a row-parallel weight (o_proj, down_proj) keeps
 its whole output axis, so each device's partial sum is scaled before the all-reduce.
 
+`q8_0` is int8 with one scale per block of 32 weights along the innermost contracted axis
+(GGUF's Q8_0): the scale keeps every axis of the weight, that one divided by 32, under the
+logical name `<axis>_blocks`; the scale is rounded to float16, as Q8_0 stores it, and the
+values are rounded as llama.cpp rounds them, so a float tensor quantizes to the bytes
+llama.cpp or the gguf package would write. A block
+scale varies along the contraction, so the matmul converts q * scale to the activation
+dtype, layer by layer, before the einsum. Quantizing a Q8_0 tensor's dequantized values
+gives back its own bytes: amax = 127 * d exactly (d has 11 significant bits), so the scale
+is d and round(q * d / d) = q.
+
 Which weights: the attention projections (q, k, v, o), a dense MLP's gate, up and down
-projections, and every MoE expert's (a scale per expert and output channel). The router,
-the embedding and the LM head stay in the model dtype.
+projections, and every MoE expert's (a scale per expert and output channel, or block). The
+router, the embedding and the LM head stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -24,16 +34,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
-QMAX = {"int8": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
+KV_STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
+STORAGE = {**KV_STORAGE, "q8_0": np.dtype(np.int8)}
+QMAX = {"int8": 127.0, "q8_0": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 SCALE = "_scale"  # suffix of a quantized weight's scale parameter
+BLOCK = 32  # q8_0: weights per scale along the contraction
+BLOCKS = "_blocks"  # suffix of the logical name of a block scale's blocked axis
 
 
-def scale_spec(names: tuple[str, ...], shape: tuple[int, ...],
-               contracted: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(shape, logical names) of a weight's scale: the weight's axes less the contracted."""
+def scale_spec(names: tuple[str, ...], shape: tuple[int, ...], contracted: tuple[str, ...],
+               mode: str = "int8") -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(shape, logical names) of a weight's scale: the weight's axes less the contracted;
+    for q8_0 all of them, the innermost contracted one in blocks of BLOCK."""
+    if mode == "q8_0":
+        i = max(i for i, n in enumerate(names) if n in contracted)
+        if shape[i] % BLOCK:
+            raise ValueError(f"q8_0 needs the contracted axis {names[i]} ({shape[i]}) to be a "
+                             f"multiple of {BLOCK}")
+        return (*shape[:i], shape[i] // BLOCK, *shape[i + 1:]), \
+            (*names[:i], names[i] + BLOCKS, *names[i + 1:])
     keep = [i for i, n in enumerate(names) if n not in contracted]
     return tuple(shape[i] for i in keep), tuple(names[i] for i in keep)
+
+
+def block_problem(model_config, tensor: int = 1) -> str | None:
+    """Why q8_0 cannot hold this model's linear layers on `tensor` ranks, or None: each
+    contracted axis a multiple of BLOCK, and a row-parallel one's blocks divisible."""
+    c = model_config
+    sizes = {"hidden_size": c.hidden_size, "head_dim": c.head_dim}
+    if len(c.moe_layers) < c.num_layers:  # dense MLPs
+        sizes["intermediate_size"] = c.intermediate_size
+    if c.is_moe:
+        sizes["moe_intermediate_size"] = c.moe_intermediate_size
+    for name, size in sizes.items():
+        if size % BLOCK:
+            return f"q8_0 quantizes in blocks of {BLOCK} inputs, but {name}={size} is not a " \
+                   f"multiple of {BLOCK}"
+        if name.endswith("intermediate_size") and (size // BLOCK) % tensor:
+            return f"q8_0 splits {name}={size} into {size // BLOCK} blocks of {BLOCK}, " \
+                   f"which mesh.tensor={tensor} does not divide"
+    return None
+
+
+def _blocked(x, axis: int):
+    """x with `axis` split into (blocks, BLOCK)."""
+    return x.reshape(*x.shape[:axis], x.shape[axis] // BLOCK, BLOCK, *x.shape[axis + 1:])
 
 
 def quantize(w, contracted_axes: tuple[int, ...], mode: str):
@@ -43,6 +88,16 @@ def quantize(w, contracted_axes: tuple[int, ...], mode: str):
     quantizing as a checkpoint loads (on its devices), so both store the same bytes.
     """
     w32 = jnp.asarray(w).astype(jnp.float32)
+    if mode == "q8_0":  # contracted_axes: the one blocked axis
+        (axis,) = contracted_axes
+        blocks = _blocked(w32, axis)
+        # As llama.cpp and gguf write Q8_0: d = amax / 127 in float32, q = x * (1 / d)
+        # rounded half away from zero, and d stored as float16.
+        d = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True) / QMAX[mode]
+        v = blocks * jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1.0), 0.0)
+        q = jnp.clip(jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5), -127, 127)
+        scale = d.astype(jnp.float16).astype(jnp.float32)
+        return q.astype(STORAGE[mode]).reshape(w32.shape), jnp.squeeze(scale, axis + 1)
     amax = jnp.max(jnp.abs(w32), axis=contracted_axes, keepdims=True)
     scale = jnp.where(amax > 0, amax / QMAX[mode], jnp.float32(1.0)).astype(jnp.float32)
     x = w32 / scale
@@ -53,22 +108,35 @@ def quantize(w, contracted_axes: tuple[int, ...], mode: str):
     return q, jnp.squeeze(scale, axis=contracted_axes)
 
 
-def dequantize(q, scale, contracted_axes: tuple[int, ...]):
-    """float32 weights back from (q, scale)."""
-    return jnp.asarray(q).astype(jnp.float32) * jnp.expand_dims(scale, contracted_axes)
+def dequantize(q, scale, contracted_axes: tuple[int, ...] | None = None):
+    """float32 weights back from (q, scale); contracted_axes may be left out for q8_0."""
+    q32 = jnp.asarray(q).astype(jnp.float32)
+    axis = block_axis(q.shape, scale.shape)
+    if axis is not None:
+        return (_blocked(q32, axis) * jnp.expand_dims(scale, axis + 1)).reshape(q.shape)
+    return q32 * jnp.expand_dims(scale, contracted_axes)
+
+
+def block_axis(weight_shape, scale_shape) -> int | None:
+    """The weight axis a q8_0 scale has in blocks; None for a per-channel scale."""
+    if len(scale_shape) != len(weight_shape):
+        return None
+    return next(i for i, (w, s) in enumerate(zip(weight_shape, scale_shape, strict=True))
+                if w != s)
 
 
 def quantized_weights(specs: dict) -> dict[str, tuple[int, ...]]:
     """{weight path: its contracted axes} from the param specs of a quantized model (see
     llama.param_specs): each weight that has a `_scale` entry, contracted over the axes its
-    scale lacks. The model's layers declare both, so this is the one list of them."""
+    scale lacks (q8_0: the blocked axis, named `<axis>_blocks` in the scale). The model's
+    layers declare both, so this is the one list of them."""
     return {path: tuple(i for i, n in enumerate(names) if n not in specs[path + SCALE][1])
             for path, (_, names) in specs.items() if path + SCALE in specs}
 
 
 def kv_pages_dtype(kv_dtype: str, model_dtype) -> np.dtype:
     """The KV pages' dtype for cache.kv_dtype: the model's (auto), or int8/fp8 storage."""
-    return np.dtype(jnp.dtype(model_dtype) if kv_dtype == "auto" else STORAGE[kv_dtype])
+    return np.dtype(jnp.dtype(model_dtype) if kv_dtype == "auto" else KV_STORAGE[kv_dtype])
 
 
 def quantize_vectors(x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +147,7 @@ def quantize_vectors(x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
 
 def kv_mode(dtype) -> str | None:
     """int8 | fp8 for a quantized cache's storage dtype; None for a float cache."""
-    return {v: k for k, v in STORAGE.items()}.get(jnp.dtype(dtype))
+    return {v: k for k, v in KV_STORAGE.items()}.get(jnp.dtype(dtype))
 
 
 def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -91,5 +159,7 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     # stacked weight (on GPU it converted every layer's weights at once, 8.7 GB of scratch
     # for the 8B shape): each layer's weight is converted as its layer runs.
     w, scale = jax.lax.optimization_barrier((w, scale))
+    if block_axis(w.shape, scale.shape) is not None:  # q8_0: the scale varies along inputs
+        return jnp.einsum(eq, x, dequantize(w, scale).astype(x.dtype))
     y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
