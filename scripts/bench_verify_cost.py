@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from engine_runs import abort_all, decode_together, replay_ms
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -46,15 +47,10 @@ def measure(config, loaded, k: int, batch: int, context: int, steps: int) -> dic
     if k:  # always k proposals, of a token a random model hardly ever picks twice in a row
         engine.proposer.lookup = lambda ids, n: [int(ids[-1]) ^ 1] * n
     rng = np.random.default_rng(0)
-    ids = [engine.add_request(rng.integers(3, vocab, context).tolist(),
-                              SamplingParams(max_tokens=steps * 4 + 64, temperature=0.0,
-                                             ignore_eos=True)) for _ in range(batch)]
-    sched = engine.scheduler
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) \
-            or sched.num_waiting:
-        engine.step()
-    for _ in range(5):  # compile the decode (or verify) program, settle
-        engine.step()
+    prompts = [rng.integers(3, vocab, context).tolist() for _ in range(batch)]
+    # prefill, then 3 steps that compile the decode (or verify) program
+    decode_together(engine, prompts, SamplingParams(max_tokens=steps * 4 + 64,
+                                                    temperature=0.0, ignore_eos=True), "r")
     before, t = engine.stats(), time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -64,29 +60,20 @@ def measure(config, loaded, k: int, batch: int, context: int, steps: int) -> dic
     # The compiled step replayed alone, on the inputs of one more step.
     if engine.proposer is not None:
         engine._propose(engine.step_times)
-    out = sched.schedule()
+    out = engine.scheduler.schedule()
     runner = engine.runner
     handle = runner.execute(out, engine.page_tables, engine.in_flight)
     handle.fetch()
     bucket, host_in = runner.prepare(out, engine.page_tables, handle)
-    prev = handle.prev_tokens
-    for _ in range(3):
-        runner.state, result, prev = runner.run_prepared(bucket, host_in, prev)
-    jax.block_until_ready(result)
-    t = time.perf_counter()
-    for _ in range(steps):  # back to back: the host dispatches ahead of the device
-        runner.state, result, prev = runner.run_prepared(bucket, host_in, prev)
-    jax.block_until_ready(result)
-    device_ms = (time.perf_counter() - t) / steps * 1000
-    for rid in ids:
-        engine.abort(rid)
+    device_ms = replay_ms(runner, bucket, host_in, handle.prev_tokens, steps)
+    abort_all(engine)
     proposed = after.draft_tokens - before.draft_tokens
     accepted = after.accepted_tokens - before.accepted_tokens
     row = {"k": k, "batch": batch, "bucket": list(bucket), "context": context,
            "engine_step_ms": engine_ms, "device_step_ms": device_ms,
            "proposed_tokens": proposed, "accepted_tokens": accepted,
            "verify_steps": after.verify_steps - before.verify_steps, "steps": steps}
-    del engine, runner, handle, result, prev
+    del engine, runner, handle
     gc.collect()
     return row
 

@@ -1,6 +1,11 @@
-"""Engine set-ups shared by the step benchmarks (bench_host.py, trace_step.py)."""
+"""Engine set-ups shared by the step benchmarks (bench_host.py, trace_step.py,
+profile_step.py, bench_verify_cost.py)."""
 
 from __future__ import annotations
+
+import time
+
+import jax
 
 from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
@@ -26,3 +31,16 @@ def abort_all(engine: Engine) -> None:
         engine.abort(r.request_id)
     while engine.has_unfinished():
         engine.step()
+
+
+def replay_ms(runner, bucket, host_in, prev_tokens, steps: int) -> float:
+    """ms per step of the compiled step replayed alone on prepared inputs (Runner.prepare):
+    3 warm calls, then `steps` back to back, so the host dispatches ahead of the device."""
+    for _ in range(3):
+        runner.state, out, prev_tokens = runner.run_prepared(bucket, host_in, prev_tokens)
+    jax.block_until_ready(out)
+    t = time.perf_counter()
+    for _ in range(steps):
+        runner.state, out, prev_tokens = runner.run_prepared(bucket, host_in, prev_tokens)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps * 1000

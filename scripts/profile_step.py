@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from engine_runs import replay_ms
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -74,15 +75,7 @@ def main() -> None:
 
     # Replay the compiled step on the same inputs: device time per step, no host work.
     key, host_in = runner.prepare(sched, engine.page_tables, handle)
-    prev = handle2.prev_tokens
-    for _ in range(3):
-        runner.state, out, prev = runner.run_prepared(key, host_in, prev)
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(20):
-        runner.state, out, prev = runner.run_prepared(key, host_in, prev)
-    jax.block_until_ready(out)
-    step_ms = (time.perf_counter() - t) / 20 * 1000
+    step_ms = replay_ms(runner, key, host_in, handle2.prev_tokens, 20)
 
     c = loaded.model_config
     logits = jax.random.normal(jax.random.key(0), (key[1], vocab), jnp.float32)
