@@ -75,15 +75,14 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     tmp.mkdir(parents=True)
     try:
         config = dataclasses.replace(source.config, quantization=quantization)
+        specs = param_specs(config)
         # Weights about to be quantized are staged in float32 whatever dtype says, so they
         # are quantized from the source's own values (a Q8_0 GGUF's blocks come back as
         # they are), never from a bfloat16 rounding of them.
-        exact = set(quantized_weights(param_specs(config))) if quantization != "none" else ()
         staged = _stage(source, param_specs(source.config), tmp / _STAGING, jnp.dtype(dtype),
-                        progress, float32=exact)
+                        progress, float32=set(quantized_weights(specs)))
         if quantization != "none":
-            staged = _quantize(staged, param_specs(config), quantization, tmp / _STAGING,
-                               progress)
+            staged = _quantize(staged, specs, quantization, tmp / _STAGING, progress)
         _write_orbax(staged, tmp / PARAMS_DIR)
         del staged
         shutil.rmtree(tmp / _STAGING)
