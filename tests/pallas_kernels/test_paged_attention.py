@@ -243,18 +243,22 @@ class TestTritonLowering:
         assert hlo.count("__gpu$xla.gpu.triton") >= 2
 
 
+@pytest.mark.parametrize("formulation,window", [("sequence", 64), ("window", 64),
+                                                ("window", 5)])
 @pytest.mark.parametrize("batch", BATCHES_A)
-def test_reference_formulations_agree(batch):
-    """Per-token gathers (decode) and per-sequence blocks (prefill chunks) give the same
-    attention on every kind of batch."""
+def test_reference_formulations_agree(batch, formulation, window):
+    """Per-token gathers (decode), per-sequence blocks and per-sequence windows (prefill
+    chunks) give the same attention on every kind of batch; a window of 5 tokens splits
+    every prefill into several windows."""
     _, clean, num_valid = CASE_A(3, *BATCHES_A[batch])
     with jax.default_matmul_precision("highest"):
         per_token = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE,
-                                                     by_sequence=False)
-        per_seq = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE, by_sequence=True)
-    np.testing.assert_allclose(np.asarray(per_seq)[:num_valid],
+                                                     formulation="token")
+        other = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE,
+                                                 formulation=formulation, window=window)
+    np.testing.assert_allclose(np.asarray(other)[:num_valid],
                                np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(per_seq)[num_valid:], 0.0)
+    np.testing.assert_array_equal(np.asarray(other)[num_valid:], 0.0)
 
 
 # ----- quantized pages (cache.kv_dtype int8 / fp8) ----------------------------------------
