@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from engine_runs import abort_all, decode_together, replay_ms
+from engine_runs import abort_all, bucket_overrides, decode_together, replay_ms
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -94,12 +94,8 @@ def main() -> None:
     args = ap.parse_args()
     over = {"cache__kv_cache_memory": args.kv_cache_memory * 2**30,
             "runner__compilation_cache_dir": args.compilation_cache_dir,
-            "scheduler__max_num_seqs": max(args.batch)}
-    if args.token_buckets:
-        over["runner__token_buckets"] = tuple(args.token_buckets)
-        over["scheduler__max_num_batched_tokens"] = max(args.token_buckets)
-    if args.seq_buckets:
-        over["runner__seq_buckets"] = tuple(args.seq_buckets)
+            "scheduler__max_num_seqs": max(args.batch),
+            **bucket_overrides(args.token_buckets, args.seq_buckets)}
     config = load_config(args.config).replace(**over)
     loaded = load_model(config)
     rows = []

@@ -11,6 +11,18 @@ from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 
 
+def bucket_overrides(token_buckets: list[int] | None, seq_buckets: list[int] | None) -> dict:
+    """Config.replace() keys for the step buckets given on a command line (None: keep the
+    config's); the prefill chunk follows the largest token bucket."""
+    over = {}
+    if token_buckets:
+        over["runner__token_buckets"] = tuple(token_buckets)
+        over["scheduler__max_num_batched_tokens"] = max(token_buckets)
+    if seq_buckets:
+        over["runner__seq_buckets"] = tuple(seq_buckets)
+    return over
+
+
 def decode_together(engine: Engine, prompts: list[list[int]], params: SamplingParams,
                     prefix: str) -> None:
     """Add the prompts, step until every one is past its prefill, then 3 more steps (first

@@ -5,7 +5,9 @@
 
 B requests of --context random prompt tokens are prefilled; then --steps decode steps run
 under `jax.profiler.trace`. The trace's complete events are summed per name and divided by
-the steps. XLA's executors name each event after its HLO op (`dot.50`,
+the steps.
+
+On CPU, XLA's executors name each event after its HLO op (`dot.50`,
 `dynamic-slice_bitcast_fusion.2`, ...), so the classes below are taken from those names:
   weight copies   dynamic-slice / slice / copy fusions (on CPU: layer weights copied out of
                   the stacked arrays before their matmuls)
@@ -13,7 +15,13 @@ the steps. XLA's executors name each event after its HLO op (`dot.50`,
   loop            while / conditional bodies' own bookkeeping
   other ops       every other XLA op event
   host            the engine's step() wall time, less the time blocked on the device
-Runs wherever JAX runs; the figures in docs/performance.md are from CPU.
+
+On a GPU the trace has a device timeline: the first device's kernels are classed by kernel
+name (matmuls, attention, collectives, copies, other fusions), each class with its kernel
+count per step and, for matmuls and attention, its floor: the bytes it must read (weights;
+the KV cache at the step's context) over the device's bandwidth, measured here. The
+host's events (the dispatch thread's XLA thunks, CUDA launch calls, ...) are listed
+separately with their counts, which shows what the host spends per kernel it launches.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from engine_runs import abort_all, decode_together
+from engine_runs import abort_all, bucket_overrides, decode_together
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -45,14 +54,26 @@ CLASSES = (("weight copies", re.compile(r"^(dynamic-slice|slice|copy)")),
            ("matmuls", re.compile(r"^(dot|ynn_fusion|onednn|custom-call)")),
            ("loop", re.compile(r"^(while|conditional|call)")),
            ("other ops", re.compile(r".")))
+# GPU kernels, by kernel name: cuBLAS/cuBLASLt (sm90_xmma_*, nvjet_*, cutlass_*), XLA's own
+# GEMM fusions (*gemm*), the Pallas kernels, NCCL, and XLA's fusions.
+GPU_CLASSES = (("matmuls", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|dot", re.I)),
+               ("attention", re.compile(r"attention|flash", re.I)),
+               ("collectives", re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter",
+                                          re.I)),
+               ("copies", re.compile(r"memcpy|memset|copy", re.I)),
+               ("other fusions", re.compile(r".")))
 
 
 def op_class(name: str) -> str:
     return next(label for label, pattern in CLASSES if pattern.match(name))
 
 
-def trace_steps(engine: Engine, steps: int) -> dict[str, float]:
-    """Microseconds per step of every complete event, by name, over `steps` steps."""
+def kernel_class(name: str) -> str:
+    return next(label for label, pattern in GPU_CLASSES if pattern.search(name))
+
+
+def trace_steps(engine: Engine, steps: int) -> list[dict]:
+    """The complete events of `steps` engine steps, each with its process's name."""
     directory = tempfile.mkdtemp(prefix="trace-")
     try:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -64,32 +85,115 @@ def trace_steps(engine: Engine, steps: int) -> dict[str, float]:
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    total: collections.Counter[str] = collections.Counter()
+    process = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return [dict(e, process=process.get(e.get("pid"), "")) for e in events
+            if e.get("ph") == "X"]
+
+
+def per_step(events: list[dict], steps: int) -> tuple[dict, dict]:
+    """(microseconds per step, events per step), by event name."""
+    total, count = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X":
-            total[e["name"]] += e.get("dur", 0) / steps
-    return dict(total)
+        total[e["name"]] += e.get("dur", 0) / steps
+        count[e["name"]] += 1 / steps
+    return total, count
 
 
-def profile(engine: Engine, batch: int, context: int, steps: int, rng) -> dict:
+def measure_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes per second the default device moves: the better of a jitted copy (bytes read +
+    written) and a jitted sum (bytes read), each the median of 10 calls."""
+    x = jax.numpy.ones((nbytes // 4,), jax.numpy.float32)
+    best = 0.0
+    for fn, moved in ((jax.jit(lambda a: a + 1.0), 2 * nbytes), (jax.jit(jax.numpy.sum), nbytes)):
+        jax.block_until_ready(fn(x))
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times.append(time.perf_counter() - t)
+        best = max(best, moved / float(np.median(times)))
+    return best
+
+
+def floors_ms(engine: Engine, kv_tokens: int, bandwidth: float) -> dict:
+    """What the step must read on the first device, over the bandwidth: every weight (the
+    embedding table only when it is the LM head too) and `kv_tokens` tokens of KV cache."""
+    device = jax.devices()[0]
+    c = engine.model_config
+    weights = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(engine.runner.params):
+        if "embedding" in jax.tree_util.keystr(path) and not c.tie_word_embeddings:
+            continue
+        weights += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    k_pages = engine.runner.state.k_pages
+    local = next(s.data for s in k_pages.addressable_shards if s.device == device)
+    layers, _, _, kv_heads, head_dim = local.shape
+    kv = kv_tokens * layers * 2 * kv_heads * head_dim * local.dtype.itemsize
+    return {"matmuls": weights / bandwidth * 1e3, "attention": kv / bandwidth * 1e3}
+
+
+def summarise_gpu(events: list[dict], steps: int, floors: dict) -> dict:
+    """Kernels of the first GPU by class (time, count, floor), and the host's events."""
+    devices = sorted({e["process"] for e in events if "/device:" in e["process"]})
+    kernels = [e for e in events if e["process"] == devices[0]]
+    host = [e for e in events if "/device:" not in e["process"]]
+    k_ms, k_count = per_step(kernels, steps)
+    classes: dict[str, dict] = {}
+    for name, us in k_ms.items():
+        row = classes.setdefault(kernel_class(name), {"ms": 0.0, "kernels": 0.0})
+        row["ms"] += us / 1e3
+        row["kernels"] += k_count[name]
+    for label, row in classes.items():
+        row["ms"], row["kernels"] = round(row["ms"], 3), round(row["kernels"], 1)
+        if label in floors:
+            row["floor_ms"] = round(floors[label], 3)
+            row["floor_share"] = round(floors[label] / row["ms"], 3) if row["ms"] else None
+    hlo_ops: dict[str, set] = collections.defaultdict(set)
+    for e in kernels:
+        hlo_ops[e["name"]].add(e.get("args", {}).get("hlo_op", "?"))
+    h_ms, h_count = per_step(host, steps)
+    top = lambda ms, n: {name: {"ms": round(us / 1e3, 3), "per_step": round(n[name], 1)}
+                         for name, us in sorted(ms.items(), key=lambda kv: -kv[1])[:25]}
+    return {"device": devices[0],
+            "kernels_per_step": round(sum(k_count.values()), 1),
+            "kernel_ms": round(sum(k_ms.values()) / 1e3, 3),
+            "device_classes": dict(sorted(classes.items(), key=lambda kv: -kv[1]["ms"])),
+            "top_kernels": {name: {**row, "hlo_ops": sorted(hlo_ops[name])[:4]}
+                            for name, row in top(k_ms, k_count).items()},
+            "top_host_events": top(h_ms, h_count)}
+
+
+def profile(engine: Engine, batch: int, context: int, steps: int, rng,
+            bandwidth: float | None) -> dict:
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
+    # Long enough that the first prompts are still decoding when the last prefill ends.
+    params = SamplingParams(max_tokens=engine.config.cache.max_model_len - context,
+                            temperature=0.0, ignore_eos=True)
     prompts = [rng.integers(3, vocab, context).tolist() for _ in range(batch)]
     decode_together(engine, prompts, params, f"b{batch}-")
+    running = engine.scheduler.running
+    kv_tokens = sum(r.num_tokens for r in running) + len(running) * steps // 2
     events = trace_steps(engine, steps)
     times = engine.step_times.per_step_ms()
-    ops = {n: us for n, us in events.items() if OP.match(n)}
-    classes: collections.Counter[str] = collections.Counter()
-    for name, us in ops.items():
-        classes[op_class(name)] += us / 1e3
     step_ms = times["host_ms"] + times["wait_ms"]
+    row = {"batch": batch, "context": context, "steps": steps,
+           "mean_kv_tokens": round(kv_tokens / max(len(running), 1)),
+           "step_ms": round(step_ms, 3), "host_ms": round(times["host_ms"], 3),
+           "phases_ms": {k: round(v, 3) for k, v in times.items()}}
+    if any("/device:" in e["process"] for e in events):
+        row.update(summarise_gpu(events, steps, floors_ms(engine, kv_tokens, bandwidth)))
+    else:
+        ms, _ = per_step(events, steps)
+        ops = {n: us for n, us in ms.items() if OP.match(n)}
+        classes: collections.Counter[str] = collections.Counter()
+        for name, us in ops.items():
+            classes[op_class(name)] += us / 1e3
+        row["classes_ms"] = {k: round(v, 3) for k, v in classes.most_common()}
+        row["top_ops_ms"] = {n: round(us / 1e3, 3) for n, us in
+                             sorted(ops.items(), key=lambda kv: -kv[1])[:15]}
     abort_all(engine)
-    return {"batch": batch, "context": context, "steps": steps,
-            "step_ms": round(step_ms, 3),
-            "classes_ms": {k: round(v, 3) for k, v in classes.most_common()},
-            "host_ms": round(times["host_ms"], 3),
-            "top_ops_ms": {n: round(us / 1e3, 3) for n, us in
-                           sorted(ops.items(), key=lambda kv: -kv[1])[:15]}}
+    return row
 
 
 def main() -> None:
@@ -98,20 +202,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--kv-cache-memory", type=float, default=None,
+                    help="GiB of KV pages (default: the config's)")
+    ap.add_argument("--token-buckets", type=int, nargs="+", default=None)
+    ap.add_argument("--seq-buckets", type=int, nargs="+", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    config = load_config(args.config)
+    over = {"scheduler__max_num_seqs": max(args.batch),
+            **bucket_overrides(args.token_buckets, args.seq_buckets)}
+    if args.kv_cache_memory:
+        over["cache__kv_cache_memory"] = args.kv_cache_memory * 2**30
+    config = load_config(args.config).replace(**over)
     loaded = load_model(config, progress=False)
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
     engine.warm_up(progress=False)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    bandwidth = measure_bandwidth() if on_gpu else None
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:
-        rows.append(profile(engine, b, args.context, args.steps, rng))
+        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth))
         print(json.dumps(rows[-1], indent=1), flush=True)
     result = {"benchmark": "trace-step",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "device": jax.devices()[0].device_kind, "config": args.config, "rows": rows}
+              "device": jax.devices()[0].device_kind, "config": args.config,
+              "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
+              "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

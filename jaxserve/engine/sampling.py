@@ -103,6 +103,31 @@ def _filter_top_k_top_p(logits, top_k, top_p):
     return jnp.where((probs >= cut) | (target >= 1), logits, NEG_INF)
 
 
+TOP_K_BLOCK = 1024
+
+
+def top_k(x, k: int):
+    """jax.lax.top_k over the last axis of [S, V], for a small k and a large V.
+
+    The vocabulary is cut into blocks of TOP_K_BLOCK: only the k blocks with the largest
+    maxima can hold the k largest values, so top_k sorts those k blocks' values instead of
+    the whole row (on a GPU, XLA sorts a 128k-token row with a radix sort per call). Ties go
+    to the lower index, as with lax.top_k: the chosen blocks stay in index order.
+    """
+    S, V = x.shape
+    blocks = -(-V // TOP_K_BLOCK)
+    if k == 0 or blocks <= 4 * k:
+        return jax.lax.top_k(x, k)
+    padded = jnp.pad(x, ((0, 0), (0, blocks * TOP_K_BLOCK - V)), constant_values=NEG_INF)
+    padded = padded.reshape(S, blocks, TOP_K_BLOCK)
+    _, chosen = jax.lax.top_k(padded.max(axis=-1), k)  # [S, k]
+    chosen = jnp.sort(chosen, axis=-1)
+    candidates = jnp.take_along_axis(padded, chosen[:, :, None], axis=1).reshape(S, -1)
+    values, where = jax.lax.top_k(candidates, k)
+    block = jnp.take_along_axis(chosen, where // TOP_K_BLOCK, axis=1)
+    return values, block * TOP_K_BLOCK + where % TOP_K_BLOCK
+
+
 def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:
     """logits [S, V] f32 -> one token per row."""
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -134,6 +159,6 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
     else:
         tokens = random_sample(logits)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top) if num_top else (
+    top_logprobs, top_ids = top_k(raw_logprobs, num_top) if num_top else (
         jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32))
     return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.engine.sampling import SamplingInputs, apply_penalties, argmax, sample
+from jaxserve.engine.sampling import SamplingInputs, apply_penalties, argmax, sample, top_k
 
 V = 8
 sample_jit = jax.jit(sample, static_argnames="num_top")
@@ -109,3 +109,19 @@ def test_argmax_takes_the_first_of_ties_like_numpy():
     got = np.asarray(argmax(jnp.asarray(x)))
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     assert got.dtype == np.int32 and got[4] == 7 and got[3] == 0
+
+
+@pytest.mark.parametrize("values", ["normal", "few distinct", "half -inf"])
+@pytest.mark.parametrize("rows, vocab, k", [(1, 128256, 20), (3, 60001, 5), (2, 40000, 1)])
+def test_top_k_by_blocks_equals_lax_top_k(values, rows, vocab, k):
+    """Same values and the same ids as jax.lax.top_k, ties (to the lower id) included."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((rows, vocab)).astype(np.float32)
+    if values == "few distinct":
+        x = rng.integers(0, 30, (rows, vocab)).astype(np.float32)
+    elif values == "half -inf":
+        x[:, ::2] = -np.inf
+    want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    got_values, got_ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got_values, want_values)
+    np.testing.assert_array_equal(got_ids, want_ids)
