@@ -58,8 +58,10 @@ CLASSES = (("weight copies", re.compile(r"^(dynamic-slice|slice|copy)")),
 # GEMM fusions (*gemm*), the Pallas kernels, NCCL, and XLA's fusions.
 GPU_CLASSES = (("matmuls", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|dot", re.I)),
                ("attention", re.compile(r"attention|flash", re.I)),
-               ("collectives", re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter",
-                                          re.I)),
+               # XLA names a collective's kernel after its op (psum_476_0_fusion: an
+               # all-reduce); its time includes waiting for the other devices to arrive.
+               ("collectives", re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter|"
+                                          r"psum|ppermute|all.?to.?all", re.I)),
                ("copies", re.compile(r"memcpy|memset|copy", re.I)),
                ("other fusions", re.compile(r".")))
 
