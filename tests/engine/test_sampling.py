@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.engine.sampling import SamplingInputs, apply_penalties, argmax, sample, top_k
+from jaxserve.engine.sampling import (
+    SamplingInputs,
+    _filter_top_k_top_p,
+    apply_penalties,
+    argmax,
+    sample,
+    top_k,
+)
 
 V = 8
 sample_jit = jax.jit(sample, static_argnames="num_top")
@@ -125,3 +132,30 @@ def test_top_k_by_blocks_equals_lax_top_k(values, rows, vocab, k):
     got_values, got_ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
     np.testing.assert_array_equal(got_values, want_values)
     np.testing.assert_array_equal(got_ids, want_ids)
+
+
+def kept_by_sorting(logits: np.ndarray, k: int, p: float) -> np.ndarray:
+    """The tokens top-k then top-p keep, from a full sort (numpy, float64 sums)."""
+    x = logits.astype(np.float64)
+    if 0 < k < x.size:
+        x = np.where(x >= np.sort(x)[::-1][k - 1], x, -np.inf)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    if p >= 1:
+        return np.isfinite(x)
+    ordered = np.sort(probs)[::-1]
+    cut = ordered[np.searchsorted(np.cumsum(ordered), p)]
+    return probs >= cut
+
+
+def test_top_k_top_p_keep_what_a_full_sort_keeps():
+    """The bisected thresholds keep exactly the tokens that numpy's sort keeps."""
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((6, 3000)) * 3).astype(np.float32)
+    ks = np.array([0, 1, 5, 50, 0, 2999], np.int32)
+    ps = np.array([0.9, 1.0, 0.5, 0.95, 0.3, 1.0], np.float32)
+    out = _filter_top_k_top_p(jnp.asarray(logits), jnp.asarray(ks), jnp.asarray(ps))
+    kept = np.isfinite(np.asarray(out))
+    for row in range(len(ks)):
+        want = kept_by_sorting(logits[row], int(ks[row]), float(ps[row]))
+        np.testing.assert_array_equal(kept[row], want, err_msg=f"row {row}")
