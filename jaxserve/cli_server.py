@@ -52,13 +52,22 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
                                                                      required=True)
     p = bench.add_parser("serve", help="load generator against a running server")
     _add_connection_args(p)
-    p.add_argument("--rate", type=float, help="requests per second (Poisson arrivals)")
+    p.add_argument("--rate", type=float, nargs="+",
+                   help="requests per second (Poisson arrivals); several rates: a sweep")
     p.add_argument("--concurrency", type=int, help="requests in flight at most")
     p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--input-len", type=int, default=128, help="random prompt tokens")
-    p.add_argument("--output-len", type=int, default=128, help="tokens to generate")
+    p.add_argument("--input-len", type=int, default=128,
+                   help="random prompt tokens (their mean with --lengths lognormal)")
+    p.add_argument("--output-len", type=int, default=128,
+                   help="tokens to generate (their mean with --lengths lognormal)")
+    p.add_argument("--lengths", choices=["fixed", "lognormal"], default="fixed",
+                   help="random prompt and output lengths: all equal, or log-normal")
+    p.add_argument("--length-sigma", type=float, default=1.0,
+                   help="lognormal: the sigma of ln(length) (default 1.0)")
+    p.add_argument("--save-requests", metavar="JSONL",
+                   help="write the random requests as a --dataset file (for a peer's run)")
     p.add_argument("--dataset", help='JSONL of {"prompt"|"token_ids"|"messages", '
-                                     '"max_tokens"?} instead of random prompts')
+                                     '"max_tokens"?, "ignore_eos"?} instead of random prompts')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline (s)")
     p.add_argument("--out", help="JSON report (default: <cache dir>/bench/serve-<time>.json)")
@@ -177,10 +186,13 @@ def _client_query(client, args) -> str:
 def cmd_bench_serve(args) -> int:
     from jaxserve.server.bench_serve import BenchConfig, run
 
+    rates = args.rate or []
     cfg = BenchConfig(host=args.host, port=args.port, token=_token(args), tls_ca=args.tls_ca,
-                      rate=args.rate, concurrency=args.concurrency,
+                      rate=rates[0] if rates else None, concurrency=args.concurrency,
                       num_requests=args.num_requests, input_len=args.input_len,
-                      output_len=args.output_len, dataset=args.dataset, seed=args.seed,
+                      output_len=args.output_len, lengths=args.lengths,
+                      length_sigma=args.length_sigma, dataset=args.dataset,
+                      save_requests=args.save_requests, seed=args.seed,
                       timeout_s=args.timeout, progress=not args.no_progress)
-    run(cfg, args.out)
+    run(cfg, args.out, rates)
     return 0

@@ -20,7 +20,17 @@ weights of the shape to --checkpoint-dir (skipped when one is there); only rank 
     torchrun --nproc-per-node 2 scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
         --tp --checkpoint-dir hf-llama3-8b-random --no-compile --batch 1 32
 
-Runs on the GPU machine's own Python (torch + transformers there); writes JSON.
+The naive baseline of a serving benchmark: the requests `jaxserve bench serve
+--save-requests` wrote (token ids and max_tokens each), in order, in static batches of
+--batch requests. Each batch is left-padded to its longest prompt and generates its largest
+max_tokens for every row; output tok/s counts each request's own max_tokens over the wall
+time of all the batches, after one warm-up batch:
+
+    python scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
+        --requests requests.jsonl --batch 32 128
+
+Runs on the GPU machine's own Python (torch + transformers there); without a GPU it runs on
+the CPU in float32 (small shapes, for checking the script). Writes JSON.
 """
 
 from __future__ import annotations
@@ -59,13 +69,21 @@ def hf_config(shape: dict):
     return LlamaForCausalLM, LlamaConfig(**common)
 
 
+GPU = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
+
 def build(shape: dict, device_map: str | None = None):
     cls, cfg = hf_config(shape)
     torch.manual_seed(0)
     if device_map == "auto":
         return build_spread(cls, cfg)
-    with torch.device("cuda"):
-        model = cls(cfg).to(torch.bfloat16)
+    with torch.device("cuda" if GPU else "cpu"):
+        model = cls(cfg).to(torch.bfloat16 if GPU else torch.float32)
     return model.eval()
 
 
@@ -144,12 +162,12 @@ def run(model, batch: int, input_len: int, output_len: int, compiled: bool,
                                pad_token_id=0, eos_token_id=None)
         for _ in range(1 if reps == 1 else 2):  # warm-up (compiles)
             model.generate(ids, generation_config=gen)
-        torch.cuda.synchronize()
+        sync()
         times = []
         for _ in range(reps):
             t = time.perf_counter()
             model.generate(ids, generation_config=gen)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         return sorted(times)[len(times) // 2]
 
@@ -160,6 +178,39 @@ def run(model, batch: int, input_len: int, output_len: int, compiled: bool,
             "first_token_seconds": first,
             "decode_step_ms": (t - first) / (output_len - 1) * 1e3,
             "decode_tok_s": batch * (output_len - 1) / (t - first)}
+
+
+def run_requests(model, rows: list[dict], batch: int, compiled: bool) -> dict:
+    """The requests in order, `batch` at a time (see the module docstring)."""
+    chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+
+    def generate(chunk: list[dict]) -> None:
+        longest = max(len(r["token_ids"]) for r in chunk)
+        ids = torch.zeros((len(chunk), longest), dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for i, r in enumerate(chunk):  # left padding: every prompt ends at the last column
+            ids[i, longest - len(r["token_ids"]):] = torch.tensor(r["token_ids"])
+            mask[i, longest - len(r["token_ids"]):] = 1
+        new = max(r["max_tokens"] for r in chunk)
+        gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               cache_implementation="static" if compiled else None,
+                               pad_token_id=0, eos_token_id=None)
+        model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
+                       generation_config=gen)
+
+    generate(chunks[0])  # warm-up (compiles)
+    sync()
+    t = time.perf_counter()
+    for chunk in chunks:
+        generate(chunk)
+    sync()
+    seconds = time.perf_counter() - t
+    useful = sum(r["max_tokens"] for r in rows)
+    return {"batch": batch, "requests": len(rows), "compiled_static_cache": compiled,
+            "seconds": seconds, "output_tokens": useful,
+            "input_tokens": sum(len(r["token_ids"]) for r in rows),
+            "generated_tokens": sum(len(c) * max(r["max_tokens"] for r in c) for c in chunks),
+            "output_tok_s": useful / seconds}
 
 
 def main() -> None:
@@ -174,6 +225,9 @@ def main() -> None:
                     help="transformers' tensor parallelism, one process per GPU (torchrun)")
     ap.add_argument("--checkpoint-dir", help="with --tp: where the random weights are saved")
     ap.add_argument("--reps", type=int, default=3, help="timed generates per figure (median)")
+    ap.add_argument("--requests", metavar="JSONL",
+                    help="run these requests (jaxserve bench serve --save-requests) in static "
+                         "batches of --batch instead of fixed lengths")
     ap.add_argument("--out", default="bench/results/hf-peer.json")
     args = ap.parse_args()
     shape = json.loads(Path(args.shape).read_text())
@@ -185,16 +239,22 @@ def main() -> None:
         model = build(shape, args.device_map)  # a static cache: generate() compiles the step
     writes = int(os.environ.get("RANK", "0")) == 0
     rows = []
+    requests = ([json.loads(line) for line in Path(args.requests).read_text().splitlines()
+                 if line.strip()] if args.requests else None)
     for b in args.batch:  # every row is on disk as soon as it is measured
-        rows.append(run(model, b, args.input_len, args.output_len, not args.no_compile,
-                        args.reps))
+        if requests:
+            rows.append(run_requests(model, requests, b, not args.no_compile))
+        else:
+            rows.append(run(model, b, args.input_len, args.output_len, not args.no_compile,
+                            args.reps))
         if not writes:
             continue
         print(json.dumps(rows[-1]), flush=True)
         result = {"benchmark": "hf-peer", "date": datetime.datetime.now(datetime.UTC).isoformat(
-            timespec="seconds"), "device": torch.cuda.get_device_name(),
+            timespec="seconds"), "device": torch.cuda.get_device_name() if GPU else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gpus": torch.cuda.device_count(), "device_map": args.device_map,
+            "requests": args.requests,
             "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")) if args.tp else None,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "shape": args.shape, "rows": rows}

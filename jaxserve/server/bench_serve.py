@@ -2,9 +2,21 @@
 
 Requests arrive as a Poisson process (`rate` per second) or as `concurrency` clients that
 each send the next request when the last one ends (both: Poisson arrivals, at most
-`concurrency` in flight). Prompts are random token ids (`input_len` of them, `output_len`
-tokens generated with ignore_eos) or rows of a JSONL dataset. The report gives TTFT, TPOT,
-inter-token latency and end-to-end latency percentiles, throughput and errors by gRPC code.
+`concurrency` in flight). Several rates make a sweep: the same requests at each rate, one
+after the other, to find where the server saturates.
+
+Prompts are random token ids, generated with ignore_eos, or rows of a JSONL dataset. The
+random lengths are `input_len` prompt tokens and `output_len` generated tokens each, or
+with `lengths="lognormal"` drawn per request from log-normal distributions whose means are
+`input_len` and `output_len`: length = round(exp(N(ln(mean) - sigma^2 / 2, sigma^2))),
+at least 1, prompt and output together within the model's context. With sigma 1 and means
+1024 / 256, half the prompts are under about 620 tokens and 1 in 10 is over 2200: the long
+tail of chat traffic. `save_requests` writes the requests as a JSONL dataset (token ids,
+max_tokens, ignore_eos), which `--dataset` reads back and `scripts/bench_hf_peer.py
+--requests` runs through transformers, so a peer gets exactly the same work.
+
+The report gives TTFT, TPOT, inter-token latency and end-to-end latency percentiles,
+throughput and errors by gRPC code.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import host_port, make_request
 
 PERCENTILES = (50, 90, 99)
+LENGTHS = ("fixed", "lognormal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +54,11 @@ class BenchConfig:
     num_requests: int = 100
     input_len: int = 128
     output_len: int = 128
-    dataset: str | None = None  # JSONL: {"prompt"|"token_ids"|"messages", "max_tokens"?}
+    lengths: str = "fixed"  # random prompts: fixed | lognormal (input_len, output_len: means)
+    length_sigma: float = 1.0  # lognormal: sigma of ln(length)
+    dataset: str | None = None  # JSONL: {"prompt"|"token_ids"|"messages", "max_tokens"?,
+    #                                     "ignore_eos"?}
+    save_requests: str | None = None  # write the random requests here as a JSONL dataset
     seed: int = 0
     timeout_s: float | None = None  # per-request deadline
     progress: bool = True
@@ -56,6 +73,13 @@ class BenchConfig:
         for name in ("num_requests", "input_len", "output_len"):
             if getattr(self, name) < 1:
                 raise JaxserveError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.lengths not in LENGTHS:
+            raise JaxserveError(f"--lengths: one of {', '.join(LENGTHS)} (got {self.lengths})")
+        if not self.length_sigma > 0:
+            raise JaxserveError(f"--length-sigma: must be > 0 (got {self.length_sigma})")
+        if self.save_requests and self.dataset:
+            raise JaxserveError("--save-requests: writes random requests; it cannot be "
+                                "combined with --dataset")
 
 
 @dataclasses.dataclass
@@ -79,11 +103,38 @@ class Result:
 
 
 # ----- requests --------------------------------------------------------------------------
-def synthetic_requests(cfg: BenchConfig, vocab_size: int) -> list[pb.GenerateRequest]:
+def request_lengths(cfg: BenchConfig, context_length: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) of each random request (see the module docstring)."""
+    n = cfg.num_requests
+    if cfg.lengths == "fixed":
+        return [(cfg.input_len, cfg.output_len)] * n
+    rng = np.random.default_rng(cfg.seed + 2)
+    sigma = cfg.length_sigma
+
+    def draw(mean: int) -> np.ndarray:
+        return np.maximum(1, np.rint(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n)))
+
+    prompts = np.minimum(draw(cfg.input_len), context_length - 1).astype(int)
+    outputs = np.minimum(draw(cfg.output_len), context_length - prompts).astype(int)
+    return list(zip(prompts.tolist(), outputs.tolist(), strict=True))
+
+
+def synthetic_rows(cfg: BenchConfig, vocab_size: int, context_length: int) -> list[dict]:
+    """The random requests as dataset rows: token ids, max_tokens, ignore_eos."""
     rng = np.random.default_rng(cfg.seed)
-    params = SamplingParams(max_tokens=cfg.output_len, temperature=0.0, ignore_eos=True)
-    return [make_request(rng.integers(0, vocab_size, cfg.input_len).tolist(), params=params)
-            for _ in range(cfg.num_requests)]
+    return [{"token_ids": rng.integers(0, vocab_size, n_in).tolist(), "max_tokens": n_out,
+             "ignore_eos": True} for n_in, n_out in request_lengths(cfg, context_length)]
+
+
+def synthetic_requests(cfg: BenchConfig, vocab_size: int,
+                       context_length: int) -> list[pb.GenerateRequest]:
+    rows = synthetic_rows(cfg, vocab_size, context_length)
+    if cfg.save_requests:
+        path = Path(cfg.save_requests)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [make_request(row["token_ids"], params=SamplingParams(
+        max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)) for row in rows]
 
 
 def dataset_requests(cfg: BenchConfig) -> list[pb.GenerateRequest]:
@@ -96,7 +147,7 @@ def dataset_requests(cfg: BenchConfig) -> list[pb.GenerateRequest]:
         if prompt is None:
             raise JaxserveError(f'{path}:{n}: expected "prompt", "token_ids" or "messages"')
         params = SamplingParams(max_tokens=int(row.get("max_tokens", cfg.output_len)),
-                                temperature=0.0)
+                                temperature=0.0, ignore_eos=bool(row.get("ignore_eos", False)))
         rows.append(make_request(prompt, params=params))
     if not rows:
         raise JaxserveError(f"{path}: no requests")
@@ -136,7 +187,7 @@ async def run_load(cfg: BenchConfig) -> tuple[list[Result], float, pb.ModelInfo]
             raise JaxserveError(f"{host_port(cfg.host, cfg.port)}: {e.code().name}: "
                                 f"{e.details()}") from None
         requests = (dataset_requests(cfg) if cfg.dataset
-                    else synthetic_requests(cfg, info.vocab_size))
+                    else synthetic_requests(cfg, info.vocab_size, info.context_length))
         limit = asyncio.Semaphore(cfg.concurrency or len(requests))
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not cfg.progress)
         start = time.perf_counter()
@@ -229,13 +280,47 @@ def default_out() -> Path:
     return Path(default_cache_dir()).expanduser() / "bench" / f"serve-{stamp}.json"
 
 
-def run(cfg: BenchConfig, out: str | Path | None = None) -> dict:
-    """Run the load, print the table, write the JSON report; returns the report."""
+def measure(cfg: BenchConfig) -> dict:
+    """Run the load and print its table; returns the report."""
     results, duration, info = asyncio.run(run_load(cfg))
     report = make_report(cfg, results, duration, info)
     print(format_report(report))
+    return report
+
+
+def format_sweep(reports: list[dict]) -> str:
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.0f}"
+    lines = [f"{'rate (req/s)':>12}{'achieved':>10}{'out tok/s':>11}{'TTFT p50':>10}"
+             f"{'p99':>8}{'TPOT p50':>10}{'p99':>8}{'errors':>8}"]
+    for r in reports:
+        lines.append(f"{r['config']['rate']:>12g}{r['request_throughput']:>10.2f}"
+                     f"{r['output_token_throughput']:>11.1f}{ms(r['ttft_s']['p50']):>10}"
+                     f"{ms(r['ttft_s']['p99']):>8}{ms(r['tpot_s']['p50']):>10}"
+                     f"{ms(r['tpot_s']['p99']):>8}{sum(r['errors'].values()):>8}")
+    return "\n".join(lines)
+
+
+def _write(report: dict, out: str | Path | None) -> None:
     path = Path(out) if out else default_out()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def run(cfg: BenchConfig, out: str | Path | None = None,
+        rates: list[float] | None = None) -> dict:
+    """Run the load (once, or once per rate of a sweep), print the tables and write the JSON
+    report; returns it. A sweep's report holds one run's report per rate."""
+    configs = [dataclasses.replace(cfg, rate=rate) for rate in rates or [cfg.rate]]  # checked
+    if len(configs) == 1:
+        report = measure(configs[0])
+    else:
+        runs = []
+        for each in configs:
+            print(f"--- rate {each.rate:g} req/s")
+            runs.append(measure(each))
+        print(format_sweep(runs))
+        report = {"benchmark": "serve-sweep", "date": runs[0]["date"],
+                  "rates": list(rates), "runs": runs}
+    _write(report, out)
     return report

@@ -7,6 +7,7 @@ import socket
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jaxserve import cli
 from jaxserve.engine.request import FinishReason, SamplingParams
 from jaxserve.errors import JaxserveError
+from jaxserve.server.bench_serve import BenchConfig, request_lengths
 from jaxserve.server.client import AsyncClient, Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import FINISH_NAMES, make_request
@@ -264,6 +266,58 @@ def test_bench_serve_concurrency_and_rate(served, tmp_path, capsys):
                      "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["completed"] == 4 and report["config"]["rate"] == 20
+
+
+def test_bench_serve_lognormal_sweep_replays_its_saved_requests(served, client, tmp_path,
+                                                                capsys):
+    saved, out = tmp_path / "requests.jsonl", tmp_path / "sweep.json"
+    assert cli.main(["bench", "serve", "--port", str(served[1]), "--rate", "40", "80",
+                     "--num-requests", "6", "--input-len", "12", "--output-len", "3",
+                     "--lengths", "lognormal", "--save-requests", str(saved),
+                     "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    cfg = BenchConfig(rate=40, num_requests=6, input_len=12, output_len=3, lengths="lognormal")
+    context = client.model_info().context_length
+    assert [(len(r["token_ids"]), r["max_tokens"]) for r in rows] == request_lengths(cfg,
+                                                                                     context)
+    assert all(r["ignore_eos"] for r in rows)
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "serve-sweep" and report["rates"] == [40, 80]
+    for run, rate in zip(report["runs"], (40, 80), strict=True):
+        assert run["config"]["rate"] == rate and run["completed"] == 6 and not run["errors"]
+        assert run["total_input_tokens"] == sum(len(r["token_ids"]) for r in rows)
+        assert run["total_output_tokens"] == sum(r["max_tokens"] for r in rows)
+    assert "out tok/s" in capsys.readouterr().out  # the sweep's table
+
+    again = tmp_path / "again.json"  # the saved file is a dataset: the same work again
+    assert cli.main(["bench", "serve", "--port", str(served[1]), "--concurrency", "3",
+                     "--num-requests", "6", "--dataset", str(saved), "--out", str(again),
+                     "--no-progress"]) == 0
+    replay = json.loads(again.read_text())
+    assert replay["total_output_tokens"] == report["runs"][0]["total_output_tokens"]
+    assert replay["total_input_tokens"] == report["runs"][0]["total_input_tokens"]
+
+
+def test_lognormal_lengths_have_the_asked_means_and_fit_the_context():
+    cfg = BenchConfig(concurrency=1, num_requests=20000, input_len=1024, output_len=256,
+                      lengths="lognormal")
+    prompts, outputs = np.array(request_lengths(cfg, 10**7)).T
+    assert abs(prompts.mean() / 1024 - 1) < 0.03 and abs(outputs.mean() / 256 - 1) < 0.03
+    assert np.median(prompts) < 1024 and prompts.max() > 4 * 1024  # skewed, long tail
+    prompts, outputs = np.array(request_lengths(cfg, 2048)).T
+    assert prompts.min() >= 1 and outputs.min() >= 1 and (prompts + outputs).max() <= 2048
+    fixed = BenchConfig(concurrency=1, num_requests=3, input_len=5, output_len=7)
+    assert request_lengths(fixed, 2048) == [(5, 7)] * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rate", "5", "0"], "--rate: must be > 0"),
+    (["--rate", "5", "--lengths", "lognormal", "--length-sigma", "0"], "--length-sigma"),
+    (["--rate", "5", "--dataset", "x.jsonl", "--save-requests", "y.jsonl"], "--save-requests"),
+])
+def test_bench_serve_rejects_bad_options_before_sending(args, message, capsys):
+    assert cli.main(["bench", "serve", "--port", "1", "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_serve_writes_outside_the_source_tree_by_default(monkeypatch, tmp_path):
