@@ -45,7 +45,7 @@ from jaxserve.errors import ConfigError
 
 
 class Op(enum.IntEnum):
-    STEP = 1  # run one step: payload (ints, floats) follows
+    STEP = 1  # run one step: the packed input buffer follows
     WARM_UP = 2  # compile every bucket
     PING = 3  # nothing: the broadcast itself shows every process is there
     STOP = 4  # the leader is done: exit
@@ -56,8 +56,7 @@ class Message:
     op: Op
     bucket: tuple[int, int, int] = (0, 0, 1)  # tokens, sequences, rows per sequence
     continues: bool = False  # the step takes the previous step's sampled tokens
-    ints: np.ndarray | None = None
-    floats: np.ndarray | None = None
+    buffer: np.ndarray | None = None  # int32 [D, P, n]: the step's packed inputs
 
 
 _channels = itertools.count()  # every process makes its channels in the same order
@@ -69,11 +68,11 @@ WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the le
 class StepChannel:
     """The leader's per-step messages to every other process."""
 
-    def __init__(self, buffer_shapes, client=None, name: str | None = None):
-        """buffer_shapes(bucket) -> (ints shape, floats shape) of that bucket's inputs;
+    def __init__(self, buffer_shape, client=None, name: str | None = None):
+        """buffer_shape(bucket) -> the shape of that bucket's packed input buffer;
         client: the store (default: jax.distributed's); name: the channel's keys' folder
         (default: the how-manyth channel this process makes, the same on every process)."""
-        self._shapes = buffer_shapes
+        self._shape = buffer_shape
         self._client = client or distributed.global_state.client
         self._prefix = f"jaxserve/steps/{next(_channels) if name is None else name}/"
         self._count = 0  # messages sent (leader) or received (follower)
@@ -87,9 +86,7 @@ class StepChannel:
         header = np.array([message.op, *message.bucket, message.continues], np.int32)
         payload = header.tobytes()
         if message.op == Op.STEP:
-            raw = np.concatenate([np.ascontiguousarray(message.ints, np.int32).ravel(),
-                                  np.ascontiguousarray(message.floats, np.float32).ravel()
-                                  .view(np.int32)])
+            raw = np.ascontiguousarray(message.buffer, np.int32).ravel()
             payload += self._delta(message.bucket, raw)
         block, n = divmod(self._count, KEEP)
         if n == 0 and block >= 2:  # a follower is never more than a few messages behind
@@ -118,11 +115,8 @@ class StepChannel:
             _all_here()
         if message.op != Op.STEP:
             return message
-        ints_shape, floats_shape = self._shapes(message.bucket)
-        n_ints = int(np.prod(ints_shape))
         raw = self._undelta(message.bucket, payload[HEADER:])
-        return dataclasses.replace(message, ints=raw[:n_ints].reshape(ints_shape),
-                                   floats=raw[n_ints:].view(np.float32).reshape(floats_shape))
+        return dataclasses.replace(message, buffer=raw.reshape(self._shape(message.bucket)))
 
     # A step's inputs differ little from the previous step's in the same bucket (the page
     # tables, most of the bytes, change only at page boundaries), so each is sent as its

@@ -186,7 +186,7 @@ class Runner:
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int, int], object] = {}
         # Over several processes, the leader tells the others what to run (multihost.py).
-        self.channel = StepChannel(self._buffer_shapes) if jax.process_count() > 1 else None
+        self.channel = StepChannel(self._buffer_shape) if jax.process_count() > 1 else None
         compile_counter()
 
     # ----- device state ----------------------------------------------------------------
@@ -228,9 +228,9 @@ class Runner:
             return jax.device_put(host, self._per_block)
         return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
 
-    def _buffer_shapes(self, bucket: tuple[int, int, int]):
-        layout, blocks = self.batch.layout(*bucket), (self.num_shards, self.stages)
-        return (*blocks, layout.num_ints), (*blocks, layout.num_floats)
+    def _buffer_shape(self, bucket: tuple[int, int, int]) -> tuple[int, int, int]:
+        layout = self.batch.layout(*bucket)
+        return self.num_shards, self.stages, layout.num_ints + layout.num_floats
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
@@ -242,9 +242,9 @@ class Runner:
 
     # ----- the jitted step -------------------------------------------------------------
     def _sharded_step(self, layout: Layout):
-        """The step under shard_map: (params, state, ints [D, P, ...], floats [D, P, ...],
-        received tokens [D, P, S_max]) -> (state, sampler output [D, P, S, ...], tokens to
-        send on [D, P, S_max]). Each device gets its (data shard, stage) block."""
+        """The step under shard_map: (params, state, input buffers [D, P, ...], received
+        tokens [D, P, S_max]) -> (state, sampler output [D, P, S, ...], tokens to send on
+        [D, P, S_max]). Each device gets its (data shard, stage) block."""
         spec = lambda tree: jax.tree.map(lambda a: a.sharding.spec, tree)
         per_block = self._per_block.spec
         state = spec(self.state)
@@ -254,8 +254,8 @@ class Runner:
         gather = jax.process_count() > 1
         out_spec = jax.sharding.PartitionSpec() if gather else per_block
 
-        def shard_step(params, state, ints, floats, recv):
-            inp = layout.unpack(ints[0, 0], floats[0, 0])
+        def shard_step(params, state, buffer, recv):
+            inp = layout.unpack(buffer[0, 0])
             state, out, send = self._step(params, state, inp, recv[0, 0])
             out = jax.tree.map(lambda a: a[None, None], out)
             if gather:
@@ -267,8 +267,7 @@ class Runner:
         # check_vma off: the LM head's all_gather leaves the logits (and so the sampled
         # tokens and tables) equal on every tensor rank, but JAX types them as varying.
         return jax.shard_map(shard_step, mesh=self.mesh,
-                             in_specs=(spec(self.params), state, per_block, per_block,
-                                       per_block),
+                             in_specs=(spec(self.params), state, per_block, per_block),
                              out_specs=(state, out_spec, per_block), check_vma=False)
 
     def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1):
@@ -277,10 +276,9 @@ class Runner:
             layout = self.batch.layout(num_tokens, num_seqs, rows)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             blocks = (self.num_shards, self.stages)
-            buffers = [jax.ShapeDtypeStruct((*blocks, n), dtype, sharding=self._per_block)
-                       for n, dtype in ((layout.num_ints, jnp.int32),
-                                        (layout.num_floats, jnp.float32))]
-            lowered = step.lower(self.params, self.state, *buffers, self._prev_tokens)
+            buffer = jax.ShapeDtypeStruct((*blocks, layout.num_ints + layout.num_floats),
+                                          jnp.int32, sharding=self._per_block)
+            lowered = step.lower(self.params, self.state, buffer, self._prev_tokens)
             self._compiled[key] = lowered.compile()
         return self._compiled[key]
 
@@ -332,19 +330,19 @@ class Runner:
             if seq.samples:
                 seq.request.num_pending += 1
         if self.channel is not None:
-            self.channel.send(Message(Op.STEP, bucket, prev is not None, host.ints, host.floats))
-        out, next_prev = self._run(bucket, host.ints, host.floats,
+            self.channel.send(Message(Op.STEP, bucket, prev is not None, host.buffer))
+        out, next_prev = self._run(bucket, host.buffer,
                                    prev.prev_tokens if prev is not None else None)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return StepHandle(rows, out, next_prev)
 
-    def _run(self, bucket, ints: np.ndarray, floats: np.ndarray, prev_tokens):
-        """Dispatch one compiled step (every process does, with the same inputs)."""
+    def _run(self, bucket, buffer: np.ndarray, prev_tokens):
+        """Dispatch one compiled step (every process does, with the same inputs): one
+        host-to-device transfer, of the packed input buffer."""
         prev_tokens = self._prev_tokens if prev_tokens is None else prev_tokens
         self.state, out, next_prev = self._executable(*bucket)(
-            self.params, self.state, self._to_global(ints), self._to_global(floats),
-            prev_tokens)
+            self.params, self.state, self._to_global(buffer), prev_tokens)
         return out, next_prev
 
     def follow(self) -> None:
@@ -354,7 +352,7 @@ class Runner:
             if message.op == Op.WARM_UP:
                 self.warm_up(progress=False)
             elif message.op == Op.STEP:
-                _, prev = self._run(message.bucket, message.ints, message.floats,
+                _, prev = self._run(message.bucket, message.buffer,
                                     prev if message.continues else None)
 
     def ping(self) -> None:
@@ -375,12 +373,12 @@ class Runner:
 
     def prepare(self, sched: SchedulerOutput, page_tables: list[PageTable],
                 prev: StepHandle | None) -> tuple[tuple[int, ...], tuple[jax.Array, jax.Array]]:
-        """The (tokens, sequences, rows) bucket and the packed inputs (ints, floats), each
-        [D, P, ...] on the device, of a step that would run these sequences (profiling)."""
+        """The (tokens, sequences, rows) bucket and the packed inputs (a 1-tuple: the buffer
+        [D, P, ...] on the device) of a step that would run these sequences (profiling)."""
         ring = [self.batch.micro_batch(sched, page_tables, prev.rows if prev is not None else []),
                 *list(self._ring)[:-1]]
         bucket, host = self.batch.tick_inputs(ring[:self.stages])
-        return bucket, (self._to_global(host.ints), self._to_global(host.floats))
+        return bucket, (self._to_global(host.buffer),)
 
     def run_prepared(self, bucket: tuple[int, int, int], inputs, prev_tokens):
         """Run one compiled step on prepared inputs (profiling): new state, outputs, tokens."""
@@ -388,7 +386,7 @@ class Runner:
 
     def unpack(self, bucket: tuple[int, int, int], inputs) -> StepInputs:
         """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
-        return self.batch.layout(*bucket).unpack(inputs[0][0, 0], inputs[1][0, 0])
+        return self.batch.layout(*bucket).unpack(inputs[0][0, 0])
 
 
 def setup_compilation_cache(directory: str | None) -> None:

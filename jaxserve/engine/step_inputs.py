@@ -1,11 +1,11 @@
-"""A step's inputs: written on the host into two packed buffers, unpacked inside the step.
+"""A step's inputs: written on the host into one packed buffer, unpacked inside the step.
 
 A step takes about twenty small arrays (token ids, positions, page tables, sampling
 parameters). Sent one by one, each costs a host-to-device transfer per device, which shows
-in every decode step. So the host writes them into one int32 and one float32 buffer per
-data shard, through named numpy views that read like separate arrays, and the jitted step
-slices them apart again (`Layout.unpack`). The bucket fixes every shape, so the slices are
-static.
+in every decode step. So the host writes them into one int32 buffer per block (data shard,
+pipeline stage): its int32 fields first, then its float32 fields, whose bits it holds. Named
+numpy views read like separate arrays, and the jitted step slices them apart again
+(`Layout.unpack`). The bucket fixes every shape, so the slices are static.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ class Layout:
     def num_floats(self) -> int:
         return self._table[2]
 
-    def unpack(self, ints: jax.Array, floats: jax.Array) -> StepInputs:
-        """ints [num_ints] int32, floats [num_floats] f32 (one shard) -> StepInputs."""
+    def unpack(self, buffer: jax.Array) -> StepInputs:
+        """One block's buffer [num_ints + num_floats] int32 -> StepInputs."""
         kinds = {name: kind for name, kind, _ in _FIELDS}
+        ints = buffer[:self.num_ints]
+        floats = jax.lax.bitcast_convert_type(buffer[self.num_ints:], jnp.float32)
 
         def get(name):
             is_float, start, stop, shape = self.slots[name]
@@ -115,14 +117,17 @@ class Layout:
 
 
 class HostInputs:
-    """Padded inputs of every (data shard, pipeline stage) block of one step:
-    ints [D, P, num_ints], floats [D, P, num_floats]; `blocks[d][p]` names one block's views."""
+    """Padded inputs of every (data shard, pipeline stage) block of one step: buffer
+    [D, P, num_ints + num_floats] int32 (the float32 fields as their bits);
+    `blocks[d][p]` names one block's views."""
 
     def __init__(self, layout: Layout, num_shards: int, num_slots: int, num_stages: int = 1):
         self.layout = layout
-        self.ints = np.zeros((num_shards, num_stages, layout.num_ints), np.int32)
-        self.floats = np.zeros((num_shards, num_stages, layout.num_floats), np.float32)
-        self.blocks = [[ShardInputs(self.ints[d, p], self.floats[d, p], layout, num_slots)
+        self.buffer = np.zeros((num_shards, num_stages, layout.num_ints + layout.num_floats),
+                               np.int32)
+        ints = self.buffer[..., :layout.num_ints]
+        floats = self.buffer[..., layout.num_ints:].view(np.float32)
+        self.blocks = [[ShardInputs(ints[d, p], floats[d, p], layout, num_slots)
                         for p in range(num_stages)] for d in range(num_shards)]
 
 

@@ -35,15 +35,16 @@ class Store:
 
 def shapes(bucket):
     t, s, _ = bucket
-    return (1, 2, 3 * t + s), (1, 2, s)
+    return 1, 2, 3 * t + 2 * s
 
 
 def step(bucket, seed):
+    """A step's buffer: random int32 entries, then float32 ones (as their bits)."""
     rng = np.random.default_rng(seed)
-    ints_shape, floats_shape = shapes(bucket)
-    return Message(Op.STEP, bucket, bool(seed % 2),
-                   rng.integers(-2**31, 2**31 - 1, ints_shape, dtype=np.int32),
-                   rng.standard_normal(floats_shape).astype(np.float32))
+    d, p, n = shapes(bucket)
+    floats = rng.standard_normal((d, p, bucket[1])).astype(np.float32).view(np.int32)
+    ints = rng.integers(-2**31, 2**31 - 1, (d, p, n - bucket[1]), dtype=np.int32)
+    return Message(Op.STEP, bucket, bool(seed % 2), np.concatenate([ints, floats], axis=-1))
 
 
 def test_a_follower_receives_every_message_as_sent_in_order():
@@ -58,11 +59,10 @@ def test_a_follower_receives_every_message_as_sent_in_order():
         got = follower.receive()
         assert (got.op, got.bucket, got.continues) == (m.op, m.bucket, m.continues)
         if m.op == Op.STEP:
-            np.testing.assert_array_equal(got.ints, m.ints)
-            np.testing.assert_array_equal(got.floats, m.floats)
-            assert got.ints.dtype == np.int32 and got.floats.dtype == np.float32
+            np.testing.assert_array_equal(got.buffer, m.buffer)
+            assert got.buffer.dtype == np.int32 and got.buffer.shape == shapes(m.bucket)
         else:
-            assert got.ints is None and got.floats is None
+            assert got.buffer is None
 
 
 def test_the_store_keeps_one_to_two_blocks_of_messages(monkeypatch):
@@ -73,7 +73,7 @@ def test_the_store_keeps_one_to_two_blocks_of_messages(monkeypatch):
     kept = []
     for i in range(14):
         leader.send(step((16, 4, 1), i))
-        assert follower.receive().ints[0, 0, 0] == step((16, 4, 1), i).ints[0, 0, 0]
+        assert follower.receive().buffer[0, 0, 0] == step((16, 4, 1), i).buffer[0, 0, 0]
         kept.append(len(store.values))
     # blocks of 4: starting block b deletes block b - 2 in one call
     assert kept == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -114,13 +114,12 @@ def test_a_step_like_the_last_one_in_its_bucket_travels_as_a_small_difference():
     leader = StepChannel(shapes, store, name="t")
     follower = StepChannel(shapes, store, name="t")
     first = step((64, 16, 5), 1)
-    second = Message(Op.STEP, (64, 16, 5), True, first.ints.copy(), first.floats.copy())
-    second.ints[0, :, :16] += 1  # the positions move on; the page tables stay
+    second = Message(Op.STEP, (64, 16, 5), True, first.buffer.copy())
+    second.buffer[0, :, :16] += 1  # the positions move on; the page tables stay
     for m in (first, step((16, 4, 1), 2), second):
         leader.send(m)
         got = follower.receive()
-        np.testing.assert_array_equal(got.ints, m.ints)
-        np.testing.assert_array_equal(got.floats, m.floats)
-    raw_bytes = first.ints.nbytes + first.floats.nbytes
+        np.testing.assert_array_equal(got.buffer, m.buffer)
+    raw_bytes = first.buffer.nbytes
     assert len(store.values["jaxserve/steps/t/0/0"]) > raw_bytes  # random: incompressible
     assert len(store.values["jaxserve/steps/t/0/2"]) < raw_bytes // 10
