@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_parallel import copy_bandwidth, median_seconds
+from timing import copy_bandwidth, median_seconds
 
 
 def group_sizes(m: int, g: int, rng: np.random.Generator) -> jax.Array:

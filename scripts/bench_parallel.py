@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import copy_bandwidth, median_seconds
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine, StepTimes
@@ -62,24 +63,6 @@ from jaxserve.models.llama import flatten_params
 from sharding.mesh import MeshConfig
 
 ADMISSION_STEPS = 200  # at most this many steps to re-admit every request (budget >= 128)
-
-
-def median_seconds(fn, *args, reps: int) -> float:
-    """Median wall time of fn(*args) to completion, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def copy_bandwidth(gib: float = 4.0) -> float:
-    """Bytes per second of a device-to-device copy on the first device (read + write)."""
-    n = int(gib * 2**30) // 2
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    return 2 * n * 2 / median_seconds(jax.jit(lambda a: a * 1), x, reps=10)
 
 
 def all_reduce_latency(hidden: int, rows: int, chain: int = 64) -> float | None:

@@ -15,24 +15,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from jaxserve.engine.sampling import SamplingInputs, sample, top_k
 
 
-def median_ms(fn, *args, reps: int = 50) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+def median_ms(fn, *args) -> float:
+    return median_seconds(fn, *args, reps=50) * 1e3
 
 
 def inputs(rows: int, temperature: float) -> SamplingInputs:

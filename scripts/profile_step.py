@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from engine_runs import replay_ms
+from timing import median_seconds
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -22,15 +23,8 @@ from jaxserve.engine.sampling import sample
 from jaxserve.loader import load_model
 
 
-def bench(fn, *args, reps=30):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+def bench(fn, *args):
+    return median_seconds(fn, *args, reps=30) * 1000
 
 
 def main() -> None:

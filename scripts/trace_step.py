@@ -19,7 +19,8 @@ On CPU, XLA's executors name each event after its HLO op (`dot.50`,
 On a GPU the trace has a device timeline: the first device's kernels are classed by kernel
 name (matmuls, attention, collectives, copies, other fusions), each class with its kernel
 count per step and, for matmuls and attention, its floor: the bytes it must read (weights;
-the KV cache at the step's context) over the device's bandwidth, measured here. The
+the KV cache at the step's context) over the device's bandwidth, measured here (the
+better of a copy and a sum over 4 GiB). The
 host's events (the dispatch thread's XLA thunks, CUDA launch calls, ...) are listed
 separately with their counts, which shows what the host spends per kernel it launches.
 """
@@ -35,12 +36,12 @@ import json
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from engine_runs import abort_all, bucket_overrides, decode_together
+from timing import copy_bandwidth, read_bandwidth
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine
@@ -100,22 +101,6 @@ def per_step(events: list[dict], steps: int) -> tuple[dict, dict]:
         total[e["name"]] += e.get("dur", 0) / steps
         count[e["name"]] += 1 / steps
     return total, count
-
-
-def measure_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Bytes per second the default device moves: the better of a jitted copy (bytes read +
-    written) and a jitted sum (bytes read), each the median of 10 calls."""
-    x = jax.numpy.ones((nbytes // 4,), jax.numpy.float32)
-    best = 0.0
-    for fn, moved in ((jax.jit(lambda a: a + 1.0), 2 * nbytes), (jax.jit(jax.numpy.sum), nbytes)):
-        jax.block_until_ready(fn(x))
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            times.append(time.perf_counter() - t)
-        best = max(best, moved / float(np.median(times)))
-    return best
 
 
 def floors_ms(engine: Engine, kv_tokens: int, bandwidth: float) -> dict:
@@ -219,7 +204,7 @@ def main() -> None:
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
     engine.warm_up(progress=False)
     on_gpu = jax.devices()[0].platform == "gpu"
-    bandwidth = measure_bandwidth() if on_gpu else None
+    bandwidth = max(copy_bandwidth(), read_bandwidth()) if on_gpu else None
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:

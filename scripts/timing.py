@@ -1,0 +1,35 @@
+"""Timing helpers shared by the benchmark scripts: the median wall time of a device call,
+and the device's memory bandwidth (the roofline of a decode step)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_seconds(fn, *args, reps: int) -> float:
+    """Median wall time of fn(*args) to completion, after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second of a device-to-device copy on the first device (read + write)."""
+    n = int(gib * 2**30) // 2
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    return 2 * n * 2 / median_seconds(jax.jit(lambda a: a * 1), x, reps=10)
+
+
+def read_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second read by a sum over the first device's memory."""
+    n = int(gib * 2**30) // 4
+    x = jnp.ones((n,), jnp.float32)
+    return n * 4 / median_seconds(jax.jit(jnp.sum), x, reps=10)
