@@ -10,10 +10,11 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 
 from jaxserve.config import QUANTIZATIONS
-from jaxserve.errors import JaxserveError
+from jaxserve.errors import DeploymentError, JaxserveError
 from jaxserve.jsonl import read_jsonl
 
 EXIT_USAGE = 2
@@ -175,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except JaxserveError as e:
         print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, DeploymentError):  # no shutdown barrier with the other processes
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,12 @@ class ConfigError(JaxserveError, ValueError):
     """A deployment config file or value is wrong."""
 
 
+class DeploymentError(ConfigError):
+    """The processes of a deployment disagree (config, process count). Every process finds
+    the same fault at the same point, so each leaves at once: the distributed runtime's
+    shutdown would wait for processes that are leaving too."""
+
+
 class CheckpointError(JaxserveError, ValueError):
     """A checkpoint is missing, truncated, unsupported or disagrees with the config."""
 

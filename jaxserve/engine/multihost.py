@@ -41,7 +41,7 @@ from jax._src import distributed  # the coordination service's client (no public
 from jax.experimental import multihost_utils
 
 from jaxserve.config import Config
-from jaxserve.errors import ConfigError
+from jaxserve.errors import DeploymentError
 
 
 class Op(enum.IntEnum):
@@ -147,7 +147,7 @@ def config_digest(config: Config) -> bytes:
 
 
 def check_same_config(config: Config) -> None:
-    """ConfigError on every process when some process was started with another config, or
+    """DeploymentError on every process when some process was started with another config, or
     was told another number of processes than the deployment has."""
     if jax.process_count() == 1:
         return
@@ -158,11 +158,11 @@ def check_same_config(config: Config) -> None:
     counts = every[:, -1]
     wrong = [i for i, n in enumerate(counts) if n != jax.process_count()]
     if wrong:
-        raise ConfigError(f"process(es) {wrong} were told --num-processes "
+        raise DeploymentError(f"process(es) {wrong} were told --num-processes "
                           f"{sorted({int(counts[i]) for i in wrong})}, but the deployment "
                           f"has {jax.process_count()} processes")
     differ = [i for i, d in enumerate(every) if not np.array_equal(d, every[0])]
     if differ:
-        raise ConfigError(f"process(es) {differ} were started with a config that differs "
+        raise DeploymentError(f"process(es) {differ} were started with a config that differs "
                           "from process 0's (model, checkpoint, cache, scheduler, runner or "
                           "mesh); start every process with the same config")
