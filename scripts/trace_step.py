@@ -3,9 +3,10 @@
     python scripts/trace_step.py --config configs/smollm2-135m-cpu.yaml --batch 1 16 \
         --out trace.json
 
-B requests of --context random prompt tokens are prefilled; then --steps decode steps run
-under `jax.profiler.trace`. The trace's complete events are summed per name and divided by
-the steps.
+B requests of --context random prompt tokens are prefilled; --steps decode steps run
+without the profiler (`step_ms_unprofiled`: the profiler's own cost falls on the host),
+then --steps more under `jax.profiler.trace`. The trace's complete events are summed per
+name and divided by the steps.
 
 On CPU, XLA's executors name each event after its HLO op (`dot.50`,
 `dynamic-slice_bitcast_fusion.2`, ...), so the classes below are taken from those names:
@@ -44,7 +45,7 @@ from engine_runs import abort_all, bucket_overrides, decode_together
 from timing import copy_bandwidth, read_bandwidth
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine
+from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 
@@ -159,6 +160,10 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng,
                             temperature=0.0, ignore_eos=True)
     prompts = [rng.integers(3, vocab, context).tolist() for _ in range(batch)]
     decode_together(engine, prompts, params, f"b{batch}-")
+    for _ in range(steps):  # the same steps without the profiler, whose cost is the host's
+        engine.step()
+    plain = engine.step_times.per_step_ms()
+    engine.step_times = StepTimes()
     running = engine.scheduler.running
     kv_tokens = sum(r.num_tokens for r in running) + len(running) * steps // 2
     events = trace_steps(engine, steps)
@@ -166,6 +171,8 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng,
     step_ms = times["host_ms"] + times["wait_ms"]
     row = {"batch": batch, "context": context, "steps": steps,
            "mean_kv_tokens": round(kv_tokens / max(len(running), 1)),
+           "step_ms_unprofiled": round(plain["host_ms"] + plain["wait_ms"], 3),
+           "host_ms_unprofiled": round(plain["host_ms"], 3),
            "step_ms": round(step_ms, 3), "host_ms": round(times["host_ms"], 3),
            "phases_ms": {k: round(v, 3) for k, v in times.items()}}
     if any("/device:" in e["process"] for e in events):
