@@ -86,6 +86,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         raise ConfigError(str(e)) from None
     kv_budget(config, mesh.local_devices)  # a KV size these devices cannot take fails now
     dtype = jnp.dtype(config.model.dtype)
+    mode = config.model.quantization
     started = time.monotonic()
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)
@@ -93,8 +94,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         check_quantization(config, model_config)
         # Random weights are made in the asked mode, so a quantized model never exists in
         # full precision (a 70B model in fp8 fits one GPU that its bf16 weights do not).
-        model_config = dataclasses.replace(model_config,
-                                           quantization=config.model.quantization)
+        model_config = dataclasses.replace(model_config, quantization=mode)
         params = random_params(model_config, dtype, mesh,
                                replicate=_held_whole(tensor, pipeline))
         directory = None
@@ -109,14 +109,12 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
                   "device(s)", file=sys.stderr, flush=True)
         # Weights quantized below are restored as stored (a GGUF's float32), so they are
         # quantized from the source's own values: a Q8_0 GGUF gives back its own blocks.
-        mode = config.model.quantization
         exact = frozenset(quantized_weights(param_specs(
             dataclasses.replace(model_config, quantization=mode)))) \
             if mode != model_config.quantization else frozenset()
         _, params = orbax_store.load(directory, mesh, dtype,
                                      replicate=_held_whole(tensor, pipeline), keep_dtype=exact)
     flat = flatten_params(params)
-    mode = config.model.quantization
     if model_config.quantization != mode:  # a full-precision checkpoint, quantized now
         model_config = dataclasses.replace(model_config, quantization=mode)
         flat = quantize_params(flat, param_specs(model_config), mode, mesh,

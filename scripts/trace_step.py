@@ -21,9 +21,9 @@ On a GPU the trace has a device timeline: the first device's kernels are classed
 name (matmuls, attention, collectives, copies, other fusions), each class with its kernel
 count per step and, for matmuls and attention, its floor: the bytes it must read (weights;
 the KV cache at the step's context) over the device's bandwidth, measured here (the
-better of a copy and a sum over 4 GiB). The
-host's events (the dispatch thread's XLA thunks, CUDA launch calls, ...) are listed
-separately with their counts, which shows what the host spends per kernel it launches.
+better of a copy and a sum over 4 GiB). The host's events (the dispatch thread's XLA
+thunks, CUDA launch calls, ...) are listed separately with their counts, which shows what
+the host spends per kernel it launches.
 """
 
 from __future__ import annotations

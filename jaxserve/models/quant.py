@@ -17,11 +17,10 @@ its whole output axis, so each device's partial sum is scaled before the all-red
 (GGUF's Q8_0): the scale keeps every axis of the weight, that one divided by 32, under the
 logical name `<axis>_blocks`; the scale is rounded to float16, as Q8_0 stores it, and the
 values are rounded as llama.cpp rounds them, so a float tensor quantizes to the bytes
-llama.cpp or the gguf package would write. A block
-scale varies along the contraction, so the matmul converts q * scale to the activation
-dtype, layer by layer, before the einsum. Quantizing a Q8_0 tensor's dequantized values
-gives back its own bytes: amax = 127 * d exactly (d has 11 significant bits), so the scale
-is d and round(q * d / d) = q.
+llama.cpp or the gguf package would write. A block scale varies along the contraction, so
+the matmul converts q * scale to the activation dtype, layer by layer, before the einsum.
+Quantizing a Q8_0 tensor's dequantized values gives back its own bytes: amax = 127 * d
+exactly (d has 11 significant bits), so the scale is d and round(q * d / d) = q.
 
 Which weights: the attention projections (q, k, v, o), a dense MLP's gate, up and down
 projections, and every MoE expert's (a scale per expert and output channel, or block). The
