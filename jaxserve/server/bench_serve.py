@@ -311,7 +311,9 @@ def run(cfg: BenchConfig, out: str | Path | None = None,
         rates: list[float] | None = None) -> dict:
     """Run the load (once, or once per rate of a sweep), print the tables and write the JSON
     report; returns it. A sweep's report holds one run's report per rate."""
-    configs = [dataclasses.replace(cfg, rate=rate) for rate in rates or [cfg.rate]]  # checked
+    # Checked before any run; the same requests at every rate, saved by the first run only.
+    configs = [dataclasses.replace(cfg, rate=rate, save_requests=None if i else cfg.save_requests)
+               for i, rate in enumerate(rates or [cfg.rate])]
     if len(configs) == 1:
         report = measure(configs[0])
     else:
