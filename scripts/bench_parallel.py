@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from engine_runs import tokens_digest
 from timing import copy_bandwidth, median_seconds
 
 from jaxserve.config import load_config
@@ -145,6 +146,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
     assert len(engine.scheduler.running) == total  # nobody finished inside the window
     context.append(sum(r.num_tokens for r in running) / total)
     sent = sent_seconds(engine) - sent_before
+    digest = tokens_digest(running)
     for r in list(running):
         engine.abort(r.request_id)
     drain(engine)
@@ -157,7 +159,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
             "broadcast_ms": sent / output_len * 1e3,
             "step_phases_ms": engine.step_times.per_step_ms(),
             "broadcast_share": sent / sum(times),
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "tokens_digest": digest}
 
 
 def memory_in_use() -> list[float]:

@@ -3,9 +3,11 @@ profile_step.py, bench_verify_cost.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import jax
+import numpy as np
 
 from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
@@ -35,6 +37,14 @@ def decode_together(engine: Engine, prompts: list[list[int]], params: SamplingPa
     for _ in range(3):
         engine.step()
     engine.step_times = StepTimes()
+
+
+def tokens_digest(requests) -> str:
+    """A short hash of the requests' output tokens, in request-id order: runs of one config
+    under other XLA flags must give the same digest (a flag that changes the output is a
+    bug, not a speed-up)."""
+    out = [t for r in sorted(requests, key=lambda r: r.request_id) for t in r.output_ids]
+    return hashlib.sha256(np.asarray(out, np.int64).tobytes()).hexdigest()[:16]
 
 
 def abort_all(engine: Engine) -> None:

@@ -24,6 +24,9 @@ the KV cache at the step's context) over the device's bandwidth, measured here (
 better of a copy and a sum over 4 GiB). The host's events (the dispatch thread's XLA
 thunks, CUDA launch calls, ...) are listed separately with their counts, which shows what
 the host spends per kernel it launches.
+
+Each row also holds `tokens_digest`, a hash of the greedy tokens the steps produced: runs
+of one config under other XLA flags (`xla_flags` in the JSON) must give the same digest.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import datetime
 import glob
 import gzip
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from engine_runs import abort_all, bucket_overrides, decode_together
+from engine_runs import abort_all, bucket_overrides, decode_together, tokens_digest
 from timing import copy_bandwidth, read_bandwidth
 
 from jaxserve.config import load_config
@@ -121,7 +125,7 @@ def floors_ms(engine: Engine, kv_tokens: int, bandwidth: float) -> dict:
     return {"matmuls": weights / bandwidth * 1e3, "attention": kv / bandwidth * 1e3}
 
 
-def summarise_gpu(events: list[dict], steps: int, floors: dict) -> dict:
+def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25) -> dict:
     """Kernels of the first GPU by class (time, count, floor), and the host's events."""
     devices = sorted({e["process"] for e in events if "/device:" in e["process"]})
     kernels = [e for e in events if e["process"] == devices[0]]
@@ -142,7 +146,7 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict) -> dict:
         hlo_ops[e["name"]].add(e.get("args", {}).get("hlo_op", "?"))
     h_ms, h_count = per_step(host, steps)
     top = lambda ms, n: {name: {"ms": round(us / 1e3, 3), "per_step": round(n[name], 1)}
-                         for name, us in sorted(ms.items(), key=lambda kv: -kv[1])[:25]}
+                         for name, us in sorted(ms.items(), key=lambda kv: -kv[1])[:top_n]}
     return {"device": devices[0],
             "kernels_per_step": round(sum(k_count.values()), 1),
             "kernel_ms": round(sum(k_ms.values()) / 1e3, 3),
@@ -153,7 +157,7 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict) -> dict:
 
 
 def profile(engine: Engine, batch: int, context: int, steps: int, rng,
-            bandwidth: float | None) -> dict:
+            bandwidth: float | None, top_n: int = 25) -> dict:
     vocab = engine.model_config.vocab_size
     # Long enough that the first prompts are still decoding when the last prefill ends.
     params = SamplingParams(max_tokens=engine.config.cache.max_model_len - context,
@@ -170,13 +174,15 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng,
     times = engine.step_times.per_step_ms()
     step_ms = times["host_ms"] + times["wait_ms"]
     row = {"batch": batch, "context": context, "steps": steps,
+           "tokens_digest": tokens_digest(running),
            "mean_kv_tokens": round(kv_tokens / max(len(running), 1)),
            "step_ms_unprofiled": round(plain["host_ms"] + plain["wait_ms"], 3),
            "host_ms_unprofiled": round(plain["host_ms"], 3),
            "step_ms": round(step_ms, 3), "host_ms": round(times["host_ms"], 3),
            "phases_ms": {k: round(v, 3) for k, v in times.items()}}
     if any("/device:" in e["process"] for e in events):
-        row.update(summarise_gpu(events, steps, floors_ms(engine, kv_tokens, bandwidth)))
+        row.update(summarise_gpu(events, steps, floors_ms(engine, kv_tokens, bandwidth),
+                                top_n))
     else:
         ms, _ = per_step(events, steps)
         ops = {n: us for n, us in ms.items() if OP.match(n)}
@@ -200,6 +206,8 @@ def main() -> None:
                     help="GiB of KV pages (default: the config's)")
     ap.add_argument("--token-buckets", type=int, nargs="+", default=None)
     ap.add_argument("--seq-buckets", type=int, nargs="+", default=None)
+    ap.add_argument("--top", type=int, default=25,
+                    help="kernels and host events listed per row, by time")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     over = {"scheduler__max_num_seqs": max(args.batch),
@@ -215,11 +223,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:
-        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth))
+        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth, args.top))
         print(json.dumps(rows[-1], indent=1), flush=True)
     result = {"benchmark": "trace-step",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "config": args.config,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
