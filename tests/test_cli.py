@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +145,14 @@ def test_generate_json_reports_speculation(config_file, capsys, tmp_path):
     usage = speculative["usage"]
     assert usage["accepted_tokens"] >= 8 and usage["draft_tokens"] >= usage["accepted_tokens"]
     assert usage["mean_accepted_length"] > 2
+
+
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
+    """`python -m jaxserve` is the `jaxserve` command: same parser, same exit codes."""
+    ok = subprocess.run([sys.executable, "-m", "jaxserve", "serve", "--help"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: jaxserve serve")
+    bad = subprocess.run([sys.executable, "-m", "jaxserve", "generate", "--config",
+                          str(tmp_path / "missing.yaml"), "--prompt", "a"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
