@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxserve.config import Config
+from jaxserve.engine import step_outputs
 from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.multihost import Message, Op, StepChannel
@@ -77,11 +78,16 @@ class StepHandle:
     """A dispatched step: its device outputs and which request sampled in which row."""
 
     rows: list[tuple[Request, int, int]]  # (request, data shard, row) of each sampled token
-    out: SamplerOutput  # arrays [D, P, S, ...]; the last stage's ([:, -1]) are the samples
+    out: jax.Array  # [D, P, S, W] packed sampler output (step_outputs.py); the last
+    #                 stage's ([:, -1]) are the samples
     prev_tokens: jax.Array  # [D, P, S_max] tokens each stage received, for the next step
+    sampled_rows: int  # J: rows sampled per sequence
+    num_top: int  # N: top logprobs per row
 
     def fetch(self) -> SamplerOutput:
-        return jax.tree.map(lambda a: a[:, -1], jax.device_get(self.out))
+        """The samples [D, S, ...] as numpy views of one device-to-host transfer."""
+        return step_outputs.unpack(np.asarray(jax.device_get(self.out))[:, -1],
+                                   self.sampled_rows, self.num_top)
 
 
 def pick_attention(backend: str):
@@ -243,8 +249,8 @@ class Runner:
     # ----- the jitted step -------------------------------------------------------------
     def _sharded_step(self, layout: Layout):
         """The step under shard_map: (params, state, input buffers [D, P, ...], received
-        tokens [D, P, S_max]) -> (state, sampler output [D, P, S, ...], tokens to send on
-        [D, P, S_max]). Each device gets its (data shard, stage) block."""
+        tokens [D, P, S_max]) -> (state, packed sampler output [D, P, S, W], tokens to send
+        on [D, P, S_max]). Each device gets its (data shard, stage) block."""
         spec = lambda tree: jax.tree.map(lambda a: a.sharding.spec, tree)
         per_block = self._per_block.spec
         state = spec(self.state)
@@ -257,11 +263,11 @@ class Runner:
         def shard_step(params, state, buffer, recv):
             inp = layout.unpack(buffer[0, 0])
             state, out, send = self._step(params, state, inp, recv[0, 0])
-            out = jax.tree.map(lambda a: a[None, None], out)
+            out = step_outputs.pack(out)[None, None]  # one array: one transfer to the host
             if gather:
-                out = jax.tree.map(lambda a: jax.lax.all_gather(
-                    a, ("data", PIPELINE_AXIS), axis=0, tiled=True).reshape(
-                        self.num_shards, self.stages, *a.shape[2:]), out)
+                out = jax.lax.all_gather(out, ("data", PIPELINE_AXIS), axis=0,
+                                         tiled=True).reshape(self.num_shards, self.stages,
+                                                             *out.shape[2:])
             return state, out, send[None, None]
 
         # check_vma off: the LM head's all_gather leaves the logits (and so the sampled
@@ -333,9 +339,8 @@ class Runner:
             self.channel.send(Message(Op.STEP, bucket, prev is not None, host.buffer))
         out, next_prev = self._run(bucket, host.buffer,
                                    prev.prev_tokens if prev is not None else None)
-        for leaf in jax.tree.leaves(out):
-            leaf.copy_to_host_async()
-        return StepHandle(rows, out, next_prev)
+        out.copy_to_host_async()
+        return StepHandle(rows, out, next_prev, bucket[2], self.num_top)
 
     def _run(self, bucket, buffer: np.ndarray, prev_tokens):
         """Dispatch one compiled step (every process does, with the same inputs): one
