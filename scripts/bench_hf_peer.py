@@ -24,7 +24,8 @@ The naive baseline of a serving benchmark: the requests `jaxserve bench serve
 --save-requests` wrote (token ids and max_tokens each), in order, in static batches of
 --batch requests. Each batch is left-padded to its longest prompt and generates its largest
 max_tokens for every row; output tok/s counts each request's own max_tokens over the wall
-time of all the batches, after one warm-up batch:
+time of all the batches, after a warm-up on the first batch (whole when compiled, whose
+shapes must match; 4 tokens when eager). --max-requests keeps the file's first N:
 
     python scripts/bench_hf_peer.py --shape configs/shapes/llama3-8b.json \
         --requests requests.jsonl --batch 32 128
@@ -184,21 +185,23 @@ def run_requests(model, rows: list[dict], batch: int, compiled: bool) -> dict:
     """The requests in order, `batch` at a time (see the module docstring)."""
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
 
-    def generate(chunk: list[dict]) -> None:
+    def generate(chunk: list[dict], new: int | None = None) -> None:
         longest = max(len(r["token_ids"]) for r in chunk)
         ids = torch.zeros((len(chunk), longest), dtype=torch.long)
         mask = torch.zeros((len(chunk), longest), dtype=torch.long)
         for i, r in enumerate(chunk):  # left padding: every prompt ends at the last column
             ids[i, longest - len(r["token_ids"]):] = torch.tensor(r["token_ids"])
             mask[i, longest - len(r["token_ids"]):] = 1
-        new = max(r["max_tokens"] for r in chunk)
+        new = new or max(r["max_tokens"] for r in chunk)
         gen = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                cache_implementation="static" if compiled else None,
                                pad_token_id=0, eos_token_id=None)
         model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                        generation_config=gen)
 
-    generate(chunks[0])  # warm-up (compiles)
+    # Warm-up: a compiled static cache compiles for the chunk's exact shapes, so it runs the
+    # first chunk whole; eager runs need only their kernels loaded (a few tokens).
+    generate(chunks[0], None if compiled else 4)
     sync()
     t = time.perf_counter()
     for chunk in chunks:
@@ -228,6 +231,7 @@ def main() -> None:
     ap.add_argument("--requests", metavar="JSONL",
                     help="run these requests (jaxserve bench serve --save-requests) in static "
                          "batches of --batch instead of fixed lengths")
+    ap.add_argument("--max-requests", type=int, help="with --requests: only the first N")
     ap.add_argument("--out", default="bench/results/hf-peer.json")
     args = ap.parse_args()
     shape = json.loads(Path(args.shape).read_text())
@@ -240,7 +244,7 @@ def main() -> None:
     writes = int(os.environ.get("RANK", "0")) == 0
     rows = []
     requests = ([json.loads(line) for line in Path(args.requests).read_text().splitlines()
-                 if line.strip()] if args.requests else None)
+                 if line.strip()][:args.max_requests] if args.requests else None)
     for b in args.batch:  # every row is on disk as soon as it is measured
         if requests:
             rows.append(run_requests(model, requests, b, not args.no_compile))
@@ -254,7 +258,7 @@ def main() -> None:
             timespec="seconds"), "device": torch.cuda.get_device_name() if GPU else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "gpus": torch.cuda.device_count(), "device_map": args.device_map,
-            "requests": args.requests,
+            "requests": args.requests, "max_requests": args.max_requests,
             "tensor_parallel": int(os.environ.get("WORLD_SIZE", "1")) if args.tp else None,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "shape": args.shape, "rows": rows}
