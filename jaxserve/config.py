@@ -85,11 +85,19 @@ class CacheSection:
     # auto: pages in the model dtype; int8 | fp8: pages quantized, with a float32 scale per
     # (token, KV head) (models/quant.py), about half the bytes of bfloat16.
     kv_dtype: str = "auto"
+    # int8 | fp8 pages: rotate K, V and Q by an orthonormal Hadamard matrix before K and V
+    # are rounded (and the attention output back), which spreads each vector's outlier
+    # channels over all of them; attention is unchanged up to the rounding
+    # (docs/quantization.md). Needs a head_dim that is a power of two.
+    kv_rotation: bool = False
 
     def __post_init__(self):
         _check(self.page_size >= 1, "page_size", f"must be >= 1 (got {self.page_size})")
         _check(self.kv_dtype in KV_DTYPES, "kv_dtype",
                f"must be one of {KV_DTYPES} (got {self.kv_dtype!r})")
+        _check(not self.kv_rotation or self.kv_dtype != "auto", "kv_rotation",
+               "rotates the vectors of a quantized cache: it needs kv_dtype int8 or fp8 "
+               "(got auto)")
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
                f"must be a byte count or a fraction in (0, 1] (got {self.kv_cache_memory})")
         _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")

@@ -152,7 +152,8 @@ def parallel_plans(model_config: ModelConfig,
 
 def check_quantization(config: Config, model_config: ModelConfig) -> None:
     """model.quantization against the checkpoint: a full-precision checkpoint can be
-    quantized as it loads; a quantized one loads only in its own mode."""
+    quantized as it loads; a quantized one loads only in its own mode. And
+    cache.kv_rotation against the model's head_dim."""
     mode, stored = config.model.quantization, model_config.quantization
     if stored != "none" and stored != mode:
         raise ConfigError(f"model.quantization: {mode} asked, but the checkpoint's linear "
@@ -160,6 +161,10 @@ def check_quantization(config: Config, model_config: ModelConfig) -> None:
                           "or convert the source again without --quantize")
     if mode == "q8_0" and (problem := block_problem(model_config, config.mesh.tensor)):
         raise ConfigError(f"model.quantization: {problem}")
+    head_dim = model_config.head_dim
+    if config.cache.kv_rotation and head_dim & (head_dim - 1):
+        raise ConfigError(f"cache.kv_rotation: a Hadamard rotation needs a head_dim that is a "
+                          f"power of two, but this model's head_dim is {head_dim}")
 
 
 def quantize_params(flat: dict, specs: dict, mode: str, mesh,

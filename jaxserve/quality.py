@@ -30,12 +30,13 @@ class Score:
 
 
 def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto",
-          chunk: int = 512) -> Score:
+          chunk: int = 512, kv_rotation: bool = False) -> Score:
     """Teacher-forced top-1 and loss of `loaded` (one device) over the token ids `ids`, with
-    its KV cache in `dtype` (kv_dtype auto) or quantized (int8 | fp8, as cache.kv_dtype)."""
+    its KV cache in `dtype` (kv_dtype auto) or quantized (int8 | fp8, as cache.kv_dtype),
+    its vectors rotated first with kv_rotation (as cache.kv_rotation)."""
     c = loaded.model_config
     model = LlamaModel(c, jnp.dtype(dtype), ragged_paged_attention_reference,
-                       scan_unroll=1)
+                       scan_unroll=1, kv_rotation=kv_rotation)
     n = len(ids)
     pages = -(-n // PAGE)
     kv_shape = (c.num_layers, pages + 1, PAGE, c.num_kv_heads, c.head_dim)  # page 0: padding

@@ -9,8 +9,9 @@ Gettysburg Address and Lincoln's Second Inaugural Address) runs through the mode
 sequence (jaxserve/quality.py). Reference: the config's model with `model.quantization: none`
 in the config's dtype (float32 on CPU, bfloat16 on GPU), its KV cache in that dtype too.
 For each weight mode (`model.quantization`, KV cache as the reference's) and each KV mode
-(`cache.kv_dtype`, weights as the reference's): the share of positions whose top-1 next
-token matches the reference's, and both perplexities.
+(`cache.kv_dtype`, weights as the reference's; with --kv-rotation each also with
+`cache.kv_rotation`): the share of positions whose top-1 next token matches the
+reference's, and both perplexities.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
                     help="weight quantizations")
     ap.add_argument("--kv-modes", nargs="*", default=["int8", "fp8"], choices=["int8", "fp8"],
                     help="KV cache dtypes")
+    ap.add_argument("--kv-rotation", action="store_true",
+                    help="also run each KV dtype with cache.kv_rotation (Hadamard-rotated vectors)")
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -56,16 +59,21 @@ def main() -> None:
           f"{compare(reference, reference)['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",
           flush=True)
     rows = []
-    runs = [("weights", mode) for mode in args.modes] + [("kv_cache", m) for m in args.kv_modes]
-    for what, mode in runs:
+    runs = ([("weights", mode, False) for mode in args.modes]
+            + [("kv_cache", m, False) for m in args.kv_modes]
+            + [("kv_cache", m, True) for m in args.kv_modes if args.kv_rotation])
+    for what, mode, rotated in runs:
         t = time.perf_counter()
         if what == "weights":
             model = load_model(config.replace(model__quantization=mode), progress=False)
             result = compare(reference, score(model, ids, dtype))
         else:
-            result = compare(reference, score(loaded, ids, dtype, kv_dtype=mode))
-        row = {"quantized": what, "mode": mode, **result, "seconds": time.perf_counter() - t}
+            result = compare(reference, score(loaded, ids, dtype, kv_dtype=mode,
+                                              kv_rotation=rotated))
+        row = {"quantized": what, "mode": mode, **({"kv_rotation": True} if rotated else {}),
+               **result, "seconds": time.perf_counter() - t}
         rows.append(row)
+        mode = f"{mode} rotated" if rotated else mode
         print(f"{what} {mode}: top-1 agreement {row['top1_agreement']:.2%}, perplexity "
               f"{row['perplexity']:.3f} (reference {row['perplexity_reference']:.3f})",
               flush=True)

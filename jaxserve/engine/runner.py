@@ -183,7 +183,7 @@ class Runner:
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,
                            expert_axis=EXPERT_AXIS if experts > 1 else None,
-                           expert_shards=experts)
+                           expert_shards=experts, kv_rotation=config.cache.kv_rotation)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)
         self.state = self._init_state()

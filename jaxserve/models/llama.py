@@ -53,6 +53,7 @@ from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.quant import (
     SCALE,
     STORAGE,
+    hadamard,
     kv_mode,
     qeinsum,
     quantize_vectors,
@@ -141,6 +142,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     attention_fn: AttentionFn
     tensor_axis: str | None = None
+    kv_rotation: bool = False  # cache.kv_rotation: Q, K, V rotated, the output back
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
@@ -156,6 +158,10 @@ class Attention(nn.Module):
         inv_freq = jnp.asarray(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
         pos = jnp.maximum(meta.positions, 0)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        if self.kv_rotation:  # q.k and the weights of v are unchanged by an orthonormal H
+            rot = jnp.asarray(hadamard(c.head_dim))
+            turn = lambda t: jnp.einsum("thd,de->the", t.astype(jnp.float32), rot).astype(t.dtype)
+            q, k, v = turn(q), turn(k), turn(v)
 
         k_pages, v_pages, *scales = kv  # [L, N, page_size, K, D] (+ scales [L, N, page_size, K])
         page_size = k_pages.shape[2]
@@ -173,6 +179,8 @@ class Attention(nn.Module):
             q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
             sm_scale=c.head_dim**-0.5, **extra,
         )  # [T, H, D]
+        if self.kv_rotation:  # H is symmetric and orthonormal: its own inverse
+            out = turn(out)
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization)
@@ -301,14 +309,15 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     attention_fn: AttentionFn
     parallel: Parallel = Parallel()
+    kv_rotation: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
         x, kv = carry
         c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
-        a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, name="attn")(
-            h, kv, layer, meta)
+        a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
+                          name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -336,6 +345,7 @@ class LlamaModel(nn.Module):
     tensor_axis: str | None = None
     expert_axis: str | None = None
     expert_shards: int = 1
+    kv_rotation: bool = False  # cache.kv_rotation (a quantized cache's vectors rotated)
 
     def setup(self):
         c = self.config
@@ -350,7 +360,7 @@ class LlamaModel(nn.Module):
             length=c.num_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.attention_fn, par)
+        )(c, self.dtype, self.attention_fn, par, self.kv_rotation)
         if c.is_mixed:  # MLP weights stacked per kind, outside the scan
             self.dense_mlp = _FFNStack(c, self.dtype, "dense", 1)
             self.moe = _FFNStack(c, self.dtype, "moe", self.expert_shards)

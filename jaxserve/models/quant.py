@@ -144,6 +144,17 @@ def quantize_vectors(x: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
     return quantize(x, (x.ndim - 1,), mode)
 
 
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal n x n Hadamard matrix (Sylvester's construction), float32; n must be a
+    power of two. Symmetric, so it is its own inverse: H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
 def kv_mode(dtype) -> str | None:
     """int8 | fp8 for a quantized cache's storage dtype; None for a float cache."""
     return {v: k for k, v in KV_STORAGE.items()}.get(jnp.dtype(dtype))

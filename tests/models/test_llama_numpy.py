@@ -97,7 +97,10 @@ def random_params(c: ModelConfig, seed: int) -> dict:
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("chunks", [(11,), (4, 1, 6)], ids=["one-prefill", "chunked"])
-def test_model_matches_numpy(name, chunks):
+@pytest.mark.parametrize("kv_rotation", [False, True], ids=["plain", "rotated"])
+def test_model_matches_numpy(name, chunks, kv_rotation):
+    """With kv_rotation (Q, K, V rotated by a Hadamard matrix, the output back) and a float
+    cache, nothing is rounded: the logits are the numpy forward's all the same."""
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
@@ -107,7 +110,8 @@ def test_model_matches_numpy(name, chunks):
     kv_shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
-    model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference)
+    model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference,
+                       kv_rotation=kv_rotation)
     start = 0
     for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
         pos = np.arange(start, start + n)
