@@ -109,16 +109,26 @@ DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (C
 
 def kv_budget(config: Config, devices) -> float:
     """cache.kv_cache_memory, or its default for these devices: a fraction (<= 1) of free
-    memory, or bytes. ConfigError for a fraction on devices that report no memory size."""
+    memory, or bytes. ConfigError for a fraction on devices that report no memory size, and
+    for no size at all on accelerators that report none (no silent 1 GiB on a GPU)."""
     budget = config.cache.kv_cache_memory
     reported = all("bytes_limit" in (d.memory_stats() or {}) for d in devices)
+    kind = "/".join(sorted({d.platform for d in devices}))
     if budget is None:
-        return DEFAULT_KV_FRACTION if reported else DEFAULT_KV_BYTES
+        if reported:
+            return DEFAULT_KV_FRACTION
+        if kind != "cpu":
+            raise ConfigError(
+                f"cache.kv_cache_memory is unset, and these {kind} devices report no memory "
+                "size to take a fraction of (XLA's VMM allocator, which a "
+                "--xla_gpu_command_buffer_update_mode other than the default switches on, "
+                "reports none); give a byte count (e.g. 68719476736)")
+        return DEFAULT_KV_BYTES
     if budget <= 1 and not reported:
-        kind = "/".join(sorted({d.platform for d in devices}))
+        unset = " or leave it unset" if kind == "cpu" else ""
         raise ConfigError(f"cache.kv_cache_memory={budget:g} is a fraction of free device "
                           f"memory, but {kind} devices report no memory size; give a byte "
-                          "count (e.g. 268435456) or leave it unset")
+                          f"count (e.g. 268435456){unset}")
     return budget
 
 

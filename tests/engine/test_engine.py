@@ -229,6 +229,32 @@ def test_pallas_backend_without_gpu_is_a_config_error(demo_config, demo_model):
         make_engine(demo_config, demo_model, runner__attention_backend="pallas")
 
 
+class _Device:
+    """A device as kv_budget sees it: a platform and its memory statistics (or none)."""
+
+    def __init__(self, platform, stats):
+        self.platform, self._stats = platform, stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_kv_cache_size_on_a_gpu_that_reports_no_memory_must_be_given(demo_config):
+    from jaxserve.engine.runner import kv_budget
+
+    unset = demo_config.replace(cache__kv_cache_memory=None)
+    assert kv_budget(unset, [_Device("gpu", {"bytes_limit": 1 << 40})]) == 0.9
+    assert kv_budget(unset, [_Device("cpu", None)]) == 1 << 30
+    with pytest.raises(ConfigError, match=r"cache.kv_cache_memory is unset, and these gpu "
+                                          r"devices report no memory size .*VMM allocator"):
+        kv_budget(unset, [_Device("gpu", None)])
+    with pytest.raises(ConfigError, match=r"=0.5 is a fraction .* gpu devices report no "
+                                          r"memory size; give a byte count \(e.g. 268435456\)$"):
+        kv_budget(unset.replace(cache__kv_cache_memory=0.5), [_Device("gpu", None)])
+    assert kv_budget(unset.replace(cache__kv_cache_memory=2.0**30),
+                     [_Device("gpu", None)]) == 2.0**30
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU defaults")
 def test_kv_cache_size_defaults_to_bytes_on_cpu_and_a_fraction_fails_first(demo_config,
                                                                           demo_model):
