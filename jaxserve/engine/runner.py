@@ -245,8 +245,7 @@ class Runner:
         return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
 
     def _buffer_shape(self, bucket: tuple[int, int, int]) -> tuple[int, int, int]:
-        layout = self.batch.layout(*bucket)
-        return self.num_shards, self.stages, layout.num_ints + layout.num_floats
+        return self.num_shards, self.stages, self.batch.layout(*bucket).size
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
@@ -291,9 +290,8 @@ class Runner:
         if key not in self._compiled:
             layout = self.batch.layout(num_tokens, num_seqs, rows)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
-            blocks = (self.num_shards, self.stages)
-            buffer = jax.ShapeDtypeStruct((*blocks, layout.num_ints + layout.num_floats),
-                                          jnp.int32, sharding=self._per_block)
+            buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
+                                          sharding=self._per_block)
             lowered = step.lower(self.params, self.state, buffer, self._prev_tokens)
             self._compiled[key] = lowered.compile()
         return self._compiled[key]

@@ -57,7 +57,8 @@ _FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each field sits in the two buffers, for one (T, S) bucket."""
+    """Where each field sits in a block's buffer (int32 fields, then float32 ones), for one
+    (T, S, J) bucket."""
 
     T: int  # padded tokens
     S: int  # padded sequences
@@ -93,8 +94,13 @@ class Layout:
     def num_floats(self) -> int:
         return self._table[2]
 
+    @property
+    def size(self) -> int:
+        """int32 values in one block's buffer: the int fields, then the floats' bits."""
+        return self.num_ints + self.num_floats
+
     def unpack(self, buffer: jax.Array) -> StepInputs:
-        """One block's buffer [num_ints + num_floats] int32 -> StepInputs."""
+        """One block's buffer [size] int32 -> StepInputs."""
         kinds = {name: kind for name, kind, _ in _FIELDS}
         ints = buffer[:self.num_ints]
         floats = jax.lax.bitcast_convert_type(buffer[self.num_ints:], jnp.float32)
@@ -118,13 +124,12 @@ class Layout:
 
 class HostInputs:
     """Padded inputs of every (data shard, pipeline stage) block of one step: buffer
-    [D, P, num_ints + num_floats] int32 (the float32 fields as their bits);
+    [D, P, layout.size] int32 (the float32 fields as their bits);
     `blocks[d][p]` names one block's views."""
 
     def __init__(self, layout: Layout, num_shards: int, num_slots: int, num_stages: int = 1):
         self.layout = layout
-        self.buffer = np.zeros((num_shards, num_stages, layout.num_ints + layout.num_floats),
-                               np.int32)
+        self.buffer = np.zeros((num_shards, num_stages, layout.size), np.int32)
         ints = self.buffer[..., :layout.num_ints]
         floats = self.buffer[..., layout.num_ints:].view(np.float32)
         self.blocks = [[ShardInputs(ints[d, p], floats[d, p], layout, num_slots)
