@@ -101,6 +101,8 @@ BATCHES_A = {
     "decode": ([1, 1, 1, 1, 1, 1], [1, 7, 8, 9, 33, 64]),
     # one chunk without history, one after 17 cached tokens, an idle sequence (no tokens)
     "prefill": ([16, 0, 23, 0, 0, 0], [16, 5, 40, 0, 0, 0]),
+    # one sequence decoding in a bucket of six (the others empty), over every split
+    "sparse_decode": ([1, 0, 0, 0, 0, 0], [61, 0, 0, 0, 0, 0]),
 }
 BLOCKS_A = {
     "no_split": BlockSizes(block_q=4, block_q_decode=4, block_kv=16, block_kv_decode=16,
@@ -158,8 +160,10 @@ class TestBlockSizes:
         resolve = functools.partial(BlockSizes().resolve, group=4, kv_heads=8,
                                     max_kv_len=32768)
         assert resolve(num_seqs=1).num_kv_splits == 16
-        assert resolve(num_seqs=8).num_kv_splits == 4
-        assert resolve(num_seqs=64).num_kv_splits == 1
+        assert resolve(num_seqs=32).num_kv_splits == 16
+        assert resolve(num_seqs=64).num_kv_splits == 8
+        assert resolve(num_seqs=256).num_kv_splits == 2
+        assert resolve(num_seqs=1024).num_kv_splits == 1
         short = BlockSizes().resolve(group=4, kv_heads=8, num_seqs=1, max_kv_len=128)
         assert short.num_kv_splits == 2  # never more splits than key blocks
 
