@@ -210,6 +210,8 @@ def main() -> None:
                     help="model.quantization for every mesh (default: the config's)")
     ap.add_argument("--kv-dtype", choices=["auto", "int8", "fp8"],
                     help="cache.kv_dtype for every mesh (default: the config's)")
+    ap.add_argument("--kv-rotation", action="store_true",
+                    help="cache.kv_rotation on for every mesh (needs --kv-dtype int8 or fp8)")
     ap.add_argument("--out", required=True)
     add_distributed_args(ap)
     args = ap.parse_args()
@@ -228,6 +230,8 @@ def main() -> None:
         base = base.replace(model__quantization=args.quantization)
     if args.kv_dtype:
         base = base.replace(cache__kv_dtype=args.kv_dtype)
+    if args.kv_rotation:
+        base = base.replace(cache__kv_rotation=True)
     base = with_distributed_args(base, args, "bench_parallel")
     leader = join(base)  # every process runs what follows up to the meshes, in step
     bandwidth = copy_bandwidth(args.copy_gib)

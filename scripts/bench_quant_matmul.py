@@ -7,8 +7,10 @@ variant timed alone (median of 30 calls), with its achieved weight bandwidth and
 Variants: bf16 (XLA); convert (weights converted inside the layer, as models/quant.py's
 qeinsum did before the barrier); +barrier (qeinsum now: conversion kept per layer);
 +list/+loop (layers unstacked / a while loop); mixed (dot_general on bf16 x int8);
-w8a8 (fp8 activations x fp8 weights, cuBLASLt); pallas / k2 (Pallas Triton GEMMs that
-load int8/fp8 tiles and convert them in registers, with and without split-K).
+w8a8 (fp8 activations x fp8 weights, cuBLASLt, weights stored [K, N], which XLA transposes
+every call); w8a8nk (the same with weights stored [N, K], cuBLASLt's own layout, and a bf16
+result); pallas / k2 (Pallas Triton GEMMs that load int8/fp8 tiles and convert them in
+registers, with and without split-K).
 """
 
 import functools
@@ -138,6 +140,12 @@ def mm(variant, x, w, s):
     if variant == "mixed":
         y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (y * s).astype(x.dtype)
+    if variant == "w8a8nk":  # w is [N, K]; contract K with K
+        xa = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
+        xa = jnp.where(xa > 0, xa, 1.0)
+        xq = (x.astype(jnp.float32) / xa).astype(jnp.float8_e4m3fn)
+        y = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=bf)
+        return (y.astype(jnp.float32) * xa * s).astype(x.dtype)
     if variant == "w8a8":
         xa = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
         xa = jnp.where(xa > 0, xa, 1.0)
@@ -199,6 +207,7 @@ def mlp_scan(variant, x, ws):
 
 
 def make(mode):
+    """The MLP stack's weights, [L, K, N] each; mode "fp8-nk" stores them [L, N, K]."""
     k = jax.random.split(jax.random.key(0), 3)
     g = jax.random.normal(k[0], (L, E, F), bf) * 0.02
     u = jax.random.normal(k[1], (L, E, F), bf) * 0.02
@@ -207,8 +216,8 @@ def make(mode):
         return {"g": g, "u": u, "d": d}
     out = {}
     for n, w in (("g", g), ("u", u), ("d", d)):
-        q, s = jax.jit(jax.vmap(functools.partial(quant, mode=mode)))(w)
-        out[n], out[n + "s"] = q, s
+        q, s = jax.jit(jax.vmap(functools.partial(quant, mode=mode.split("-")[0])))(w)
+        out[n], out[n + "s"] = (jnp.swapaxes(q, 1, 2) if mode == "fp8-nk" else q), s
     return out
 
 
@@ -261,6 +270,7 @@ for mode, variants in (
     ("bf16", ["bf16", "bf16+list", "bf16+loop"]),
     ("int8", XLA + PALLAS + K2),
     ("fp8", XLA + ["w8a8"] + PALLAS + K2),
+    ("fp8-nk", ["w8a8nk"]),
 ):
     ws = make(mode)
     for T in (32, 128):
