@@ -26,8 +26,9 @@ mask, and their K/V loads are masked too, so nothing past a sequence's length is
 Two launches share the kernel body:
   decode phase:  every sequence with 1..block_q_decode query tokens is one item; grid
                  (num_seqs, kv_heads, num_kv_splits). With splits > 1 (flash decoding, for
-                 small batches with long contexts) each program takes a slice of the key
-                 blocks and writes float32 partials that a second small kernel merges.
+                 buckets of few sequences, or few filled, with long contexts) each
+                 program takes a slice of the key blocks and writes float32 partials
+                 that a second small kernel merges.
   prefill phase: longer chunks are cut into items of block_q tokens (a prefix sum over the
                  chunks maps program id -> (sequence, query block)); grid
                  (max_items, kv_heads). Neighbouring programs are neighbouring query blocks
@@ -53,8 +54,9 @@ LOG2_E = math.log2(math.e)
 # Auto split-K aims at 32 programs per SM of an H100/H200 (132 SMs) for a full bucket. A
 # decode bucket is seldom full (one sequence runs in the bucket of 32), and the programs of
 # its empty rows end at once, so the splits are sized for a sparse bucket: on one H200, one
-# sequence at 1.9k context in a bucket of 32 spends 0.49 ms of the 8B step in attention with
-# this target, against 1.73 ms with 264; full buckets change by 0-7% (bench_kernels.py).
+# sequence at 1.9k context in a bucket of 32 spends 0.49 ms of the 8B step (32 layers) in
+# attention with this target, against 1.73 ms with 264; full buckets change by 0-7%
+# (bench_kernels.py).
 _TARGET_PROGRAMS = 4224
 _MAX_KV_SPLITS = 16
 # Rows of the work-item table: sequence, first query row, query tokens, keys needed.
