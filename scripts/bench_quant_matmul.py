@@ -140,18 +140,16 @@ def mm(variant, x, w, s):
     if variant == "mixed":
         y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return (y * s).astype(x.dtype)
-    if variant == "w8a8nk":  # w is [N, K]; contract K with K
+    if variant in ("w8a8", "w8a8nk"):  # fp8 activations, one scale per token
         xa = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
         xa = jnp.where(xa > 0, xa, 1.0)
         xq = (x.astype(jnp.float32) / xa).astype(jnp.float8_e4m3fn)
-        y = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=bf)
+        if variant == "w8a8":  # w is [K, N]
+            y = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        else:  # w is [N, K]: contract K with K, a bf16 result
+            y = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=bf)
         return (y.astype(jnp.float32) * xa * s).astype(x.dtype)
-    if variant == "w8a8":
-        xa = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1, keepdims=True) / 448.0
-        xa = jnp.where(xa > 0, xa, 1.0)
-        xq = (x.astype(jnp.float32) / xa).astype(jnp.float8_e4m3fn)
-        y = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return (y * xa * s).astype(x.dtype)
     if variant.startswith("pallas"):
         kw = dict(p.split("=") for p in variant.split(":")[1:])
         return pallas_qmm(x, w, s, **{k: int(v) for k, v in kw.items()})
