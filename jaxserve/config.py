@@ -164,6 +164,7 @@ class RunnerSection:
         default_factory=lambda: os.path.join(default_cache_dir(), "xla"))
     max_logprobs: int = 20
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
+    layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
 
     def __post_init__(self):
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")

@@ -27,6 +27,7 @@ from jaxserve.models.llama import (
     flatten_params,
     nest_params,
     param_specs,
+    split_layers,
 )
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import SCALE, block_problem, quantize, quantized_weights
@@ -92,6 +93,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         model_config = random_model_config(config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
+        check_layer_arrays(config, model_config)
         # Random weights are made in the asked mode, so a quantized model never exists in
         # full precision (a 70B model in fp8 fits one GPU that its bf16 weights do not).
         model_config = dataclasses.replace(model_config, quantization=mode)
@@ -103,6 +105,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         model_config = orbax_store.read_config(directory)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
+        check_layer_arrays(config, model_config)
         if progress:
             print(f"jaxserve: loading {model_config.num_params / 1e6:,.0f}M parameters "
                   f"from {directory} onto {mesh.devices.size} {jax.default_backend()} "
@@ -122,11 +125,26 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     specs = param_specs(model_config)
     flat = pad_layers(flat, specs, pipeline, mesh, replicate=_held_whole(tensor, None))
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
+    if config.runner.layer_arrays:
+        flat = split_layers(flat, model_config.num_layers)
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,
               flush=True)
     return LoadedModel(model_config, nest_params(flat), tokenizer, mesh)
+
+
+def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:
+    """runner.layer_arrays needs every layer's weights on every device of one stage, and
+    one kind of layer: ConfigError otherwise (before any weight is read)."""
+    if not config.runner.layer_arrays:
+        return
+    if config.mesh.pipeline > 1:
+        raise ConfigError(f"runner.layer_arrays: true cannot be used with mesh.pipeline="
+                          f"{config.mesh.pipeline} (pipeline stages split the stacked layers)")
+    if model_config.is_mixed:
+        raise ConfigError(f"runner.layer_arrays: true cannot be used with {model_config.name}, "
+                          "whose dense and MoE layers are stacked apart")
 
 
 def parallel_plans(model_config: ModelConfig,

@@ -90,6 +90,16 @@ def parse_mesh(text: str) -> MeshConfig:
     return MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in text.split(","))})
 
 
+def on_mesh(base, mesh_text: str):
+    """The config on one --mesh. Pipeline stages split the stacked layer axis, so a config
+    with runner.layer_arrays runs such a mesh with its layers stacked."""
+    mesh = parse_mesh(mesh_text)
+    config = base.replace(mesh=mesh)
+    if mesh.pipeline > 1 and config.runner.layer_arrays:
+        config = config.replace(runner__layer_arrays=False)
+    return config
+
+
 def device0_bytes(arrays) -> int:
     """Bytes that the first device (the leader's) holds of these arrays."""
     d0 = jax.devices()[0]
@@ -242,7 +252,7 @@ def main() -> None:
           f"{ {k: v and round(v * 1e6, 1) for k, v in all_reduce.items()} }", flush=True)
     if not leader:
         for mesh_text in args.mesh:
-            loaded = load_model(base.replace(mesh=parse_mesh(mesh_text)), progress=False)
+            loaded = load_model(on_mesh(base, mesh_text), progress=False)
             Engine(base, loaded.model_config, loaded.params, None, loaded.mesh).runner.follow()
             del loaded
             gc.collect()
@@ -256,7 +266,7 @@ def main() -> None:
             write(args, bandwidth, all_reduce, runs)
 
         try:
-            bench_mesh(base.replace(mesh=parse_mesh(mesh_text)), mesh_text, args, bandwidth,
+            bench_mesh(on_mesh(base, mesh_text), mesh_text, args, bandwidth,
                        rng, keep)
         except Exception:  # noqa: BLE001 -- report it and go on with the next mesh
             if jax.process_count() > 1:

@@ -43,7 +43,7 @@ from jaxserve.engine.sampling import SamplerOutput
 from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.engine.step_inputs import Layout, StepInputs
 from jaxserve.errors import ConfigError
-from jaxserve.models.llama import LlamaModel
+from jaxserve.models.llama import LlamaModel, has_layer_arrays
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import kv_pages_dtype
 from sharding import rules
@@ -193,7 +193,8 @@ class Runner:
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,
                            expert_axis=EXPERT_AXIS if experts > 1 else None,
-                           expert_shards=experts, kv_rotation=config.cache.kv_rotation)
+                           expert_shards=experts, kv_rotation=config.cache.kv_rotation,
+                           layer_arrays=has_layer_arrays(params))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)
         self.state = self._init_state()

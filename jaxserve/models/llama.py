@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
@@ -346,21 +347,28 @@ class LlamaModel(nn.Module):
     expert_axis: str | None = None
     expert_shards: int = 1
     kv_rotation: bool = False  # cache.kv_rotation (a quantized cache's vectors rotated)
+    layer_arrays: bool = False  # params hold "layers_0".. (split_layers), not stacked "layers"
 
     def setup(self):
         c = self.config
         par = Parallel(self.tensor_axis, self.expert_axis, self.expert_shards)
         self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"), self.dtype)
-        self.layers = nn.scan(
-            DecoderLayer,
-            variable_axes={"params": 0, "intermediates": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            unroll=self.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, self.dtype, self.attention_fn, par, self.kv_rotation)
+        if self.layer_arrays:  # one module per layer: params "layers_0", "layers_1", ...
+            if c.is_mixed:
+                raise ValueError("layer_arrays: models mixing dense and MoE layers keep stacks")
+            self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation)
+                           for _ in range(c.num_layers)]
+        else:
+            self.layers = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                unroll=self.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.dtype, self.attention_fn, par, self.kv_rotation)
         if c.is_mixed:  # MLP weights stacked per kind, outside the scan
             self.dense_mlp = _FFNStack(c, self.dtype, "dense", 1)
             self.moe = _FFNStack(c, self.dtype, "moe", self.expert_shards)
@@ -379,6 +387,10 @@ class LlamaModel(nn.Module):
 
     def decode(self, x, kv, meta: AttentionMetadata):
         """x [T, embed] through every layer this model holds; K/V written into `kv`."""
+        if self.layer_arrays:
+            for i, layer in enumerate(self.layers):
+                (x, kv), _ = layer((x, kv), jnp.int32(i), meta)
+            return x, kv
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         stacks = {"mlp": self.dense_mlp(), "moe": self.moe()} if self.config.is_mixed else None
         (x, kv), _ = self.layers((x, kv), layers, meta, stacks)
@@ -437,6 +449,35 @@ def ffn_param(config: ModelConfig, name: str, layer: int) -> tuple[str, int]:
 def nest_params(flat: dict) -> dict:
     """{'layers/attn/o_proj': x, ...} (param_specs paths) -> the nested "params" tree."""
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def split_layers(flat: dict, num_layers: int) -> dict:
+    """Flat params with stacked `layers/...` [L, ...] -> `layers_{i}/...` [...] (the tree of
+    LlamaModel(layer_arrays=True)). Sharded arrays keep their sharding less the layer axis,
+    and each stacked array is deleted once split (the caller gives `flat` up), so the
+    weights never exist twice."""
+    out = {}
+    for path, value in flat.items():
+        if not path.startswith("layers/"):
+            out[path] = value
+            continue
+        rest = path.removeprefix("layers/")
+        if isinstance(value, jax.Array) and isinstance(value.sharding, NamedSharding):
+            spec = tuple(value.sharding.spec)[1:]
+            sharding = NamedSharding(value.sharding.mesh, PartitionSpec(*spec))
+            parts = jax.jit(lambda a: tuple(a[i] for i in range(num_layers)),
+                            out_shardings=(sharding,) * num_layers)(value)
+            value.delete()  # one stack at a time: at most one layer array's worth more
+        else:
+            parts = tuple(value[i] for i in range(num_layers))
+        for i, part in enumerate(parts):
+            out[f"layers_{i}/{rest}"] = part
+    return out
+
+
+def has_layer_arrays(params: dict) -> bool:
+    """Whether a params tree holds one entry per layer (split_layers), not stacks."""
+    return "layers_0" in params
 
 
 def flatten_params(tree: dict) -> dict:

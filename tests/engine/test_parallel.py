@@ -250,3 +250,22 @@ def test_serve_on_a_bad_mesh_exits_2_with_one_line(demo_config, tmp_path, capsys
     assert code == 2
     assert err == ("jaxserve serve: error: mesh.tensor=2: num_heads=9 is not divisible by "
                    "tensor=2")
+
+
+def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts, demo_reference):
+    """runner.layer_arrays: each layer's weights are arrays of their own (no stacked
+    `layers` axis), sharded as the stacked ones were, and greedy tokens do not change."""
+    engine = engine_on(small_config.replace(runner__layer_arrays=True), tensor=3)
+    params = engine.runner.params
+    assert "layers" not in params and len([k for k in params if k.startswith("layers_")]) == 30
+    c = engine.model_config
+    o_proj = params["layers_7"]["attn"]["o_proj"]
+    assert o_proj.shape == (c.num_heads, c.head_dim, c.hidden_size)
+    assert {s.data.shape for s in o_proj.addressable_shards} == {
+        (c.num_heads // 3, c.head_dim, c.hidden_size)}
+    assert greedy(engine, demo_prompts) == demo_reference
+
+
+def test_layer_arrays_refuse_pipeline_stages(small_config):
+    with pytest.raises(ConfigError, match=r"layer_arrays.*mesh.pipeline=2"):
+        engine_on(small_config.replace(runner__layer_arrays=True), pipeline=2)
