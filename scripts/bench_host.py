@@ -12,6 +12,7 @@ schedule_ms (scheduler), inputs_ms (building and dispatching the step), outputs_
 On CPU the "device" is the same two cores, so a long context's attention slows the host
 phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
 putting them on the device) again with the device idle: `Runner.prepare`, median of 200.
+The JSON records XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -94,6 +96,7 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
                          f"{jax.devices()[0].device_kind}",
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "model": dataclasses.asdict(TINY), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -117,17 +117,22 @@ class BatchBuilder:
         slots = np.fromiter((slot for slot, _ in held), np.int32, S)
         prompt_lens = np.fromiter((req.num_prompt_tokens for req in reqs), np.int64, S)
 
-        for row, (seq, req) in enumerate(zip(seqs, reqs, strict=True)):
+        tables = host.page_tables
+        on_device, from_row = [], []  # decode inputs sampled by the previous step
+        for row, (seq, req, q) in enumerate(zip(seqs, reqs, firsts.tolist(), strict=True)):
             pages = page_table.row(req.request_id)
-            host.page_tables[row, :len(pages)] = pages
-            q, n, known = int(firsts[row]), seq.num_tokens, req.token_ids
-            k = max(0, min(n, len(known) - seq.start))  # inputs the host knows
+            tables[row, :len(pages)] = pages
+            n, start = seq.num_tokens, seq.start
+            # inputs the host knows
+            k = max(0, min(n, len(req.prompt_ids) + len(req.output_ids) - start))
             if k:
-                host.token_ids[q:q + k] = known[seq.start:seq.start + k]
+                host.token_ids[q:q + k] = req.token_ids[start:start + k]
             if req.draft:  # speculative decoding: the proposed tokens follow the known ones
                 host.token_ids[q + k:q + n] = req.draft
             elif k < n:  # the token sampled by the previous step, still on the device
-                host.prev_index[q + k:q + n] = prev_row[id(req)]
+                on_device.extend(range(q + k, q + n))
+                from_row.extend([prev_row[id(req)]] * (n - k))
+        host.prev_index[on_device] = from_row
         ps = self.page_size
         host.positions[:total] = positions
         host.slot_mapping[:total] = cache_slots(host.page_tables[row_of, positions // ps],

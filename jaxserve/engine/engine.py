@@ -245,6 +245,7 @@ class Engine:
         return outputs
 
     def _process(self, handle: StepHandle, out) -> None:
+        tokens = out.tokens.tolist()  # Python ints at once, not one numpy scalar per token
         for req, shard, row in handle.rows:
             req.num_pending -= 1
             proposed, req.draft = len(req.draft), []
@@ -268,11 +269,11 @@ class Engine:
                     if req.params.logprobs is not None:
                         n = req.params.logprobs
                         logprob = TokenLogprob(
-                            int(out.tokens[shard, row, j]), float(out.logprobs[shard, row, j]),
+                            tokens[shard][row][j], float(out.logprobs[shard, row, j]),
                             tuple(zip(out.top_ids[shard, row, j, :n].tolist(),
                                       out.top_logprobs[shard, row, j, :n].tolist(),
                                       strict=True)))
-                    self._append(tracked, int(out.tokens[shard, row, j]), logprob)
+                    self._append(tracked, tokens[shard][row][j], logprob)
             except Exception as e:  # one request's failure never stops the others
                 self._finish(tracked, FinishReason.ERROR)
                 tracked.queued.append(RequestOutput(req.request_id, (), "", True,
@@ -310,7 +311,10 @@ class Engine:
         """Emit held text, keeping back what could still become a stop string."""
         stops = tracked.request.params.stop
         held = tracked.held
-        if check_stop and stops:
+        if not stops:
+            tracked.held = ""
+            return held, False
+        if check_stop:
             hits = [i for i in (held.find(s) for s in stops) if i >= 0]
             if hits:
                 tracked.held = ""
