@@ -27,6 +27,8 @@ the host spends per kernel it launches.
 
 Each row also holds `tokens_digest`, a hash of the greedy tokens the steps produced: runs
 of one config under other XLA flags (`xla_flags` in the JSON) must give the same digest.
+`--temperature`, `--top-k` and `--top-p` make every request sample instead (seed 0), to
+profile the sampler's random path.
 """
 
 from __future__ import annotations
@@ -157,11 +159,11 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25)
 
 
 def profile(engine: Engine, batch: int, context: int, steps: int, rng,
-            bandwidth: float | None, top_n: int = 25) -> dict:
+            bandwidth: float | None, top_n: int = 25, sampling: dict | None = None) -> dict:
     vocab = engine.model_config.vocab_size
     # Long enough that the first prompts are still decoding when the last prefill ends.
     params = SamplingParams(max_tokens=engine.config.cache.max_model_len - context,
-                            temperature=0.0, ignore_eos=True)
+                            ignore_eos=True, seed=0, **(sampling or {"temperature": 0.0}))
     prompts = [rng.integers(3, vocab, context).tolist() for _ in range(batch)]
     decode_together(engine, prompts, params, f"b{batch}-")
     for _ in range(steps):  # the same steps without the profiler, whose cost is the host's
@@ -208,8 +210,13 @@ def main() -> None:
     ap.add_argument("--seq-buckets", type=int, nargs="+", default=None)
     ap.add_argument("--top", type=int, default=25,
                     help="kernels and host events listed per row, by time")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="every request's temperature (default greedy)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     over = {"scheduler__max_num_seqs": max(args.batch),
             **bucket_overrides(args.token_buckets, args.seq_buckets)}
     if args.kv_cache_memory:
@@ -223,12 +230,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:
-        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth, args.top))
+        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth, args.top,
+                            sampling))
         print(json.dumps(rows[-1], indent=1), flush=True)
     result = {"benchmark": "trace-step",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "config": args.config,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "sampling": sampling,
               "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

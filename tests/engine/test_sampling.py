@@ -148,6 +148,21 @@ def kept_by_sorting(logits: np.ndarray, k: int, p: float) -> np.ndarray:
     return probs >= cut
 
 
+@pytest.mark.parametrize("ks, ps", [([0, 0, 0], [0.9, 0.5, 1.0]),  # no top-k: search skipped
+                                     ([1, 7, 0], [1.0, 1.0, 1.0]),  # no top-p: search skipped
+                                     ([0, 0, 0], [1.0, 1.0, 1.0])])  # neither
+def test_a_search_no_row_asks_for_is_skipped_exactly(ks, ps):
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((3, 500)) * 3).astype(np.float32)
+    out = _filter_top_k_top_p(jnp.asarray(logits), jnp.asarray(ks, jnp.int32),
+                              jnp.asarray(ps, jnp.float32))
+    kept = np.isfinite(np.asarray(out))
+    for row in range(3):
+        want = kept_by_sorting(logits[row], ks[row], ps[row])
+        np.testing.assert_array_equal(kept[row], want, err_msg=f"row {row}")
+    np.testing.assert_array_equal(np.asarray(out)[kept], logits[kept])
+
+
 def test_top_k_top_p_keep_what_a_full_sort_keeps():
     """The bisected thresholds keep exactly the tokens that numpy's sort keeps."""
     rng = np.random.default_rng(11)
