@@ -6,7 +6,9 @@ Rows of random f32 logits go through:
   top_logprobs_lax    jax.lax.top_k(logprobs, N): the top-N logprobs, the whole row sorted
   top_logprobs        sampling.top_k: the same values and ids from the N blocks that hold them
   sample_greedy       sampling.sample, every row greedy, N top logprobs
-  sample_random       sampling.sample, every row with temperature 0.8, top-k 50, top-p 0.9
+  sample_random       sampling.sample, every row with temperature 0.8, top-k 50, top-p 0.9,
+                      N top logprobs
+  sample_greedy_plain sampling.sample, every row greedy, no logprobs asked for
 Each figure is the median of 50 calls, each waited for.
 """
 
@@ -29,14 +31,15 @@ def median_ms(fn, *args) -> float:
     return median_seconds(fn, *args, reps=50) * 1e3
 
 
-def inputs(rows: int, temperature: float) -> SamplingInputs:
+def inputs(rows: int, temperature: float, num_logprobs: int) -> SamplingInputs:
     full = lambda value, dtype: jnp.full((rows,), value, dtype)
     return SamplingInputs(
         temperature=full(temperature, jnp.float32), top_k=full(50, jnp.int32),
         top_p=full(0.9, jnp.float32), min_p=full(0.0, jnp.float32),
         repetition_penalty=full(1.0, jnp.float32), presence_penalty=full(0.0, jnp.float32),
         frequency_penalty=full(0.0, jnp.float32), seeds=full(7, jnp.uint32),
-        output_index=full(3, jnp.int32), banned=jnp.full((rows, 1), -1, jnp.int32))
+        output_index=full(3, jnp.int32), num_logprobs=full(num_logprobs, jnp.int32),
+        banned=jnp.full((rows, 1), -1, jnp.int32))
 
 
 def main() -> None:
@@ -61,10 +64,12 @@ def main() -> None:
                "top_logprobs_lax_ms": median_ms(jax.jit(jax.lax.top_k, static_argnums=1),
                                                 logprobs, n),
                "top_logprobs_ms": median_ms(jax.jit(top_k, static_argnums=1), logprobs, n),
-               "sample_greedy_ms": median_ms(sampler, logits, mask, counts, inputs(rows, 0.0),
-                                             n),
-               "sample_random_ms": median_ms(sampler, logits, mask, counts, inputs(rows, 0.8),
-                                             n)}
+               "sample_greedy_ms": median_ms(sampler, logits, mask, counts,
+                                             inputs(rows, 0.0, n), n),
+               "sample_random_ms": median_ms(sampler, logits, mask, counts,
+                                             inputs(rows, 0.8, n), n),
+               "sample_greedy_plain_ms": median_ms(sampler, logits, mask, counts,
+                                                   inputs(rows, 0.0, -1), n)}
         results.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         print(json.dumps(results[-1]), flush=True)
     out = {"benchmark": "sampling",

@@ -159,6 +159,7 @@ class BatchBuilder:
                      "presence_penalty", "frequency_penalty"):
             getattr(host, name)[:S] = [getattr(p, name) for p in params]
         host.seeds[:S] = [req.seed for req in reqs]
+        host.num_logprobs[:S] = [-1 if p.logprobs is None else p.logprobs for p in params]
         out_index = [req.num_tokens - n for req, n in zip(reqs, prompt_lens.tolist(),
                                                           strict=True)]
         host.output_index[:S] = out_index

@@ -28,6 +28,7 @@ class SamplingInputs:
     frequency_penalty: jax.Array  # [S] f32
     seeds: jax.Array  # [S] u32
     output_index: jax.Array  # [S] i32: index of the token being sampled within its request
+    num_logprobs: jax.Array  # [S] i32: top logprobs the row's request wants (-1: no logprobs)
     banned: jax.Array  # [S, K] i32 token ids that may not be sampled now (-1 = none)
 
 
@@ -119,9 +120,10 @@ def top_k(x, k: int):
     """jax.lax.top_k over the last axis of [S, V], for a small k and a large V.
 
     The vocabulary is cut into blocks of TOP_K_BLOCK: only the k blocks with the largest
-    maxima can hold the k largest values, so top_k sorts those k blocks' values instead of
-    the whole row (on a GPU, XLA sorts a 128k-token row with a radix sort per call). Ties go
-    to the lower index, as with lax.top_k: the chosen blocks stay in index order.
+    maxima can hold the k largest values, so those k blocks' values are searched instead of
+    the whole row (on a GPU, XLA sorts a 128k-token row with a radix sort per call), by k
+    argmax passes. Ties go to the lower index, as with lax.top_k: the chosen blocks stay in
+    index order.
     """
     S, V = x.shape
     blocks = -(-V // TOP_K_BLOCK)
@@ -132,14 +134,38 @@ def top_k(x, k: int):
     _, chosen = jax.lax.top_k(padded.max(axis=-1), k)  # [S, k]
     chosen = jnp.sort(chosen, axis=-1)
     candidates = jnp.take_along_axis(padded, chosen[:, :, None], axis=1).reshape(S, -1)
-    values, where = jax.lax.top_k(candidates, k)
+    where = _select_top_k(candidates, k)
+    values = jnp.take_along_axis(candidates, where, axis=1)
     block = jnp.take_along_axis(chosen, where // TOP_K_BLOCK, axis=1)
     return values, block * TOP_K_BLOCK + where % TOP_K_BLOCK
 
 
+def _select_top_k(x, k: int):
+    """The indices of jax.lax.top_k(x, k) over the last axis of [S, C], by k argmax passes.
+
+    No sort: on a GPU, XLA sorts a large [S, C] with a CUB call, which a branch (lax.cond)
+    cannot hold on the device, so the host would wait for it. Values are compared as
+    order-preserving int32 keys, and each pick is set to the smallest int32, which no float
+    maps to: it is never picked again while a value remains. Ties go to the lower index.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    picks = []
+    for _ in range(k):
+        pick = jnp.argmax(key, axis=-1).astype(jnp.int32)
+        picks.append(pick)
+        key = jnp.where(index == pick[:, None], jnp.iinfo(jnp.int32).min, key)
+    return jnp.stack(picks, axis=-1)
+
+
 def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) -> SamplerOutput:
-    """logits [S, V] f32 -> one token per row."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    """logits [S, V] f32 -> one token per row.
+
+    The logprobs are computed only when some row's request asks for them (its chosen
+    token's; the top `num_top` when some row wants top logprobs); otherwise they are zeros.
+    """
+    raw = logits
     # Neutral values are exact no-ops.
     logits = apply_penalties(logits, prompt_mask, output_counts, p)
     rows = jnp.arange(logits.shape[0])[:, None]
@@ -159,11 +185,25 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
         sampled = argmax(scaled + gumbel)
         return jnp.where(p.temperature > 0, sampled, greedy)
 
-    # An all-greedy batch skips the random sampling (its top-k/top-p searches are most of
-    # the sampler: 1 ms of a B=128 step of the 8B shape on an H200). The device reads the
-    # predicate; the host does not wait for it, so the next step is still dispatched early.
+    # Each branch below runs only when some row needs it: an all-greedy batch skips the
+    # random sampling (its top-k/top-p searches are most of the sampler: 1 ms of a B=128
+    # step of the 8B shape on an H200), and a batch that asks for no logprobs skips them.
+    # The device reads each predicate; the host does not wait for it, so the next step is
+    # still dispatched early.
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), random_sample, lambda _: greedy, logits)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = top_k(raw_logprobs, num_top) if num_top else (
-        jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0), jnp.int32))
-    return SamplerOutput(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    S = logits.shape[0]
+    no_top = (jnp.zeros((S, num_top), jnp.float32), jnp.zeros((S, num_top), jnp.int32))
+
+    def logprobs(raw):
+        raw_logprobs = jax.nn.log_softmax(raw, axis=-1)
+        chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+        if not num_top:
+            return chosen, *no_top
+        top = jax.lax.cond(jnp.any(p.num_logprobs > 0), lambda x: tuple(top_k(x, num_top)),
+                           lambda _: no_top, raw_logprobs)
+        return chosen, top[0], top[1].astype(jnp.int32)
+
+    chosen, top_logprobs, top_ids = jax.lax.cond(
+        jnp.any(p.num_logprobs >= 0), logprobs,
+        lambda _: (jnp.zeros((S,), jnp.float32), *no_top), raw)
+    return SamplerOutput(tokens, chosen, top_ids, top_logprobs)

@@ -51,6 +51,7 @@ _FIELDS = (
     ("temperature", "f", "S"), ("top_k", "i", "S"), ("top_p", "f", "S"), ("min_p", "f", "S"),
     ("repetition_penalty", "f", "S"), ("presence_penalty", "f", "S"),
     ("frequency_penalty", "f", "S"), ("seeds", "u", "S"), ("output_index", "i", "S"),
+    ("num_logprobs", "i", "S"),
     ("banned", "i", "SK"),
 )
 
@@ -145,7 +146,7 @@ class ShardInputs:
             view = (floats if is_float else ints)[start:stop].reshape(shape)
             setattr(self, name, view.view(np.uint32) if kind == "u" else view)
         # Padding: no previous token, no slot, position -1 (the null page takes its K/V),
-        # neutral sampling parameters, nothing banned.
+        # neutral sampling parameters, no logprobs, nothing banned.
         self.prev_index[:] = -1
         self.token_slot[:] = num_slots
         self.positions[:] = -1
@@ -153,6 +154,7 @@ class ShardInputs:
         self.reset_slots[:] = num_slots
         self.top_p[:] = 1
         self.repetition_penalty[:] = 1
+        self.num_logprobs[:] = -1
         self.banned[:] = -1
 
     def copy_into(self, dst: ShardInputs) -> None:

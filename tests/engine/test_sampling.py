@@ -20,11 +20,13 @@ sample_jit = jax.jit(sample, static_argnames="num_top")
 
 def inputs(n, **kw):
     base = dict(temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                presence_penalty=0.0, frequency_penalty=0.0, seeds=0, output_index=0)
+                presence_penalty=0.0, frequency_penalty=0.0, seeds=0, output_index=0,
+                num_logprobs=3)
     base.update(kw)
     arrays = {}
     for k, v in base.items():
-        dtype = {"top_k": jnp.int32, "seeds": jnp.uint32, "output_index": jnp.int32}.get(
+        dtype = {"top_k": jnp.int32, "seeds": jnp.uint32, "output_index": jnp.int32,
+                 "num_logprobs": jnp.int32}.get(
             k, jnp.float32)
         arrays[k] = jnp.broadcast_to(jnp.asarray(v, dtype), (n,))
     return SamplingInputs(banned=kw.pop("banned", jnp.full((n, 2), -1, jnp.int32)), **arrays)
@@ -106,6 +108,29 @@ def test_logprobs_are_of_the_raw_distribution():
     assert np.asarray(out.top_ids[0]).tolist() == [0, 1, 2]
     np.testing.assert_allclose(float(out.logprobs[0]), np.log(PROBS[int(out.tokens[0])]),
                                rtol=1e-5)
+
+
+def test_logprobs_only_for_the_rows_that_ask():
+    """No row asking: zeros, and the same tokens. Rows asking for top logprobs or only the
+    chosen token's get the raw distribution's values, whatever the other rows want."""
+    lg = jnp.asarray([LOGITS] * 3, jnp.float32)
+    none, counts = jnp.zeros((3, V), bool), jnp.zeros((3, V), jnp.int32)
+    skipped = sample_jit(lg, none, counts, inputs(3, temperature=0.0, num_logprobs=-1), num_top=3)
+    assert np.asarray(skipped.logprobs).tolist() == [0.0] * 3
+    assert np.asarray(skipped.top_ids).tolist() == [[0] * 3] * 3
+    assert np.asarray(skipped.top_logprobs).tolist() == [[0.0] * 3] * 3
+    p = inputs(3, temperature=0.0)
+    p = SamplingInputs(**{**p.__dict__, "num_logprobs": jnp.asarray([-1, 0, 2], jnp.int32)})
+    mixed = sample_jit(lg, none, counts, p, num_top=3)
+    assert np.asarray(mixed.tokens).tolist() == np.asarray(skipped.tokens).tolist() == [0] * 3
+    np.testing.assert_allclose(np.asarray(mixed.logprobs)[1:], np.log(PROBS[[0, 0]]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mixed.top_logprobs[2]), np.log(PROBS[:3]), rtol=1e-5)
+    assert np.asarray(mixed.top_ids[2]).tolist() == [0, 1, 2]
+    # chosen-only rows (0) in the batch: the chosen logprob, and no top-k computed
+    p0 = SamplingInputs(**{**p.__dict__, "num_logprobs": jnp.asarray([-1, 0, 0], jnp.int32)})
+    only_chosen = sample_jit(lg, none, counts, p0, num_top=3)
+    np.testing.assert_allclose(float(only_chosen.logprobs[1]), np.log(PROBS[0]), rtol=1e-5)
+    assert np.asarray(only_chosen.top_ids).tolist() == [[0] * 3] * 3
 
 
 def test_argmax_takes_the_first_of_ties_like_numpy():
