@@ -153,7 +153,7 @@ def _select_top_k(x, k: int):
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
     picks = []
     for _ in range(k):
-        pick = jnp.argmax(key, axis=-1).astype(jnp.int32)
+        pick = argmax(key)
         picks.append(pick)
         key = jnp.where(index == pick[:, None], jnp.iinfo(jnp.int32).min, key)
     return jnp.stack(picks, axis=-1)
@@ -199,9 +199,10 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
         chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
         if not num_top:
             return chosen, *no_top
-        top = jax.lax.cond(jnp.any(p.num_logprobs > 0), lambda x: tuple(top_k(x, num_top)),
-                           lambda _: no_top, raw_logprobs)
-        return chosen, top[0], top[1].astype(jnp.int32)
+        top_logprobs, top_ids = jax.lax.cond(
+            jnp.any(p.num_logprobs > 0), lambda x: tuple(top_k(x, num_top)), lambda _: no_top,
+            raw_logprobs)
+        return chosen, top_logprobs, top_ids
 
     chosen, top_logprobs, top_ids = jax.lax.cond(
         jnp.any(p.num_logprobs >= 0), logprobs,
