@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--context", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--attention-backend", default="auto",
+                    choices=["auto", "reference", "pallas"],
+                    help="runner.attention_backend (auto: Pallas on GPU, reference on CPU)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     shape = Path(args.out).with_suffix(".shape.json")
@@ -83,6 +86,7 @@ def main() -> None:
         cache__max_model_len=c_max + args.steps + 128,
         cache__kv_cache_memory=float(2**30),
         runner__token_buckets=(b_max, 2048), runner__seq_buckets=(b_max,),
+        runner__attention_backend=args.attention_backend,
         scheduler__max_num_seqs=b_max, scheduler__max_num_batched_tokens=2048)
     loaded = load_model(config, progress=False)
     shape.unlink()
@@ -97,6 +101,7 @@ def main() -> None:
               "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
                          f"{jax.devices()[0].device_kind}",
               "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "attention_backend": args.attention_backend, "backend": jax.default_backend(),
               "model": dataclasses.asdict(TINY), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
