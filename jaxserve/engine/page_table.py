@@ -98,6 +98,8 @@ class PageTable:
     def ensure(self, seq_id: str, num_tokens: int) -> bool:
         """Grow seq_id's table to hold num_tokens. All or nothing: False if pages run out."""
         need = self.pages_needed(seq_id, num_tokens)
+        if need == 0:  # most steps of a decoding sequence
+            return True
         if need > self.num_free_pages:
             return False
         table = self._tables[seq_id]
@@ -105,17 +107,18 @@ class PageTable:
             page = self._free.popleft() if self._free else self._evict()
             self._refs[page] = 1
             table.append(page)
-        if need:
-            self._rows[seq_id] = np.asarray(table, np.int32)
+        self._rows[seq_id] = np.asarray(table, np.int32)
         return True
 
     def register(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Offer seq_id's full pages below num_computed (tokens known) to the prefix cache."""
         if not self.enable_prefix_cache:
             return
-        table = self._tables[seq_id]
         full = min(num_computed, len(token_ids)) // self.page_size
         done, h = self._chains[seq_id]
+        if full <= done:  # no page filled since the last call
+            return
+        table = self._tables[seq_id]
         ps = self.page_size
         for i in range(done, full):
             tokens = tuple(token_ids[i * ps:(i + 1) * ps])
@@ -125,8 +128,7 @@ class PageTable:
                 continue
             self._cached[page] = _Cached(h, parent, tokens)
             self._page_of_hash[h] = page
-        if full > done:
-            self._chains[seq_id] = (full, h)
+        self._chains[seq_id] = (full, h)
 
     def truncate(self, seq_id: str, num_tokens: int) -> None:
         """Give back seq_id's pages past the first num_tokens tokens (rejected speculative
