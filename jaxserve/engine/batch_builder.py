@@ -74,7 +74,7 @@ class BatchBuilder:
         # Rows sampled per sequence: 1, or 1 + k when a sequence verifies proposed tokens
         # (speculative decoding): two programs per bucket, so plain steps stay plain.
         J = self.config.speculative.rows if any(s.request.draft for s in sched.seqs) else 1
-        prev_row = {id(req): row for req, _, row in prev_rows}
+        prev_row = {req: row for req, _, row in prev_rows}  # requests hash by identity
         rows: list[tuple[Request, int, int]] = []
         host = HostInputs(self.layout(T, S, J), self.num_shards, self.num_slots)
         for shard, seqs in enumerate(by_shard):
@@ -99,7 +99,7 @@ class BatchBuilder:
         return (T, S, 1), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
-              prev_row: dict[int, int]) -> None:
+              prev_row: dict[Request, int]) -> None:
         """One data shard's sequences into its padded buffers: one pass over the sequences
         gathers their numbers, then whole-array writes place them (per-token work is numpy;
         a page table is one array copy, whatever the context)."""
@@ -107,32 +107,37 @@ class BatchBuilder:
         if S == 0:
             return  # all padding: query_start stays 0
         reqs = [seq.request for seq in seqs]
-        starts = np.fromiter((seq.start for seq in seqs), np.int64, S)
-        counts = np.fromiter((seq.num_tokens for seq in seqs), np.int64, S)
+        held = [self.slot(req) for req in reqs]
+        params = [req.params for req in reqs]
+        nums = np.array([(seq.start, seq.num_tokens, len(req.prompt_ids), len(req.output_ids),
+                          req.num_pending, len(req.draft), slot, new)
+                         for seq, req, (slot, new) in zip(seqs, reqs, held, strict=True)],
+                        np.int64)
+        starts, counts, prompt_lens, num_out, pending, drafts, slots, fresh = nums.T
         ends = np.cumsum(counts)
         firsts, total = ends - counts, int(ends[-1])
         row_of = np.repeat(np.arange(S), counts)  # each token's sequence
         positions = np.arange(total) - np.repeat(firsts - starts, counts)
-        held = [self.slot(req) for req in reqs]
-        slots = np.fromiter((slot for slot, _ in held), np.int32, S)
-        prompt_lens = np.fromiter((req.num_prompt_tokens for req in reqs), np.int64, S)
+        known = np.clip(prompt_lens + num_out - starts, 0, counts)  # inputs the host knows
 
-        tables = host.page_tables
-        on_device, from_row = [], []  # decode inputs sampled by the previous step
-        for row, (seq, req, q) in enumerate(zip(seqs, reqs, firsts.tolist(), strict=True)):
-            pages = page_table.row(req.request_id)
+        tables, rows = host.page_tables, page_table.row
+        for row, (req, q, n, k, start) in enumerate(zip(
+                reqs, firsts.tolist(), counts.tolist(), known.tolist(), starts.tolist(),
+                strict=True)):
+            pages = rows(req.request_id)
             tables[row, :len(pages)] = pages
-            n, start = seq.num_tokens, seq.start
-            # inputs the host knows
-            k = max(0, min(n, len(req.prompt_ids) + len(req.output_ids) - start))
             if k:
                 host.token_ids[q:q + k] = req.token_ids[start:start + k]
             if req.draft:  # speculative decoding: the proposed tokens follow the known ones
                 host.token_ids[q + k:q + n] = req.draft
-            elif k < n:  # the token sampled by the previous step, still on the device
-                on_device.extend(range(q + k, q + n))
-                from_row.extend([prev_row[id(req)]] * (n - k))
-        host.prev_index[on_device] = from_row
+        # Inputs sampled by the previous step, still on the device (no proposal in the way).
+        missing = np.where(drafts == 0, counts - known, 0)
+        if missing.any():
+            idx = np.flatnonzero(missing)
+            m = missing[idx]
+            from_row = [prev_row[reqs[i]] for i in idx.tolist()]
+            first = np.repeat(firsts[idx] + known[idx] - (np.cumsum(m) - m), m)
+            host.prev_index[first + np.arange(int(m.sum()))] = np.repeat(from_row, m)
         ps = self.page_size
         host.positions[:total] = positions
         host.slot_mapping[:total] = cache_slots(host.page_tables[row_of, positions // ps],
@@ -142,7 +147,6 @@ class BatchBuilder:
         host.seq_lens[:S] = starts + counts
         host.query_start[1:S + 1] = ends
         host.query_start[S + 1:] = total
-        drafts = np.fromiter((len(req.draft) for req in reqs), np.int64, S)
         host.num_draft[:S] = drafts
         J = host.logits_indices.shape[1]
         host.logits_indices[:S] = (ends - 1 - drafts)[:, None] + np.minimum(
@@ -151,22 +155,24 @@ class BatchBuilder:
             is_draft = np.arange(total) > np.repeat(ends - 1 - drafts, counts)
             host.token_slot[:total][is_draft] = self.num_slots
         host.row_slots[:S] = slots
-        fresh = np.fromiter((new for _, new in held), bool, S)
+        fresh = fresh.astype(bool)
         host.reset_slots[:S][fresh] = slots[fresh]
 
-        params = [req.params for req in reqs]
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
-            getattr(host, name)[:S] = [getattr(p, name) for p in params]
-        host.seeds[:S] = [req.seed for req in reqs]
-        host.num_logprobs[:S] = [-1 if p.logprobs is None else p.logprobs for p in params]
-        out_index = [req.num_tokens - n for req, n in zip(reqs, prompt_lens.tolist(),
-                                                          strict=True)]
+        # Sampling parameters, one pass (float64 holds every int here exactly).
+        sp = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                        p.presence_penalty, p.frequency_penalty, req.seed,
+                        -1 if p.logprobs is None else p.logprobs, p.min_tokens)
+                       for req, p in zip(reqs, params, strict=True)], np.float64)
+        for i, name in enumerate(("temperature", "top_k", "top_p", "min_p",
+                                  "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty", "seeds", "num_logprobs")):
+            getattr(host, name)[:S] = sp[:, i]
+        out_index = num_out + pending  # the output index of each sequence's next token
         host.output_index[:S] = out_index
-        for row, (p, index) in enumerate(zip(params, out_index, strict=True)):
-            if index < p.min_tokens:  # EOS and stop ids are banned until min_tokens
-                banned = [*p.stop_token_ids, *self.eos_ids]
-                host.banned[row, :len(banned)] = banned
+        for row in np.flatnonzero(out_index < sp[:, 9]).tolist():
+            p = params[row]  # EOS and stop ids are banned until min_tokens
+            banned = [*p.stop_token_ids, *self.eos_ids]
+            host.banned[row, :len(banned)] = banned
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
