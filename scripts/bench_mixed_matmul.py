@@ -23,25 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+from timing import median_seconds
 
 SHAPES = [(14336, 4096), (4096, 14336), (6144, 4096), (1024, 4096)]  # (N out, K in), 8B
-
-
-def median_s(f, *args, reps: int = 20) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def xla_int8(x, qs, scales):
@@ -96,7 +85,7 @@ def main() -> None:
                 row = {"N": N, "K": K, "T": T, "variant": name, "layers": L}
                 try:
                     f = jax.jit(fn)
-                    t = median_s(f, *fargs)
+                    t = median_seconds(f, *fargs, reps=20)
                     out = f(*fargs)[0].astype(jnp.float32)
                     row.update(us=t / L * 1e6, tbps=N * K * itemsize * L / t / 1e12)
                     if name != "bf16-xla":  # against the int8 weights in float32
