@@ -30,6 +30,11 @@ class MicroBatch:
     rows: list[tuple[Request, int, int]]  # the tokens it will sample
 
 
+# The step inputs filled from each request's SamplingParams, in the order _fill gathers them.
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "seeds", "num_logprobs")
+
+
 class BatchBuilder:
     def __init__(self, config: Config, num_shards: int, stages: int, eos_ids):
         self.config = config
@@ -158,18 +163,18 @@ class BatchBuilder:
         fresh = fresh.astype(bool)
         host.reset_slots[:S][fresh] = slots[fresh]
 
-        # Sampling parameters, one pass (float64 holds every int here exactly).
+        # Sampling parameters, in one pass (float64 holds each of these ints exactly):
+        # temperature, top_k, top_p, min_p, the three penalties, seed, logprobs, min_tokens.
         sp = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
                         p.presence_penalty, p.frequency_penalty, req.seed,
                         -1 if p.logprobs is None else p.logprobs, p.min_tokens)
                        for req, p in zip(reqs, params, strict=True)], np.float64)
-        for i, name in enumerate(("temperature", "top_k", "top_p", "min_p",
-                                  "repetition_penalty", "presence_penalty",
-                                  "frequency_penalty", "seeds", "num_logprobs")):
-            getattr(host, name)[:S] = sp[:, i]
+        for column, name in zip(sp.T, _SAMPLING_FIELDS, strict=False):
+            getattr(host, name)[:S] = column
+        min_tokens = sp[:, -1]
         out_index = num_out + pending  # the output index of each sequence's next token
         host.output_index[:S] = out_index
-        for row in np.flatnonzero(out_index < sp[:, 9]).tolist():
+        for row in np.flatnonzero(out_index < min_tokens).tolist():
             p = params[row]  # EOS and stop ids are banned until min_tokens
             banned = [*p.stop_token_ids, *self.eos_ids]
             host.banned[row, :len(banned)] = banned
