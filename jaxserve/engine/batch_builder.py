@@ -169,7 +169,7 @@ class BatchBuilder:
                         p.presence_penalty, p.frequency_penalty, req.seed,
                         -1 if p.logprobs is None else p.logprobs, p.min_tokens)
                        for req, p in zip(reqs, params, strict=True)], np.float64)
-        for column, name in zip(sp.T, _SAMPLING_FIELDS, strict=False):
+        for column, name in zip(sp[:, :-1].T, _SAMPLING_FIELDS, strict=True):
             getattr(host, name)[:S] = column
         min_tokens = sp[:, -1]
         out_index = num_out + pending  # the output index of each sequence's next token
