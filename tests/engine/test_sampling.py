@@ -144,9 +144,15 @@ def test_argmax_takes_the_first_of_ties_like_numpy():
 
 
 @pytest.mark.parametrize("values", ["normal", "few distinct", "half -inf"])
-@pytest.mark.parametrize("rows, vocab, k", [(1, 128256, 20), (3, 60001, 5), (2, 40000, 1)])
+@pytest.mark.parametrize("rows, vocab, k", [
+    (1, 128256, 20), (3, 60001, 5), (2, 40000, 1),
+    (64, 49152, 20),  # blocks of 512 (1024 would leave too few blocks)
+    (5, 6000, 20),  # blocks of 64
+    (4, 512, 20),  # too few blocks: the whole row is searched
+])
 def test_top_k_by_blocks_equals_lax_top_k(values, rows, vocab, k):
-    """Same values and the same ids as jax.lax.top_k, ties (to the lower id) included."""
+    """Same values and the same ids as jax.lax.top_k, ties (to the lower id) included, for
+    every block size the vocabulary leads to."""
     rng = np.random.default_rng(k)
     x = rng.standard_normal((rows, vocab)).astype(np.float32)
     if values == "few distinct":
