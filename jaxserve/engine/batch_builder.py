@@ -35,6 +35,19 @@ _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalt
                     "presence_penalty", "frequency_penalty", "seeds", "num_logprobs")
 
 
+@dataclasses.dataclass
+class _ShardRows:
+    """What one data shard's last micro-batch wrote that stays the same while its sequences
+    do (the same requests in the same rows, as in most decode steps): kept so the next
+    micro-batch copies it instead of gathering it again from every request."""
+
+    reqs: list[Request]
+    slots: np.ndarray  # [S] penalty-table slots
+    fixed: np.ndarray  # [S, 11] prompt length, the _SAMPLING_FIELDS, min_tokens (float64)
+    pages: list[np.ndarray]  # each row's page array, as PageTable.row gave it
+    tables: np.ndarray  # the page_tables block it wrote [S_bucket, P]
+
+
 class BatchBuilder:
     def __init__(self, config: Config, num_shards: int, stages: int, eos_ids):
         self.config = config
@@ -47,6 +60,7 @@ class BatchBuilder:
         self.num_banned = MAX_STOP_TOKEN_IDS + len(self.eos_ids)
         self._free_slots = [list(range(self.num_slots)) for _ in range(num_shards)]
         self._slot_of: dict[str, tuple[int, int]] = {}  # request id -> (data shard, slot)
+        self._last: list[_ShardRows | None] = [None] * num_shards
 
     @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
     def layout(self, num_tokens: int, num_seqs: int, rows: int = 1) -> Layout:
@@ -83,7 +97,7 @@ class BatchBuilder:
         rows: list[tuple[Request, int, int]] = []
         host = HostInputs(self.layout(T, S, J), self.num_shards, self.num_slots)
         for shard, seqs in enumerate(by_shard):
-            self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row)
+            self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row, shard)
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
         return MicroBatch(host, rows)
 
@@ -104,37 +118,62 @@ class BatchBuilder:
         return (T, S, 1), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
-              prev_row: dict[Request, int]) -> None:
+              prev_row: dict[Request, int], shard: int) -> None:
         """One data shard's sequences into its padded buffers: one pass over the sequences
         gathers their numbers, then whole-array writes place them (per-token work is numpy;
-        a page table is one array copy, whatever the context)."""
+        a page table is one array copy, whatever the context). What does not change while
+        the shard runs the same requests in the same rows (penalty slots, sampling
+        parameters, page tables that did not grow) is copied from its last micro-batch."""
         S = len(seqs)
         if S == 0:
+            self._last[shard] = None
             return  # all padding: query_start stays 0
         reqs = [seq.request for seq in seqs]
-        held = [self.slot(req) for req in reqs]
-        params = [req.params for req in reqs]
-        nums = np.array([(seq.start, seq.num_tokens, len(req.prompt_ids), len(req.output_ids),
-                          req.num_pending, len(req.draft), slot, new)
-                         for seq, req, (slot, new) in zip(seqs, reqs, held, strict=True)],
+        last = self._last[shard]
+        if last is None or last.reqs != reqs or last.tables.shape != host.page_tables.shape:
+            last = None
+            held = [self.slot(req) for req in reqs]
+            slots = np.array([slot for slot, _ in held], np.int64)
+            fresh = np.array([new for _, new in held], bool)
+            # float64 holds each of these ints exactly
+            fixed = np.array([(len(req.prompt_ids), p.temperature, p.top_k, p.top_p, p.min_p,
+                               p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+                               req.seed, -1 if p.logprobs is None else p.logprobs,
+                               p.min_tokens) for req in reqs for p in (req.params,)],
+                             np.float64)
+        else:
+            slots, fresh, fixed = last.slots, None, last.fixed
+        nums = np.array([(seq.start, seq.num_tokens, len(req.output_ids), req.num_pending,
+                          len(req.draft)) for seq, req in zip(seqs, reqs, strict=True)],
                         np.int64)
-        starts, counts, prompt_lens, num_out, pending, drafts, slots, fresh = nums.T
+        starts, counts, num_out, pending, drafts = nums.T
+        prompt_lens = fixed[:, 0].astype(np.int64)
         ends = np.cumsum(counts)
         firsts, total = ends - counts, int(ends[-1])
         row_of = np.repeat(np.arange(S), counts)  # each token's sequence
         positions = np.arange(total) - np.repeat(firsts - starts, counts)
         known = np.clip(prompt_lens + num_out - starts, 0, counts)  # inputs the host knows
 
-        tables, rows = host.page_tables, page_table.row
-        for row, (req, q, n, k, start) in enumerate(zip(
-                reqs, firsts.tolist(), counts.tolist(), known.tolist(), starts.tolist(),
-                strict=True)):
-            pages = rows(req.request_id)
-            tables[row, :len(pages)] = pages
+        # Page tables: rows whose pages did not change since the last micro-batch are copied
+        # with it in one block.
+        tables = host.page_tables
+        pages = [page_table.row(req.request_id) for req in reqs]
+        if last is None:
+            changed = range(S)
+        else:
+            tables[:] = last.tables
+            changed = [row for row, (now, before) in enumerate(zip(pages, last.pages, strict=True))
+                       if now is not before]
+        for row in changed:
+            tables[row] = 0
+            tables[row, :len(pages[row])] = pages[row]
+        for row in np.flatnonzero(known | drafts).tolist():
+            req, q, k, start = reqs[row], int(firsts[row]), int(known[row]), int(starts[row])
             if k:
                 host.token_ids[q:q + k] = req.token_ids[start:start + k]
             if req.draft:  # speculative decoding: the proposed tokens follow the known ones
-                host.token_ids[q + k:q + n] = req.draft
+                host.token_ids[q + k:q + int(counts[row])] = req.draft
+        self._last[shard] = _ShardRows(reqs, slots, fixed, pages, tables)
         # Inputs sampled by the previous step, still on the device (no proposal in the way).
         missing = np.where(drafts == 0, counts - known, 0)
         if missing.any():
@@ -145,8 +184,7 @@ class BatchBuilder:
             host.prev_index[first + np.arange(int(m.sum()))] = np.repeat(from_row, m)
         ps = self.page_size
         host.positions[:total] = positions
-        host.slot_mapping[:total] = cache_slots(host.page_tables[row_of, positions // ps],
-                                                positions, ps)
+        host.slot_mapping[:total] = cache_slots(tables[row_of, positions // ps], positions, ps)
         host.token_slot[:total] = slots[row_of]
         host.token_is_output[:total] = positions >= prompt_lens[row_of]
         host.seq_lens[:S] = starts + counts
@@ -160,27 +198,24 @@ class BatchBuilder:
             is_draft = np.arange(total) > np.repeat(ends - 1 - drafts, counts)
             host.token_slot[:total][is_draft] = self.num_slots
         host.row_slots[:S] = slots
-        fresh = fresh.astype(bool)
-        host.reset_slots[:S][fresh] = slots[fresh]
+        if fresh is not None:
+            host.reset_slots[:S][fresh] = slots[fresh]
 
-        # Sampling parameters, in one pass (float64 holds each of these ints exactly):
-        # temperature, top_k, top_p, min_p, the three penalties, seed, logprobs, min_tokens.
-        sp = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-                        p.presence_penalty, p.frequency_penalty, req.seed,
-                        -1 if p.logprobs is None else p.logprobs, p.min_tokens)
-                       for req, p in zip(reqs, params, strict=True)], np.float64)
-        for column, name in zip(sp[:, :-1].T, _SAMPLING_FIELDS, strict=True):
+        # Sampling parameters: temperature, top_k, top_p, min_p, the three penalties, seed,
+        # logprobs; then min_tokens.
+        for column, name in zip(fixed[:, 1:-1].T, _SAMPLING_FIELDS, strict=True):
             getattr(host, name)[:S] = column
-        min_tokens = sp[:, -1]
+        min_tokens = fixed[:, -1]
         out_index = num_out + pending  # the output index of each sequence's next token
         host.output_index[:S] = out_index
         for row in np.flatnonzero(out_index < min_tokens).tolist():
-            p = params[row]  # EOS and stop ids are banned until min_tokens
+            p = reqs[row].params  # EOS and stop ids are banned until min_tokens
             banned = [*p.stop_token_ids, *self.eos_ids]
             host.banned[row, :len(banned)] = banned
 
     def release(self, request_id: str) -> None:
         """Give back a finished or preempted request's penalty slot."""
+        self._last = [None] * self.num_shards  # a slot may be handed out again
         held = self._slot_of.pop(request_id, None)
         if held is not None:
             shard, slot = held

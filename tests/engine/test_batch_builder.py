@@ -5,6 +5,7 @@ EOS and stop ids are banned until min_tokens."""
 import numpy as np
 
 from jaxserve.config import load_config
+from jaxserve.engine import step_inputs
 from jaxserve.engine.batch_builder import BatchBuilder
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import Request, SamplingParams
@@ -84,3 +85,60 @@ def test_mixed_batch_inputs():
     assert h.output_index[:4].tolist() == [0, 3, 1, 0]
     assert h.banned[3, :3].tolist() == [5, 6, EOS] and (h.banned[3, 3:] == -1).all()
     assert (h.banned[:3] == -1).all()
+
+
+def test_same_rows_again_copy_what_did_not_change():
+    """Steps that run the same requests in the same rows copy their penalty slots, sampling
+    parameters and unchanged page tables from the last micro-batch instead of gathering them
+    again. Every field must equal a build from scratch, through a prefill, page tables that
+    grow, input tokens on the device or already known, and a min_tokens ban that lifts."""
+    config = load_config("configs/smollm2-135m-cpu.yaml").replace(
+        cache__page_size=4, cache__max_model_len=64, scheduler__max_num_seqs=4,
+        scheduler__max_num_batched_tokens=16,
+        runner__token_buckets=(4, 16), runner__seq_buckets=(4,))
+    builder = BatchBuilder(config, num_shards=1, stages=1, eos_ids=[EOS])
+    gathered = []  # requests whose slot the builder looked up
+    slot = builder.slot
+    builder.slot = lambda req: (gathered.append(req.request_id), slot(req))[1]
+    table = PageTable(num_pages=64, page_size=4)
+    reqs = [make("a", 5, temperature=0.7, top_k=3), make("b", 3, min_tokens=2, stop_token_ids=[5]),
+            make("c", 6, logprobs=2)]
+    for req in reqs:
+        table.admit(req.request_id, req.token_ids, use_cache=False)
+    prev_rows = []
+    for step in range(8):
+        seqs = []
+        for req in reqs:
+            start = req.num_computed_tokens
+            n = req.num_tokens - start
+            assert table.ensure(req.request_id, start + n)
+            req.num_computed_tokens += n
+            seqs.append(ScheduledSeq(req, start, n, samples=True))
+        sched = SchedulerOutput(tuple(seqs), ())
+        gathered.clear()
+        mb = builder.micro_batch(sched, [table], prev_rows)
+        assert gathered == ([] if step else ["a", "b", "c"])  # copied after the first step
+        builder._last = [None]
+        scratch = builder.micro_batch(sched, [table], prev_rows)
+        for name, _, _ in step_inputs._FIELDS:
+            if step == 0 and name == "reset_slots":  # new slots only in the first build
+                continue
+            np.testing.assert_array_equal(getattr(mb.host.blocks[0][0], name),
+                                          getattr(scratch.host.blocks[0][0], name),
+                                          err_msg=f"step {step}: {name}")
+        # Each sampled token: on odd steps still on the device, on even steps read back.
+        for req in reqs:
+            if req.num_pending:
+                req.num_pending = 0
+                req.output_ids.append(50 + step)
+            if step % 2:
+                req.num_pending = 1
+            else:
+                req.output_ids.append(60 + step)
+        prev_rows = mb.rows
+    assert len(table.pages("a")) > 2  # the tables grew on the way
+    gathered.clear()
+    fewer = builder.micro_batch(SchedulerOutput(tuple(seqs[:2]), ()), [table], prev_rows)
+    assert gathered == ["a", "b"]  # other rows: gathered again, same slots
+    assert (fewer.host.blocks[0][0].row_slots[:2].tolist()
+            == mb.host.blocks[0][0].row_slots[:2].tolist())
