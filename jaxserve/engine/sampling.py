@@ -118,6 +118,14 @@ _MIN_BLOCK = 64
 
 
 def top_k(x, k: int):
+    """jax.lax.top_k over the last axis of [S, V]: on CPU that one, elsewhere `top_k_by_blocks`
+    (on CPU lax.top_k is the faster: 1.5 ms against 5.0 ms at [16, 49152], k = 20)."""
+    if jax.default_backend() == "cpu":
+        return jax.lax.top_k(x, k)
+    return top_k_by_blocks(x, k)
+
+
+def top_k_by_blocks(x, k: int):
     """jax.lax.top_k over the last axis of [S, V], for a small k, with no sort of the row.
 
     The vocabulary is cut into blocks: only the k blocks with the largest maxima can hold

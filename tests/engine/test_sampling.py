@@ -11,7 +11,7 @@ from jaxserve.engine.sampling import (
     apply_penalties,
     argmax,
     sample,
-    top_k,
+    top_k_by_blocks,
 )
 
 V = 8
@@ -160,7 +160,7 @@ def test_top_k_by_blocks_equals_lax_top_k(values, rows, vocab, k):
     elif values == "half -inf":
         x[:, ::2] = -np.inf
     want_values, want_ids = jax.lax.top_k(jnp.asarray(x), k)
-    got_values, got_ids = jax.jit(top_k, static_argnums=1)(jnp.asarray(x), k)
+    got_values, got_ids = jax.jit(top_k_by_blocks, static_argnums=1)(jnp.asarray(x), k)
     np.testing.assert_array_equal(got_values, want_values)
     np.testing.assert_array_equal(got_ids, want_ids)
 
