@@ -210,8 +210,10 @@ def sample(logits, prompt_mask, output_counts, p: SamplingInputs, num_top: int) 
     # Each branch below runs only when some row needs it: an all-greedy batch skips the
     # random sampling (its top-k/top-p searches are most of the sampler: 1 ms of a B=128
     # step of the 8B shape on an H200), and a batch that asks for no logprobs skips them.
-    # The device reads each predicate; the host does not wait for it, so the next step is
-    # still dispatched early.
+    # On a GPU each branch is a conditional node of XLA's command buffer: the device reads
+    # the predicate and the host does not wait for it. That holds only while every op in
+    # both branches can be captured in a command buffer; one that cannot (a CUB sort, see
+    # top_k) moves the conditional out, and the host then waits for the device every step.
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), random_sample, lambda _: greedy, logits)
     S = logits.shape[0]
     no_top = (jnp.zeros((S, num_top), jnp.float32), jnp.zeros((S, num_top), jnp.int32))
