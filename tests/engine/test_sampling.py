@@ -1,5 +1,7 @@
 """On-device sampling on crafted logits: exclusions hold, seeds reproduce, penalties exact."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,3 +207,16 @@ def test_top_k_top_p_keep_what_a_full_sort_keeps():
     for row in range(len(ks)):
         want = kept_by_sorting(logits[row], int(ks[row]), float(ps[row]))
         np.testing.assert_array_equal(kept[row], want, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("rows, vocab", [(64, 49152), (64, 512), (128, 128256)])
+def test_top_k_by_blocks_sorts_no_row(rows, vocab):
+    """The GPU's top_k sorts at most the k chosen block numbers of a row: a sort of the row
+    becomes a CUB call on a GPU, which moves the sampler's branch out of XLA's command
+    buffer and makes the host wait for the device every step."""
+    k = 20
+    text = jax.jit(top_k_by_blocks, static_argnums=1).lower(
+        jax.ShapeDtypeStruct((rows, vocab), jnp.float32), k).as_text()
+    sorted_shapes = re.findall(r'"stablehlo.sort".*?-> tensor<([0-9x]+)x\w+>', text, re.DOTALL)
+    assert all(int(shape.split("x")[-1]) <= k for shape in sorted_shapes), sorted_shapes
+    assert "topk" not in text.lower() and "top_k" not in text.lower()
