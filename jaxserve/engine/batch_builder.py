@@ -43,7 +43,7 @@ class _ShardRows:
 
     reqs: list[Request]
     slots: np.ndarray  # [S] penalty-table slots
-    fixed: np.ndarray  # [S, 11] prompt length, the _SAMPLING_FIELDS, min_tokens (float64)
+    fixed: np.ndarray  # [S, 10] the _SAMPLING_FIELDS, then min_tokens (float64)
     pages: list[np.ndarray]  # each row's page array, as PageTable.row gave it
     tables: np.ndarray  # the page_tables block it wrote [S_bucket, P]
 
@@ -136,18 +136,19 @@ class BatchBuilder:
             slots = np.array([slot for slot, _ in held], np.int64)
             fresh = np.array([new for _, new in held], bool)
             # float64 holds each of these ints exactly
-            fixed = np.array([(len(req.prompt_ids), p.temperature, p.top_k, p.top_p, p.min_p,
+            fixed = np.array([(p.temperature, p.top_k, p.top_p, p.min_p,
                                p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
                                req.seed, -1 if p.logprobs is None else p.logprobs,
                                p.min_tokens) for req in reqs for p in (req.params,)],
                              np.float64)
         else:
             slots, fresh, fixed = last.slots, None, last.fixed
-        nums = np.array([(seq.start, seq.num_tokens, len(req.output_ids), req.num_pending,
-                          len(req.draft)) for seq, req in zip(seqs, reqs, strict=True)],
-                        np.int64)
-        starts, counts, num_out, pending, drafts = nums.T
-        prompt_lens = fixed[:, 0].astype(np.int64)
+        # Prompt lengths are read every step: a draft model's shadow request
+        # (engine/draft.py) is rebuilt with a new prompt in the same row.
+        nums = np.array([(seq.start, seq.num_tokens, len(req.prompt_ids), len(req.output_ids),
+                          req.num_pending, len(req.draft))
+                         for seq, req in zip(seqs, reqs, strict=True)], np.int64)
+        starts, counts, prompt_lens, num_out, pending, drafts = nums.T
         ends = np.cumsum(counts)
         firsts, total = ends - counts, int(ends[-1])
         row_of = np.repeat(np.arange(S), counts)  # each token's sequence
@@ -203,7 +204,7 @@ class BatchBuilder:
 
         # Sampling parameters: temperature, top_k, top_p, min_p, the three penalties, seed,
         # logprobs; then min_tokens.
-        for column, name in zip(fixed[:, 1:-1].T, _SAMPLING_FIELDS, strict=True):
+        for column, name in zip(fixed[:, :-1].T, _SAMPLING_FIELDS, strict=True):
             getattr(host, name)[:S] = column
         min_tokens = fixed[:, -1]
         out_index = num_out + pending  # the output index of each sequence's next token
