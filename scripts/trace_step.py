@@ -7,6 +7,7 @@ B requests of --context random prompt tokens are prefilled; --steps decode steps
 without the profiler (`step_ms_unprofiled`: the profiler's own cost falls on the host),
 then --steps more under `jax.profiler.trace`. The trace's complete events are summed per
 name and divided by the steps.
+`--quantization` sets model.quantization (int8, fp8, q8_0 weights) over the config's.
 
 On CPU, XLA's executors name each event after its HLO op (`dot.50`,
 `dynamic-slice_bitcast_fusion.2`, ...), so the classes below are taken from those names:
@@ -214,6 +215,8 @@ def main() -> None:
                     help="every request's temperature (default greedy)")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--quantization", choices=["none", "int8", "fp8", "q8_0"],
+                    help="model.quantization (default: the config's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -221,6 +224,8 @@ def main() -> None:
             **bucket_overrides(args.token_buckets, args.seq_buckets)}
     if args.kv_cache_memory:
         over["cache__kv_cache_memory"] = args.kv_cache_memory * 2**30
+    if args.quantization:
+        over["model__quantization"] = args.quantization
     config = load_config(args.config).replace(**over)
     loaded = load_model(config, progress=False)
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
@@ -237,6 +242,7 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "config": args.config,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "sampling": sampling,
+              "quantization": config.model.quantization,
               "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
