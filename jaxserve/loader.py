@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,7 +132,28 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,
               flush=True)
+        hint = quantized_gpu_hint(config, jax.default_backend(), os.environ.get("XLA_FLAGS", ""))
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
     return LoadedModel(model_config, nest_params(flat), tokenizer, mesh)
+
+
+def quantized_gpu_hint(config: Config, platform: str, xla_flags: str) -> str | None:
+    """One line for int8/fp8/q8_0 weights served on a GPU without what makes their steps
+    fast (docs/quantization.md, "On GPU"): per-layer weight arrays, and XLA's scratch at
+    fixed addresses (without it XLA's CUDA-graph update can set the step). None otherwise."""
+    if config.model.quantization == "none" or platform != "gpu":
+        return None
+    missing = []
+    if not config.runner.layer_arrays:
+        missing.append("runner.layer_arrays: true")
+    if "xla_gpu_command_buffer_update_mode" not in xla_flags:
+        missing.append("XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP (with "
+                       "cache.kv_cache_memory in bytes)")
+    if not missing:
+        return None
+    return (f"jaxserve: note: {config.model.quantization} weights on a GPU run faster with "
+            + " and ".join(missing) + "; see docs/quantization.md, \"On GPU\"")
 
 
 def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:

@@ -20,7 +20,7 @@ from jaxserve.checkpoint.convert import convert
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
-from jaxserve.loader import LoadedModel, check_quantization, load_model
+from jaxserve.loader import LoadedModel, check_quantization, load_model, quantized_gpu_hint
 from jaxserve.models.llama import flatten_params, nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import experts_forward
@@ -473,3 +473,17 @@ def test_engine_with_a_quantized_kv_cache(demo_config, demo_model, kv_dtype, sto
 def test_unknown_kv_dtype_names_the_key(demo_config):
     with pytest.raises(ValueError, match=r"kv_dtype: must be one of .* \(got 'int4'\)"):
         demo_config.replace(cache__kv_dtype="int4")
+
+
+def test_quantized_weights_on_a_gpu_get_one_hint_naming_what_is_missing(demo_config):
+    fp8 = demo_config.replace(model__quantization="fp8")
+    flag = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    assert quantized_gpu_hint(demo_config, "gpu", "") is None  # full precision: no hint
+    assert quantized_gpu_hint(fp8, "cpu", "") is None
+    both = quantized_gpu_hint(fp8, "gpu", "")
+    assert both.startswith("jaxserve: note: fp8 weights on a GPU run faster with ")
+    assert "runner.layer_arrays: true" in both and flag in both
+    arrays = fp8.replace(runner__layer_arrays=True)
+    only_flag = quantized_gpu_hint(arrays, "gpu", "--xla_foo=1")
+    assert flag in only_flag and "layer_arrays" not in only_flag
+    assert quantized_gpu_hint(arrays, "gpu", flag) is None
