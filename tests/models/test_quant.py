@@ -480,6 +480,7 @@ def test_quantized_weights_on_a_gpu_get_one_hint_naming_what_is_missing(demo_con
     flag = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
     assert quantized_gpu_hint(demo_config, "gpu", "") is None  # full precision: no hint
     assert quantized_gpu_hint(fp8, "cpu", "") is None
+    assert quantized_gpu_hint(demo_config.replace(model__quantization="q8_0"), "gpu", "") is None
     both = quantized_gpu_hint(fp8, "gpu", "")
     assert both.startswith("jaxserve: note: fp8 weights on a GPU run faster with ")
     assert "runner.layer_arrays: true" in both and flag in both
