@@ -109,9 +109,14 @@ class SchedulerSection:
     max_num_batched_tokens: int = 256  # per-step token budget (prefill chunks + decodes)
     chunked_prefill: bool = True
     max_waiting: int = 1024  # waiting-queue bound; the server answers RESOURCE_EXHAUSTED beyond
+    # Multi-step decode: while every running request decodes and no waiting one could be
+    # admitted, one device call runs up to this many decode steps (engine/decode_loop.py).
+    # 1 turns it off. Tokens then stream in bursts of up to this many per request.
+    decode_steps: int = 1
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1 (got {self.max_num_seqs})")
+        _check(self.decode_steps >= 1, "decode_steps", f"must be >= 1 (got {self.decode_steps})")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                f"must be >= 1 (got {self.max_num_batched_tokens})")
         _check(self.max_waiting >= 1, "max_waiting", f"must be >= 1 (got {self.max_waiting})")
@@ -221,6 +226,11 @@ class Config:
         _check(not self.speculative.enabled or self.mesh.pipeline == 1, "speculative.method",
                f"{self.speculative.method} needs mesh.pipeline: 1 (got {self.mesh.pipeline}): "
                "a verified step's tokens must be read back before the next step")
+        _check(self.scheduler.decode_steps == 1 or (self.mesh.pipeline == 1
+                                                    and not self.speculative.enabled),
+               "scheduler.decode_steps",
+               f"({self.scheduler.decode_steps}) needs mesh.pipeline: 1 and speculative "
+               "decoding off: several steps in one call sample each token on the device")
 
     def replace(self, **sections) -> Config:
         """A copy with whole sections or `section__field=value` overrides."""

@@ -63,8 +63,8 @@ class BatchBuilder:
         self._last: list[_ShardRows | None] = [None] * num_shards
 
     @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
-    def layout(self, num_tokens: int, num_seqs: int, rows: int = 1) -> Layout:
-        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned, rows)
+    def layout(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1) -> Layout:
+        return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned, rows, steps)
 
     def bucket(self, buckets, n: int, what: str) -> int:
         i = bisect.bisect_left(buckets, n)
@@ -93,29 +93,33 @@ class BatchBuilder:
         # Rows sampled per sequence: 1, or 1 + k when a sequence verifies proposed tokens
         # (speculative decoding): two programs per bucket, so plain steps stay plain.
         J = self.config.speculative.rows if any(s.request.draft for s in sched.seqs) else 1
+        # Multi-step decode: the program of decode_steps steps, if any sequence takes more
+        # than one (the others stop early inside it).
+        K = self.config.scheduler.decode_steps if any(s.steps > 1 for s in sched.seqs) else 1
         prev_row = {req: row for req, _, row in prev_rows}  # requests hash by identity
         rows: list[tuple[Request, int, int]] = []
-        host = HostInputs(self.layout(T, S, J), self.num_shards, self.num_slots)
+        host = HostInputs(self.layout(T, S, J, K), self.num_shards, self.num_slots)
         for shard, seqs in enumerate(by_shard):
             self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row, shard)
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
         return MicroBatch(host, rows)
 
-    def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int, int], HostInputs]:
+    def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int, int, int],
+                                                           HostInputs]:
         """Inputs of one step: stage s gets ring[s], all in the largest bucket among them.
-        The bucket is (tokens, sequences, rows sampled per sequence)."""
+        The bucket is (tokens, sequences, rows sampled per sequence, decode steps)."""
         T = max(mb.host.layout.T for mb in ring)
         S = max(mb.host.layout.S for mb in ring)
         if self.stages == 1:
             host = ring[0].host
-            return (T, S, host.layout.J), host
+            return (T, S, host.layout.J, host.layout.steps), host
         else:
             host = HostInputs(self.layout(T, S), self.num_shards, self.num_slots,
                               self.stages)
             for stage, mb in enumerate(ring):
                 for shard in range(self.num_shards):
                     mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
-        return (T, S, 1), host
+        return (T, S, 1, 1), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[Request, int], shard: int) -> None:
@@ -146,9 +150,9 @@ class BatchBuilder:
         # Prompt lengths are read every step: a draft model's shadow request
         # (engine/draft.py) is rebuilt with a new prompt in the same row.
         nums = np.array([(seq.start, seq.num_tokens, len(req.prompt_ids), len(req.output_ids),
-                          req.num_pending, len(req.draft))
+                          req.num_pending, len(req.draft), seq.steps)
                          for seq, req in zip(seqs, reqs, strict=True)], np.int64)
-        starts, counts, prompt_lens, num_out, pending, drafts = nums.T
+        starts, counts, prompt_lens, num_out, pending, drafts, steps = nums.T
         ends = np.cumsum(counts)
         firsts, total = ends - counts, int(ends[-1])
         row_of = np.repeat(np.arange(S), counts)  # each token's sequence
@@ -192,6 +196,7 @@ class BatchBuilder:
         host.query_start[1:S + 1] = ends
         host.query_start[S + 1:] = total
         host.num_draft[:S] = drafts
+        host.num_steps[:S] = steps
         J = host.logits_indices.shape[1]
         host.logits_indices[:S] = (ends - 1 - drafts)[:, None] + np.minimum(
             np.arange(J)[None, :], drafts[:, None])

@@ -247,9 +247,11 @@ class Engine:
     def _process(self, handle: StepHandle, out) -> None:
         tokens = out.tokens.tolist()  # Python ints at once, not one numpy scalar per token
         for req, shard, row in handle.rows:
-            req.num_pending -= 1
+            # Tokens after the row's first: accepted proposals (speculative decoding), or
+            # the further steps of a multi-step decode (all sampled, all pending until now).
+            accepted = int(out.num_accepted[shard, row])
+            req.num_pending -= accepted + 1 if handle.steps > 1 else 1
             proposed, req.draft = len(req.draft), []
-            accepted = int(out.num_accepted[shard, row]) if proposed else 0
             if req.spec_eligible:
                 req.spec_eligible = False
                 record(req, proposed, accepted, self.config.speculative)

@@ -54,14 +54,15 @@ class Op(enum.IntEnum):
 @dataclasses.dataclass(frozen=True)
 class Message:
     op: Op
-    bucket: tuple[int, int, int] = (0, 0, 1)  # tokens, sequences, rows per sequence
+    bucket: tuple[int, int, int, int] = (0, 0, 1, 1)  # tokens, sequences, rows per
+    #                                                    sequence, decode steps
     continues: bool = False  # the step takes the previous step's sampled tokens
     buffer: np.ndarray | None = None  # int32 [D, P, n]: the step's packed inputs
 
 
 _channels = itertools.count()  # every process makes its channels in the same order
 KEEP = 256  # messages per block of keys; the store keeps one to two blocks
-HEADER = 5 * 4  # bytes: op, the bucket's three numbers, continues (int32 each)
+HEADER = 6 * 4  # bytes: op, the bucket's four numbers, continues (int32 each)
 WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the leader lives
 
 
@@ -109,8 +110,8 @@ class StepChannel:
                 if "DEADLINE_EXCEEDED" not in str(e):
                     raise
         self._count += 1
-        op, t, s, j, continues = np.frombuffer(payload[:HEADER], np.int32)
-        message = Message(Op(int(op)), (int(t), int(s), int(j)), bool(continues))
+        op, *bucket, continues = np.frombuffer(payload[:HEADER], np.int32).tolist()
+        message = Message(Op(op), tuple(bucket), bool(continues))
         if message.op == Op.PING:
             _all_here()
         if message.op != Op.STEP:

@@ -193,7 +193,8 @@ class Request:
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_pending: int = 0  # sampled on the device, not yet read back (0 or 1)
+    num_pending: int = 0  # tokens sampled on the device, not yet read back (0 or 1; up to
+    #                       scheduler.decode_steps from a multi-step call)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     shard: int = 0  # the data shard holding its KV pages (assigned at each admission)

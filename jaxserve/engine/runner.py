@@ -20,6 +20,7 @@ row-parallel projections. The KV cache is never gathered, moved or reduced.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from jaxserve.config import Config
 from jaxserve.engine import step_outputs
 from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
+from jaxserve.engine.decode_loop import decode_steps
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
@@ -81,8 +83,9 @@ class StepHandle:
     out: jax.Array  # [D, P, S, W] packed sampler output (step_outputs.py); the last
     #                 stage's ([:, -1]) are the samples
     prev_tokens: jax.Array  # [D, P, S_max] tokens each stage received, for the next step
-    sampled_rows: int  # J: rows sampled per sequence
+    sampled_rows: int  # J: rows sampled per sequence (a multi-step call's: its steps)
     num_top: int  # N: top logprobs per row
+    steps: int = 1  # decode steps in the call (multi-step decode: > 1)
 
     def fetch(self) -> SamplerOutput:
         """The samples [D, S, ...] as numpy views of one device-to-host transfer."""
@@ -245,7 +248,7 @@ class Runner:
             return jax.device_put(host, self._per_block)
         return jax.make_array_from_callback(host.shape, self._per_block, lambda i: host[i])
 
-    def _buffer_shape(self, bucket: tuple[int, int, int]) -> tuple[int, int, int]:
+    def _buffer_shape(self, bucket: tuple[int, ...]) -> tuple[int, int, int]:
         return self.num_shards, self.stages, self.batch.layout(*bucket).size
 
     def release(self, request_id: str) -> None:
@@ -272,7 +275,11 @@ class Runner:
 
         def shard_step(params, state, buffer, recv):
             inp = layout.unpack(buffer[0, 0])
-            state, out, send = self._step(params, state, inp, recv[0, 0])
+            if layout.steps > 1:
+                state, out, send = decode_steps(self._step, layout.steps, self.page_size,
+                                                params, state, inp, recv[0, 0])
+            else:
+                state, out, send = self._step(params, state, inp, recv[0, 0])
             out = step_outputs.pack(out)[None, None]  # one array: one transfer to the host
             if gather:
                 out = jax.lax.all_gather(out, ("data", PIPELINE_AXIS), axis=0,
@@ -286,10 +293,10 @@ class Runner:
                              in_specs=(spec(self.params), state, per_block, per_block),
                              out_specs=(state, out_spec, per_block), check_vma=False)
 
-    def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1):
-        key = (num_tokens, num_seqs, rows)
+    def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1):
+        key = (num_tokens, num_seqs, rows, steps)
         if key not in self._compiled:
-            layout = self.batch.layout(num_tokens, num_seqs, rows)
+            layout = self.batch.layout(*key)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
                                           sharding=self._per_block)
@@ -315,11 +322,20 @@ class Runner:
                     pairs.append((t, s))
         return pairs
 
-    def step_programs(self) -> list[tuple[int, int, int]]:
-        """Every (tokens, sequences, rows per sequence) program serving may run: each bucket
-        pair, and with speculative decoding its verifying variant too."""
+    def step_programs(self) -> list[tuple[int, int, int, int]]:
+        """Every (tokens, sequences, rows per sequence, decode steps) program serving may
+        run: each bucket pair; with speculative decoding its verifying variant too; with
+        multi-step decode, the multi-step variant of each bucket a decode batch lands in."""
         rows = sorted({1, self.config.speculative.rows})
-        return [(t, s, j) for t, s in self.bucket_pairs() for j in rows]
+        programs = [(t, s, j, 1) for t, s in self.bucket_pairs() for j in rows]
+        k = self.config.scheduler.decode_steps
+        if k > 1:
+            runner = self.config.runner
+            pick = lambda buckets, n: buckets[bisect.bisect_left(buckets, n)]
+            programs += sorted({(pick(runner.token_buckets, n), pick(runner.seq_buckets, n),
+                                 1, k) for n in range(1, min(self.num_slots, self.config.scheduler
+                                                       .max_num_batched_tokens) + 1)})
+        return programs
 
     def warm_up(self, progress: bool = True) -> None:
         """Compile every bucket now, so serving never compiles (the followers too)."""
@@ -343,13 +359,14 @@ class Runner:
         rows = self._ring[-1].rows if len(self._ring) == self.stages else []
         for seq in sched.seqs:
             if seq.samples:
-                seq.request.num_pending += 1
+                seq.request.num_pending += seq.steps
         if self.channel is not None:
             self.channel.send(Message(Op.STEP, bucket, prev is not None, host.buffer))
         out, next_prev = self._run(bucket, host.buffer,
                                    prev.prev_tokens if prev is not None else None)
         out.copy_to_host_async()
-        return StepHandle(rows, out, next_prev, bucket[2], self.num_top)
+        steps = bucket[3]
+        return StepHandle(rows, out, next_prev, bucket[2] * steps, self.num_top, steps)
 
     def _run(self, bucket, buffer: np.ndarray, prev_tokens):
         """Dispatch one compiled step (every process does, with the same inputs): one

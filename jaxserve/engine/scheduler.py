@@ -13,6 +13,13 @@ One waiting queue feeds them all; a request is placed when it is admitted, on th
 that holds most of its prefix in cache, else the least loaded one, and it stays there until
 it finishes or is preempted (a preempted request may be placed anew).
 
+Multi-step decode (`decode_steps` K > 1): while every running request decodes and no
+waiting request could be admitted, a decode is scheduled for up to K steps in one device
+call (engine/decode_loop.py): its input token and the K - 1 tokens the device samples after
+it. Fewer than K where the request reaches max_tokens, or where min_tokens still bans its
+stop tokens (the device keeps the bans of the call's first step). Any prefill, or a waiting
+request with a free seat, brings back single steps, so arrivals wait at most one call.
+
 Pipeline stages: each step is one tick of a pipeline holding `stages` micro-batches, and a
 sequence's sampled token comes out `stages` ticks after it went in. So a sequence that
 samples is scheduled again no sooner than that, and each tick takes at most
@@ -42,6 +49,7 @@ class ScheduledSeq:
     start: int  # first position computed this step (== num_computed_tokens before the step)
     num_tokens: int  # tokens computed this step
     samples: bool  # the chunk reaches the end of the known sequence: sample a token
+    steps: int = 1  # multi-step decode: decode steps in this call (num_tokens is then 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,24 +103,26 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+        multi = self._decode_steps()
 
         i = 0
         while i < len(self.running):
             req = self.running[i]
             ready = req.ready_tick <= self.tick and seats[req.shard] > 0
             n = self._chunk(req, budgets[req.shard]) if ready else 0
-            if n == 0:  # no budget or seat left on its shard, or its next token is on its way
-                i += 1
+            steps = self._steps(req, multi) if n else 0
+            if steps == 0:  # no budget or seat left on its shard, or its next token (or, in
+                i += 1      # multi-step decode, its last) is on its way
                 continue
             table = self.page_tables[req.shard]
-            while not table.ensure(req.request_id, req.num_computed_tokens + n):
+            while not table.ensure(req.request_id, req.num_computed_tokens + n + steps - 1):
                 victim = next(r for r in reversed(self.running) if r.shard == req.shard)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             else:
-                scheduled.append(self._schedule(req, n))
+                scheduled.append(self._schedule(req, n, steps))
                 budgets[req.shard] -= n
                 seats[req.shard] -= 1
                 i += 1
@@ -165,6 +175,34 @@ class Scheduler:
             return (-cached, load[s], -table.num_free_pages)
         return min(open_shards, key=score)
 
+    def _decode_steps(self) -> int:
+        """K (decode_steps) if this step may run several decode steps in one call: every
+        running request decodes (one known token to compute, nothing proposed) and no
+        waiting request could take a seat. Else 1."""
+        k = self.config.decode_steps
+        if k == 1 or self.stages > 1:
+            return 1
+        if self._waiting and any(
+                sum(r.shard == s for r in self.running) < self.config.max_num_seqs
+                for s in range(len(self.page_tables))):
+            return 1
+        if any(req.num_tokens - req.num_computed_tokens != 1 or req.draft
+               for req in self.running):
+            return 1
+        return k
+
+    @staticmethod
+    def _steps(req: Request, k: int) -> int:
+        """Decode steps for a request this call: up to k, no more tokens than max_tokens
+        leaves, and no step past the last one that min_tokens still bans stops in."""
+        if k == 1:
+            return 1
+        sampled = len(req.output_ids) + req.num_pending  # its next token's output index
+        steps = min(k, req.params.max_tokens - sampled)
+        if sampled < req.params.min_tokens:
+            steps = min(steps, req.params.min_tokens - sampled)
+        return max(steps, 0)
+
     def _chunk(self, req: Request, budget: int) -> int:
         remaining = req.num_tokens - req.num_computed_tokens
         if req.draft:  # speculative decoding: the proposed tokens are computed too
@@ -174,14 +212,14 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
-    def _schedule(self, req: Request, n: int) -> ScheduledSeq:
+    def _schedule(self, req: Request, n: int, steps: int = 1) -> ScheduledSeq:
         start = req.num_computed_tokens
-        req.num_computed_tokens += n
+        req.num_computed_tokens += n + steps - 1  # multi-step: K/V of the sampled inputs too
         self.page_tables[req.shard].register(req.request_id, req.token_ids,
                                              req.num_computed_tokens)
         samples = req.num_computed_tokens >= req.num_tokens  # > with proposed tokens
         req.ready_tick = self.tick + (self.stages if samples else 1)
-        return ScheduledSeq(req, start, n, samples=samples)
+        return ScheduledSeq(req, start, n, samples=samples, steps=steps)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

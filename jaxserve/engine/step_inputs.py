@@ -34,6 +34,7 @@ class StepInputs:
     logits_indices: jax.Array  # [S, J] tokens sampled in each sequence: its last, or with
     # J > 1 (speculative decoding) its last known token and each proposed one after it
     num_draft: jax.Array  # [S] proposed tokens at the end of each sequence's chunk
+    num_steps: jax.Array  # [S] multi-step decode: decode steps of each sequence (padding: 0)
     row_slots: jax.Array  # [S] penalty-table slot of each sequence (R: padding)
     reset_slots: jax.Array  # [S] slots whose tables restart this step (R: none)
     sampling: SamplingInputs
@@ -46,7 +47,8 @@ _FIELDS = (
     ("token_ids", "i", "T"), ("prev_index", "i", "T"), ("token_slot", "i", "T"),
     ("token_is_output", "b", "T"), ("positions", "i", "T"), ("slot_mapping", "i", "T"),
     ("page_tables", "i", "SP"), ("seq_lens", "i", "S"), ("query_start", "i", "S+1"),
-    ("logits_indices", "i", "SJ"), ("num_draft", "i", "S"), ("row_slots", "i", "S"),
+    ("logits_indices", "i", "SJ"), ("num_draft", "i", "S"), ("num_steps", "i", "S"),
+    ("row_slots", "i", "S"),
     ("reset_slots", "i", "S"),
     ("temperature", "f", "S"), ("top_k", "i", "S"), ("top_p", "f", "S"), ("min_p", "f", "S"),
     ("repetition_penalty", "f", "S"), ("presence_penalty", "f", "S"),
@@ -59,13 +61,14 @@ _FIELDS = (
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each field sits in a block's buffer (int32 fields, then float32 ones), for one
-    (T, S, J) bucket."""
+    (T, S, J) bucket; `steps` names the program that reads it (the buffer is the same)."""
 
     T: int  # padded tokens
     S: int  # padded sequences
     P: int  # pages per sequence
     K: int  # banned token ids per sequence
     J: int = 1  # rows sampled per sequence
+    steps: int = 1  # decode steps per call: > 1 in a multi-step decode (J is then 1)
 
     def shape(self, dims: str) -> tuple[int, ...]:
         return {"T": (self.T,), "S": (self.S,), "S+1": (self.S + 1,), "SP": (self.S, self.P),
@@ -120,7 +123,8 @@ class Layout:
         sampling = SamplingInputs(*(get(f.name) for f in dataclasses.fields(SamplingInputs)))
         return StepInputs(get("token_ids"), get("prev_index"), get("token_slot"),
                           get("token_is_output"), meta, get("logits_indices"),
-                          get("num_draft"), get("row_slots"), get("reset_slots"), sampling)
+                          get("num_draft"), get("num_steps"), get("row_slots"),
+                          get("reset_slots"), sampling)
 
 
 class HostInputs:

@@ -34,7 +34,7 @@ class Store:
 
 
 def shapes(bucket):
-    t, s, _ = bucket
+    t, s, *_ = bucket
     return 1, 2, 3 * t + 2 * s
 
 
@@ -51,7 +51,8 @@ def test_a_follower_receives_every_message_as_sent_in_order():
     store = Store()
     leader = StepChannel(shapes, store, name="t")
     follower = StepChannel(shapes, store, name="t")
-    sent = [Message(Op.WARM_UP), step((16, 4, 1), 1), step((64, 16, 5), 2), step((16, 4, 1), 3),
+    sent = [Message(Op.WARM_UP), step((16, 4, 1, 1), 1), step((64, 16, 5, 1), 2),
+            step((16, 4, 1, 4), 3), step((16, 4, 1, 1), 4),
             Message(Op.PING), Message(Op.STOP)]
     for m in sent:
         leader.send(m)
@@ -72,8 +73,8 @@ def test_the_store_keeps_one_to_two_blocks_of_messages(monkeypatch):
     follower = StepChannel(shapes, store, name="t")
     kept = []
     for i in range(14):
-        leader.send(step((16, 4, 1), i))
-        assert follower.receive().buffer[0, 0, 0] == step((16, 4, 1), i).buffer[0, 0, 0]
+        leader.send(step((16, 4, 1, 1), i))
+        assert follower.receive().buffer[0, 0, 0] == step((16, 4, 1, 1), i).buffer[0, 0, 0]
         kept.append(len(store.values))
     # blocks of 4: starting block b deletes block b - 2 in one call
     assert kept == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -91,7 +92,7 @@ def test_a_follower_waits_through_timeouts_and_fails_on_other_errors():
         error = next(calls, None)
         if error is not None:
             raise error
-        return np.array([Op.STOP, 0, 0, 1, 0], np.int32).tobytes()
+        return np.array([Op.STOP, 0, 0, 1, 1, 0], np.int32).tobytes()
 
     store.blocking_key_value_get_bytes = get
     assert follower.receive().op == Op.STOP
@@ -113,10 +114,10 @@ def test_a_step_like_the_last_one_in_its_bucket_travels_as_a_small_difference():
     store = Store()
     leader = StepChannel(shapes, store, name="t")
     follower = StepChannel(shapes, store, name="t")
-    first = step((64, 16, 5), 1)
-    second = Message(Op.STEP, (64, 16, 5), True, first.buffer.copy())
+    first = step((64, 16, 5, 1), 1)
+    second = Message(Op.STEP, (64, 16, 5, 1), True, first.buffer.copy())
     second.buffer[0, :, :16] += 1  # the positions move on; the page tables stay
-    for m in (first, step((16, 4, 1), 2), second):
+    for m in (first, step((16, 4, 1, 1), 2), second):
         leader.send(m)
         got = follower.receive()
         np.testing.assert_array_equal(got.buffer, m.buffer)
