@@ -113,3 +113,22 @@ def test_config_refuses_what_it_cannot_combine():
         config_from_dict({"scheduler": {"decode_steps": 4},
                           "speculative": {"method": "ngram"}})
 
+
+def test_a_program_run_on_padding_changes_nothing_but_the_null_page(demo_config, demo_model):
+    """Warm-up on a GPU runs every program once on padding (runner.run_padding): the KV
+    pages other than the null page (0) and the penalty tables must stay as they were."""
+    import jax
+    import numpy as np
+    engine = make_engine(demo_config, demo_model, scheduler__decode_steps=K)
+    runner = engine.runner
+    programs = runner.step_programs()
+    assert (16, 4, 1, K) in programs and (16, 16, 1, K) in programs
+    ones = jax.tree.map(lambda a: jax.numpy.ones_like(a), runner.state)
+    runner.state = ones
+    for bucket in programs:
+        runner.run_padding(bucket)
+    state = jax.tree.map(np.asarray, runner.state)
+    for name in ("prompt_mask", "output_counts"):
+        assert (getattr(state, name) == 1).all(), name
+    for pages in (state.k_pages, state.v_pages):
+        assert (pages[:, 1:] == 1).all()
