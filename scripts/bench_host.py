@@ -8,6 +8,8 @@ requests with the same prompt (so the prefix cache prefills it once) decode toge
 engine's own phase timers (`Engine.step_times`) are read over --steps decode steps:
 schedule_ms (scheduler), inputs_ms (building and dispatching the step), outputs_ms
 (appending tokens, stop checks, output records), host_ms (their sum) and wait_ms.
+With --decode-steps K each engine step is a call of K decode steps (multi-step decode):
+the phases are per call, and host_per_token_step_ms is host_ms / K.
 
 On CPU the "device" is the same two cores, so a long context's attention slows the host
 phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
@@ -42,18 +44,21 @@ TINY = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=12
 
 
 def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> dict:
+    k = engine.config.scheduler.decode_steps
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, TINY.vocab_size, context).tolist()
     engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), "warm")
     while engine.has_unfinished():
         engine.step()
-    params = SamplingParams(max_tokens=steps + 64, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=(steps + 16) * k, temperature=0.0, ignore_eos=True)
     decode_together(engine, [prompt] * batch, params, "r")
     for _ in range(steps):
         engine.step()
     assert len(engine.scheduler.running) == batch
-    row = {"batch": batch, "context": context, "steps": steps,
-           **{k: round(v, 4) for k, v in engine.step_times.per_step_ms().items()}}
+    phases = engine.step_times.per_step_ms()
+    row = {"batch": batch, "context": context, "steps": steps, "decode_steps": k,
+           **{name: round(v, 4) for name, v in phases.items()},
+           "host_per_token_step_ms": round(phases["host_ms"] / k, 4)}
     jax.block_until_ready(engine.in_flight.out)
     sched = engine.scheduler.schedule()
     times = []
@@ -75,6 +80,8 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto",
                     choices=["auto", "reference", "pallas"],
                     help="runner.attention_backend (auto: Pallas on GPU, reference on CPU)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="scheduler.decode_steps: decode steps per call (multi-step decode)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     shape = Path(args.out).with_suffix(".shape.json")
@@ -83,11 +90,12 @@ def main() -> None:
     config = load_config(REPO / "configs" / "smollm2-135m-cpu.yaml").replace(
         model__dtype="float32", checkpoint__source="random",
         checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
-        cache__max_model_len=c_max + args.steps + 128,
+        cache__max_model_len=c_max + (args.steps + 32) * args.decode_steps,
         cache__kv_cache_memory=float(2**30),
         runner__token_buckets=(b_max, 2048), runner__seq_buckets=(b_max,),
         runner__attention_backend=args.attention_backend,
-        scheduler__max_num_seqs=b_max, scheduler__max_num_batched_tokens=2048)
+        scheduler__max_num_seqs=b_max, scheduler__max_num_batched_tokens=2048,
+        scheduler__decode_steps=args.decode_steps)
     loaded = load_model(config, progress=False)
     shape.unlink()
     engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
