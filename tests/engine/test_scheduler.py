@@ -198,3 +198,56 @@ def run_token(sched: Scheduler, req: Request) -> None:
     if len(req.output_ids) >= req.params.max_tokens:
         req.status = Status.FINISHED
         sched.remove(req)
+
+
+def run_multi_step(sched: Scheduler) -> list[tuple[str, int]]:
+    """One schedule; the simulated device samples every step of each sequence. Returns
+    (request id, steps) of the scheduled sequences."""
+    out = sched.schedule()
+    for s in out.seqs:
+        req = s.request
+        assert s.start + s.num_tokens + s.steps - 1 == req.num_computed_tokens
+        if s.samples:
+            for _ in range(s.steps):
+                req.output_ids.append(next_token(req))
+            if len(req.output_ids) >= req.params.max_tokens:
+                req.status = Status.FINISHED
+                sched.remove(req)
+    return [(s.request.request_id, s.steps) for s in out.seqs]
+
+
+def test_multi_step_decode_only_while_every_request_decodes_and_no_one_could_be_admitted():
+    pt = PageTable(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerSection(max_num_seqs=2, max_num_batched_tokens=16,
+                                       decode_steps=4), [pt])
+    a = make_request(5, max_tokens=30)
+    sched.add(a)
+    assert run_multi_step(sched) == [(a.request_id, 1)]  # its prefill: a single step
+    assert run_multi_step(sched) == [(a.request_id, 4)]  # it decodes: 4 steps
+    assert len(pt.pages(a.request_id)) * 4 >= a.num_computed_tokens  # pages for all 4
+    b = make_request(9, max_tokens=3, t=1.0)
+    sched.add(b)  # a seat is free: single steps until b decodes too
+    assert run_multi_step(sched) == [(a.request_id, 1), (b.request_id, 1)]
+    # both decode; b may take 2 more tokens (max_tokens)
+    assert run_multi_step(sched) == [(a.request_id, 4), (b.request_id, 2)]
+    assert b.status is Status.FINISHED and len(b.output_ids) == 3
+    c, d = make_request(3, max_tokens=8, t=2.0), make_request(3, max_tokens=8, t=3.0)
+    sched.add(c)  # a seat is free again
+    assert run_multi_step(sched) == [(a.request_id, 1), (c.request_id, 1)]
+    sched.add(d)  # no seat for d: a and c go on 4 steps at a time
+    assert run_multi_step(sched) == [(a.request_id, 4), (c.request_id, 4)]
+    assert run_multi_step(sched) == [(a.request_id, 4), (c.request_id, 3)]  # c's last 3
+    assert c.status is Status.FINISHED and len(c.output_ids) == 8
+    assert run_multi_step(sched) == [(a.request_id, 1), (d.request_id, 1)]  # d admitted
+
+
+def test_multi_step_decode_stops_at_the_last_step_min_tokens_bans_stops_in():
+    pt = PageTable(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerSection(decode_steps=4), [pt])
+    req = Request("m", [1, 2, 3], SamplingParams(max_tokens=20, min_tokens=6), seed=0,
+                  arrival_time=0.0)
+    sched.add(req)
+    steps = [run_multi_step(sched)[0][1] for _ in range(5)]
+    # prefill samples output 0; outputs 1-4 (all still banned), then 5 (the last banned,
+    # cut short), then free calls of 4
+    assert steps == [1, 4, 1, 4, 4]
