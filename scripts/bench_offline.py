@@ -10,7 +10,9 @@ tokens (ignore_eos). Prints a summary and writes JSON (default bench/results/).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import hashlib
 import json
 import platform
 import time
@@ -68,12 +70,19 @@ def main() -> None:
     for i in range(args.num_requests):
         engine.add_request(rng.integers(3, vocab, args.input_len).tolist(), params, f"b{i}")
     step_times, metrics = [], []
+    tokens = collections.defaultdict(list)
     while engine.has_unfinished():
         s = time.perf_counter()
         outs = engine.step()
         step_times.append(time.perf_counter() - s)
         metrics += [o.metrics for o in outs if o.finished]
+        for o in outs:
+            tokens[o.request_id] += o.token_ids
     elapsed = time.perf_counter() - start
+    # Greedy output tokens, in request order: runs that differ only in speed options
+    # (--decode-steps, XLA flags) must give the same digest.
+    ordered = [t for i in range(args.num_requests) for t in tokens[f"b{i}"]]
+    digest = hashlib.sha256(np.asarray(ordered, np.int64).tobytes()).hexdigest()[:16]
 
     n_out = sum(m.completion_tokens for m in metrics)
     n_in = sum(m.prompt_tokens for m in metrics)
@@ -97,7 +106,7 @@ def main() -> None:
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
-        "preemptions": engine.scheduler.num_preemptions,
+        "preemptions": engine.scheduler.num_preemptions, "tokens_digest": digest,
     }
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"offline-{result['backend']}-{config.model.name}-"
@@ -106,7 +115,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("device", "decode_steps", "output_tok_s",
                                              "total_tok_s", "ttft", "tpot", "step_time",
-                                             "num_steps", "compile_s",
+                                             "num_steps", "tokens_digest", "compile_s",
                                              "compilations_after_warmup")}, indent=1))
     print(f"wrote {out}")
 
