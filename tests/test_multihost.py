@@ -130,6 +130,39 @@ def test_two_processes_serve_the_transformers_tokens_and_stop_together(patient_c
         "local.sh: process 1 exited with 0" in out, out
 
 
+@pytest.fixture(scope="module")
+def multi_step_config(patient_config):
+    """Data 2 x tensor 3 over the two processes, with 4 decode steps per call: the follower
+    runs the multi-step programs the leader names."""
+    path = patient_config.with_name("dp2-tp3-multi-step.yaml")
+    text = patient_config.read_text()
+    for old, new in (("pipeline: 2", "pipeline: 1"), ("data: 1", "data: 2"),
+                     ("  max_num_batched_tokens: 64\n",
+                      "  max_num_batched_tokens: 64\n  decode_steps: 4\n")):
+        assert old in text, old
+        text = text.replace(old, new)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_decode_four_steps_per_call_with_the_transformers_tokens(
+        multi_step_config):
+    with serving_group(multi_step_config) as (group, port):
+        with Client("127.0.0.1", port) as client:
+            def ids(case):
+                params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
+                                        temperature=0.0)
+                return [t for c in client.generate(case["prompt_ids"], params, timeout=120)
+                        for t in c.token_ids]
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(ids, GOLDEN))
+        assert got == [case["greedy_ids"][:10] for case in GOLDEN]
+        group.send_signal(signal.SIGTERM)
+        code, out = finish(group)
+    assert code == 0, out
+
+
 @pytest.mark.slow
 def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
     with serving_group(config_file) as (group, port):
