@@ -20,7 +20,6 @@ row-parallel projections. The KV cache is never gathered, moved or reduced.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -330,11 +329,11 @@ class Runner:
         programs = [(t, s, j, 1) for t, s in self.bucket_pairs() for j in rows]
         k = self.config.scheduler.decode_steps
         if k > 1:
-            runner = self.config.runner
-            pick = lambda buckets, n: buckets[bisect.bisect_left(buckets, n)]
-            programs += sorted({(pick(runner.token_buckets, n), pick(runner.seq_buckets, n),
-                                 1, k) for n in range(1, min(self.num_slots, self.config.scheduler
-                                                       .max_num_batched_tokens) + 1)})
+            runner, bucket = self.config.runner, self.batch.bucket
+            most = min(self.num_slots, self.config.scheduler.max_num_batched_tokens)
+            programs += sorted({(bucket(runner.token_buckets, n, "tokens"),
+                                 bucket(runner.seq_buckets, n, "sequences"), 1, k)
+                                for n in range(1, most + 1)})
         return programs
 
     def warm_up(self, progress: bool = True) -> None:
