@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import hashlib
 import json
 import platform
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from engine_runs import digest
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine, StepTimes
@@ -82,7 +82,6 @@ def main() -> None:
     # Greedy output tokens, in request order: runs that differ only in speed options
     # (--decode-steps, XLA flags) must give the same digest.
     ordered = [t for i in range(args.num_requests) for t in tokens[f"b{i}"]]
-    digest = hashlib.sha256(np.asarray(ordered, np.int64).tobytes()).hexdigest()[:16]
 
     n_out = sum(m.completion_tokens for m in metrics)
     n_in = sum(m.prompt_tokens for m in metrics)
@@ -106,7 +105,7 @@ def main() -> None:
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
-        "preemptions": engine.scheduler.num_preemptions, "tokens_digest": digest,
+        "preemptions": engine.scheduler.num_preemptions, "tokens_digest": digest(ordered),
     }
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"offline-{result['backend']}-{config.model.name}-"

@@ -43,8 +43,13 @@ def tokens_digest(requests) -> str:
     """A short hash of the requests' output tokens, in request-id order: runs of one config
     under other XLA flags must give the same digest (a flag that changes the output is a
     bug, not a speed-up)."""
-    out = [t for r in sorted(requests, key=lambda r: r.request_id) for t in r.output_ids]
-    return hashlib.sha256(np.asarray(out, np.int64).tobytes()).hexdigest()[:16]
+    return digest([t for r in sorted(requests, key=lambda r: r.request_id)
+                   for t in r.output_ids])
+
+
+def digest(token_ids) -> str:
+    """A short hash of a sequence of token ids."""
+    return hashlib.sha256(np.asarray(token_ids, np.int64).tobytes()).hexdigest()[:16]
 
 
 def abort_all(engine: Engine) -> None:
