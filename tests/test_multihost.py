@@ -111,18 +111,22 @@ def serving_group(config_file):
             os.killpg(group.pid, signal.SIGKILL)
 
 
+def first_greedy_tokens(port: int) -> list[list[int]]:
+    """The first (up to) 10 greedy tokens of each golden prompt, four requests at a time."""
+    with Client("127.0.0.1", port) as client:
+        def ids(case):
+            params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
+                                    temperature=0.0)
+            return [t for c in client.generate(case["prompt_ids"], params, timeout=120)
+                    for t in c.token_ids]
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(ids, GOLDEN))
+
+
 @pytest.mark.slow
 def test_two_processes_serve_the_transformers_tokens_and_stop_together(patient_config):
     with serving_group(patient_config) as (group, port):
-        with Client("127.0.0.1", port) as client:
-            def ids(case):
-                params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
-                                        temperature=0.0)
-                return [t for c in client.generate(case["prompt_ids"], params, timeout=120)
-                        for t in c.token_ids]
-            with ThreadPoolExecutor(4) as pool:
-                got = list(pool.map(ids, GOLDEN))
-        assert got == [case["greedy_ids"][:10] for case in GOLDEN]
+        assert first_greedy_tokens(port) == [case["greedy_ids"][:10] for case in GOLDEN]
         group.send_signal(signal.SIGTERM)  # local.sh hands it to the leader
         code, out = finish(group)
     assert code == 0, out
@@ -149,15 +153,7 @@ def multi_step_config(patient_config):
 def test_two_processes_decode_four_steps_per_call_with_the_transformers_tokens(
         multi_step_config):
     with serving_group(multi_step_config) as (group, port):
-        with Client("127.0.0.1", port) as client:
-            def ids(case):
-                params = SamplingParams(max_tokens=min(10, len(case["greedy_ids"])),
-                                        temperature=0.0)
-                return [t for c in client.generate(case["prompt_ids"], params, timeout=120)
-                        for t in c.token_ids]
-            with ThreadPoolExecutor(4) as pool:
-                got = list(pool.map(ids, GOLDEN))
-        assert got == [case["greedy_ids"][:10] for case in GOLDEN]
+        assert first_greedy_tokens(port) == [case["greedy_ids"][:10] for case in GOLDEN]
         group.send_signal(signal.SIGTERM)
         code, out = finish(group)
     assert code == 0, out
