@@ -51,13 +51,15 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.online_softmax import DEFAULT_MASK_VALUE, is_pow2, load, softmax_step
 
 LOG2_E = math.log2(math.e)
-# Auto split-K aims at 32 programs per SM of an H100/H200 (132 SMs) for a full bucket. A
-# decode bucket is seldom full (one sequence runs in the bucket of 32), and the programs of
-# its empty rows end at once, so the splits are sized for a sparse bucket: on one H200, one
-# sequence at 1.9k context in a bucket of 32 spends 0.49 ms of the 8B step (32 layers) in
-# attention with this target, against 1.73 ms with 264; full buckets change by 0-7%
-# (bench_kernels.py).
-_TARGET_PROGRAMS = 4224
+# Auto split-K aims at 2048 programs (sequence rows x KV heads x splits) for the bucket.
+# The bucket's sequence rows are static, how many hold a sequence is not, so one choice
+# serves a full bucket and a nearly empty one. One H200, 32 layers of the 8B shape's
+# attention (8 KV heads, max_model_len 2048, pages of 16; scripts/bench_split_k.py), with
+# the earlier 4224 target's 16 / 4 splits in brackets: bucket of 32 rows, 8 splits: 32
+# sequences at 0.5k context 0.99 ms (1.31), 8 at 1.8k 0.74 ms (0.85), one at 0.5k 0.30 ms
+# (0.33), one at 1.8k 0.43 ms (0.42); bucket of 128 rows, 2 splits: 128 at 0.5k 2.63 ms
+# (2.92), at 1.8k 7.47 ms (7.79).
+_TARGET_PROGRAMS = 2048
 _MAX_KV_SPLITS = 16
 # Rows of the work-item table: sequence, first query row, query tokens, keys needed.
 _SEQ, _T0, _N, _KV_END = range(4)
@@ -83,7 +85,7 @@ class BlockSizes:
     num_warps: int = 8
     num_stages: int = 2
     num_warps_decode: int = 4
-    num_stages_decode: int = 3
+    num_stages_decode: int = 2
 
     def resolve(self, *, group: int, num_seqs: int, kv_heads: int, max_kv_len: int):
         """Concrete sizes for these shapes; raises ValueError naming a bad field."""
@@ -382,7 +384,8 @@ def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start
         raise ValueError(f"layer must be an integer scalar; got {layer=}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret",
+                                             "decode_only"))
 def ragged_paged_attention(
     q,  # [T, H, D]
     k_pages,  # [L, N, page_size, KVH, D]
@@ -397,11 +400,14 @@ def ragged_paged_attention(
     interpret: bool = False,
     k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
     v_scales=None,
+    decode_only: bool = False,
 ):
     """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
 
     q is cast to the cache dtype for the kernel (float32 accumulation); the output has q's
     dtype. Quantized pages are instead converted to q's dtype as they load.
+    decode_only: the caller promises that no sequence has more than one query token (a
+    multi-step decode program), so the prefill phase is not launched.
     """
     _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start,
                   k_scales, v_scales)
@@ -412,7 +418,7 @@ def ragged_paged_attention(
                              max_kv_len=pages_per_seq * page_size)
     # A chunk longer than block_q_decode has at least block_q_decode + 1 tokens.
     num_prefill_items = 0
-    if num_tokens > bs.block_q_decode:
+    if num_tokens > bs.block_q_decode and not decode_only:
         num_prefill_items = (-(-num_tokens // bs.block_q)
                              + min(num_seqs, num_tokens // (bs.block_q_decode + 1)))
     decode_items, prefill_items = _work_items(

@@ -122,6 +122,14 @@ class TestRaggedPagedAttention:
         out = run_kernel(bad, BLOCKS_A[blocks], interpret)
         check(out, run_reference(clean), num_valid, 1e-5)
 
+    @pytest.mark.parametrize("blocks", ["no_split", "split4_wide"])
+    @pytest.mark.parametrize("batch", ["decode", "sparse_decode"])
+    def test_decode_only_skips_nothing_a_decode_needs(self, interpret, blocks, batch):
+        bad, clean, num_valid = CASE_A(sum(map(ord, batch)), *BATCHES_A[batch])
+        out = ragged_paged_attention(*bad, sm_scale=SM_SCALE, block_sizes=BLOCKS_A[blocks],
+                                     interpret=interpret, decode_only=True)
+        check(out, run_reference(clean), num_valid, 1e-5)
+
     @pytest.mark.parametrize("q_dtype", [jnp.bfloat16, jnp.float32])
     def test_gqa8_head_dim_128_bf16_cache(self, interpret, q_dtype):
         # group 8 -> decode tile 2 tokens x 8 heads, prefill tile 16 x 8; auto split-K.
@@ -160,10 +168,10 @@ class TestBlockSizes:
         resolve = functools.partial(BlockSizes().resolve, group=4, kv_heads=8,
                                     max_kv_len=32768)
         assert resolve(num_seqs=1).num_kv_splits == 16
-        assert resolve(num_seqs=32).num_kv_splits == 16
-        assert resolve(num_seqs=64).num_kv_splits == 8
-        assert resolve(num_seqs=256).num_kv_splits == 2
-        assert resolve(num_seqs=1024).num_kv_splits == 1
+        assert resolve(num_seqs=32).num_kv_splits == 8
+        assert resolve(num_seqs=64).num_kv_splits == 4
+        assert resolve(num_seqs=128).num_kv_splits == 2
+        assert resolve(num_seqs=256).num_kv_splits == 1
         short = BlockSizes().resolve(group=4, kv_heads=8, num_seqs=1, max_kv_len=128)
         assert short.num_kv_splits == 2  # never more splits than key blocks
 
