@@ -92,7 +92,10 @@ class StepHandle:
                                    self.sampled_rows, self.num_top)
 
 
-def pick_attention(backend: str):
+def pick_attention(backend: str, *, decode_only: bool = False):
+    """The attention function of runner.attention_backend. decode_only: for programs whose
+    sequences each have one query token (multi-step decode), where the Pallas kernel leaves
+    its prefill launch out."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
     if backend == "pallas":
@@ -100,6 +103,8 @@ def pick_attention(backend: str):
             raise ConfigError("runner.attention_backend: pallas needs a GPU (this is "
                               f"{jax.default_backend()}); use auto or reference")
         from pallas_kernels.paged_attention import ragged_paged_attention
+        if decode_only:
+            return functools.partial(ragged_paged_attention, decode_only=True)
         return ragged_paged_attention
     from pallas_kernels.paged_attention import ragged_paged_attention_reference
     return ragged_paged_attention_reference
@@ -198,6 +203,11 @@ class Runner:
                            expert_shards=experts, kv_rotation=config.cache.kv_rotation,
                            layer_arrays=has_layer_arrays(params))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
+        self._decode_step = self._step  # the body of multi-step decode programs
+        if config.scheduler.decode_steps > 1:
+            decode_attention = pick_attention(config.runner.attention_backend, decode_only=True)
+            self._decode_step = dataclasses.replace(
+                self._step, model=model.clone(attention_fn=decode_attention))
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)
         self.state = self._init_state()
         self._prev_tokens = self._to_global(
@@ -275,7 +285,7 @@ class Runner:
         def shard_step(params, state, buffer, recv):
             inp = layout.unpack(buffer[0, 0])
             if layout.steps > 1:
-                state, out, send = decode_steps(self._step, layout.steps, self.page_size,
+                state, out, send = decode_steps(self._decode_step, layout.steps, self.page_size,
                                                 params, state, inp, recv[0, 0])
             else:
                 state, out, send = self._step(params, state, inp, recv[0, 0])
