@@ -173,7 +173,7 @@ def decode_phase_only(batch, resolved, scale, interpret):
     the full call minus its zero fill, work-item math and the (empty) prefill launch."""
     def run(q, k_pages, v_pages, layer, tables, items, out):
         return pa._paged_phase(
-            q, k_pages, v_pages, layer.reshape(1), tables, items, out,
+            q, k_pages, v_pages, (), layer.reshape(1), tables, items, out,
             block_q=resolved.block_q_decode, block_kv=resolved.block_kv_decode,
             num_splits=resolved.num_kv_splits, num_warps=resolved.num_warps_decode,
             num_stages=resolved.num_stages_decode, scale=scale * pa.LOG2_E,
