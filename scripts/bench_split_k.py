@@ -49,7 +49,7 @@ class Shape:
         return -(-self.max_model_len // self.page_size)
 
 
-SMOKE = Shape(layers=2, q_heads=4, kv_heads=2, head_dim=32, page_size=8, max_model_len=64)
+SMOKE = Shape(layers=2, q_heads=4, kv_heads=2, head_dim=32, page_size=8, max_model_len=256)
 
 
 def make_case(shape: Shape, num_rows: int, batch: int, ctx: int, seed: int = 0):
@@ -126,7 +126,7 @@ def main(argv=None):
     if interpret and not args.smoke:
         parser.error("no GPU: run with --smoke for an interpret-mode plumbing check")
     shape = SMOKE if args.smoke else Shape()
-    cases = ["4:1:20", "4:4:40"] if args.smoke else args.cases
+    cases = ["4:1:100", "4:4:150"] if args.smoke else args.cases
     splits = [1, 2] if args.smoke else args.splits
     rows = []
     for case in cases:

@@ -1,0 +1,45 @@
+"""The kernel benchmarks' --smoke runs: every timing they report comes back, on CPU in
+interpret mode (tiny shapes), so a kernel signature change cannot silently blank a column."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_kernels_smoke_times_the_call_and_the_kernel_alone(tmp_path):
+    out = tmp_path / "kernels.json"
+    load("bench_kernels").main(["--smoke", "--out", str(out)])
+    decode = json.loads(out.read_text())["decode"]
+    assert len(decode) == 4  # batches 2 and 3 x contexts 64 and 128
+    for row in decode:
+        assert row["check"]["max_abs_err"] < 1e-2, row
+        assert row["tbps"] > 0, row
+        assert row["kernel_only"]["tbps"] > 0, row  # not {"error": ...}
+
+
+@pytest.mark.slow
+def test_bench_split_k_smoke_agrees_across_split_counts(tmp_path):
+    result = load("bench_split_k").main(["--smoke", "--out", str(tmp_path / "sk.json")])
+    rows = result["rows"]
+    # two cases x (auto + 2 split counts x 2 stage counts)
+    assert len(rows) == 10
+    # 2 KV heads x 4 rows: 256 splits wanted, capped by the 4 blocks of 64 keys
+    assert rows[0]["variant"] == "auto (splits 4, stages 2)"
+    for row in rows:
+        assert row["max_abs_diff"] < 1e-2, row
+    assert any(row["max_abs_diff"] > 0 for row in rows)  # the splits did sum differently
+    assert json.loads((tmp_path / "sk.json").read_text())["rows"] == rows
