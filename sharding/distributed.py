@@ -33,6 +33,8 @@ class DistributedConfig:
     process_id: int | None = None
     init_timeout_s: int = 60  # how long to wait for every process to join
     step_timeout_s: float = 30.0  # a step (or a liveness ping) longer than this is a fault
+    step_port: int = 0  # the leader's port for step messages; 0: any free one (followers
+    #                     learn it through the coordinator)
 
     def __post_init__(self):
         if self.num_processes is not None and self.num_processes < 1:
@@ -43,6 +45,8 @@ class DistributedConfig:
                              f"{self.num_processes})")
         if self.init_timeout_s < 1 or self.step_timeout_s <= 0:
             raise ValueError("init_timeout_s and step_timeout_s: must be positive")
+        if not 0 <= self.step_port <= 65535:
+            raise ValueError(f"step_port: {self.step_port} is not a TCP port (0: any free one)")
 
     def resolved(self, environ=os.environ) -> DistributedConfig:
         """These values, completed from LeaderWorkerSet's variables where unset."""

@@ -31,6 +31,7 @@ def test_demo_config_values():
     ("model:\n  dtype: float64\n", "model.dtype: must be one of"),
     ("cache:\n  page_size: big\n", "cache.page_size: expected int"),
     ("mesh:\n  tensor: 0\n", "mesh.tensor: must be >= 1"),
+    ("distributed:\n  step_port: 70000\n", "distributed.step_port: 70000 is not a TCP port"),
     ("server:\n  tls_cert: a.pem\n", "server.tls_cert: tls_cert and tls_key"),
     ("scheduler:\n  max_num_seqs: 64\n", "scheduler.max_num_seqs: (64) must be <="),
     ("- a\n- b\n", "top level: expected a mapping"),

@@ -5,25 +5,25 @@ tokenizer and the gRPC server. Before each step it sends the other processes wha
 need to run the same compiled step on the global mesh: a header (what to do, the bucket,
 whether the step follows on from the previous one) and the step's packed host inputs.
 
-The messages travel through the key-value store of JAX's own coordination service (the one
-`jax.distributed.initialize` starts on process 0), one key per message, so there is no
-transport of our own to configure, secure or keep alive. A first version sent them with
+The messages travel over one TCP connection from the leader to each other process
+(step_socket.py); JAX's coordination service (the one `jax.distributed.initialize` starts
+on process 0) only introduces them. A first version sent them with
 `multihost_utils.broadcast_one_to_all`, a collective on the devices: on GPUs each send then
 waited for the previous step to finish on the device, and took 3.4-6 ms of an 8-10 ms
-step (docs/multihost.md). The store is host to host and never waits on a device. A step
-travels as its difference from the previous step of its bucket, compressed (below).
+step (docs/multihost.md). A second wrote each message to the coordination service's
+key-value store: host to host, but a gRPC call of about 0.2 ms on the CPU machine and 0.8-1.3
+ms on a GPU host. A step travels as the entries that changed since the previous step of
+its bucket (below).
 
 The leader does not wait for the followers to read: every step ends in a collective over
 all processes (the sampled tokens are gathered), so no follower falls more than a step or
-two behind. Message n is key `<channel>/<n // KEEP>/<n>`, and as the leader starts a
-block of KEEP messages it deletes the block before last in one call: a delete costs about
-as much as a write (154 and 169 µs on the CPU machine), so one per message would double
-the store's work per step.
+two behind, and a few steps' messages fit in a connection's buffers.
 
-A follower that dies or hangs shows up on the leader as a step whose collective fails or
-never completes; the server's watchdog (distributed.step_timeout_s) turns either into a
-fault. While idle the leader pings every few seconds: a ping is a message and then one
-small collective over every device, which returns only if every process is there.
+A follower that dies shows up on the leader as a send that fails, or as a step whose
+collective fails or never completes; the server's watchdog (distributed.step_timeout_s)
+turns each into a fault. While idle the leader pings every few seconds: a ping is a
+message and then one small collective over every device, which returns only if every
+process is there.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import enum
 import hashlib
 import itertools
 import json
-import zlib
 
 import jax
 import numpy as np
@@ -41,6 +40,7 @@ from jax._src import distributed  # the coordination service's client (no public
 from jax.experimental import multihost_utils
 
 from jaxserve.config import Config
+from jaxserve.engine.step_socket import StepSocket
 from jaxserve.errors import DeploymentError
 
 
@@ -61,23 +61,31 @@ class Message:
 
 
 _channels = itertools.count()  # every process makes its channels in the same order
-KEEP = 256  # messages per block of keys; the store keeps one to two blocks
 HEADER = 6 * 4  # bytes: op, the bucket's four numbers, continues (int32 each)
-WAIT_MS = 60_000  # a follower's wait for the next message, renewed while the leader lives
+_WHOLE, _SPARSE = b"W", b"S"  # a step's inputs follow whole, or as the changed entries
 
 
 class StepChannel:
     """The leader's per-step messages to every other process."""
 
-    def __init__(self, buffer_shape, client=None, name: str | None = None):
+    def __init__(self, buffer_shape, transport):
         """buffer_shape(bucket) -> the shape of that bucket's packed input buffer;
-        client: the store (default: jax.distributed's); name: the channel's keys' folder
-        (default: the how-manyth channel this process makes, the same on every process)."""
+        transport: send(bytes) on the leader, receive() -> bytes on the others."""
         self._shape = buffer_shape
-        self._client = client or distributed.global_state.client
-        self._prefix = f"jaxserve/steps/{next(_channels) if name is None else name}/"
-        self._count = 0  # messages sent (leader) or received (follower)
+        self._transport = transport
         self._last: dict[tuple[int, ...], np.ndarray] = {}  # per bucket: the last inputs
+
+    @classmethod
+    def connect(cls, buffer_shape, *, port: int = 0, timeout_s: float = 60.0) -> StepChannel:
+        """This process's end of a channel between the processes of jax.distributed:
+        every process calls it at the same point (the channels are numbered)."""
+        state = distributed.global_state
+        host = state.coordinator_address.rpartition(":")[0].strip("[]")
+        transport = StepSocket(state.client, f"jaxserve/steps/{next(_channels)}/",
+                               process_index=jax.process_index(),
+                               num_processes=jax.process_count(), leader_host=host,
+                               port=port, timeout_s=timeout_s)
+        return cls(buffer_shape, transport)
 
     @staticmethod
     def is_leader() -> bool:
@@ -87,29 +95,14 @@ class StepChannel:
         header = np.array([message.op, *message.bucket, message.continues], np.int32)
         payload = header.tobytes()
         if message.op == Op.STEP:
-            raw = np.ascontiguousarray(message.buffer, np.int32).ravel()
+            raw = np.array(message.buffer, np.int32).ravel()  # a copy: kept as the last
             payload += self._delta(message.bucket, raw)
-        block, n = divmod(self._count, KEEP)
-        if n == 0 and block >= 2:  # a follower is never more than a few messages behind
-            self._client.key_value_delete(f"{self._prefix}{block - 2}")
-        self._client.key_value_set_bytes(self._key(self._count), payload)
-        self._count += 1
+        self._transport.send(payload)
         if message.op == Op.PING:
             _all_here()
 
-    def _key(self, n: int) -> str:
-        return f"{self._prefix}{n // KEEP}/{n}"
-
     def receive(self) -> Message:
-        key = self._key(self._count)
-        while True:  # the leader pings while idle; the runtime ends us if it dies
-            try:
-                payload = self._client.blocking_key_value_get_bytes(key, WAIT_MS)
-                break
-            except Exception as e:  # noqa: BLE001 -- jaxlib raises its own error type
-                if "DEADLINE_EXCEEDED" not in str(e):
-                    raise
-        self._count += 1
+        payload = self._transport.receive()
         op, *bucket, continues = np.frombuffer(payload[:HEADER], np.int32).tolist()
         message = Message(Op(op), tuple(bucket), bool(continues))
         if message.op == Op.PING:
@@ -120,18 +113,29 @@ class StepChannel:
         return dataclasses.replace(message, buffer=raw.reshape(self._shape(message.bucket)))
 
     # A step's inputs differ little from the previous step's in the same bucket (the page
-    # tables, most of the bytes, change only at page boundaries), so each is sent as its
-    # XOR with that one, compressed: mostly zeros, a few hundred bytes. Both ends keep the
-    # last inputs of each bucket, and both see every message in the same order.
+    # tables, most of the bytes, change only at page boundaries), so a step travels as the
+    # entries that changed (their indices, then their values) when that is smaller: a few
+    # hundred bytes, made in about 10 µs (zlib, which the key-value store's per-KB cost
+    # once called for, took about 60). Both ends keep the last inputs of each bucket, and
+    # both see every message in the same order.
     def _delta(self, bucket, raw: np.ndarray) -> bytes:
         last = self._last.get(bucket)
         self._last[bucket] = raw
-        return zlib.compress((raw if last is None else raw ^ last).tobytes(), 1)
+        if last is not None:
+            changed = np.flatnonzero(raw != last).astype(np.int32)
+            if 2 * changed.size < raw.size:
+                return _SPARSE + changed.tobytes() + raw[changed].tobytes()
+        return _WHOLE + raw.tobytes()
 
     def _undelta(self, bucket, data: bytes) -> np.ndarray:
-        raw = np.frombuffer(zlib.decompress(data), np.int32)
-        last = self._last.get(bucket)
-        self._last[bucket] = raw = raw if last is None else raw ^ last
+        body = np.frombuffer(data, np.int32, offset=1)
+        if data[:1] == _WHOLE:
+            raw = body
+        else:
+            changed, values = np.split(body, 2)
+            raw = self._last[bucket].copy()
+            raw[changed] = values
+        self._last[bucket] = raw
         return raw
 
 

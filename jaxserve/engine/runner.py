@@ -215,7 +215,11 @@ class Runner:
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int, int], object] = {}
         # Over several processes, the leader tells the others what to run (multihost.py).
-        self.channel = StepChannel(self._buffer_shape) if jax.process_count() > 1 else None
+        self.channel = None
+        if jax.process_count() > 1:
+            d = config.distributed
+            self.channel = StepChannel.connect(self._buffer_shape, port=d.step_port,
+                                               timeout_s=d.init_timeout_s)
         compile_counter()
 
     # ----- device state ----------------------------------------------------------------
