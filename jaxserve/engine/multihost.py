@@ -81,7 +81,11 @@ class StepChannel:
         every process calls it at the same point (the channels are numbered)."""
         state = distributed.global_state
         host = state.coordinator_address.rpartition(":")[0].strip("[]")
-        transport = StepSocket(state.client, f"jaxserve/steps/{next(_channels)}/",
+        prefix = f"jaxserve/steps/{next(_channels)}/"
+        # Processes load their weights at their own pace; after this barrier they meet the
+        # introduction together, so its timeout measures the network, not the loading.
+        multihost_utils.sync_global_devices(prefix)
+        transport = StepSocket(state.client, prefix,
                                process_index=jax.process_index(),
                                num_processes=jax.process_count(), leader_host=host,
                                port=port, timeout_s=timeout_s)

@@ -95,8 +95,12 @@ class StepSocket:
 
     def _connect(self, client, prefix, process_index, leader_host, timeout_s):
         wait_ms = int(timeout_s * 1000)
-        secret = client.blocking_key_value_get_bytes(prefix + "secret", wait_ms)
-        port = int(client.blocking_key_value_get_bytes(prefix + "port", wait_ms))
+        try:
+            secret = client.blocking_key_value_get_bytes(prefix + "secret", wait_ms)
+            port = int(client.blocking_key_value_get_bytes(prefix + "port", wait_ms))
+        except Exception as e:  # noqa: BLE001 -- jaxlib raises its own error type
+            raise DeploymentError(f"the leader did not open its step channel within "
+                                  f"{timeout_s:g} s ({str(e).splitlines()[0]})") from None
         try:
             conn = socket.create_connection((leader_host, port), timeout=timeout_s)
         except OSError as e:

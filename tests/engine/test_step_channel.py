@@ -182,3 +182,10 @@ def test_a_step_that_changes_most_entries_travels_whole():
         leader.send(m)
         assert len(wire.sent[-1]) == 6 * 4 + 1 + m.buffer.nbytes
         np.testing.assert_array_equal(follower.receive().buffer, m.buffer)
+
+
+def test_a_follower_whose_leader_never_opens_the_channel_says_so():
+    with pytest.raises(DeploymentError, match="the leader did not open its step channel "
+                                              "within 0.2 s"):
+        StepSocket(Store(), "t/", process_index=1, num_processes=2, leader_host="127.0.0.1",
+                   timeout_s=0.2)
