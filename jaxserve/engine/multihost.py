@@ -119,9 +119,10 @@ class StepChannel:
     # A step's inputs differ little from the previous step's in the same bucket (the page
     # tables, most of the bytes, change only at page boundaries), so a step travels as the
     # entries that changed (their indices, then their values) when that is smaller: a few
-    # hundred bytes, made in about 10 µs (zlib, which the key-value store's per-KB cost
-    # once called for, took about 60). Both ends keep the last inputs of each bucket, and
-    # both see every message in the same order.
+    # hundred bytes. On the CPU machine a 26 KB step with 64 changed entries is made in 20
+    # µs this way, against 90 µs for the XOR compressed with zlib that the key-value
+    # store's cost per KB once called for. Both ends keep the last inputs of each bucket,
+    # and both see every message in the same order.
     def _delta(self, bucket, raw: np.ndarray) -> bytes:
         last = self._last.get(bucket)
         self._last[bucket] = raw
