@@ -118,14 +118,10 @@ class StepSocket:
         return self._read(n)
 
     def _read(self, n: int) -> bytes:
-        data = bytearray(n)
-        view, got = memoryview(data), 0
-        while got < n:
-            k = self._conn.recv_into(view[got:])
-            if k == 0:
-                raise DeploymentError("the leader closed the step channel: it stopped")
-            got += k
-        return bytes(data)
+        data = _recv_exactly(self._conn, n)
+        if data is None:
+            raise DeploymentError("the leader closed the step channel: it stopped")
+        return data
 
     def close(self) -> None:
         for conn in [*self._peers.values(), self._conn]:
@@ -138,19 +134,26 @@ def _tune(conn: socket.socket) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    """The next n bytes of a connection; None if it closes first."""
+    data = bytearray(n)
+    view, got = memoryview(data), 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(data)
+
+
 def _hello(conn: socket.socket, secret: bytes, deadline: float) -> int | None:
     """The process index a new connection presents with the right secret, else None."""
     conn.settimeout(max(0.01, deadline - time.monotonic()))
-    data = b""
     try:
-        while len(data) < _HELLO:
-            chunk = conn.recv(_HELLO - len(data))
-            if not chunk:
-                return None
-            data += chunk
+        data = _recv_exactly(conn, _HELLO)
     except OSError:
         return None
-    if data[:_SECRET_BYTES] != secret:
+    if data is None or data[:_SECRET_BYTES] != secret:
         return None
     conn.settimeout(None)
     return struct.unpack("<i", data[_SECRET_BYTES:])[0]
