@@ -160,7 +160,7 @@ def _check_inputs(q, k, v, cu_seqlens):
                          f"{cu_seqlens.dtype=}")
 
 
-def _sequence_rows(cu_seqlens, num_tokens):
+def sequence_rows(cu_seqlens, num_tokens):
     """Sequence index of each row and whether the row is inside a sequence."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.searchsorted(cu_seqlens[1:], t, side="right", method="compare_all")
@@ -183,7 +183,7 @@ def flash_attention(
     block_sizes.check()
     num_tokens, _, head_dim = q.shape
     scale = (head_dim**-0.5 if sm_scale is None else float(sm_scale)) * LOG2_E
-    seq, valid = _sequence_rows(cu_seqlens, num_tokens)
+    seq, valid = sequence_rows(cu_seqlens, num_tokens)
     num_seqs = cu_seqlens.shape[0] - 1
     kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], num_tokens)
     return _flash_call(q, k, v, kv_start.astype(jnp.int32), cu_seqlens,
@@ -204,7 +204,7 @@ def flash_attention_reference(
     kv_heads = k.shape[1]
     group = num_heads // kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    seq, valid = _sequence_rows(cu_seqlens, num_tokens)
+    seq, valid = sequence_rows(cu_seqlens, num_tokens)
     t = jnp.arange(num_tokens)
     mask = (seq[:, None] == seq[None, :]) & (t[None, :] <= t[:, None]) & valid[:, None]
     qg = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32) * scale

@@ -20,15 +20,20 @@ def load(name):
 
 
 @pytest.mark.slow
-def test_bench_kernels_smoke_times_the_call_and_the_kernel_alone(tmp_path):
+def test_bench_kernels_smoke_times_every_kernel(tmp_path):
     out = tmp_path / "kernels.json"
     load("bench_kernels").main(["--smoke", "--out", str(out)])
-    decode = json.loads(out.read_text())["decode"]
+    result = json.loads(out.read_text())
+    decode = result["decode"]
     assert len(decode) == 4  # batches 2 and 3 x contexts 64 and 128
     for row in decode:
         assert row["check"]["max_abs_err"] < 1e-2, row
         assert row["tbps"] > 0, row
         assert row["kernel_only"]["tbps"] > 0, row  # not {"error": ...}
+    check = result["prefill_reference_check"]
+    assert check["max_abs_err"] < 2e-2 and check["mosaic_max_abs_err"] < 2e-2, check
+    (prefill,) = result["prefill"]  # T = 64, two sequences: both flash kernels timed
+    assert prefill["pallas"]["tflops"] > 0 and prefill["mosaic"]["tflops"] > 0, prefill
 
 
 @pytest.mark.slow
