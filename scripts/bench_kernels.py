@@ -5,8 +5,9 @@
             bytes it must read (K/V of every sequence's context + q + out), B x context x
             GQA (32 q heads over 8 and 4 KV heads) x page size, head_dim 128, bf16;
             plus the jnp reference at one shape as a sanity baseline
-  prefill:  flash_attention TFLOP/s (causal: 2*2*B*H*T*T*D/2) against
-            jax.nn.dot_product_attention(implementation="cudnn") on the same data
+  prefill:  flash_attention (Triton) and flash_attention_mgpu (Mosaic GPU) TFLOP/s (causal:
+            2*2*B*H*T*T*D/2) against jax.nn.dot_product_attention(implementation="cudnn")
+            on the same data
 Every kernel config is checked against a reference once before it is timed.
 
   python scripts/bench_kernels.py              # full sweep (~4-5 min on an H100)
@@ -37,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels import flash_attention as fa  # noqa: E402
+from pallas_kernels import flash_attention_mgpu as fam  # noqa: E402
 from pallas_kernels import paged_attention as pa  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -305,13 +307,15 @@ def prefill_inputs(plan, total, key):
 
 
 def prefill_reference_check(plan, block_sizes, interpret):
-    """Kernel vs flash_attention_reference on a small ragged packed batch."""
+    """Both kernels vs flash_attention_reference on a small ragged packed batch."""
     total = min(2048, plan.prefill_tokens)
     q, k, v = prefill_inputs(plan, total, jax.random.key(7))
     cu = jnp.asarray([0, total // 7, total // 2 + 3, total - 5], jnp.int32)
-    out = fa.flash_attention(q, k, v, cu, block_sizes=block_sizes, interpret=interpret)
-    ref = fa.flash_attention_reference(q, k, v, cu)
-    return float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    ref = fa.flash_attention_reference(q, k, v, cu).astype(jnp.float32)
+    ours = fa.flash_attention(q, k, v, cu, block_sizes=block_sizes, interpret=interpret)
+    mosaic = fam.flash_attention_mgpu(q, k, v, cu, interpret=interpret)
+    return {"max_abs_err": float(jnp.abs(ours.astype(jnp.float32) - ref).max()),
+            "mosaic_max_abs_err": float(jnp.abs(mosaic.astype(jnp.float32) - ref).max())}
 
 
 def bench_prefill_len(plan, seq_len, block_sizes, interpret):
@@ -322,6 +326,7 @@ def bench_prefill_len(plan, seq_len, block_sizes, interpret):
     flops = 2 * 2 * batch * plan.q_heads * seq_len * seq_len * plan.head_dim / 2
     ours = jax.jit(functools.partial(fa.flash_attention, block_sizes=block_sizes,
                                      interpret=interpret))
+    mosaic = jax.jit(functools.partial(fam.flash_attention_mgpu, interpret=interpret))
     cudnn = jax.jit(functools.partial(cudnn_attention, batch=batch))
     row = {"seq_len": seq_len, "batch": batch, "q_heads": plan.q_heads,
            "kv_heads": plan.q_heads // 4, "head_dim": plan.head_dim, "flops": flops,
@@ -333,11 +338,14 @@ def bench_prefill_len(plan, seq_len, block_sizes, interpret):
                 "best_tflops": flops / best / 1e12}
 
     row["pallas"] = guarded(lambda: tflops(ours, (q, k, v, cu)))
+    row["mosaic"] = guarded(lambda: tflops(mosaic, (q, k, v, cu)))
     row["cudnn"] = guarded(lambda: tflops(cudnn, (q, k, v)))
-    row["max_abs_err_vs_cudnn"] = guarded(lambda: float(jnp.abs(
-        ours(q, k, v, cu).astype(jnp.float32) - cudnn(q, k, v).astype(jnp.float32)).max()))
-    if "tflops" in row["pallas"] and "tflops" in row["cudnn"]:
-        row["ratio_vs_cudnn"] = row["pallas"]["tflops"] / row["cudnn"]["tflops"]
+    for name, fn in (("", ours), ("mosaic_", mosaic)):
+        row[f"{name}max_abs_err_vs_cudnn"] = guarded(lambda fn=fn: float(jnp.abs(
+            fn(q, k, v, cu).astype(jnp.float32) - cudnn(q, k, v).astype(jnp.float32)).max()))
+        kernel = row["mosaic" if name else "pallas"]
+        if "tflops" in kernel and "tflops" in row["cudnn"]:
+            row[f"{name}ratio_vs_cudnn"] = kernel["tflops"] / row["cudnn"]["tflops"]
     return row
 
 
@@ -427,13 +435,15 @@ def print_table(results):
         print(f"{r['batch']:5d} {r['context']:6d} {r['kv_heads']:4d} {r['page_size']:5d} "
               f"{timing}  {check}{extra}")
     print("\nflash prefill (causal, bf16) vs cuDNN")
-    print(f"{'T':>6} {'B':>4} {'pallas TF/s':>12} {'cudnn TF/s':>11} {'ratio':>6}  err")
+    print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
+          f"{'ratio':>6} {'cudnn TF/s':>11}  err (triton, mosaic)")
     for r in results["prefill"]:
-        ours, theirs = r["pallas"].get("tflops"), r["cudnn"].get("tflops")
         fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
-        ratio = f"{r['ratio_vs_cudnn']:.2f}" if "ratio_vs_cudnn" in r else "-"
-        print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(ours):>12} {fmt(theirs):>11} "
-              f"{ratio:>6}  {r['max_abs_err_vs_cudnn']}")
+        ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
+              f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
+              f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
+              f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}")
     if "autotune" in results:
         for a in results["autotune"]["decode"]:
             print(f"autotune decode B={a['batch']} ctx={a['context']}: best {a['best']}")
@@ -466,7 +476,7 @@ def main(argv=None):
     print(f"copy {results['copy']['tbps']:.2f} TB/s", flush=True)
     results["decode"] = bench_decode(plan, interpret, pa.BlockSizes())
     results["prefill_reference_check"] = guarded(
-        lambda: {"max_abs_err": prefill_reference_check(plan, fa.BlockSizes(), interpret)})
+        lambda: prefill_reference_check(plan, fa.BlockSizes(), interpret))
     results["prefill"] = bench_prefill(plan, interpret, fa.BlockSizes())
     if args.autotune:
         results["autotune"] = autotune(plan, interpret)
