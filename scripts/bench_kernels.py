@@ -5,9 +5,9 @@
             bytes it must read (K/V of every sequence's context + q + out), B x context x
             GQA (32 q heads over 8 and 4 KV heads) x page size, head_dim 128, bf16;
             plus the jnp reference at one shape as a sanity baseline
-  prefill:  flash_attention (Triton) and flash_attention_mgpu (Mosaic GPU) TFLOP/s (causal:
-            2*2*B*H*T*T*D/2) against jax.nn.dot_product_attention(implementation="cudnn")
-            on the same data
+  prefill:  flash_attention (Triton), flash_attention_mgpu (Mosaic GPU) and the ragged paged
+            kernel (B fresh prompts, K/V in pages) TFLOP/s (causal: 2*2*B*H*T*T*D/2) against
+            jax.nn.dot_product_attention(implementation="cudnn") on the same data
 Every kernel config is checked against a reference once before it is timed.
 
   python scripts/bench_kernels.py              # full sweep (~4-5 min on an H100)
@@ -318,6 +318,20 @@ def prefill_reference_check(plan, block_sizes, interpret):
             "mosaic_max_abs_err": float(jnp.abs(mosaic.astype(jnp.float32) - ref).max())}
 
 
+def ragged_prefill(q, k, v, batch, seq_len, interpret, page_size=16):
+    """ragged_paged_attention on the same rows as B fresh prompts of seq_len tokens each
+    (no cached prefix), their K/V in pages of 16 in order: (jitted call, its args)."""
+    pages = k.shape[0] // page_size
+    shape = (1, pages, page_size, *k.shape[1:])
+    tables = jnp.arange(pages, dtype=jnp.int32).reshape(batch, seq_len // page_size)
+    args = (q, k.reshape(shape), v.reshape(shape), jnp.int32(0), tables,
+            jnp.full((batch,), seq_len, jnp.int32),
+            jnp.arange(batch + 1, dtype=jnp.int32) * seq_len)
+    call = jax.jit(functools.partial(pa.ragged_paged_attention, sm_scale=q.shape[-1] ** -0.5,
+                                     interpret=interpret))
+    return call, args
+
+
 def bench_prefill_len(plan, seq_len, block_sizes, interpret):
     batch = max(1, plan.prefill_tokens // seq_len)
     total = batch * seq_len
@@ -328,6 +342,7 @@ def bench_prefill_len(plan, seq_len, block_sizes, interpret):
                                      interpret=interpret))
     mosaic = jax.jit(functools.partial(fam.flash_attention_mgpu, interpret=interpret))
     cudnn = jax.jit(functools.partial(cudnn_attention, batch=batch))
+    ragged, paged = ragged_prefill(q, k, v, batch, seq_len, interpret)
     row = {"seq_len": seq_len, "batch": batch, "q_heads": plan.q_heads,
            "kv_heads": plan.q_heads // 4, "head_dim": plan.head_dim, "flops": flops,
            "block_sizes": dataclasses.asdict(block_sizes)}
@@ -339,11 +354,13 @@ def bench_prefill_len(plan, seq_len, block_sizes, interpret):
 
     row["pallas"] = guarded(lambda: tflops(ours, (q, k, v, cu)))
     row["mosaic"] = guarded(lambda: tflops(mosaic, (q, k, v, cu)))
+    row["ragged"] = guarded(lambda: tflops(ragged, paged))
     row["cudnn"] = guarded(lambda: tflops(cudnn, (q, k, v)))
-    for name, fn in (("", ours), ("mosaic_", mosaic)):
-        row[f"{name}max_abs_err_vs_cudnn"] = guarded(lambda fn=fn: float(jnp.abs(
-            fn(q, k, v, cu).astype(jnp.float32) - cudnn(q, k, v).astype(jnp.float32)).max()))
-        kernel = row["mosaic" if name else "pallas"]
+    for name, fn, args in (("", ours, (q, k, v, cu)), ("mosaic_", mosaic, (q, k, v, cu)),
+                           ("ragged_", ragged, paged)):
+        row[f"{name}max_abs_err_vs_cudnn"] = guarded(lambda fn=fn, args=args: float(jnp.abs(
+            fn(*args).astype(jnp.float32) - cudnn(q, k, v).astype(jnp.float32)).max()))
+        kernel = row[name[:-1] if name else "pallas"]
         if "tflops" in kernel and "tflops" in row["cudnn"]:
             row[f"{name}ratio_vs_cudnn"] = kernel["tflops"] / row["cudnn"]["tflops"]
     return row
@@ -436,14 +453,17 @@ def print_table(results):
               f"{timing}  {check}{extra}")
     print("\nflash prefill (causal, bf16) vs cuDNN")
     print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
-          f"{'ratio':>6} {'cudnn TF/s':>11}  err (triton, mosaic)")
+          f"{'ratio':>6} {'ragged TF/s':>12} {'ratio':>6} {'cudnn TF/s':>11}  "
+          "err (triton, mosaic, ragged)")
     for r in results["prefill"]:
         fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
         ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
         print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
               f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
-              f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
-              f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}")
+              f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['ragged'].get('tflops')):>12} "
+              f"{ratio('ragged_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
+              f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}, "
+              f"{r['ragged_max_abs_err_vs_cudnn']}")
     if "autotune" in results:
         for a in results["autotune"]["decode"]:
             print(f"autotune decode B={a['batch']} ctx={a['context']}: best {a['best']}")
