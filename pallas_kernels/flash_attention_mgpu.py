@@ -122,7 +122,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
         qo = qo_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(row0, bq), head], qo, q_bar.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        starts = plgpu.load(kvs_gmem, pl.ds(row0, bq), layout=row_layout, optimized=False)
+        starts = plgpu.load(kvs_gmem.at[pl.ds(row0, bq)], (), layout=row_layout, optimized=False)
         first = jnp.minimum(kvs_gmem[row0], row0) // bkv
         last = (row0 + bq - 1) // bkv
         # [lo, hi): blocks inside every row's window (kv_start is non-decreasing in t).
@@ -245,15 +245,26 @@ def flash_attention_mgpu(
 ):
     """Causal varlen attention (Mosaic GPU); sm_scale defaults to head_dim ** -0.5."""
     _check_inputs(q, k, v, cu_seqlens, block_sizes)
+    seq, valid = sequence_rows(cu_seqlens, q.shape[0])
+    num_seqs = cu_seqlens.shape[0] - 1
+    kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], q.shape[0])
+    return flash_attention_rows(q, k, v, kv_start.astype(jnp.int32), sm_scale=sm_scale,
+                                block_sizes=block_sizes, interpret=interpret)
+
+
+def flash_attention_rows(q, k, v, kv_start, *, sm_scale=None, block_sizes=BlockSizes(),
+                         interpret=False):
+    """The kernel on rows given by their first key row: row t attends keys kv_start[t]..t.
+    kv_start [T] int32 must be non-decreasing; a row with kv_start[t] > t is padding (zeros).
+    flash_attention_mgpu's contract is the case kv_start = its sequence's first row."""
     num_tokens, num_heads, head_dim = q.shape
     scale = (head_dim**-0.5 if sm_scale is None else float(sm_scale)) * LOG2_E
     padded = -(-num_tokens // TILE_Q) * TILE_Q
-    seq, valid = sequence_rows(cu_seqlens, padded)
-    num_seqs = cu_seqlens.shape[0] - 1
-    kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], padded)
+    kv_start = jnp.pad(kv_start, (0, padded - num_tokens), constant_values=padded)
     # P is exactly 0 on padding keys, but 0 * NaN is not: padding rows of V become zeros.
     pad = ((0, padded - num_tokens), (0, 0), (0, 0))
     q, k = jnp.pad(q, pad), jnp.pad(k, pad)
+    valid = kv_start <= jnp.arange(padded, dtype=jnp.int32)
     v = jnp.where(valid[:, None, None], jnp.pad(v, pad), 0)
     bs = block_sizes
     dtype = q.dtype

@@ -312,11 +312,14 @@ def _paged_phase(q, k_pages, v_pages, scales, layer, page_tables, items, out, *,
     )(items, *parts, out)
 
 
-def _work_items(seq_lens, query_start, num_prefill_items, *, block_q_decode, block_q):
-    """Work-item tables [4, W] (sequence, first row, tokens, kv_end) for both phases."""
+def _work_items(seq_lens, query_start, num_prefill_items, skip, *, block_q_decode, block_q):
+    """Work-item tables [4, W] (sequence, first row, tokens, kv_end) for both phases; the
+    sequences where `skip` (None or [S] bool) is true get none."""
     num_seqs = seq_lens.shape[0]
     starts = query_start[:-1]
     q_len = query_start[1:] - starts
+    if skip is not None:
+        q_len = jnp.where(skip, 0, q_len)
     small = q_len <= block_q_decode
     decode = jnp.stack([jnp.arange(num_seqs, dtype=jnp.int32), starts,
                         jnp.where(small, q_len, 0), seq_lens])
@@ -401,6 +404,7 @@ def ragged_paged_attention(
     k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
     v_scales=None,
     decode_only: bool = False,
+    skip=None,  # [S] bool: sequences left out (their rows stay zero)
 ):
     """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
 
@@ -408,6 +412,8 @@ def ragged_paged_attention(
     dtype. Quantized pages are instead converted to q's dtype as they load.
     decode_only: the caller promises that no sequence has more than one query token (a
     multi-step decode program), so the prefill phase is not launched.
+    skip: sequences another kernel attends (flash_prefill.py gives it fresh prompts); their
+    output rows are zero here.
     """
     _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start,
                   k_scales, v_scales)
@@ -422,7 +428,7 @@ def ragged_paged_attention(
         num_prefill_items = (-(-num_tokens // bs.block_q)
                              + min(num_seqs, num_tokens // (bs.block_q_decode + 1)))
     decode_items, prefill_items = _work_items(
-        seq_lens, query_start, num_prefill_items,
+        seq_lens, query_start, num_prefill_items, skip,
         block_q_decode=bs.block_q_decode, block_q=bs.block_q)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     scales = () if k_scales is None else (k_scales, v_scales)

@@ -1,0 +1,64 @@
+"""Ragged paged attention that hands fresh prompts to the flash kernel.
+
+A fresh prompt is a sequence whose query tokens this step are its whole context (a first
+prefill chunk, no cached prefix) and more than one decode item (`block_q_decode` tokens):
+its keys are exactly this step's K/V rows, so causal flash attention over those rows gives
+its output without reading the pages. On an H200 the Mosaic GPU flash kernel runs such
+prompts at 0.85-1.0x cuDNN against 0.42-0.46x for the ragged kernel's prefill phase
+(`scripts/bench_kernels.py`, docs/performance.md). Every other sequence (decodes, later
+chunks) goes through `ragged_paged_attention`, which skips the fresh ones.
+
+Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
+v_new [T, KVH, D], as written into the pages but before any KV quantization).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import sequence_rows
+from pallas_kernels.flash_attention_mgpu import flash_attention_rows
+from pallas_kernels.paged_attention import BlockSizes, ragged_paged_attention
+
+
+def fresh_rows(seq_lens, query_start, num_tokens, min_tokens):
+    """(fresh [S], row_fresh [T], kv_start [T]): the sequences that are fresh prompts of more
+    than min_tokens, the rows in them, and each row's first key row for the flash kernel:
+    its sequence's first row if fresh, else the row itself (a one-key window, discarded)."""
+    q_len = query_start[1:] - query_start[:-1]
+    fresh = (q_len == seq_lens) & (q_len > min_tokens)
+    seq, valid = sequence_rows(query_start, num_tokens)
+    seq = jnp.minimum(seq, seq_lens.shape[0] - 1)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    row_fresh = valid & fresh[seq]
+    return fresh, row_fresh, jnp.where(row_fresh, query_start[seq], t).astype(jnp.int32)
+
+
+DEFAULT_BLOCKS = BlockSizes()
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_lens,
+                                 query_start, *, k_new, v_new, sm_scale: float,
+                                 block_sizes: BlockSizes = DEFAULT_BLOCKS,
+                                 interpret: bool = False, k_scales=None, v_scales=None):
+    num_tokens, num_heads, _ = q.shape
+    _, _, page_size, kv_heads, _ = k_pages.shape
+    num_seqs, pages_per_seq = page_tables.shape
+    min_tokens = block_sizes.resolve(group=num_heads // kv_heads, num_seqs=num_seqs,
+                                     kv_heads=kv_heads,
+                                     max_kv_len=pages_per_seq * page_size).block_q_decode
+    fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
+    paged = ragged_paged_attention(q, k_pages, v_pages, layer, page_tables, seq_lens,
+                                   query_start, sm_scale=sm_scale, block_sizes=block_sizes,
+                                   interpret=interpret, k_scales=k_scales, v_scales=v_scales,
+                                   skip=fresh)
+    flash = flash_attention_rows(q, k_new.astype(q.dtype), v_new.astype(q.dtype), kv_start,
+                                 sm_scale=sm_scale, interpret=interpret)
+    return jnp.where(row_fresh[:, None, None], flash.astype(paged.dtype), paged)
+
+
+ragged_paged_attention_flash.takes_new_kv = True  # the model passes k_new, v_new
