@@ -27,7 +27,7 @@ CACHE_ENV = "JAXSERVE_CACHE_DIR"  # where downloads, conversions and compilation
 
 def default_cache_dir() -> str:
     return os.environ.get(CACHE_ENV, "~/.cache/jaxserve")
-BACKENDS = ("auto", "pallas", "reference")
+BACKENDS = ("auto", "pallas", "pallas_flash", "reference")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

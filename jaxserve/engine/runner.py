@@ -92,20 +92,44 @@ class StepHandle:
                                    self.sampled_rows, self.num_top)
 
 
-def pick_attention(backend: str, *, decode_only: bool = False):
+def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
+    """Why the Mosaic GPU flash kernel (pallas_kernels/flash_prefill.py) cannot take fresh
+    prompts here, or None when it can."""
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if device.platform != "gpu" or not capability.startswith("9."):
+        return f"it needs a Hopper GPU (compute capability 9.x); this is {device.device_kind}"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"it needs a bfloat16 or float16 model; this one computes in {jnp.dtype(dtype)}"
+    if head_dim not in (64, 128):
+        return f"it needs head_dim 64 or 128; this model has {head_dim}"
+    return None
+
+
+def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat16,
+                   head_dim: int = 128):
     """The attention function of runner.attention_backend. decode_only: for programs whose
     sequences each have one query token (multi-step decode), where the Pallas kernel leaves
-    its prefill launch out."""
+    its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
-    if backend == "pallas":
+        if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
+            backend = "pallas_flash"
+    if backend in ("pallas", "pallas_flash"):
         if jax.default_backend() != "gpu":
-            raise ConfigError("runner.attention_backend: pallas needs a GPU (this is "
+            raise ConfigError(f"runner.attention_backend: {backend} needs a GPU (this is "
                               f"{jax.default_backend()}); use auto or reference")
         from pallas_kernels.paged_attention import ragged_paged_attention
         if decode_only:
             return functools.partial(ragged_paged_attention, decode_only=True)
-        return ragged_paged_attention
+        if backend == "pallas":
+            return ragged_paged_attention
+        reason = flash_prefill_unsupported(dtype, head_dim)
+        if reason:
+            raise ConfigError(f"runner.attention_backend: pallas_flash: {reason}; use pallas "
+                              "or auto")
+        from pallas_kernels.flash_prefill import ragged_paged_attention_flash
+        return ragged_paged_attention_flash
     from pallas_kernels.paged_attention import ragged_paged_attention_reference
     return ragged_paged_attention_reference
 
@@ -196,7 +220,9 @@ class Runner:
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts = mesh.shape[EXPERT_AXIS]
-        model = LlamaModel(local, self.dtype, pick_attention(config.runner.attention_backend),
+        attention = pick_attention(config.runner.attention_backend, dtype=self.dtype,
+                                   head_dim=model_config.head_dim)
+        model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,
                            expert_axis=EXPERT_AXIS if experts > 1 else None,

@@ -75,7 +75,8 @@ class AttentionMetadata:
     query_start: jax.Array  # [S + 1] cumulative query lengths
 
 
-# attention_fn(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *, sm_scale)
+# attention_fn(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *, sm_scale);
+# one with a true `takes_new_kv` attribute also gets this step's K/V rows as k_new, v_new.
 AttentionFn = Callable[..., jax.Array]
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -168,6 +169,8 @@ class Attention(nn.Module):
         page_size = k_pages.shape[2]
         page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
         extra = {}
+        new_kv = dict(k_new=k, v_new=v) if getattr(self.attention_fn, "takes_new_kv", False) \
+            else {}
         if scales:  # a quantized cache: one scale per (token, KV head)
             mode = kv_mode(k_pages.dtype)
             (k, k_scale), (v, v_scale) = quantize_vectors(k, mode), quantize_vectors(v, mode)
@@ -178,7 +181,7 @@ class Attention(nn.Module):
 
         out = self.attention_fn(
             q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
-            sm_scale=c.head_dim**-0.5, **extra,
+            sm_scale=c.head_dim**-0.5, **extra, **new_kv,
         )  # [T, H, D]
         if self.kv_rotation:  # H is symmetric and orthonormal: its own inverse
             out = turn(out)

@@ -3,12 +3,15 @@ preemption, pages back in the pool, no compilation after warm-up, in-place KV ca
 stop conditions, aborts, seeds and bad input."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import FinishReason, SamplingParams
+from jaxserve.engine.runner import flash_prefill_unsupported, pick_attention
 from jaxserve.errors import ConfigError, InvalidRequestError
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
 
@@ -227,6 +230,14 @@ def _shared_engine(demo_config, demo_model) -> Engine:
 def test_pallas_backend_without_gpu_is_a_config_error(demo_config, demo_model):
     with pytest.raises(ConfigError, match="attention_backend: pallas needs a GPU"):
         make_engine(demo_config, demo_model, runner__attention_backend="pallas")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
+def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
+    with pytest.raises(ConfigError, match="attention_backend: pallas_flash needs a GPU"):
+        make_engine(demo_config, demo_model, runner__attention_backend="pallas_flash")
+    assert "needs a Hopper GPU" in flash_prefill_unsupported(jnp.bfloat16, 128)
+    assert pick_attention("auto") is ragged_paged_attention_reference  # CPU: the reference
 
 
 class _Device:
