@@ -42,12 +42,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decode-steps", type=int, default=None,
                     help="override scheduler.decode_steps (multi-step decode)")
+    ap.add_argument("--attention-backend", default=None,
+                    help="runner.attention_backend (default: the config's)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
 
     config = load_config(args.config)
     if args.decode_steps is not None:
         config = config.replace(scheduler__decode_steps=args.decode_steps)
+    if args.attention_backend is not None:
+        config = config.replace(runner__attention_backend=args.attention_backend)
     t0 = time.perf_counter()
     loaded = load_model(config)
     load_s = time.perf_counter() - t0
@@ -100,6 +104,7 @@ def main() -> None:
         "ttft": percentiles(ttft), "tpot": percentiles(tpot),
         # one engine.step() each: with multi-step decode, a call of up to decode_steps tokens
         "decode_steps": config.scheduler.decode_steps,
+        "attention_backend": config.runner.attention_backend,
         "step_time": percentiles(step_times), "num_steps": len(step_times),
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),
