@@ -137,7 +137,9 @@ def _flash_call(q, k, v, kv_start, cu_seqlens, *, block_sizes: BlockSizes, scale
     )(kv_start, cu_seqlens, q, k, v)
 
 
-def _check_inputs(q, k, v, cu_seqlens):
+def check_packed_inputs(q, k, v, cu_seqlens, *, dtypes, head_dims: str, head_dim_ok):
+    """The packed-varlen contract's checks, shared by the flash kernels: ValueError naming
+    the argument. dtypes: the allowed dtypes; head_dim_ok(d) with head_dims its words."""
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim]; got {q.shape=}")
     if k.ndim != 3 or k.shape != v.shape:
@@ -145,13 +147,14 @@ def _check_inputs(q, k, v, cu_seqlens):
                          f"{k.shape=}, {v.shape=}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        raise ValueError(f"{q.dtype=} must be bfloat16, float16 or float32")
+    if q.dtype not in dtypes:
+        names = ", ".join(jnp.dtype(d).name for d in dtypes)
+        raise ValueError(f"{q.dtype=} must be one of {names}")
     num_tokens, num_heads, head_dim = q.shape
     if k.shape[0] != num_tokens or k.shape[2] != head_dim:
         raise ValueError(f"k rows and head_dim must match q; got {q.shape=}, {k.shape=}")
-    if not is_pow2(head_dim) or head_dim < 16:
-        raise ValueError(f"{head_dim=} must be a power of two >= 16 (64 and 128 are tested)")
+    if not head_dim_ok(head_dim):
+        raise ValueError(f"{head_dim=} must be {head_dims}")
     if num_heads % k.shape[1]:
         raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of num_kv_heads "
                          f"({k.shape[1]})")
@@ -179,7 +182,9 @@ def flash_attention(
     interpret: bool = False,
 ):
     """Causal varlen attention (Pallas); sm_scale defaults to head_dim ** -0.5."""
-    _check_inputs(q, k, v, cu_seqlens)
+    check_packed_inputs(q, k, v, cu_seqlens, dtypes=(jnp.bfloat16, jnp.float16, jnp.float32),
+                        head_dims="a power of two >= 16 (64 and 128 are tested)",
+                        head_dim_ok=lambda d: is_pow2(d) and d >= 16)
     block_sizes.check()
     num_tokens, _, head_dim = q.shape
     scale = (head_dim**-0.5 if sm_scale is None else float(sm_scale)) * LOG2_E

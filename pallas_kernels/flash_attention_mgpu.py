@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import sequence_rows
+from pallas_kernels.flash_attention import check_packed_inputs, sequence_rows
 
 LOG2_E = math.log2(math.e)
 ROWS_PER_WARPGROUP = 64
@@ -209,29 +209,6 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
         plgpu.wait_smem_to_gmem(0)
 
 
-def _check_inputs(q, k, v, cu_seqlens, block_sizes):
-    if q.ndim != 3:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim]; got {q.shape=}")
-    if k.ndim != 3 or k.shape != v.shape:
-        raise ValueError(f"k and v must both be [num_tokens, num_kv_heads, head_dim]; got "
-                         f"{k.shape=}, {v.shape=}")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"q, k, v must all be bfloat16 or all float16; got {q.dtype=}, "
-                         f"{k.dtype=}, {v.dtype=}")
-    num_tokens, num_heads, head_dim = q.shape
-    if k.shape[0] != num_tokens or k.shape[2] != head_dim:
-        raise ValueError(f"k rows and head_dim must match q; got {q.shape=}, {k.shape=}")
-    if head_dim not in (64, 128):
-        raise ValueError(f"{head_dim=} must be 64 or 128")
-    if num_heads % k.shape[1]:
-        raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of num_kv_heads "
-                         f"({k.shape[1]})")
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype != jnp.int32:
-        raise ValueError(f"cu_seqlens must be int32 [num_seqs + 1]; got {cu_seqlens.shape=} "
-                         f"{cu_seqlens.dtype=}")
-    block_sizes.check(head_dim, q.dtype.itemsize)
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
 def flash_attention_mgpu(
     q,  # [T, H, D]
@@ -244,7 +221,9 @@ def flash_attention_mgpu(
     interpret: bool = False,
 ):
     """Causal varlen attention (Mosaic GPU); sm_scale defaults to head_dim ** -0.5."""
-    _check_inputs(q, k, v, cu_seqlens, block_sizes)
+    check_packed_inputs(q, k, v, cu_seqlens, dtypes=(jnp.bfloat16, jnp.float16),
+                        head_dims="64 or 128", head_dim_ok=lambda d: d in (64, 128))
+    block_sizes.check(q.shape[-1], q.dtype.itemsize)
     seq, valid = sequence_rows(cu_seqlens, q.shape[0])
     num_seqs = cu_seqlens.shape[0] - 1
     kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], q.shape[0])

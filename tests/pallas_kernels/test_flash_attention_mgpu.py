@@ -49,7 +49,7 @@ def _args(q=(128, 4, 64), k=(128, 2, 64), dtype=jnp.bfloat16, cu_dtype=jnp.int32
 
 
 @pytest.mark.parametrize("args, blocks, match", [
-    (_args(dtype=jnp.float32), BlockSizes(), r"must all be bfloat16 or all float16"),
+    (_args(dtype=jnp.float32), BlockSizes(), r"float32'\) must be one of bfloat16, float16"),
     (_args(q=(128, 4, 96), k=(128, 2, 96)), BlockSizes(), r"head_dim=96 must be 64 or 128"),
     (_args(q=(128, 3, 64)), BlockSizes(), r"num_q_heads \(3\) must be a multiple of "
                                           r"num_kv_heads \(2\)"),
