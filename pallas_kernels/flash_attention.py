@@ -170,6 +170,14 @@ def sequence_rows(cu_seqlens, num_tokens):
     return seq.astype(jnp.int32), t < cu_seqlens[-1]
 
 
+def first_key_rows(cu_seqlens, num_tokens):
+    """[T] int32: the first row of each row's sequence (num_tokens for padding rows)."""
+    seq, valid = sequence_rows(cu_seqlens, num_tokens)
+    num_seqs = cu_seqlens.shape[0] - 1
+    first = cu_seqlens[jnp.minimum(seq, num_seqs - 1)]
+    return jnp.where(valid, first, num_tokens).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
 def flash_attention(
     q,  # [T, H, D]
@@ -188,10 +196,7 @@ def flash_attention(
     block_sizes.check()
     num_tokens, _, head_dim = q.shape
     scale = (head_dim**-0.5 if sm_scale is None else float(sm_scale)) * LOG2_E
-    seq, valid = sequence_rows(cu_seqlens, num_tokens)
-    num_seqs = cu_seqlens.shape[0] - 1
-    kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], num_tokens)
-    return _flash_call(q, k, v, kv_start.astype(jnp.int32), cu_seqlens,
+    return _flash_call(q, k, v, first_key_rows(cu_seqlens, num_tokens), cu_seqlens,
                        block_sizes=block_sizes, scale=scale, interpret=interpret)
 
 

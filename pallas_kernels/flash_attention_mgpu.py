@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import check_packed_inputs, sequence_rows
+from pallas_kernels.flash_attention import check_packed_inputs, first_key_rows
 
 LOG2_E = math.log2(math.e)
 ROWS_PER_WARPGROUP = 64
@@ -224,11 +224,8 @@ def flash_attention_mgpu(
     check_packed_inputs(q, k, v, cu_seqlens, dtypes=(jnp.bfloat16, jnp.float16),
                         head_dims="64 or 128", head_dim_ok=lambda d: d in (64, 128))
     block_sizes.check(q.shape[-1], q.dtype.itemsize)
-    seq, valid = sequence_rows(cu_seqlens, q.shape[0])
-    num_seqs = cu_seqlens.shape[0] - 1
-    kv_start = jnp.where(valid, cu_seqlens[jnp.minimum(seq, num_seqs - 1)], q.shape[0])
-    return flash_attention_rows(q, k, v, kv_start.astype(jnp.int32), sm_scale=sm_scale,
-                                block_sizes=block_sizes, interpret=interpret)
+    return flash_attention_rows(q, k, v, first_key_rows(cu_seqlens, q.shape[0]),
+                                sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
 
 
 def flash_attention_rows(q, k, v, kv_start, *, sm_scale=None, block_sizes=BlockSizes(),
