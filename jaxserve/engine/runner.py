@@ -134,6 +134,10 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
     return ragged_paged_attention_reference
 
 
+# pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
+# prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
+FLASH_MIN_TOKENS = 512
+
 DEFAULT_KV_FRACTION = 0.9
 DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (CPU)
 
@@ -229,6 +233,10 @@ class Runner:
                            expert_shards=experts, kv_rotation=config.cache.kv_rotation,
                            layer_arrays=has_layer_arrays(params))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
+        self._prefill_step = self._step  # programs of FLASH_MIN_TOKENS tokens or more
+        if getattr(attention, "takes_new_kv", False):
+            self._step = dataclasses.replace(
+                self._step, model=model.clone(attention_fn=pick_attention("pallas")))
         self._decode_step = self._step  # the body of multi-step decode programs
         if config.scheduler.decode_steps > 1:
             decode_attention = pick_attention(config.runner.attention_backend, decode_only=True)
@@ -318,7 +326,8 @@ class Runner:
                 state, out, send = decode_steps(self._decode_step, layout.steps, self.page_size,
                                                 params, state, inp, recv[0, 0])
             else:
-                state, out, send = self._step(params, state, inp, recv[0, 0])
+                step = self._prefill_step if layout.T >= FLASH_MIN_TOKENS else self._step
+                state, out, send = step(params, state, inp, recv[0, 0])
             out = step_outputs.pack(out)[None, None]  # one array: one transfer to the host
             if gather:
                 out = jax.lax.all_gather(out, ("data", PIPELINE_AXIS), axis=0,
