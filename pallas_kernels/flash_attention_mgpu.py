@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import check_packed_inputs, first_key_rows
+from pallas_kernels.flash_attention import LOG2_E, check_packed_inputs, first_key_rows
 
-LOG2_E = math.log2(math.e)
 ROWS_PER_WARPGROUP = 64
 TILE_Q = 2 * ROWS_PER_WARPGROUP  # two consumer warpgroups
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
