@@ -20,7 +20,7 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.config import Config
-from jaxserve.engine.runner import kv_budget
+from jaxserve.engine.runner import kv_budget, setup_compilation_cache
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.models.llama import (
     LlamaModel,
@@ -90,6 +90,9 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     dtype = jnp.dtype(config.model.dtype)
     mode = config.model.quantization
     started = time.monotonic()
+    # Making random weights, quantizing and splitting layers compile programs of their own:
+    # with the cache on before them, a warm start loads those too instead of compiling.
+    setup_compilation_cache(config.runner.compilation_cache_dir)
     if config.checkpoint.source == "random":
         model_config = random_model_config(config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
