@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import os
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,8 @@ class Runner:
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int, int], object] = {}
+        # Seconds each program took to trace, lower and compile (or load from the cache).
+        self.compile_times: dict[tuple[int, int, int, int], dict[str, float]] = {}
         # Over several processes, the leader tells the others what to run (multihost.py).
         self.channel = None
         if jax.process_count() > 1:
@@ -344,12 +347,18 @@ class Runner:
     def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1):
         key = (num_tokens, num_seqs, rows, steps)
         if key not in self._compiled:
+            t0 = time.perf_counter()
             layout = self.batch.layout(*key)
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
                                           sharding=self._per_block)
-            lowered = step.lower(self.params, self.state, buffer, self._prev_tokens)
+            traced = step.trace(self.params, self.state, buffer, self._prev_tokens)
+            t1 = time.perf_counter()
+            lowered = traced.lower()
+            t2 = time.perf_counter()
             self._compiled[key] = lowered.compile()
+            self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
+                                       "compile": time.perf_counter() - t2}
         return self._compiled[key]
 
     def compiled_text(self, num_tokens: int, num_seqs: int, rows: int = 1) -> str:
