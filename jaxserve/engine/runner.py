@@ -40,6 +40,7 @@ from jaxserve.engine.decode_loop import decode_steps
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
+from jaxserve.engine.program_cache import ProgramCache
 from jaxserve.engine.request import Request
 from jaxserve.engine.sampling import SamplerOutput
 from jaxserve.engine.scheduler import SchedulerOutput
@@ -249,8 +250,12 @@ class Runner:
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
         self._compiled: dict[tuple[int, int, int], object] = {}
-        # Seconds each program took to trace, lower and compile (or load from the cache).
+        # Seconds each program took to trace, lower and compile, or to load whole.
         self.compile_times: dict[tuple[int, int, int, int], dict[str, float]] = {}
+        cache_dir = config.runner.compilation_cache_dir
+        self._programs = ProgramCache(os.path.join(os.path.expanduser(cache_dir), "steps"),
+                                      config, model_config, mesh.devices.flat) \
+            if cache_dir and jax.process_count() == 1 else None
         # Over several processes, the leader tells the others what to run (multihost.py).
         self.channel = None
         if jax.process_count() > 1:
@@ -352,13 +357,21 @@ class Runner:
             step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
                                           sharding=self._per_block)
-            traced = step.trace(self.params, self.state, buffer, self._prev_tokens)
+            args = (self.params, self.state, buffer, self._prev_tokens)
+            loaded = self._programs.load(key, args) if self._programs else None
+            if loaded is not None:
+                self._compiled[key] = loaded
+                self.compile_times[key] = {"load": time.perf_counter() - t0}
+                return loaded
+            traced = step.trace(*args)
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
             self._compiled[key] = lowered.compile()
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
                                        "compile": time.perf_counter() - t2}
+            if self._programs:
+                self._programs.save(key, args, self._compiled[key])
         return self._compiled[key]
 
     def compiled_text(self, num_tokens: int, num_seqs: int, rows: int = 1) -> str:

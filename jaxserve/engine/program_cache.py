@@ -1,0 +1,123 @@
+"""Compiled step programs kept on disk, so that a warm start skips tracing and lowering too.
+
+JAX's persistent compilation cache (`runner.compilation_cache_dir`) skips XLA's compile, but
+it finds a program by its lowered HLO: every start still traces and lowers each step in
+Python first, 0.5-0.9 s a program (18 programs for the demo on CPU, most of its warm start).
+This cache keys a serialized executable by everything that decides what the step computes,
+and loads it without tracing:
+
+* the program's bucket, and the config sections the runner reads (not `server` or
+  `distributed`), and the model's shape and options;
+* the arguments' structure, shapes, dtypes and shardings (so the number of KV pages too);
+* the source of the packages that build the step (`jaxserve`, `sharding`,
+  `pallas_kernels`), JAX's and jaxlib's versions, the devices and `XLA_FLAGS`.
+
+A change to any of these misses and compiles as before. One process only: over several
+processes every process must take part in each compile. A file that does not load (torn,
+or from an incompatible build) is compiled again and replaced, with one warning.
+
+Loading a file runs what it holds (pickle and an executable), as JAX's own cache does:
+the folder must be as trusted as the code, like `~/.cache` is.
+
+Programs are grouped in a folder per everything but the bucket and the arguments; the
+`KEEP` folders used last stay and older ones are removed, so upgrades and edited configs do
+not pile up compiled programs. Files are zlib-compressed (about 6x for XLA's CPU code).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import zlib
+from pathlib import Path
+
+import jax
+import jaxlib
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("jaxserve", "sharding", "pallas_kernels")
+KEEP = 8
+SECTIONS = ("model", "tokenizer", "checkpoint", "cache", "scheduler", "runner", "mesh",
+            "speculative")
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over every Python file of the packages that build the step."""
+    h = hashlib.sha256()
+    for name in PACKAGES:
+        root = Path(__import__(name).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _describe(x) -> str:
+    return f"{x.shape}:{x.dtype}:{getattr(x, 'sharding', None)}"
+
+
+class ProgramCache:
+    """The programs of one runner: `devices` are its mesh's, in the mesh's order."""
+
+    def __init__(self, directory: str | os.PathLike, config, model_config, devices):
+        self.devices = tuple(devices)
+        base = "\n".join([
+            *(f"{s}={getattr(config, s)!r}" for s in SECTIONS), repr(model_config),
+            source_digest(), jax.__version__, jaxlib.__version__, jax.default_backend(),
+            self.devices[0].client.platform_version, self.devices[0].device_kind,
+            repr([d.id for d in self.devices]), os.environ.get("XLA_FLAGS", "")])
+        self.root = Path(directory).expanduser()
+        self.directory = self.root / hashlib.sha256(base.encode()).hexdigest()[:32]
+        self._warned = False
+
+    def path(self, bucket: tuple, args) -> Path:
+        leaves, tree = jax.tree.flatten(args)
+        text = "\n".join([repr(bucket), str(tree), *map(_describe, leaves)])
+        return self.directory / (hashlib.sha256(text.encode()).hexdigest() + ".bin")
+
+    def load(self, bucket: tuple, args):
+        """The compiled program saved for these arguments, or None."""
+        path = self.path(bucket, args)
+        if not path.is_file():
+            return None
+        try:
+            payload, in_tree, out_tree = pickle.loads(zlib.decompress(path.read_bytes()))
+            compiled = serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, backend=self.devices[0].client,
+                execution_devices=self.devices)
+        except Exception as e:  # noqa: BLE001 - any failure means: compile it again
+            if not self._warned:
+                log.warning("compiled program %s did not load (%s: %s); compiling it again",
+                            path.name, type(e).__name__, e)
+                self._warned = True
+            return None
+        os.utime(self.directory)  # used now: kept by the pruning below
+        return compiled
+
+    def save(self, bucket: tuple, args, compiled) -> None:
+        path = self.path(bucket, args)
+        try:
+            data = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
+        except (ValueError, NotImplementedError, pickle.PicklingError) as e:
+            log.warning("compiled program for bucket %s cannot be saved: %s", bucket, e)
+            return
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._prune()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a reader never sees half a file
+
+    def _prune(self) -> None:
+        """Keep the KEEP folders used last (this one among them)."""
+        folders = sorted((p for p in self.root.iterdir() if p.is_dir()),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in folders[KEEP:]:
+            shutil.rmtree(old, ignore_errors=True)
