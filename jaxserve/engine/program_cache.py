@@ -51,12 +51,28 @@ SECTIONS = ("model", "tokenizer", "checkpoint", "cache", "scheduler", "runner", 
 def source_digest() -> str:
     """sha256 over every Python file of the packages that build the step."""
     h = hashlib.sha256()
-    for name in PACKAGES:
-        root = Path(__import__(name).__file__).parent
+    for name in PACKAGES:  # installed side by side, checked out or not
+        root = Path(__file__).resolve().parents[2] / name
         for path in sorted(root.rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+# JAX's own cache hits, counted: a program JAX loaded from its cache does not serialize
+# whole on XLA:CPU (the copy fails at run time: "Function wrapped_iota not found").
+_jax_cache_hits = [0]
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _jax_cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+# Set to its default value: the same program, under a key of JAX's cache that is never
+# written (see `compile`), so it always compiles.
+APART = {"xla_embed_ir_in_executable": False}
 
 
 def _describe(x) -> str:
@@ -100,6 +116,22 @@ class ProgramCache:
             return None
         os.utime(self.directory)  # used now: kept by the pruning below
         return compiled
+
+    def compile(self, lowered):
+        """Compile a step to be saved here. When JAX finds it in its own cache, it is
+        compiled once more, under a key JAX does not store, so that it serializes whole
+        (once: the next start loads it from here)."""
+        hits = _jax_cache_hits[0]
+        compiled = lowered.compile()
+        if _jax_cache_hits[0] == hits:
+            return compiled
+        option = "jax_persistent_cache_min_compile_time_secs"
+        kept = getattr(jax.config, option)
+        jax.config.update(option, float("inf"))  # JAX writes no entry for this compile
+        try:
+            return lowered.compile(compiler_options=APART)
+        finally:
+            jax.config.update(option, kept)
 
     def save(self, bucket: tuple, args, compiled) -> None:
         path = self.path(bucket, args)

@@ -367,7 +367,8 @@ class Runner:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            self._compiled[key] = lowered.compile()
+            self._compiled[key] = self._programs.compile(lowered) if self._programs \
+                else lowered.compile()
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
                                        "compile": time.perf_counter() - t2}
             if self._programs:

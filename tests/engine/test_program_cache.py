@@ -101,3 +101,40 @@ def test_only_the_folders_used_last_are_kept(tmp_path, demo_config):
     cache._prune()
     kept = {p.name for p in root.iterdir()}
     assert len(kept) == KEEP and cache.directory.name in kept
+
+
+START_AND_GENERATE = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from test_program_cache import greedy, phases, start, tiny_config
+from jaxserve.config import Config
+import pathlib
+config = tiny_config(pathlib.Path(sys.argv[1]), Config())
+engine = start(config)
+print(json.dumps({"phases": sorted(phases(engine)), "tokens": greedy(engine)}))
+"""
+
+
+def test_a_program_jax_had_cached_is_saved_whole(tmp_path):
+    """Each start its own process, as after a restart. When JAX's own cache has a program
+    and this one does not (a first start after an upgrade), the program saved must still run
+    in the next process: XLA:CPU does not serialize whole a program loaded from JAX's cache."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run_once() -> dict:
+        done = subprocess.run([sys.executable, "-c", START_AND_GENERATE, str(tmp_path),
+                               str(Path(__file__).parent)], check=True, timeout=300,
+                              capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run_once()
+    assert first["phases"] == ["compile", "lower", "trace"]
+    shutil.rmtree(tmp_path / "xla" / "steps")  # JAX's cache keeps them; this one does not
+    again = run_once()
+    assert again["phases"] == ["compile", "lower", "trace"]
+    loaded = run_once()
+    assert loaded == {"phases": ["load"], "tokens": first["tokens"]}
