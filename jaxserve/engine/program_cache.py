@@ -12,9 +12,10 @@ and loads it without tracing:
 * the source of the packages that build the step (`jaxserve`, `sharding`,
   `pallas_kernels`), JAX's and jaxlib's versions, the devices and `XLA_FLAGS`.
 
-A change to any of these misses and compiles as before. One process only: over several
+A change to any of these misses and compiles as before (a program that JAX's cache
+already holds is then not saved here: see `compile_and_save`). One process only: over several
 processes every process must take part in each compile. A file that does not load (torn,
-or from an incompatible build) is compiled again and replaced, with one warning.
+or from an incompatible build) is removed and the program compiled, with one warning.
 
 Loading a file runs what it holds (pickle and an executable), as JAX's own cache does:
 the folder must be as trusted as the code, like `~/.cache` is.
@@ -60,7 +61,8 @@ def source_digest() -> str:
 
 
 # JAX's own cache hits, counted: a program JAX loaded from its cache does not serialize
-# whole on XLA:CPU (the copy fails at run time: "Function wrapped_iota not found").
+# whole on XLA:CPU (the copy fails at run time in the next process: "Function wrapped_iota
+# not found"), so such a program is not saved here.
 _jax_cache_hits = [0]
 
 
@@ -70,9 +72,6 @@ def _count_hit(event: str, **_) -> None:
 
 
 jax.monitoring.register_event_listener(_count_hit)
-# Set to its default value: the same program, under a key of JAX's cache that is never
-# written (see `compile`), so it always compiles.
-APART = {"xla_embed_ir_in_executable": False}
 
 
 def _describe(x) -> str:
@@ -113,25 +112,20 @@ class ProgramCache:
                 log.warning("compiled program %s did not load (%s: %s); compiling it again",
                             path.name, type(e).__name__, e)
                 self._warned = True
+            path.unlink(missing_ok=True)  # replaced when this compile is saved
             return None
         os.utime(self.directory)  # used now: kept by the pruning below
         return compiled
 
-    def compile(self, lowered):
-        """Compile a step to be saved here. When JAX finds it in its own cache, it is
-        compiled once more, under a key JAX does not store, so that it serializes whole
-        (once: the next start loads it from here)."""
+    def compile_and_save(self, bucket: tuple, args, lowered):
+        """Compile a step and save it, unless JAX found it in its own cache: that copy does
+        not serialize whole, and compiling it again would cost a cold compile at every
+        start whose config differs only where the program does not."""
         hits = _jax_cache_hits[0]
         compiled = lowered.compile()
         if _jax_cache_hits[0] == hits:
-            return compiled
-        option = "jax_persistent_cache_min_compile_time_secs"
-        kept = getattr(jax.config, option)
-        jax.config.update(option, float("inf"))  # JAX writes no entry for this compile
-        try:
-            return lowered.compile(compiler_options=APART)
-        finally:
-            jax.config.update(option, kept)
+            self.save(bucket, args, compiled)
+        return compiled
 
     def save(self, bucket: tuple, args, compiled) -> None:
         path = self.path(bucket, args)

@@ -367,12 +367,10 @@ class Runner:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            self._compiled[key] = self._programs.compile(lowered) if self._programs \
-                else lowered.compile()
+            self._compiled[key] = self._programs.compile_and_save(key, args, lowered) \
+                if self._programs else lowered.compile()
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
                                        "compile": time.perf_counter() - t2}
-            if self._programs:
-                self._programs.save(key, args, self._compiled[key])
         return self._compiled[key]
 
     def compiled_text(self, num_tokens: int, num_seqs: int, rows: int = 1) -> str:

@@ -27,6 +27,19 @@ def make_engine(demo_config, demo_model, **overrides) -> Engine:
                   m.mesh)
 
 
+def generate_all(engine: Engine, prompts, params) -> dict[str, list[int]]:
+    """All prompts at once, as requests r0, r1, ...; {id: generated ids}. Every page is
+    back in the pool after."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(ids, params, f"r{i}")
+    out = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    assert engine.stats().pages_used == 0
+    return out
+
+
 def run(engine: Engine, requests, arrive_every: int = 0):
     """Add the requests (one every `arrive_every` steps, or all at once) and step until
     done, checking after every step that each running request holds exactly the pages of

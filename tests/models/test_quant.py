@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from engine_checks import generate_all
 
 from jaxserve import cli
 from jaxserve.checkpoint import orbax_store
@@ -268,15 +269,8 @@ def greedy(config, prompts, mesh=None):
     config = config.replace(mesh=mesh or MeshConfig())
     m = load_model(config, progress=False)
     engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(ids, params, f"r{i}")
-    out = {f"r{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id] += o.token_ids
-    assert engine.stats().pages_used == 0
-    return out
+    return generate_all(engine, prompts,
+                        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
 
 def assert_meshes_give_the_tokens_of_one_device(config, tokenizer):
