@@ -142,8 +142,8 @@ class ProgramCache:
         os.replace(tmp, path)  # a reader never sees half a file
 
     def _prune(self) -> None:
-        """Keep the KEEP folders used last (this one among them)."""
-        folders = sorted((p for p in self.root.iterdir() if p.is_dir()),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in folders[KEEP:]:
+        """Keep this folder and the KEEP - 1 others used last."""
+        others = sorted((p for p in self.root.iterdir() if p.is_dir() and p != self.directory),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEEP - 1:]:
             shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,7 @@
 opens its own persistent cache once per process, and that cache decides what is saved."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,10 +120,12 @@ def test_a_file_that_does_not_load_is_removed_and_compiled_again(tmp_path):
 
 def test_only_the_folders_used_last_are_kept(tmp_path):
     root = tmp_path / "steps"
-    for i in range(KEEP + 3):
+    for i in range(KEEP + 3):  # old0 used longest ago
         (root / f"old{i}").mkdir(parents=True)
+        os.utime(root / f"old{i}", (1e9 + i, 1e9 + i))
     cache = ProgramCache(root, Config(), None, jax.devices()[:1])
     cache.directory.mkdir()
+    os.utime(cache.directory, (1e9, 1e9))  # the one in use is kept whatever its time
     cache._prune()
     kept = {p.name for p in root.iterdir()}
-    assert len(kept) == KEEP and cache.directory.name in kept
+    assert kept == {cache.directory.name} | {f"old{i}" for i in range(4, KEEP + 3)}
