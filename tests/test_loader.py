@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from jaxserve.models.model_config import ModelConfig
+from engine_checks import save_tiny_shape
 
 SCRIPT = """
 import sys
@@ -21,9 +21,7 @@ def test_load_model_compiles_into_the_persistent_cache(tmp_path):
     """Making random weights compiles programs: with the cache on before them, a warm start
     loads those too (on an H200 the 8B shape's load fell from 5.1 to 2.4 s warm). Its own
     process, since JAX opens the cache once per process."""
-    shape = tmp_path / "tiny.json"
-    ModelConfig("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                num_heads=2, num_kv_heads=1, head_dim=16, name="tiny").save(shape)
+    shape = save_tiny_shape(tmp_path / "tiny.json")
     cache = tmp_path / "xla"
     subprocess.run([sys.executable, "-c", SCRIPT, str(shape), str(cache)], check=True,
                    timeout=300)

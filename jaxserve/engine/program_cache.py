@@ -97,9 +97,8 @@ class ProgramCache:
         text = "\n".join([repr(bucket), str(tree), *map(_describe, leaves)])
         return self.directory / (hashlib.sha256(text.encode()).hexdigest() + ".bin")
 
-    def load(self, bucket: tuple, args):
-        """The compiled program saved for these arguments, or None."""
-        path = self.path(bucket, args)
+    def load(self, path: Path):
+        """The compiled program saved at `path` (from `path()`), or None."""
         if not path.is_file():
             return None
         try:
@@ -117,22 +116,21 @@ class ProgramCache:
         os.utime(self.directory)  # used now: kept by the pruning below
         return compiled
 
-    def compile_and_save(self, bucket: tuple, args, lowered):
+    def compile_and_save(self, path: Path, lowered):
         """Compile a step and save it, unless JAX found it in its own cache: that copy does
         not serialize whole, and compiling it again would cost a cold compile at every
         start whose config differs only where the program does not."""
         hits = _jax_cache_hits[0]
         compiled = lowered.compile()
         if _jax_cache_hits[0] == hits:
-            self.save(bucket, args, compiled)
+            self.save(path, compiled)
         return compiled
 
-    def save(self, bucket: tuple, args, compiled) -> None:
-        path = self.path(bucket, args)
+    def save(self, path: Path, compiled) -> None:
         try:
             data = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)
         except (ValueError, NotImplementedError, pickle.PicklingError) as e:
-            log.warning("compiled program for bucket %s cannot be saved: %s", bucket, e)
+            log.warning("compiled program %s cannot be saved: %s", path.name, e)
             return
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -253,8 +253,8 @@ class Runner:
         # Seconds each program took to trace, lower and compile, or to load whole.
         self.compile_times: dict[tuple[int, int, int, int], dict[str, float]] = {}
         cache_dir = config.runner.compilation_cache_dir
-        self._programs = ProgramCache(os.path.join(os.path.expanduser(cache_dir), "steps"),
-                                      config, model_config, mesh.devices.flat) \
+        self._programs = ProgramCache(os.path.join(cache_dir, "steps"), config, model_config,
+                                      mesh.devices.flat) \
             if cache_dir and jax.process_count() == 1 else None
         # Over several processes, the leader tells the others what to run (multihost.py).
         self.channel = None
@@ -353,22 +353,22 @@ class Runner:
         key = (num_tokens, num_seqs, rows, steps)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            layout = self.batch.layout(*key)
-            step = jax.jit(self._sharded_step(layout), donate_argnums=(1,))
             buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
                                           sharding=self._per_block)
             args = (self.params, self.state, buffer, self._prev_tokens)
-            loaded = self._programs.load(key, args) if self._programs else None
+            saved = self._programs.path(key, args) if self._programs else None
+            loaded = self._programs.load(saved) if saved else None
             if loaded is not None:
                 self._compiled[key] = loaded
                 self.compile_times[key] = {"load": time.perf_counter() - t0}
                 return loaded
+            step = jax.jit(self._sharded_step(self.batch.layout(*key)), donate_argnums=(1,))
             traced = step.trace(*args)
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            self._compiled[key] = self._programs.compile_and_save(key, args, lowered) \
-                if self._programs else lowered.compile()
+            self._compiled[key] = self._programs.compile_and_save(saved, lowered) \
+                if saved else lowered.compile()
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
                                        "compile": time.perf_counter() - t2}
         return self._compiled[key]

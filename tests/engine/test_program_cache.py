@@ -11,10 +11,10 @@ from pathlib import Path
 
 import jax
 import pytest
+from engine_checks import save_tiny_shape
 
 from jaxserve.config import Config
 from jaxserve.engine.program_cache import KEEP, ProgramCache
-from jaxserve.models.model_config import ModelConfig
 
 START = """
 import json, sys
@@ -51,10 +51,7 @@ class Starts:
     """Starts of a tiny random model in fresh processes, on one cache directory."""
 
     def __init__(self, tmp_path: Path):
-        self.shape = tmp_path / "tiny.json"
-        ModelConfig("llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                    name="tiny").save(self.shape)
+        self.shape = save_tiny_shape(tmp_path / "tiny.json")
         self.cache = tmp_path / "xla"
         self.steps = self.cache / "steps"
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from jaxserve.engine.engine import Engine
+from jaxserve.models.model_config import ModelConfig
 
 REPEAT = "The cat sat on the mat. The dog sat on the log. " * 3 + "The cat sat on the"
 PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
@@ -25,6 +26,14 @@ def make_engine(demo_config, demo_model, **overrides) -> Engine:
     m = demo_model
     return Engine(demo_config.replace(**overrides), m.model_config, m.params, m.tokenizer,
                   m.mesh)
+
+
+def save_tiny_shape(path):
+    """A two-layer random llama shape that compiles in seconds, for
+    `checkpoint.random_shape`; returns `path`."""
+    ModelConfig("llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=2, num_kv_heads=1, head_dim=16, name="tiny").save(path)
+    return path
 
 
 def generate_all(engine: Engine, prompts, params) -> dict[str, list[int]]:
