@@ -8,6 +8,13 @@ prompts at 0.85-1.0x cuDNN against 0.42-0.46x for the ragged kernel's prefill ph
 (`scripts/bench_kernels.py`, docs/performance.md). Every other sequence (decodes, later
 chunks) goes through `ragged_paged_attention`, which skips the fresh ones.
 
+A later chunk of at least `min_chunk` tokens (a long prompt's second chunk, or a prompt after
+a cached prefix) goes to the Mosaic GPU paged prefill kernel (`paged_prefill_mgpu.py`),
+which reads its keys from the pages at 1.1-1.4x the speed of the ragged kernel's Triton
+prefill phase for chunks of 1-2k tokens on an H200 (docs/performance.md); shorter chunks
+stay on the ragged kernel, where the two measured about even. Not with quantized pages or
+in interpret mode, which that kernel lacks.
+
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).
 """
@@ -20,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import sequence_rows
-from pallas_kernels.flash_attention_mgpu import flash_attention_rows
+from pallas_kernels.flash_attention_mgpu import TILE_Q, flash_attention_rows
 from pallas_kernels.paged_attention import BlockSizes, ragged_paged_attention
+from pallas_kernels.paged_prefill_mgpu import paged_prefill_mgpu, unsupported
 
 
 def fresh_rows(seq_lens, query_start, num_tokens, min_tokens):
@@ -37,14 +45,24 @@ def fresh_rows(seq_lens, query_start, num_tokens, min_tokens):
     return fresh, row_fresh, jnp.where(row_fresh, query_start[seq], t).astype(jnp.int32)
 
 
+def long_chunks(seq_lens, query_start, fresh, min_chunk):
+    """[S] bool: the sequences that are not fresh prompts and have min_chunk query tokens or
+    more this step."""
+    q_len = query_start[1:] - query_start[:-1]
+    return ~fresh & (q_len >= min_chunk)
+
+
 DEFAULT_BLOCKS = BlockSizes()
+PAGED_MIN_CHUNK = 512
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret",
+                                             "min_chunk"))
 def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_lens,
                                  query_start, *, k_new, v_new, sm_scale: float,
                                  block_sizes: BlockSizes = DEFAULT_BLOCKS,
-                                 interpret: bool = False, k_scales=None, v_scales=None):
+                                 interpret: bool = False, k_scales=None, v_scales=None,
+                                 min_chunk: int = PAGED_MIN_CHUNK):
     num_tokens, num_heads, _ = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
@@ -52,10 +70,20 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
+    chunks = (num_tokens >= min_chunk and not interpret and k_scales is None
+              and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
+    skip = fresh
+    if chunks:
+        long = long_chunks(seq_lens, query_start, fresh, min_chunk)
+        skip = fresh | long
     paged = ragged_paged_attention(q, k_pages, v_pages, layer, page_tables, seq_lens,
                                    query_start, sm_scale=sm_scale, block_sizes=block_sizes,
                                    interpret=interpret, k_scales=k_scales, v_scales=v_scales,
-                                   skip=fresh)
+                                   skip=skip)
+    if chunks:  # at most num_tokens // min_chunk long chunks: one part-filled item each
+        paged = paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens,
+                                   query_start, long, paged, sm_scale=sm_scale,
+                                   max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk)
     flash = flash_attention_rows(q, k_new.astype(q.dtype), v_new.astype(q.dtype), kv_start,
                                  sm_scale=sm_scale, interpret=interpret)
     return jnp.where(row_fresh[:, None, None], flash.astype(paged.dtype), paged)
