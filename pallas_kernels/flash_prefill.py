@@ -8,12 +8,12 @@ prompts at 0.85-1.0x cuDNN against 0.42-0.46x for the ragged kernel's prefill ph
 (`scripts/bench_kernels.py`, docs/performance.md). Every other sequence (decodes, later
 chunks) goes through `ragged_paged_attention`, which skips the fresh ones.
 
-A later chunk of at least `min_chunk` tokens (a long prompt's second chunk, or a prompt after
-a cached prefix) goes to the Mosaic GPU paged prefill kernel (`paged_prefill_mgpu.py`),
-which reads its keys from the pages at 1.1-1.4x the speed of the ragged kernel's Triton
-prefill phase for chunks of 1-2k tokens on an H200 (docs/performance.md); shorter chunks
-stay on the ragged kernel, where the two measured about even. Not with quantized pages or
-in interpret mode, which that kernel lacks.
+With `min_chunk`, a later chunk of at least that many tokens (a long prompt's second chunk,
+or a prompt after a cached prefix) goes to the Mosaic GPU paged prefill kernel
+(`paged_prefill_mgpu.py`), which reads its keys from the pages at 1.3-2.0x the speed of the
+ragged kernel's Triton prefill phase on an H200 (docs/performance.md). Its call costs a
+step with no such chunk about 80 us, so it is off by default (`runner.paged_prefill`).
+Not with quantized pages or in interpret mode, which that kernel lacks.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).
@@ -53,7 +53,6 @@ def long_chunks(seq_lens, query_start, fresh, min_chunk):
 
 
 DEFAULT_BLOCKS = BlockSizes()
-PAGED_MIN_CHUNK = 512
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret",
@@ -62,7 +61,7 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                  query_start, *, k_new, v_new, sm_scale: float,
                                  block_sizes: BlockSizes = DEFAULT_BLOCKS,
                                  interpret: bool = False, k_scales=None, v_scales=None,
-                                 min_chunk: int = PAGED_MIN_CHUNK):
+                                 min_chunk: int | None = None):
     num_tokens, num_heads, _ = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
@@ -70,7 +69,8 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
-    chunks = (num_tokens >= min_chunk and not interpret and k_scales is None
+    chunks = (min_chunk is not None and num_tokens >= min_chunk and not interpret
+              and k_scales is None
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
     skip = fresh
     if chunks:

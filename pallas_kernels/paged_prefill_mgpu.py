@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.flash_attention import sequence_rows
 from pallas_kernels.flash_attention_mgpu import (
     LOG2_E,
     ROWS_PER_WARPGROUP,
@@ -53,6 +54,19 @@ def prefill_items(seq_lens, query_start, take, num_items):
     rows = jnp.where(valid, jnp.clip(q_len[seq] - first, 0, TILE_Q), 0)
     pos0 = seq_lens[seq] - q_len[seq] + first
     return jnp.stack([seq, query_start[seq] + first, rows, pos0]).astype(jnp.int32)
+
+
+def item_rows(query_start, take, num_tokens):
+    """[T] int32: the row of each packed row in the items' tiles (the layout prefill_items
+    gives), and [T] bool: whether the row belongs to a sequence in `take`."""
+    num_seqs = take.shape[0]
+    q_len = jnp.where(take, query_start[1:] - query_start[:-1], 0)
+    blocks = (q_len + TILE_Q - 1) // TILE_Q
+    first_item = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
+    seq, valid = sequence_rows(query_start, num_tokens)
+    seq = jnp.minimum(seq, num_seqs - 1)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    return first_item[seq] * TILE_Q + t - query_start[seq], valid & take[seq]
 
 
 def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem,
@@ -241,5 +255,8 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
     )
     out_items = call(items, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1),
                      q_items, k_pages, v_pages)
-    dest = jnp.where(used, rows, num_tokens).reshape(-1)  # unused rows: dropped
-    return out.at[dest].set(out_items.astype(out.dtype), mode="drop")
+    # the output is gathered back by row, not scattered by item (see docs/performance.md)
+    src, taken = item_rows(query_start, take, num_tokens)
+    taken &= src < max_items * TILE_Q
+    back = out_items[jnp.minimum(src, max_items * TILE_Q - 1)]
+    return jnp.where(taken[:, None, None], back.astype(out.dtype), out)

@@ -44,6 +44,8 @@ def main() -> None:
                     help="override scheduler.decode_steps (multi-step decode)")
     ap.add_argument("--attention-backend", default=None,
                     help="runner.attention_backend (default: the config's)")
+    ap.add_argument("--paged-prefill", choices=("on", "off"), default=None,
+                    help="runner.paged_prefill (default: the config's)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
 
@@ -52,6 +54,8 @@ def main() -> None:
         config = config.replace(scheduler__decode_steps=args.decode_steps)
     if args.attention_backend is not None:
         config = config.replace(runner__attention_backend=args.attention_backend)
+    if args.paged_prefill is not None:
+        config = config.replace(runner__paged_prefill=args.paged_prefill == "on")
     t0 = time.perf_counter()
     loaded = load_model(config)
     load_s = time.perf_counter() - t0
@@ -105,6 +109,7 @@ def main() -> None:
         # one engine.step() each: with multi-step decode, a call of up to decode_steps tokens
         "decode_steps": config.scheduler.decode_steps,
         "attention_backend": config.runner.attention_backend,
+        "paged_prefill": config.runner.paged_prefill,
         "step_time": percentiles(step_times), "num_steps": len(step_times),
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),

@@ -7,7 +7,7 @@ new@context`: `new` query tokens at the end of `context` tokens), on the same da
   ragged:  ragged_paged_attention, every sequence;
   mosaic:  paged_prefill_mgpu, every sequence;
   step_off / step_on: the engine's attention function (`ragged_paged_attention_flash`) with
-           the Mosaic kernel off (min_chunk past any chunk) and on (its default, 512);
+           the Mosaic kernel off (runner.paged_prefill: false) and on (chunks of 512+);
 each as time per call and causal TFLOP/s (2 * 2 * H * D * keys attended). Each kernel is
 checked against the jnp reference once.
 
@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench_kernels import time_calls  # noqa: E402
 
+from jaxserve.engine.runner import PAGED_MIN_CHUNK  # noqa: E402
 from pallas_kernels import flash_prefill as fp  # noqa: E402
 from pallas_kernels import paged_attention as pa  # noqa: E402
 from pallas_kernels import paged_prefill_mgpu as ppm  # noqa: E402
@@ -46,6 +47,8 @@ CASES = {  # name -> [(count, new tokens, context)]; 8192 rows per step at most
     "8x1024@2048": [(8, 1024, 2048)],
     "16x512@2048": [(16, 512, 2048)],
     "2x1024@8192+8x300@1500+32x1@2048": [(2, 1024, 8192), (8, 300, 1500), (32, 1, 2048)],
+    # no chunk of 512 or more: what the Mosaic kernel's (empty) call costs a step
+    "6x300@1500+32x1@2048": [(6, 300, 1500), (32, 1, 2048)],
 }
 
 
@@ -80,9 +83,9 @@ def bench_case(name, groups, page):
             **a, take=take, out=jnp.zeros_like(a["q"]), sm_scale=scale,
             max_items=-(-num_tokens // ppm.TILE_Q) + len(take)),
         "step_off": functools.partial(fp.ragged_paged_attention_flash, k_new=zeros,
-                                      v_new=zeros, sm_scale=scale, min_chunk=1 << 30),
+                                      v_new=zeros, sm_scale=scale),
         "step_on": functools.partial(fp.ragged_paged_attention_flash, k_new=zeros,
-                                     v_new=zeros, sm_scale=scale),
+                                     v_new=zeros, sm_scale=scale, min_chunk=PAGED_MIN_CHUNK),
     }
     with jax.default_matmul_precision("highest"):
         ref = pa.ragged_paged_attention_reference(**step, sm_scale=scale).astype(jnp.float32)

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import functools
 import os
+import sys
 import threading
 import time
 
@@ -109,14 +110,20 @@ def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
 
 
 def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat16,
-                   head_dim: int = 128):
+                   head_dim: int = 128, paged_prefill: bool = False):
     """The attention function of runner.attention_backend. decode_only: for programs whose
     sequences each have one query token (multi-step decode), where the Pallas kernel leaves
-    its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it."""
+    its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it.
+    paged_prefill (runner.paged_prefill): pallas_flash also gives later chunks of
+    PAGED_MIN_CHUNK tokens or more to the Mosaic GPU paged prefill kernel."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
         if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
             backend = "pallas_flash"
+        if paged_prefill and backend != "pallas_flash":
+            print(f"jaxserve: note: runner.paged_prefill: true is not used: attention_backend "
+                  f"auto picked {backend} here (the kernel needs pallas_flash)",
+                  file=sys.stderr, flush=True)
     if backend in ("pallas", "pallas_flash"):
         if jax.default_backend() != "gpu":
             raise ConfigError(f"runner.attention_backend: {backend} needs a GPU (this is "
@@ -131,7 +138,11 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
             raise ConfigError(f"runner.attention_backend: pallas_flash: {reason}; use pallas "
                               "or auto")
         from pallas_kernels.flash_prefill import ragged_paged_attention_flash
-        return ragged_paged_attention_flash
+        if not paged_prefill:
+            return ragged_paged_attention_flash
+        chunks = functools.partial(ragged_paged_attention_flash, min_chunk=PAGED_MIN_CHUNK)
+        chunks.takes_new_kv = True
+        return chunks
     from pallas_kernels.paged_attention import ragged_paged_attention_reference
     return ragged_paged_attention_reference
 
@@ -139,6 +150,9 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
 # prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
 FLASH_MIN_TOKENS = 512
+# runner.paged_prefill: later chunks of at least this many tokens go to the Mosaic GPU paged
+# prefill kernel (below it the two kernels measured about even).
+PAGED_MIN_CHUNK = 512
 
 DEFAULT_KV_FRACTION = 0.9
 DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (CPU)
@@ -227,7 +241,8 @@ class Runner:
                                     num_layers=self.pipeline.slots)
         experts = mesh.shape[EXPERT_AXIS]
         attention = pick_attention(config.runner.attention_backend, dtype=self.dtype,
-                                   head_dim=model_config.head_dim)
+                                   head_dim=model_config.head_dim,
+                                   paged_prefill=config.runner.paged_prefill)
         model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,

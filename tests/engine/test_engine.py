@@ -240,6 +240,13 @@ def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
     assert pick_attention("auto") is ragged_paged_attention_reference  # CPU: the reference
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU note")
+def test_paged_prefill_where_auto_picks_no_flash_backend_is_noted(capsys):
+    assert pick_attention("auto", paged_prefill=True) is ragged_paged_attention_reference
+    assert ("runner.paged_prefill: true is not used: attention_backend auto picked reference"
+            in capsys.readouterr().err)
+
+
 class _Device:
     """A device as kv_budget sees it: a platform and its memory statistics (or none)."""
 

@@ -8,7 +8,12 @@ import pytest
 
 from pallas_kernels.flash_prefill import long_chunks, ragged_paged_attention_flash
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
-from pallas_kernels.paged_prefill_mgpu import paged_prefill_mgpu, prefill_items, unsupported
+from pallas_kernels.paged_prefill_mgpu import (
+    item_rows,
+    paged_prefill_mgpu,
+    prefill_items,
+    unsupported,
+)
 
 
 def test_items_cover_the_taken_sequences_in_tiles_of_128_rows():
@@ -24,6 +29,12 @@ def test_items_cover_the_taken_sequences_in_tiles_of_128_rows():
         [100, 228, 356, 0, 128],  # position of the first row
     ])
     np.testing.assert_array_equal(items[2, 5:], 0)  # unused items have no rows
+    # each taken row is found again in the items' tiles; the decode and padding are not taken
+    src, taken = (np.asarray(a) for a in item_rows(query_start, take, 440))
+    assert taken.tolist() == [True] * 300 + [False] + [True] * 129 + [False] * 10
+    item, offset = src[taken] // 128, src[taken] % 128
+    np.testing.assert_array_equal(items[1][item] + offset, np.flatnonzero(taken))
+    assert (offset < items[2][item]).all()
 
 
 def test_long_chunks_are_later_chunks_of_at_least_min_chunk_tokens():
@@ -108,7 +119,8 @@ def test_routed_step_matches_reference():
             k_new[qs[s] + i], v_new[qs[s] + i] = kp[1, page, off], vp[1, page, off]
     scale = 128 ** -0.5
     out = ragged_paged_attention_flash(**step, k_new=jnp.asarray(k_new, jnp.bfloat16),
-                                       v_new=jnp.asarray(v_new, jnp.bfloat16), sm_scale=scale)
+                                       v_new=jnp.asarray(v_new, jnp.bfloat16), sm_scale=scale,
+                                       min_chunk=512)
     out, ref = np.asarray(out, np.float32), reference(step, scale)
     np.testing.assert_allclose(out[:qs[-1]], ref[:qs[-1]], atol=2e-2, rtol=2e-2)
     np.testing.assert_array_equal(out[qs[-1]:], 0.0)
