@@ -70,6 +70,94 @@ def _transforms(cols, dtype):
     raise ValueError(f"no swizzle fits a tile of {cols} columns")
 
 
+def take_turn(turn):
+    """Arrive at the consumers' shared barrier and wait for the other consumer."""
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+
+def claim_slot(i, stages: int, free):
+    """The ring slot of block i, once the consumers have released the block before it there."""
+    slot = lax.rem(i, stages)
+
+    @pl.when(i >= stages)
+    def _():
+        plgpu.barrier_wait(free.at[slot])
+
+    return slot
+
+
+def drain(num_blocks, stages: int, k_free, v_free):
+    """The producer waits for the last blocks' releases too, so that every barrier phase is
+    consumed in order."""
+    @pl.loop(jnp.maximum(num_blocks - stages, 0), num_blocks)
+    def _drain(i):
+        plgpu.barrier_wait(k_free.at[lax.rem(i, stages)])
+        plgpu.barrier_wait(v_free.at[lax.rem(i, stages)])
+
+
+def initial_carry(rows: int, head_dim: int):
+    """A consumer's (running max, denominator, output) before its first block."""
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    return (plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout),
+            plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), row_layout),
+            plgpu.layout_cast(jnp.full((rows, head_dim), 0.0, jnp.float32),
+                              plgpu.Layout.WGMMA))
+
+
+def scores(qo, k_block, turn, shape):
+    """S = Q K^T [rows, keys] float32 with wgmma; the consumer takes its turn while the
+    product runs."""
+    def qk(acc):
+        plgpu.wgmma(acc, qo, k_block.transpose((1, 0)))
+        take_turn(turn)
+        return acc[...]
+
+    return pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+
+def softmax_block(s, carry, *, scale: float, masked: bool, dtype):
+    """One block of the online softmax (exp2 domain) on scores s: (o rescaled, denominator,
+    running max, P in dtype), fenced so that it finishes before the consumer hands over."""
+    m, denom, o = carry
+    m_new = jnp.maximum(m, s.max(axis=1) * scale)
+    # A row with no key yet keeps m = -inf; shift it by 0 (its p is 0 anyway).
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m - shift)
+    p = jnp.exp2(s * scale - lax.broadcast_in_dim(shift, s.shape, [0]))
+    o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+    denom = denom * alpha + p.sum(axis=1)
+    p16 = p.astype(dtype)
+    return lax.optimization_barrier((o, denom, m_new, p16))
+
+
+def accumulate_pv(o, p16, v_block):
+    """O += P V with wgmma, P straight from registers."""
+    def pv(acc):
+        plgpu.wgmma(acc, p16, v_block)
+
+    return pl.run_state(pv)(plgpu.ACC.init(o))
+
+
+def skip_block(slot, k_full, k_free, v_full, v_free, turn):
+    """A block none of this consumer's rows needs: consume its phases, take both turns."""
+    for full, free in ((k_full, k_free), (v_full, v_free)):
+        plgpu.barrier_wait(full.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+    take_turn(turn)
+    take_turn(turn)
+
+
+def store_rows(carry, qo, o_rows):
+    """O / denominator (0 for rows that saw no key) written through shared memory to o_rows."""
+    _, denom, o = carry
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    qo[...] = (o * lax.broadcast_in_dim(inv, o.shape, [0])).astype(qo.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo, o_rows)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q_bar,
             k_full, v_full, k_free, v_free, turn, p_smem=None, *, group: int, block_kv: int,
             stages: int, scale: float, interpret: bool):
@@ -81,10 +169,6 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
     num_blocks = (r0 + TILE_Q - 1) // bkv + 1 - j0
     wg = lax.axis_index("wg")
 
-    def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
-
     @pl.when(wg == 2)
     def _producer():
         if not interpret:
@@ -92,12 +176,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
         kv_head = head // group
 
         def refill(i, gmem, smem, full, free):
-            slot = lax.rem(i, stages)
-
-            @pl.when(i >= stages)
-            def _():
-                plgpu.barrier_wait(free.at[slot])
-
+            slot = claim_slot(i, stages, free)
             plgpu.copy_gmem_to_smem(gmem.at[pl.ds((j0 + i) * bkv, bkv), kv_head],
                                     smem.at[slot], full.at[slot])
 
@@ -106,11 +185,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
             refill(i, k_gmem, k_smem, k_full, k_free)
             refill(i, v_gmem, v_smem, v_full, v_free)
 
-        # Wait for the last releases too, so every barrier phase is consumed in order.
-        @pl.loop(jnp.maximum(num_blocks - stages, 0), num_blocks)
-        def _drain(i):
-            plgpu.barrier_wait(k_free.at[lax.rem(i, stages)])
-            plgpu.barrier_wait(v_free.at[lax.rem(i, stages)])
+        drain(num_blocks, stages, k_free, v_free)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -129,16 +204,9 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
         plgpu.barrier_wait(q_bar.at[wg])
 
         def step(j, carry, masked: bool):
-            m, denom, o = carry
             slot = lax.rem(j - j0, stages)
             plgpu.barrier_wait(k_full.at[slot])
-
-            def qk(acc):
-                plgpu.wgmma(acc, qo, k_smem.at[slot].transpose((1, 0)))
-                take_turn()
-                return acc[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+            s = scores(qo, k_smem.at[slot], turn, (bq, bkv))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
                 shape = (bq, bkv)
@@ -148,15 +216,8 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
                                                        layout=plgpu.Layout.WGMMA)
                 start = lax.broadcast_in_dim(starts, shape, [0])
                 s = jnp.where((col >= start) & (col <= row), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * scale)
-            # A row with no key yet keeps m = -inf; shift it by 0 (its p is 0 anyway).
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m - shift)
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(shift, s.shape, [0]))
-            o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-            denom = denom * alpha + p.sum(axis=1)
-            p16 = p.astype(qo.dtype)
-            o, denom, m_new, p16 = lax.optimization_barrier((o, denom, m_new, p16))
+            o, denom, m_new, p16 = softmax_block(s, carry, scale=scale, masked=masked,
+                                                 dtype=qo.dtype)
             plgpu.barrier_arrive(turn)  # softmax done: the other consumer may multiply
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
@@ -170,41 +231,24 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
 
                 o = o + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
             else:
-                def pv(acc):
-                    plgpu.wgmma(acc, p16, v_smem.at[slot])
-
-                o = pl.run_state(pv)(plgpu.ACC.init(o))
+                o = accumulate_pv(o, p16, v_smem.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             return m_new, denom, o
 
         def skip(j, carry):
-            """A block none of this consumer's rows needs: consume its phases, take turns."""
-            slot = lax.rem(j - j0, stages)
-            for full, free in ((k_full, k_free), (v_full, v_free)):
-                plgpu.barrier_wait(full.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
-            take_turn()
-            take_turn()
+            skip_block(lax.rem(j - j0, stages), k_full, k_free, v_full, v_free, turn)
             return carry
 
-        carry = (plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
-                 plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout),
-                 plgpu.layout_cast(jnp.full((bq, head_dim), 0.0, jnp.float32),
-                                   plgpu.Layout.WGMMA))
+        carry = initial_carry(bq, head_dim)
         masked = functools.partial(step, masked=True)
-        pl.when(wg == 1)(take_turn)  # consumer 1 starts half a step behind consumer 0
+        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 1 starts half a step behind
         carry = lax.fori_loop(j0, first, skip, carry)
         carry = lax.fori_loop(first, lo, masked, carry)
         carry = lax.fori_loop(lo, hi, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(hi, last + 1, masked, carry)
         carry = lax.fori_loop(last + 1, j0 + num_blocks, skip, carry)
-        pl.when(wg == 0)(take_turn)
-        _, denom, o = carry
-        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # padding rows: 0
-        qo[...] = (o * lax.broadcast_in_dim(inv, o.shape, [0])).astype(qo.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo, o_gmem.at[pl.ds(row0, bq), head])
-        plgpu.wait_smem_to_gmem(0)
+        pl.when(wg == 0)(lambda: take_turn(turn))
+        store_rows(carry, qo, o_gmem.at[pl.ds(row0, bq), head])  # padding rows: 0
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))

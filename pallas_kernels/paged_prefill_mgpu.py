@@ -36,6 +36,15 @@ from pallas_kernels.flash_attention_mgpu import (
     SMEM_BYTES,
     TILE_Q,
     _transforms,
+    accumulate_pv,
+    claim_slot,
+    drain,
+    initial_carry,
+    scores,
+    skip_block,
+    softmax_block,
+    store_rows,
+    take_turn,
 )
 
 
@@ -84,22 +93,13 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
     layer = layer_gmem[0]
     num_blocks = jnp.where(n > 0, (pos0 + n - 1) // bkv + 1, 0)
 
-    def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
-
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
         kv_head = head // group
 
         def refill(j, gmem, smem, full, free):
-            slot = lax.rem(j, stages)
-
-            @pl.when(j >= stages)
-            def _():
-                plgpu.barrier_wait(free.at[slot])
-
+            slot = claim_slot(j, stages, free)
             for p in range(pages_per_block):
                 page = tables_gmem[seq * table_cols + j * pages_per_block + p]
                 plgpu.copy_gmem_to_smem(gmem.at[layer, page, :, kv_head],
@@ -111,10 +111,7 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
             refill(j, k_gmem, k_smem, k_full, k_free)
             refill(j, v_gmem, v_smem, v_full, v_free)
 
-        @pl.loop(jnp.maximum(num_blocks - stages, 0), num_blocks)
-        def _drain(j):
-            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
-            plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+        drain(num_blocks, stages, k_free, v_free)
 
     @pl.when((wg < 2) & (n > 0))  # an unused item writes nothing
     def _consumer():
@@ -130,16 +127,9 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
         plgpu.barrier_wait(q_bar.at[wg])
 
         def step(j, carry, masked: bool):
-            m, denom, o = carry
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_full.at[slot])
-
-            def qk(acc):
-                plgpu.wgmma(acc, qo, k_smem.at[slot].transpose((1, 0)))
-                take_turn()
-                return acc[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+            s = scores(qo, k_smem.at[slot], turn, (bq, bkv))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
                 shape = (bq, bkv)
@@ -147,50 +137,26 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
                 col = j * bkv + plgpu.broadcasted_iota(jnp.int32, shape, 1,
                                                        layout=plgpu.Layout.WGMMA)
                 s = jnp.where((col <= pos0 + row) & (row < n), s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1) * scale)
-            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m - shift)
-            p = jnp.exp2(s * scale - lax.broadcast_in_dim(shift, s.shape, [0]))
-            o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-            denom = denom * alpha + p.sum(axis=1)
-            p16 = p.astype(qo.dtype)
-            o, denom, m_new, p16 = lax.optimization_barrier((o, denom, m_new, p16))
+            o, denom, m_new, p16 = softmax_block(s, carry, scale=scale, masked=masked,
+                                                 dtype=qo.dtype)
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
-
-            def pv(acc):
-                plgpu.wgmma(acc, p16, v_smem.at[slot])
-
-            o = pl.run_state(pv)(plgpu.ACC.init(o))
+            o = accumulate_pv(o, p16, v_smem.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             return m_new, denom, o
 
         def skip(j, carry):
-            slot = lax.rem(j, stages)
-            for full, free in ((k_full, k_free), (v_full, v_free)):
-                plgpu.barrier_wait(full.at[slot])
-                plgpu.barrier_arrive(free.at[slot])
-            take_turn()
-            take_turn()
+            skip_block(lax.rem(j, stages), k_full, k_free, v_full, v_free, turn)
             return carry
 
-        row_layout = plgpu.Layout.WGMMA.reduce(1)
-        carry = (plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout),
-                 plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout),
-                 plgpu.layout_cast(jnp.full((bq, head_dim), 0.0, jnp.float32),
-                                   plgpu.Layout.WGMMA))
-        pl.when(wg == 1)(take_turn)  # consumer 1 starts half a step behind consumer 0
+        carry = initial_carry(bq, head_dim)
+        pl.when(wg == 1)(lambda: take_turn(turn))  # consumer 1 starts half a step behind
         carry = lax.fori_loop(0, full_end, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(full_end, last + 1, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(last + 1, num_blocks, skip, carry)
-        pl.when(wg == 0)(take_turn)
-        _, denom, o = carry
-        inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
-        qo[...] = (o * lax.broadcast_in_dim(inv, o.shape, [0])).astype(qo.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo, o_gmem.at[pl.ds(item * TILE_Q + r0, bq), head])
-        plgpu.wait_smem_to_gmem(0)
+        pl.when(wg == 0)(lambda: take_turn(turn))
+        store_rows(carry, qo, o_gmem.at[pl.ds(item * TILE_Q + r0, bq), head])
 
 
 def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: int = 128,
