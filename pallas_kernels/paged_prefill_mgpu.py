@@ -48,12 +48,17 @@ from pallas_kernels.flash_attention_mgpu import (
 )
 
 
+def _items_per_sequence(query_start, take):
+    """[S] query tokens of each sequence in `take` (0 for the others), and its 128-row items."""
+    q_len = jnp.where(take, query_start[1:] - query_start[:-1], 0)
+    return q_len, (q_len + TILE_Q - 1) // TILE_Q
+
+
 def prefill_items(seq_lens, query_start, take, num_items):
     """[4, W] int32 rows (sequence, first packed row, rows, position of the first row): the
     128-row items of the sequences in `take` [S] bool, in order; unused items have 0 rows."""
     num_seqs = seq_lens.shape[0]
-    q_len = jnp.where(take, query_start[1:] - query_start[:-1], 0)
-    blocks = (q_len + TILE_Q - 1) // TILE_Q
+    q_len, blocks = _items_per_sequence(query_start, take)
     ends = jnp.cumsum(blocks).astype(jnp.int32)
     w = jnp.arange(num_items, dtype=jnp.int32)
     seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
@@ -69,8 +74,7 @@ def item_rows(query_start, take, num_tokens):
     """[T] int32: the row of each packed row in the items' tiles (the layout prefill_items
     gives), and [T] bool: whether the row belongs to a sequence in `take`."""
     num_seqs = take.shape[0]
-    q_len = jnp.where(take, query_start[1:] - query_start[:-1], 0)
-    blocks = (q_len + TILE_Q - 1) // TILE_Q
+    _, blocks = _items_per_sequence(query_start, take)
     first_item = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
     seq, valid = sequence_rows(query_start, num_tokens)
     seq = jnp.minimum(seq, num_seqs - 1)
