@@ -12,8 +12,9 @@ With `min_chunk`, a later chunk of at least that many tokens (a long prompt's se
 or a prompt after a cached prefix) goes to the Mosaic GPU paged prefill kernel
 (`paged_prefill_mgpu.py`), which reads its keys from the pages at 1.3-2.0x the speed of the
 ragged kernel's Triton prefill phase on an H200 (docs/performance.md). Its call costs a
-step with no such chunk about 80 us, so it is off by default (`runner.paged_prefill`).
-Not with quantized pages or in interpret mode, which that kernel lacks.
+step with no such chunk about 80 us, so it is off by default (`runner.paged_prefill`, which
+refuses inputs the kernel cannot take). Here such inputs (quantized pages, other page
+sizes) and interpret mode, which that kernel lacks, keep those chunks on the ragged kernel.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).
@@ -69,8 +70,8 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
+    # quantized pages (k_scales) have a dtype the kernel does not take
     chunks = (min_chunk is not None and num_tokens >= min_chunk and not interpret
-              and k_scales is None
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
     skip = fresh
     if chunks:

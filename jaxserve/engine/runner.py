@@ -110,12 +110,14 @@ def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
 
 
 def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat16,
-                   head_dim: int = 128, paged_prefill: bool = False):
+                   head_dim: int = 128, paged_prefill: bool = False, pages_dtype=None,
+                   page_size: int = 16):
     """The attention function of runner.attention_backend. decode_only: for programs whose
     sequences each have one query token (multi-step decode), where the Pallas kernel leaves
     its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it.
     paged_prefill (runner.paged_prefill): pallas_flash also gives later chunks of
-    PAGED_MIN_CHUNK tokens or more to the Mosaic GPU paged prefill kernel."""
+    PAGED_MIN_CHUNK tokens or more to the Mosaic GPU paged prefill kernel, which must take
+    the KV pages (pages_dtype, default dtype; page_size): ConfigError otherwise."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
         if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
@@ -140,6 +142,12 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
         from pallas_kernels.flash_prefill import ragged_paged_attention_flash
         if not paged_prefill:
             return ragged_paged_attention_flash
+        from pallas_kernels.paged_prefill_mgpu import unsupported
+        reason = unsupported(jnp.dtype(dtype), jnp.dtype(pages_dtype or dtype), head_dim,
+                             page_size)
+        if reason:
+            raise ConfigError(f"runner.paged_prefill: the Mosaic paged prefill kernel: "
+                              f"{reason}; set it false")
         chunks = functools.partial(ragged_paged_attention_flash, min_chunk=PAGED_MIN_CHUNK)
         chunks.takes_new_kv = True
         return chunks
@@ -242,7 +250,8 @@ class Runner:
         experts = mesh.shape[EXPERT_AXIS]
         attention = pick_attention(config.runner.attention_backend, dtype=self.dtype,
                                    head_dim=model_config.head_dim,
-                                   paged_prefill=config.runner.paged_prefill)
+                                   paged_prefill=config.runner.paged_prefill,
+                                   pages_dtype=kv_dtype(config), page_size=self.page_size)
         model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,

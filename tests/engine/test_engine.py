@@ -247,6 +247,23 @@ def test_paged_prefill_where_auto_picks_no_flash_backend_is_noted(capsys):
             in capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("pages, page_size, match", [
+    (jnp.float8_e4m3fn, 16, "q and pages must be bf16 or f16 alike"),
+    (jnp.bfloat16, 256, "page_size 256 must divide block_kv 128"),
+])
+def test_paged_prefill_refuses_pages_its_kernel_cannot_take(monkeypatch, pages, page_size,
+                                                             match):
+    """Checked as on a Hopper GPU (the backend and the flash check stubbed), where it would
+    otherwise leave those chunks on the ragged kernel without a word."""
+    import jaxserve.engine.runner as runner
+    monkeypatch.setattr(runner.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(runner, "flash_prefill_unsupported", lambda dtype, head_dim: None)
+    with pytest.raises(ConfigError, match=f"runner.paged_prefill: .*{match}"):
+        pick_attention("pallas_flash", paged_prefill=True, pages_dtype=pages,
+                       page_size=page_size)
+    assert pick_attention("pallas_flash", paged_prefill=True).keywords == {"min_chunk": 512}
+
+
 class _Device:
     """A device as kv_budget sees it: a platform and its memory statistics (or none)."""
 
