@@ -10,9 +10,13 @@ that take turns so that one's softmax overlaps the other's matrix products. Bloc
 every row's diagonal run unmasked; blocks past a consumer's rows are only waited on and
 released.
 
-The items' query rows are gathered into tiles by XLA and their output scattered back (a few
-times the q bytes: small next to the attention of a chunk of 512 tokens or more). Only the
-sequences in `take` are attended; the caller gives the rest to another kernel.
+A sequence's last item ends at its last row, overlapping the item before it when its rows
+are not a multiple of 128 (a row in both is computed twice, to the same value). So every
+item is whole and inside its sequence: the consumers load their query rows from q and store
+their output rows into `out` in place, with no gather, scatter or select around the kernel,
+and a step with no such sequence costs only the launch of programs that exit at once. Only
+the sequences in `take` with at least 128 query tokens are attended; the caller gives the
+rest to another kernel.
 
 No interpret mode: Mosaic GPU's interpreter deadlocks on this kernel's schedule (with
 several items and pages) though the compiled kernel is correct, so it is tested compiled
@@ -29,7 +33,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import sequence_rows
 from pallas_kernels.flash_attention_mgpu import (
     LOG2_E,
     ROWS_PER_WARPGROUP,
@@ -49,41 +52,33 @@ from pallas_kernels.flash_attention_mgpu import (
 
 
 def _items_per_sequence(query_start, take):
-    """[S] query tokens of each sequence in `take` (0 for the others), and its 128-row items."""
-    q_len = jnp.where(take, query_start[1:] - query_start[:-1], 0)
+    """[S] query tokens of each sequence in `take` with 128 or more (0 for the others), and
+    its 128-row items."""
+    q_len = query_start[1:] - query_start[:-1]
+    q_len = jnp.where(take & (q_len >= TILE_Q), q_len, 0)
     return q_len, (q_len + TILE_Q - 1) // TILE_Q
 
 
 def prefill_items(seq_lens, query_start, take, num_items):
     """[4, W] int32 rows (sequence, first packed row, rows, position of the first row): the
-    128-row items of the sequences in `take` [S] bool, in order; unused items have 0 rows."""
+    128-row items of the sequences `_items_per_sequence` keeps, in order, each sequence's
+    last one ending at its last row; unused items have 0 rows."""
     num_seqs = seq_lens.shape[0]
     q_len, blocks = _items_per_sequence(query_start, take)
     ends = jnp.cumsum(blocks).astype(jnp.int32)
     w = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
     valid = seq < num_seqs
     seq = jnp.minimum(seq, num_seqs - 1)
-    first = (w - (ends[seq] - blocks[seq])) * TILE_Q
-    rows = jnp.where(valid, jnp.clip(q_len[seq] - first, 0, TILE_Q), 0)
+    first = jnp.minimum((w - (ends[seq] - blocks[seq])) * TILE_Q, q_len[seq] - TILE_Q)
+    first = jnp.where(valid, first, 0)
+    rows = jnp.where(valid, TILE_Q, 0)
     pos0 = seq_lens[seq] - q_len[seq] + first
     return jnp.stack([seq, query_start[seq] + first, rows, pos0]).astype(jnp.int32)
 
 
-def item_rows(query_start, take, num_tokens):
-    """[T] int32: the row of each packed row in the items' tiles (the layout prefill_items
-    gives), and [T] bool: whether the row belongs to a sequence in `take`."""
-    num_seqs = take.shape[0]
-    _, blocks = _items_per_sequence(query_start, take)
-    first_item = (jnp.cumsum(blocks) - blocks).astype(jnp.int32)
-    seq, valid = sequence_rows(query_start, num_tokens)
-    seq = jnp.minimum(seq, num_seqs - 1)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    return first_item[seq] * TILE_Q + t - query_start[seq], valid & take[seq]
-
-
 def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem,
-            k_smem, v_smem, q_bar, k_full, v_full, k_free, v_free, turn, *, group: int,
+            rows_smem, k_smem, v_smem, q_bar, k_full, v_full, k_free, v_free, turn, *, group: int,
             block_kv: int, page_size: int, table_cols: int, stages: int, scale: float):
     bq, bkv = ROWS_PER_WARPGROUP, block_kv
     pages_per_block = bkv // page_size
@@ -92,10 +87,11 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
     item = lax.axis_index("w")
     wg = lax.axis_index("wg")
     seq = items_gmem[0, item]
-    n = items_gmem[2, item]  # query rows of this item: row r sits at position pos0 + r
+    row0 = items_gmem[1, item]  # the item's packed rows row0 + r sit at positions pos0 + r
+    used = items_gmem[2, item] > 0
     pos0 = items_gmem[3, item]
     layer = layer_gmem[0]
-    num_blocks = jnp.where(n > 0, (pos0 + n - 1) // bkv + 1, 0)
+    num_blocks = jnp.where(used, (pos0 + TILE_Q - 1) // bkv + 1, 0)
 
     @pl.when(wg == 2)
     def _producer():
@@ -117,18 +113,21 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
 
         drain(num_blocks, stages, k_free, v_free)
 
-    @pl.when((wg < 2) & (n > 0))  # an unused item writes nothing
+    @pl.when((wg < 2) & used)  # an unused item writes nothing
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
         r0 = wg * bq  # this consumer's first row in the item
         qo = qo_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(item * TILE_Q + r0, bq), head], qo,
-                                q_bar.at[wg])
+        # TMA into a tiled (swizzled) tile needs rows at a multiple of 8: the rows go through
+        # an untiled staging tile, and back out through it
+        rows, staging = pl.ds(row0 + r0, bq), rows_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_gmem.at[rows, head], staging, q_bar.at[wg])
         # the last block any of its rows sees, and the blocks every row sees in full
-        last = jnp.where(n > r0, (pos0 + jnp.minimum(n, r0 + bq) - 1) // bkv, -1)
-        full_end = jnp.clip((pos0 + r0 + 1) // bkv, 0, last + 1)
-        full_end = jnp.where(n >= r0 + bq, full_end, 0)  # rows past n: mask every block
+        last = (pos0 + r0 + bq - 1) // bkv
+        full_end = (pos0 + r0 + 1) // bkv
         plgpu.barrier_wait(q_bar.at[wg])
+        qo[...] = plgpu.load(staging, (), layout=plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
 
         def step(j, carry, masked: bool):
             slot = lax.rem(j, stages)
@@ -140,7 +139,7 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
                 row = r0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
                 col = j * bkv + plgpu.broadcasted_iota(jnp.int32, shape, 1,
                                                        layout=plgpu.Layout.WGMMA)
-                s = jnp.where((col <= pos0 + row) & (row < n), s, -jnp.inf)
+                s = jnp.where(col <= pos0 + row, s, -jnp.inf)
             o, denom, m_new, p16 = softmax_block(s, carry, scale=scale, masked=masked,
                                                  dtype=qo.dtype)
             plgpu.barrier_arrive(turn)
@@ -160,7 +159,7 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
         carry = lax.fori_loop(full_end, last + 1, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(last + 1, num_blocks, skip, carry)
         pl.when(wg == 0)(lambda: take_turn(turn))
-        store_rows(carry, qo, o_gmem.at[pl.ds(item * TILE_Q + r0, bq), head])
+        store_rows(carry, staging, o_gmem.at[rows, head])
 
 
 def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: int = 128,
@@ -172,7 +171,7 @@ def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: i
         return f"head_dim must be 64 or 128 (got {head_dim})"
     if block_kv not in (64, 128) or block_kv % page_size:
         return f"page_size {page_size} must divide block_kv {block_kv} (64 or 128)"
-    smem = (TILE_Q + 2 * stages * block_kv) * head_dim * jnp.dtype(q_dtype).itemsize
+    smem = (2 * TILE_Q + 2 * stages * block_kv) * head_dim * jnp.dtype(q_dtype).itemsize
     if smem > SMEM_BYTES:
         return f"block_kv {block_kv} x {stages} stages need {smem} bytes of shared memory"
     return None
@@ -182,20 +181,19 @@ def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: i
 def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, take,
                        out, *, sm_scale: float, max_items: int, block_kv: int = 128,
                        stages: int = 2):
-    """`out` [T, H, D] with the rows of the sequences in `take` [S] bool replaced by their
-    causal attention over their pages (the contract of `ragged_paged_attention_reference`).
-    max_items bounds the 128-row items of those sequences; rows past it are not attended."""
+    """`out` [T, H, D] with the rows of the sequences in `take` [S] bool that have at least
+    128 query tokens replaced by their causal attention over their pages (the contract of
+    `ragged_paged_attention_reference`). max_items bounds those sequences' 128-row items;
+    rows past it are not attended."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
     reason = unsupported(q.dtype, k_pages.dtype, head_dim, page_size, block_kv, stages)
     if reason:
         raise ValueError(f"paged_prefill_mgpu: {reason}")
+    if num_tokens < TILE_Q:
+        return out  # no sequence of 128 query tokens
     items = prefill_items(seq_lens, query_start, take, max_items)
-    r = jnp.arange(TILE_Q, dtype=jnp.int32)
-    rows = items[1][:, None] + r[None, :]  # [W, 128]: the packed row of each item row
-    used = r[None, :] < items[2][:, None]
-    q_items = q[jnp.where(used, rows, 0).reshape(-1)]
     # a block that runs past the table's end reads page 0 (masked): pad the table to blocks
     per_block = block_kv // page_size
     cols = -(-pages_per_seq // per_block) * per_block
@@ -205,9 +203,10 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
         functools.partial(_kernel, group=num_heads // kv_heads, block_kv=block_kv,
                           page_size=page_size, table_cols=cols, stages=stages,
                           scale=float(sm_scale) * LOG2_E),
-        out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
+        out_type=(),
         scratch_types=dict(
             qo_smem=plgpu.SMEM((2, ROWS_PER_WARPGROUP, head_dim), q.dtype, transforms=tiles),
+            rows_smem=plgpu.SMEM((2, ROWS_PER_WARPGROUP, head_dim), q.dtype),
             k_smem=plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
             v_smem=plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
             q_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2),
@@ -223,10 +222,7 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
-    out_items = call(items, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1),
-                     q_items, k_pages, v_pages)
-    # the output is gathered back by row, not scattered by item (see docs/performance.md)
-    src, taken = item_rows(query_start, take, num_tokens)
-    taken &= src < max_items * TILE_Q
-    back = out_items[jnp.minimum(src, max_items * TILE_Q - 1)]
-    return jnp.where(taken[:, None, None], back.astype(out.dtype), out)
+    o_ref = jax.new_ref(out.astype(q.dtype))  # written in place by the kernel
+    call(items, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1), q, k_pages,
+         v_pages, o_ref)
+    return jax.ref.freeze(o_ref).astype(out.dtype)
