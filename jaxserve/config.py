@@ -170,7 +170,8 @@ class RunnerSection:
     max_logprobs: int = 20
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
-    paged_prefill: bool = False  # later chunks of 512+ tokens on the Mosaic kernel (README)
+    # later chunks of 512+ tokens on the Mosaic kernel: null = where it can run (README)
+    paged_prefill: bool | None = None
 
     def __post_init__(self):
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")
@@ -183,8 +184,9 @@ class RunnerSection:
         _check(self.attention_backend in BACKENDS, "attention_backend",
                f"must be one of {BACKENDS} (got {self.attention_backend!r})")
         _check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
-        _check(not self.paged_prefill or self.attention_backend in ("auto", "pallas_flash"),
-               "paged_prefill", "needs attention_backend auto or pallas_flash (got "
+        _check(self.paged_prefill is not True
+               or self.attention_backend in ("auto", "pallas_flash"),
+               "paged_prefill", "true needs attention_backend auto or pallas_flash (got "
                f"{self.attention_backend!r})")
 
 

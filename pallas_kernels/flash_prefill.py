@@ -10,11 +10,11 @@ chunks) goes through `ragged_paged_attention`, which skips the fresh ones.
 
 With `min_chunk`, a later chunk of at least that many tokens (a long prompt's second chunk,
 or a prompt after a cached prefix) goes to the Mosaic GPU paged prefill kernel
-(`paged_prefill_mgpu.py`), which reads its keys from the pages at 1.3-2.0x the speed of the
-ragged kernel's Triton prefill phase on an H200 (docs/performance.md). Its call costs a
-step with no such chunk about 80 us, so it is off by default (`runner.paged_prefill`, which
-refuses inputs the kernel cannot take). Here such inputs (quantized pages, other page
-sizes) and interpret mode, which that kernel lacks, keep those chunks on the ragged kernel.
+(`paged_prefill_mgpu.py`), which reads its keys from the pages at 2.0-2.3x the speed of the
+ragged kernel's Triton prefill phase on an H200; its call costs a step with no such chunk
+6-12 us per layer (docs/performance.md). The runner sets min_chunk where the kernel takes
+the KV pages (`runner.paged_prefill`); here other inputs (quantized pages, other page sizes)
+and interpret mode, which that kernel lacks, keep those chunks on the ragged kernel.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).

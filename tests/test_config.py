@@ -29,7 +29,7 @@ def test_demo_config_values():
     ("runner:\n  token_buckets: [64, 16]\n", "runner.token_buckets: must be strictly increasing"),
     ("runner:\n  attention_backend: cuda\n", "runner.attention_backend: must be one of"),
     ("runner:\n  attention_backend: pallas\n  paged_prefill: true\n",
-     "runner.paged_prefill: needs attention_backend auto or pallas_flash (got 'pallas')"),
+     "runner.paged_prefill: true needs attention_backend auto or pallas_flash (got 'pallas')"),
     ("model:\n  dtype: float64\n", "model.dtype: must be one of"),
     ("cache:\n  page_size: big\n", "cache.page_size: expected int"),
     ("mesh:\n  tensor: 0\n", "mesh.tensor: must be >= 1"),

@@ -110,14 +110,15 @@ def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
 
 
 def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat16,
-                   head_dim: int = 128, paged_prefill: bool = False, pages_dtype=None,
+                   head_dim: int = 128, paged_prefill: bool | None = None, pages_dtype=None,
                    page_size: int = 16):
     """The attention function of runner.attention_backend. decode_only: for programs whose
     sequences each have one query token (multi-step decode), where the Pallas kernel leaves
     its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it.
-    paged_prefill (runner.paged_prefill): pallas_flash also gives later chunks of
+    paged_prefill (runner.paged_prefill): whether pallas_flash also gives later chunks of
     PAGED_MIN_CHUNK tokens or more to the Mosaic GPU paged prefill kernel, which must take
-    the KV pages (pages_dtype, default dtype; page_size): ConfigError otherwise."""
+    the KV pages (pages_dtype, default dtype; page_size): None where it does, True always
+    (ConfigError where it cannot), False never."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
         if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
@@ -140,14 +141,16 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
             raise ConfigError(f"runner.attention_backend: pallas_flash: {reason}; use pallas "
                               "or auto")
         from pallas_kernels.flash_prefill import ragged_paged_attention_flash
-        if not paged_prefill:
+        if paged_prefill is False:
             return ragged_paged_attention_flash
         from pallas_kernels.paged_prefill_mgpu import unsupported
         reason = unsupported(jnp.dtype(dtype), jnp.dtype(pages_dtype or dtype), head_dim,
                              page_size)
-        if reason:
+        if reason and paged_prefill:
             raise ConfigError(f"runner.paged_prefill: the Mosaic paged prefill kernel: "
-                              f"{reason}; set it false")
+                              f"{reason}; set it false or null")
+        if reason:
+            return ragged_paged_attention_flash
         chunks = functools.partial(ragged_paged_attention_flash, min_chunk=PAGED_MIN_CHUNK)
         chunks.takes_new_kv = True
         return chunks

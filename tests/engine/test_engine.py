@@ -245,6 +245,8 @@ def test_paged_prefill_where_auto_picks_no_flash_backend_is_noted(capsys):
     assert pick_attention("auto", paged_prefill=True) is ragged_paged_attention_reference
     assert ("runner.paged_prefill: true is not used: attention_backend auto picked reference"
             in capsys.readouterr().err)
+    assert pick_attention("auto") is ragged_paged_attention_reference  # null: no note
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("pages, page_size, match", [
@@ -262,6 +264,12 @@ def test_paged_prefill_refuses_pages_its_kernel_cannot_take(monkeypatch, pages, 
         pick_attention("pallas_flash", paged_prefill=True, pages_dtype=pages,
                        page_size=page_size)
     assert pick_attention("pallas_flash", paged_prefill=True).keywords == {"min_chunk": 512}
+    # null (the default): the kernel where it takes the pages, else the flash kernel alone
+    from pallas_kernels.flash_prefill import ragged_paged_attention_flash
+    assert pick_attention("pallas_flash", pages_dtype=pages,
+                          page_size=page_size) is ragged_paged_attention_flash
+    assert pick_attention("pallas_flash").keywords == {"min_chunk": 512}
+    assert pick_attention("pallas_flash", paged_prefill=False) is ragged_paged_attention_flash
 
 
 class _Device:
