@@ -170,7 +170,7 @@ class RunnerSection:
     max_logprobs: int = 20
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
-    # later chunks of 512+ tokens on the Mosaic kernel: null = where it can run (README)
+    # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
 
     def __post_init__(self):

@@ -8,13 +8,14 @@ prompts at 0.85-1.0x cuDNN against 0.42-0.46x for the ragged kernel's prefill ph
 (`scripts/bench_kernels.py`, docs/performance.md). Every other sequence (decodes, later
 chunks) goes through `ragged_paged_attention`, which skips the fresh ones.
 
-With `min_chunk`, a later chunk of at least that many tokens (a long prompt's second chunk,
-or a prompt after a cached prefix) goes to the Mosaic GPU paged prefill kernel
-(`paged_prefill_mgpu.py`), which reads its keys from the pages at 2.0-2.3x the speed of the
-ragged kernel's Triton prefill phase on an H200; its call costs a step with no such chunk
-6-12 us per layer (docs/performance.md). The runner sets min_chunk where the kernel takes
-the KV pages (`runner.paged_prefill`); here other inputs (quantized pages, other page sizes)
-and interpret mode, which that kernel lacks, keep those chunks on the ragged kernel.
+With `min_chunk` (128 or more: the kernel's item), a later chunk of at least that many
+tokens (a long prompt's second chunk, or a prompt after a cached prefix) goes to the Mosaic
+GPU paged prefill kernel (`paged_prefill_mgpu.py`), which reads its keys from the pages at
+2.0-2.3x the speed of the ragged kernel's Triton prefill phase on an H200; its call cost a
+step with no such chunk 6-12 us per layer at min_chunk 512 (docs/performance.md). The runner
+sets min_chunk where the kernel takes the KV pages (`runner.paged_prefill`); here other
+inputs (quantized pages, other page sizes) and interpret mode, which that kernel lacks, keep
+those chunks on the ragged kernel.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).
@@ -71,6 +72,9 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
     # quantized pages (k_scales) have a dtype the kernel does not take
+    if min_chunk is not None and min_chunk < TILE_Q:
+        raise ValueError(f"min_chunk={min_chunk}: the paged prefill kernel takes chunks of "
+                         f"{TILE_Q} tokens or more")
     chunks = (min_chunk is not None and num_tokens >= min_chunk and not interpret
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
     skip = fresh

@@ -7,7 +7,7 @@ new@context`: `new` query tokens at the end of `context` tokens), on the same da
   ragged:  ragged_paged_attention, every sequence;
   mosaic:  paged_prefill_mgpu, every sequence (cases whose chunks all have 128+ tokens);
   step_off / step_on: the engine's attention function (`ragged_paged_attention_flash`) with
-           the Mosaic kernel off (runner.paged_prefill: false) and on (chunks of 512+);
+           the Mosaic kernel off (runner.paged_prefill: false) and on (chunks of 128+);
 each as time per call and causal TFLOP/s (2 * 2 * H * D * keys attended). Each kernel is
 checked against the jnp reference once.
 
@@ -47,8 +47,14 @@ CASES = {  # name -> [(count, new tokens, context)]; 8192 rows per step at most
     "8x1024@2048": [(8, 1024, 2048)],
     "16x512@2048": [(16, 512, 2048)],
     "2x1024@8192+8x300@1500+32x1@2048": [(2, 1024, 8192), (8, 300, 1500), (32, 1, 2048)],
-    # no chunk of 512 or more: what the Mosaic kernel's (empty) call costs a step
-    "6x300@1500+32x1@2048": [(6, 300, 1500), (32, 1, 2048)],
+    # chunks of 128-511 tokens (went to the ragged kernel when the threshold was 512)
+    "16x128@1024": [(16, 128, 1024)],
+    "8x256@2048": [(8, 256, 2048)],
+    "6x384@4096": [(6, 384, 4096)],
+    "16x160@512": [(16, 160, 512)],
+    "4x129@8192+64x1@2048": [(4, 129, 8192), (64, 1, 2048)],
+    # no chunk of 128 or more: what the Mosaic kernel's (empty) call costs a step
+    "24x100@1500+32x1@2048": [(24, 100, 1500), (32, 1, 2048)],
 }
 
 

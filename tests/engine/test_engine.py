@@ -263,12 +263,12 @@ def test_paged_prefill_refuses_pages_its_kernel_cannot_take(monkeypatch, pages, 
     with pytest.raises(ConfigError, match=f"runner.paged_prefill: .*{match}"):
         pick_attention("pallas_flash", paged_prefill=True, pages_dtype=pages,
                        page_size=page_size)
-    assert pick_attention("pallas_flash", paged_prefill=True).keywords == {"min_chunk": 512}
+    assert pick_attention("pallas_flash", paged_prefill=True).keywords == {"min_chunk": 128}
     # null (the default): the kernel where it takes the pages, else the flash kernel alone
     from pallas_kernels.flash_prefill import ragged_paged_attention_flash
     assert pick_attention("pallas_flash", pages_dtype=pages,
                           page_size=page_size) is ragged_paged_attention_flash
-    assert pick_attention("pallas_flash").keywords == {"min_chunk": 512}
+    assert pick_attention("pallas_flash").keywords == {"min_chunk": 128}
     assert pick_attention("pallas_flash", paged_prefill=False) is ragged_paged_attention_flash
 
 

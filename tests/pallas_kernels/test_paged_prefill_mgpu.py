@@ -40,6 +40,15 @@ def test_long_chunks_are_later_chunks_of_at_least_min_chunk_tokens():
                                                                      False]
 
 
+def test_min_chunk_under_one_item_is_refused():
+    step = paged_step([(300, 150)], 16, num_tokens=160)
+    zeros = jnp.zeros((160, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="min_chunk=64: the paged prefill kernel takes chunks "
+                                         "of 128 tokens or more"):
+        ragged_paged_attention_flash(**step, k_new=zeros, v_new=zeros, sm_scale=0.125,
+                                     min_chunk=64)
+
+
 @pytest.mark.parametrize("args, match", [
     ((jnp.float32, jnp.float32, 128, 16), "bf16 or f16"),
     ((jnp.bfloat16, jnp.float8_e4m3fn, 128, 16), "bf16 or f16"),
