@@ -139,6 +139,19 @@ def accumulate_pv(o, p16, v_block):
     return pl.run_state(pv)(plgpu.ACC.init(o))
 
 
+def accumulate_pv_smem(o, p16, p_ref, v_block):
+    """O += P V with P through shared memory p_ref: Mosaic GPU's interpreter has no
+    register-operand wgmma."""
+    p_ref[...] = p16
+    plgpu.commit_smem()
+
+    def pv(acc):
+        plgpu.wgmma(acc, p_ref, v_block)
+        return acc[...]
+
+    return o + pl.run_scoped(pv, plgpu.ACC(o.shape, jnp.float32))
+
+
 def skip_block(slot, k_full, k_free, v_full, v_free, turn):
     """A block none of this consumer's rows needs: consume its phases, take both turns."""
     for full, free in ((k_full, k_free), (v_full, v_free)):
@@ -222,14 +235,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
             if interpret:
-                p_smem.at[wg][...] = p16
-                plgpu.commit_smem()
-
-                def pv(acc):
-                    plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
-                    return acc[...]
-
-                o = o + pl.run_scoped(pv, plgpu.ACC((bq, head_dim), jnp.float32))
+                o = accumulate_pv_smem(o, p16, p_smem.at[wg], v_smem.at[slot])
             else:
                 o = accumulate_pv(o, p16, v_smem.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])

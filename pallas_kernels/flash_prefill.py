@@ -14,8 +14,7 @@ GPU paged prefill kernel (`paged_prefill_mgpu.py`), which reads its keys from th
 2.0-2.3x the speed of the ragged kernel's Triton prefill phase on an H200; its call cost a
 step with no such chunk 6-12 us per layer at min_chunk 512 (docs/performance.md). The runner
 sets min_chunk where the kernel takes the KV pages (`runner.paged_prefill`); here other
-inputs (quantized pages, other page sizes) and interpret mode, which that kernel lacks, keep
-those chunks on the ragged kernel.
+inputs (quantized pages, other page sizes) keep those chunks on the ragged kernel.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
 v_new [T, KVH, D], as written into the pages but before any KV quantization).
@@ -71,11 +70,11 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
-    # quantized pages (k_scales) have a dtype the kernel does not take
     if min_chunk is not None and min_chunk < TILE_Q:
         raise ValueError(f"min_chunk={min_chunk}: the paged prefill kernel takes chunks of "
                          f"{TILE_Q} tokens or more")
-    chunks = (min_chunk is not None and num_tokens >= min_chunk and not interpret
+    # quantized pages (k_scales) have a dtype the kernel does not take
+    chunks = (min_chunk is not None and num_tokens >= min_chunk
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
     skip = fresh
     if chunks:
@@ -88,7 +87,8 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
     if chunks:  # at most num_tokens // min_chunk long chunks: one part-filled item each
         paged = paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens,
                                    query_start, long, paged, sm_scale=sm_scale,
-                                   max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk)
+                                   max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk,
+                                   interpret=interpret)
     flash = flash_attention_rows(q, k_new.astype(q.dtype), v_new.astype(q.dtype), kv_start,
                                  sm_scale=sm_scale, interpret=interpret)
     return jnp.where(row_fresh[:, None, None], flash.astype(paged.dtype), paged)

@@ -18,9 +18,10 @@ and a step with no such sequence costs only the launch of programs that exit at 
 the sequences in `take` with at least 128 query tokens are attended; the caller gives the
 rest to another kernel.
 
-No interpret mode: Mosaic GPU's interpreter deadlocks on this kernel's schedule (with
-several items and pages) though the compiled kernel is correct, so it is tested compiled
-on a GPU (tests/pallas_kernels/test_paged_prefill_mgpu.py).
+Interpret mode (CPU, `interpret=True`) runs the same kernel through Mosaic GPU's
+interpreter, with P through shared memory as in the flash kernel. The interpreter deadlocked
+on an earlier version of this kernel (items with rows past their sequence), so the CPU tests
+run it in a child process with a time limit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pallas_kernels.flash_attention_mgpu import (
     TILE_Q,
     _transforms,
     accumulate_pv,
+    accumulate_pv_smem,
     claim_slot,
     drain,
     initial_carry,
@@ -78,8 +80,9 @@ def prefill_items(seq_lens, query_start, take, num_items):
 
 
 def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem,
-            rows_smem, k_smem, v_smem, q_bar, k_full, v_full, k_free, v_free, turn, *, group: int,
-            block_kv: int, page_size: int, table_cols: int, stages: int, scale: float):
+            rows_smem, k_smem, v_smem, q_bar, k_full, v_full, k_free, v_free, turn, p_smem=None,
+            *, group: int, block_kv: int, page_size: int, table_cols: int, stages: int,
+            scale: float, interpret: bool):
     bq, bkv = ROWS_PER_WARPGROUP, block_kv
     pages_per_block = bkv // page_size
     head_dim = q_gmem.shape[-1]
@@ -95,7 +98,8 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        if not interpret:
+            plgpu.set_max_registers(40, action="decrease")
         kv_head = head // group
 
         def refill(j, gmem, smem, full, free):
@@ -115,7 +119,8 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
 
     @pl.when((wg < 2) & used)  # an unused item writes nothing
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        if not interpret:
+            plgpu.set_max_registers(232, action="increase")
         r0 = wg * bq  # this consumer's first row in the item
         qo = qo_smem.at[wg]
         # TMA into a tiled (swizzled) tile needs rows at a multiple of 8: the rows go through
@@ -145,7 +150,10 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
-            o = accumulate_pv(o, p16, v_smem.at[slot])
+            if interpret:
+                o = accumulate_pv_smem(o, p16, p_smem.at[wg], v_smem.at[slot])
+            else:
+                o = accumulate_pv(o, p16, v_smem.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             return m_new, denom, o
 
@@ -177,10 +185,11 @@ def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: i
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "max_items", "block_kv", "stages"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "max_items", "block_kv", "stages",
+                                             "interpret"))
 def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, take,
                        out, *, sm_scale: float, max_items: int, block_kv: int = 128,
-                       stages: int = 2):
+                       stages: int = 2, interpret: bool = False):
     """`out` [T, H, D] with the rows of the sequences in `take` [S] bool that have at least
     128 query tokens replaced by their causal attention over their pages (the contract of
     `ragged_paged_attention_reference`). max_items bounds those sequences' 128-row items;
@@ -199,10 +208,14 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
     cols = -(-pages_per_seq // per_block) * per_block
     tables = jnp.pad(page_tables, ((0, 0), (0, cols - pages_per_seq)))
     tiles = _transforms(head_dim, q.dtype)
+    extra = {}
+    if interpret:
+        extra["p_smem"] = plgpu.SMEM((2, ROWS_PER_WARPGROUP, block_kv), q.dtype,
+                                     transforms=_transforms(block_kv, q.dtype))
     call = plgpu.kernel(
         functools.partial(_kernel, group=num_heads // kv_heads, block_kv=block_kv,
                           page_size=page_size, table_cols=cols, stages=stages,
-                          scale=float(sm_scale) * LOG2_E),
+                          scale=float(sm_scale) * LOG2_E, interpret=interpret),
         out_type=(),
         scratch_types=dict(
             qo_smem=plgpu.SMEM((2, ROWS_PER_WARPGROUP, head_dim), q.dtype, transforms=tiles),
@@ -215,12 +228,14 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
             k_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             v_free=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             turn=plgpu.Barrier(num_arrivals=2),
+            **extra,
         ),
         grid=(num_heads, max_items),
         grid_names=("h", "w"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
     o_ref = jax.new_ref(out.astype(q.dtype))  # written in place by the kernel
     call(items, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1), q, k_pages,

@@ -1,5 +1,10 @@
-"""The Mosaic GPU paged prefill kernel: its work items (on any backend), and the kernel
-against the reference, compiled on a Hopper GPU (it has no interpret mode)."""
+"""The Mosaic GPU paged prefill kernel: its work items, and the kernel and the routed step
+against the reference, through Mosaic GPU's interpreter on CPU and compiled on a Hopper GPU."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,18 +86,15 @@ def reference(step, scale):
         return np.asarray(ragged_paged_attention_reference(**step, sm_scale=scale), np.float32)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("page", [16, 64, 128])
-def test_kernel_matches_reference(page):
-    if jax.default_backend() != "gpu":
-        pytest.skip("the kernel runs compiled on a Hopper GPU only")
+def check_kernel(page, interpret=False):
     # chunks after cached prefixes longer than a tile (their last items overlap the one
     # before), a decode, short chunks (fewer than 128 rows: not attended), a fresh prompt
     seqs = [(300, 150), (30, 1), (50, 20), (5, 5), (129, 129), (700, 257), (900, 128)]
     step = paged_step(seqs, page, num_tokens=840)
     take = jnp.asarray([True, False, True, True, False, True, True])
     base = jnp.full_like(step["q"], 7.0)
-    out = paged_prefill_mgpu(**step, take=take, out=base, sm_scale=0.125, max_items=12)
+    out = paged_prefill_mgpu(**step, take=take, out=base, sm_scale=0.125, max_items=12,
+                             interpret=interpret)
     out, ref = np.asarray(out, np.float32), reference(step, 0.125)
     rows = np.zeros(840, bool)
     qs = np.asarray(step["query_start"])
@@ -102,18 +104,16 @@ def test_kernel_matches_reference(page):
     np.testing.assert_array_equal(out[~rows], 7.0)  # the rest of `out` is left alone
 
 
-@pytest.mark.gpu
-def test_routed_step_matches_reference():
+def check_routed_step(interpret=False, heads=8, kv_heads=2, head_dim=128):
     """ragged_paged_attention_flash with long chunks on this kernel, a fresh prompt on the
     flash kernel and the rest (decodes, a short chunk) on the ragged kernel."""
-    if jax.default_backend() != "gpu":
-        pytest.skip("the kernel runs compiled on a Hopper GPU only")
     seqs = [(1000, 600), (40, 1), (300, 300), (90, 30), (2000, 512)]
     num_tokens = 1536
-    step = paged_step(seqs, 16, num_tokens, heads=8, kv_heads=2, head_dim=128, seed=1)
+    step = paged_step(seqs, 16, num_tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                      seed=1)
     # a fresh prompt's K/V rows are this step's new rows: write them from its pages
     qs, tables = np.asarray(step["query_start"]), np.asarray(step["page_tables"])
-    k_new = np.zeros((num_tokens, 2, 128), np.float32)
+    k_new = np.zeros((num_tokens, kv_heads, head_dim), np.float32)
     v_new = np.zeros_like(k_new)
     kp, vp = np.asarray(step["k_pages"], np.float32), np.asarray(step["v_pages"], np.float32)
     for s, (ctx, n) in enumerate(seqs):
@@ -121,10 +121,50 @@ def test_routed_step_matches_reference():
             pos = ctx - n + i
             page, off = tables[s, pos // 16], pos % 16
             k_new[qs[s] + i], v_new[qs[s] + i] = kp[1, page, off], vp[1, page, off]
-    scale = 128 ** -0.5
+    scale = head_dim ** -0.5
     out = ragged_paged_attention_flash(**step, k_new=jnp.asarray(k_new, jnp.bfloat16),
                                        v_new=jnp.asarray(v_new, jnp.bfloat16), sm_scale=scale,
-                                       min_chunk=512)
+                                       min_chunk=512, interpret=interpret)
     out, ref = np.asarray(out, np.float32), reference(step, scale)
     np.testing.assert_allclose(out[:qs[-1]], ref[:qs[-1]], atol=2e-2, rtol=2e-2)
     np.testing.assert_array_equal(out[qs[-1]:], 0.0)
+
+
+def interpreted_checks():
+    """Both checks through Mosaic GPU's interpreter (run in a child process below)."""
+    for page in (16, 128):
+        check_kernel(page, interpret=True)
+    check_routed_step(interpret=True, heads=2, kv_heads=1, head_dim=64)  # the interpreter is slow
+
+
+CHILD_LIMIT_S = 1200
+
+
+def test_interpreted_kernel_and_routing_match_reference():
+    """On CPU, through the interpreter, in a child process with a time limit: the interpreter
+    deadlocked on an earlier version of the kernel, and a deadlock must fail the test, not
+    hang the suite."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "import test_paged_prefill_mgpu as t; t.interpreted_checks()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=CHILD_LIMIT_S,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the interpreted kernel did not finish in {CHILD_LIMIT_S} s (a deadlock)")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 64, 128])
+def test_kernel_matches_reference(page):
+    if jax.default_backend() != "gpu":
+        pytest.skip("the kernel runs compiled on a Hopper GPU only")
+    check_kernel(page)
+
+
+@pytest.mark.gpu
+def test_routed_step_matches_reference():
+    if jax.default_backend() != "gpu":
+        pytest.skip("the compiled kernels need a Hopper GPU")
+    check_routed_step()
