@@ -131,25 +131,22 @@ def softmax_block(s, carry, *, scale: float, masked: bool, dtype):
     return lax.optimization_barrier((o, denom, m_new, p16))
 
 
-def accumulate_pv(o, p16, v_block):
-    """O += P V with wgmma, P straight from registers."""
-    def pv(acc):
-        plgpu.wgmma(acc, p16, v_block)
+def accumulate_pv(o, p16, v_block, p_ref=None):
+    """O += P V with wgmma, P straight from registers; or, with p_ref (interpret mode: Mosaic
+    GPU's interpreter has no register-operand wgmma), P through that shared memory tile."""
+    if p_ref is None:
+        def pv(acc):
+            plgpu.wgmma(acc, p16, v_block)
 
-    return pl.run_state(pv)(plgpu.ACC.init(o))
-
-
-def accumulate_pv_smem(o, p16, p_ref, v_block):
-    """O += P V with P through shared memory p_ref: Mosaic GPU's interpreter has no
-    register-operand wgmma."""
+        return pl.run_state(pv)(plgpu.ACC.init(o))
     p_ref[...] = p16
     plgpu.commit_smem()
 
-    def pv(acc):
+    def pv_smem(acc):
         plgpu.wgmma(acc, p_ref, v_block)
         return acc[...]
 
-    return o + pl.run_scoped(pv, plgpu.ACC(o.shape, jnp.float32))
+    return o + pl.run_scoped(pv_smem, plgpu.ACC(o.shape, jnp.float32))
 
 
 def skip_block(slot, k_full, k_free, v_full, v_free, turn):
@@ -206,6 +203,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
             plgpu.set_max_registers(232, action="increase")
         row0 = r0 + wg * bq
         qo = qo_smem.at[wg]
+        p_ref = None if p_smem is None else p_smem.at[wg]  # interpret mode
         plgpu.copy_gmem_to_smem(q_gmem.at[pl.ds(row0, bq), head], qo, q_bar.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         starts = plgpu.load(kvs_gmem.at[pl.ds(row0, bq)], (), layout=row_layout, optimized=False)
@@ -234,10 +232,7 @@ def _kernel(kvs_gmem, q_gmem, k_gmem, v_gmem, o_gmem, qo_smem, k_smem, v_smem, q
             plgpu.barrier_arrive(turn)  # softmax done: the other consumer may multiply
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
-            if interpret:
-                o = accumulate_pv_smem(o, p16, p_smem.at[wg], v_smem.at[slot])
-            else:
-                o = accumulate_pv(o, p16, v_smem.at[slot])
+            o = accumulate_pv(o, p16, v_smem.at[slot], p_ref)
             plgpu.barrier_arrive(v_free.at[slot])
             return m_new, denom, o
 

@@ -63,6 +63,9 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                  block_sizes: BlockSizes = DEFAULT_BLOCKS,
                                  interpret: bool = False, k_scales=None, v_scales=None,
                                  min_chunk: int | None = None):
+    if min_chunk is not None and min_chunk < TILE_Q:
+        raise ValueError(f"min_chunk={min_chunk}: the paged prefill kernel takes chunks of "
+                         f"{TILE_Q} tokens or more")
     num_tokens, num_heads, _ = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
@@ -70,9 +73,6 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
     fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
-    if min_chunk is not None and min_chunk < TILE_Q:
-        raise ValueError(f"min_chunk={min_chunk}: the paged prefill kernel takes chunks of "
-                         f"{TILE_Q} tokens or more")
     # quantized pages (k_scales) have a dtype the kernel does not take
     chunks = (min_chunk is not None and num_tokens >= min_chunk
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
@@ -84,7 +84,7 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
                                    query_start, sm_scale=sm_scale, block_sizes=block_sizes,
                                    interpret=interpret, k_scales=k_scales, v_scales=v_scales,
                                    skip=skip)
-    if chunks:  # at most num_tokens // min_chunk long chunks: one part-filled item each
+    if chunks:  # at most num_tokens // min_chunk long chunks: one overlapping item each
         paged = paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens,
                                    query_start, long, paged, sm_scale=sm_scale,
                                    max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk,

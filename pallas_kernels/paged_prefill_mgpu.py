@@ -41,7 +41,6 @@ from pallas_kernels.flash_attention_mgpu import (
     TILE_Q,
     _transforms,
     accumulate_pv,
-    accumulate_pv_smem,
     claim_slot,
     drain,
     initial_carry,
@@ -123,6 +122,7 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
             plgpu.set_max_registers(232, action="increase")
         r0 = wg * bq  # this consumer's first row in the item
         qo = qo_smem.at[wg]
+        p_ref = None if p_smem is None else p_smem.at[wg]  # interpret mode
         # TMA into a tiled (swizzled) tile needs rows at a multiple of 8: the rows go through
         # an untiled staging tile, and back out through it
         rows, staging = pl.ds(row0 + r0, bq), rows_smem.at[wg]
@@ -150,10 +150,7 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_full.at[slot])
             plgpu.barrier_wait(turn)
-            if interpret:
-                o = accumulate_pv_smem(o, p16, p_smem.at[wg], v_smem.at[slot])
-            else:
-                o = accumulate_pv(o, p16, v_smem.at[slot])
+            o = accumulate_pv(o, p16, v_smem.at[slot], p_ref)
             plgpu.barrier_arrive(v_free.at[slot])
             return m_new, denom, o
 
