@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged_steps import paged_step, reference
 
 from pallas_kernels.flash_prefill import long_chunks, ragged_paged_attention_flash
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_mgpu, prefill_items, unsupported
 
 
@@ -63,27 +63,6 @@ def test_min_chunk_under_one_item_is_refused():
 def test_unsupported_inputs_are_named(args, match):
     assert match in unsupported(*args)
     assert unsupported(jnp.bfloat16, jnp.bfloat16, 128, 16) is None
-
-
-def paged_step(seqs, page, num_tokens, heads=4, kv_heads=2, head_dim=64, seed=0):
-    """Random pages, tables in a shuffled order, and q for sequences of (context, query
-    tokens); this step's rows are the last query tokens of each context."""
-    rng = np.random.default_rng(seed)
-    pages_per_seq = -(-max(c for c, _ in seqs) // page)
-    shape = (2, 1 + len(seqs) * pages_per_seq, page, kv_heads, head_dim)
-    tables = 1 + rng.permutation(len(seqs) * pages_per_seq).astype(np.int32)
-    query_start = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
-    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    return dict(q=bf16(rng.standard_normal((num_tokens, heads, head_dim))),
-                k_pages=bf16(rng.standard_normal(shape)), v_pages=bf16(rng.standard_normal(shape)),
-                layer=jnp.int32(1), page_tables=jnp.asarray(tables.reshape(len(seqs), -1)),
-                seq_lens=jnp.asarray([c for c, _ in seqs], jnp.int32),
-                query_start=jnp.asarray(query_start))
-
-
-def reference(step, scale):
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(ragged_paged_attention_reference(**step, sm_scale=scale), np.float32)
 
 
 def check_kernel(page, interpret=False):
@@ -144,10 +123,11 @@ def test_interpreted_kernel_and_routing_match_reference():
     """On CPU, through the interpreter, in a child process with a time limit: the interpreter
     deadlocked on an earlier version of the kernel, and a deadlock must fail the test, not
     hang the suite."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+    here = pathlib.Path(__file__).parent
+    code = ("import sys; sys.path[:0] = sys.argv[1:]; "
             "import test_paged_prefill_mgpu as t; t.interpreted_checks()")
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).parent)],
+        done = subprocess.run([sys.executable, "-c", code, str(here), str(here.parent / "helpers")],
                               capture_output=True, text=True, timeout=CHILD_LIMIT_S,
                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
     except subprocess.TimeoutExpired:

@@ -1,0 +1,29 @@
+"""Paged attention steps for the kernel tests: random pages behind shuffled page tables,
+and the reference output."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
+
+def paged_step(seqs, page, num_tokens, heads=4, kv_heads=2, head_dim=64, seed=0):
+    """Random pages, tables in a shuffled order, and q for sequences of (context, query
+    tokens); this step's rows are the last query tokens of each context."""
+    rng = np.random.default_rng(seed)
+    pages_per_seq = -(-max(c for c, _ in seqs) // page)
+    shape = (2, 1 + len(seqs) * pages_per_seq, page, kv_heads, head_dim)
+    tables = 1 + rng.permutation(len(seqs) * pages_per_seq).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    return dict(q=bf16(rng.standard_normal((num_tokens, heads, head_dim))),
+                k_pages=bf16(rng.standard_normal(shape)), v_pages=bf16(rng.standard_normal(shape)),
+                layer=jnp.int32(1), page_tables=jnp.asarray(tables.reshape(len(seqs), -1)),
+                seq_lens=jnp.asarray([c for c, _ in seqs], jnp.int32),
+                query_start=jnp.asarray(query_start))
+
+
+def reference(step, scale):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(ragged_paged_attention_reference(**step, sm_scale=scale), np.float32)
