@@ -1,4 +1,4 @@
-"""Decode attention of a whole step (every layer) under split-K choices, one GPU.
+"""Decode attention of a whole step (every layer) under split-K choices and kernels, one GPU.
 
 The engine's decode bucket has a static number of sequence rows S, of which a step fills
 any number B, so one split-K choice must serve a full bucket and a nearly empty one. This
@@ -10,6 +10,10 @@ rows, one query token each, pages scattered at random. Defaults: Llama-3-8B's at
 
   python scripts/bench_split_k.py --cases 32:1:512 32:32:512 128:128:512 --out X.json
   python scripts/bench_split_k.py --smoke   # tiny shapes; interpret mode without a GPU
+
+The Mosaic GPU kernel (`paged_decode_mgpu`, bf16/f16 pages, head_dim 64 or 128) runs in the
+same call under its own choices (`--mosaic`: splits:block_kv:stages:consumers, 0 splits for
+its automatic choice), output merge included.
 
 Each row: ms per step (median and best of 5 rounds of 30 async calls), the K/V bytes read
 over the best time (TB/s), and the largest difference of the outputs from the first
@@ -33,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels import paged_attention as pa  # noqa: E402
+from pallas_kernels import paged_decode_mgpu as pdm  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +54,7 @@ class Shape:
         return -(-self.max_model_len // self.page_size)
 
 
-SMOKE = Shape(layers=2, q_heads=4, kv_heads=2, head_dim=32, page_size=8, max_model_len=256)
+SMOKE = Shape(layers=2, q_heads=4, kv_heads=2, head_dim=64, page_size=16, max_model_len=256)
 
 
 def make_case(shape: Shape, num_rows: int, batch: int, ctx: int, seed: int = 0):
@@ -69,16 +74,29 @@ def make_case(shape: Shape, num_rows: int, batch: int, ctx: int, seed: int = 0):
             jnp.asarray(query_start))
 
 
-def step_attention(shape: Shape, block_sizes: pa.BlockSizes, interpret: bool):
-    """A jitted step's attention: every layer, outputs summed so none is dropped."""
+def step_attention(shape: Shape, variant, interpret: bool):
+    """A jitted step's attention: every layer, outputs summed so none is dropped. variant:
+    the Triton kernel's BlockSizes, or the Mosaic kernel's (splits, block_kv, stages,
+    consumers)."""
+    scale = shape.head_dim ** -0.5
+
+    def attend(q, k_pages, v_pages, layer, tables, seq_lens, query_start):
+        if isinstance(variant, pa.BlockSizes):
+            return pa.ragged_paged_attention(
+                q, k_pages, v_pages, layer, tables, seq_lens, query_start, sm_scale=scale,
+                block_sizes=variant, interpret=interpret, decode_only=True)
+        splits, block_kv, stages, consumers = variant
+        return pdm.paged_decode_mgpu(
+            q, k_pages, v_pages, layer, tables, seq_lens, query_start,
+            jnp.ones(seq_lens.shape, bool), jnp.zeros_like(q), sm_scale=scale,
+            num_splits=splits or None, block_kv=block_kv, stages=stages, consumers=consumers,
+            interpret=interpret)
+
     @jax.jit
     def run(q, k_pages, v_pages, tables, seq_lens, query_start):
         total = jnp.zeros(q.shape, jnp.float32)
         for layer in range(shape.layers):
-            out = pa.ragged_paged_attention(
-                q, k_pages, v_pages, jnp.int32(layer), tables, seq_lens, query_start,
-                sm_scale=shape.head_dim ** -0.5, block_sizes=block_sizes,
-                interpret=interpret, decode_only=True)
+            out = attend(q, k_pages, v_pages, jnp.int32(layer), tables, seq_lens, query_start)
             total = total + out.astype(jnp.float32)
         return total
     return run
@@ -96,7 +114,7 @@ def time_ms(fn, args, *, calls: int, rounds: int = 5):
     return statistics.median(per_call), min(per_call)
 
 
-def variants(shape: Shape, num_rows: int, splits, stages):
+def variants(shape: Shape, num_rows: int, splits, stages, mosaic):
     auto = pa.BlockSizes().resolve(group=shape.q_heads // shape.kv_heads, num_seqs=num_rows,
                                    kv_heads=shape.kv_heads,
                                    max_kv_len=shape.pages_per_seq * shape.page_size)
@@ -106,6 +124,14 @@ def variants(shape: Shape, num_rows: int, splits, stages):
         for st in stages:
             out.append((f"splits {k}, stages {st}",
                         pa.BlockSizes(num_kv_splits=k, num_stages_decode=st)))
+    for k, block_kv, st, consumers in mosaic:
+        if pdm.unsupported(jnp.bfloat16, jnp.bfloat16, shape.head_dim, shape.page_size,
+                           shape.q_heads // shape.kv_heads, block_kv, st, consumers):
+            continue
+        blocks = -(-shape.max_model_len // block_kv)
+        k_used = k or pdm.auto_splits(num_rows, shape.kv_heads, blocks)
+        out.append((f"mosaic {'auto ' if not k else ''}(splits {k_used}, block_kv {block_kv}, "
+                    f"stages {st}, consumers {consumers})", (k, block_kv, st, consumers)))
     return out
 
 
@@ -118,6 +144,9 @@ def main(argv=None):
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
                         help="num_stages_decode values")
+    parser.add_argument("--mosaic", nargs="*", default=["0:128:2:2", "0:64:2:1"],
+                        help="Mosaic kernel variants splits:block_kv:stages:consumers, "
+                             "splits 0 for its automatic choice (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes; interpret mode when there is no GPU")
     parser.add_argument("--out", help="JSON path")
@@ -128,6 +157,14 @@ def main(argv=None):
     shape = SMOKE if args.smoke else Shape()
     cases = ["4:1:100", "4:4:150"] if args.smoke else args.cases
     splits = [1, 2] if args.smoke else args.splits
+    try:
+        mosaic = [tuple(int(x) for x in m.split(":")) for m in args.mosaic]
+    except ValueError:
+        parser.error(f"--mosaic {args.mosaic}: each must be splits:block_kv:stages:consumers")
+    if any(len(m) != 4 for m in mosaic):
+        parser.error(f"--mosaic {args.mosaic}: each must be splits:block_kv:stages:consumers")
+    if args.smoke:
+        mosaic = [(0, 64, 2, 1)]
     rows = []
     for case in cases:
         try:
@@ -140,8 +177,8 @@ def main(argv=None):
         kv_bytes = (int(np.sum(np.asarray(data[4]))) * shape.layers * shape.kv_heads
                     * shape.head_dim * 2 * 2)
         first = None
-        for name, blocks in variants(shape, num_rows, splits, args.stages):
-            fn = step_attention(shape, blocks, interpret)
+        for name, variant in variants(shape, num_rows, splits, args.stages, mosaic):
+            fn = step_attention(shape, variant, interpret)
             out = fn(*data)
             first = out if first is None else first
             med, best = time_ms(fn, data, calls=1 if interpret else 30,
