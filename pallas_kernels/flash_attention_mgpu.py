@@ -96,6 +96,26 @@ def drain(num_blocks, stages: int, k_free, v_free):
         plgpu.barrier_wait(v_free.at[lax.rem(i, stages)])
 
 
+def load_page_blocks(num_blocks, page_of, *, layer, kv_head, page_size: int,
+                     pages_per_block: int, stages: int, k, v):
+    """The producer of a paged kernel: key and value blocks 0 .. num_blocks - 1, page p of
+    block i being page_of(i, p), one TMA copy per page into ring slot i % stages; then the
+    wait for the last blocks' releases. k, v: (pages in gmem, ring, full, free barriers)."""
+    def refill(i, gmem, smem, full, free):
+        slot = claim_slot(i, stages, free)
+        for p in range(pages_per_block):
+            plgpu.copy_gmem_to_smem(gmem.at[layer, page_of(i, p), :, kv_head],
+                                    smem.at[slot, pl.ds(p * page_size, page_size)],
+                                    full.at[slot])
+
+    @pl.loop(0, num_blocks)
+    def _load(i):
+        refill(i, *k)
+        refill(i, *v)
+
+    drain(num_blocks, stages, k[3], v[3])
+
+
 def initial_carry(rows: int, head_dim: int):
     """A consumer's (running max, denominator, output) before its first block."""
     row_layout = plgpu.Layout.WGMMA.reduce(1)

@@ -44,9 +44,8 @@ from pallas_kernels.flash_attention_mgpu import (
     SMEM_BYTES,
     _transforms,
     accumulate_pv,
-    claim_slot,
-    drain,
     initial_carry,
+    load_page_blocks,
     softmax_block,
 )
 
@@ -88,20 +87,12 @@ def _kernel(lens_gmem, rows_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gme
             plgpu.copy_gmem_to_smem(q_gmem.at[rows_gmem[seq], heads],
                                     q_rows.at[pl.ds(0, group)], q_bar)
 
-        def refill(i, gmem, smem, full, free):
-            slot = claim_slot(i, stages, free)
-            for p in range(pages_per_block):
-                page = tables_gmem[seq * table_cols + (first + i) * pages_per_block + p]
-                plgpu.copy_gmem_to_smem(gmem.at[layer, page, :, kv_head],
-                                        smem.at[slot, pl.ds(p * page_size, page_size)],
-                                        full.at[slot])
-
-        @pl.loop(0, num_blocks)
-        def _load(i):
-            refill(i, k_gmem, k_smem, k_full, k_free)
-            refill(i, v_gmem, v_smem, v_full, v_free)
-
-        drain(num_blocks, stages, k_free, v_free)
+        base = seq * table_cols + first * pages_per_block
+        load_page_blocks(
+            num_blocks, lambda i, p: tables_gmem[base + i * pages_per_block + p],
+            layer=layer, kv_head=kv_head, page_size=page_size,
+            pages_per_block=pages_per_block, stages=stages,
+            k=(k_gmem, k_smem, k_full, k_free), v=(v_gmem, v_smem, v_full, v_free))
 
     @pl.when((wg < consumers) & (num_blocks > wg))
     def _consumer():

@@ -41,9 +41,8 @@ from pallas_kernels.flash_attention_mgpu import (
     TILE_Q,
     _transforms,
     accumulate_pv,
-    claim_slot,
-    drain,
     initial_carry,
+    load_page_blocks,
     scores,
     skip_block,
     softmax_block,
@@ -99,22 +98,11 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
     def _producer():
         if not interpret:
             plgpu.set_max_registers(40, action="decrease")
-        kv_head = head // group
-
-        def refill(j, gmem, smem, full, free):
-            slot = claim_slot(j, stages, free)
-            for p in range(pages_per_block):
-                page = tables_gmem[seq * table_cols + j * pages_per_block + p]
-                plgpu.copy_gmem_to_smem(gmem.at[layer, page, :, kv_head],
-                                        smem.at[slot, pl.ds(p * page_size, page_size)],
-                                        full.at[slot])
-
-        @pl.loop(0, num_blocks)
-        def _load(j):
-            refill(j, k_gmem, k_smem, k_full, k_free)
-            refill(j, v_gmem, v_smem, v_full, v_free)
-
-        drain(num_blocks, stages, k_free, v_free)
+        load_page_blocks(
+            num_blocks, lambda j, p: tables_gmem[seq * table_cols + j * pages_per_block + p],
+            layer=layer, kv_head=head // group, page_size=page_size,
+            pages_per_block=pages_per_block, stages=stages,
+            k=(k_gmem, k_smem, k_full, k_free), v=(v_gmem, v_smem, v_full, v_free))
 
     @pl.when((wg < 2) & used)  # an unused item writes nothing
     def _consumer():

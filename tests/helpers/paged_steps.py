@@ -1,9 +1,15 @@
 """Paged attention steps for the kernel tests: random pages behind shuffled page tables,
-and the reference output."""
+the reference output, and interpreted kernel checks run in a child process."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
@@ -27,3 +33,20 @@ def paged_step(seqs, page, num_tokens, heads=4, kv_heads=2, head_dim=64, seed=0)
 def reference(step, scale):
     with jax.default_matmul_precision("highest"):
         return np.asarray(ragged_paged_attention_reference(**step, sm_scale=scale), np.float32)
+
+
+def run_interpreted_checks(test_file: str, limit_s: int):
+    """`interpreted_checks()` of the test module test_file, on CPU, in a child process with a
+    time limit: the Mosaic GPU interpreter deadlocked on an earlier paged kernel, and a
+    deadlock must fail the test, not hang the suite."""
+    path = pathlib.Path(test_file)
+    code = (f"import sys; sys.path[:0] = sys.argv[1:]; "
+            f"import {path.stem} as t; t.interpreted_checks()")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path.parent),
+                               str(pathlib.Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=limit_s,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the interpreted kernel did not finish in {limit_s} s (a deadlock)")
+    assert done.returncode == 0, done.stderr[-4000:]

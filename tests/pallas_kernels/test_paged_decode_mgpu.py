@@ -1,16 +1,11 @@
 """The Mosaic GPU paged decode kernel against the reference: its split merge in XLA, and the
 kernel through Mosaic GPU's interpreter on CPU and compiled on a Hopper GPU."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_steps import paged_step, reference
+from paged_steps import paged_step, reference, run_interpreted_checks
 
 from pallas_kernels.paged_decode_mgpu import (
     auto_splits,
@@ -107,16 +102,7 @@ CHILD_LIMIT_S = 1200
 def test_interpreted_kernel_matches_reference():
     """On CPU, through the interpreter, in a child process with a time limit (a deadlock of
     the kernel's barriers must fail the test, not hang the suite)."""
-    here = pathlib.Path(__file__).parent
-    code = ("import sys; sys.path[:0] = sys.argv[1:]; "
-            "import test_paged_decode_mgpu as t; t.interpreted_checks()")
-    try:
-        done = subprocess.run([sys.executable, "-c", code, str(here), str(here.parent / "helpers")],
-                              capture_output=True, text=True, timeout=CHILD_LIMIT_S,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the interpreted kernel did not finish in {CHILD_LIMIT_S} s (a deadlock)")
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_interpreted_checks(__file__, CHILD_LIMIT_S)
 
 
 @pytest.mark.gpu

@@ -1,16 +1,11 @@
 """The Mosaic GPU paged prefill kernel: its work items, and the kernel and the routed step
 against the reference, through Mosaic GPU's interpreter on CPU and compiled on a Hopper GPU."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_steps import paged_step, reference
+from paged_steps import paged_step, reference, run_interpreted_checks
 
 from pallas_kernels.flash_prefill import long_chunks, ragged_paged_attention_flash
 from pallas_kernels.paged_prefill_mgpu import paged_prefill_mgpu, prefill_items, unsupported
@@ -123,16 +118,7 @@ def test_interpreted_kernel_and_routing_match_reference():
     """On CPU, through the interpreter, in a child process with a time limit: the interpreter
     deadlocked on an earlier version of the kernel, and a deadlock must fail the test, not
     hang the suite."""
-    here = pathlib.Path(__file__).parent
-    code = ("import sys; sys.path[:0] = sys.argv[1:]; "
-            "import test_paged_prefill_mgpu as t; t.interpreted_checks()")
-    try:
-        done = subprocess.run([sys.executable, "-c", code, str(here), str(here.parent / "helpers")],
-                              capture_output=True, text=True, timeout=CHILD_LIMIT_S,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the interpreted kernel did not finish in {CHILD_LIMIT_S} s (a deadlock)")
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_interpreted_checks(__file__, CHILD_LIMIT_S)
 
 
 @pytest.mark.gpu
