@@ -70,6 +70,39 @@ def _transforms(cols, dtype):
     raise ValueError(f"no swizzle fits a tile of {cols} columns")
 
 
+def p_scratch(consumers: int, block_kv: int, dtype):
+    """Interpret mode's shared-memory P tile per consumer (see `accumulate_pv`)."""
+    return plgpu.SMEM((consumers, ROWS_PER_WARPGROUP, block_kv), dtype,
+                      transforms=_transforms(block_kv, dtype))
+
+
+def mode_params(interpret: bool) -> dict:
+    """plgpu.kernel's compiler and interpreter arguments, compiled or interpreted."""
+    if interpret:
+        return dict(compiler_params=None, interpret=plgpu.InterpretGPUParams())
+    return dict(compiler_params=plgpu.CompilerParams(approx_math=True), interpret=None)
+
+
+def paged_unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int,
+                      block_kv: int) -> str | None:
+    """Why a paged Mosaic kernel cannot take these dtypes, head_dim and page size, or None."""
+    if q_dtype not in (jnp.bfloat16, jnp.float16) or pages_dtype != q_dtype:
+        return f"q and pages must be bf16 or f16 alike (got {q_dtype}, {pages_dtype})"
+    if head_dim not in (64, 128):
+        return f"head_dim must be 64 or 128 (got {head_dim})"
+    if block_kv not in (64, 128) or block_kv % page_size:
+        return f"page_size {page_size} must divide block_kv {block_kv} (64 or 128)"
+    return None
+
+
+def block_tables(page_tables, pages_per_block: int):
+    """The page tables padded to whole blocks of pages: a block that runs past a table's end
+    reads page 0, whose keys the kernels mask."""
+    pages_per_seq = page_tables.shape[1]
+    cols = -(-pages_per_seq // pages_per_block) * pages_per_block
+    return jnp.pad(page_tables, ((0, 0), (0, cols - pages_per_seq)))
+
+
 def take_turn(turn):
     """Arrive at the consumers' shared barrier and wait for the other consumer."""
     plgpu.barrier_arrive(turn)
@@ -310,8 +343,7 @@ def flash_attention_rows(q, k, v, kv_start, *, sm_scale=None, block_sizes=BlockS
     tiles = _transforms(head_dim, dtype)
     extra = {}
     if interpret:
-        extra["p_smem"] = plgpu.SMEM((2, ROWS_PER_WARPGROUP, bs.block_kv), dtype,
-                                     transforms=_transforms(bs.block_kv, dtype))
+        extra["p_smem"] = p_scratch(2, bs.block_kv, dtype)
     call = plgpu.kernel(
         functools.partial(_kernel, group=num_heads // k.shape[1], block_kv=bs.block_kv,
                           stages=bs.num_stages, scale=scale, interpret=interpret),
@@ -332,7 +364,6 @@ def flash_attention_rows(q, k, v, kv_start, *, sm_scale=None, block_sizes=BlockS
         grid_names=("h", "q"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **mode_params(interpret),
     )
     return call(kv_start.astype(jnp.int32), q, k, v)[:num_tokens]

@@ -44,8 +44,12 @@ from pallas_kernels.flash_attention_mgpu import (
     SMEM_BYTES,
     _transforms,
     accumulate_pv,
+    block_tables,
     initial_carry,
     load_page_blocks,
+    mode_params,
+    p_scratch,
+    paged_unsupported,
     softmax_block,
 )
 
@@ -156,12 +160,9 @@ def split_blocks(seq_len, split, *, block_kv: int, splits: int):
 def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, group: int,
                 block_kv: int = 128, stages: int = 2, consumers: int = 2) -> str | None:
     """Why the kernel cannot take these inputs, or None."""
-    if q_dtype not in (jnp.bfloat16, jnp.float16) or pages_dtype != q_dtype:
-        return f"q and pages must be bf16 or f16 alike (got {q_dtype}, {pages_dtype})"
-    if head_dim not in (64, 128):
-        return f"head_dim must be 64 or 128 (got {head_dim})"
-    if block_kv not in (64, 128) or block_kv % page_size:
-        return f"page_size {page_size} must divide block_kv {block_kv} (64 or 128)"
+    reason = paged_unsupported(q_dtype, pages_dtype, head_dim, page_size, block_kv)
+    if reason:
+        return reason
     if consumers not in (1, 2):
         return f"consumers must be 1 or 2 (got {consumers})"
     if group > ROWS_PER_WARPGROUP:
@@ -218,17 +219,15 @@ def paged_decode_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_s
     splits per sequence (None: `auto_splits`)."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
-    num_seqs, pages_per_seq = page_tables.shape
+    num_seqs = page_tables.shape[0]
     group = num_heads // kv_heads
     reason = unsupported(q.dtype, k_pages.dtype, head_dim, page_size, group, block_kv, stages,
                          consumers)
     if reason:
         raise ValueError(f"paged_decode_mgpu: {reason}")
     per_block = block_kv // page_size
-    blocks = -(-pages_per_seq // per_block)
-    splits = num_splits or auto_splits(num_seqs, kv_heads, blocks)
-    # a block that runs past the table's end reads page 0 (masked): pad the table to blocks
-    tables = jnp.pad(page_tables, ((0, 0), (0, blocks * per_block - pages_per_seq)))
+    tables = block_tables(page_tables, per_block)
+    splits = num_splits or auto_splits(num_seqs, kv_heads, tables.shape[1] // per_block)
     starts = query_start[:-1]
     decode = take & (query_start[1:] - starts == 1)
     lens = jnp.where(decode, seq_lens, 0).astype(jnp.int32)
@@ -238,14 +237,13 @@ def paged_decode_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_s
     rows_tile = (ROWS_PER_WARPGROUP, head_dim)
     extra = {}
     if interpret:
-        extra["p_smem"] = plgpu.SMEM((consumers, ROWS_PER_WARPGROUP, block_kv), q.dtype,
-                                     transforms=_transforms(block_kv, q.dtype))
+        extra["p_smem"] = p_scratch(consumers, block_kv, q.dtype)
     if consumers > 1:
         extra["o_rows"] = plgpu.SMEM((consumers, *rows_tile), q.dtype)
     in_place = parts == 1  # one consumer, one split: no merge
     call = plgpu.kernel(
         functools.partial(_kernel, group=group, block_kv=block_kv, page_size=page_size,
-                          table_cols=blocks * per_block, stages=stages, splits=splits,
+                          table_cols=tables.shape[1], stages=stages, splits=splits,
                           consumers=consumers, scale=float(sm_scale) * LOG2_E,
                           interpret=interpret),
         out_type=() if in_place else (
@@ -269,8 +267,7 @@ def paged_decode_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_s
         grid_names=("s", "h", "k"),
         num_threads=consumers + 1,
         thread_name="wg",
-        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **mode_params(interpret),
     )
     args = (lens, rows, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1), q,
             k_pages, v_pages)

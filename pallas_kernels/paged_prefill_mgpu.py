@@ -41,8 +41,12 @@ from pallas_kernels.flash_attention_mgpu import (
     TILE_Q,
     _transforms,
     accumulate_pv,
+    block_tables,
     initial_carry,
     load_page_blocks,
+    mode_params,
+    p_scratch,
+    paged_unsupported,
     scores,
     skip_block,
     softmax_block,
@@ -158,12 +162,9 @@ def _kernel(items_gmem, tables_gmem, layer_gmem, q_gmem, k_gmem, v_gmem, o_gmem,
 def unsupported(q_dtype, pages_dtype, head_dim: int, page_size: int, block_kv: int = 128,
                 stages: int = 2) -> str | None:
     """Why the kernel cannot take these inputs, or None."""
-    if q_dtype not in (jnp.bfloat16, jnp.float16) or pages_dtype != q_dtype:
-        return f"q and pages must be bf16 or f16 alike (got {q_dtype}, {pages_dtype})"
-    if head_dim not in (64, 128):
-        return f"head_dim must be 64 or 128 (got {head_dim})"
-    if block_kv not in (64, 128) or block_kv % page_size:
-        return f"page_size {page_size} must divide block_kv {block_kv} (64 or 128)"
+    reason = paged_unsupported(q_dtype, pages_dtype, head_dim, page_size, block_kv)
+    if reason:
+        return reason
     smem = (2 * TILE_Q + 2 * stages * block_kv) * head_dim * jnp.dtype(q_dtype).itemsize
     if smem > SMEM_BYTES:
         return f"block_kv {block_kv} x {stages} stages need {smem} bytes of shared memory"
@@ -181,25 +182,21 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
     rows past it are not attended."""
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, kv_heads, _ = k_pages.shape
-    num_seqs, pages_per_seq = page_tables.shape
     reason = unsupported(q.dtype, k_pages.dtype, head_dim, page_size, block_kv, stages)
     if reason:
         raise ValueError(f"paged_prefill_mgpu: {reason}")
     if num_tokens < TILE_Q:
         return out  # no sequence of 128 query tokens
     items = prefill_items(seq_lens, query_start, take, max_items)
-    # a block that runs past the table's end reads page 0 (masked): pad the table to blocks
     per_block = block_kv // page_size
-    cols = -(-pages_per_seq // per_block) * per_block
-    tables = jnp.pad(page_tables, ((0, 0), (0, cols - pages_per_seq)))
+    tables = block_tables(page_tables, per_block)
     tiles = _transforms(head_dim, q.dtype)
     extra = {}
     if interpret:
-        extra["p_smem"] = plgpu.SMEM((2, ROWS_PER_WARPGROUP, block_kv), q.dtype,
-                                     transforms=_transforms(block_kv, q.dtype))
+        extra["p_smem"] = p_scratch(2, block_kv, q.dtype)
     call = plgpu.kernel(
         functools.partial(_kernel, group=num_heads // kv_heads, block_kv=block_kv,
-                          page_size=page_size, table_cols=cols, stages=stages,
+                          page_size=page_size, table_cols=tables.shape[1], stages=stages,
                           scale=float(sm_scale) * LOG2_E, interpret=interpret),
         out_type=(),
         scratch_types=dict(
@@ -219,8 +216,7 @@ def paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens, query_
         grid_names=("h", "w"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **mode_params(interpret),
     )
     o_ref = jax.new_ref(out.astype(q.dtype))  # written in place by the kernel
     call(items, tables.reshape(-1), jnp.asarray(layer, jnp.int32).reshape(1), q, k_pages,

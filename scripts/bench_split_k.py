@@ -159,9 +159,10 @@ def main(argv=None):
     splits = [1, 2] if args.smoke else args.splits
     try:
         mosaic = [tuple(int(x) for x in m.split(":")) for m in args.mosaic]
+        bad = any(len(m) != 4 for m in mosaic)
     except ValueError:
-        parser.error(f"--mosaic {args.mosaic}: each must be splits:block_kv:stages:consumers")
-    if any(len(m) != 4 for m in mosaic):
+        bad = True
+    if bad:
         parser.error(f"--mosaic {args.mosaic}: each must be splits:block_kv:stages:consumers")
     if args.smoke:
         mosaic = [(0, 64, 2, 1)]
