@@ -28,7 +28,9 @@ Two launches share the kernel body:
                  (num_seqs, kv_heads, num_kv_splits). With splits > 1 (flash decoding, for
                  buckets of few sequences, or few filled, with long contexts) each
                  program takes a slice of the key blocks and writes float32 partials
-                 that a second small kernel merges.
+                 that a second small kernel merges. How many of the splits run is decided
+                 on device from the rows that hold a decode (`BlockSizes.decode_programs`);
+                 the programs of the others exit at once and the merge skips them.
   prefill phase: longer chunks are cut into items of block_q tokens (a prefix sum over the
                  chunks maps program id -> (sequence, query block)); grid
                  (max_items, kv_heads). Neighbouring programs are neighbouring query blocks
@@ -61,6 +63,17 @@ LOG2_E = math.log2(math.e)
 # (2.92), at 1.8k 7.47 ms (7.79).
 _TARGET_PROGRAMS = 2048
 _MAX_KV_SPLITS = 16
+# The splits that run are chosen again on device from the rows that hold a decode: as many
+# as bring filled rows x KV heads x splits near `BlockSizes.decode_programs`, at least 2 and
+# at most the static count. The static count suits a nearly empty bucket; a full one wants
+# fewer. One H200, same attention (scripts/bench_split_k.py, 2026-12-02): a bucket of 32
+# rows holding 32 sequences at 0.5k context 0.82-0.84 ms with 2 of its 8 splits run,
+# 0.99-1.00 ms with all 8; at 1.8k 2.07-2.09 against 2.19; 16 sequences at 1.8k 1.20 ms
+# (4 run) against 1.25; 8 or one sequence: all 8 run, as before. One split run is not
+# offered: in the 8B engine's step at B=128 (bucket of 128 rows, 2 splits) it made the
+# decode kernel 9% slower (2.69 against 2.46 ms, three runs), although this benchmark's
+# random pages found it faster.
+_DECODE_PROGRAMS = 512
 # Rows of the work-item table: sequence, first query row, query tokens, keys needed.
 _SEQ, _T0, _N, _KV_END = range(4)
 
@@ -82,6 +95,9 @@ class BlockSizes:
     block_kv: int = 64  # keys per loop step, prefill phase
     block_kv_decode: int = 64  # keys per loop step, decode phase
     num_kv_splits: int | None = None  # decode-phase split-K; None: from the batch size
+    # decode-phase splits that run, chosen on device: filled rows x KV heads x splits near
+    # this, at least 2, at most num_kv_splits; None: all num_kv_splits run
+    decode_programs: int | None = _DECODE_PROGRAMS
     num_warps: int = 8
     num_stages: int = 2
     num_warps_decode: int = 4
@@ -123,6 +139,9 @@ class BlockSizes:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"BlockSizes.{name}={v} must be an int >= 1")
+        v = self.decode_programs
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"BlockSizes.decode_programs={v} must be None or an int >= 1")
 
 
 def token_positions(query_start, seq_lens, num_tokens):
@@ -176,6 +195,7 @@ def _store_rows(o_ref, acc, denom, t_idx, h_idx, ok):
 def _paged_kernel(
     items_ref,  # [4, W] int32: sequence, first query row, query tokens, kv_end
     layer_ref,  # [1] int32
+    active_ref,  # [1] int32: how many of the num_splits run
     page_tables_ref,  # [S, P] int32
     q_ref,  # [T, H, D]
     k_pages_ref,  # [L, N, page_size, KVH, D]
@@ -194,8 +214,9 @@ def _paged_kernel(
         ((None, None), refs)
     w, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = items_ref[_N, w]
+    active = active_ref[0]
 
-    @pl.when(n > 0)
+    @pl.when((n > 0) & (split < active))
     def _():
         seq, t0, kv_end = items_ref[_SEQ, w], items_ref[_T0, w], items_ref[_KV_END, w]
         layer = layer_ref[0]
@@ -226,7 +247,7 @@ def _paged_kernel(
                                 k_scale, v_scale)
 
         num_blocks = _cdiv(jnp.maximum(kv_end, 0), block_kv)
-        per_split = _cdiv(num_blocks, num_splits)
+        per_split = num_blocks if num_splits == 1 else lax.div(num_blocks + active - 1, active)
         lo = split * per_split
         hi = jnp.minimum(lo + per_split, num_blocks)
         # Blocks before `mid` end at or before the first query position: no mask needed.
@@ -250,6 +271,7 @@ def _paged_kernel(
 
 def _combine_kernel(
     items_ref,  # [4, W] int32
+    active_ref,  # [1] int32: how many splits ran
     o_part_ref,  # [K, W, KVH, R, D] float32
     m_part_ref,  # [K, W, KVH, R] float32
     l_part_ref,  # [K, W, KVH, R] float32
@@ -259,7 +281,8 @@ def _combine_kernel(
     block_q: int,
     group: int,
 ):
-    """Merges the split-K partials of one (sequence, KV head) into its output rows."""
+    """Merges the split-K partials of one (sequence, KV head) into its output rows; the
+    partials of splits that did not run are never read."""
     del out_in_ref
     w, kv_head = pl.program_id(0), pl.program_id(1)
     n = items_ref[_N, w]
@@ -268,9 +291,11 @@ def _combine_kernel(
     def _():
         t0 = items_ref[_T0, w]
         _, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
-        m = load(m_part_ref.at[:, w, kv_head], ok[None, :], DEFAULT_MASK_VALUE)  # [K, R]
-        denom = load(l_part_ref.at[:, w, kv_head], ok[None, :], 0.0)
-        o = load(o_part_ref.at[:, w, kv_head], ok[None, :, None], 0.0)  # [K, R, D]
+        ran = lax.iota(jnp.int32, o_part_ref.shape[0]) < active_ref[0]
+        ok2 = ran[:, None] & ok[None, :]  # [K, R]
+        m = load(m_part_ref.at[:, w, kv_head], ok2, DEFAULT_MASK_VALUE)
+        denom = load(l_part_ref.at[:, w, kv_head], ok2, 0.0)
+        o = load(o_part_ref.at[:, w, kv_head], ok2[:, :, None], 0.0)  # [K, R, D]
         m_all = m.max(axis=0)
         alpha = jnp.exp2(m - m_all[None, :])
         l_all = (alpha * denom).sum(axis=0)
@@ -278,10 +303,11 @@ def _combine_kernel(
         _store_rows(o_ref, acc, l_all, t_idx, h_idx, ok)
 
 
-def _paged_phase(q, k_pages, v_pages, scales, layer, page_tables, items, out, *, block_q,
-                 block_kv, num_splits, num_warps, num_stages, scale, interpret, name):
+def _paged_phase(q, k_pages, v_pages, scales, layer, active, page_tables, items, out, *,
+                 block_q, block_kv, num_splits, num_warps, num_stages, scale, interpret, name):
     """One launch over work items `items` [4, W]; writes their rows into `out` (aliased).
-    scales: () or (k_scales, v_scales) of quantized pages."""
+    scales: () or (k_scales, v_scales) of quantized pages; layer, active: [1] int32, the
+    layer and how many of the num_splits run."""
     num_items = items.shape[1]
     _, _, _, kv_heads, head_dim = k_pages.shape
     group = q.shape[1] // kv_heads
@@ -289,7 +315,7 @@ def _paged_phase(q, k_pages, v_pages, scales, layer, page_tables, items, out, *,
                                num_splits=num_splits, scale=scale, quantized=bool(scales))
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     grid = (num_items, kv_heads, num_splits)
-    args = (items, layer, page_tables, q, k_pages, v_pages, *scales)
+    args = (items, layer, active, page_tables, q, k_pages, v_pages, *scales)
     out_struct = jax.ShapeDtypeStruct(out.shape, out.dtype)
     if num_splits == 1:
         return pl.pallas_call(
@@ -306,10 +332,20 @@ def _paged_phase(q, k_pages, v_pages, scales, layer, page_tables, items, out, *,
     )(*args)
     combine = functools.partial(_combine_kernel, block_q=block_q, group=group)
     return pl.pallas_call(
-        combine, grid=(num_items, kv_heads), out_shape=out_struct, input_output_aliases={4: 0},
+        combine, grid=(num_items, kv_heads), out_shape=out_struct, input_output_aliases={5: 0},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret, name=f"{name}_combine",
-    )(items, *parts, out)
+    )(items, active, *parts, out)
+
+
+def decode_splits(decode_tokens, kv_heads: int, num_splits: int, decode_programs):
+    """How many of the decode launch's `num_splits` run, an int32 scalar computed on device:
+    filled rows (decode_tokens [S] > 0) x kv_heads x splits near `decode_programs`, at least
+    2 and at most num_splits; all of them when decode_programs is None."""
+    if decode_programs is None or num_splits <= 2:
+        return jnp.int32(num_splits)
+    filled = jnp.maximum(jnp.sum(decode_tokens > 0, dtype=jnp.int32), 1)
+    return jnp.clip(decode_programs // (filled * kv_heads), 2, num_splits).astype(jnp.int32)
 
 
 def _work_items(seq_lens, query_start, num_prefill_items, skip, *, block_q_decode, block_q):
@@ -431,16 +467,19 @@ def ragged_paged_attention(
         seq_lens, query_start, num_prefill_items, skip,
         block_q_decode=bs.block_q_decode, block_q=bs.block_q)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    active = decode_splits(decode_items[_N], kv_heads, bs.num_kv_splits, bs.decode_programs)
     scales = () if k_scales is None else (k_scales, v_scales)
     q_in = q if scales else q.astype(k_pages.dtype)
-    phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, scales, layer, page_tables,
-                              scale=float(sm_scale) * LOG2_E, interpret=interpret)
-    out = phase(decode_items, jnp.zeros_like(q_in), block_q=bs.block_q_decode,
-                block_kv=bs.block_kv_decode, num_splits=bs.num_kv_splits,
-                num_warps=bs.num_warps_decode, num_stages=bs.num_stages_decode,
-                name="ragged_paged_attention_decode")
+    phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, scales, layer,
+                              page_tables=page_tables, scale=float(sm_scale) * LOG2_E,
+                              interpret=interpret)
+    out = phase(active.reshape(1), items=decode_items, out=jnp.zeros_like(q_in),
+                block_q=bs.block_q_decode, block_kv=bs.block_kv_decode,
+                num_splits=bs.num_kv_splits, num_warps=bs.num_warps_decode,
+                num_stages=bs.num_stages_decode, name="ragged_paged_attention_decode")
     if prefill_items is not None:
-        out = phase(prefill_items, out, block_q=bs.block_q, block_kv=bs.block_kv, num_splits=1,
+        out = phase(jnp.ones((1,), jnp.int32), items=prefill_items, out=out,
+                    block_q=bs.block_q, block_kv=bs.block_kv, num_splits=1,
                     num_warps=bs.num_warps, num_stages=bs.num_stages,
                     name="ragged_paged_attention_prefill")
     return out.astype(q.dtype)

@@ -174,8 +174,10 @@ def decode_phase_only(batch, resolved, scale, interpret):
     """Just the decode-phase kernel(s) with precomputed work items and a donated output:
     the full call minus its zero fill, work-item math and the (empty) prefill launch."""
     def run(q, k_pages, v_pages, layer, tables, items, out):
+        active = pa.decode_splits(items[pa._N], k_pages.shape[3], resolved.num_kv_splits,
+                                  resolved.decode_programs)
         return pa._paged_phase(
-            q, k_pages, v_pages, (), layer.reshape(1), tables, items, out,
+            q, k_pages, v_pages, (), layer.reshape(1), active.reshape(1), tables, items, out,
             block_q=resolved.block_q_decode, block_kv=resolved.block_kv_decode,
             num_splits=resolved.num_kv_splits, num_warps=resolved.num_warps_decode,
             num_stages=resolved.num_stages_decode, scale=scale * pa.LOG2_E,

@@ -17,7 +17,9 @@ its automatic choice), output merge included.
 
 Each row: ms per step (median and best of 5 rounds of 30 async calls), the K/V bytes read
 over the best time (TB/s), and the largest difference of the outputs from the first
-variant's. `auto` is the choice `BlockSizes.resolve` makes for the bucket.
+variant's. `auto` is the engine's choice: the static split count `BlockSizes.resolve` makes
+for the bucket, of which the kernel runs as many as its `decode_programs` asks for the
+filled rows (`--decode-programs` adds other targets; `all run` is the static count alone).
 """
 
 from __future__ import annotations
@@ -114,16 +116,23 @@ def time_ms(fn, args, *, calls: int, rounds: int = 5):
     return statistics.median(per_call), min(per_call)
 
 
-def variants(shape: Shape, num_rows: int, splits, stages, mosaic):
+def variants(shape: Shape, num_rows: int, batch: int, splits, stages, targets, mosaic):
     auto = pa.BlockSizes().resolve(group=shape.q_heads // shape.kv_heads, num_seqs=num_rows,
                                    kv_heads=shape.kv_heads,
                                    max_kv_len=shape.pages_per_seq * shape.page_size)
-    out = [(f"auto (splits {auto.num_kv_splits}, stages {auto.num_stages_decode})",
-            pa.BlockSizes())]
+    k_auto, st_auto = auto.num_kv_splits, auto.num_stages_decode
+    out = []
+    for target in dict.fromkeys([auto.decode_programs, *targets]):
+        run = int(pa.decode_splits(jnp.ones(batch), shape.kv_heads, k_auto, target))
+        out.append((f"auto (splits {k_auto}, {run} run for {target} programs, stages "
+                    f"{st_auto})", pa.BlockSizes(decode_programs=target)))
+    out.append((f"auto, all run (splits {k_auto}, stages {st_auto})",
+                pa.BlockSizes(decode_programs=None)))
     for k in splits:
         for st in stages:
             out.append((f"splits {k}, stages {st}",
-                        pa.BlockSizes(num_kv_splits=k, num_stages_decode=st)))
+                        pa.BlockSizes(num_kv_splits=k, num_stages_decode=st,
+                                      decode_programs=None)))
     for k, block_kv, st, consumers in mosaic:
         if pdm.unsupported(jnp.bfloat16, jnp.bfloat16, shape.head_dim, shape.page_size,
                            shape.q_heads // shape.kv_heads, block_kv, st, consumers):
@@ -144,6 +153,9 @@ def main(argv=None):
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
                         help="num_stages_decode values")
+    parser.add_argument("--decode-programs", type=int, nargs="*", default=[],
+                        help="more targets for the splits that run (BlockSizes."
+                             "decode_programs) besides the default")
     parser.add_argument("--mosaic", nargs="*", default=["0:128:2:2", "0:64:2:1"],
                         help="Mosaic kernel variants splits:block_kv:stages:consumers, "
                              "splits 0 for its automatic choice (default: %(default)s)")
@@ -157,6 +169,7 @@ def main(argv=None):
     shape = SMOKE if args.smoke else Shape()
     cases = ["4:1:100", "4:4:150"] if args.smoke else args.cases
     splits = [1, 2] if args.smoke else args.splits
+    targets = [8] if args.smoke else args.decode_programs
     try:
         mosaic = [tuple(int(x) for x in m.split(":")) for m in args.mosaic]
         bad = any(len(m) != 4 for m in mosaic)
@@ -178,7 +191,8 @@ def main(argv=None):
         kv_bytes = (int(np.sum(np.asarray(data[4]))) * shape.layers * shape.kv_heads
                     * shape.head_dim * 2 * 2)
         first = None
-        for name, variant in variants(shape, num_rows, splits, args.stages, mosaic):
+        for name, variant in variants(shape, num_rows, batch, splits, args.stages, targets,
+                                      mosaic):
             fn = step_attention(shape, variant, interpret)
             out = fn(*data)
             first = out if first is None else first

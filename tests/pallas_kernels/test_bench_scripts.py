@@ -41,11 +41,16 @@ def test_bench_kernels_smoke_times_every_kernel(tmp_path):
 def test_bench_split_k_smoke_agrees_across_split_counts(tmp_path):
     result = load("bench_split_k").main(["--smoke", "--out", str(tmp_path / "sk.json")])
     rows = result["rows"]
-    # two cases x (auto + 2 split counts x 2 stage counts + the Mosaic kernel's auto)
-    assert len(rows) == 12
-    # 2 KV heads x 4 rows: 256 splits wanted, capped by the 4 blocks of 64 keys
-    assert rows[0]["variant"] == "auto (splits 4, stages 2)"
-    assert rows[5]["variant"] == "mosaic auto (splits 4, block_kv 64, stages 2, consumers 1)"
+    # two cases x (auto for 512 and 8 programs, auto with all splits run, 2 split counts x
+    # 2 stage counts, the Mosaic kernel's auto)
+    assert len(rows) == 16
+    # 2 KV heads x 4 rows: 256 splits wanted, capped by the 4 blocks of 64 keys; of them
+    # 512 // (B x 2) run, and 8 // (B x 2) with the smoke's extra target, at least 2
+    assert rows[0]["variant"] == "auto (splits 4, 4 run for 512 programs, stages 2)"
+    assert rows[1]["variant"] == "auto (splits 4, 4 run for 8 programs, stages 2)"
+    assert rows[2]["variant"] == "auto, all run (splits 4, stages 2)"
+    assert rows[7]["variant"] == "mosaic auto (splits 4, block_kv 64, stages 2, consumers 1)"
+    assert rows[9]["variant"] == "auto (splits 4, 2 run for 8 programs, stages 2)"
     for row in rows:
         assert row["max_abs_diff"] < 1e-2, row
     assert any(row["max_abs_diff"] > 0 for row in rows)  # the splits did sum differently

@@ -18,6 +18,7 @@ import pytest
 from jaxserve.models.quant import quantize_vectors
 from pallas_kernels.paged_attention import (
     BlockSizes,
+    decode_splits,
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
@@ -111,6 +112,11 @@ BLOCKS_A = {
                          num_kv_splits=2),
     "split4_wide": BlockSizes(block_q=4, block_q_decode=8, block_kv=16, block_kv_decode=32,
                               num_kv_splits=4),
+    # 4 splits, of which 6 // (filled rows x 2 KV heads) run, at least 2: 3 for
+    # sparse_decode, 2 for the others; the partials of the rest are never written (NaN in
+    # interpret mode) nor read
+    "split4_run_fewer": BlockSizes(block_q=4, block_q_decode=4, block_kv=16,
+                                   block_kv_decode=16, num_kv_splits=4, decode_programs=6),
 }
 
 
@@ -122,7 +128,7 @@ class TestRaggedPagedAttention:
         out = run_kernel(bad, BLOCKS_A[blocks], interpret)
         check(out, run_reference(clean), num_valid, 1e-5)
 
-    @pytest.mark.parametrize("blocks", ["no_split", "split4_wide"])
+    @pytest.mark.parametrize("blocks", ["no_split", "split4_wide", "split4_run_fewer"])
     @pytest.mark.parametrize("batch", ["decode", "sparse_decode"])
     def test_decode_only_skips_nothing_a_decode_needs(self, interpret, blocks, batch):
         bad, clean, num_valid = CASE_A(sum(map(ord, batch)), *BATCHES_A[batch])
@@ -175,6 +181,22 @@ class TestBlockSizes:
         short = BlockSizes().resolve(group=4, kv_heads=8, num_seqs=1, max_kv_len=128)
         assert short.num_kv_splits == 2  # never more splits than key blocks
 
+    def test_splits_that_run_follow_filled_rows(self):
+        def run(tokens, kv_heads=8, num_splits=8, decode_programs=512):
+            return int(decode_splits(jnp.asarray(tokens, jnp.int32), kv_heads, num_splits,
+                                     decode_programs))
+        assert run([1] + [0] * 31) == 8  # 64 wanted, capped by the static count
+        assert run([1] * 8 + [0] * 24) == 8
+        assert run([1] * 16 + [0] * 16) == 4
+        assert run([1] * 32) == 2
+        assert run([1] * 20 + [0] * 12) == 3  # 512 // 160
+        assert run([1] * 64) == 2  # never fewer than two
+        assert run([1] * 128, num_splits=2) == 2
+        assert run([0] * 32) == 8  # nothing to run: any count serves
+        assert run([1] * 32, decode_programs=None) == 8  # all of them
+        assert run([1] * 32, decode_programs=1024) == 4
+        assert run([1] * 32, num_splits=1) == 1
+
     def test_auto_tiles_reach_16_rows(self):
         for group, decode, prefill in [(1, 16, 128), (3, 4, 32), (4, 4, 32), (8, 2, 16),
                                        (32, 1, 4)]:
@@ -201,6 +223,7 @@ class TestInputChecks:
         (BlockSizes(num_kv_splits=3), r"num_kv_splits=3 must"),
         (BlockSizes(num_warps=6), r"num_warps=6 must"),
         (BlockSizes(num_stages_decode=0), r"num_stages_decode=0 must"),
+        (BlockSizes(decode_programs=0), r"decode_programs=0 must be None or an int >= 1"),
     ])
     def test_bad_block_sizes(self, blocks, match):
         with pytest.raises(ValueError, match=match):
