@@ -112,9 +112,9 @@ BLOCKS_A = {
                          num_kv_splits=2),
     "split4_wide": BlockSizes(block_q=4, block_q_decode=8, block_kv=16, block_kv_decode=32,
                               num_kv_splits=4),
-    # 4 splits, of which 6 // (filled rows x 2 KV heads) run, at least 2: 3 for
-    # sparse_decode, 2 for the others; the partials of the rest are never written (NaN in
-    # interpret mode) nor read
+    # 4 splits, of which 6 // (decode rows x 2 KV heads) run, at least 2: 3 for
+    # sparse_decode, 2 for decode and mixed (prefill has no decode rows); the partials of the
+    # rest are never written (NaN in interpret mode) nor read
     "split4_run_fewer": BlockSizes(block_q=4, block_q_decode=4, block_kv=16,
                                    block_kv_decode=16, num_kv_splits=4, decode_programs=6),
 }
