@@ -26,6 +26,7 @@ from jaxserve.models.llama import (
     LlamaModel,
     _dummy_inputs,
     flatten_params,
+    fuse_qkv,
     nest_params,
     param_specs,
     split_layers,
@@ -131,6 +132,8 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     if config.runner.layer_arrays:
         flat = split_layers(flat, model_config.num_layers)
+        if config.mesh.tensor == 1:  # one GEMM for q/k/v (a split heads axis keeps three)
+            flat = fuse_qkv(flat, model_config.num_layers)
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.loader import LoadedModel
-from jaxserve.models.llama import AttentionMetadata, LlamaModel, has_layer_arrays
+from jaxserve.models.llama import (
+    AttentionMetadata,
+    LlamaModel,
+    has_fused_qkv,
+    has_layer_arrays,
+)
 from jaxserve.models.quant import kv_pages_dtype
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
@@ -37,7 +42,8 @@ def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto
     c = loaded.model_config
     model = LlamaModel(c, jnp.dtype(dtype), ragged_paged_attention_reference,
                        scan_unroll=1, kv_rotation=kv_rotation,
-                       layer_arrays=has_layer_arrays(loaded.params))
+                       layer_arrays=has_layer_arrays(loaded.params),
+                       fused_qkv=has_fused_qkv(loaded.params))
     n = len(ids)
     pages = -(-n // PAGE)
     kv_shape = (c.num_layers, pages + 1, PAGE, c.num_kv_heads, c.head_dim)  # page 0: padding

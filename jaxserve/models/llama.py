@@ -145,15 +145,21 @@ class Attention(nn.Module):
     attention_fn: AttentionFn
     tensor_axis: str | None = None
     kv_rotation: bool = False  # cache.kv_rotation: Q, K, V rotated, the output back
+    fused_qkv: bool = False  # one qkv_proj weight (fuse_qkv), not three
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
                                                 self.dtype, c.quantization, name=name)(x)
-        q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
-        k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
-        v = proj("v_proj", c.num_kv_heads, "kv_heads")
+        if self.fused_qkv:
+            h, kvh = c.num_heads, c.num_kv_heads
+            qkv = proj("qkv_proj", h + 2 * kvh, "heads")  # [T, H + 2K, D]
+            q, k, v = qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:]
+        else:
+            q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
+            k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
+            v = proj("v_proj", c.num_kv_heads, "kv_heads")
         if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
@@ -314,6 +320,7 @@ class DecoderLayer(nn.Module):
     attention_fn: AttentionFn
     parallel: Parallel = Parallel()
     kv_rotation: bool = False
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -321,7 +328,7 @@ class DecoderLayer(nn.Module):
         c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
-                          name="attn")(h, kv, layer, meta)
+                          self.fused_qkv, name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -351,16 +358,20 @@ class LlamaModel(nn.Module):
     expert_shards: int = 1
     kv_rotation: bool = False  # cache.kv_rotation (a quantized cache's vectors rotated)
     layer_arrays: bool = False  # params hold "layers_0".. (split_layers), not stacked "layers"
+    fused_qkv: bool = False  # with layer_arrays: each layer's q/k/v as one weight (fuse_qkv)
 
     def setup(self):
         c = self.config
         par = Parallel(self.tensor_axis, self.expert_axis, self.expert_shards)
         self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"), self.dtype)
+        if self.fused_qkv and not self.layer_arrays:
+            raise ValueError("fused_qkv needs layer_arrays (fuse_qkv runs on split layers)")
         if self.layer_arrays:  # one module per layer: params "layers_0", "layers_1", ...
             if c.is_mixed:
                 raise ValueError("layer_arrays: models mixing dense and MoE layers keep stacks")
-            self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation)
+            self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
+                                        self.fused_qkv)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
@@ -481,6 +492,42 @@ def split_layers(flat: dict, num_layers: int) -> dict:
 def has_layer_arrays(params: dict) -> bool:
     """Whether a params tree holds one entry per layer (split_layers), not stacks."""
     return "layers_0" in params
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(flat: dict, num_layers: int) -> dict:
+    """Split layers' (split_layers) q/k/v weights -> one `attn/qkv_proj` per layer: kernels
+    [embed, H + 2K, head_dim] (and biases, quantization scales) concatenated on the heads
+    axis, each trio deleted once joined. On a GPU one GEMM then reads one contiguous weight
+    (the 8B shape's q/k/v on an H200: 26 -> 18 us a layer at 128 tokens, 20 -> 16 us at 32;
+    docs/performance.md). Only for weights whose heads axis is not split over devices
+    (mesh.tensor 1): a split one would need each device's heads regrouped."""
+    out = dict(flat)
+    for i in range(num_layers):
+        prefix = f"layers_{i}/attn/"
+        for leaf in ("kernel", "bias", "kernel" + SCALE):
+            parts = [out.pop(f"{prefix}{name}/{leaf}", None) for name in QKV]
+            if parts[0] is None:
+                continue
+            out[f"{prefix}qkv_proj/{leaf}"] = _join_heads(tuple(parts))
+            for p in parts:
+                if isinstance(p, jax.Array):
+                    p.delete()
+    return out
+
+
+@jax.jit
+def _join_heads(parts):
+    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim] (one compile per
+    shape, so once for every layer)."""
+    return jnp.concatenate(parts, axis=parts[0].ndim - 2)
+
+
+def has_fused_qkv(params: dict) -> bool:
+    """Whether a params tree holds fused q/k/v weights (fuse_qkv)."""
+    return "qkv_proj" in params.get("layers_0", {}).get("attn", {})
 
 
 def flatten_params(tree: dict) -> dict:

@@ -259,10 +259,24 @@ def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts,
     params = engine.runner.params
     assert "layers" not in params and len([k for k in params if k.startswith("layers_")]) == 30
     c = engine.model_config
+    assert "q_proj" in params["layers_7"]["attn"]  # heads split over tensor: not joined
     o_proj = params["layers_7"]["attn"]["o_proj"]
     assert o_proj.shape == (c.num_heads, c.head_dim, c.hidden_size)
     assert {s.data.shape for s in o_proj.addressable_shards} == {
         (c.num_heads // 3, c.head_dim, c.hidden_size)}
+    assert greedy(engine, demo_prompts) == demo_reference
+
+
+def test_layer_arrays_join_qkv_where_heads_are_not_split(small_config, demo_prompts,
+                                                         demo_reference):
+    """On one tensor rank (here two data shards) each layer's q/k/v weights become one
+    `qkv_proj` weight, one GEMM a layer; greedy tokens do not change."""
+    engine = engine_on(small_config.replace(runner__layer_arrays=True), data=2)
+    attn = engine.runner.params["layers_7"]["attn"]
+    c = engine.model_config
+    assert "q_proj" not in attn and "k_proj" not in attn and "v_proj" not in attn
+    assert attn["qkv_proj"]["kernel"].shape == (c.hidden_size, c.num_heads + 2 * c.num_kv_heads,
+                                                c.head_dim)
     assert greedy(engine, demo_prompts) == demo_reference
 
 

@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.models.llama import AttentionMetadata, LlamaModel, nest_params, param_specs
+from jaxserve.models.llama import (
+    AttentionMetadata,
+    LlamaModel,
+    flatten_params,
+    fuse_qkv,
+    nest_params,
+    param_specs,
+    split_layers,
+)
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
@@ -101,6 +109,39 @@ def random_params(c: ModelConfig, seed: int) -> dict:
 def test_model_matches_numpy(name, chunks, kv_rotation):
     """With kv_rotation (Q, K, V rotated by a Hadamard matrix, the output back) and a float
     cache, nothing is rounded: the logits are the numpy forward's all the same."""
+    check_against_numpy(name, chunks, kv_rotation=kv_rotation)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_layer_arrays_with_joined_qkv_match_numpy(name):
+    """Each layer's weights as arrays of their own, q/k/v joined into one weight (biases
+    too, for Qwen2), as the loader makes them for runner.layer_arrays on one tensor rank."""
+    check_against_numpy(name, (4, 1, 6), joined=True)
+
+
+def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    flat = {"embedding": arr(5, 4)}
+    for i in range(2):
+        for name, n in (("q_proj", 4), ("k_proj", 2), ("v_proj", 2)):
+            flat[f"layers_{i}/attn/{name}/kernel"] = arr(6, n, 3)
+            flat[f"layers_{i}/attn/{name}/kernel_scale"] = arr(n, 3)  # int8/fp8: [heads, hd]
+        flat[f"layers_{i}/attn/o_proj"] = arr(4, 3, 6)
+    want = {k: np.asarray(v) for k, v in flat.items()}
+    out = fuse_qkv(dict(flat), 2)
+    assert sorted(out) == sorted(["embedding"] + [
+        f"layers_{i}/attn/{k}" for i in range(2)
+        for k in ("qkv_proj/kernel", "qkv_proj/kernel_scale", "o_proj")])
+    for i in range(2):
+        for leaf, axis in (("kernel", 1), ("kernel_scale", 0)):
+            np.testing.assert_array_equal(out[f"layers_{i}/attn/qkv_proj/{leaf}"], np.concatenate(
+                [want[f"layers_{i}/attn/{n}/{leaf}"] for n in ("q_proj", "k_proj", "v_proj")],
+                axis=axis))
+    np.testing.assert_array_equal(out["layers_1/attn/o_proj"], want["layers_1/attn/o_proj"])
+
+
+def check_against_numpy(name, chunks, kv_rotation=False, joined=False):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
@@ -111,7 +152,13 @@ def test_model_matches_numpy(name, chunks, kv_rotation):
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
     model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference,
-                       kv_rotation=kv_rotation)
+                       kv_rotation=kv_rotation, layer_arrays=joined, fused_qkv=joined)
+    if joined:
+        flat = jax.tree.map(jnp.asarray, flatten_params(params))
+        params = nest_params(fuse_qkv(split_layers(flat, c.num_layers), c.num_layers))
+        assert "q_proj" not in params["layers_0"]["attn"]
+        assert params["layers_0"]["attn"]["qkv_proj"]["kernel"].shape == (
+            c.hidden_size, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
     start = 0
     for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
         pos = np.arange(start, start + n)

@@ -274,12 +274,14 @@ def greedy(config, prompts, mesh=None):
 
 
 def assert_meshes_give_the_tokens_of_one_device(config, tokenizer):
-    """Greedy tokens on `tensor: 3` and on `pipeline: 2` equal those on one device."""
+    """Greedy tokens on `tensor: 3` and on `pipeline: 2` equal those on one device, and so do
+    those of per-layer weight arrays, whose q/k/v weights and scales are joined."""
     prompts = [tokenizer.encode(t) for t in
                ("The capital of France is", "def fibonacci(n):", "List three colors:")]
     one = greedy(config, prompts)
     assert greedy(config, prompts, MeshConfig(tensor=3)) == one
     assert greedy(config, prompts, MeshConfig(pipeline=2)) == one
+    assert greedy(config.replace(runner__layer_arrays=True), prompts) == one
 
 
 @pytest.mark.parametrize("mode", ["int8", "q8_0"])
