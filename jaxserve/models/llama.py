@@ -40,6 +40,7 @@ outputs are summed over the tensor and expert axes in one all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -358,15 +359,13 @@ class LlamaModel(nn.Module):
     expert_shards: int = 1
     kv_rotation: bool = False  # cache.kv_rotation (a quantized cache's vectors rotated)
     layer_arrays: bool = False  # params hold "layers_0".. (split_layers), not stacked "layers"
-    fused_qkv: bool = False  # with layer_arrays: each layer's q/k/v as one weight (fuse_qkv)
+    fused_qkv: bool = False  # each layer's q/k/v as one weight (fuse_qkv)
 
     def setup(self):
         c = self.config
         par = Parallel(self.tensor_axis, self.expert_axis, self.expert_shards)
         self.embedding = _param(self, "embedding", (c.vocab_size, c.hidden_size),
                                 ("vocab", "embed"), self.dtype)
-        if self.fused_qkv and not self.layer_arrays:
-            raise ValueError("fused_qkv needs layer_arrays (fuse_qkv runs on split layers)")
         if self.layer_arrays:  # one module per layer: params "layers_0", "layers_1", ...
             if c.is_mixed:
                 raise ValueError("layer_arrays: models mixing dense and MoE layers keep stacks")
@@ -382,7 +381,7 @@ class LlamaModel(nn.Module):
                 length=c.num_layers,
                 unroll=self.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.attention_fn, par, self.kv_rotation)
+            )(c, self.dtype, self.attention_fn, par, self.kv_rotation, self.fused_qkv)
         if c.is_mixed:  # MLP weights stacked per kind, outside the scan
             self.dense_mlp = _FFNStack(c, self.dtype, "dense", 1)
             self.moe = _FFNStack(c, self.dtype, "moe", self.expert_shards)
@@ -497,37 +496,38 @@ def has_layer_arrays(params: dict) -> bool:
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def fuse_qkv(flat: dict, num_layers: int) -> dict:
-    """Split layers' (split_layers) q/k/v weights -> one `attn/qkv_proj` per layer: kernels
-    [embed, H + 2K, head_dim] (and biases, quantization scales) concatenated on the heads
-    axis, each trio deleted once joined. On a GPU one GEMM then reads one contiguous weight
-    (the 8B shape's q/k/v on an H200: 26 -> 18 us a layer at 128 tokens, 20 -> 16 us at 32;
-    docs/performance.md). Only for weights whose heads axis is not split over devices
-    (mesh.tensor 1): a split one would need each device's heads regrouped."""
+def fuse_qkv(flat: dict) -> dict:
+    """Each layer's q/k/v weights -> one `attn/qkv_proj`: kernels [..., embed, H + 2K,
+    head_dim] (and biases, quantization scales) concatenated on the heads axis, each trio
+    deleted once joined; stacked `layers/...` or split `layers_{i}/...` alike. One GEMM then
+    reads one contiguous weight (the 8B shape's q/k/v on an H200: 26 -> 18 us a layer at 128
+    tokens, 20 -> 16 us at 32; docs/performance.md). Only for weights whose heads axis is
+    not split over devices (mesh.tensor 1): a split one would need each device's heads
+    regrouped."""
     out = dict(flat)
-    for i in range(num_layers):
-        prefix = f"layers_{i}/attn/"
-        for leaf in ("kernel", "bias", "kernel" + SCALE):
-            parts = [out.pop(f"{prefix}{name}/{leaf}", None) for name in QKV]
-            if parts[0] is None:
-                continue
-            out[f"{prefix}qkv_proj/{leaf}"] = _join_heads(tuple(parts))
-            for p in parts:
-                if isinstance(p, jax.Array):
-                    p.delete()
+    for key in [k for k in flat if "/attn/q_proj/" in k]:
+        prefix, leaf = key.split("/attn/q_proj/")
+        parts = tuple(out.pop(f"{prefix}/attn/{name}/{leaf}") for name in QKV)
+        sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
+        out[f"{prefix}/attn/qkv_proj/{leaf}"] = _join_heads(sharding)(parts)
+        for part in parts:
+            if isinstance(part, jax.Array):
+                part.delete()
     return out
 
 
-@jax.jit
-def _join_heads(parts):
-    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim] (one compile per
-    shape, so once for every layer)."""
-    return jnp.concatenate(parts, axis=parts[0].ndim - 2)
+@functools.cache
+def _join_heads(sharding):
+    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim], placed as the first
+    (a layer axis split over pipeline stages stays split); one compile per shape."""
+    return jax.jit(lambda parts: jnp.concatenate(parts, axis=parts[0].ndim - 2),
+                   out_shardings=sharding)
 
 
 def has_fused_qkv(params: dict) -> bool:
-    """Whether a params tree holds fused q/k/v weights (fuse_qkv)."""
-    return "qkv_proj" in params.get("layers_0", {}).get("attn", {})
+    """Whether a params tree holds joined q/k/v weights (fuse_qkv)."""
+    layer = params.get("layers_0", params.get("layers", {}))
+    return "qkv_proj" in layer.get("attn", {})
 
 
 def flatten_params(tree: dict) -> dict:

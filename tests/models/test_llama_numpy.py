@@ -113,10 +113,11 @@ def test_model_matches_numpy(name, chunks, kv_rotation):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_layer_arrays_with_joined_qkv_match_numpy(name):
-    """Each layer's weights as arrays of their own, q/k/v joined into one weight (biases
-    too, for Qwen2), as the loader makes them for runner.layer_arrays on one tensor rank."""
-    check_against_numpy(name, (4, 1, 6), joined=True)
+@pytest.mark.parametrize("layer_arrays", [True, False], ids=["layer-arrays", "stacked"])
+def test_joined_qkv_match_numpy(name, layer_arrays):
+    """q/k/v joined into one weight per layer (biases too, for Qwen2), on per-layer arrays
+    (as the loader makes them for runner.layer_arrays on one tensor rank) or stacked."""
+    check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=layer_arrays)
 
 
 def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
@@ -129,7 +130,7 @@ def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
             flat[f"layers_{i}/attn/{name}/kernel_scale"] = arr(n, 3)  # int8/fp8: [heads, hd]
         flat[f"layers_{i}/attn/o_proj"] = arr(4, 3, 6)
     want = {k: np.asarray(v) for k, v in flat.items()}
-    out = fuse_qkv(dict(flat), 2)
+    out = fuse_qkv(dict(flat))
     assert sorted(out) == sorted(["embedding"] + [
         f"layers_{i}/attn/{k}" for i in range(2)
         for k in ("qkv_proj/kernel", "qkv_proj/kernel_scale", "o_proj")])
@@ -141,7 +142,7 @@ def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
     np.testing.assert_array_equal(out["layers_1/attn/o_proj"], want["layers_1/attn/o_proj"])
 
 
-def check_against_numpy(name, chunks, kv_rotation=False, joined=False):
+def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
@@ -152,12 +153,15 @@ def check_against_numpy(name, chunks, kv_rotation=False, joined=False):
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
     model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference,
-                       kv_rotation=kv_rotation, layer_arrays=joined, fused_qkv=joined)
+                       kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined)
     if joined:
         flat = jax.tree.map(jnp.asarray, flatten_params(params))
-        params = nest_params(fuse_qkv(split_layers(flat, c.num_layers), c.num_layers))
-        assert "q_proj" not in params["layers_0"]["attn"]
-        assert params["layers_0"]["attn"]["qkv_proj"]["kernel"].shape == (
+        if layer_arrays:
+            flat = split_layers(flat, c.num_layers)
+        params = nest_params(fuse_qkv(flat))
+        attn = params["layers_0" if layer_arrays else "layers"]["attn"]
+        assert "q_proj" not in attn
+        assert attn["qkv_proj"]["kernel"].shape[-3:] == (
             c.hidden_size, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
     start = 0
     for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
