@@ -19,7 +19,10 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
   layers/moe/...                   [layers, ...] see models/moe.py     (MoE models)
   final_norm/scale                 [embed]
   lm_head                          [embed, vocab]                      (untied only)
-`param_specs(config)` lists them with shapes; converters fill exactly that table.
+`param_specs(config)` lists them with shapes; converters fill exactly that table. At load,
+`runner.layer_arrays` splits the stacks into `layers_{i}/...` arrays (split_layers), and on
+one tensor rank each layer's q/k/v then become one `attn/qkv_proj` [embed, heads + 2
+kv_heads, head_dim] (fuse_qkv): one GEMM instead of three.
 
 A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
 `decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
