@@ -26,6 +26,7 @@ from jaxserve.models.llama import (
     LlamaModel,
     _dummy_inputs,
     flatten_params,
+    fuse_gate_up,
     fuse_qkv,
     nest_params,
     param_specs,
@@ -132,10 +133,11 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     if config.runner.layer_arrays:
         flat = split_layers(flat, model_config.num_layers)
-        # One GEMM for q/k/v where the heads axis is whole. Not for stacked layers: on the
-        # CPU demo (a layer scan) the joined weight made the B=1 step 2-3 ms slower.
+        # One GEMM for q/k/v, and one for gate/up, where the heads and mlp axes are whole.
+        # Not for stacked layers: on the CPU demo (a layer scan) the joined q/k/v weight
+        # made the B=1 step 2-3 ms slower.
         if config.mesh.tensor == 1:
-            flat = fuse_qkv(flat)
+            flat = fuse_gate_up(fuse_qkv(flat))
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,

@@ -19,6 +19,7 @@ from jaxserve.loader import LoadedModel
 from jaxserve.models.llama import (
     AttentionMetadata,
     LlamaModel,
+    has_fused_gate_up,
     has_fused_qkv,
     has_layer_arrays,
 )
@@ -43,7 +44,8 @@ def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto
     model = LlamaModel(c, jnp.dtype(dtype), ragged_paged_attention_reference,
                        scan_unroll=1, kv_rotation=kv_rotation,
                        layer_arrays=has_layer_arrays(loaded.params),
-                       fused_qkv=has_fused_qkv(loaded.params))
+                       fused_qkv=has_fused_qkv(loaded.params),
+                       fused_gate_up=has_fused_gate_up(loaded.params))
     n = len(ids)
     pages = -(-n // PAGE)
     kv_shape = (c.num_layers, pages + 1, PAGE, c.num_kv_heads, c.head_dim)  # page 0: padding

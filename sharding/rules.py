@@ -17,6 +17,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("gate_up", None),  # the two halves of a joined gate/up weight (models/llama.py)
     ("layers", "pipeline"),
     # Mixture of experts: experts over `expert`, each expert's columns over `tensor`; the
     # router is replicated. A model mixing dense and MoE layers stacks each kind's MLP weights

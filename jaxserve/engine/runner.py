@@ -47,7 +47,12 @@ from jaxserve.engine.sampling import SamplerOutput
 from jaxserve.engine.scheduler import SchedulerOutput
 from jaxserve.engine.step_inputs import HostInputs, Layout, StepInputs
 from jaxserve.errors import ConfigError
-from jaxserve.models.llama import LlamaModel, has_fused_qkv, has_layer_arrays
+from jaxserve.models.llama import (
+    LlamaModel,
+    has_fused_gate_up,
+    has_fused_qkv,
+    has_layer_arrays,
+)
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import kv_pages_dtype
 from sharding import rules
@@ -261,7 +266,8 @@ class Runner:
                            expert_axis=EXPERT_AXIS if experts > 1 else None,
                            expert_shards=experts, kv_rotation=config.cache.kv_rotation,
                            layer_arrays=has_layer_arrays(params),
-                           fused_qkv=has_fused_qkv(params))
+                           fused_qkv=has_fused_qkv(params),
+                           fused_gate_up=has_fused_gate_up(params))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of FLASH_MIN_TOKENS tokens or more
         if getattr(attention, "takes_new_kv", False):

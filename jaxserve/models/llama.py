@@ -22,7 +22,8 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
 `param_specs(config)` lists them with shapes; converters fill exactly that table. At load,
 `runner.layer_arrays` splits the stacks into `layers_{i}/...` arrays (split_layers), and on
 one tensor rank each layer's q/k/v then become one `attn/qkv_proj` [embed, heads + 2
-kv_heads, head_dim] (fuse_qkv): one GEMM instead of three.
+kv_heads, head_dim] (fuse_qkv), and a dense MLP's gate and up one `mlp/gate_up_proj` [embed, 2,
+mlp] (fuse_gate_up): one GEMM each instead of three and two.
 
 A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
 `decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
@@ -202,21 +203,28 @@ class Attention(nn.Module):
         return _sum_over(o, self.tensor_axis), (k_pages, v_pages, *extra.values())
 
 
-def mlp_forward(x, gate, up, down, gate_scale=None, up_scale=None, down_scale=None):
+def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None,
+                down_scale=None, gate_up=None, gate_up_scale=None):
     """SwiGLU MLP: x [T, E] -> [T, E] (this device's partial sum under tensor parallelism);
-    the scales of quantized weights (models/quant.py), if any."""
-    h = (nn.silu(qeinsum("TE,EF->TF", x, gate, gate_scale))
-         * qeinsum("TE,EF->TF", x, up, up_scale))
+    the scales of quantized weights (models/quant.py), if any. gate_up [E, 2, F] (with its
+    scale) stands for gate and up joined (fuse_gate_up)."""
+    if gate_up is not None:
+        both = qeinsum("TE,EGF->TGF", x, gate_up, gate_up_scale)
+        h = nn.silu(both[:, 0]) * both[:, 1]
+    else:
+        h = (nn.silu(qeinsum("TE,EF->TF", x, gate, gate_scale))
+             * qeinsum("TE,EF->TF", x, up, up_scale))
     return qeinsum("TF,FE->TE", h, down, down_scale)
 
 
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
-                quantization: str = "none") -> dict:
+                quantization: str = "none", fused: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
     w = {}
-    for key, shape, axes in (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp")),
-                             ("down", (f, e), ("mlp", "embed"))):
+    inputs = ((("gate_up", (e, 2, f), ("embed", "gate_up", "mlp")),) if fused else
+              (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp"))))
+    for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
                                 axes[:1], quantization)
         if scale is not None:
@@ -241,10 +249,12 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     parallel: Parallel = Parallel()
+    fused_gate_up: bool = False  # one gate_up_proj weight (fuse_gate_up), not two
 
     @nn.compact
     def __call__(self, x):
-        w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization)
+        w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
+                        fused=self.fused_gate_up)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -325,6 +335,7 @@ class DecoderLayer(nn.Module):
     parallel: Parallel = Parallel()
     kv_rotation: bool = False
     fused_qkv: bool = False
+    fused_gate_up: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -340,7 +351,7 @@ class DecoderLayer(nn.Module):
         elif c.is_moe:
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
-            y, experts = MLP(c, self.dtype, par, name="mlp")(h), None
+            y, experts = MLP(c, self.dtype, par, self.fused_gate_up, name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -363,6 +374,7 @@ class LlamaModel(nn.Module):
     kv_rotation: bool = False  # cache.kv_rotation (a quantized cache's vectors rotated)
     layer_arrays: bool = False  # params hold "layers_0".. (split_layers), not stacked "layers"
     fused_qkv: bool = False  # each layer's q/k/v as one weight (fuse_qkv)
+    fused_gate_up: bool = False  # each dense MLP's gate/up as one weight (fuse_gate_up)
 
     def setup(self):
         c = self.config
@@ -373,7 +385,7 @@ class LlamaModel(nn.Module):
             if c.is_mixed:
                 raise ValueError("layer_arrays: models mixing dense and MoE layers keep stacks")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
-                                        self.fused_qkv)
+                                        self.fused_qkv, self.fused_gate_up)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
@@ -384,7 +396,8 @@ class LlamaModel(nn.Module):
                 length=c.num_layers,
                 unroll=self.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.attention_fn, par, self.kv_rotation, self.fused_qkv)
+            )(c, self.dtype, self.attention_fn, par, self.kv_rotation, self.fused_qkv,
+              self.fused_gate_up)
         if c.is_mixed:  # MLP weights stacked per kind, outside the scan
             self.dense_mlp = _FFNStack(c, self.dtype, "dense", 1)
             self.moe = _FFNStack(c, self.dtype, "moe", self.expert_shards)
@@ -531,6 +544,40 @@ def has_fused_qkv(params: dict) -> bool:
     """Whether a params tree holds joined q/k/v weights (fuse_qkv)."""
     layer = params.get("layers_0", params.get("layers", {}))
     return "qkv_proj" in layer.get("attn", {})
+
+
+def fuse_gate_up(flat: dict) -> dict:
+    """Each dense MLP's gate and up weights -> one `mlp/gate_up_proj` [..., embed, 2, mlp]
+    (quantization scales [..., 2, mlp], q8_0's [..., embed_blocks, 2, mlp]), each pair
+    deleted once joined; stacked or split layers alike. One GEMM then reads both, and its
+    output holds gate's and up's columns side by side for the SwiGLU product. Only where
+    the mlp axis is whole on each device (mesh.tensor 1), as for fuse_qkv."""
+    out = dict(flat)
+    for key in [k for k in flat if "/mlp/gate_proj" in k]:
+        prefix, suffix = key.split("/mlp/gate_proj")
+        parts = tuple(out.pop(f"{prefix}/mlp/{name}{suffix}") for name in ("gate_proj", "up_proj"))
+        sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
+        out[f"{prefix}/mlp/gate_up_proj{suffix}"] = _stack_halves(sharding, parts[0].ndim)(parts)
+        for part in parts:
+            if isinstance(part, jax.Array):
+                part.delete()
+    return out
+
+
+@functools.cache
+def _stack_halves(sharding, ndim: int):
+    """Arrays [..., mlp] -> [..., 2, mlp], the new axis unsplit and the others placed as the
+    first's; one compile per shape."""
+    if isinstance(sharding, NamedSharding):
+        spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[:-1], None, spec[-1]))
+    return jax.jit(lambda parts: jnp.stack(parts, axis=ndim - 1), out_shardings=sharding)
+
+
+def has_fused_gate_up(params: dict) -> bool:
+    """Whether a params tree holds joined gate/up weights (fuse_gate_up)."""
+    layer = params.get("layers_0", params.get("layers", {}))
+    return "gate_up_proj" in layer.get("mlp", {})
 
 
 def flatten_params(tree: dict) -> dict:

@@ -260,6 +260,7 @@ def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts,
     assert "layers" not in params and len([k for k in params if k.startswith("layers_")]) == 30
     c = engine.model_config
     assert "q_proj" in params["layers_7"]["attn"]  # heads split over tensor: not joined
+    assert "gate_proj" in params["layers_7"]["mlp"]  # nor the mlp columns
     o_proj = params["layers_7"]["attn"]["o_proj"]
     assert o_proj.shape == (c.num_heads, c.head_dim, c.hidden_size)
     assert {s.data.shape for s in o_proj.addressable_shards} == {
@@ -270,13 +271,17 @@ def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts,
 def test_layer_arrays_join_qkv_where_heads_are_not_split(small_config, demo_prompts,
                                                          demo_reference):
     """On one tensor rank (here two data shards) each layer's q/k/v weights become one
-    `qkv_proj` weight, one GEMM a layer; greedy tokens do not change."""
+    `qkv_proj` weight and its gate/up one `gate_up_proj`, one GEMM each; greedy tokens do not
+    change."""
     engine = engine_on(small_config.replace(runner__layer_arrays=True), data=2)
-    attn = engine.runner.params["layers_7"]["attn"]
+    layer = engine.runner.params["layers_7"]
+    attn, mlp = layer["attn"], layer["mlp"]
     c = engine.model_config
     assert "q_proj" not in attn and "k_proj" not in attn and "v_proj" not in attn
     assert attn["qkv_proj"]["kernel"].shape == (c.hidden_size, c.num_heads + 2 * c.num_kv_heads,
                                                 c.head_dim)
+    assert "gate_proj" not in mlp and "up_proj" not in mlp
+    assert mlp["gate_up_proj"].shape == (c.hidden_size, 2, c.intermediate_size)
     assert greedy(engine, demo_prompts) == demo_reference
 
 

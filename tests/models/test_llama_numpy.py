@@ -13,6 +13,7 @@ from jaxserve.models.llama import (
     AttentionMetadata,
     LlamaModel,
     flatten_params,
+    fuse_gate_up,
     fuse_qkv,
     nest_params,
     param_specs,
@@ -114,9 +115,10 @@ def test_model_matches_numpy(name, chunks, kv_rotation):
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("layer_arrays", [True, False], ids=["layer-arrays", "stacked"])
-def test_joined_qkv_match_numpy(name, layer_arrays):
-    """q/k/v joined into one weight per layer (biases too, for Qwen2), on per-layer arrays
-    (as the loader makes them for runner.layer_arrays on one tensor rank) or stacked."""
+def test_joined_weights_match_numpy(name, layer_arrays):
+    """q/k/v joined into one weight per layer (biases too, for Qwen2) and gate/up into
+    another, on per-layer arrays (as the loader makes them for runner.layer_arrays on one
+    tensor rank) or stacked."""
     check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=layer_arrays)
 
 
@@ -142,6 +144,29 @@ def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
     np.testing.assert_array_equal(out["layers_1/attn/o_proj"], want["layers_1/attn/o_proj"])
 
 
+def test_fuse_gate_up_stacks_each_layers_halves_before_the_mlp_axis():
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    flat = {"embedding": arr(5, 4)}
+    for i in range(2):
+        for name in ("gate_proj", "up_proj"):
+            flat[f"layers_{i}/mlp/{name}"] = arr(4, 6)
+            flat[f"layers_{i}/mlp/{name}_scale"] = arr(6)  # int8/fp8: one per output
+        flat[f"layers_{i}/mlp/down_proj"] = arr(6, 4)
+    flat["layers_0/moe/experts/gate_proj"] = arr(3, 4, 6)  # experts stay apart
+    want = {k: np.asarray(v) for k, v in flat.items()}
+    out = fuse_gate_up(dict(flat))
+    assert sorted(out) == sorted(["embedding", "layers_0/moe/experts/gate_proj"] + [
+        f"layers_{i}/mlp/{k}" for i in range(2)
+        for k in ("gate_up_proj", "gate_up_proj_scale", "down_proj")])
+    for i in range(2):
+        for suffix, axis in (("", 1), ("_scale", 0)):
+            np.testing.assert_array_equal(out[f"layers_{i}/mlp/gate_up_proj{suffix}"], np.stack(
+                [want[f"layers_{i}/mlp/{n}{suffix}"] for n in ("gate_proj", "up_proj")],
+                axis=axis))
+    np.testing.assert_array_equal(out["layers_1/mlp/down_proj"], want["layers_1/mlp/down_proj"])
+
+
 def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
@@ -153,16 +178,18 @@ def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arr
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
     model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference,
-                       kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined)
+                       kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined,
+                       fused_gate_up=joined)
     if joined:
         flat = jax.tree.map(jnp.asarray, flatten_params(params))
         if layer_arrays:
             flat = split_layers(flat, c.num_layers)
-        params = nest_params(fuse_qkv(flat))
-        attn = params["layers_0" if layer_arrays else "layers"]["attn"]
-        assert "q_proj" not in attn
-        assert attn["qkv_proj"]["kernel"].shape[-3:] == (
+        params = nest_params(fuse_gate_up(fuse_qkv(flat)))
+        layer = params["layers_0" if layer_arrays else "layers"]
+        assert "q_proj" not in layer["attn"] and "gate_proj" not in layer["mlp"]
+        assert layer["attn"]["qkv_proj"]["kernel"].shape[-3:] == (
             c.hidden_size, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+        assert layer["mlp"]["gate_up_proj"].shape[-3:] == (c.hidden_size, 2, c.intermediate_size)
     start = 0
     for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
         pos = np.arange(start, start + n)

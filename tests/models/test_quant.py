@@ -275,7 +275,8 @@ def greedy(config, prompts, mesh=None):
 
 def assert_meshes_give_the_tokens_of_one_device(config, tokenizer):
     """Greedy tokens on `tensor: 3` and on `pipeline: 2` equal those on one device, and so do
-    those of per-layer weight arrays, whose q/k/v weights and scales are joined."""
+    those of per-layer weight arrays, whose q/k/v and gate/up weights and scales are
+    joined."""
     prompts = [tokenizer.encode(t) for t in
                ("The capital of France is", "def fibonacci(n):", "List three colors:")]
     one = greedy(config, prompts)
