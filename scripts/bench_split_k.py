@@ -159,6 +159,8 @@ def main(argv=None):
     parser.add_argument("--mosaic", nargs="*", default=["0:128:2:2", "0:64:2:1"],
                         help="Mosaic kernel variants splits:block_kv:stages:consumers, "
                              "splits 0 for its automatic choice (default: %(default)s)")
+    parser.add_argument("--kv-heads", type=int, default=Shape.kv_heads,
+                        help="KV heads of the attention (32 query heads; default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes; interpret mode when there is no GPU")
     parser.add_argument("--out", help="JSON path")
@@ -166,7 +168,9 @@ def main(argv=None):
     interpret = jax.default_backend() != "gpu"
     if interpret and not args.smoke:
         parser.error("no GPU: run with --smoke for an interpret-mode plumbing check")
-    shape = SMOKE if args.smoke else Shape()
+    if args.kv_heads < 1 or Shape.q_heads % args.kv_heads:
+        parser.error(f"--kv-heads {args.kv_heads} must divide {Shape.q_heads} query heads")
+    shape = SMOKE if args.smoke else Shape(kv_heads=args.kv_heads)
     cases = ["4:1:100", "4:4:150"] if args.smoke else args.cases
     splits = [1, 2] if args.smoke else args.splits
     targets = [8] if args.smoke else args.decode_programs
