@@ -116,14 +116,16 @@ def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
 
 def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat16,
                    head_dim: int = 128, paged_prefill: bool | None = None, pages_dtype=None,
-                   page_size: int = 16):
+                   page_size: int = 16, kv_writer: bool = False):
     """The attention function of runner.attention_backend. decode_only: for programs whose
     sequences each have one query token (multi-step decode), where the Pallas kernel leaves
     its prefill launch out. auto: on a Hopper GPU, pallas_flash where the model fits it.
     paged_prefill (runner.paged_prefill): whether pallas_flash also gives later chunks of
     PAGED_MIN_CHUNK tokens or more to the Mosaic GPU paged prefill kernel, which must take
     the KV pages (pages_dtype, default dtype; page_size): None where it does, True always
-    (ConfigError where it cannot), False never."""
+    (ConfigError where it cannot), False never. kv_writer: a Pallas choice also applies RoPE
+    and writes the layers' new K/V rows with one kernel (pallas_kernels/rope_kv_write.py;
+    the model says where it applies)."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
         if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
@@ -136,31 +138,50 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
         if jax.default_backend() != "gpu":
             raise ConfigError(f"runner.attention_backend: {backend} needs a GPU (this is "
                               f"{jax.default_backend()}); use auto or reference")
-        from pallas_kernels.paged_attention import ragged_paged_attention
-        if decode_only:
-            return functools.partial(ragged_paged_attention, decode_only=True)
-        if backend == "pallas":
-            return ragged_paged_attention
-        reason = flash_prefill_unsupported(dtype, head_dim)
-        if reason:
-            raise ConfigError(f"runner.attention_backend: pallas_flash: {reason}; use pallas "
-                              "or auto")
-        from pallas_kernels.flash_prefill import ragged_paged_attention_flash
-        if paged_prefill is False:
-            return ragged_paged_attention_flash
-        from pallas_kernels.paged_prefill_mgpu import unsupported
-        reason = unsupported(jnp.dtype(dtype), jnp.dtype(pages_dtype or dtype), head_dim,
-                             page_size)
-        if reason and paged_prefill:
-            raise ConfigError(f"runner.paged_prefill: the Mosaic paged prefill kernel: "
-                              f"{reason}; set it false or null")
-        if reason:
-            return ragged_paged_attention_flash
-        chunks = functools.partial(ragged_paged_attention_flash, min_chunk=PAGED_MIN_CHUNK)
-        chunks.takes_new_kv = True
-        return chunks
+        fn = _pallas_attention(backend, decode_only, dtype, head_dim, paged_prefill,
+                               pages_dtype, page_size)
+        return _with_kv_writer(fn) if kv_writer else fn
     from pallas_kernels.paged_attention import ragged_paged_attention_reference
     return ragged_paged_attention_reference
+
+
+def _pallas_attention(backend, decode_only, dtype, head_dim, paged_prefill, pages_dtype,
+                      page_size):
+    from pallas_kernels.paged_attention import ragged_paged_attention
+    if decode_only:
+        return functools.partial(ragged_paged_attention, decode_only=True)
+    if backend == "pallas":
+        return ragged_paged_attention
+    reason = flash_prefill_unsupported(dtype, head_dim)
+    if reason:
+        raise ConfigError(f"runner.attention_backend: pallas_flash: {reason}; use pallas "
+                          "or auto")
+    from pallas_kernels.flash_prefill import ragged_paged_attention_flash
+    if paged_prefill is False:
+        return ragged_paged_attention_flash
+    from pallas_kernels.paged_prefill_mgpu import unsupported
+    reason = unsupported(jnp.dtype(dtype), jnp.dtype(pages_dtype or dtype), head_dim,
+                         page_size)
+    if reason and paged_prefill:
+        raise ConfigError(f"runner.paged_prefill: the Mosaic paged prefill kernel: "
+                          f"{reason}; set it false or null")
+    if reason:
+        return ragged_paged_attention_flash
+    chunks = functools.partial(ragged_paged_attention_flash, min_chunk=PAGED_MIN_CHUNK)
+    chunks.takes_new_kv = True
+    return chunks
+
+
+def _with_kv_writer(attention):
+    """A Pallas attention function whose layers apply RoPE and write their new K/V rows with
+    one kernel (pallas_kernels/rope_kv_write.py) instead of XLA's RoPE fusion and two
+    scatters."""
+    from pallas_kernels.rope_kv_write import rope_and_write_kv
+    fn = functools.partial(attention.func, *attention.args, **attention.keywords) \
+        if isinstance(attention, functools.partial) else functools.partial(attention)
+    fn.takes_new_kv = getattr(attention, "takes_new_kv", False)
+    fn.rope_kv_writer = rope_and_write_kv
+    return fn
 
 
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
@@ -256,10 +277,15 @@ class Runner:
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts = mesh.shape[EXPERT_AXIS]
+        # One kernel for RoPE and the K/V writes, where the layers are unrolled (not under
+        # Flax's scan) and each one's q/k/v are one weight.
+        writer = (has_layer_arrays(params) and has_fused_qkv(params)
+                  and config.cache.kv_dtype == "auto")
         attention = pick_attention(config.runner.attention_backend, dtype=self.dtype,
                                    head_dim=model_config.head_dim,
                                    paged_prefill=config.runner.paged_prefill,
-                                   pages_dtype=kv_dtype(config), page_size=self.page_size)
+                                   pages_dtype=kv_dtype(config), page_size=self.page_size,
+                                   kv_writer=writer)
         model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
                            tensor_axis=TENSOR_AXIS,
@@ -272,10 +298,12 @@ class Runner:
         self._prefill_step = self._step  # programs of FLASH_MIN_TOKENS tokens or more
         if getattr(attention, "takes_new_kv", False):
             self._step = dataclasses.replace(
-                self._step, model=model.clone(attention_fn=pick_attention("pallas")))
+                self._step, model=model.clone(attention_fn=pick_attention("pallas",
+                                                                          kv_writer=writer)))
         self._decode_step = self._step  # the body of multi-step decode programs
         if config.scheduler.decode_steps > 1:
-            decode_attention = pick_attention(config.runner.attention_backend, decode_only=True)
+            decode_attention = pick_attention(config.runner.attention_backend, decode_only=True,
+                                              kv_writer=writer)
             self._decode_step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=decode_attention))
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)

@@ -82,6 +82,11 @@ class AttentionMetadata:
 
 # attention_fn(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *, sm_scale);
 # one with a true `takes_new_kv` attribute also gets this step's K/V rows as k_new, v_new.
+# One with a `rope_kv_writer` attribute has it apply RoPE and write the K/V rows, in place of
+# the model's own ops, where q/k/v are joined (fuse_qkv), pages unquantized and no qk_norm or
+# kv_rotation: rope_kv_writer(qkv, positions, inv_freq, k_pages, v_pages, layer,
+# slot_mapping, num_heads=) -> (q, k_pages, v_pages). Per-layer weight arrays only: Flax's
+# layer scan cannot trace a Pallas call that writes its carry.
 AttentionFn = Callable[..., jax.Array]
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -165,37 +170,45 @@ class Attention(nn.Module):
             q = proj("q_proj", c.num_heads, "heads")  # [T, H, D]
             k = proj("k_proj", c.num_kv_heads, "kv_heads")  # [T, K, D]
             v = proj("v_proj", c.num_kv_heads, "kv_heads")
-        if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
-            q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
         inv_freq = jnp.asarray(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
         pos = jnp.maximum(meta.positions, 0)
-        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-        if self.kv_rotation:  # q.k and the weights of v are unchanged by an orthonormal H
-            rot = jnp.asarray(hadamard(c.head_dim))
-            turn = lambda t: jnp.einsum("thd,de->the", t.astype(jnp.float32), rot).astype(t.dtype)
-            q, k, v = turn(q), turn(k), turn(v)
-
         k_pages, v_pages, *scales = kv  # [L, N, page_size, K, D] (+ scales [L, N, page_size, K])
-        page_size = k_pages.shape[2]
-        page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
-        extra = {}
-        new_kv = dict(k_new=k, v_new=v) if getattr(self.attention_fn, "takes_new_kv", False) \
-            else {}
-        if scales:  # a quantized cache: one scale per (token, KV head)
-            mode = kv_mode(k_pages.dtype)
-            (k, k_scale), (v, v_scale) = quantize_vectors(k, mode), quantize_vectors(v, mode)
-            extra = dict(k_scales=scales[0].at[layer, page, offset].set(k_scale),
-                         v_scales=scales[1].at[layer, page, offset].set(v_scale))
-        k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
-        v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
+        extra, new_kv = {}, {}
+        writer = getattr(self.attention_fn, "rope_kv_writer", None)
+        if (writer is not None and self.fused_qkv and not c.qk_norm and not self.kv_rotation
+                and not scales and not getattr(self.attention_fn, "takes_new_kv", False)):
+            # one kernel: RoPE on q and k, and the K/V rows into the pages
+            q, k_pages, v_pages = writer(qkv, pos, inv_freq, k_pages, v_pages, layer,
+                                         meta.slot_mapping, num_heads=c.num_heads)
+        else:
+            if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+                q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
+                k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
+            q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+            if self.kv_rotation:  # q.k and the weights of v are unchanged by an orthonormal H
+                rot = jnp.asarray(hadamard(c.head_dim))
+                turn = lambda t: jnp.einsum("thd,de->the", t.astype(jnp.float32),
+                                            rot).astype(t.dtype)
+                q, k, v = turn(q), turn(k), turn(v)
+            page_size = k_pages.shape[2]
+            page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
+            if getattr(self.attention_fn, "takes_new_kv", False):
+                new_kv = dict(k_new=k, v_new=v)
+            if scales:  # a quantized cache: one scale per (token, KV head)
+                mode = kv_mode(k_pages.dtype)
+                (k, k_scale), (v, v_scale) = quantize_vectors(k, mode), quantize_vectors(v, mode)
+                extra = dict(k_scales=scales[0].at[layer, page, offset].set(k_scale),
+                             v_scales=scales[1].at[layer, page, offset].set(v_scale))
+            k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
+            v_pages = v_pages.at[layer, page, offset].set(v.astype(v_pages.dtype))
 
         out = self.attention_fn(
             q, k_pages, v_pages, layer, meta.page_tables, meta.seq_lens, meta.query_start,
             sm_scale=c.head_dim**-0.5, **extra, **new_kv,
         )  # [T, H, D]
         if self.kv_rotation:  # H is symmetric and orthonormal: its own inverse
-            out = turn(out)
+            out = jnp.einsum("thd,de->the", out.astype(jnp.float32),
+                             jnp.asarray(hadamard(c.head_dim))).astype(out.dtype)
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization)

@@ -270,6 +270,18 @@ def test_paged_prefill_refuses_pages_its_kernel_cannot_take(monkeypatch, pages, 
                           page_size=page_size) is ragged_paged_attention_flash
     assert pick_attention("pallas_flash").keywords == {"min_chunk": 128}
     assert pick_attention("pallas_flash", paged_prefill=False) is ragged_paged_attention_flash
+    # with kv_writer every Pallas choice carries the RoPE + K/V write kernel, and keeps
+    # what it was; without, the model's own ops do that work
+    from pallas_kernels.paged_attention import ragged_paged_attention
+    from pallas_kernels.rope_kv_write import rope_and_write_kv
+    chunks, alone, plain, decode = (pick_attention(*a, kv_writer=True, **k) for a, k in (
+        (("pallas_flash",), {"paged_prefill": True}), (("pallas_flash",), {}),
+        (("pallas",), {}), (("pallas",), {"decode_only": True})))
+    assert all(fn.rope_kv_writer is rope_and_write_kv for fn in (chunks, alone, plain, decode))
+    assert chunks.takes_new_kv and chunks.keywords == {"min_chunk": 128}
+    assert alone.func is ragged_paged_attention_flash and not plain.takes_new_kv
+    assert decode.func is ragged_paged_attention and decode.keywords == {"decode_only": True}
+    assert not hasattr(pick_attention("pallas"), "rope_kv_writer")
 
 
 class _Device:

@@ -2,6 +2,7 @@
 covering what the demo model does not: Llama-3 rope scaling, Qwen2 biases, untied
 embeddings, GQA ratios, and a prefill split into chunks over the paged cache."""
 
+import functools
 import math
 
 import jax
@@ -21,6 +22,7 @@ from jaxserve.models.llama import (
 )
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.rope_kv_write import rope_and_write_kv_interpret
 
 CONFIGS = {
     "llama3-scaled-untied": ModelConfig(
@@ -122,6 +124,16 @@ def test_joined_weights_match_numpy(name, layer_arrays):
     check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=layer_arrays)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_rope_and_kv_written_by_the_pallas_kernel_match_numpy(name):
+    """RoPE and the K/V writes done by pallas_kernels/rope_kv_write.py (interpret mode) in
+    place of the model's own ops, as the Pallas backends do on GPU with per-layer weight
+    arrays and joined q/k/v: the same logits, chunk by chunk."""
+    attention = functools.partial(ragged_paged_attention_reference)
+    attention.rope_kv_writer = rope_and_write_kv_interpret
+    check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=True, attention=attention)
+
+
 def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
     rng = np.random.default_rng(0)
     arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -167,7 +179,8 @@ def test_fuse_gate_up_stacks_each_layers_halves_before_the_mlp_axis():
     np.testing.assert_array_equal(out["layers_1/mlp/down_proj"], want["layers_1/mlp/down_proj"])
 
 
-def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False):
+def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False,
+                        attention=ragged_paged_attention_reference):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
@@ -177,7 +190,7 @@ def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arr
     kv_shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
-    model = LlamaModel(c, jnp.float32, ragged_paged_attention_reference,
+    model = LlamaModel(c, jnp.float32, attention,
                        kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined,
                        fused_gate_up=joined)
     if joined:

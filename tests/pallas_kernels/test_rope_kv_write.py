@@ -1,0 +1,69 @@
+"""RoPE and the K/V writes in one launch (pallas_kernels/rope_kv_write.py) against the
+model's own ops (models/rope.apply_rope, then XLA's scatter): q rotated, every slot it is
+given holding the rotated k and the v, and every other page entry (other layers, other
+slots) unchanged. Interpret mode on CPU, compiled on a GPU (skipped elsewhere)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models.model_config import RopeScaling
+from jaxserve.models.rope import apply_rope, inverse_frequencies
+from pallas_kernels.rope_kv_write import rope_and_write_kv
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [pytest.param(True, id="interpret"),
+         pytest.param(False, id="gpu", marks=pytest.mark.skipif(not ON_GPU, reason="needs a GPU"))]
+
+
+def scatter(pages, rows, layer, slots):
+    page_size = pages.shape[2]
+    return pages.at[layer, slots // page_size, slots % page_size].set(rows.astype(pages.dtype))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 9, 3, 64, 7), (2, 9, 16, 32, 8, 128, 40)],
+                         ids=["9-over-3-heads", "32-over-8-heads"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matches_rope_then_scatter(interpret, shape, dtype):
+    layers, pages, page_size, heads, kv_heads, head_dim, tokens = shape
+    rng = np.random.default_rng(tokens)
+    kv_shape = (layers, pages, page_size, kv_heads, head_dim)
+    k_pages = jnp.asarray(rng.normal(size=kv_shape), dtype)
+    v_pages = jnp.asarray(rng.normal(size=kv_shape), dtype)
+    qkv = jnp.asarray(rng.normal(size=(tokens, heads + 2 * kv_heads, head_dim)), dtype)
+    positions = jnp.asarray(rng.integers(0, 8000, tokens), jnp.int32)
+    inv_freq = jnp.asarray(inverse_frequencies(head_dim, 500000.0,
+                                               RopeScaling(8.0, 1.0, 4.0, 8192)))
+    slots = jnp.asarray(rng.permutation(pages * page_size)[:tokens], jnp.int32)
+    layer = layers - 1
+    before = np.asarray(k_pages, np.float32)  # the pages are donated below
+    q = apply_rope(qkv[:, :heads], positions, inv_freq)
+    k = apply_rope(qkv[:, heads:heads + kv_heads], positions, inv_freq)
+    want_k = scatter(k_pages, k, layer, slots)
+    want_v = scatter(v_pages, qkv[:, heads + kv_heads:], layer, slots)
+    run = jax.jit(lambda *a: rope_and_write_kv(*a, num_heads=heads, interpret=interpret),
+                  donate_argnums=(3, 4))
+    got_q, got_k, got_v = run(qkv, positions, inv_freq, k_pages, v_pages, jnp.int32(layer),
+                              slots)
+    f32 = lambda a: np.asarray(a, np.float32)
+    # float32 sin/cos differ from XLA's in the last bits: one bf16 step at most
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+    np.testing.assert_allclose(f32(got_q), f32(q), rtol=tol, atol=tol)
+    np.testing.assert_allclose(f32(got_k), f32(want_k), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(f32(got_v), f32(want_v))
+    untouched = np.ones(kv_shape[:3], bool)
+    untouched[layer, np.asarray(slots) // page_size, np.asarray(slots) % page_size] = False
+    np.testing.assert_array_equal(f32(got_k)[untouched], before[untouched])
+
+
+def test_mismatched_shapes_are_refused():
+    pages = jnp.zeros((1, 2, 4, 2, 8))
+    inv_freq = jnp.zeros(4)
+    with pytest.raises(ValueError, match=r"qkv \(3, 7, 8\) does not hold 4 q heads"):
+        rope_and_write_kv(jnp.zeros((3, 7, 8)), jnp.zeros(3, jnp.int32), inv_freq, pages,
+                          pages, 0, jnp.zeros(3, jnp.int32), num_heads=4, interpret=True)
+    with pytest.raises(ValueError, match=r"head_dim 8: inv_freq \(3,\)"):
+        rope_and_write_kv(jnp.zeros((3, 8, 8)), jnp.zeros(3, jnp.int32), jnp.zeros(3), pages,
+                          pages, 0, jnp.zeros(3, jnp.int32), num_heads=4, interpret=True)
