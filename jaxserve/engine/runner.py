@@ -277,10 +277,9 @@ class Runner:
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts = mesh.shape[EXPERT_AXIS]
-        # One kernel for RoPE and the K/V writes, where the layers are unrolled (not under
-        # Flax's scan) and each one's q/k/v are one weight.
-        writer = (has_layer_arrays(params) and has_fused_qkv(params)
-                  and config.cache.kv_dtype == "auto")
+        # One kernel for RoPE and the K/V writes where the layers are unrolled (Flax's scan
+        # cannot hold it); the model decides per layer where it applies.
+        writer = has_layer_arrays(params)
         attention = pick_attention(config.runner.attention_backend, dtype=self.dtype,
                                    head_dim=model_config.head_dim,
                                    paged_prefill=config.runner.paged_prefill,

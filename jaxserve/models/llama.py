@@ -172,11 +172,15 @@ class Attention(nn.Module):
             v = proj("v_proj", c.num_kv_heads, "kv_heads")
         inv_freq = jnp.asarray(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
         pos = jnp.maximum(meta.positions, 0)
+        if self.kv_rotation:  # q.k and the weights of v are unchanged by an orthonormal H
+            rot = jnp.asarray(hadamard(c.head_dim))
+            turn = lambda t: jnp.einsum("thd,de->the", t.astype(jnp.float32), rot).astype(t.dtype)
         k_pages, v_pages, *scales = kv  # [L, N, page_size, K, D] (+ scales [L, N, page_size, K])
         extra, new_kv = {}, {}
+        takes_new_kv = getattr(self.attention_fn, "takes_new_kv", False)
         writer = getattr(self.attention_fn, "rope_kv_writer", None)
         if (writer is not None and self.fused_qkv and not c.qk_norm and not self.kv_rotation
-                and not scales and not getattr(self.attention_fn, "takes_new_kv", False)):
+                and not scales and not takes_new_kv):
             # one kernel: RoPE on q and k, and the K/V rows into the pages
             q, k_pages, v_pages = writer(qkv, pos, inv_freq, k_pages, v_pages, layer,
                                          meta.slot_mapping, num_heads=c.num_heads)
@@ -185,14 +189,11 @@ class Attention(nn.Module):
                 q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
                 k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-            if self.kv_rotation:  # q.k and the weights of v are unchanged by an orthonormal H
-                rot = jnp.asarray(hadamard(c.head_dim))
-                turn = lambda t: jnp.einsum("thd,de->the", t.astype(jnp.float32),
-                                            rot).astype(t.dtype)
+            if self.kv_rotation:
                 q, k, v = turn(q), turn(k), turn(v)
             page_size = k_pages.shape[2]
             page, offset = meta.slot_mapping // page_size, meta.slot_mapping % page_size
-            if getattr(self.attention_fn, "takes_new_kv", False):
+            if takes_new_kv:
                 new_kv = dict(k_new=k, v_new=v)
             if scales:  # a quantized cache: one scale per (token, KV head)
                 mode = kv_mode(k_pages.dtype)
@@ -207,8 +208,7 @@ class Attention(nn.Module):
             sm_scale=c.head_dim**-0.5, **extra, **new_kv,
         )  # [T, H, D]
         if self.kv_rotation:  # H is symmetric and orthonormal: its own inverse
-            out = jnp.einsum("thd,de->the", out.astype(jnp.float32),
-                             jnp.asarray(hadamard(c.head_dim))).astype(out.dtype)
+            out = turn(out)
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization)
@@ -533,24 +533,31 @@ def fuse_qkv(flat: dict) -> dict:
     tokens, 20 -> 16 us at 32; docs/performance.md). Only for weights whose heads axis is
     not split over devices (mesh.tensor 1): a split one would need each device's heads
     regrouped."""
+    return _join_each(flat, "attn", QKV, "qkv_proj", _join_heads)
+
+
+@functools.cache
+def _join_heads(sharding, ndim: int):
+    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim], placed as the first
+    (a layer axis split over pipeline stages stays split); one compile per shape."""
+    return jax.jit(lambda parts: jnp.concatenate(parts, axis=ndim - 2), out_shardings=sharding)
+
+
+def _join_each(flat: dict, group: str, names: tuple[str, ...], joined: str, join) -> dict:
+    """Each layer's weights `{prefix}/{group}/{name}{rest}` (name in `names`; rest: a leaf
+    such as `/kernel`, or `_scale`) -> one `{prefix}/{group}/{joined}{rest}`, made by
+    join(sharding, ndim of the first part)(parts); each part deleted once joined."""
     out = dict(flat)
-    for key in [k for k in flat if "/attn/q_proj/" in k]:
-        prefix, leaf = key.split("/attn/q_proj/")
-        parts = tuple(out.pop(f"{prefix}/attn/{name}/{leaf}") for name in QKV)
+    marker = f"/{group}/{names[0]}"
+    for key in [k for k in flat if marker in k]:
+        prefix, rest = key.split(marker)
+        parts = tuple(out.pop(f"{prefix}/{group}/{name}{rest}") for name in names)
         sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
-        out[f"{prefix}/attn/qkv_proj/{leaf}"] = _join_heads(sharding)(parts)
+        out[f"{prefix}/{group}/{joined}{rest}"] = join(sharding, parts[0].ndim)(parts)
         for part in parts:
             if isinstance(part, jax.Array):
                 part.delete()
     return out
-
-
-@functools.cache
-def _join_heads(sharding):
-    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim], placed as the first
-    (a layer axis split over pipeline stages stays split); one compile per shape."""
-    return jax.jit(lambda parts: jnp.concatenate(parts, axis=parts[0].ndim - 2),
-                   out_shardings=sharding)
 
 
 def has_fused_qkv(params: dict) -> bool:
@@ -565,16 +572,7 @@ def fuse_gate_up(flat: dict) -> dict:
     deleted once joined; stacked or split layers alike. One GEMM then reads both, and its
     output holds gate's and up's columns side by side for the SwiGLU product. Only where
     the mlp axis is whole on each device (mesh.tensor 1), as for fuse_qkv."""
-    out = dict(flat)
-    for key in [k for k in flat if "/mlp/gate_proj" in k]:
-        prefix, suffix = key.split("/mlp/gate_proj")
-        parts = tuple(out.pop(f"{prefix}/mlp/{name}{suffix}") for name in ("gate_proj", "up_proj"))
-        sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
-        out[f"{prefix}/mlp/gate_up_proj{suffix}"] = _stack_halves(sharding, parts[0].ndim)(parts)
-        for part in parts:
-            if isinstance(part, jax.Array):
-                part.delete()
-    return out
+    return _join_each(flat, "mlp", ("gate_proj", "up_proj"), "gate_up_proj", _stack_halves)
 
 
 @functools.cache
