@@ -32,7 +32,9 @@ def softmax_step(q, k, v, carry, mask, scale, k_scale=None, v_scale=None):
 
     k_scale, v_scale [BK]: a quantized cache's per-key scales. Key j's score is
     (q . k_j) * k_scale[j], and its value enters as p_j * v_scale[j] times v_j, so the
-    quantized K/V are never scaled element by element."""
+    quantized K/V are never scaled element by element. With float16 v, p * v_scale is
+    first divided by the block's largest v_scale, so that small scales do not underflow
+    float16 (the quotient is in [0, 1], like p in a float16 flash attention)."""
     m, denom, acc = carry  # [R], [R], [R, D] float32; m in the exp2 domain
     s = dot(q, k, 1) * scale
     if k_scale is not None:
@@ -45,6 +47,12 @@ def softmax_step(q, k, v, carry, mask, scale, k_scale=None, v_scale=None):
         p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp2(m - m_new)
     denom = alpha * denom + p.sum(axis=1)
-    pv = p if v_scale is None else p * v_scale[None, :]
-    acc = alpha[:, None] * acc + dot(pv.astype(v.dtype), v, 0)
+    if v_scale is None:
+        pv = dot(p.astype(v.dtype), v, 0)
+    elif v.dtype == jnp.float16:
+        top = jnp.maximum(v_scale.max(), 1e-30)
+        pv = top * dot((p * (v_scale / top)[None, :]).astype(v.dtype), v, 0)
+    else:
+        pv = dot((p * v_scale[None, :]).astype(v.dtype), v, 0)
+    acc = alpha[:, None] * acc + pv
     return m_new, denom, acc

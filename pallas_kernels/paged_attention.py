@@ -93,7 +93,12 @@ class BlockSizes:
     block_q: int | None = None  # prefill-phase tokens per item; None: 128 rows
     block_q_decode: int | None = None  # decode-phase tokens per sequence; None: 16 rows
     block_kv: int = 64  # keys per loop step, prefill phase
-    block_kv_decode: int = 64  # keys per loop step, decode phase
+    # keys per loop step, decode phase; None: 64 for 16-bit pages, 128 for 8-bit ones (the
+    # same bytes per load). One H200, 32 query and 8 KV heads, 32 sequences at 8k context
+    # (scripts/bench_kv_quant.py, 2026-12-02): int8 pages took 1.22x the bf16 pages' time
+    # with 64 keys, 0.79x with 128; bf16 pages gain nothing from 128 (1.0x), nor 8-bit
+    # pages from 256.
+    block_kv_decode: int | None = None
     num_kv_splits: int | None = None  # decode-phase split-K; None: from the batch size
     # decode-phase splits that run, chosen on device: filled rows x KV heads x splits near
     # this, at least 2, at most num_kv_splits; None: all num_kv_splits run
@@ -103,9 +108,14 @@ class BlockSizes:
     num_warps_decode: int = 4
     num_stages_decode: int = 2
 
-    def resolve(self, *, group: int, num_seqs: int, kv_heads: int, max_kv_len: int):
-        """Concrete sizes for these shapes; raises ValueError naming a bad field."""
+    def resolve(self, *, group: int, num_seqs: int, kv_heads: int, max_kv_len: int,
+                kv_bytes: int = 2):
+        """Concrete sizes for these shapes (kv_bytes: bytes per page element); raises
+        ValueError naming a bad field."""
         self._check_fixed()
+        bkv_decode = self.block_kv_decode
+        if bkv_decode is None:
+            bkv_decode = 128 if kv_bytes == 1 else 64
         group_pad = _next_pow2(group)
         bq_decode = self.block_q_decode
         if bq_decode is None:
@@ -114,7 +124,7 @@ class BlockSizes:
         splits = self.num_kv_splits
         if splits is None:
             want = max(1, _TARGET_PROGRAMS // max(1, num_seqs * kv_heads))
-            useful = max(1, -(-max_kv_len // self.block_kv_decode))
+            useful = max(1, -(-max_kv_len // bkv_decode))
             splits = min(_MAX_KV_SPLITS, 1 << (min(want, useful).bit_length() - 1))
         for name, v in (("block_q", bq), ("block_q_decode", bq_decode)):
             if not is_pow2(v) or v * group_pad < 16:
@@ -123,14 +133,17 @@ class BlockSizes:
                     f">= 16 ({group_pad=}: query heads per KV head, rounded up to 2^k)")
         if not is_pow2(splits) or splits > 64:
             raise ValueError(f"BlockSizes.num_kv_splits={splits} must be a power of two <= 64")
-        return dataclasses.replace(
-            self, block_q=bq, block_q_decode=bq_decode, num_kv_splits=splits)
+        return dataclasses.replace(self, block_q=bq, block_q_decode=bq_decode,
+                                   block_kv_decode=bkv_decode, num_kv_splits=splits)
 
     def _check_fixed(self):
         for name in ("block_kv", "block_kv_decode"):
             v = getattr(self, name)
+            if name == "block_kv_decode" and v is None:
+                continue
             if not is_pow2(v) or v < 16:
-                raise ValueError(f"BlockSizes.{name}={v} must be a power of two >= 16")
+                none = " (or None)" if name == "block_kv_decode" else ""
+                raise ValueError(f"BlockSizes.{name}={v} must be a power of two >= 16{none}")
         for name in ("num_warps", "num_warps_decode"):
             v = getattr(self, name)
             if not is_pow2(v) or v > 32:
@@ -225,6 +238,12 @@ def _paged_kernel(
         d = lax.iota(jnp.int32, head_dim)
         tok, t_idx, h_idx, ok = _tile_rows(t0, n, kv_head, block_q=block_q, group=group)
         q = load(q_ref.at[t_idx[:, None], h_idx[:, None], d[None, :]], ok[:, None], 0.0)
+        if k_pages_ref.dtype == jnp.float8_e4m3fn and q.dtype.itemsize == 2:
+            # fp8 pages are converted to float16 (exact for e4m3), which measured faster than
+            # bfloat16: one H200, 32 sequences at 8k, 0.79x against 1.02x the bf16 pages'
+            # time (1.32x with 64 keys a step). A 16-bit q joins them, clipped into
+            # float16's range.
+            q = jnp.clip(q, -65504.0, 65504.0).astype(jnp.float16)
         row_pos = kv_end - n + tok  # absolute position of each row's token
 
         def body(j, carry, masked: bool):
@@ -445,7 +464,8 @@ def ragged_paged_attention(
     """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
 
     q is cast to the cache dtype for the kernel (float32 accumulation); the output has q's
-    dtype. Quantized pages are instead converted to q's dtype as they load.
+    dtype. Quantized pages are instead converted as they load: to q's dtype, except fp8
+    pages with a 16-bit q, which (with q) become float16.
     decode_only: the caller promises that no sequence has more than one query token (a
     multi-step decode program), so the prefill phase is not launched.
     skip: sequences another kernel attends (flash_prefill.py gives it fresh prompts); their
@@ -457,7 +477,8 @@ def ragged_paged_attention(
     _, _, page_size, kv_heads, _ = k_pages.shape
     num_seqs, pages_per_seq = page_tables.shape
     bs = block_sizes.resolve(group=num_heads // kv_heads, num_seqs=num_seqs, kv_heads=kv_heads,
-                             max_kv_len=pages_per_seq * page_size)
+                             max_kv_len=pages_per_seq * page_size,
+                             kv_bytes=k_pages.dtype.itemsize)
     # A chunk longer than block_q_decode has at least block_q_decode + 1 tokens.
     num_prefill_items = 0
     if num_tokens > bs.block_q_decode and not decode_only:

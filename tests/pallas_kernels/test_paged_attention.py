@@ -336,6 +336,21 @@ class TestQuantizedPages:
         np.testing.assert_allclose(np.asarray(ref)[:num_valid], np.asarray(want)[:num_valid],
                                    rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("v_size", [1.0, 1e-6])
+    def test_fp8_pages_with_a_bfloat16_q(self, interpret, v_size):
+        """A bfloat16 q over fp8 pages runs in float16. V a million times smaller (scales
+        near 1e-8, so p * v_scale would underflow float16) keeps its relative accuracy."""
+        poisoned, (k_scales, v_scales), _, dequantized, num_valid = quantized_case(
+            5, "mixed", "fp8")
+        q = poisoned[0].astype(jnp.bfloat16)
+        want = run_reference((q.astype(jnp.float32), dequantized[1], dequantized[2] * v_size,
+                              *dequantized[3:]))
+        out = ragged_paged_attention(q, *poisoned[1:], sm_scale=SM_SCALE,
+                                     block_sizes=BLOCKS_A["split2"], interpret=interpret,
+                                     k_scales=k_scales, v_scales=v_scales * v_size)
+        assert out.dtype == jnp.bfloat16
+        check(out.astype(jnp.float32) / v_size, want / v_size, num_valid, 2e-2)
+
     def test_bad_scales(self):
         q, k, v, layer, tables, seq_lens, qs = _small_args()
         kq = k.astype(jnp.int8)
