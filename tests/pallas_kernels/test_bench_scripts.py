@@ -55,3 +55,22 @@ def test_bench_split_k_smoke_agrees_across_split_counts(tmp_path):
         assert row["max_abs_diff"] < 1e-2, row
     assert any(row["max_abs_diff"] > 0 for row in rows)  # the splits did sum differently
     assert json.loads((tmp_path / "sk.json").read_text())["rows"] == rows
+
+
+@pytest.mark.slow
+def test_bench_kv_quant_smoke_times_every_page_dtype(tmp_path):
+    out = tmp_path / "kvq.json"
+    load("bench_kv_quant").main(["--batch", "2", "--context", "64", "--kv-heads", "2",
+                                 "--block-kv", "0", "32", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kv_dtype"], r["block_kv_decode"], r["default_tiling"]) for r in rows] == [
+        ("bf16", 64, True), ("bf16", 32, False), ("int8", 128, True), ("int8", 32, False),
+        ("fp8", 128, True), ("fp8", 32, False)]
+    for row in rows:
+        assert row["check"]["max_abs_err"] < 1e-2, row
+        assert row["time_us"] > 0 and row["vs_bf16"] > 0, row
+    # K and V bytes of 2 sequences x 64 tokens x 2 KV heads, plus float32 scales if
+    # quantized, plus q and the output
+    qo = 2 * 2 * 32 * 128 * 2
+    assert rows[0]["bytes"] == 2 * 64 * 2 * 2 * 128 * 2 + qo
+    assert rows[4]["bytes"] == 2 * 64 * 2 * 2 * (128 + 4) + qo
