@@ -8,9 +8,13 @@ Inputs (one layer):
   k_pages, v_pages: [num_layers, num_pages, page_size, num_kv_heads, head_dim], updated in
                 place (the outputs alias them);
   slot_mapping: [num_tokens] int32, page * page_size + offset of each token (padding tokens
-                point into the null page, page 0, which no sequence reads).
+                point into the null page, page 0, which no sequence reads);
+  k_scales, v_scales: [num_layers, num_pages, page_size, num_kv_heads] float32, only for
+                int8 or float8_e4m3fn pages (cache.kv_dtype), updated in place too.
 Output: q rotated, [num_tokens, num_heads, head_dim], and the pages with layer `layer`'s
-slots holding each token's rotated k and its v.
+slots holding each token's rotated k and its v (quantized pages: each (token, KV head)
+vector rounded to qkv's dtype, then stored as models/quant.quantize_vectors stores it, its
+scale beside it).
 
 XLA runs this as three kernels a layer: RoPE on q and k, and one scatter for K and one for
 V (3 us each for one token, 6-7 us each for 128 on an H200, the 8B shape). Here one program
@@ -29,14 +33,41 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# The largest stored magnitude of quantized pages (models/quant.py's QMAX; a test holds the
+# two to the same bytes).
+_QMAX = {jnp.dtype(jnp.int8): 127.0,
+         jnp.dtype(jnp.float8_e4m3fn): float(jnp.finfo(jnp.float8_e4m3fn).max)}
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, k_in, v_in,
-            q_out, k_out, v_out, *, num_heads: int, num_kv_heads: int):
-    del k_in, v_in  # the same buffers as k_out, v_out
+def _round_half_even(x):
+    """jnp.round for float32 |x| < 2^22, from floor (Pallas Triton has no round)."""
+    r = jnp.floor(x)
+    d = x - r  # exact
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) == 1.0
+    return r + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+
+
+def _quantized(x1, x2, dtype, qmax: float):
+    """quantize_vectors on rows [R, D] given as halves x1, x2 [R, D / 2] float32:
+    (q1, q2 in the storage dtype, scale [R] float32)."""
+    amax = jnp.maximum(jnp.max(jnp.abs(x1), axis=1), jnp.max(jnp.abs(x2), axis=1))
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    out = []
+    for x in (x1 / scale[:, None], x2 / scale[:, None]):
+        x = _round_half_even(x) if dtype == jnp.int8 else x
+        out.append(jnp.clip(x, -qmax, qmax).astype(dtype))
+    return (*out, scale)
+
+
+def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, *refs, num_heads: int,
+            num_kv_heads: int, qmax: float | None):
+    # refs: k, v pages [, k, v scales] in (the same buffers as the outputs), then the outputs
+    # q, k, v pages [, k, v scales]
+    q_out, k_out, v_out, *scale_outs = refs[2 if qmax is None else 4:]
     t = pl.program_id(0)
     half = inv_freq_ref.shape[0]
     lo = lax.iota(jnp.int32, _next_pow2(half))[None, :]  # Triton tiles are powers of two
@@ -64,23 +95,32 @@ def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, k_in, v_in,
     plgpu.store(q_out.at[t, h, lo], r1.astype(q_out.dtype), mask=mask)
     plgpu.store(q_out.at[t, h, hi], r2.astype(q_out.dtype), mask=mask)
 
-    h, rows, mask = heads(num_heads, num_kv_heads)
-    r1, r2 = rotated(rows, mask)
-    at = (layer, page, offset, h)
-    plgpu.store(k_out.at[(*at, lo)], r1.astype(k_out.dtype), mask=mask)
-    plgpu.store(k_out.at[(*at, hi)], r2.astype(k_out.dtype), mask=mask)
+    def write(pages_ref, scales_ref, h, mask, x1, x2):
+        if qmax is not None:  # the rows as the model's dtype holds them, then quantized
+            x1, x2 = (x.astype(qkv_ref.dtype).astype(jnp.float32) for x in (x1, x2))
+            x1, x2, scale = _quantized(x1, x2, pages_ref.dtype, qmax)
+            plgpu.store(scales_ref.at[layer, page, offset, h[:, 0]], scale,
+                        mask=h[:, 0] < num_kv_heads)
+        at = (layer, page, offset, h)
+        plgpu.store(pages_ref.at[(*at, lo)], x1.astype(pages_ref.dtype), mask=mask)
+        plgpu.store(pages_ref.at[(*at, hi)], x2.astype(pages_ref.dtype), mask=mask)
 
-    _, rows, mask = heads(num_heads + num_kv_heads, num_kv_heads)
-    for cols in (lo, hi):
-        v = plgpu.load(qkv_ref.at[t, rows, cols], mask=mask, other=0)
-        plgpu.store(v_out.at[(*at, cols)], v.astype(v_out.dtype), mask=mask)
+    k_scales, v_scales = scale_outs if scale_outs else (None, None)
+    h, rows, mask = heads(num_heads, num_kv_heads)
+    write(k_out, k_scales, h, mask, *rotated(rows, mask))
+    h, rows, mask = heads(num_heads + num_kv_heads, num_kv_heads)
+    v1, v2 = (plgpu.load(qkv_ref.at[t, rows, cols], mask=mask, other=0) for cols in (lo, hi))
+    if qmax is not None:
+        v1, v2 = v1.astype(jnp.float32), v2.astype(jnp.float32)
+    write(v_out, v_scales, h, mask, v1, v2)
 
 
 def rope_and_write_kv(qkv, positions, inv_freq, k_pages, v_pages, layer, slot_mapping, *,
-                      num_heads: int, interpret: bool = False):
-    """(q rotated [T, H, D], k_pages, v_pages with layer `layer` written), as
-    `apply_rope` on qkv's q and k heads followed by
-    `k_pages.at[layer, slot // page_size, slot % page_size].set(k)` (and v), in one launch.
+                      num_heads: int, k_scales=None, v_scales=None, interpret: bool = False):
+    """(q rotated [T, H, D], k_pages, v_pages with layer `layer` written[, k_scales,
+    v_scales]), as `apply_rope` on qkv's q and k heads followed by
+    `k_pages.at[layer, slot // page_size, slot % page_size].set(k)` (and v; for quantized
+    pages, of quantize_vectors' values and scales), in one launch.
     A token whose slot repeats another's (padding) may leave either's rows."""
     tokens, all_heads, head_dim = qkv.shape
     kv_heads = k_pages.shape[3]
@@ -90,16 +130,27 @@ def rope_and_write_kv(qkv, positions, inv_freq, k_pages, v_pages, layer, slot_ma
     if head_dim % 2 or inv_freq.shape != (head_dim // 2,) or k_pages.shape[4] != head_dim:
         raise ValueError(f"head_dim {head_dim}: inv_freq {inv_freq.shape} and pages "
                          f"{k_pages.shape} must match it (and it must be even)")
+    qmax = _QMAX.get(jnp.dtype(k_pages.dtype))
+    scales = () if k_scales is None and v_scales is None else (k_scales, v_scales)
+    if (qmax is None) != (not scales) or (scales and not all(
+            s is not None and s.shape == k_pages.shape[:4] and s.dtype == jnp.float32
+            for s in scales)):
+        got = [getattr(s, "shape", s) for s in scales] or None
+        raise ValueError(f"pages of {k_pages.dtype} take float32 k_scales and v_scales of "
+                         f"shape {k_pages.shape[:4]} exactly when they are int8 or fp8 "
+                         f"(got {got})")
+    paged = (k_pages, v_pages, *scales)
     out_shape = (jax.ShapeDtypeStruct((tokens, num_heads, head_dim), qkv.dtype),
-                 jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-                 jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype))
-    kernel = functools.partial(_kernel, num_heads=num_heads, num_kv_heads=kv_heads)
+                 *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in paged))
+    kernel = functools.partial(_kernel, num_heads=num_heads, num_kv_heads=kv_heads,
+                               qmax=qmax)
     return pl.pallas_call(
-        kernel, grid=(tokens,), out_shape=out_shape, input_output_aliases={5: 1, 6: 2},
+        kernel, grid=(tokens,), out_shape=out_shape,
+        input_output_aliases={5 + i: 1 + i for i in range(len(paged))},
         interpret=interpret, name="rope_kv_write",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(jnp.asarray(layer, jnp.int32).reshape(1), positions.astype(jnp.int32),
-      slot_mapping.astype(jnp.int32), inv_freq.astype(jnp.float32), qkv, k_pages, v_pages)
+      slot_mapping.astype(jnp.int32), inv_freq.astype(jnp.float32), qkv, *paged)
 
 
 rope_and_write_kv_interpret = functools.partial(rope_and_write_kv, interpret=True)

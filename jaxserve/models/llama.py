@@ -83,10 +83,11 @@ class AttentionMetadata:
 # attention_fn(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *, sm_scale);
 # one with a true `takes_new_kv` attribute also gets this step's K/V rows as k_new, v_new.
 # One with a `rope_kv_writer` attribute has it apply RoPE and write the K/V rows, in place of
-# the model's own ops, where q/k/v are joined (fuse_qkv), pages unquantized and no qk_norm or
+# the model's own ops, where q/k/v are joined (fuse_qkv) and there is no qk_norm or
 # kv_rotation: rope_kv_writer(qkv, positions, inv_freq, k_pages, v_pages, layer,
-# slot_mapping, num_heads=) -> (q, k_pages, v_pages). Per-layer weight arrays only: Flax's
-# layer scan cannot trace a Pallas call that writes its carry.
+# slot_mapping, num_heads=[, k_scales=, v_scales=]) -> (q, k_pages, v_pages[, k_scales,
+# v_scales]), the scales for int8/fp8 pages. Per-layer weight arrays only: Flax's layer
+# scan cannot trace a Pallas call that writes its carry.
 AttentionFn = Callable[..., jax.Array]
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -180,10 +181,13 @@ class Attention(nn.Module):
         takes_new_kv = getattr(self.attention_fn, "takes_new_kv", False)
         writer = getattr(self.attention_fn, "rope_kv_writer", None)
         if (writer is not None and self.fused_qkv and not c.qk_norm and not self.kv_rotation
-                and not scales and not takes_new_kv):
-            # one kernel: RoPE on q and k, and the K/V rows into the pages
-            q, k_pages, v_pages = writer(qkv, pos, inv_freq, k_pages, v_pages, layer,
-                                         meta.slot_mapping, num_heads=c.num_heads)
+                and not takes_new_kv):
+            # one kernel: RoPE on q and k, and the K/V rows (quantized: and scales) written
+            named = lambda s: dict(zip(("k_scales", "v_scales"), s, strict=True)) if s else {}
+            q, k_pages, v_pages, *scales = writer(
+                qkv, pos, inv_freq, k_pages, v_pages, layer, meta.slot_mapping,
+                num_heads=c.num_heads, **named(scales))
+            extra = named(scales)
         else:
             if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
                 q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)

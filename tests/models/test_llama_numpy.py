@@ -21,6 +21,7 @@ from jaxserve.models.llama import (
     split_layers,
 )
 from jaxserve.models.model_config import ModelConfig, RopeScaling
+from jaxserve.models.quant import KV_STORAGE
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.rope_kv_write import rope_and_write_kv_interpret
 
@@ -132,6 +133,67 @@ def test_rope_and_kv_written_by_the_pallas_kernel_match_numpy(name):
     attention = functools.partial(ragged_paged_attention_reference)
     attention.rope_kv_writer = rope_and_write_kv_interpret
     check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=True, attention=attention)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_rope_kv_writer_on_quantized_pages_matches_the_models_ops(mode):
+    """int8/fp8 pages (cache.kv_dtype): the kernel's RoPE, quantization and writes give the
+    pages, scales and logits of the model's own ops, chunk by chunk."""
+    c = CONFIGS["mistral-gqa8"]
+    flat = split_layers(jax.tree.map(jnp.asarray, flatten_params(random_params(c, seed=3))),
+                        c.num_layers)
+    params = nest_params(fuse_gate_up(fuse_qkv(flat)))
+    page_size, num_pages = 4, 6
+    kv_shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
+    storage = KV_STORAGE[mode]
+    ids = np.random.default_rng(2).integers(0, c.vocab_size, 11).astype(np.int32)
+    pages = np.array([3, 1, 5, 2], np.int32)
+    calls = []
+
+    def writer(*args, **kwargs):  # records that the kernel ran, with scales
+        calls.append(kwargs.get("k_scales") is not None)
+        return rope_and_write_kv_interpret(*args, **kwargs)
+
+    with_writer = functools.partial(ragged_paged_attention_reference)
+    with_writer.rope_kv_writer = writer
+    runs = []
+    for attention in (ragged_paged_attention_reference, with_writer):
+        model = LlamaModel(c, jnp.float32, attention, layer_arrays=True, fused_qkv=True,
+                           fused_gate_up=True)
+        kv = (jnp.zeros(kv_shape, storage), jnp.zeros(kv_shape, storage),
+              jnp.ones(kv_shape[:4], jnp.float32), jnp.ones(kv_shape[:4], jnp.float32))
+        start, logits = 0, []
+        for n in (4, 1, 6):
+            pos = np.arange(start, start + n)
+            meta = AttentionMetadata(
+                positions=jnp.asarray(pos, jnp.int32),
+                slot_mapping=jnp.asarray(pages[pos // page_size] * page_size
+                                         + pos % page_size, jnp.int32),
+                page_tables=jnp.asarray(pages[None]),
+                seq_lens=jnp.asarray([start + n], jnp.int32),
+                query_start=jnp.asarray([0, n], jnp.int32))
+            out, kv = model.apply({"params": params}, jnp.asarray(ids[start:start + n]), kv,
+                                  meta, jnp.arange(n, dtype=jnp.int32))
+            logits.append(np.asarray(out))
+            start += n
+        runs.append((np.concatenate(logits), [np.asarray(a.astype(jnp.float32)) for a in kv]))
+    (want_logits, want_kv), (got_logits, got_kv) = runs
+    assert calls == [True] * (3 * c.num_layers)  # every layer of every chunk
+    assert len(got_kv) == 4  # pages and scales came back from the kernel
+    # layer 0's V: no RoPE before it, the same bytes
+    np.testing.assert_array_equal(got_kv[1][0], want_kv[1][0])
+    np.testing.assert_array_equal(got_kv[3][0], want_kv[3][0])
+    # the kernel's float32 RoPE differs from XLA's fusion in the last bit, and later layers
+    # inherit that: scales within ulps, a rare entry one step off
+    for values, scales in ((0, 2), (1, 3)):
+        np.testing.assert_allclose(got_kv[scales], want_kv[scales], rtol=1e-5)
+        step = want_kv[scales][..., None]
+        assert np.mean(got_kv[values] != want_kv[values]) < 0.01
+        np.testing.assert_allclose(got_kv[values] * step, want_kv[values] * step,
+                                   atol=float(np.max(step)) * (1 if mode == "int8" else 32))
+    pos = np.arange(len(ids))  # every written slot got its own scale
+    assert np.all(want_kv[2][:, pages[pos // page_size], pos % page_size] != 1.0)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():

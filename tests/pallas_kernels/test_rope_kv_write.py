@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve.models.model_config import RopeScaling
+from jaxserve.models.quant import quantize_vectors
 from jaxserve.models.rope import apply_rope, inverse_frequencies
 from pallas_kernels.rope_kv_write import rope_and_write_kv
 
@@ -67,3 +68,59 @@ def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match=r"head_dim 8: inv_freq \(3,\)"):
         rope_and_write_kv(jnp.zeros((3, 8, 8)), jnp.zeros(3, jnp.int32), jnp.zeros(3), pages,
                           pages, 0, jnp.zeros(3, jnp.int32), num_heads=4, interpret=True)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_pages_get_what_quantize_vectors_gives(interpret, mode):
+    """int8/fp8 pages (cache.kv_dtype): each new K/V vector, rounded to qkv's dtype,
+    stored with its scale as quantize_vectors stores them; every other entry unchanged.
+    At position 0 RoPE is exactly the identity on every backend, so the bytes must match
+    (the rotation itself is tested above, and with quantized pages in
+    tests/models/test_llama_numpy.py)."""
+    layers, pages, page_size, heads, kv_heads, head_dim, tokens = 2, 9, 16, 32, 8, 128, 40
+    rng = np.random.default_rng(7)
+    kv_shape = (layers, pages, page_size, kv_heads, head_dim)
+    old = [quantize_vectors(jnp.asarray(rng.normal(size=kv_shape), jnp.float32), mode)
+           for _ in range(2)]  # (pages, scales) of K and of V
+    qkv = jnp.asarray(rng.normal(size=(tokens, heads + 2 * kv_heads, head_dim)) * 3,
+                      jnp.bfloat16)
+    qkv = qkv.at[0, heads + kv_heads].set(0)  # an all-zero V vector: scale 1, zeros stored
+    positions = jnp.zeros(tokens, jnp.int32)
+    inv_freq = jnp.asarray(inverse_frequencies(head_dim, 500000.0, None))
+    slots = jnp.asarray(rng.permutation(pages * page_size)[:tokens], jnp.int32)
+    layer = 1
+    k = apply_rope(qkv[:, heads:heads + kv_heads], positions, inv_freq)
+    want = []
+    for (pages_, scales), new in zip(old, (k, qkv[:, heads + kv_heads:]), strict=True):
+        values, scale = quantize_vectors(new, mode)
+        want += [scatter(pages_, values, layer, slots), scatter(scales, scale, layer, slots)]
+    before = [np.asarray(a.astype(jnp.float32)) for pair in old for a in pair]
+    run = jax.jit(lambda qkv, pos, f, kp, vp, ks, vs, layer, slots: rope_and_write_kv(
+        qkv, pos, f, kp, vp, layer, slots, num_heads=heads, k_scales=ks, v_scales=vs,
+        interpret=interpret), donate_argnums=(3, 4, 5, 6))
+    _, got_k, got_v, got_ks, got_vs = run(qkv, positions, inv_freq, old[0][0], old[1][0],
+                                          old[0][1], old[1][1], jnp.int32(layer), slots)
+    assert got_k.dtype == old[0][0].dtype and got_ks.dtype == jnp.float32
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))
+    want_k, want_ks, want_v, want_vs = map(f32, want)
+    for got, want_ in zip((got_k, got_ks, got_v, got_vs), (want_k, want_ks, want_v, want_vs),
+                          strict=True):
+        np.testing.assert_array_equal(f32(got), want_)
+    assert want_vs[layer, slots[0] // page_size, slots[0] % page_size, 0] == 1.0
+    untouched = np.ones(kv_shape[:3], bool)
+    untouched[layer, np.asarray(slots) // page_size, np.asarray(slots) % page_size] = False
+    for got, old_ in zip((got_k, got_ks, got_v, got_vs), before, strict=True):
+        np.testing.assert_array_equal(f32(got)[untouched], old_[untouched])
+
+
+def test_scales_must_come_with_quantized_pages():
+    pages, q8 = jnp.zeros((1, 2, 4, 2, 8)), jnp.zeros((1, 2, 4, 2, 8), jnp.int8)
+    scales = jnp.ones((1, 2, 4, 2), jnp.float32)
+    args = (jnp.zeros((3, 8, 8)), jnp.zeros(3, jnp.int32), jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"take float32 k_scales .* \(got None\)"):
+        rope_and_write_kv(*args, q8, q8, 0, jnp.zeros(3, jnp.int32), num_heads=4,
+                          interpret=True)
+    with pytest.raises(ValueError, match=r"exactly when they are int8 or fp8"):
+        rope_and_write_kv(*args, pages, pages, 0, jnp.zeros(3, jnp.int32), num_heads=4,
+                          k_scales=scales, v_scales=scales, interpret=True)
