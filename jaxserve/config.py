@@ -170,11 +170,14 @@ class RunnerSection:
     max_logprobs: int = 20
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
+    layer_loop: bool = False  # with layer_arrays: one loop body runs every layer (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
 
     def __post_init__(self):
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")
+        _check(self.layer_arrays or not self.layer_loop, "layer_loop",
+               "needs runner.layer_arrays: true (it runs per-layer weight arrays)")
         for key in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, key)
             _check(len(buckets) > 0 and all(b >= 1 for b in buckets), key,
@@ -241,13 +244,16 @@ class Config:
     def replace(self, **sections) -> Config:
         """A copy with whole sections or `section__field=value` overrides."""
         updates: dict = {}
+        fields: dict[str, dict] = {}  # a section's fields change together, checked once
         for key, value in sections.items():
             if "__" in key:
                 section, field = key.split("__", 1)
-                current = updates.get(section, getattr(self, section))
-                updates[section] = dataclasses.replace(current, **{field: value})
+                fields.setdefault(section, {})[field] = value
             else:
                 updates[key] = value
+        for section, changed in fields.items():
+            updates[section] = dataclasses.replace(updates.get(section, getattr(self, section)),
+                                                   **changed)
         return dataclasses.replace(self, **updates)
 
 
