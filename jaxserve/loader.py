@@ -178,6 +178,9 @@ def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:
     if model_config.is_mixed:
         raise ConfigError(f"runner.layer_arrays: true cannot be used with {model_config.name}, "
                           "whose dense and MoE layers are stacked apart")
+    if config.runner.layer_loop and model_config.is_moe:
+        raise ConfigError(f"runner.layer_loop: true cannot be used with {model_config.name}: "
+                          "its MoE layers are run unrolled (set it to false)")
 
 
 def parallel_plans(model_config: ModelConfig,

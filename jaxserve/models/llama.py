@@ -54,11 +54,13 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxserve.models.layer_select import LayerSelect, layer_params
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.quant import (
     SCALE,
     STORAGE,
+    block_axis,
     hadamard,
     kv_mode,
     qeinsum,
@@ -216,7 +218,17 @@ class Attention(nn.Module):
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization)
-        o = qeinsum("TNH,NHE->TE", out.astype(self.dtype), o_kernel, o_scale)
+        out = out.astype(self.dtype)
+        if isinstance(o_kernel, LayerSelect) and (
+                o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
+            # heads and head_dim as one contracted axis: with two, XLA's CPU layouts copied
+            # the weight transposed before every matmul (the layer loop's own program; the
+            # other layouts keep their sums as they were)
+            o = o_kernel.apply(lambda w, out, s: qeinsum(
+                "TK,KE->TE", out.reshape(out.shape[0], -1), w.reshape(-1, w.shape[-1]), s),
+                out, o_scale)
+        else:
+            o = qeinsum("TNH,NHE->TE", out, o_kernel, o_scale)
         return _sum_over(o, self.tensor_axis), (k_pages, v_pages, *extra.values())
 
 
@@ -392,6 +404,7 @@ class LlamaModel(nn.Module):
     layer_arrays: bool = False  # params hold "layers_0".. (split_layers), not stacked "layers"
     fused_qkv: bool = False  # each layer's q/k/v as one weight (fuse_qkv)
     fused_gate_up: bool = False  # each dense MLP's gate/up as one weight (fuse_gate_up)
+    layer_loop: bool = False  # with layer_arrays: one loop body for every layer (layer_select)
 
     def setup(self):
         c = self.config
@@ -401,6 +414,8 @@ class LlamaModel(nn.Module):
         if self.layer_arrays:  # one module per layer: params "layers_0", "layers_1", ...
             if c.is_mixed:
                 raise ValueError("layer_arrays: models mixing dense and MoE layers keep stacks")
+            if self.layer_loop and c.is_moe:
+                raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
                                         self.fused_qkv, self.fused_gate_up)
                            for _ in range(c.num_layers)]
@@ -433,6 +448,8 @@ class LlamaModel(nn.Module):
 
     def decode(self, x, kv, meta: AttentionMetadata):
         """x [T, embed] through every layer this model holds; K/V written into `kv`."""
+        if self.layer_arrays and self.layer_loop and not self.is_initializing():
+            return self._layer_loop(x, kv, meta)
         if self.layer_arrays:
             for i, layer in enumerate(self.layers):
                 (x, kv), _ = layer((x, kv), jnp.int32(i), meta)
@@ -441,6 +458,20 @@ class LlamaModel(nn.Module):
         stacks = {"mlp": self.dense_mlp(), "moe": self.moe()} if self.config.is_mixed else None
         (x, kv), _ = self.layers((x, kv), layers, meta, stacks)
         return x, kv
+
+    def _layer_loop(self, x, kv, meta: AttentionMetadata):
+        """The per-layer arrays' layers as one loop body: each matmul picks its layer's
+        weight by lax.switch (models/layer_select.py), so no weight is copied and the layer
+        is compiled once, not once per layer."""
+        params = self.variables["params"]
+        per_layer = [params[f"layers_{i}"] for i in range(self.config.num_layers)]
+        layer = self.layers[0].clone(parent=None, name=None)
+
+        def body(i, carry):
+            carry, _ = layer.apply({"params": layer_params(per_layer, i)}, carry, i, meta)
+            return carry
+
+        return jax.lax.fori_loop(0, self.config.num_layers, body, (x, kv))
 
     def logits(self, x, logits_indices):
         """Float32 logits [S, vocab] of the rows `logits_indices` of x [T, embed]."""

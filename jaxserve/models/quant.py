@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.models.layer_select import LayerSelect
+
 KV_STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
 STORAGE = {**KV_STORAGE, "q8_0": np.dtype(np.int8)}
 QMAX = {"int8": 127.0, "q8_0": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
@@ -162,7 +164,10 @@ def kv_mode(dtype) -> str | None:
 
 def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
     """einsum(eq, x, w) in x's dtype; a quantized w is converted on the fly and the output
-    scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs)."""
+    scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs).
+    A LayerSelect w (runner.layer_loop) runs the einsum on its layer's weight as it lies."""
+    if isinstance(w, LayerSelect):
+        return w.apply(lambda weight, x, scale: qeinsum(eq, x, weight, scale), x, scale)
     if scale is None:
         return jnp.einsum(eq, x, w)
     # The barrier keeps XLA from moving the conversion out of the layer onto the whole

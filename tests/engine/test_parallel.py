@@ -15,7 +15,7 @@ from jaxserve.config import Config
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
-from jaxserve.loader import load_model
+from jaxserve.loader import check_layer_arrays, load_model
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import STORAGE
 from sharding.mesh import MeshConfig
@@ -283,6 +283,54 @@ def test_layer_arrays_join_qkv_where_heads_are_not_split(small_config, demo_prom
     assert "gate_proj" not in mlp and "up_proj" not in mlp
     assert mlp["gate_up_proj"].shape == (c.hidden_size, 2, c.intermediate_size)
     assert greedy(engine, demo_prompts) == demo_reference
+
+
+@pytest.mark.parametrize("mesh", [dict(tensor=3), dict(data=2)], ids=["tensor3", "data2"])
+def test_layer_loop_gives_the_same_tokens(small_config, demo_prompts, demo_reference, mesh):
+    """runner.layer_loop: the per-layer arrays run by one loop body, each matmul picking its
+    layer's weight by lax.switch; q/k/v apart (heads split over tensor) or joined."""
+    config = small_config.replace(runner__layer_arrays=True, runner__layer_loop=True)
+    assert greedy(engine_on(config, **mesh), demo_prompts) == demo_reference
+
+
+# f32 arrays of a demo weight's shape (one layer's, joined or not; the tied embedding)
+WEIGHT_SHAPES = {"576,15,64", "576,960", "9,64,576", "576,576", "576,2,1536", "576,3072",
+                 "576,1536", "1536,576", "576,9,64", "576,3,64", "576,192", "49152,576",
+                 "576,49152"}
+RESULT = re.compile(r"= f32\[([\d,]+)\]\S* ([a-z][\w.-]*)\(")
+
+
+def weight_copies(hlo: str) -> list[str]:
+    """The ops of a compiled step that produce an array of a weight's shape: copies (a
+    parameter, a bitcast or a tuple's element is the weight itself)."""
+    found = []
+    for line in hlo.splitlines():
+        m = RESULT.search(line)
+        if m and m.group(1) in WEIGHT_SHAPES and m.group(2).split(".")[0] not in (
+                "parameter", "get-tuple-element", "bitcast", "tuple"):
+            found.append(line.strip()[:120])
+    return found
+
+
+def test_layer_loop_copies_no_weight(small_config):
+    """In the layer scan XLA's CPU backend copies each weight out of its stack before the
+    matmul (every step, every layer); in the layer loop's program no op makes a weight-sized
+    array at all."""
+    scan = engine_on(small_config).runner.compiled_text(16, 4)
+    assert len(weight_copies(scan)) >= 4  # q/k/v, o, gate, up, down slices of the stacks
+    loop = engine_on(small_config.replace(runner__layer_arrays=True, runner__layer_loop=True))
+    assert weight_copies(loop.runner.compiled_text(16, 4)) == []
+
+
+def test_layer_loop_needs_layer_arrays_and_dense_layers(small_config):
+    with pytest.raises(ValueError, match=r"layer_loop: needs runner.layer_arrays: true"):
+        small_config.replace(runner__layer_loop=True)
+    moe = ModelConfig("mixtral", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32)
+    config = small_config.replace(runner__layer_arrays=True, runner__layer_loop=True)
+    with pytest.raises(ConfigError, match=r"runner.layer_loop: true cannot be used with .*MoE"):
+        check_layer_arrays(config, moe)
 
 
 def test_layer_arrays_refuse_pipeline_stages(small_config):

@@ -126,6 +126,15 @@ def test_joined_weights_match_numpy(name, layer_arrays):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("joined", [True, False], ids=["joined", "apart"])
+def test_layer_loop_matches_numpy(name, joined):
+    """runner.layer_loop: per-layer weight arrays run by one loop body, each matmul picking
+    its layer's weight by lax.switch (q/k/v and gate/up joined or apart; norms and Qwen2's
+    biases picked out of stacks)."""
+    check_against_numpy(name, (4, 1, 6), joined=joined, layer_arrays=True, layer_loop=True)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_rope_and_kv_written_by_the_pallas_kernel_match_numpy(name):
     """RoPE and the K/V writes done by pallas_kernels/rope_kv_write.py (interpret mode) in
     place of the model's own ops, as the Pallas backends do on GPU with per-layer weight
@@ -242,7 +251,7 @@ def test_fuse_gate_up_stacks_each_layers_halves_before_the_mlp_axis():
 
 
 def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False,
-                        attention=ragged_paged_attention_reference):
+                        attention=ragged_paged_attention_reference, layer_loop=False):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
@@ -254,12 +263,13 @@ def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arr
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
     model = LlamaModel(c, jnp.float32, attention,
                        kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined,
-                       fused_gate_up=joined)
-    if joined:
+                       fused_gate_up=joined, layer_loop=layer_loop)
+    if layer_arrays or joined:
         flat = jax.tree.map(jnp.asarray, flatten_params(params))
         if layer_arrays:
             flat = split_layers(flat, c.num_layers)
-        params = nest_params(fuse_gate_up(fuse_qkv(flat)))
+        params = nest_params(fuse_gate_up(fuse_qkv(flat)) if joined else flat)
+    if joined:
         layer = params["layers_0" if layer_arrays else "layers"]
         assert "q_proj" not in layer["attn"] and "gate_proj" not in layer["mlp"]
         assert layer["attn"]["qkv_proj"]["kernel"].shape[-3:] == (

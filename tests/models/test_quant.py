@@ -273,16 +273,19 @@ def greedy(config, prompts, mesh=None):
                         SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
 
-def assert_meshes_give_the_tokens_of_one_device(config, tokenizer):
+def assert_meshes_give_the_tokens_of_one_device(config, tokenizer, layer_loop=True):
     """Greedy tokens on `tensor: 3` and on `pipeline: 2` equal those on one device, and so do
     those of per-layer weight arrays, whose q/k/v and gate/up weights and scales are
-    joined."""
+    joined, unrolled or (layer_loop) run by one loop body (runner.layer_loop)."""
     prompts = [tokenizer.encode(t) for t in
                ("The capital of France is", "def fibonacci(n):", "List three colors:")]
     one = greedy(config, prompts)
     assert greedy(config, prompts, MeshConfig(tensor=3)) == one
     assert greedy(config, prompts, MeshConfig(pipeline=2)) == one
     assert greedy(config.replace(runner__layer_arrays=True), prompts) == one
+    if layer_loop:
+        assert greedy(config.replace(runner__layer_arrays=True, runner__layer_loop=True),
+                      prompts) == one
 
 
 @pytest.mark.parametrize("mode", ["int8", "q8_0"])
@@ -453,7 +456,11 @@ def test_engine_with_a_quantized_kv_cache(demo_config, demo_model, kv_dtype, sto
                                  cache__kv_cache_memory=float(budget),
                                  cache__kv_rotation=rotation,
                                  runner__compilation_cache_dir=None)
-    assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer)
+    # The layer loop sums o_proj over heads x head_dim in another order than the other
+    # layouts; fp8's 3-bit mantissa turns that into another token at a near-tie (the 6th
+    # of one prompt), so its tokens are asserted for int8 pages only.
+    assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer,
+                                                layer_loop=kv_dtype == "int8")
 
     m = demo_model
     engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
