@@ -17,8 +17,10 @@ DEMO_CONFIG = REPO / "configs" / "smollm2-135m-cpu.yaml"
 
 @pytest.fixture(scope="session")
 def demo_config():
-    """The demo config with test-sized buckets; the model is fetched/converted once into
-    JAXSERVE_CACHE_DIR (default ~/.cache/jaxserve) and reused across runs."""
+    """The demo config with test-sized buckets and stacked layers (the layout every mesh
+    takes, pipeline stages too; the demo's own layer loop has tests of its own); the model
+    is fetched/converted once into JAXSERVE_CACHE_DIR (default ~/.cache/jaxserve) and reused
+    across runs."""
     from jaxserve.config import load_config
 
     cache = os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")
@@ -28,6 +30,8 @@ def demo_config():
         runner__token_buckets=(16, 64),
         runner__seq_buckets=(4, 16),
         scheduler__max_num_batched_tokens=64,
+        runner__layer_arrays=False,
+        runner__layer_loop=False,
     )
 
 

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.config import load_config
 from jaxserve.engine.input_processor import InputProcessor
 from jaxserve.engine.request import SamplingParams
 from jaxserve.models.llama import AttentionMetadata, LlamaModel
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+DEMO_CONFIG = pathlib.Path(__file__).parent.parent / "configs" / "smollm2-135m-cpu.yaml"
 GOLDEN = json.loads((FIXTURES / "smollm2_golden.json").read_text())
 CASES = GOLDEN["cases"]
 
@@ -34,6 +36,22 @@ def test_greedy_ids_match_transformers(demo_llm):
     for case, out in zip(CASES, outs, strict=True):
         assert out.token_ids == case["greedy_ids"], case["text"]
         assert out.text == case["text_out"], case["text"]
+
+
+def test_greedy_ids_match_transformers_in_the_demos_layer_loop(demo_config):
+    """The same, with the demo config's own runner layout (per-layer arrays run by one loop
+    body, q/k/v and gate/up joined)."""
+    from jaxserve.engine.llm import LLM
+
+    demo = load_config(DEMO_CONFIG).runner
+    assert demo.layer_arrays and demo.layer_loop
+    llm = LLM(demo_config.replace(runner__layer_arrays=True, runner__layer_loop=True),
+              progress=False)
+    prompts = [_encode(llm.tokenizer, c) for c in CASES]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=GOLDEN["max_new_tokens"],
+                                                temperature=0.0))
+    for case, out in zip(CASES, outs, strict=True):
+        assert out.token_ids == case["greedy_ids"], case["text"]
 
 
 def test_first_step_logits_match_transformers(demo_model):

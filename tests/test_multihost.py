@@ -52,7 +52,9 @@ def config_file(demo_config, demo_model, tmp_path_factory):
                      ("token_buckets: [1, 4, 16, 64, 256, 1024, 2048]", "token_buckets: [16, 64]"),
                      ("seq_buckets: [1, 4, 16]", "seq_buckets: [4, 16]"),
                      ("max_num_batched_tokens: 2048", "max_num_batched_tokens: 64"),
-                     ("metrics_port: 9400", "metrics_port: null")):
+                     ("metrics_port: 9400", "metrics_port: null"),
+                     ("layer_arrays: true", "layer_arrays: false"),  # stages split stacks
+                     ("layer_loop: true", "layer_loop: false")):
         assert old in text, old
         text = text.replace(old, new)
     text += "distributed:\n  init_timeout_s: 20\n  step_timeout_s: 10\n"
