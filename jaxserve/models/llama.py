@@ -23,7 +23,9 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
 `runner.layer_arrays` splits the stacks into `layers_{i}/...` arrays (split_layers), and on
 one tensor rank each layer's q/k/v then become one `attn/qkv_proj` [embed, heads + 2
 kv_heads, head_dim] (fuse_qkv), and a dense MLP's gate and up one `mlp/gate_up_proj` [embed, 2,
-mlp] (fuse_gate_up): one GEMM each instead of three and two.
+mlp] (fuse_gate_up): one GEMM each instead of three and two. Per-layer arrays run unrolled,
+or with `runner.layer_loop` in one loop body whose matmuls pick their layer's weight
+(models/layer_select.py).
 
 A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
 `decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
