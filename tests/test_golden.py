@@ -29,13 +29,17 @@ def test_prompt_ids_match_transformers(demo_model, case):
     assert _encode(demo_model.tokenizer, case) == case["prompt_ids"]
 
 
-def test_greedy_ids_match_transformers(demo_llm):
-    prompts = [_encode(demo_llm.tokenizer, c) for c in CASES]
+def assert_greedy_ids_match_transformers(llm):
+    prompts = [_encode(llm.tokenizer, c) for c in CASES]
     params = SamplingParams(max_tokens=GOLDEN["max_new_tokens"], temperature=0.0)
-    outs = demo_llm.generate(prompts, params)
+    outs = llm.generate(prompts, params)
     for case, out in zip(CASES, outs, strict=True):
         assert out.token_ids == case["greedy_ids"], case["text"]
         assert out.text == case["text_out"], case["text"]
+
+
+def test_greedy_ids_match_transformers(demo_llm):
+    assert_greedy_ids_match_transformers(demo_llm)
 
 
 def test_greedy_ids_match_transformers_in_the_demos_layer_loop(demo_config):
@@ -45,13 +49,9 @@ def test_greedy_ids_match_transformers_in_the_demos_layer_loop(demo_config):
 
     demo = load_config(DEMO_CONFIG).runner
     assert demo.layer_arrays and demo.layer_loop
-    llm = LLM(demo_config.replace(runner__layer_arrays=True, runner__layer_loop=True),
-              progress=False)
-    prompts = [_encode(llm.tokenizer, c) for c in CASES]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=GOLDEN["max_new_tokens"],
-                                                temperature=0.0))
-    for case, out in zip(CASES, outs, strict=True):
-        assert out.token_ids == case["greedy_ids"], case["text"]
+    assert_greedy_ids_match_transformers(
+        LLM(demo_config.replace(runner__layer_arrays=True, runner__layer_loop=True),
+            progress=False))
 
 
 def test_first_step_logits_match_transformers(demo_model):
