@@ -171,6 +171,7 @@ class RunnerSection:
     scan_unroll: int = 1  # decoder layers per loop iteration; more = bigger, faster code
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
     layer_loop: bool = False  # with layer_arrays: one loop body runs every layer (README)
+    transposed_weights: bool = False  # with layer_arrays: linear weights outputs-first (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
 
@@ -178,6 +179,8 @@ class RunnerSection:
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")
         _check(self.layer_arrays or not self.layer_loop, "layer_loop",
                "needs runner.layer_arrays: true (it runs per-layer weight arrays)")
+        _check(self.layer_arrays or not self.transposed_weights, "transposed_weights",
+               "needs runner.layer_arrays: true (it transposes per-layer weight arrays)")
         for key in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, key)
             _check(len(buckets) > 0 and all(b >= 1 for b in buckets), key,

@@ -31,6 +31,7 @@ from jaxserve.models.llama import (
     nest_params,
     param_specs,
     split_layers,
+    transpose_weights,
 )
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import SCALE, block_problem, quantize, quantized_weights
@@ -138,6 +139,8 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         # made the B=1 step 2-3 ms slower.
         if config.mesh.tensor == 1:
             flat = fuse_gate_up(fuse_qkv(flat))
+        if config.runner.transposed_weights:
+            flat = transpose_weights(flat)
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,
@@ -181,6 +184,10 @@ def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:
     if config.runner.layer_loop and model_config.is_moe:
         raise ConfigError(f"runner.layer_loop: true cannot be used with {model_config.name}: "
                           "its MoE layers are run unrolled (set it to false)")
+    if config.runner.transposed_weights and model_config.is_moe:
+        raise ConfigError(f"runner.transposed_weights: true cannot be used with "
+                          f"{model_config.name}: expert weights keep their layout (set it to "
+                          "false)")
 
 
 def parallel_plans(model_config: ModelConfig,

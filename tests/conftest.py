@@ -32,6 +32,7 @@ def demo_config():
         scheduler__max_num_batched_tokens=64,
         runner__layer_arrays=False,
         runner__layer_loop=False,
+        runner__transposed_weights=False,
     )
 
 

@@ -44,14 +44,14 @@ def test_greedy_ids_match_transformers(demo_llm):
 
 def test_greedy_ids_match_transformers_in_the_demos_layer_loop(demo_config):
     """The same, with the demo config's own runner layout (per-layer arrays run by one loop
-    body, q/k/v and gate/up joined)."""
+    body, q/k/v and gate/up joined, stored outputs-first)."""
     from jaxserve.engine.llm import LLM
 
     demo = load_config(DEMO_CONFIG).runner
-    assert demo.layer_arrays and demo.layer_loop
+    assert demo.layer_arrays and demo.layer_loop and demo.transposed_weights
     assert_greedy_ids_match_transformers(
-        LLM(demo_config.replace(runner__layer_arrays=True, runner__layer_loop=True),
-            progress=False))
+        LLM(demo_config.replace(runner__layer_arrays=True, runner__layer_loop=True,
+                                runner__transposed_weights=True), progress=False))
 
 
 def test_first_step_logits_match_transformers(demo_model):

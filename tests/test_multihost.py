@@ -54,7 +54,8 @@ def config_file(demo_config, demo_model, tmp_path_factory):
                      ("max_num_batched_tokens: 2048", "max_num_batched_tokens: 64"),
                      ("metrics_port: 9400", "metrics_port: null"),
                      ("layer_arrays: true", "layer_arrays: false"),  # stages split stacks
-                     ("layer_loop: true", "layer_loop: false")):
+                     ("layer_loop: true", "layer_loop: false"),
+                     ("transposed_weights: true", "transposed_weights: false")):
         assert old in text, old
         text = text.replace(old, new)
     text += "distributed:\n  init_timeout_s: 20\n  step_timeout_s: 10\n"

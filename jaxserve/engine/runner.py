@@ -293,7 +293,8 @@ class Runner:
                            layer_arrays=has_layer_arrays(params),
                            fused_qkv=has_fused_qkv(params),
                            fused_gate_up=has_fused_gate_up(params),
-                           layer_loop=config.runner.layer_loop)
+                           layer_loop=config.runner.layer_loop,
+                           transposed=config.runner.transposed_weights)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of FLASH_MIN_TOKENS tokens or more
         if getattr(attention, "takes_new_kv", False):

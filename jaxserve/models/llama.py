@@ -25,7 +25,9 @@ one tensor rank each layer's q/k/v then become one `attn/qkv_proj` [embed, heads
 kv_heads, head_dim] (fuse_qkv), and a dense MLP's gate and up one `mlp/gate_up_proj` [embed, 2,
 mlp] (fuse_gate_up): one GEMM each instead of three and two. Per-layer arrays run unrolled,
 or with `runner.layer_loop` in one loop body whose matmuls pick their layer's weight
-(models/layer_select.py).
+(models/layer_select.py). `runner.transposed_weights` then stores each layer's linear
+weights outputs-first, [outputs..., inputs...] (transpose_weights; models/transposed.py), for
+XLA's CPU matmuls.
 
 A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
 `decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
@@ -56,7 +58,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxserve.models.layer_select import LayerSelect, layer_params
+from jaxserve.models.layer_select import LayerSelect, is_matmul_weight, layer_params
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.quant import (
@@ -70,6 +72,7 @@ from jaxserve.models.quant import (
     scale_spec,
 )
 from jaxserve.models.rope import apply_rope, inverse_frequencies
+from jaxserve.models.transposed import Transposed, transposed_einsum, transposed_shape
 
 
 @jax.tree_util.register_dataclass
@@ -106,15 +109,26 @@ def _param(module, name, shape, names, dtype, init=_init):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
-def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str):
+def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str,
+            transposed: bool = False):
     """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
-    weight's axes less the `contracted` ones: (weight, scale or None)."""
+    weight's axes less the `contracted` ones: (weight, scale or None). `shape` and `names`
+    list the contracted axes first. With `transposed` (runner.transposed_weights) the weight
+    is stored outputs-first and comes back as a Transposed (models/transposed.py); q8_0
+    weights keep their layout (their scales run along the inputs)."""
+    stored = transposed and mode != "q8_0"
+    if stored and names[:len(contracted)] != contracted:
+        raise ValueError(f"{name}: a transposed weight needs its contracted axes {contracted} "
+                         f"first (got {names})")
+    wrap = (lambda w: Transposed(w, len(contracted))) if stored else (lambda w: w)
+    w_shape, w_names = ((transposed_shape(shape, len(contracted)),
+                         transposed_shape(names, len(contracted))) if stored else (shape, names))
     if mode == "none":
-        return _param(module, name, shape, names, dtype), None
-    w = _param(module, name, shape, names, STORAGE[mode], nn.initializers.zeros)
+        return wrap(_param(module, name, w_shape, w_names, dtype)), None
+    w = _param(module, name, w_shape, w_names, STORAGE[mode], nn.initializers.zeros)
     scale = _param(module, name + SCALE, *scale_spec(names, shape, contracted, mode), jnp.float32,
                    nn.initializers.ones)
-    return w, scale
+    return wrap(w), scale
 
 
 class RMSNorm(nn.Module):
@@ -140,12 +154,13 @@ class Projection(nn.Module):
     use_bias: bool
     dtype: jnp.dtype
     quantization: str = "none"
+    transposed: bool = False  # the kernel stored outputs-first (runner.transposed_weights)
 
     @nn.compact
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
-                                self.dtype, ("embed",), self.quantization)
+                                self.dtype, ("embed",), self.quantization, self.transposed)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -161,12 +176,14 @@ class Attention(nn.Module):
     tensor_axis: str | None = None
     kv_rotation: bool = False  # cache.kv_rotation: Q, K, V rotated, the output back
     fused_qkv: bool = False  # one qkv_proj weight (fuse_qkv), not three
+    transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
-                                                self.dtype, c.quantization, name=name)(x)
+                                                self.dtype, c.quantization, self.transposed,
+                                                name=name)(x)
         if self.fused_qkv:
             h, kvh = c.num_heads, c.num_kv_heads
             qkv = proj("qkv_proj", h + 2 * kvh, "heads")  # [T, H + 2K, D]
@@ -219,7 +236,7 @@ class Attention(nn.Module):
             out = turn(out)
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
-                                    ("heads", "head_dim"), c.quantization)
+                                    ("heads", "head_dim"), c.quantization, self.transposed)
         out = out.astype(self.dtype)
         if isinstance(o_kernel, LayerSelect) and (
                 o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
@@ -249,7 +266,8 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
 
 
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
-                quantization: str = "none", fused: bool = False) -> dict:
+                quantization: str = "none", fused: bool = False,
+                transposed: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
     w = {}
@@ -257,7 +275,7 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
               (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp"))))
     for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
-                                axes[:1], quantization)
+                                axes[:1], quantization, transposed)
         if scale is not None:
             w[f"{key}_scale"] = scale
     return w
@@ -281,11 +299,12 @@ class MLP(nn.Module):
     dtype: jnp.dtype
     parallel: Parallel = Parallel()
     fused_gate_up: bool = False  # one gate_up_proj weight (fuse_gate_up), not two
+    transposed: bool = False  # weights stored outputs-first (transpose_weights)
 
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
-                        fused=self.fused_gate_up)
+                        fused=self.fused_gate_up, transposed=self.transposed)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -367,6 +386,7 @@ class DecoderLayer(nn.Module):
     kv_rotation: bool = False
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -374,7 +394,7 @@ class DecoderLayer(nn.Module):
         c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
-                          self.fused_qkv, name="attn")(h, kv, layer, meta)
+                          self.fused_qkv, self.transposed, name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -382,7 +402,8 @@ class DecoderLayer(nn.Module):
         elif c.is_moe:
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
-            y, experts = MLP(c, self.dtype, par, self.fused_gate_up, name="mlp")(h), None
+            y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
+                             name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -407,6 +428,7 @@ class LlamaModel(nn.Module):
     fused_qkv: bool = False  # each layer's q/k/v as one weight (fuse_qkv)
     fused_gate_up: bool = False  # each dense MLP's gate/up as one weight (fuse_gate_up)
     layer_loop: bool = False  # with layer_arrays: one loop body for every layer (layer_select)
+    transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
 
     def setup(self):
         c = self.config
@@ -419,7 +441,7 @@ class LlamaModel(nn.Module):
             if self.layer_loop and c.is_moe:
                 raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
-                                        self.fused_qkv, self.fused_gate_up)
+                                        self.fused_qkv, self.fused_gate_up, self.transposed)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
@@ -478,7 +500,10 @@ class LlamaModel(nn.Module):
     def logits(self, x, logits_indices):
         """Float32 logits [S, vocab] of the rows `logits_indices` of x [T, embed]."""
         x = self.final_norm(x[logits_indices])
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.transposed:  # [vocab, embed]: outputs-first
+            logits = transposed_einsum("SE,EV->SV", x, Transposed(self.embedding, 1),
+                                       preferred_element_type=jnp.float32)
+        elif self.config.tie_word_embeddings:
             logits = jnp.einsum("SE,VE->SV", x, self.embedding,
                                 preferred_element_type=jnp.float32)
         else:
@@ -620,6 +645,43 @@ def _stack_halves(sharding, ndim: int):
         spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
         sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[:-1], None, spec[-1]))
     return jax.jit(lambda parts: jnp.stack(parts, axis=ndim - 1), out_shardings=sharding)
+
+
+# Linear weights whose inputs are every axis but the last (the row-parallel projections);
+# the others (q/k/v kernels, gate, up) have one input axis, the first: embed.
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def transpose_weights(flat: dict) -> dict:
+    """Each layer's float, int8 or fp8 linear weight (split_layers' `layers_{i}/...`) ->
+    stored outputs-first, [outputs..., inputs...] (models/transposed.py; the tree of
+    LlamaModel(transposed=True)), each array deleted once transposed. A sharded weight keeps
+    each axis split as it was. q8_0 weights (a `_scale` with the weight's rank) keep their
+    layout, as the model declares them."""
+    out = dict(flat)
+    for path, value in flat.items():
+        names = tuple(path.split("/"))
+        if not names[0].startswith("layers_") or not is_matmul_weight(names):
+            continue
+        scale = flat.get(path + SCALE)
+        if scale is not None and block_axis(value.shape, scale.shape) is not None:
+            continue
+        name = names[-2] if names[-1] == "kernel" else names[-1]
+        inputs = value.ndim - 1 if name in ROW_PARALLEL else 1
+        perm = transposed_shape(tuple(range(value.ndim)), inputs)
+        sharding = value.sharding if isinstance(value, jax.Array) else None
+        if isinstance(sharding, NamedSharding):
+            spec = (*sharding.spec, *(None,) * (value.ndim - len(sharding.spec)))
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in perm)))
+        out[path] = _transpose(sharding, perm)(value)
+        if isinstance(value, jax.Array):
+            value.delete()
+    return out
+
+
+@functools.cache
+def _transpose(sharding, perm: tuple[int, ...]):
+    return jax.jit(lambda a: jnp.transpose(a, perm), out_shardings=sharding)
 
 
 def has_fused_gate_up(params: dict) -> bool:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.layer_select import LayerSelect
+from jaxserve.models.transposed import Transposed, transposed_einsum
 
 KV_STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
 STORAGE = {**KV_STORAGE, "q8_0": np.dtype(np.int8)}
@@ -165,7 +166,13 @@ def kv_mode(dtype) -> str | None:
 def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
     """einsum(eq, x, w) in x's dtype; a quantized w is converted on the fly and the output
     scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs).
-    A LayerSelect w (runner.layer_loop) runs the einsum on its layer's weight as it lies."""
+    A LayerSelect w (runner.layer_loop) runs the einsum on its layer's weight as it lies; a
+    Transposed w (runner.transposed_weights) is stored outputs-first (models/transposed.py)."""
+    if isinstance(w, Transposed):
+        if scale is None:
+            return transposed_einsum(eq, x, w)
+        y = transposed_einsum(eq, x, w, preferred_element_type=jnp.float32)
+        return (y * scale.astype(jnp.float32)).astype(x.dtype)
     if isinstance(w, LayerSelect):
         return w.apply(lambda weight, x, scale: qeinsum(eq, x, weight, scale), x, scale)
     if scale is None:

@@ -293,10 +293,31 @@ def test_layer_loop_gives_the_same_tokens(small_config, demo_prompts, demo_refer
     assert greedy(engine_on(config, **mesh), demo_prompts) == demo_reference
 
 
+@pytest.mark.parametrize("mesh", [dict(tensor=3), dict(data=2)], ids=["tensor3", "data2"])
+def test_transposed_weights_give_the_same_tokens(small_config, demo_prompts, demo_reference,
+                                                 mesh):
+    """runner.transposed_weights: the linear weights stored outputs-first (split over tensor
+    ranks on the axes they were split on), in the layer loop; the prefill chunks take the
+    x . W^T form and the decodes the W . x^T one."""
+    config = small_config.replace(runner__layer_arrays=True, runner__layer_loop=True,
+                                  runner__transposed_weights=True)
+    engine = engine_on(config, **mesh)
+    attn = engine.runner.params["layers_0"]["attn"]
+    c = engine.model_config
+    if mesh.get("tensor"):  # q/k/v apart, heads split: [heads, head_dim, embed] per rank
+        assert attn["q_proj"]["kernel"].shape == (c.num_heads, c.head_dim, c.hidden_size)
+        assert attn["q_proj"]["kernel"].sharding.spec[0] == "tensor"
+    else:
+        assert attn["qkv_proj"]["kernel"].shape == (c.num_heads + 2 * c.num_kv_heads,
+                                                    c.head_dim, c.hidden_size)
+    assert attn["o_proj"].shape == (c.hidden_size, c.num_heads, c.head_dim)
+    assert greedy(engine, demo_prompts) == demo_reference
+
+
 # f32 arrays of a demo weight's shape (one layer's, joined or not; the tied embedding)
 WEIGHT_SHAPES = {"576,15,64", "576,960", "9,64,576", "576,576", "576,2,1536", "576,3072",
                  "576,1536", "1536,576", "576,9,64", "576,3,64", "576,192", "49152,576",
-                 "576,49152"}
+                 "576,49152", "15,64,576", "2,1536,576", "3072,576", "960,576"}
 RESULT = re.compile(r"= f32\[([\d,]+)\]\S* ([a-z][\w.-]*)\(")
 
 
@@ -320,9 +341,14 @@ def test_layer_loop_copies_no_weight(small_config):
     assert len(weight_copies(scan)) >= 4  # q/k/v, o, gate, up, down slices of the stacks
     loop = engine_on(small_config.replace(runner__layer_arrays=True, runner__layer_loop=True))
     assert weight_copies(loop.runner.compiled_text(16, 4)) == []
+    transposed = engine_on(small_config.replace(runner__layer_arrays=True,
+                                                runner__layer_loop=True,
+                                                runner__transposed_weights=True))
+    assert weight_copies(transposed.runner.compiled_text(16, 4)) == []
+    assert weight_copies(transposed.runner.compiled_text(64, 4)) == []
 
 
-def test_layer_loop_needs_layer_arrays_and_dense_layers(small_config):
+def test_layer_loop_and_transposed_weights_need_layer_arrays_and_dense_layers(small_config):
     with pytest.raises(ValueError, match=r"layer_loop: needs runner.layer_arrays: true"):
         small_config.replace(runner__layer_loop=True)
     moe = ModelConfig("mixtral", vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -330,6 +356,12 @@ def test_layer_loop_needs_layer_arrays_and_dense_layers(small_config):
                       num_experts_per_tok=2, moe_intermediate_size=32)
     config = small_config.replace(runner__layer_arrays=True, runner__layer_loop=True)
     with pytest.raises(ConfigError, match=r"runner.layer_loop: true cannot be used with .*MoE"):
+        check_layer_arrays(config, moe)
+    with pytest.raises(ValueError, match=r"transposed_weights: needs runner.layer_arrays: true"):
+        small_config.replace(runner__transposed_weights=True)
+    config = small_config.replace(runner__layer_arrays=True, runner__transposed_weights=True)
+    with pytest.raises(ConfigError, match=r"runner.transposed_weights: true cannot be used "
+                                          r"with .*: expert weights keep their layout"):
         check_layer_arrays(config, moe)
 
 

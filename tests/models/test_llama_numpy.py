@@ -19,6 +19,7 @@ from jaxserve.models.llama import (
     nest_params,
     param_specs,
     split_layers,
+    transpose_weights,
 )
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from jaxserve.models.quant import KV_STORAGE
@@ -132,6 +133,46 @@ def test_layer_loop_matches_numpy(name, joined):
     its layer's weight by lax.switch (q/k/v and gate/up joined or apart; norms and Qwen2's
     biases picked out of stacks)."""
     check_against_numpy(name, (4, 1, 6), joined=joined, layer_arrays=True, layer_loop=True)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "unrolled"])
+@pytest.mark.parametrize("joined", [True, False], ids=["joined", "apart"])
+def test_transposed_weights_match_numpy(name, loop, joined):
+    """runner.transposed_weights: each linear weight stored outputs-first and multiplied as
+    W . x^T (the 1-token and 4-token chunks) or x . W^T (a 40-token chunk, more than
+    SMALL_ROWS), in the layer loop or unrolled."""
+    check_against_numpy(name, (4, 1, 40), joined=joined, layer_arrays=True, layer_loop=loop,
+                        transposed=True)
+
+
+def test_transpose_weights_puts_outputs_first():
+    """Each layer's q/k/v kernels, gate and up become [outputs, embed], o_proj [embed, heads,
+    head_dim] and down [embed, mlp]; biases, norms, scales, the embedding and a q8_0 weight
+    stay."""
+    c = CONFIGS["qwen2-bias-tied"]
+    flat = split_layers(jax.tree.map(jnp.asarray, flatten_params(random_params(c, seed=3))),
+                        c.num_layers)
+    # a q8_0 block scale (the weight's rank) keeps its weight's layout; a per-channel one not
+    down = flat["layers_0/mlp/down_proj"].shape
+    flat["layers_0/mlp/down_proj_scale"] = jnp.ones((down[0] // 8, down[1]))
+    q = flat["layers_0/attn/q_proj/kernel"].shape
+    flat["layers_0/attn/q_proj/kernel_scale"] = jnp.ones((q[0] // 8, *q[1:]))
+    flat["layers_1/attn/o_proj_scale"] = jnp.ones((c.hidden_size,))
+    want = {k: np.asarray(v) for k, v in flat.items()}
+    out = transpose_weights(dict(flat))
+    assert sorted(out) == sorted(want)
+    for path, value in out.items():
+        leaf = path.split("/")[-2 if path.endswith("/kernel") else -1]
+        if path in ("layers_0/mlp/down_proj", "layers_0/attn/q_proj/kernel"):
+            np.testing.assert_array_equal(value, want[path])
+        elif leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            np.testing.assert_array_equal(value, np.moveaxis(want[path], 0, -1))
+        elif leaf in ("o_proj", "down_proj"):
+            np.testing.assert_array_equal(value, np.moveaxis(want[path], -1, 0))
+        else:
+            np.testing.assert_array_equal(value, want[path])
+    assert out["layers_0/attn/o_proj"].shape == (c.hidden_size, c.num_heads, c.head_dim)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -251,25 +292,28 @@ def test_fuse_gate_up_stacks_each_layers_halves_before_the_mlp_axis():
 
 
 def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arrays=False,
-                        attention=ragged_paged_attention_reference, layer_loop=False):
+                        attention=ragged_paged_attention_reference, layer_loop=False,
+                        transposed=False):
     c = CONFIGS[name]
     params = random_params(c, seed=len(name))
     ids = np.random.default_rng(1).integers(0, c.vocab_size, sum(chunks)).astype(np.int32)
     want = np_forward(c, jax.tree.map(np.float64, params), ids)
 
-    page_size, num_pages = 4, 6
+    page_size, num_pages = (4 if sum(chunks) <= 16 else 16), 6
     kv_shape = (c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim)
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
     pages = np.array([3, 1, 5, 2], np.int32)  # scattered pages, none the null page
     model = LlamaModel(c, jnp.float32, attention,
                        kv_rotation=kv_rotation, layer_arrays=layer_arrays, fused_qkv=joined,
-                       fused_gate_up=joined, layer_loop=layer_loop)
+                       fused_gate_up=joined, layer_loop=layer_loop, transposed=transposed)
     if layer_arrays or joined:
         flat = jax.tree.map(jnp.asarray, flatten_params(params))
         if layer_arrays:
             flat = split_layers(flat, c.num_layers)
-        params = nest_params(fuse_gate_up(fuse_qkv(flat)) if joined else flat)
-    if joined:
+        if joined:
+            flat = fuse_gate_up(fuse_qkv(flat))
+        params = nest_params(transpose_weights(flat) if transposed else flat)
+    if joined and not transposed:
         layer = params["layers_0" if layer_arrays else "layers"]
         assert "q_proj" not in layer["attn"] and "gate_proj" not in layer["mlp"]
         assert layer["attn"]["qkv_proj"]["kernel"].shape[-3:] == (

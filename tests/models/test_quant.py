@@ -286,6 +286,8 @@ def assert_meshes_give_the_tokens_of_one_device(config, tokenizer, layer_loop=Tr
     if layer_loop:
         assert greedy(config.replace(runner__layer_arrays=True, runner__layer_loop=True),
                       prompts) == one
+        assert greedy(config.replace(runner__layer_arrays=True, runner__layer_loop=True,
+                                     runner__transposed_weights=True), prompts) == one
 
 
 @pytest.mark.parametrize("mode", ["int8", "q8_0"])

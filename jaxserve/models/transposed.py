@@ -1,0 +1,91 @@
+"""Linear weights stored outputs-first, [outputs..., inputs...] (runner.transposed_weights).
+
+The checkpoint's layout is inputs-first ([embed, heads, head_dim] for q/k/v, [mlp, embed]
+for down_proj), and a matmul is x [T, K] . W [K, N]. On XLA's CPU backend that form is slow
+for a few rows: a decoder layer's matmuls at 4-32 tokens run at 20-80 GFLOP/s on 2 cores,
+while the same products taken the other way round, W [N, K] . x^T [K, T] -> y^T [N, T],
+run at 36-125 (docs/performance.md, "Outputs-first weights"). From 256 rows on that form is
+the slower one, and x [T, K] . W [N, K]^T is as fast as the checkpoint layout's.
+
+So a `Transposed` weight is multiplied as W . x^T for at most SMALL_ROWS rows and as
+x . W^T above that; both read the weight as it lies. The optimization barriers around the
+small form keep XLA's layout assignment from folding the two transposes (each a copy of a
+few kilobytes) back into the matmul, which would bring back the slow form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.models.layer_select import LayerSelect
+
+SMALL_ROWS = 32  # rows of x up to which a Transposed weight is multiplied as W . x^T
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Transposed:
+    """A linear weight stored [outputs..., inputs...]: `weight` (an array or a LayerSelect)
+    with its `inputs` contracted axes last. An einsum names the weight's axes in their
+    inputs-first order (as declared without runner.transposed_weights)."""
+
+    weight: jax.Array | LayerSelect
+    inputs: int  # how many of the weight's axes (its last ones) are contracted
+
+    def tree_flatten(self):
+        return (self.weight,), self.inputs
+
+    @classmethod
+    def tree_unflatten(cls, inputs, leaves):
+        return cls(leaves[0], inputs)
+
+
+def transposed_shape(shape: tuple, inputs: int) -> tuple:
+    """An inputs-first shape (or tuple of axis names) -> the outputs-first one."""
+    return (*shape[inputs:], *shape[:inputs])
+
+
+def transposed_einsum(eq: str, x: jax.Array, w: Transposed, dot_dtype=None,
+                      preferred_element_type=None) -> jax.Array:
+    """einsum(eq, x, weight) for a `eq` "x_axes,w_axes->out_axes" that names w's axes
+    inputs-first, and `w` stored outputs-first. The weight is cast to `dot_dtype` (default:
+    x's) inside the matmul; the result has `preferred_element_type` (default: x's dtype)."""
+    operands, out = eq.split("->")
+    x_axes, w_axes = operands.split(",")
+    w_in, w_out = w_axes[:w.inputs], w_axes[w.inputs:]
+    rows = "".join(a for a in x_axes if a not in w_in)
+    sizes = dict(zip(x_axes, x.shape, strict=True))
+    k, m = math.prod(sizes[a] for a in w_in), math.prod(sizes[a] for a in rows)
+    dot_dtype = dot_dtype or x.dtype
+    out_dtype = preferred_element_type or x.dtype
+
+    if m <= SMALL_ROWS:  # y^T [N, M] = W [N, K] . x^T [K, M]
+        xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
+
+        def dot(weight, xt):
+            return jnp.dot(weight.reshape(-1, k).astype(dot_dtype), xt,
+                           preferred_element_type=out_dtype)
+
+        y = jax.lax.optimization_barrier(_apply(w.weight, dot, xt)).T  # [M, N]
+    else:  # y [M, N] = x [M, K] . W [N, K]^T
+        x2 = jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k)
+
+        def dot(weight, x2):
+            return jax.lax.dot_general(x2, weight.reshape(-1, k).astype(dot_dtype),
+                                       (((1,), (1,)), ((), ())),
+                                       preferred_element_type=out_dtype)
+
+        y = _apply(w.weight, dot, x2)
+    y = y.reshape(*(sizes[a] for a in rows), *w.weight.shape[:len(w_out)])
+    return jnp.einsum(f"{rows}{w_out}->{out}", y)
+
+
+def _apply(weight, fn, operand):
+    if isinstance(weight, LayerSelect):
+        return weight.apply(fn, operand)
+    return fn(weight, operand)
+
