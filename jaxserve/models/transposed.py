@@ -49,25 +49,24 @@ def transposed_shape(shape: tuple, inputs: int) -> tuple:
     return (*shape[inputs:], *shape[:inputs])
 
 
-def transposed_einsum(eq: str, x: jax.Array, w: Transposed, dot_dtype=None,
+def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
                       preferred_element_type=None) -> jax.Array:
     """einsum(eq, x, weight) for a `eq` "x_axes,w_axes->out_axes" that names w's axes
-    inputs-first, and `w` stored outputs-first. The weight is cast to `dot_dtype` (default:
-    x's) inside the matmul; the result has `preferred_element_type` (default: x's dtype)."""
+    inputs-first, and `w` stored outputs-first. The weight is cast to x's dtype inside the
+    matmul; the result has `preferred_element_type` (default: x's dtype)."""
     operands, out = eq.split("->")
     x_axes, w_axes = operands.split(",")
     w_in, w_out = w_axes[:w.inputs], w_axes[w.inputs:]
     rows = "".join(a for a in x_axes if a not in w_in)
     sizes = dict(zip(x_axes, x.shape, strict=True))
     k, m = math.prod(sizes[a] for a in w_in), math.prod(sizes[a] for a in rows)
-    dot_dtype = dot_dtype or x.dtype
     out_dtype = preferred_element_type or x.dtype
 
     if m <= SMALL_ROWS:  # y^T [N, M] = W [N, K] . x^T [K, M]
         xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
 
         def dot(weight, xt):
-            return jnp.dot(weight.reshape(-1, k).astype(dot_dtype), xt,
+            return jnp.dot(weight.reshape(-1, k).astype(x.dtype), xt,
                            preferred_element_type=out_dtype)
 
         y = jax.lax.optimization_barrier(_apply(w.weight, dot, xt)).T  # [M, N]
@@ -75,7 +74,7 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed, dot_dtype=None,
         x2 = jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k)
 
         def dot(weight, x2):
-            return jax.lax.dot_general(x2, weight.reshape(-1, k).astype(dot_dtype),
+            return jax.lax.dot_general(x2, weight.reshape(-1, k).astype(x.dtype),
                                        (((1,), (1,)), ((), ())),
                                        preferred_element_type=out_dtype)
 
