@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
+from jaxserve.checkpoint.file_lock import exclusive, lock_path
 from jaxserve.config import Config
 from jaxserve.engine.runner import kv_budget, setup_compilation_cache
 from jaxserve.errors import CheckpointError, ConfigError
@@ -68,16 +69,28 @@ def checkpoint_dir(config: Config, progress: bool = True) -> Path:
             return src  # already a converted checkpoint
     identity = source_identity(src)
     out = ck.converted_path(config.model.name, identity)
-    if (out / orbax_store.MARKER).is_file():
-        if orbax_store.check_complete(out).get("source_identity") == identity:
-            return out
-        if ck.path:
-            raise CheckpointError(
-                f"checkpoint.path: {out} holds a conversion of another source (or of an "
-                f"older version of {src}); remove it or choose another path")
-    print(f"converting {src} -> {out} (once; later starts reuse it)", file=sys.stderr)
-    convert(src, out, progress=progress, overwrite=out.exists())
+    if _converted(out, identity, src, ck.path):
+        return out
+    # Processes started together (local.sh, servers sharing a cache) convert one at a time;
+    # the others then find the checkpoint complete.
+    with exclusive(lock_path(out), f"waiting for another process converting {src} -> {out}"):
+        if not _converted(out, identity, src, ck.path):
+            print(f"converting {src} -> {out} (once; later starts reuse it)", file=sys.stderr)
+            convert(src, out, progress=progress, overwrite=out.exists())
     return out
+
+
+def _converted(out: Path, identity: str, src: Path, given_path: str | None) -> bool:
+    """Whether `out` holds a complete conversion of this source (identity)."""
+    if not (out / orbax_store.MARKER).is_file():
+        return False
+    if orbax_store.check_complete(out).get("source_identity") == identity:
+        return True
+    if given_path:
+        raise CheckpointError(
+            f"checkpoint.path: {out} holds a conversion of another source (or of an "
+            f"older version of {src}); remove it or choose another path")
+    return False
 
 
 def load_model(config: Config, progress: bool = True) -> LoadedModel:

