@@ -299,6 +299,20 @@ def test_quantized_weights_on_a_mesh_give_the_tokens_of_one_device(demo_config, 
     assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer)
 
 
+
+def test_fp8_weights_stored_outputs_first_give_the_tokens_of_the_checkpoint_layout(
+        demo_config, demo_model):
+    """fp8 weights outputs-first (runner.transposed_weights, which the fp8 GPU config sets)
+    give the greedy tokens of the same weights in the checkpoint's layout."""
+    config = demo_config.replace(model__quantization="fp8", cache__max_model_len=128,
+                                 cache__kv_cache_memory=float(12 << 20),
+                                 runner__compilation_cache_dir=None,
+                                 runner__layer_arrays=True, runner__layer_loop=True)
+    prompts = [demo_model.tokenizer.encode(t) for t in
+               ("The capital of France is", "def fibonacci(n):", "List three colors:")]
+    assert greedy(config.replace(runner__transposed_weights=True), prompts) == \
+        greedy(config, prompts)
+
 # ----- convert --quantize ---------------------------------------------------------------
 
 def test_convert_quantize_stores_int8_and_loads_like_quantizing_on_load(tmp_path, demo_gguf,
