@@ -272,7 +272,6 @@ def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
         checkpoint_dir(missing, progress=False)
 
 
-
 CONVERT = """
 import sys
 from jaxserve.config import Config
@@ -316,6 +315,7 @@ def test_processes_starting_together_convert_once(tmp_path):
     assert len(converted) == 1, [err for _, err in results]
     np.testing.assert_array_equal(np.asarray(load(out, make_mesh(MeshConfig()))[1]["embedding"]),
                                   hf_weights(seed=3)["model.embed_tokens.weight"])
+
 
 # ----- FP8 checkpoints (compressed-tensors' weight_scale; transformers' weight_scale_inv) --
 

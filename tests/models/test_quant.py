@@ -299,7 +299,6 @@ def test_quantized_weights_on_a_mesh_give_the_tokens_of_one_device(demo_config, 
     assert_meshes_give_the_tokens_of_one_device(config, demo_model.tokenizer)
 
 
-
 def test_fp8_weights_stored_outputs_first_give_the_tokens_of_the_checkpoint_layout(
         demo_config, demo_model):
     """fp8 weights outputs-first (runner.transposed_weights, which the fp8 GPU config sets)
@@ -312,6 +311,7 @@ def test_fp8_weights_stored_outputs_first_give_the_tokens_of_the_checkpoint_layo
                ("The capital of France is", "def fibonacci(n):", "List three colors:")]
     assert greedy(config.replace(runner__transposed_weights=True), prompts) == \
         greedy(config, prompts)
+
 
 # ----- convert --quantize ---------------------------------------------------------------
 
