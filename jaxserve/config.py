@@ -172,6 +172,8 @@ class RunnerSection:
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
     layer_loop: bool = False  # with layer_arrays: one loop body runs every layer (README)
     transposed_weights: bool = False  # with layer_arrays: linear weights outputs-first (README)
+    # with fp8 weights outputs-first: programs of 256+ tokens multiply fp8 activations (README)
+    fp8_activations: bool = False
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
 
@@ -181,6 +183,9 @@ class RunnerSection:
                "needs runner.layer_arrays: true (it runs per-layer weight arrays)")
         _check(self.layer_arrays or not self.transposed_weights, "transposed_weights",
                "needs runner.layer_arrays: true (it transposes per-layer weight arrays)")
+        _check(self.transposed_weights or not self.fp8_activations, "fp8_activations",
+               "needs runner.transposed_weights: true (fp8 x fp8 GEMMs take the weights "
+               "outputs-first)")
         for key in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, key)
             _check(len(buckets) > 0 and all(b >= 1 for b in buckets), key,
@@ -238,6 +243,10 @@ class Config:
         _check(not self.speculative.enabled or self.mesh.pipeline == 1, "speculative.method",
                f"{self.speculative.method} needs mesh.pipeline: 1 (got {self.mesh.pipeline}): "
                "a verified step's tokens must be read back before the next step")
+        _check(not self.runner.fp8_activations or self.model.quantization == "fp8",
+               "runner.fp8_activations",
+               f"needs model.quantization: fp8 (got {self.model.quantization!r}): only fp8 "
+               "weights multiply fp8 activations")
         _check(self.scheduler.decode_steps == 1 or (self.mesh.pipeline == 1
                                                     and not self.speculative.enabled),
                "scheduler.decode_steps",

@@ -11,7 +11,9 @@ in the config's dtype (float32 on CPU, bfloat16 on GPU), its KV cache in that dt
 For each weight mode (`model.quantization`, KV cache as the reference's) and each KV mode
 (`cache.kv_dtype`, weights as the reference's; with --kv-rotation each also with
 `cache.kv_rotation`): the share of positions whose top-1 next token matches the
-reference's, and both perplexities.
+reference's, and both perplexities. --fp8-activations adds fp8 weights with
+`runner.fp8_activations` (outputs-first): in chunks of 512 tokens every matmul then
+multiplies fp8 activations, as a prefill program of 256+ tokens does.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
                     help="KV cache dtypes")
     ap.add_argument("--kv-rotation", action="store_true",
                     help="also run each KV dtype with cache.kv_rotation (Hadamard-rotated vectors)")
+    ap.add_argument("--fp8-activations", action="store_true",
+                    help="also fp8 weights times fp8 activations (runner.fp8_activations)")
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -54,26 +58,34 @@ def main() -> None:
         raise SystemExit("the config's checkpoint has no tokenizer (random weights?): "
                          "quality needs real weights")
     ids = loaded.tokenizer.encode(Path(args.text).read_text())
-    reference = score(loaded, ids, dtype)
+    layout = dict(transposed=config.runner.transposed_weights)
+    reference = score(loaded, ids, dtype, **layout)
     print(f"reference ({dtype}): {len(ids)} tokens, perplexity "
           f"{compare(reference, reference)['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",
           flush=True)
     rows = []
-    runs = ([("weights", mode, False) for mode in args.modes]
-            + [("kv_cache", m, False) for m in args.kv_modes]
-            + [("kv_cache", m, True) for m in args.kv_modes if args.kv_rotation])
-    for what, mode, rotated in runs:
+    runs = ([("weights", mode, {}) for mode in args.modes]
+            + [("kv_cache", m, {}) for m in args.kv_modes]
+            + [("kv_cache", m, {"kv_rotation": True}) for m in args.kv_modes
+               if args.kv_rotation]
+            + [("weights", "fp8", {"fp8_activations": True})] * args.fp8_activations)
+    for what, mode, extra in runs:
         t = time.perf_counter()
-        if what == "weights":
+        if extra.get("fp8_activations"):
+            on = config.replace(model__quantization=mode, runner__layer_arrays=True,
+                                runner__transposed_weights=True, runner__fp8_activations=True)
+            result = compare(reference, score(load_model(on, progress=False), ids, dtype,
+                                              transposed=True, fp8_activations=True))
+        elif what == "weights":
             model = load_model(config.replace(model__quantization=mode), progress=False)
-            result = compare(reference, score(model, ids, dtype))
+            result = compare(reference, score(model, ids, dtype, **layout))
         else:
             result = compare(reference, score(loaded, ids, dtype, kv_dtype=mode,
-                                              kv_rotation=rotated))
-        row = {"quantized": what, "mode": mode, **({"kv_rotation": True} if rotated else {}),
-               **result, "seconds": time.perf_counter() - t}
+                                              kv_rotation=bool(extra), **layout))
+        row = {"quantized": what, "mode": mode, **extra, **result,
+               "seconds": time.perf_counter() - t}
         rows.append(row)
-        mode = f"{mode} rotated" if rotated else mode
+        mode = " ".join([mode, *(k.replace("_", " ") for k in extra)])
         print(f"{what} {mode}: top-1 agreement {row['top1_agreement']:.2%}, perplexity "
               f"{row['perplexity']:.3f} (reference {row['perplexity_reference']:.3f})",
               flush=True)

@@ -72,7 +72,12 @@ from jaxserve.models.quant import (
     scale_spec,
 )
 from jaxserve.models.rope import apply_rope, inverse_frequencies
-from jaxserve.models.transposed import Transposed, transposed_einsum, transposed_shape
+from jaxserve.models.transposed import (
+    FP8_ACTIVATION_ROWS,
+    Transposed,
+    transposed_einsum,
+    transposed_shape,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -110,17 +115,20 @@ def _param(module, name, shape, names, dtype, init=_init):
 
 
 def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str,
-            transposed: bool = False):
+            transposed: bool = False, fp8_activations: bool = False):
     """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
     weight's axes less the `contracted` ones: (weight, scale or None). `shape` and `names`
     list the contracted axes first. With `transposed` (runner.transposed_weights) the weight
     is stored outputs-first and comes back as a Transposed (models/transposed.py); q8_0
-    weights keep their layout (their scales run along the inputs)."""
+    weights keep their layout (their scales run along the inputs). `fp8_activations`
+    (runner.fp8_activations): fp8 weights outputs-first multiply activations quantized to
+    fp8 in programs of FP8_ACTIVATION_ROWS tokens or more."""
     stored = transposed and mode != "q8_0"
     if stored and names[:len(contracted)] != contracted:
         raise ValueError(f"{name}: a transposed weight needs its contracted axes {contracted} "
                          f"first (got {names})")
-    wrap = (lambda w: Transposed(w, len(contracted))) if stored else (lambda w: w)
+    fp8_rows = FP8_ACTIVATION_ROWS if fp8_activations and mode == "fp8" else 0
+    wrap = (lambda w: Transposed(w, len(contracted), fp8_rows)) if stored else (lambda w: w)
     w_shape, w_names = ((transposed_shape(shape, len(contracted)),
                          transposed_shape(names, len(contracted))) if stored else (shape, names))
     if mode == "none":
@@ -155,12 +163,14 @@ class Projection(nn.Module):
     dtype: jnp.dtype
     quantization: str = "none"
     transposed: bool = False  # the kernel stored outputs-first (runner.transposed_weights)
+    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
 
     @nn.compact
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
-                                self.dtype, ("embed",), self.quantization, self.transposed)
+                                self.dtype, ("embed",), self.quantization, self.transposed,
+                                self.fp8_activations)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -177,13 +187,14 @@ class Attention(nn.Module):
     kv_rotation: bool = False  # cache.kv_rotation: Q, K, V rotated, the output back
     fused_qkv: bool = False  # one qkv_proj weight (fuse_qkv), not three
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
+    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
                                                 self.dtype, c.quantization, self.transposed,
-                                                name=name)(x)
+                                                self.fp8_activations, name=name)(x)
         if self.fused_qkv:
             h, kvh = c.num_heads, c.num_kv_heads
             qkv = proj("qkv_proj", h + 2 * kvh, "heads")  # [T, H + 2K, D]
@@ -236,7 +247,8 @@ class Attention(nn.Module):
             out = turn(out)
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
-                                    ("heads", "head_dim"), c.quantization, self.transposed)
+                                    ("heads", "head_dim"), c.quantization, self.transposed,
+                                    self.fp8_activations)
         out = out.astype(self.dtype)
         if isinstance(o_kernel, LayerSelect) and (
                 o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
@@ -267,7 +279,7 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
 
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
                 quantization: str = "none", fused: bool = False,
-                transposed: bool = False) -> dict:
+                transposed: bool = False, fp8_activations: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
     w = {}
@@ -275,7 +287,7 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
               (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp"))))
     for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
-                                axes[:1], quantization, transposed)
+                                axes[:1], quantization, transposed, fp8_activations)
         if scale is not None:
             w[f"{key}_scale"] = scale
     return w
@@ -300,11 +312,13 @@ class MLP(nn.Module):
     parallel: Parallel = Parallel()
     fused_gate_up: bool = False  # one gate_up_proj weight (fuse_gate_up), not two
     transposed: bool = False  # weights stored outputs-first (transpose_weights)
+    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
 
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
-                        fused=self.fused_gate_up, transposed=self.transposed)
+                        fused=self.fused_gate_up, transposed=self.transposed,
+                        fp8_activations=self.fp8_activations)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -387,6 +401,7 @@ class DecoderLayer(nn.Module):
     fused_qkv: bool = False
     fused_gate_up: bool = False
     transposed: bool = False
+    fp8_activations: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -394,7 +409,8 @@ class DecoderLayer(nn.Module):
         c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
-                          self.fused_qkv, self.transposed, name="attn")(h, kv, layer, meta)
+                          self.fused_qkv, self.transposed, self.fp8_activations,
+                          name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -403,6 +419,7 @@ class DecoderLayer(nn.Module):
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
             y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
+                             self.fp8_activations,
                              name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
@@ -429,6 +446,7 @@ class LlamaModel(nn.Module):
     fused_gate_up: bool = False  # each dense MLP's gate/up as one weight (fuse_gate_up)
     layer_loop: bool = False  # with layer_arrays: one loop body for every layer (layer_select)
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
+    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
 
     def setup(self):
         c = self.config
@@ -441,7 +459,8 @@ class LlamaModel(nn.Module):
             if self.layer_loop and c.is_moe:
                 raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
-                                        self.fused_qkv, self.fused_gate_up, self.transposed)
+                                        self.fused_qkv, self.fused_gate_up, self.transposed,
+                                        self.fp8_activations)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
