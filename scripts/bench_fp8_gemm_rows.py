@@ -28,15 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_seconds
 
+from jaxserve.models.quant import quantize
+
 SHAPES = dict(qkv=(4096, 6144), o=(4096, 4096), gate_up=(4096, 28672), down=(14336, 4096))
-FP8_MAX = 448.0
-
-
-def quantize_rows(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """a [R, K] -> fp8 e4m3 [R, K] and a float32 scale per row (its max |a| over 448)."""
-    amax = jnp.max(jnp.abs(a.astype(jnp.float32)), axis=1, keepdims=True)
-    s = jnp.maximum(amax, 1e-12) / FP8_MAX
-    return (a.astype(jnp.float32) / s).astype(jnp.float8_e4m3fn), s
 
 
 def matmul(variant: str, x, w, s):
@@ -46,9 +40,9 @@ def matmul(variant: str, x, w, s):
     if variant == "fp8-w":
         y = jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=jnp.float32)
         return (y * s[None, :]).astype(x.dtype)
-    xq, sx = quantize_rows(x)
+    xq, sx = quantize(x, (1,), "fp8")  # a scale per row, as models/quant.py's qeinsum
     y = jax.lax.dot_general(xq, w, dims, preferred_element_type=jnp.bfloat16)
-    return (y.astype(jnp.float32) * sx * s[None, :]).astype(x.dtype)
+    return (y.astype(jnp.float32) * sx[:, None] * s[None, :]).astype(x.dtype)
 
 
 def rel_err(a, b) -> float:
@@ -78,8 +72,7 @@ def make_weights(layers: int, variant: str, seed: int = 0):
             if variant == "bf16":
                 layer[name] = (w.astype(jnp.bfloat16), None)
             else:
-                s = jnp.max(jnp.abs(w), axis=1) / FP8_MAX
-                layer[name] = ((w / s[:, None]).astype(jnp.float8_e4m3fn), s)
+                layer[name] = quantize(w, (1,), "fp8")  # a scale per output channel
         out.append(layer)
     return out
 

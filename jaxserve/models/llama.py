@@ -62,6 +62,7 @@ from jaxserve.models.layer_select import LayerSelect, is_matmul_weight, layer_pa
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.quant import (
+    FP8_ACTIVATION_ROWS,
     SCALE,
     STORAGE,
     block_axis,
@@ -72,12 +73,7 @@ from jaxserve.models.quant import (
     scale_spec,
 )
 from jaxserve.models.rope import apply_rope, inverse_frequencies
-from jaxserve.models.transposed import (
-    FP8_ACTIVATION_ROWS,
-    Transposed,
-    transposed_einsum,
-    transposed_shape,
-)
+from jaxserve.models.transposed import Transposed, transposed_einsum, transposed_shape
 
 
 @jax.tree_util.register_dataclass

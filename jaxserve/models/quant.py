@@ -42,6 +42,10 @@ QMAX = {"int8": 127.0, "q8_0": 127.0, "fp8": float(jnp.finfo(jnp.float8_e4m3fn).
 SCALE = "_scale"  # suffix of a quantized weight's scale parameter
 BLOCK = 32  # q8_0: weights per scale along the contraction
 BLOCKS = "_blocks"  # suffix of the logical name of a block scale's blocked axis
+# tokens from which fp8 weights outputs-first multiply fp8 activations (runner.fp8_activations):
+# at 128 rows both ways tie on an H200, from 512 fp8 x fp8 is 0.53-0.56x the converting GEMM's
+# time (docs/performance.md, "fp8 activations for prefill")
+FP8_ACTIVATION_ROWS = 256
 
 
 def scale_spec(names: tuple[str, ...], shape: tuple[int, ...], contracted: tuple[str, ...],
@@ -167,10 +171,18 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     """einsum(eq, x, w) in x's dtype; a quantized w is converted on the fly and the output
     scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs).
     A LayerSelect w (runner.layer_loop) runs the einsum on its layer's weight as it lies; a
-    Transposed w (runner.transposed_weights) is stored outputs-first (models/transposed.py)."""
+    Transposed w (runner.transposed_weights) is stored outputs-first (models/transposed.py).
+    An fp8 Transposed w with `fp8_rows` (runner.fp8_activations), given at least that many
+    tokens (x's first axis, and the output's), multiplies x quantized to fp8 with one scale
+    per token: fp8 x fp8 on a GPU's tensor cores, a bfloat16 result, then both scales."""
     if isinstance(w, Transposed):
         if scale is None:
             return transposed_einsum(eq, x, w)
+        if w.fp8_rows and x.shape[0] >= w.fp8_rows and w.weight.dtype == STORAGE["fp8"]:
+            xq, x_scale = quantize(x, tuple(range(1, x.ndim)), "fp8")  # x_scale [tokens]
+            y = transposed_einsum(eq, xq, w, preferred_element_type=jnp.bfloat16)
+            y = y.astype(jnp.float32) * x_scale.reshape(-1, *(1,) * (y.ndim - 1))
+            return (y * scale.astype(jnp.float32)).astype(x.dtype)
         y = transposed_einsum(eq, x, w, preferred_element_type=jnp.float32)
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
     if isinstance(w, LayerSelect):

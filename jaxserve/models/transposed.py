@@ -12,12 +12,8 @@ x . W^T above that; both read the weight as it lies. The optimization barriers a
 small form keep XLA's layout assignment from folding the two transposes (each a copy of a
 few kilobytes) back into the matmul, which would bring back the slow form.
 
-On a GPU, fp8 weights stored so are cuBLASLt's own fp8 layout. With `fp8_rows` set
-(runner.fp8_activations), a program of at least that many rows quantizes x to fp8 e4m3 per
-row (its max |x| over 448) and multiplies fp8 x fp8 on the tensor cores, at twice bf16's
-FLOP rate; with fewer rows the weight is converted inside the GEMM as before, where the
-step reads weights and the GEMM is not compute-bound (docs/performance.md, "fp8
-activations for prefill").
+On a GPU, fp8 weights stored so are cuBLASLt's own fp8 layout: with `fp8_rows` set
+(runner.fp8_activations) models/quant.py's qeinsum multiplies them by fp8 activations.
 """
 
 from __future__ import annotations
@@ -31,10 +27,6 @@ import jax.numpy as jnp
 from jaxserve.models.layer_select import LayerSelect
 
 SMALL_ROWS = 32  # rows of x up to which a Transposed weight is multiplied as W . x^T
-# rows from which fp8 weights multiply fp8 activations (runner.fp8_activations): at 128 rows
-# both ways tie on an H200, from 512 fp8 x fp8 is 0.53-0.56x the converting GEMM's time
-FP8_ACTIVATION_ROWS = 256
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 @jax.tree_util.register_pytree_node_class
@@ -74,16 +66,7 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
     k, m = math.prod(sizes[a] for a in w_in), math.prod(sizes[a] for a in rows)
     out_dtype = preferred_element_type or x.dtype
 
-    if w.fp8_rows and m >= w.fp8_rows and w.weight.dtype == jnp.float8_e4m3fn:
-        # fp8 x fp8 with a scale per row of x: y = (xq . W^T) * sx
-        xq, sx = quantize_rows(jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k))
-
-        def dot(weight, xq):
-            return jax.lax.dot_general(xq, weight.reshape(-1, k), (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.bfloat16)
-
-        y = (_apply(w.weight, dot, xq).astype(jnp.float32) * sx).astype(out_dtype)
-    elif m <= SMALL_ROWS:  # y^T [N, M] = W [N, K] . x^T [K, M]
+    if m <= SMALL_ROWS:  # y^T [N, M] = W [N, K] . x^T [K, M]
         xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
 
         def dot(weight, xt):
@@ -102,14 +85,6 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
         y = _apply(w.weight, dot, x2)
     y = y.reshape(*(sizes[a] for a in rows), *w.weight.shape[:len(w_out)])
     return jnp.einsum(f"{rows}{w_out}->{out}", y)
-
-
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [M, K] -> fp8 e4m3 [M, K] and a float32 scale per row [M, 1] (its max |x| over
-    FP8_MAX; an all-zero row gets a tiny scale and stays zero), x ~ q * scale."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=1, keepdims=True), 1e-30) / FP8_MAX
-    return (x32 / scale).astype(jnp.float8_e4m3fn), scale
 
 
 def _apply(weight, fn, operand):

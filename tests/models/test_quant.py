@@ -27,6 +27,7 @@ from jaxserve.models.llama import flatten_params, nest_params, param_specs
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import experts_forward
 from jaxserve.models.quant import (
+    QMAX,
     SCALE,
     block_problem,
     dequantize,
@@ -35,7 +36,7 @@ from jaxserve.models.quant import (
     quantize,
     quantized_weights,
 )
-from jaxserve.models.transposed import FP8_MAX, Transposed, quantize_rows, transposed_einsum
+from jaxserve.models.transposed import Transposed
 from jaxserve.quality import compare, score
 from sharding.mesh import MeshConfig, make_mesh
 
@@ -97,14 +98,14 @@ def test_fp8_activations_quantize_each_row_against_ml_dtypes():
     x = np.random.default_rng(4).standard_normal((5, 48)).astype(np.float32)
     x[1] = 0.0  # an all-zero row stays zero
     x[3, 7] = 90.0  # an outlier sets its row's scale alone
-    q, s = quantize_rows(jnp.asarray(x))
-    amax = np.abs(x).max(axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(s)[[0, 2, 3, 4]], amax[[0, 2, 3, 4]] / FP8_MAX,
+    q, s = quantize(jnp.asarray(x), (1,), "fp8")  # as qeinsum quantizes fp8 activations
+    amax = np.abs(x).max(axis=1)
+    np.testing.assert_allclose(np.asarray(s)[[0, 2, 3, 4]], amax[[0, 2, 3, 4]] / QMAX["fp8"],
                                rtol=1e-7)
-    want = (x / np.asarray(s)).astype(ml_dtypes.float8_e4m3fn)
+    want = (x / np.asarray(s)[:, None]).astype(ml_dtypes.float8_e4m3fn)
     np.testing.assert_array_equal(np.asarray(q).view(np.uint8), want.view(np.uint8))
     assert np.all(np.asarray(q, np.float32)[1] == 0)
-    assert np.asarray(q, np.float32)[3, 7] == FP8_MAX  # the row's max maps to e4m3's largest
+    assert np.asarray(q, np.float32)[3, 7] == QMAX["fp8"]  # the row's max: e4m3's largest
 
 
 @pytest.mark.parametrize("rows", [2, 8])
@@ -122,9 +123,9 @@ def test_fp8_weights_outputs_first_multiply_fp8_activations_from_fp8_rows(rows):
     if rows < 4:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
         return
-    xq, sx = quantize_rows(jnp.asarray(x))
+    xq, sx = quantize(jnp.asarray(x), (1,), "fp8")
     dot = np.einsum("TE,ENH->TNH", np.asarray(xq, np.float32), w32)
-    want = dot.astype(ml_dtypes.bfloat16).astype(np.float32) * np.asarray(sx)[:, :, None] \
+    want = dot.astype(ml_dtypes.bfloat16).astype(np.float32) * np.asarray(sx)[:, None, None] \
         * np.asarray(scale)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
     # and it is another product than the converted weight's: x itself was rounded
@@ -132,11 +133,12 @@ def test_fp8_weights_outputs_first_multiply_fp8_activations_from_fp8_rows(rows):
     # the rounding of x to e4m3 (3 mantissa bits) keeps the product within a few percent
     exact = np.einsum("TE,ENH->TNH", x, w32) * np.asarray(scale)
     assert np.max(np.abs(np.asarray(got) - exact)) <= 0.05 * np.max(np.abs(exact))
-    # a weight that is not fp8 is never given fp8 activations
-    wb = jnp.transpose(jnp.asarray(w), (1, 2, 0))
+    # a weight that is not fp8 (int8 here) is never given fp8 activations
+    q8, scale8 = quantize(jnp.asarray(w), (0,), "int8")
+    wb = jnp.transpose(q8, (1, 2, 0))
     np.testing.assert_array_equal(
-        np.asarray(transposed_einsum("TE,ENH->TNH", jnp.asarray(x), Transposed(wb, 1, 4))),
-        np.asarray(transposed_einsum("TE,ENH->TNH", jnp.asarray(x), Transposed(wb, 1))))
+        np.asarray(qeinsum("TE,ENH->TNH", jnp.asarray(x), Transposed(wb, 1, 4), scale8)),
+        np.asarray(qeinsum("TE,ENH->TNH", jnp.asarray(x), Transposed(wb, 1), scale8)))
 
 
 def q8_0_blocks(hf_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
