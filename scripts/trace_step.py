@@ -64,8 +64,8 @@ CLASSES = (("weight copies", re.compile(r"^(dynamic-slice|slice|copy)")),
            ("loop", re.compile(r"^(while|conditional|call)")),
            ("other ops", re.compile(r".")))
 # GPU kernels, by kernel name: cuBLAS/cuBLASLt (sm90_xmma_*, nvjet_*, cutlass_*), XLA's own
-# GEMM fusions (*gemm*), the Pallas kernels, NCCL, and XLA's fusions.
-GPU_CLASSES = (("matmuls", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|dot", re.I)),
+# GEMM fusions (*gemm*), the Pallas kernels (q8_0_matmul a matmul), NCCL, and XLA's fusions.
+GPU_CLASSES = (("matmuls", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|dot|q8_0_matmul", re.I)),
                ("attention", re.compile(r"attention|flash", re.I)),
                # XLA names a collective's kernel after its op (psum_476_0_fusion: an
                # all-reduce); its time includes waiting for the other devices to arrive.

@@ -18,7 +18,8 @@ its whole output axis, so each device's partial sum is scaled before the all-red
 logical name `<axis>_blocks`; the scale is rounded to float16, as Q8_0 stores it, and the
 values are rounded as llama.cpp rounds them, so a float tensor quantizes to the bytes
 llama.cpp or the gguf package would write. A block scale varies along the contraction, so
-the matmul converts q * scale to the activation dtype, layer by layer, before the einsum.
+the matmul converts q * scale to the activation dtype, layer by layer, before the einsum;
+on a GPU, decode-sized einsums go to pallas_kernels/q8_0_matmul.py, which reads the blocks.
 Quantizing a Q8_0 tensor's dequantized values gives back its own bytes: amax = 127 * d
 exactly (d has 11 significant bits), so the scale is d and round(q * d / d) = q.
 
@@ -28,6 +29,8 @@ router, the embedding and the LM head stay in the model dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +197,42 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     # for the 8B shape): each layer's weight is converted as its layer runs.
     w, scale = jax.lax.optimization_barrier((w, scale))
     if block_axis(w.shape, scale.shape) is not None:  # q8_0: the scale varies along inputs
-        return jnp.einsum(eq, x, dequantize(w, scale).astype(x.dtype))
+        y = q8_0_kernel_einsum(eq, x, w, scale, interpret=jax.default_backend() != "gpu") \
+            if _q8_0_kernel_here(x) else None
+        return y if y is not None else jnp.einsum(eq, x, dequantize(w, scale).astype(x.dtype))
     y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+# q8_0 on a GPU: decode-sized matmuls (at most this many tokens) run the Pallas kernel that
+# reads the int8 blocks and their scales (pallas_kernels/q8_0_matmul.py); XLA would write
+# each dequantized weight to memory first (docs/quantization.md, "GGUF Q8_0 on a GPU").
+Q8_0_KERNEL_ROWS = 64
+
+
+def _q8_0_kernel_here(x) -> bool:
+    return jax.default_backend() == "gpu" and x.shape[0] <= Q8_0_KERNEL_ROWS
+
+
+def q8_0_kernel_einsum(eq: str, x, w, scale, *, interpret: bool = False):
+    """einsum(eq, x, dequantize(w, scale)) through the q8_0 kernel, or None where the
+    equation is not x [rows..., contracted...] . w [contracted..., outputs...] ->
+    [rows..., outputs...] with whole blocks, or the sizes do not tile."""
+    from pallas_kernels.q8_0_matmul import q8_0_matmul, tiling
+
+    operands, out = eq.split("->")
+    x_axes, w_axes = operands.split(",")
+    contracted = "".join(a for a in x_axes if a in w_axes)
+    rows, w_out = x_axes[:len(x_axes) - len(contracted)], w_axes[len(contracted):]
+    if x_axes != rows + contracted or w_axes != contracted + w_out or out != rows + w_out \
+            or block_axis(w.shape, scale.shape) != len(contracted) - 1:
+        return None
+    m = math.prod(x.shape[:len(rows)])
+    k = math.prod(w.shape[:len(contracted)])
+    n = math.prod(w.shape[len(contracted):])
+    tiles = tiling(k, n)
+    if tiles is None:
+        return None
+    y = q8_0_matmul(x.reshape(m, k), w.reshape(k, n), scale.reshape(k // BLOCK, n),
+                    interpret=interpret, **tiles)
+    return y.reshape(*x.shape[:len(rows)], *w.shape[len(contracted):])
