@@ -96,10 +96,3 @@ def tiling(k: int, n: int) -> dict | None:
     block_k = 2 * BLOCK if k % (splits * 2 * BLOCK) == 0 else BLOCK
     return {"block_n": block_n, "splits": splits, "block_k": block_k}
 
-
-def q8_0_matmul_reference(x, q, scale):
-    """The same product through the dequantized weight, in float32."""
-    k, n = q.shape
-    w = (q.reshape(k // BLOCK, BLOCK, n).astype(jnp.float32)
-         * scale.astype(jnp.float32)[:, None, :]).reshape(k, n)
-    return jnp.dot(x.astype(jnp.float32), w).astype(x.dtype)

@@ -197,8 +197,7 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     # for the 8B shape): each layer's weight is converted as its layer runs.
     w, scale = jax.lax.optimization_barrier((w, scale))
     if block_axis(w.shape, scale.shape) is not None:  # q8_0: the scale varies along inputs
-        y = q8_0_kernel_einsum(eq, x, w, scale, interpret=jax.default_backend() != "gpu") \
-            if _q8_0_kernel_here(x) else None
+        y = q8_0_kernel_einsum(eq, x, w, scale) if _q8_0_kernel_here(x) else None
         return y if y is not None else jnp.einsum(eq, x, dequantize(w, scale).astype(x.dtype))
     y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)

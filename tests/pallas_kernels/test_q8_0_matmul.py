@@ -2,6 +2,8 @@
 dequantized weight, and qeinsum's use of it for the model's q8_0 einsums. Interpret mode
 on CPU, compiled on a GPU (skipped elsewhere)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from jaxserve.models import quant
 from jaxserve.models.quant import dequantize, q8_0_kernel_einsum, qeinsum, quantize
-from pallas_kernels.q8_0_matmul import q8_0_matmul, q8_0_matmul_reference, tiling
+from pallas_kernels.q8_0_matmul import q8_0_matmul, tiling
 
 ON_GPU = jax.default_backend() == "gpu"
 # float32 products: exact enough on a CPU; a GPU's float32 dots (XLA's, and Triton's in the
@@ -47,7 +49,7 @@ def test_bfloat16_activations(interpret, block_k):
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 512)), jnp.bfloat16)
     got = q8_0_matmul(x, q, scale, block_n=64, splits=4, block_k=block_k, interpret=interpret)
     assert got.dtype == jnp.bfloat16
-    want = np.asarray(q8_0_matmul_reference(x.astype(jnp.float32), q, scale))
+    want = np.asarray(x, np.float32) @ np.asarray(dequantize(q, scale))
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2,
                                atol=2e-2 * np.abs(want).max())
 
@@ -100,6 +102,8 @@ def test_qeinsum_takes_the_kernel_for_decode_sized_batches_on_a_gpu(monkeypatch,
     dequantized weight; both give the dequantized product."""
     monkeypatch.setattr(quant, "_q8_0_kernel_here",
                         lambda x: x.shape[0] <= quant.Q8_0_KERNEL_ROWS)
+    monkeypatch.setattr(quant, "q8_0_kernel_einsum",
+                        functools.partial(q8_0_kernel_einsum, interpret=True))
     q, scale = q8_0_weight(64, 128, seed=rows)
     x = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, 64)), jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda x: qeinsum("TE,EF->TF", x, q, scale))(x))
