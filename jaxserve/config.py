@@ -174,6 +174,7 @@ class RunnerSection:
     transposed_weights: bool = False  # with layer_arrays: linear weights outputs-first (README)
     # with fp8 weights outputs-first: programs of 256+ tokens multiply fp8 activations (README)
     fp8_activations: bool = False
+    q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
 
@@ -183,6 +184,8 @@ class RunnerSection:
                "needs runner.layer_arrays: true (it runs per-layer weight arrays)")
         _check(self.layer_arrays or not self.transposed_weights, "transposed_weights",
                "needs runner.layer_arrays: true (it transposes per-layer weight arrays)")
+        _check(self.layer_arrays or not self.q8_0_tiles, "q8_0_tiles",
+               "needs runner.layer_arrays: true (it tiles per-layer weight arrays)")
         _check(self.transposed_weights or not self.fp8_activations, "fp8_activations",
                "needs runner.transposed_weights: true (fp8 x fp8 GEMMs take the weights "
                "outputs-first)")

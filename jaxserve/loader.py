@@ -32,6 +32,7 @@ from jaxserve.models.llama import (
     nest_params,
     param_specs,
     split_layers,
+    tile_q8_0,
     transpose_weights,
 )
 from jaxserve.models.model_config import ModelConfig
@@ -154,6 +155,8 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
             flat = fuse_gate_up(fuse_qkv(flat))
         if config.runner.transposed_weights:
             flat = transpose_weights(flat)
+        if config.runner.q8_0_tiles:
+            flat = tile_q8_0(flat)
     tokenizer = load_tokenizer(directory) if directory is not None else None
     if progress:
         print(f"jaxserve: model ready in {time.monotonic() - started:.1f} s", file=sys.stderr,
@@ -201,6 +204,9 @@ def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:
         raise ConfigError(f"runner.transposed_weights: true cannot be used with "
                           f"{model_config.name}: expert weights keep their layout (set it to "
                           "false)")
+    if config.runner.q8_0_tiles and model_config.is_moe:
+        raise ConfigError(f"runner.q8_0_tiles: true cannot be used with {model_config.name}: "
+                          "expert weights keep their layout (set it to false)")
 
 
 def parallel_plans(model_config: ModelConfig,

@@ -11,6 +11,11 @@ dequantized one's: sum_b s[b, n] sum_j x[m, 32b + j] q[32b + j, n]. The `splits`
 sums [splits, M, N] (float32) are added by XLA. x's rows are padded to a power of two, at
 least 16 (a Triton dot's smallest).
 
+The weight lies either as the checkpoint has it, q [K, N] and scale [K / 32, N], or in
+column tiles, q [N / BN, K, BN] and scale [N / BN, K / 32, BN] (`tiled`; models/q8_0_tiles.py
+stores them so on a GPU): then each program's weight is one contiguous run of memory, where
+[K, N] gives it K rows of BN bytes, each a separate short load.
+
 Pallas Triton; `interpret=True` runs the same kernel on a CPU (the tests).
 """
 
@@ -48,14 +53,20 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int):
                                              "num_stages", "interpret"))
 def q8_0_matmul(x, q, scale, *, block_n: int = 128, splits: int = 4, block_k: int = BLOCK,
                 num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
-    """x [M, K] . (q [K, N] int8 with scale [K // 32, N]) -> [M, N] in x's dtype. K must
-    split into `splits` ranges of whole steps of block_k (a multiple of 32), N into tiles
-    of block_n."""
+    """x [M, K] . (q [K, N] int8 with scale [K // 32, N]) -> [M, N] in x's dtype; or, for a
+    tiled weight q [N // BN, K, BN] with scale [N // BN, K // 32, BN], the same product, N =
+    N // BN * BN (block_n is then BN). K must split into `splits` ranges of whole steps of
+    block_k (a multiple of 32), N into tiles of block_n."""
     m, k = x.shape
-    n = q.shape[1]
-    if q.shape[0] != k or scale.shape != (k // BLOCK, n) or k % BLOCK:
+    tiled = q.ndim == 3
+    if tiled:
+        block_n = q.shape[2]
+    n = q.shape[0] * q.shape[2] if tiled else q.shape[1]
+    want = (n // block_n, k // BLOCK, block_n) if tiled else (k // BLOCK, n)
+    if q.shape[-2 if tiled else 0] != k or scale.shape != want or k % BLOCK:
+        form = "[N // BN, K // 32, BN]" if tiled else "[K // 32, N]"
         raise ValueError(f"q8_0_matmul: x {x.shape}, q {q.shape} and scale {scale.shape} do "
-                         f"not fit (scale must be [K // {BLOCK}, N], K a multiple of {BLOCK})")
+                         f"not fit (scale must be {form}, K a multiple of {BLOCK})")
     if block_k % BLOCK or k % (splits * block_k) or n % block_n:
         raise ValueError(f"q8_0_matmul: K={k} in {splits} splits of steps of {block_k} "
                          f"(whole blocks of {BLOCK}) and N={n} in tiles of {block_n} do not "
@@ -63,12 +74,16 @@ def q8_0_matmul(x, q, scale, *, block_n: int = 128, splits: int = 4, block_k: in
     rows = max(MIN_ROWS, 1 << (m - 1).bit_length())  # Pallas Triton takes powers of two
     xp = jnp.pad(x, ((0, rows - m), (0, 0)))
     ks = k // splits
+    if tiled:  # tile j's rows s*ks ... (s+1)*ks, the tile axis squeezed out
+        weight_specs = [pl.BlockSpec((None, ks, block_n), lambda j, s: (j, s, 0)),
+                        pl.BlockSpec((None, ks // BLOCK, block_n), lambda j, s: (j, s, 0))]
+    else:
+        weight_specs = [pl.BlockSpec((ks, block_n), lambda j, s: (s, j)),
+                        pl.BlockSpec((ks // BLOCK, block_n), lambda j, s: (s, j))]
     out = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k),
         grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((rows, ks), lambda j, s: (0, s)),
-                  pl.BlockSpec((ks, block_n), lambda j, s: (s, j)),
-                  pl.BlockSpec((ks // BLOCK, block_n), lambda j, s: (s, j))],
+        in_specs=[pl.BlockSpec((rows, ks), lambda j, s: (0, s)), *weight_specs],
         out_specs=pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j)),
         out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
         interpret=interpret, name="q8_0_matmul",
@@ -83,11 +98,17 @@ def q8_0_matmul(x, q, scale, *, block_n: int = 128, splits: int = 4, block_k: in
 PROGRAMS = 768
 
 
-def tiling(k: int, n: int) -> dict | None:
-    """block_n, splits and block_k for x [M, k] . W [k, n]: tiles of 128 columns (64 where
-    128 does not divide n), K split until about PROGRAMS programs run, two blocks a step
-    where the splits hold an even number of blocks; None where nothing tiles."""
-    block_n = next((b for b in (128, 64) if n % b == 0), None)
+def tile_width(n: int) -> int | None:
+    """Columns a program owns for N = n: 128, or 64 where 128 does not divide n; None where
+    neither does."""
+    return next((b for b in (128, 64) if n % b == 0), None)
+
+
+def tiling(k: int, n: int, block_n: int | None = None) -> dict | None:
+    """block_n, splits and block_k for x [M, k] . W [k, n]: tiles of tile_width(n) columns
+    (or block_n, a tiled weight's), K split until about PROGRAMS programs run, two blocks a
+    step where the splits hold an even number of blocks; None where nothing tiles."""
+    block_n = block_n or tile_width(n)
     if block_n is None or k % BLOCK:
         return None
     splits = 1

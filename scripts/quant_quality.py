@@ -58,7 +58,8 @@ def main() -> None:
         raise SystemExit("the config's checkpoint has no tokenizer (random weights?): "
                          "quality needs real weights")
     ids = loaded.tokenizer.encode(Path(args.text).read_text())
-    layout = dict(transposed=config.runner.transposed_weights)
+    layout = dict(transposed=config.runner.transposed_weights,
+                  q8_0_tiles=config.runner.q8_0_tiles)
     reference = score(loaded, ids, dtype, **layout)
     print(f"reference ({dtype}): {len(ids)} tokens, perplexity "
           f"{compare(reference, reference)['perplexity']:.3f} ({time.perf_counter() - t:.0f} s)",

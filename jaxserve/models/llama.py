@@ -61,7 +61,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxserve.models.layer_select import LayerSelect, is_matmul_weight, layer_params
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
+from jaxserve.models.q8_0_tiles import TILE_AXIS, Tiled, tile, tile_width_of, tiled_shapes
 from jaxserve.models.quant import (
+    BLOCKS,
     FP8_ACTIVATION_ROWS,
     SCALE,
     STORAGE,
@@ -111,14 +113,26 @@ def _param(module, name, shape, names, dtype, init=_init):
 
 
 def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str,
-            transposed: bool = False, fp8_activations: bool = False):
+            transposed: bool = False, fp8_activations: bool = False, q8_0_tiles: bool = False):
     """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
     weight's axes less the `contracted` ones: (weight, scale or None). `shape` and `names`
     list the contracted axes first. With `transposed` (runner.transposed_weights) the weight
     is stored outputs-first and comes back as a Transposed (models/transposed.py); q8_0
     weights keep their layout (their scales run along the inputs). `fp8_activations`
     (runner.fp8_activations): fp8 weights outputs-first multiply activations quantized to
-    fp8 in programs of FP8_ACTIVATION_ROWS tokens or more."""
+    fp8 in programs of FP8_ACTIVATION_ROWS tokens or more. `q8_0_tiles` (runner.q8_0_tiles):
+    a q8_0 weight whose outputs tile is stored in column tiles, with its scale, and comes
+    back as a Tiled (models/q8_0_tiles.py)."""
+    c = len(contracted)
+    block_n = tile_width_of(shape, c) if q8_0_tiles and mode == "q8_0" \
+        and names[:c] == contracted else None
+    if block_n:
+        w_shape, s_shape = tiled_shapes(shape, c, block_n)
+        w = _param(module, name, w_shape, (names[c], names[0], TILE_AXIS), STORAGE[mode],
+                   nn.initializers.zeros)
+        scale = _param(module, name + SCALE, s_shape, (names[c], names[c - 1] + BLOCKS, TILE_AXIS),
+                       jnp.float32, nn.initializers.ones)
+        return Tiled(w, tuple(shape), c), scale
     stored = transposed and mode != "q8_0"
     if stored and names[:len(contracted)] != contracted:
         raise ValueError(f"{name}: a transposed weight needs its contracted axes {contracted} "
@@ -160,13 +174,14 @@ class Projection(nn.Module):
     quantization: str = "none"
     transposed: bool = False  # the kernel stored outputs-first (runner.transposed_weights)
     fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
                                 self.dtype, ("embed",), self.quantization, self.transposed,
-                                self.fp8_activations)
+                                self.fp8_activations, self.q8_0_tiles)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -184,13 +199,15 @@ class Attention(nn.Module):
     fused_qkv: bool = False  # one qkv_proj weight (fuse_qkv), not three
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
     fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
                                                 self.dtype, c.quantization, self.transposed,
-                                                self.fp8_activations, name=name)(x)
+                                                self.fp8_activations, self.q8_0_tiles,
+                                                name=name)(x)
         if self.fused_qkv:
             h, kvh = c.num_heads, c.num_kv_heads
             qkv = proj("qkv_proj", h + 2 * kvh, "heads")  # [T, H + 2K, D]
@@ -244,7 +261,7 @@ class Attention(nn.Module):
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization, self.transposed,
-                                    self.fp8_activations)
+                                    self.fp8_activations, self.q8_0_tiles)
         out = out.astype(self.dtype)
         if isinstance(o_kernel, LayerSelect) and (
                 o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
@@ -275,7 +292,8 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
 
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
                 quantization: str = "none", fused: bool = False,
-                transposed: bool = False, fp8_activations: bool = False) -> dict:
+                transposed: bool = False, fp8_activations: bool = False,
+                q8_0_tiles: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
     w = {}
@@ -283,7 +301,8 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
               (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp"))))
     for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
-                                axes[:1], quantization, transposed, fp8_activations)
+                                axes[:1], quantization, transposed, fp8_activations,
+                                q8_0_tiles and not stack)
         if scale is not None:
             w[f"{key}_scale"] = scale
     return w
@@ -309,12 +328,13 @@ class MLP(nn.Module):
     fused_gate_up: bool = False  # one gate_up_proj weight (fuse_gate_up), not two
     transposed: bool = False  # weights stored outputs-first (transpose_weights)
     fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
                         fused=self.fused_gate_up, transposed=self.transposed,
-                        fp8_activations=self.fp8_activations)
+                        fp8_activations=self.fp8_activations, q8_0_tiles=self.q8_0_tiles)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -398,6 +418,7 @@ class DecoderLayer(nn.Module):
     fused_gate_up: bool = False
     transposed: bool = False
     fp8_activations: bool = False
+    q8_0_tiles: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -406,7 +427,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
                           self.fused_qkv, self.transposed, self.fp8_activations,
-                          name="attn")(h, kv, layer, meta)
+                          self.q8_0_tiles, name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -415,8 +436,7 @@ class DecoderLayer(nn.Module):
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
             y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
-                             self.fp8_activations,
-                             name="mlp")(h), None
+                             self.fp8_activations, self.q8_0_tiles, name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -443,6 +463,7 @@ class LlamaModel(nn.Module):
     layer_loop: bool = False  # with layer_arrays: one loop body for every layer (layer_select)
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
     fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles (tile_q8_0)
 
     def setup(self):
         c = self.config
@@ -456,7 +477,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
                                         self.fused_qkv, self.fused_gate_up, self.transposed,
-                                        self.fp8_activations)
+                                        self.fp8_activations, self.q8_0_tiles)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
@@ -692,6 +713,55 @@ def transpose_weights(flat: dict) -> dict:
         if isinstance(value, jax.Array):
             value.delete()
     return out
+
+
+def tile_q8_0(flat: dict) -> dict:
+    """Each layer's q8_0 linear weight and its block scale (split_layers' `layers_{i}/...`)
+    -> column tiles [N / BN, K, BN] (models/q8_0_tiles.py; the tree of
+    LlamaModel(q8_0_tiles=True)), BN from the outputs one device holds; each array deleted
+    once tiled. A weight split over outputs (column-parallel) is split over its tiles, one
+    split over inputs (row-parallel) over K; a weight whose outputs do not tile keeps its
+    layout, as the model declares it."""
+    out = dict(flat)
+    for path, value in flat.items():
+        names = tuple(path.split("/"))
+        scale = flat.get(path + SCALE)
+        if not names[0].startswith("layers_") or not is_matmul_weight(names) or scale is None \
+                or block_axis(value.shape, scale.shape) is None:
+            continue
+        name = names[-2] if names[-1] == "kernel" else names[-1]
+        inputs = value.ndim - 1 if name in ROW_PARALLEL else 1
+        sharding = value.sharding if isinstance(value, jax.Array) else None
+        local = sharding.shard_shape(value.shape) if sharding is not None else value.shape
+        block_n = tile_width_of(local, inputs)
+        if block_n is None:
+            continue
+        for key, array in ((path, value), (path + SCALE, scale)):
+            out[key] = _tile(_tiled_sharding(array.sharding, array.ndim, inputs)
+                             if isinstance(array, jax.Array) else None,
+                             inputs, block_n)(array)
+            if isinstance(array, jax.Array):
+                array.delete()
+    return out
+
+
+def _tiled_sharding(sharding, ndim: int, inputs: int):
+    """[K..., N...]'s NamedSharding -> its tiles' [N / BN, K, BN]: the outputs' split on the
+    tiles, the inputs' on K. Only a group's first axis may be split (the flattened axis is
+    then split into whole runs of it)."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+    ins, outs = spec[:inputs], spec[inputs:]
+    if any(s is not None for s in (*ins[1:], *outs[1:])):
+        raise ValueError(f"q8_0 tiles: a weight split as {spec} (only the first input and "
+                         "output axes may be split)")
+    return NamedSharding(sharding.mesh, PartitionSpec(outs[0], ins[0], None))
+
+
+@functools.cache
+def _tile(sharding, inputs: int, block_n: int):
+    return jax.jit(lambda a: tile(a, inputs, block_n), out_shardings=sharding)
 
 
 @functools.cache

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.layer_select import LayerSelect
+from jaxserve.models.q8_0_tiles import Tiled, tiled_einsum
 from jaxserve.models.transposed import Transposed, transposed_einsum
 
 KV_STORAGE = {"int8": np.dtype(np.int8), "fp8": np.dtype(jnp.float8_e4m3fn)}
@@ -177,7 +178,10 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     Transposed w (runner.transposed_weights) is stored outputs-first (models/transposed.py).
     An fp8 Transposed w with `fp8_rows` (runner.fp8_activations), given at least that many
     tokens (x's first axis, and the output's), multiplies x quantized to fp8 with one scale
-    per token: fp8 x fp8 on a GPU's tensor cores, a bfloat16 result, then both scales."""
+    per token: fp8 x fp8 on a GPU's tensor cores, a bfloat16 result, then both scales. A
+    Tiled w is a q8_0 weight in column tiles (runner.q8_0_tiles, models/q8_0_tiles.py)."""
+    if isinstance(w, Tiled):
+        return tiled_einsum(eq, x, w, scale, kernel=_q8_0_kernel_here(x))
     if isinstance(w, Transposed):
         if scale is None:
             return transposed_einsum(eq, x, w)
