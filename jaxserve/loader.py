@@ -200,13 +200,10 @@ def check_layer_arrays(config: Config, model_config: ModelConfig) -> None:
     if config.runner.layer_loop and model_config.is_moe:
         raise ConfigError(f"runner.layer_loop: true cannot be used with {model_config.name}: "
                           "its MoE layers are run unrolled (set it to false)")
-    if config.runner.transposed_weights and model_config.is_moe:
-        raise ConfigError(f"runner.transposed_weights: true cannot be used with "
-                          f"{model_config.name}: expert weights keep their layout (set it to "
-                          "false)")
-    if config.runner.q8_0_tiles and model_config.is_moe:
-        raise ConfigError(f"runner.q8_0_tiles: true cannot be used with {model_config.name}: "
-                          "expert weights keep their layout (set it to false)")
+    for key in ("transposed_weights", "q8_0_tiles"):  # they change the dense layers' layout
+        if getattr(config.runner, key) and model_config.is_moe:
+            raise ConfigError(f"runner.{key}: true cannot be used with {model_config.name}: "
+                              "expert weights keep their layout (set it to false)")
 
 
 def parallel_plans(model_config: ModelConfig,

@@ -678,7 +678,7 @@ def _stack_halves(sharding, ndim: int):
     """Arrays [..., mlp] -> [..., 2, mlp], the new axis unsplit and the others placed as the
     first's; one compile per shape."""
     if isinstance(sharding, NamedSharding):
-        spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+        spec = _full_spec(sharding, ndim)
         sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[:-1], None, spec[-1]))
     return jax.jit(lambda parts: jnp.stack(parts, axis=ndim - 1), out_shardings=sharding)
 
@@ -688,6 +688,23 @@ def _stack_halves(sharding, ndim: int):
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
+def _layer_linear_weights(flat: dict):
+    """(path, weight, its scale or None, how many of its leading axes are inputs) for each
+    layer's linear weight in split_layers' `layers_{i}/...` tree."""
+    for path, value in flat.items():
+        names = tuple(path.split("/"))
+        if not names[0].startswith("layers_") or not is_matmul_weight(names):
+            continue
+        name = names[-2] if names[-1] == "kernel" else names[-1]
+        inputs = value.ndim - 1 if name in ROW_PARALLEL else 1
+        yield path, value, flat.get(path + SCALE), inputs
+
+
+def _full_spec(sharding: NamedSharding, ndim: int) -> tuple:
+    """A NamedSharding's PartitionSpec with one entry per axis (the trailing ones None)."""
+    return (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+
+
 def transpose_weights(flat: dict) -> dict:
     """Each layer's float, int8 or fp8 linear weight (split_layers' `layers_{i}/...`) ->
     stored outputs-first, [outputs..., inputs...] (models/transposed.py; the tree of
@@ -695,19 +712,13 @@ def transpose_weights(flat: dict) -> dict:
     each axis split as it was. q8_0 weights (a `_scale` with the weight's rank) keep their
     layout, as the model declares them."""
     out = dict(flat)
-    for path, value in flat.items():
-        names = tuple(path.split("/"))
-        if not names[0].startswith("layers_") or not is_matmul_weight(names):
-            continue
-        scale = flat.get(path + SCALE)
+    for path, value, scale, inputs in _layer_linear_weights(flat):
         if scale is not None and block_axis(value.shape, scale.shape) is not None:
             continue
-        name = names[-2] if names[-1] == "kernel" else names[-1]
-        inputs = value.ndim - 1 if name in ROW_PARALLEL else 1
         perm = transposed_shape(tuple(range(value.ndim)), inputs)
         sharding = value.sharding if isinstance(value, jax.Array) else None
         if isinstance(sharding, NamedSharding):
-            spec = (*sharding.spec, *(None,) * (value.ndim - len(sharding.spec)))
+            spec = _full_spec(sharding, value.ndim)
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in perm)))
         out[path] = _transpose(sharding, perm)(value)
         if isinstance(value, jax.Array):
@@ -723,14 +734,9 @@ def tile_q8_0(flat: dict) -> dict:
     split over inputs (row-parallel) over K; a weight whose outputs do not tile keeps its
     layout, as the model declares it."""
     out = dict(flat)
-    for path, value in flat.items():
-        names = tuple(path.split("/"))
-        scale = flat.get(path + SCALE)
-        if not names[0].startswith("layers_") or not is_matmul_weight(names) or scale is None \
-                or block_axis(value.shape, scale.shape) is None:
+    for path, value, scale, inputs in _layer_linear_weights(flat):
+        if scale is None or block_axis(value.shape, scale.shape) is None:
             continue
-        name = names[-2] if names[-1] == "kernel" else names[-1]
-        inputs = value.ndim - 1 if name in ROW_PARALLEL else 1
         sharding = value.sharding if isinstance(value, jax.Array) else None
         local = sharding.shard_shape(value.shape) if sharding is not None else value.shape
         block_n = tile_width_of(local, inputs)
@@ -751,7 +757,7 @@ def _tiled_sharding(sharding, ndim: int, inputs: int):
     then split into whole runs of it)."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+    spec = _full_spec(sharding, ndim)
     ins, outs = spec[:inputs], spec[inputs:]
     if any(s is not None for s in (*ins[1:], *outs[1:])):
         raise ValueError(f"q8_0 tiles: a weight split as {spec} (only the first input and "
