@@ -5,6 +5,13 @@
 
 N requests with random prompt ids of --input-len tokens each generate exactly --output-len
 tokens (ignore_eos). Prints a summary and writes JSON (default bench/results/).
+
+Before the timed run the same workload runs --warm-runs times untimed, with other random
+prompts of the same lengths (so the prefix cache does not serve the timed ones): every
+program the timed run uses has run before, as bench_cpu_peer.py times transformers'
+`generate` after a first call. Warm-up runs the programs of decode steps on padding, but
+on a CPU not those of prefill chunks (a long chunk's program takes seconds), whose first
+run takes longer.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ def main() -> None:
                     help="runner.attention_backend (default: the config's)")
     ap.add_argument("--paged-prefill", choices=("on", "off"), default=None,
                     help="runner.paged_prefill (default: the config's)")
+    ap.add_argument("--warm-runs", type=int, default=1,
+                    help="untimed runs of the workload first, with other prompts")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
 
@@ -72,8 +81,16 @@ def main() -> None:
     engine.add_request(rng.integers(3, vocab, 8).tolist(), SamplingParams(max_tokens=2))
     while engine.has_unfinished():
         engine.step()
+    for w in range(args.warm_runs):
+        warm_rng = np.random.default_rng([args.seed, w + 1])
+        for i in range(args.num_requests):
+            engine.add_request(warm_rng.integers(3, vocab, args.input_len).tolist(), params,
+                               f"warm{w}-{i}")
+        while engine.has_unfinished():
+            engine.step()
 
     engine.step_times = StepTimes()
+    preempted_before = engine.scheduler.num_preemptions
     start = time.perf_counter()
     for i in range(args.num_requests):
         engine.add_request(rng.integers(3, vocab, args.input_len).tolist(), params, f"b{i}")
@@ -102,7 +119,8 @@ def main() -> None:
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "host": platform.node(), "jax": jax.__version__, "config": args.config,
         "model": loaded.model_config.name, "dtype": config.model.dtype,
-        "num_requests": args.num_requests, "input_len": args.input_len,
+        "num_requests": args.num_requests, "warm_runs": args.warm_runs,
+        "input_len": args.input_len,
         "output_len": args.output_len, "elapsed_s": elapsed,
         "output_tok_s": n_out / elapsed, "total_tok_s": (n_in + n_out) / elapsed,
         "ttft": percentiles(ttft), "tpot": percentiles(tpot),
@@ -115,7 +133,8 @@ def main() -> None:
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
-        "preemptions": engine.scheduler.num_preemptions, "tokens_digest": digest(ordered),
+        "preemptions": engine.scheduler.num_preemptions - preempted_before,
+        "tokens_digest": digest(ordered),
     }
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"offline-{result['backend']}-{config.model.name}-"

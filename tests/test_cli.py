@@ -21,7 +21,9 @@ def config_file(tmp_path_factory):
     text = DEMO.read_text().replace("  source: demo", f"  source: demo\n  cache_dir: {cache}")
     text = text.replace("  # compilation_cache_dir: <cache_dir>/xla   (default)",
                         f"  compilation_cache_dir: {cache}/xla-tests")
-    text = text.replace("token_buckets: [1, 4, 16, 64, 256, 1024, 2048]", "token_buckets: [16, 64]")
+    buckets = "token_buckets: [1, 4, 16, 64, 128, 256, 512, 1024, 2048]"
+    assert buckets in text
+    text = text.replace(buckets, "token_buckets: [16, 64]")
     text = text.replace("seq_buckets: [1, 4, 16]", "seq_buckets: [4, 16]")
     text = text.replace("max_num_batched_tokens: 2048", "max_num_batched_tokens: 64")
     path = tmp_path_factory.mktemp("cfg") / "demo.yaml"

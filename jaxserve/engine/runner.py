@@ -480,12 +480,25 @@ class Runner:
         for bucket in tqdm(programs, desc="compiling buckets", disable=not progress,
                            unit="bucket"):
             self._executable(*bucket)
-        if jax.default_backend() != "cpu":
-            # A program's first run on a GPU sets it up (its CUDA graphs): 35-90 ms measured
-            # on an H200 for the SmolLM2 shape, which would otherwise land on a request.
-            for bucket in programs:
+        # A program's first run sets it up, and that time would land on a request: on a GPU
+        # its CUDA graphs (35-90 ms measured on an H200 for the SmolLM2 shape), on a CPU the
+        # library state of its matmuls (YNNPACK's; the demo's programs take 80-430 ms more
+        # the first time). So each program runs once on padding here. On a CPU that costs
+        # the program's full time (2.3-2.9 s for the demo's 2048 tokens), so only the
+        # programs a decode step can land in run; a prefill chunk's program pays its first
+        # run on its first chunk.
+        for bucket in programs:
+            if jax.default_backend() != "cpu" or bucket[0] <= self._decode_tokens():
                 self.run_padding(bucket)
-            jax.block_until_ready(self.state)
+        jax.block_until_ready(self.state)
+
+    def _decode_tokens(self) -> int:
+        """The token bucket of a step that decodes every slot (the largest a decode-only
+        step runs; the largest bucket if that is smaller)."""
+        runner = self.config.runner
+        n = self.num_slots * self.config.speculative.rows
+        return self.batch.bucket(runner.token_buckets, min(n, runner.token_buckets[-1]),
+                                 "tokens")
 
     def run_padding(self, bucket: tuple[int, ...]) -> None:
         """Run one program on inputs that are all padding: it writes K/V only to the null

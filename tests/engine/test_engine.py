@@ -86,7 +86,16 @@ def test_batching_chunking_and_preemption_do_not_change_greedy_output(
 def test_no_compilation_after_warm_up_and_cache_updated_in_place(demo_config, demo_model,
                                                                   mixed_sampling):
     engine = make_engine(demo_config, demo_model)
+    ran, run_padding = [], engine.runner.run_padding
+    engine.runner.run_padding = lambda bucket: (ran.append(bucket), run_padding(bucket))
     engine.warm_up(progress=False)
+    # each program a decode step can land in ran once (16 slots: the 16-token bucket), so
+    # its first run's set-up is not a request's; on a CPU the prefill programs did not
+    programs = engine.runner.step_programs()
+    assert len(programs) == 4
+    decode = [p for p in programs if p[0] == 16]
+    assert ran == (decode if jax.default_backend() == "cpu" else programs)
+    assert len(decode) == 2
     compiled = engine.runner.num_compilations
     buffer = engine.runner.state.k_pages.unsafe_buffer_pointer()
     ps = prompts(demo_model.tokenizer, 6)
