@@ -18,7 +18,7 @@ def test_shipped_configs_load(path):
 def test_demo_config_values():
     c = load_config(CONFIGS[0].parent / "smollm2-135m-cpu.yaml")
     assert (c.checkpoint.source, c.model.dtype, c.cache.page_size) == ("demo", "float32", 16)
-    assert c.runner.token_buckets == (1, 4, 16, 64, 256, 1024, 2048)
+    assert c.runner.token_buckets == (1, 4, 16, 64, 128, 256, 512, 1024, 2048)
     assert c.runner.seq_buckets == (1, 4, 16)
 
 
