@@ -11,6 +11,11 @@ schedule_ms (scheduler), inputs_ms (building and dispatching the step), outputs_
 With --decode-steps K each engine step is a call of K decode steps (multi-step decode):
 the phases are per call, and host_per_token_step_ms is host_ms / K.
 
+The engine's other settings (layer layout, weight layout) come from --config, by default the
+demo's config for the backend (configs/smollm2-135m-cpu.yaml on CPU, smollm2-135m-gpu.yaml
+on a GPU): a GPU config runs its layers unrolled, where the CPU demo's layer loop has a
+conditional per matmul, which a GPU runs with a host round trip.
+
 On CPU the "device" is the same two cores, so a long context's attention slows the host
 phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
 putting them on the device) again with the device idle: `Runner.prepare`, median of 200.
@@ -82,12 +87,16 @@ def main() -> None:
                     help="runner.attention_backend (auto: Pallas on GPU, reference on CPU)")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="scheduler.decode_steps: decode steps per call (multi-step decode)")
+    ap.add_argument("--config", default=None,
+                    help="base config (default: the demo's config for this backend)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    base = args.config or REPO / "configs" / (
+        "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml")
     shape = Path(args.out).with_suffix(".shape.json")
     TINY.save(shape)
     b_max, c_max = max(args.batch), max(args.context)
-    config = load_config(REPO / "configs" / "smollm2-135m-cpu.yaml").replace(
+    config = load_config(base).replace(
         model__dtype="float32", checkpoint__source="random",
         checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
         cache__max_model_len=c_max + (args.steps + 32) * args.decode_steps,
@@ -108,7 +117,7 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
                          f"{jax.devices()[0].device_kind}",
-              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": Path(base).name,
               "attention_backend": args.attention_backend, "backend": jax.default_backend(),
               "model": dataclasses.asdict(TINY), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
