@@ -563,8 +563,8 @@ def ragged_paged_attention_reference(
     qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
 
     # The pages as rows of [L * N, page_size * KVH * D]: a block's gather takes whole rows,
-    # each one contiguous run, which XLA's CPU backend copies about twice as fast as the
-    # same pages indexed by (layer, page) in the 5-d array.
+    # each one contiguous run, which XLA's CPU backend copies as they lie; indexed by
+    # (layer, page) in the 5-d array it computed every element's index.
     first_row = layer * k_pages.shape[1]
 
     def keys(pages):

@@ -13,8 +13,8 @@ the phases are per call, and host_per_token_step_ms is host_ms / K.
 
 The engine's other settings (layer layout, weight layout) come from --config, by default the
 demo's config for the backend (configs/smollm2-135m-cpu.yaml on CPU, smollm2-135m-gpu.yaml
-on a GPU): a GPU config runs its layers unrolled, where the CPU demo's layer loop has a
-conditional per matmul, which a GPU runs with a host round trip.
+on a GPU), so a GPU runs its layers unrolled, as the GPU configs serve them, not in the
+CPU demo's layer loop.
 
 On CPU the "device" is the same two cores, so a long context's attention slows the host
 phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
