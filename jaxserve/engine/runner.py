@@ -187,6 +187,9 @@ def _with_kv_writer(attention):
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
 # prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
 FLASH_MIN_TOKENS = 512
+# The reference attention: programs of at least this many tokens (the CPU demo's prefill
+# buckets) pass it this step's K/V rows.
+REFERENCE_ROWS_MIN_TOKENS = 64
 # runner.paged_prefill: later chunks of at least this many tokens go to the Mosaic GPU paged
 # prefill kernel (its smallest item; from 128 up it measured 1.0-2.2x the ragged kernel).
 PAGED_MIN_CHUNK = 128
@@ -298,8 +301,20 @@ class Runner:
                            fp8_activations=config.runner.fp8_activations,
                            q8_0_tiles=config.runner.q8_0_tiles)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
-        self._prefill_step = self._step  # programs of FLASH_MIN_TOKENS tokens or more
-        if getattr(attention, "takes_new_kv", False):
+        self._prefill_step = self._step  # programs of self._prefill_tokens tokens or more
+        self._prefill_tokens = FLASH_MIN_TOKENS
+        from pallas_kernels.paged_attention import ragged_paged_attention_reference
+        if attention is ragged_paged_attention_reference:
+            # Prefill programs hand it this step's K/V rows: on a CPU its window formulation
+            # reads fresh prompts' keys from them instead of gathering pages. Decode
+            # programs pass none: with the rows in every program the demo's B=16 decode step
+            # measured 61-100 ms against 62-74 ms (p50, four alternating rounds).
+            rows = functools.partial(ragged_paged_attention_reference)
+            rows.takes_new_kv = True
+            self._prefill_step = dataclasses.replace(
+                self._step, model=model.clone(attention_fn=rows))
+            self._prefill_tokens = REFERENCE_ROWS_MIN_TOKENS
+        elif getattr(attention, "takes_new_kv", False):
             self._step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=pick_attention("pallas",
                                                                           kv_writer=writer)))
@@ -399,7 +414,7 @@ class Runner:
                 state, out, send = decode_steps(self._decode_step, layout.steps, self.page_size,
                                                 params, state, inp, recv[0, 0])
             else:
-                step = self._prefill_step if layout.T >= FLASH_MIN_TOKENS else self._step
+                step = self._prefill_step if layout.T >= self._prefill_tokens else self._step
                 state, out, send = step(params, state, inp, recv[0, 0])
             out = step_outputs.pack(out)[None, None]  # one array: one transfer to the host
             if gather:

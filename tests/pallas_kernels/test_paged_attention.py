@@ -296,6 +296,52 @@ def test_reference_formulations_agree(batch, formulation, window):
     np.testing.assert_array_equal(np.asarray(other)[num_valid:], 0.0)
 
 
+def _new_rows(args, num_valid, page_size):
+    """This step's K/V rows as the model passes them (k_new, v_new [T, KVH, D]): each valid
+    token's key and value, read from its slot in the pages; padding rows huge but finite."""
+    _, k, v, layer, tables, seq_lens, qs = (np.asarray(a) for a in args)
+    slots = []
+    for s in range(len(seq_lens)):
+        for t in range(qs[s], qs[s + 1]):
+            pos = seq_lens[s] - (qs[s + 1] - t)
+            slots.append((tables[s, pos // page_size], pos % page_size))
+    page, offset = np.array(slots).T
+    rows = []
+    for a in (k, v):
+        new = np.full((args[0].shape[0], *a.shape[3:]), 1e4, np.float32)
+        new[:num_valid] = a[layer, page, offset]
+        rows.append(new)
+    return rows
+
+
+def test_reference_takes_fresh_prompts_keys_from_new_rows():
+    """With this step's K/V rows, the window formulation attends fresh prompts (a first
+    chunk that is the whole context) from the rows, in windows of 128 (a 130-token prompt)
+    or of 256 (a 300-token one), and everything else from the pages: the same attention as
+    the per-token gathers. Changing a fresh prompt's rows changes its output and nothing
+    else's, so the rows are what it reads."""
+    # fresh 300, fresh 130, a decode, a chunk after 30 cached tokens, a fresh 5-token prompt
+    # (a small window: pages), an idle sequence, 144 padding rows
+    q_lens, seq_lens = [300, 130, 1, 20, 5, 0], [300, 130, 37, 50, 5, 0]
+    _, clean, num_valid = make_case(7, q_lens, seq_lens, num_tokens=600, num_heads=8,
+                                    kv_heads=2, head_dim=64, page_size=8, pages_per_seq=40,
+                                    num_pages=80, dtype=jnp.float32)
+    k_new, v_new = _new_rows(clean, num_valid, page_size=8)
+    with jax.default_matmul_precision("highest"):
+        per_token = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE,
+                                                     formulation="token")
+        rows = functools.partial(ragged_paged_attention_reference, *clean, sm_scale=SM_SCALE,
+                                 formulation="window")
+        out = rows(k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new))
+        k_new[300:430] *= 2.0  # the 130-token prompt's keys, in the rows only
+        changed = np.asarray(rows(k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new)))
+    np.testing.assert_allclose(np.asarray(out)[:num_valid],
+                               np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out)[num_valid:], 0.0)
+    differs = np.abs(changed - np.asarray(out)).max(axis=(1, 2)) > 1e-3
+    assert differs[301:430].all() and not differs[:300].any() and not differs[430:].any()
+
+
 # ----- quantized pages (cache.kv_dtype int8 / fp8) ----------------------------------------
 
 def quantized_case(seed, batch, mode):
