@@ -9,7 +9,11 @@ import pytest
 
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import FinishReason, SamplingParams
-from jaxserve.engine.runner import flash_prefill_unsupported, pick_attention
+from jaxserve.engine.runner import (
+    REFERENCE_ROWS_MIN_TOKENS,
+    flash_prefill_unsupported,
+    pick_attention,
+)
 from jaxserve.errors import ConfigError, InvalidRequestError
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
@@ -247,6 +251,18 @@ def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
         make_engine(demo_config, demo_model, runner__attention_backend="pallas_flash")
     assert "needs a Hopper GPU" in flash_prefill_unsupported(jnp.bfloat16, 128)
     assert pick_attention("auto") is ragged_paged_attention_reference  # CPU: the reference
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU's attention")
+def test_cpu_prefill_programs_hand_the_reference_the_new_kv_rows(demo_config, demo_model):
+    """Programs of 64 tokens or more (prefill buckets) pass this step's K/V rows to the
+    reference attention, whose window formulation reads fresh prompts' keys from them;
+    smaller programs (decodes) pass none."""
+    runner = make_engine(demo_config, demo_model).runner
+    assert runner._prefill_tokens == REFERENCE_ROWS_MIN_TOKENS == 64
+    prefill = runner._prefill_step.model.attention_fn
+    assert prefill.func is ragged_paged_attention_reference and prefill.takes_new_kv
+    assert runner._step.model.attention_fn is ragged_paged_attention_reference
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU note")
