@@ -548,10 +548,10 @@ def ragged_paged_attention_reference(
     formulation forces one of them (None: chosen by the shapes).
 
     With k_new and v_new (this step's K/V rows) and unquantized pages, the window
-    formulation takes a fresh prompt's keys (a sequence whose tokens this step are its whole
-    context) from those rows instead of the pages: the same keys, read without gathering
-    pages or copying them transposed, in windows and blocks of 128 or 256 keys, so bigger
-    matmuls (`_fresh_windows`).
+    formulation takes a prefill chunk's own keys from those rows instead of the pages, and
+    only its history (keys before the chunk) from the pages: the same keys, the chunk's read
+    without gathering pages or copying them transposed, in windows and blocks of 128 or 256
+    keys, so bigger matmuls (`_rows_windows`).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pages.shape
@@ -589,19 +589,20 @@ def ragged_paged_attention_reference(
         return k, v
 
     if formulation == "window":
-        fresh, fresh_window = None, 0
+        from_rows, rows_window = None, 0
         if k_new is not None and k_scales is None:
-            small = min(FRESH_WINDOW, num_tokens)
-            big = 2 * small if num_tokens > 2 * small else small  # for prompts of more
-            fresh_window = big
+            small = min(ROWS_WINDOW, num_tokens)
+            big = 2 * small if num_tokens > 2 * small else small  # for chunks of more
+            rows_window = big
             # head-major copies, once per call: a block is then one slice per KV head
             heads_first = lambda a: jnp.pad(jnp.moveaxis(a, 1, 0).astype(jnp.float32),
                                             ((0, 0), (0, big)) + ((0, 0),) * (a.ndim - 2))
-            fresh = functools.partial(_fresh_prompt, heads_first(qg), heads_first(k_new),
-                                      heads_first(v_new), small=small, big=big)
+            from_rows = functools.partial(
+                _chunk_from_rows, heads_first(qg), heads_first(k_new), heads_first(v_new),
+                keys, tables, seq_lens, small=small, big=big, ppb=ppb, block_len=block_len)
         out = _by_windows(qg, keys, tables, seq_lens, query_start, ppb=ppb,
-                          block_len=block_len, window=min(window, num_tokens), fresh=fresh,
-                          pad=fresh_window)
+                          block_len=block_len, window=min(window, num_tokens),
+                          from_rows=from_rows, pad=rows_window)
         return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
     seq, pos = token_positions(query_start, seq_lens, num_tokens)
@@ -663,15 +664,15 @@ def _online_result(denom, acc):
 
 
 def _by_windows(qg, keys, tables, seq_lens, query_start, *, ppb: int, block_len: int,
-                window: int, fresh=None, pad: int = 0):
+                window: int, from_rows=None, pad: int = 0):
     """The "window" formulation: qg [T, KVH, G, D] -> [T, KVH, G, D] float32.
 
     Sequence s's tokens are rows query_start[s] .. query_start[s + 1] - 1, at positions
     ending at seq_lens[s] - 1. Each window of `window` of them (SMALL_WINDOW for a sequence
     that has no more tokens than that: a decode) is scored against the blocks of s's pages
     up to its last position; rows past the sequence's last token are computed but never
-    written. Rows of no sequence (padding) stay 0. fresh(start, n, out), if given, attends
-    a fresh prompt of more than SMALL_WINDOW tokens instead (`_fresh_windows`, whose
+    written. Rows of no sequence (padding) stay 0. from_rows(s, start, n, out), if given,
+    attends a chunk of more than SMALL_WINDOW tokens instead (`_rows_windows`, whose
     windows of `pad` rows must not run off the end either).
     """
     num_tokens = qg.shape[0]
@@ -683,10 +684,8 @@ def _by_windows(qg, keys, tables, seq_lens, query_start, *, ppb: int, block_len:
     def one_sequence(s, out):
         start, n = query_start[s], query_start[s + 1] - query_start[s]
         n_small = min(SMALL_WINDOW, window)
-        chunk = functools.partial(windows, s, start, n, window)
-        if fresh is not None:  # a fresh prompt: its keys from this step's rows
-            chunk = functools.partial(jax.lax.cond, n == seq_lens[s],
-                                      functools.partial(fresh, start, n), chunk)
+        chunk = functools.partial(windows, s, start, n, window) if from_rows is None \
+            else functools.partial(from_rows, s, start, n)  # its own keys from the rows
         return jax.lax.cond(  # a decode (or a short chunk) pads to a small window only
             n <= n_small, functools.partial(windows, s, start, n, n_small), chunk, out)
 
@@ -720,31 +719,37 @@ def _by_windows(qg, keys, tables, seq_lens, query_start, *, ppb: int, block_len:
     return jax.lax.fori_loop(0, tables.shape[0], one_sequence, out)[:num_tokens]
 
 
-# `_fresh_windows`: query rows per window, and keys per block, for fresh prompts of up to
-# twice as many tokens; longer ones take windows twice as big. 2 CPU cores, 30 layers of
-# the demo's attention (scripts/bench_cpu_attention.py --prefill, with one size for all):
-# one 1024-token prompt in 417 ms with windows of 256, against 498 ms with 128; 16 prompts
-# of 128 tokens in 293 ms with 128, 673 ms with 256.
-FRESH_WINDOW = 128
+# `_rows_windows`: query rows per window, and keys per block of the chunk's own, for
+# chunks of up to twice as many tokens; longer ones take windows twice as big. 2 CPU cores,
+# 30 layers of the demo's attention (scripts/bench_cpu_attention.py --prefill, with one
+# size for all): one 1024-token prompt in 417 ms with windows of 256, against 498 ms with
+# 128; 16 prompts of 128 tokens in 293 ms with 128, 673 ms with 256.
+ROWS_WINDOW = 128
 
 
-def _fresh_prompt(q_h, k_h, v_h, start, n, out, *, small: int, big: int):
-    """`_fresh_windows` with windows of `small` rows, or of `big` for more than 2 x small."""
+def _chunk_from_rows(q_h, k_h, v_h, keys, tables, seq_lens, s, start, n, out, *, small: int,
+                     big: int, ppb: int, block_len: int):
+    """`_rows_windows` for sequence s's chunk, in windows of `small` rows, or of `big` for
+    chunks of more than 2 x small tokens."""
+    run = functools.partial(_rows_windows, q_h, k_h, v_h, keys, tables[s],
+                            seq_lens[s] - n, start, n, ppb=ppb, block_len=block_len)
     if big == small:
-        return _fresh_windows(q_h, k_h, v_h, start, n, out, window=small)
-    return jax.lax.cond(n > 2 * small,
-                        functools.partial(_fresh_windows, window=big),
-                        functools.partial(_fresh_windows, window=small),
-                        q_h, k_h, v_h, start, n, out)
+        return run(out, window=small)
+    return jax.lax.cond(n > 2 * small, functools.partial(run, window=big),
+                        functools.partial(run, window=small), out)
 
 
-def _fresh_windows(q_h, k_h, v_h, start, n, out, *, window: int):
-    """A fresh prompt's attention from this step's K/V rows. Rows start .. start + n - 1 of
-    q_h [KVH, T + window, G, D] (float32, scaled) are the prompt's tokens at positions
-    0 .. n - 1, and of k_h, v_h [KVH, T + window, D] their keys and values. Each window of
-    `window` rows is scored against blocks of `window` keys up to its own (the last one
-    masked causally), one matmul per KV head and block: [window x G, D] x [D, window].
-    Returns `out` [T + pad, KVH, G, D] with the prompt's rows written.
+def _rows_windows(q_h, k_h, v_h, keys, table, history, start, n, out, *, window: int,
+                  ppb: int, block_len: int):
+    """A prefill chunk's attention with its own keys from this step's K/V rows. Rows
+    start .. start + n - 1 of q_h [KVH, T + window, G, D] (float32, scaled) are the
+    chunk's tokens, at positions history .. history + n - 1, and of k_h, v_h [KVH, T +
+    window, D] their keys and values; the keys before them (history) are in the pages of
+    `table`, read by keys(pages) in blocks of block_len (ppb pages). Each window of `window`
+    rows is scored against the history's blocks, then against blocks of `window` of the
+    chunk's keys up to its own (masked causally), one matmul per KV head and block:
+    [window x G, D] x [D, window] for the chunk's. Returns `out` [T + pad, KVH, G, D] with
+    the chunk's rows written.
     """
     kvh, _, group, d = q_h.shape
     rows = jnp.arange(window)
@@ -754,16 +759,24 @@ def _fresh_windows(q_h, k_h, v_h, start, n, out, *, window: int):
         q = jax.lax.dynamic_slice_in_dim(q_h, row0, window, axis=1)
         q = q.reshape(kvh, window * group, d)  # [KVH, window x G, D]
 
-        def body(j, carry, mask=None):
+        def past(j, carry):  # a block of the history: every key before the chunk counts
+            k, v = keys(jax.lax.dynamic_slice_in_dim(table, j * ppb, ppb))  # [len, KVH, D]
+            seen = j * block_len + jnp.arange(block_len) < history
+            return _online_block(carry, jnp.einsum("kqd,nkd->kqn", q, k), seen[None, None],
+                                 lambda p: jnp.einsum("kqn,nkd->kqd", p, v))
+
+        def own(j, carry, mask=None):  # a block of the chunk's own keys
             k = jax.lax.dynamic_slice_in_dim(k_h, start + j * window, window, axis=1)
             v = jax.lax.dynamic_slice_in_dim(v_h, start + j * window, window, axis=1)
             return _online_block(carry, jnp.einsum("kqd,knd->kqn", q, k), mask,
                                  lambda p: jnp.einsum("kqn,knd->kqd", p, v))
 
+        carry = jax.lax.fori_loop(0, (history + block_len - 1) // block_len, past,
+                                  _online_init(q.shape))
         # blocks before the window's own need no mask; its own is masked causally
-        carry = jax.lax.fori_loop(0, w, body, _online_init(q.shape))
+        carry = jax.lax.fori_loop(0, w, own, carry)
         diagonal = rows[None, :] <= jnp.repeat(rows, group)[:, None]  # [window x G, window]
-        _, denom, acc = body(w, carry, diagonal[None])
+        _, denom, acc = own(w, carry, diagonal[None])
         new = _online_result(denom, acc).reshape(kvh, window, group, d)
         new = jnp.moveaxis(new, 0, 1)  # [window, KVH, G, D]
         old = jax.lax.dynamic_slice_in_dim(out, row0, window)

@@ -14,10 +14,11 @@ loop runs them. Medians of --reps calls, the versions alternating. `--against` t
 another version of paged_attention.py (an older checkout's) in the same process and checks
 that both give the same output.
 
-`--prefill N:L` times N fresh prompts of L tokens each (one prefill chunk each, packed in
-a bucket of the next power of two), each layer's keys and values both in the pages and as
-this step's rows (k_new, v_new, as the model passes them): `pages_ms` without the rows
-(the window formulation over gathered pages), `rows_ms` with them (`_fresh_windows`).
+`--prefill N:L[:H]` times N prefill chunks of L tokens each, after H tokens already in the
+cache (default 0: fresh prompts), packed in a bucket of the next power of two, each layer's
+keys and values both in the pages and as this step's rows (k_new, v_new, as the model
+passes them): `pages_ms` without the rows (the window formulation over gathered pages),
+`rows_ms` with them (`_rows_windows`).
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ def case(batch: int, context: int, seed: int):
     return q, k, v, meta
 
 
-def prefill_case(num_prompts: int, length: int, seed: int):
-    """num_prompts fresh prompts of `length` tokens, their pages spread over the cache:
-    (q, k, v, meta, slots), slots the (page, offset) of each token's K/V row."""
+def prefill_case(num_prompts: int, length: int, seed: int, history: int = 0):
+    """num_prompts chunks of `length` tokens after `history` cached ones, their pages spread
+    over the cache: (q, k, v, meta, slots), slots the (page, offset) of each token's K/V
+    row."""
     rng = np.random.default_rng(seed)
-    pages_per_seq = -(-length // PAGE)
+    pages_per_seq = -(-(history + length) // PAGE)
     num_pages = max(PAGES, num_prompts * pages_per_seq + 1)
     tables = np.zeros((16, 2048 // PAGE), np.int32)  # the demo's seq bucket and max_model_len
     order = rng.permutation(np.arange(1, num_pages))
@@ -79,10 +81,10 @@ def prefill_case(num_prompts: int, length: int, seed: int):
     tokens = num_prompts * length
     bucket = 1 << (tokens - 1).bit_length()
     seq_lens = np.zeros(16, np.int32)
-    seq_lens[:num_prompts] = length
+    seq_lens[:num_prompts] = history + length
     query_start = np.full(17, tokens, np.int32)
     query_start[:num_prompts + 1] = np.arange(num_prompts + 1) * length
-    pos = np.arange(bucket) % length  # padding rows: any slot, their output is dropped
+    pos = history + np.arange(bucket) % length  # padding rows: any slot, output dropped
     seq = np.minimum(np.arange(bucket) // length, num_prompts - 1)
     slots = (jnp.asarray(tables[seq, pos // PAGE]), jnp.asarray(pos % PAGE))
     shape = (LAYERS, num_pages, PAGE, KV_HEADS, HEAD_DIM)
@@ -127,7 +129,7 @@ def main() -> None:
     ap.add_argument("--against-label", default="another version",
                     help="what --against is, for the JSON (a commit, say)")
     ap.add_argument("--prefill", nargs="*", default=[],
-                    help="fresh prompts' prefill: N:L, N prompts of L tokens")
+                    help="prefill: N:L[:H], N chunks of L tokens after H cached ones")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     versions = {"this": paged_attention.ragged_paged_attention_reference}
@@ -147,8 +149,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     for case_ in args.prefill:
-        num_prompts, length = (int(x) for x in case_.split(":"))
-        q, k, v, meta, slots = prefill_case(num_prompts, length, seed=len(rows))
+        num_prompts, length, *history = (int(x) for x in case_.split(":"))
+        history = history[0] if history else 0
+        q, k, v, meta, slots = prefill_case(num_prompts, length, len(rows), history)
         fns = {"pages": all_layers(versions["this"], meta),
                "rows": all_layers(versions["this"], meta, slots)}
         if args.against:
@@ -158,7 +161,7 @@ def main() -> None:
         for name in fns:
             np.testing.assert_allclose(outs[name][:valid], outs["pages"][:valid],
                                        rtol=1e-4, atol=1e-4)
-        row = {"prefill_prompts": num_prompts, "prompt_len": length,
+        row = {"prefill_prompts": num_prompts, "prompt_len": length, "history": history,
                **{f"{name}_ms": round(t * 1e3, 3) for name, t in times.items()},
                "rows_over_pages": round(times["rows"] / times["pages"], 3)}
         rows.append(row)

@@ -306,7 +306,7 @@ class Runner:
         from pallas_kernels.paged_attention import ragged_paged_attention_reference
         if attention is ragged_paged_attention_reference:
             # Prefill programs hand it this step's K/V rows: on a CPU its window formulation
-            # reads fresh prompts' keys from them instead of gathering pages. Decode
+            # reads a chunk's own keys from them instead of gathering pages. Decode
             # programs pass none: with the rows in every program the demo's B=16 decode step
             # measured 61-100 ms against 62-74 ms (p50, four alternating rounds).
             rows = functools.partial(ragged_paged_attention_reference)

@@ -256,7 +256,7 @@ def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU's attention")
 def test_cpu_prefill_programs_hand_the_reference_the_new_kv_rows(demo_config, demo_model):
     """Programs of 64 tokens or more (prefill buckets) pass this step's K/V rows to the
-    reference attention, whose window formulation reads fresh prompts' keys from them;
+    reference attention, whose window formulation reads prefill chunks' keys from them;
     smaller programs (decodes) pass none."""
     runner = make_engine(demo_config, demo_model).runner
     assert runner._prefill_tokens == REFERENCE_ROWS_MIN_TOKENS == 64

@@ -314,18 +314,19 @@ def _new_rows(args, num_valid, page_size):
     return rows
 
 
-def test_reference_takes_fresh_prompts_keys_from_new_rows():
-    """With this step's K/V rows, the window formulation attends fresh prompts (a first
-    chunk that is the whole context) from the rows, in windows of 128 (a 130-token prompt)
-    or of 256 (a 300-token one), and everything else from the pages: the same attention as
-    the per-token gathers. Changing a fresh prompt's rows changes its output and nothing
-    else's, so the rows are what it reads."""
-    # fresh 300, fresh 130, a decode, a chunk after 30 cached tokens, a fresh 5-token prompt
-    # (a small window: pages), an idle sequence, 144 padding rows
-    q_lens, seq_lens = [300, 130, 1, 20, 5, 0], [300, 130, 37, 50, 5, 0]
+def test_reference_takes_prefill_chunks_keys_from_new_rows():
+    """With this step's K/V rows, the window formulation takes a prefill chunk's own keys
+    from the rows (its history from the pages), in windows of 128 (a 130-token prompt, a
+    20-token chunk after 30 cached tokens) or of 256 (a 300-token chunk); decodes and
+    chunks of up to 8 tokens read the pages: the same attention as the per-token gathers.
+    Changing a chunk's rows changes its output and nothing else's, so the rows are what it
+    reads."""
+    # 300 tokens after 150 (three blocks of history), a fresh 130, a decode, 20 tokens after
+    # 30, a fresh 5-token prompt (a small window: pages), an idle sequence, 144 padding rows
+    q_lens, seq_lens = [300, 130, 1, 20, 5, 0], [450, 130, 37, 50, 5, 0]
     _, clean, num_valid = make_case(7, q_lens, seq_lens, num_tokens=600, num_heads=8,
-                                    kv_heads=2, head_dim=64, page_size=8, pages_per_seq=40,
-                                    num_pages=80, dtype=jnp.float32)
+                                    kv_heads=2, head_dim=64, page_size=8, pages_per_seq=64,
+                                    num_pages=120, dtype=jnp.float32)
     k_new, v_new = _new_rows(clean, num_valid, page_size=8)
     with jax.default_matmul_precision("highest"):
         per_token = ragged_paged_attention_reference(*clean, sm_scale=SM_SCALE,
@@ -333,13 +334,16 @@ def test_reference_takes_fresh_prompts_keys_from_new_rows():
         rows = functools.partial(ragged_paged_attention_reference, *clean, sm_scale=SM_SCALE,
                                  formulation="window")
         out = rows(k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new))
-        k_new[300:430] *= 2.0  # the 130-token prompt's keys, in the rows only
+        k_new[300:430] *= 2.0  # the 130-token prompt's keys and the 20-token chunk's,
+        k_new[431:451] *= 2.0  # in the rows only
         changed = np.asarray(rows(k_new=jnp.asarray(k_new), v_new=jnp.asarray(v_new)))
     np.testing.assert_allclose(np.asarray(out)[:num_valid],
                                np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out)[num_valid:], 0.0)
     differs = np.abs(changed - np.asarray(out)).max(axis=(1, 2)) > 1e-3
-    assert differs[301:430].all() and not differs[:300].any() and not differs[430:].any()
+    # row 300 attends only to its own key (one key: any scale gives the same output)
+    assert differs[301:430].all() and differs[431:451].all()
+    assert not differs[:301].any() and not differs[430] and not differs[451:].any()
 
 
 # ----- quantized pages (cache.kv_dtype int8 / fp8) ----------------------------------------
