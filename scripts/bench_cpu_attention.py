@@ -1,5 +1,5 @@
 """Attention of the plain-jnp reference (the CPU's attention), alone: decodes by batch and
-context, and fresh prompts' prefill.
+context, and prefill chunks (fresh prompts, or after cached tokens).
 
     python scripts/bench_cpu_attention.py --batch 1 16 --context 147 1000 --out X.json
     python scripts/bench_cpu_attention.py ... --against OLD/pallas_kernels/paged_attention.py \

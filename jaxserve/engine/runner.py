@@ -308,7 +308,7 @@ class Runner:
             # Prefill programs hand it this step's K/V rows: on a CPU its window formulation
             # reads a chunk's own keys from them instead of gathering pages. Decode
             # programs pass none: with the rows in every program the demo's B=16 decode step
-            # measured 61-100 ms against 62-74 ms (p50, four alternating rounds).
+            # p50 measured 77.2 and 99.8 ms against 70.1 and 74.2 ms (two clean rounds).
             rows = functools.partial(ragged_paged_attention_reference)
             rows.takes_new_kv = True
             self._prefill_step = dataclasses.replace(
