@@ -7,12 +7,15 @@ while the same products taken the other way round, W [N, K] . x^T [K, T] -> y^T 
 run at 36-125 (docs/performance.md, "Outputs-first weights"). From 256 rows on that form is
 the slower one, and x [T, K] . W [N, K]^T is as fast as the checkpoint layout's.
 
-So a `Transposed` weight is multiplied as W . x^T for at most SMALL_ROWS rows and as
-x . W^T above that; both read the weight as it lies. The optimization barriers around the
-small form keep XLA's layout assignment from folding the two transposes (each a copy of a
-few kilobytes) back into the matmul, which would bring back the slow form.
+So on a CPU a `Transposed` weight is multiplied as W . x^T for at most SMALL_ROWS rows
+and as x . W^T above that; both read the weight as it lies. The optimization barriers
+around the small form keep XLA's layout assignment from folding the two transposes (each a
+copy of a few kilobytes) back into the matmul, which would bring back the slow form.
 
-On a GPU, fp8 weights stored so are cuBLASLt's own fp8 layout: with `fp8_rows` set
+On a GPU every matmul takes the x . W^T form: there XLA's GEMM takes 4-8% less time so
+on fp8 weights at 1-32 rows than as W . x^T (int8 within -8% and +4%; docs/performance.md,
+"x . W^T for 8-bit weights on a GPU"). fp8 weights stored outputs-first are also
+cuBLASLt's own fp8 layout: with `fp8_rows` set
 (runner.fp8_activations) models/quant.py's qeinsum multiplies them by fp8 activations.
 """
 
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxserve.models.layer_select import LayerSelect
 
-SMALL_ROWS = 32  # rows of x up to which a Transposed weight is multiplied as W . x^T
+SMALL_ROWS = 32  # on a CPU, rows of x up to which a Transposed weight is multiplied as W . x^T
 
 
 @jax.tree_util.register_pytree_node_class
@@ -53,6 +56,12 @@ def transposed_shape(shape: tuple, inputs: int) -> tuple:
     return (*shape[inputs:], *shape[:inputs])
 
 
+def rows_first(m: int) -> bool:
+    """Whether a matmul of m rows takes the x . W^T form (else W . x^T): above SMALL_ROWS,
+    and at every row count off a CPU."""
+    return m > SMALL_ROWS or jax.default_backend() != "cpu"
+
+
 def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
                       preferred_element_type=None) -> jax.Array:
     """einsum(eq, x, weight) for a `eq` "x_axes,w_axes->out_axes" that names w's axes
@@ -66,7 +75,7 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
     k, m = math.prod(sizes[a] for a in w_in), math.prod(sizes[a] for a in rows)
     out_dtype = preferred_element_type or x.dtype
 
-    if m <= SMALL_ROWS:  # y^T [N, M] = W [N, K] . x^T [K, M]
+    if not rows_first(m):  # y^T [N, M] = W [N, K] . x^T [K, M]
         xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
 
         def dot(weight, xt):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.models import transposed
 from jaxserve.models.llama import (
     AttentionMetadata,
     LlamaModel,
@@ -23,6 +24,7 @@ from jaxserve.models.llama import (
 )
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from jaxserve.models.quant import KV_STORAGE
+from jaxserve.models.transposed import Transposed
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.rope_kv_write import rope_and_write_kv_interpret
 
@@ -144,6 +146,24 @@ def test_transposed_weights_match_numpy(name, loop, joined):
     SMALL_ROWS), in the layer loop or unrolled."""
     check_against_numpy(name, (4, 1, 40), joined=joined, layer_arrays=True, layer_loop=loop,
                         transposed=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_transposed_matmul_form_by_backend(backend, monkeypatch):
+    """On a CPU a Transposed weight is multiplied as W . x^T (between optimization barriers)
+    up to SMALL_ROWS rows and as x . W^T above; off a CPU as x . W^T at every row count.
+    Both forms give the same product."""
+    monkeypatch.setattr(transposed.jax, "default_backend", lambda: backend)
+    rng = np.random.default_rng(0)
+    w = Transposed(jnp.asarray(rng.standard_normal((48, 16)), jnp.float32), 1)  # [N, K]
+    for rows in (1, 8, transposed.SMALL_ROWS, transposed.SMALL_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+        fn = jax.jit(lambda x, w: transposed.transposed_einsum("tk,kn->tn", x, w))
+        barriers = fn.lower(x, w).as_text().count("optimization_barrier")
+        small_form = backend == "cpu" and rows <= transposed.SMALL_ROWS
+        assert barriers == (2 if small_form else 0), (backend, rows)
+        np.testing.assert_allclose(np.asarray(fn(x, w)), np.asarray(x) @ np.asarray(w.weight).T,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_transpose_weights_puts_outputs_first():
