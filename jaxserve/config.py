@@ -172,7 +172,7 @@ class RunnerSection:
     layer_arrays: bool = False  # each layer's weights as arrays of their own (see README)
     layer_loop: bool = False  # with layer_arrays: one loop body runs every layer (README)
     transposed_weights: bool = False  # with layer_arrays: linear weights outputs-first (README)
-    # with fp8 weights outputs-first: programs of 256+ tokens multiply fp8 activations (README)
+    # with fp8 weights outputs-first: programs of 128+ tokens multiply fp8 activations (README)
     fp8_activations: bool = False
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)

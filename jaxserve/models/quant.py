@@ -47,9 +47,10 @@ SCALE = "_scale"  # suffix of a quantized weight's scale parameter
 BLOCK = 32  # q8_0: weights per scale along the contraction
 BLOCKS = "_blocks"  # suffix of the logical name of a block scale's blocked axis
 # tokens from which fp8 weights outputs-first multiply fp8 activations (runner.fp8_activations):
-# at 128 rows both ways tie on an H200, from 512 fp8 x fp8 is 0.53-0.56x the converting GEMM's
-# time (docs/performance.md, "fp8 activations for prefill")
-FP8_ACTIVATION_ROWS = 256
+# on an H200, the 8B layer's matmuls at 128 rows take 0.69x the converting GEMM's time fp8 x fp8
+# (a tie at 64, slower at 32), from 512 rows 0.53-0.56x (docs/performance.md, "x . W^T for
+# 8-bit weights on a GPU", "fp8 activations for prefill")
+FP8_ACTIVATION_ROWS = 128
 
 
 def scale_spec(names: tuple[str, ...], shape: tuple[int, ...], contracted: tuple[str, ...],
