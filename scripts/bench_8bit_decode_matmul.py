@@ -9,10 +9,11 @@ One jitted call runs --layers layers of the Llama-3-8B shape's four matmuls (q/k
 layer with weights of its own, each matmul's input the last one's output (so they run in
 order, as in a step): the weights' bytes exceed the L2 many times over. Paths: `xla`, the
 engine's form for the device (on a GPU x . W^T at every row count), `xla W.x^T` (the CPU's
-form for up to SMALL_ROWS rows, forced) and `xla x.W^T` (forced). Rows report ms per call,
-the weights' bytes per second, the floor (bytes over a sum's read bandwidth, measured here)
-and each path against `xla`; each forced form's output is checked against `xla`'s once per
-rows value.
+form for up to SMALL_ROWS rows, forced), `xla x.W^T` (forced), and with --fp8-activations
+`fp8 x fp8`: x quantized to fp8 per token (runner.fp8_activations' product, which the
+engine takes from 256 rows). Rows report ms per call, the weights' bytes per second, the
+floor (bytes over a sum's read bandwidth, measured here) and each path against `xla`; each
+other path's output is checked against `xla`'s once per rows value.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def forced(form: str):
     return mm
 
 
+def fp8_activations(x, w, s):
+    """runner.fp8_activations' product: x quantized to fp8 per token, fp8 x fp8."""
+    return qeinsum("tk,kn->tn", x, Transposed(w, 1, fp8_rows=1), s)
+
+
 def bf16(x, w, s):
     return jnp.einsum("tk,kn->tn", x, w)
 
@@ -95,6 +101,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mode", nargs="+", default=["fp8"], choices=["fp8", "int8"])
+    ap.add_argument("--fp8-activations", action="store_true",
+                    help="also time fp8 weights by fp8 activations (runner.fp8_activations)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     bandwidth = read_bandwidth()
@@ -105,6 +113,8 @@ def main() -> None:
         layers = weights(args.layers, mode)
         paths = {"xla": chain(xla_8bit), **{f"xla {form}": chain(forced(form))
                                             for form in ("W.x^T", "x.W^T")}}
+        if mode == "fp8" and args.fp8_activations:
+            paths["fp8 x fp8"] = chain(fp8_activations)
         for m in args.rows:
             x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
             ref = np.asarray(chain(xla_8bit)(x, layers[:1]), np.float32)
