@@ -1,10 +1,11 @@
 """The CPU peer: Hugging Face transformers (PyTorch) on the same GGUF and the same request
 shapes as `scripts/bench_offline.py`, and optionally llama.cpp's own benchmark.
 
-Runs in its own Python 3.11 environment, so torch is never a jaxserve dependency:
-    python3.11 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 transformers \
+Runs in its own Python 3.11 environment (REF: a directory of your choice), so torch is
+never a jaxserve dependency:
+    python3.11 -m venv REF && REF/bin/pip install torch==2.13.0 transformers \
         accelerate gguf sentencepiece numpy
-    /tmp/ref/bin/python scripts/bench_cpu_peer.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
+    REF/bin/python scripts/bench_cpu_peer.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
         --batch 1 16 --input-len 128 --output-len 64 --threads 2 --out peer.json
 B requests of --input-len random prompt tokens each generate exactly --output-len tokens
 (greedy), in one `generate` call of batch B; output tok/s is B x output-len over its wall

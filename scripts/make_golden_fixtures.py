@@ -1,10 +1,11 @@
 """Write golden fixtures for the demo model from an independent reference: Hugging Face
 transformers (PyTorch) loading the same GGUF.
 
-Runs in its own Python 3.11 environment with torch, transformers, accelerate, gguf:
-    python3.11 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0 transformers \
+Runs in its own Python 3.11 environment (REF: a directory of your choice) with torch,
+transformers, accelerate, gguf:
+    python3.11 -m venv REF && REF/bin/pip install torch==2.13.0 transformers \
         accelerate gguf sentencepiece numpy
-    /tmp/ref/bin/python scripts/make_golden_fixtures.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf
+    REF/bin/python scripts/make_golden_fixtures.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf
 Writes tests/fixtures/smollm2_golden.json (prompt ids, greedy ids, top logits of the first
 steps) and tests/fixtures/smollm2_first_logits.npy (full first-step logits, float32).
 """

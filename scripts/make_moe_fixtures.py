@@ -4,7 +4,7 @@ transformers (float32): greedy tokens, and the experts each MoE layer routes the
 prompt's prefill tokens to.
 
 Runs in the same Python 3.11 environment as scripts/make_golden_fixtures.py:
-    /tmp/ref/bin/python scripts/make_moe_fixtures.py
+    REF/bin/python scripts/make_moe_fixtures.py
 Writes tests/fixtures/tiny_hf/<name>/ (config.json, model.safetensors, tokenizer files,
 chat_template.jinja) and tests/fixtures/tiny_hf/golden.json.
 
