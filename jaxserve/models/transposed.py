@@ -15,8 +15,8 @@ copy of a few kilobytes) back into the matmul, which would bring back the slow f
 On a GPU every matmul takes the x . W^T form: there XLA's GEMM takes 4-8% less time so
 on fp8 weights at 1-32 rows than as W . x^T (int8 within -8% and +4%; docs/performance.md,
 "x . W^T for 8-bit weights on a GPU"). fp8 weights stored outputs-first are also
-cuBLASLt's own fp8 layout: with `fp8_rows` set
-(runner.fp8_activations) models/quant.py's qeinsum multiplies them by fp8 activations.
+cuBLASLt's own fp8 layout: with `fp8_rows` set (runner.fp8_activations) models/quant.py's
+qeinsum multiplies them by fp8 activations.
 """
 
 from __future__ import annotations
