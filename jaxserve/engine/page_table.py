@@ -65,6 +65,10 @@ class PageTable:
         """seq_id's pages as an int32 array (kept up to date: no conversion per step)."""
         return self._rows[seq_id]
 
+    def rows(self, seq_ids: Sequence[str]) -> list[np.ndarray]:
+        """`row` of each of seq_ids."""
+        return [self._rows[seq_id] for seq_id in seq_ids]
+
     def pages_needed(self, seq_id: str, num_tokens: int) -> int:
         have = len(self._tables.get(seq_id, ()))
         return max(0, -(-num_tokens // self.page_size) - have)
@@ -109,6 +113,12 @@ class PageTable:
             table.append(page)
         self._rows[seq_id] = np.asarray(table, np.int32)
         return True
+
+    def may_register(self, seq_id: str, num_computed: int) -> bool:
+        """Whether `register` could offer a page: num_computed reaches past the pages of
+        seq_id already offered (most decode steps fill no page)."""
+        return self.enable_prefix_cache and \
+            num_computed // self.page_size > self._chains[seq_id][0]
 
     def register(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Offer seq_id's full pages below num_computed (tokens known) to the prefix cache."""

@@ -73,6 +73,7 @@ class Scheduler:
         self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, order, req)
         self._order = itertools.count()
         self.running: list[Request] = []
+        self._in_order = True  # running is sorted by (priority, arrival)
         self.num_preemptions = 0
 
     @property
@@ -102,29 +103,37 @@ class Scheduler:
         seats = [self._per_tick] * len(self.page_tables)  # sequences each shard may still add
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
-        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+        if not self._in_order:  # only admissions append out of order
+            self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+            self._in_order = True
         multi = self._decode_steps()
 
+        # One pass over the running requests, most of them decodes: the per-request work of
+        # every step, kept to attribute reads and arithmetic.
+        tick, running = self.tick, self.running
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            ready = req.ready_tick <= self.tick and seats[req.shard] > 0
-            n = self._chunk(req, budgets[req.shard]) if ready else 0
+        while i < len(running):
+            req = running[i]
+            shard = req.shard
+            if req.ready_tick > tick or seats[shard] <= 0:
+                i += 1
+                continue
+            n = self._chunk(req, budgets[shard])
             steps = self._steps(req, multi) if n else 0
-            if steps == 0:  # no budget or seat left on its shard, or its next token (or, in
+            if steps == 0:  # no budget left on its shard, or its next token (or, in
                 i += 1      # multi-step decode, its last) is on its way
                 continue
-            table = self.page_tables[req.shard]
+            table = self.page_tables[shard]
             while not table.ensure(req.request_id, req.num_computed_tokens + n + steps - 1):
-                victim = next(r for r in reversed(self.running) if r.shard == req.shard)
+                victim = next(r for r in reversed(running) if r.shard == shard)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
             else:
                 scheduled.append(self._schedule(req, n, steps))
-                budgets[req.shard] -= n
-                seats[req.shard] -= 1
+                budgets[shard] -= n
+                seats[shard] -= 1
                 i += 1
 
         load = [0] * len(self.page_tables)
@@ -154,6 +163,9 @@ class Scheduler:
                 req.num_cached_tokens = cached
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
+            if self.running and (req.priority, req.arrival_time) < (
+                    self.running[-1].priority, self.running[-1].arrival_time):
+                self._in_order = False
             self.running.append(req)
             scheduled.append(self._schedule(req, n))
             budgets[shard] -= n
@@ -204,7 +216,8 @@ class Scheduler:
         return max(steps, 0)
 
     def _chunk(self, req: Request, budget: int) -> int:
-        remaining = req.num_tokens - req.num_computed_tokens
+        remaining = len(req.prompt_ids) + len(req.output_ids) + req.num_pending \
+            - req.num_computed_tokens  # req.num_tokens, without the property's call
         if req.draft:  # speculative decoding: the proposed tokens are computed too
             del req.draft[max(0, budget - remaining):]  # as many as the budget takes
             remaining += len(req.draft)
@@ -214,12 +227,15 @@ class Scheduler:
 
     def _schedule(self, req: Request, n: int, steps: int = 1) -> ScheduledSeq:
         start = req.num_computed_tokens
-        req.num_computed_tokens += n + steps - 1  # multi-step: K/V of the sampled inputs too
-        self.page_tables[req.shard].register(req.request_id, req.token_ids,
-                                             req.num_computed_tokens)
-        samples = req.num_computed_tokens >= req.num_tokens  # > with proposed tokens
+        computed = start + n + steps - 1  # multi-step: K/V of the sampled inputs too
+        req.num_computed_tokens = computed
+        table = self.page_tables[req.shard]
+        if table.may_register(req.request_id, computed):  # a page filled: offer it
+            table.register(req.request_id, req.token_ids, computed)
+        # > with proposed tokens
+        samples = computed >= len(req.prompt_ids) + len(req.output_ids) + req.num_pending
         req.ready_tick = self.tick + (self.stages if samples else 1)
-        return ScheduledSeq(req, start, n, samples=samples, steps=steps)
+        return ScheduledSeq(req, start, n, samples, steps)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
