@@ -237,21 +237,29 @@ class Engine:
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []
-        for request_id, tracked in list(self._tracked.items()):
-            outputs.extend(tracked.queued)
-            tracked.queued.clear()
-            if tracked.request.is_finished:
-                del self._tracked[request_id]
+        finished = []
+        for request_id, tracked in self._tracked.items():
+            if tracked.queued:
+                outputs += tracked.queued
+                tracked.queued = []
+            if tracked.request.status is Status.FINISHED:
+                finished.append(request_id)
+        for request_id in finished:
+            del self._tracked[request_id]
         return outputs
 
     def _process(self, handle: StepHandle, out) -> None:
-        tokens = out.tokens.tolist()  # Python ints at once, not one numpy scalar per token
+        # Python ints at once, not one numpy scalar per token
+        tokens, num_accepted = out.tokens.tolist(), out.num_accepted.tolist()
+        multi_step = handle.steps > 1
         for req, shard, row in handle.rows:
             # Tokens after the row's first: accepted proposals (speculative decoding), or
             # the further steps of a multi-step decode (all sampled, all pending until now).
-            accepted = int(out.num_accepted[shard, row])
-            req.num_pending -= accepted + 1 if handle.steps > 1 else 1
-            proposed, req.draft = len(req.draft), []
+            accepted = num_accepted[shard][row]
+            req.num_pending -= accepted + 1 if multi_step else 1
+            proposed = len(req.draft)
+            if proposed:
+                req.draft = []
             if req.spec_eligible:
                 req.spec_eligible = False
                 record(req, proposed, accepted, self.config.speculative)
@@ -263,6 +271,12 @@ class Engine:
                 self.scheduler.page_tables[req.shard].truncate(req.request_id,
                                                                req.num_computed_tokens)
             tracked = self._tracked[req.request_id]
+            if not accepted and req.params.logprobs is None:  # most steps: one token
+                try:
+                    self._append(tracked, tokens[shard][row][0], None)
+                except Exception as e:  # one request's failure never stops the others
+                    self._fail(tracked, e)
+                continue
             try:
                 for j in range(accepted + 1):
                     if req.is_finished:  # a stop inside the accepted run ends it there
@@ -277,10 +291,14 @@ class Engine:
                                       strict=True)))
                     self._append(tracked, tokens[shard][row][j], logprob)
             except Exception as e:  # one request's failure never stops the others
-                self._finish(tracked, FinishReason.ERROR)
-                tracked.queued.append(RequestOutput(req.request_id, (), "", True,
-                                                    FinishReason.ERROR, (), req.metrics(),
-                                                    error=f"{type(e).__name__}: {e}"))
+                self._fail(tracked, e)
+
+    def _fail(self, tracked: _Tracked, e: Exception) -> None:
+        req = tracked.request
+        self._finish(tracked, FinishReason.ERROR)
+        tracked.queued.append(RequestOutput(req.request_id, (), "", True, FinishReason.ERROR,
+                                            (), req.metrics(),
+                                            error=f"{type(e).__name__}: {e}"))
 
     def _append(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None) -> None:
         req, p = tracked.request, tracked.request.params
@@ -293,7 +311,10 @@ class Engine:
         else:
             if tracked.detokenizer is not None:
                 tracked.held += tracked.detokenizer.add([token])
-            text, stopped = self._release_text(tracked, check_stop=n_out >= p.min_tokens)
+            if p.stop:
+                text, stopped = self._release_text(tracked, check_stop=n_out >= p.min_tokens)
+            else:  # no stop string to hold text back for
+                text, stopped, tracked.held = tracked.held, False, ""
             reason = FinishReason.STOP if stopped else None
             if reason is None and n_out >= p.max_tokens:
                 reason, text = FinishReason.LENGTH, text + self._flush(tracked)
