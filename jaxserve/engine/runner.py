@@ -547,8 +547,8 @@ class Runner:
         """Dispatch one compiled step (every process does, with the same inputs): one
         host-to-device transfer, of the packed input buffer. On one process the numpy buffer
         goes to the compiled call as it is, whose own transfer is cheaper than a
-        `device_put` first (about 0.1 ms a step at B=64 on a CPU host); each step's buffer is
-        new, so nothing writes it while the step may still read it."""
+        `device_put` first (about 0.1 ms a step at B=64 on a CPU host); the batch builder
+        writes a buffer again only after the step that read it has finished (its _Ring)."""
         prev_tokens = self._prev_tokens if prev_tokens is None else prev_tokens
         inputs = buffer if jax.process_count() == 1 else self._to_global(buffer)
         self.state, out, next_prev = self._executable(*bucket)(

@@ -142,3 +142,40 @@ def test_same_rows_again_copy_what_did_not_change():
     assert gathered == ["a", "b"]  # other rows: gathered again, same slots
     assert (fewer.host.blocks[0][0].row_slots[:2].tolist()
             == mb.host.blocks[0][0].row_slots[:2].tolist())
+
+
+def test_buffers_come_round_again_reset_to_padding():
+    """Each layout's input buffers are reused in turn: none again while a step may still read
+    it (the engine keeps one in flight, a pipeline's micro-batches live `stages` ticks),
+    and a reused one holds nothing of its last batch, only padding."""
+    config = load_config("configs/smollm2-135m-cpu.yaml").replace(
+        cache__page_size=4, cache__max_model_len=64, scheduler__max_num_seqs=4,
+        scheduler__max_num_batched_tokens=16,
+        runner__token_buckets=(16,), runner__seq_buckets=(4,))
+    table = PageTable(num_pages=64, page_size=4)
+    reqs = [make(name, 4 + i, temperature=0.5, min_tokens=3, stop_token_ids=[7])
+            for i, name in enumerate("abc")]
+    for req in reqs:
+        table.admit(req.request_id, req.token_ids, use_cache=False)
+        assert table.ensure(req.request_id, req.num_tokens)
+    full = SchedulerOutput(tuple(ScheduledSeq(r, 0, r.num_tokens, samples=True)
+                                 for r in reqs), ())
+    one = SchedulerOutput((ScheduledSeq(reqs[0], 0, reqs[0].num_tokens, samples=True),), ())
+    for stages in (1, 3):
+        depth = stages + 2
+        builder = BatchBuilder(config, num_shards=1, stages=stages, eos_ids=[EOS])
+        batches = [builder.micro_batch(full, [table], [])]
+        batches += [builder.micro_batch(one, [table], []) for _ in range(2 * depth)]
+        buffers = [mb.host.buffer for mb in batches]
+        for i, buf in enumerate(buffers):  # distinct within any `depth` builds in a row
+            assert not any(buf is other for other in buffers[max(0, i - depth + 1):i])
+        assert buffers[depth] is buffers[0]  # the full batch's buffer, come round again
+        # The same batch built by a new builder in new buffers (twice: its first build
+        # also resets the request's new penalty slot).
+        fresh = BatchBuilder(config, num_shards=1, stages=stages, eos_ids=[EOS])
+        fresh.micro_batch(one, [table], [])
+        expected = fresh.micro_batch(one, [table], []).host.blocks[0][0]
+        for name, _, _ in step_inputs._FIELDS:
+            np.testing.assert_array_equal(getattr(batches[depth].host.blocks[0][0], name),
+                                          getattr(expected, name),
+                                          err_msg=f"stages={stages}: {name}")
