@@ -18,8 +18,10 @@ CPU demo's layer loop.
 
 On CPU the "device" is the same two cores, so a long context's attention slows the host
 phases it overlaps. prepare_idle_ms therefore times building one step's inputs (and
-putting them on the device) again with the device idle: `Runner.prepare`, median of 200.
-The JSON records XLA_FLAGS.
+putting them on the device) again with the device idle: `Runner.prepare`, median of 200;
+build_idle_ms the building alone (`BatchBuilder.micro_batch`, the host's Python). call_ms
+is the median time of the compiled step's call inside the inputs phase (its dispatch,
+with the input buffer's transfer). The JSON records XLA_FLAGS.
 """
 
 from __future__ import annotations
@@ -57,22 +59,41 @@ def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> 
         engine.step()
     params = SamplingParams(max_tokens=(steps + 16) * k, temperature=0.0, ignore_eos=True)
     decode_together(engine, [prompt] * batch, params, "r")
-    for _ in range(steps):
-        engine.step()
+    runner, calls = engine.runner, []
+    run = runner._run
+
+    def timed_run(*args):
+        t = time.perf_counter()
+        out = run(*args)
+        calls.append(time.perf_counter() - t)
+        return out
+
+    runner._run = timed_run  # the compiled call, timed inside the inputs phase
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        del runner._run
     assert len(engine.scheduler.running) == batch
     phases = engine.step_times.per_step_ms()
     row = {"batch": batch, "context": context, "steps": steps, "decode_steps": k,
            **{name: round(v, 4) for name, v in phases.items()},
-           "host_per_token_step_ms": round(phases["host_ms"] / k, 4)}
+           "host_per_token_step_ms": round(phases["host_ms"] / k, 4),
+           "call_ms": round(float(np.median(calls)) * 1e3, 4)}
     jax.block_until_ready(engine.in_flight.out)
     sched = engine.scheduler.schedule()
-    times = []
-    for _ in range(200):
-        t = time.perf_counter()
-        jax.block_until_ready(engine.runner.prepare(sched, engine.page_tables,
-                                                    engine.in_flight)[1])
-        times.append(time.perf_counter() - t)
-    row["prepare_idle_ms"] = round(float(np.median(times)) * 1e3, 4)
+    prev_rows = engine.in_flight.rows
+    for name, work in (
+            ("build_idle_ms", lambda: runner.batch.micro_batch(sched, engine.page_tables,
+                                                               prev_rows)),
+            ("prepare_idle_ms", lambda: jax.block_until_ready(runner.prepare(
+                sched, engine.page_tables, engine.in_flight)[1]))):
+        times = []
+        for _ in range(200):
+            t = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t)
+        row[name] = round(float(np.median(times)) * 1e3, 4)
     abort_all(engine)
     return row
 
