@@ -78,6 +78,25 @@ def test_priority_orders_admission():
     assert run_step(sched).seqs[0].request is high
 
 
+def test_running_requests_go_in_priority_order_after_a_later_admission():
+    """A more important request admitted after a running one is scheduled before it from
+    the next step on (the running list is re-sorted only when an admission breaks its
+    order)."""
+    pt = PageTable(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerSection(max_num_seqs=3, max_num_batched_tokens=64), [pt])
+    low, high = make_request(3, 20, priority=5, t=0), make_request(3, 20, priority=0, t=1)
+    sched.add(low)
+    run_step(sched)
+    sched.add(high)
+    assert [s.request for s in run_step(sched).seqs] == [low, high]  # admitted after it
+    for _ in range(3):
+        assert [s.request for s in run_step(sched).seqs] == [high, low]
+    late = make_request(3, 20, priority=9, t=2)  # least important: order kept, no sort
+    sched.add(late)
+    run_step(sched)
+    assert [s.request for s in run_step(sched).seqs] == [high, low, late]
+
+
 def test_preemption_recomputes_and_loses_nothing():
     # 9 usable pages of 2 tokens: two requests of 6 + 8 tokens cannot both finish.
     pt = PageTable(num_pages=10, page_size=2)
