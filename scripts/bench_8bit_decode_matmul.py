@@ -11,7 +11,9 @@ order, as in a step): the weights' bytes exceed the L2 many times over. Paths: `
 engine's form for the device (on a GPU x . W^T at every row count), `xla W.x^T` (the CPU's
 form for up to SMALL_ROWS rows, forced), `xla x.W^T` (forced), and with --fp8-activations
 `fp8 x fp8`: x quantized to fp8 per token (runner.fp8_activations' product, which the
-engine takes from 256 rows). Rows report ms per call, the weights' bytes per second, the
+engine takes from 128 rows), and with --reduce-rows R, for up to R rows, `reduce`: the
+product as a multiply-add reduction over the contraction (bf16 weights too, as
+`bf16 reduce_ms`). Rows report ms per call, the weights' bytes per second, the
 floor (bytes over a sum's read bandwidth, measured here) and each path against `xla`; each
 other path's output is checked against `xla`'s once per rows value.
 """
@@ -96,6 +98,20 @@ def bf16(x, w, s):
     return jnp.einsum("tk,kn->tn", x, w)
 
 
+def reduce_8bit(x, w, s):
+    """The product as a multiply-add reduction over K, not a dot: y^T [N, M] = sum_k
+    W [N, 1, K] * x [1, M, K] in float32, the weight converted as it is read. Its rows
+    (n, m) take n's weight row M times in a row, so HBM reads it once."""
+    prod = w.astype(jnp.float32)[:, None, :] * x.astype(jnp.float32)[None, :, :]
+    return (prod.sum(-1).T * s).astype(x.dtype)
+
+
+def reduce_bf16(x, w, s):
+    """bfloat16 weights [K, N] as the same reduction (for comparison with the GEMV)."""
+    prod = w.T.astype(jnp.float32)[:, None, :] * x.astype(jnp.float32)[None, :, :]
+    return prod.sum(-1).T.astype(x.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 64, 128])
@@ -103,6 +119,9 @@ def main() -> None:
     ap.add_argument("--mode", nargs="+", default=["fp8"], choices=["fp8", "int8"])
     ap.add_argument("--fp8-activations", action="store_true",
                     help="also time fp8 weights by fp8 activations (runner.fp8_activations)")
+    ap.add_argument("--reduce-rows", type=int, default=0,
+                    help="also time the product as a multiply-add reduction (`reduce`) for "
+                         "up to this many rows")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     bandwidth = read_bandwidth()
@@ -120,8 +139,14 @@ def main() -> None:
             ref = np.asarray(paths["xla"](x, layers[:1]), np.float32)
             if m not in bf16_ms:  # the same for every mode
                 bf16_ms[m] = round(time_calls(bf16_chain, [(x, base)])[0] * 1e3, 4)
+                if m <= args.reduce_rows:
+                    bf16_ms[m, "reduce"] = round(
+                        time_calls(chain(reduce_bf16), [(x, base)])[0] * 1e3, 4)
             row = {"mode": mode, "rows": m, "layers": args.layers, "bf16_ms": bf16_ms[m]}
-            for name, fn in paths.items():
+            if m <= args.reduce_rows:
+                row["bf16 reduce_ms"] = bf16_ms[m, "reduce"]
+            for name, fn in {**paths, **({"reduce": chain(reduce_8bit)}
+                                         if m <= args.reduce_rows else {})}.items():
                 if name != "xla":
                     got = np.asarray(fn(x, layers[:1]), np.float32)
                     err = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-9))
@@ -130,7 +155,7 @@ def main() -> None:
                 row[f"{name} ms"] = round(t * 1e3, 4)
                 row[f"{name} TB/s"] = round(per_layer * args.layers / t / 1e12, 3)
             xla = row["xla ms"]
-            for name in paths:
+            for name in [*paths, *(["reduce"] if m <= args.reduce_rows else [])]:
                 row[f"{name} vs xla"] = round(row[f"{name} ms"] / xla, 3)
             row["floor_ms"] = round(per_layer * args.layers / bandwidth * 1e3, 4)
             row["bf16_floor_ms"] = round(2 * per_layer * args.layers / bandwidth * 1e3, 4)
