@@ -118,8 +118,12 @@ class Scheduler:
             if req.ready_tick > tick or seats[shard] <= 0:
                 i += 1
                 continue
-            n = self._chunk(req, budgets[shard])
-            steps = self._steps(req, multi) if n else 0
+            if multi == 1 and not req.draft and budgets[shard] > 0 and len(req.prompt_ids) \
+                    + len(req.output_ids) + req.num_pending - req.num_computed_tokens == 1:
+                n = steps = 1  # a decode: what _chunk and _steps answer, without the calls
+            else:
+                n = self._chunk(req, budgets[shard])
+                steps = self._steps(req, multi) if n else 0
             if steps == 0:  # no budget left on its shard, or its next token (or, in
                 i += 1      # multi-step decode, its last) is on its way
                 continue
