@@ -101,12 +101,12 @@ class PageTable:
 
     def ensure(self, seq_id: str, num_tokens: int) -> bool:
         """Grow seq_id's table to hold num_tokens. All or nothing: False if pages run out."""
-        table = self._tables[seq_id]
-        need = -(-num_tokens // self.page_size) - len(table)  # pages_needed, inline
-        if need <= 0:  # most steps of a decoding sequence
+        need = self.pages_needed(seq_id, num_tokens)
+        if need == 0:  # most steps of a decoding sequence
             return True
         if need > self.num_free_pages:
             return False
+        table = self._tables[seq_id]
         for _ in range(need):
             page = self._free.popleft() if self._free else self._evict()
             self._refs[page] = 1

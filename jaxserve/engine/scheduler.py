@@ -52,6 +52,11 @@ class ScheduledSeq:
     steps: int = 1  # multi-step decode: decode steps in this call (num_tokens is then 1)
 
 
+def _rank(req: Request) -> tuple[int, float]:
+    """The running list's order: priority (lower first), then arrival."""
+    return req.priority, req.arrival_time
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
     seqs: tuple[ScheduledSeq, ...]
@@ -104,7 +109,7 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
         if not self._in_order:  # only admissions append out of order
-            self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+            self.running.sort(key=_rank)
             self._in_order = True
         multi = self._decode_steps()
 
@@ -118,8 +123,8 @@ class Scheduler:
             if req.ready_tick > tick or seats[shard] <= 0:
                 i += 1
                 continue
-            if multi == 1 and not req.draft and budgets[shard] > 0 and len(req.prompt_ids) \
-                    + len(req.output_ids) + req.num_pending - req.num_computed_tokens == 1:
+            if multi == 1 and not req.draft and budgets[shard] > 0 \
+                    and req.num_tokens - req.num_computed_tokens == 1:
                 n = steps = 1  # a decode: what _chunk and _steps answer, without the calls
             else:
                 n = self._chunk(req, budgets[shard])
@@ -167,8 +172,7 @@ class Scheduler:
                 req.num_cached_tokens = cached
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
-            if self.running and (req.priority, req.arrival_time) < (
-                    self.running[-1].priority, self.running[-1].arrival_time):
+            if self.running and _rank(req) < _rank(self.running[-1]):
                 self._in_order = False
             self.running.append(req)
             scheduled.append(self._schedule(req, n))
@@ -220,8 +224,7 @@ class Scheduler:
         return max(steps, 0)
 
     def _chunk(self, req: Request, budget: int) -> int:
-        remaining = len(req.prompt_ids) + len(req.output_ids) + req.num_pending \
-            - req.num_computed_tokens  # req.num_tokens, without the property's call
+        remaining = req.num_tokens - req.num_computed_tokens
         if req.draft:  # speculative decoding: the proposed tokens are computed too
             del req.draft[max(0, budget - remaining):]  # as many as the budget takes
             remaining += len(req.draft)
@@ -236,8 +239,7 @@ class Scheduler:
         table = self.page_tables[req.shard]
         if table.may_register(req.request_id, computed):  # a page filled: offer it
             table.register(req.request_id, req.token_ids, computed)
-        # > with proposed tokens
-        samples = computed >= len(req.prompt_ids) + len(req.output_ids) + req.num_pending
+        samples = computed >= req.num_tokens  # > with proposed tokens
         req.ready_tick = self.tick + (self.stages if samples else 1)
         return ScheduledSeq(req, start, n, samples, steps)
 

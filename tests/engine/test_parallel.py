@@ -242,7 +242,8 @@ def test_serve_on_a_bad_mesh_exits_2_with_one_line(demo_config, tmp_path, capsys
     data = json.loads(json.dumps({"model": {"name": "SmolLM2-135M-Instruct",
                                             "dtype": "float32"},
                                   "checkpoint": {"cache_dir": demo_config.checkpoint.cache_dir},
-                                  # no metrics port: the check must not hang on a free port
+                                  # no metrics port: a server holding the default one
+                                  # must not change the error this checks
                                   "server": {"metrics_port": None},
                                   "mesh": {"tensor": 2}}))
     path = tmp_path / "bad.yaml"
