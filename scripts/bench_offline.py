@@ -12,6 +12,11 @@ program the timed run uses has run before, as bench_cpu_peer.py times transforme
 `generate` after a first call. Warm-up runs the programs of decode steps on padding, but
 on a CPU not those of prefill chunks (a long chunk's program takes seconds), whose first
 run takes longer.
+
+`floor` in the JSON: the bytes of weights a decode step reads over the device's read
+bandwidth, measured (a jitted sum over 1 GiB, 4 GiB on a GPU) just before and just after
+the timed run; the higher of the two sets the floor, and `step_p50_over_floor` compares
+the median step with it (with few requests nearly every step is a decode step).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from engine_runs import digest
+from engine_runs import digest, step_weight_bytes
+from timing import read_bandwidth
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine, StepTimes
@@ -55,6 +61,8 @@ def main() -> None:
                     help="runner.paged_prefill (default: the config's)")
     ap.add_argument("--warm-runs", type=int, default=1,
                     help="untimed runs of the workload first, with other prompts")
+    ap.add_argument("--quantization", choices=["none", "int8", "fp8", "q8_0"], default=None,
+                    help="model.quantization over the config's (int8, fp8, q8_0 weights)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
 
@@ -63,6 +71,8 @@ def main() -> None:
         config = config.replace(scheduler__decode_steps=args.decode_steps)
     if args.attention_backend is not None:
         config = config.replace(runner__attention_backend=args.attention_backend)
+    if args.quantization is not None:
+        config = config.replace(model__quantization=args.quantization)
     if args.paged_prefill is not None:
         config = config.replace(runner__paged_prefill=args.paged_prefill == "on")
     t0 = time.perf_counter()
@@ -89,6 +99,8 @@ def main() -> None:
         while engine.has_unfinished():
             engine.step()
 
+    gib = 1.0 if jax.default_backend() == "cpu" else 4.0
+    bandwidths = [read_bandwidth(gib)]
     engine.step_times = StepTimes()
     preempted_before = engine.scheduler.num_preemptions
     start = time.perf_counter()
@@ -104,6 +116,9 @@ def main() -> None:
         for o in outs:
             tokens[o.request_id] += o.token_ids
     elapsed = time.perf_counter() - start
+    bandwidths.append(read_bandwidth(gib))
+    weight_bytes = step_weight_bytes(engine)
+    floor_ms = weight_bytes / max(bandwidths) * 1000
     # Greedy output tokens, in request order: runs that differ only in speed options
     # (--decode-steps, XLA flags) must give the same digest.
     ordered = [t for i in range(args.num_requests) for t in tokens[f"b{i}"]]
@@ -119,6 +134,7 @@ def main() -> None:
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "host": platform.node(), "jax": jax.__version__, "config": args.config,
         "model": loaded.model_config.name, "dtype": config.model.dtype,
+        "quantization": config.model.quantization,
         "num_requests": args.num_requests, "warm_runs": args.warm_runs,
         "input_len": args.input_len,
         "output_len": args.output_len, "elapsed_s": elapsed,
@@ -129,6 +145,10 @@ def main() -> None:
         "attention_backend": config.runner.attention_backend,
         "paged_prefill": config.runner.paged_prefill,
         "step_time": percentiles(step_times), "num_steps": len(step_times),
+        "floor": {"weight_bytes": weight_bytes,
+                  "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],
+                  "floor_ms": floor_ms,
+                  "step_p50_over_floor": percentiles(step_times)["p50_ms"] / floor_ms},
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
@@ -143,7 +163,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("device", "decode_steps", "output_tok_s",
                                              "total_tok_s", "ttft", "tpot", "step_time",
-                                             "num_steps", "tokens_digest", "compile_s",
+                                             "num_steps", "floor", "tokens_digest", "compile_s",
                                              "compilations_after_warmup")}, indent=1))
     print(f"wrote {out}")
 

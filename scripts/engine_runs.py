@@ -39,6 +39,20 @@ def decode_together(engine: Engine, prompts: list[list[int]], params: SamplingPa
     engine.step_times = StepTimes()
 
 
+def step_weight_bytes(engine: Engine) -> int:
+    """Bytes of weights a decode step reads on the first device: every parameter, the
+    embedding table only when it is the LM head too (otherwise a step reads one row of it
+    per token)."""
+    device = jax.devices()[0]
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(engine.runner.params):
+        if "embedding" in jax.tree_util.keystr(path) and \
+                not engine.model_config.tie_word_embeddings:
+            continue
+        total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    return total
+
+
 def tokens_digest(requests) -> str:
     """A short hash of the requests' output tokens, in request-id order: runs of one config
     under other XLA flags must give the same digest (a flag that changes the output is a

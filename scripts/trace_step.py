@@ -48,7 +48,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from engine_runs import abort_all, bucket_overrides, decode_together, tokens_digest
+from engine_runs import (
+    abort_all,
+    bucket_overrides,
+    decode_together,
+    step_weight_bytes,
+    tokens_digest,
+)
 from timing import copy_bandwidth, read_bandwidth
 
 from jaxserve.config import load_config
@@ -115,12 +121,7 @@ def floors_ms(engine: Engine, kv_tokens: int, bandwidth: float) -> dict:
     """What the step must read on the first device, over the bandwidth: every weight (the
     embedding table only when it is the LM head too) and `kv_tokens` tokens of KV cache."""
     device = jax.devices()[0]
-    c = engine.model_config
-    weights = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(engine.runner.params):
-        if "embedding" in jax.tree_util.keystr(path) and not c.tie_word_embeddings:
-            continue
-        weights += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    weights = step_weight_bytes(engine)
     k_pages = engine.runner.state.k_pages
     local = next(s.data for s in k_pages.addressable_shards if s.device == device)
     layers, _, _, kv_heads, head_dim = local.shape
