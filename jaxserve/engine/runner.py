@@ -279,7 +279,7 @@ class Runner:
                 f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
-        experts = mesh.shape[EXPERT_AXIS]
+        experts, tensor = mesh.shape[EXPERT_AXIS], mesh.shape[TENSOR_AXIS]
         # One kernel for RoPE and the K/V writes where the layers are unrolled (Flax's scan
         # cannot hold it); the model decides per layer where it applies.
         writer = has_layer_arrays(params)
@@ -290,7 +290,9 @@ class Runner:
                                    kv_writer=writer)
         model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
-                           tensor_axis=TENSOR_AXIS,
+                           # no collectives over an axis of one device: XLA's CPU backend
+                           # runs each as a copy (61 a step on the demo)
+                           tensor_axis=TENSOR_AXIS if tensor > 1 else None,
                            expert_axis=EXPERT_AXIS if experts > 1 else None,
                            expert_shards=experts, kv_rotation=config.cache.kv_rotation,
                            layer_arrays=has_layer_arrays(params),
