@@ -1,0 +1,103 @@
+"""The demo's matmuls on CPU with int8 weights: converted to float32 before the dot (the
+int8 path today), or times int8 activations in an s8 x s8 -> s32 dot; float32 beside them.
+
+    python scripts/bench_cpu_int8_matmul.py --rows 1 2 4 16 --out X.json
+
+30 layers of the demo's four matmul shapes (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x
+576, down 576 x 1536), random weights stored outputs-first and rounded per output channel
+(absmax / 127), run as W . x^T in a fori_loop whose matmuls pick their layer by lax.switch,
+as the demo's layer loop does. The int8 activations take one absmax scale per row,
+computed in the step. Medians of --reps calls, best of two passes; `max_rel_err` is the
+largest difference from the float32 run over the largest float32 output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import median_seconds
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q/k/v, o, gate/up, down
+LAYERS = 30
+
+
+def per_channel_int8(w):
+    scale = jnp.max(jnp.abs(w), axis=1) / 127
+    return jnp.round(w / scale[:, None]).astype(jnp.int8), scale
+
+
+def float32(w, scale, x):
+    return (w @ x.T).T
+
+
+def converted(w, scale, x):
+    return (w.astype(jnp.float32) @ x.T).T * scale
+
+
+def int8_activations(w, scale, x):
+    x_scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True), 1e-12) / 127
+    xq = jnp.round(x / x_scale).astype(jnp.int8)
+    acc = jax.lax.dot_general(w, xq, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32).T
+    return acc.astype(jnp.float32) * x_scale * scale
+
+
+def layer_loop(matmul):
+    def run(weights, scales, x):
+        def body(i, x):
+            def pick(j, v):
+                return jax.lax.switch(i, [lambda v, w=weights[n][j], s=scales[n][j]:
+                                          matmul(w, s, v) for n in range(LAYERS)], v)
+            h = jnp.tanh(pick(0, x))
+            x = x + 0.1 * jnp.tanh(pick(1, h[:, :576]))
+            g = jnp.tanh(pick(2, x))
+            return x + 0.1 * jnp.tanh(pick(3, g[:, :1536] * g[:, 1536:]))
+        return jax.lax.fori_loop(0, LAYERS, body, x)
+    return jax.jit(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 16])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    w32 = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.05) for s in SHAPES]
+           for _ in range(LAYERS)]
+    ones = [[jnp.ones(s[0], jnp.float32) for s in SHAPES] for _ in range(LAYERS)]
+    q = [[per_channel_int8(w) for w in ws] for ws in w32]
+    w8, s8 = [[a for a, _ in ws] for ws in q], [[s for _, s in ws] for ws in q]
+    forms = {"float32_ms": (layer_loop(float32), w32, ones),
+             "int8_converted_ms": (layer_loop(converted), w8, s8),
+             "int8_activations_ms": (layer_loop(int8_activations), w8, s8)}
+    rows = []
+    for n in args.rows:
+        x = jnp.asarray(rng.standard_normal((n, 576), dtype=np.float32))
+        ref = forms["float32_ms"][0](w32, ones, x)
+        row = {"rows": n}
+        for _ in range(2):
+            for name, (fn, w, s) in forms.items():
+                t = median_seconds(fn, w, s, x, reps=args.reps) * 1e3
+                row[name] = min(row.get(name, float("inf")), t)
+        for name, (fn, w, s) in forms.items():
+            err = jnp.max(jnp.abs(fn(w, s, x) - ref)) / jnp.max(jnp.abs(ref))
+            row[name.replace("_ms", "_max_rel_err")] = float(err)
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) for k, v in row.items()}), flush=True)
+    result = {"benchmark": "cpu-int8-matmul",
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "device": jax.devices()[0].device_kind, "host": platform.node(),
+              "jax": jax.__version__, "layers": LAYERS, "shapes": SHAPES, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
