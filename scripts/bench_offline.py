@@ -34,7 +34,7 @@ import numpy as np
 from engine_runs import digest, step_weight_bytes
 from timing import read_bandwidth
 
-from jaxserve.config import load_config
+from jaxserve.config import QUANTIZATIONS, load_config
 from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
@@ -61,7 +61,7 @@ def main() -> None:
                     help="runner.paged_prefill (default: the config's)")
     ap.add_argument("--warm-runs", type=int, default=1,
                     help="untimed runs of the workload first, with other prompts")
-    ap.add_argument("--quantization", choices=["none", "int8", "fp8", "q8_0"], default=None,
+    ap.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                     help="model.quantization over the config's (int8, fp8, q8_0 weights)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     args = ap.parse_args()
@@ -119,6 +119,7 @@ def main() -> None:
     bandwidths.append(read_bandwidth(gib))
     weight_bytes = step_weight_bytes(engine)
     floor_ms = weight_bytes / max(bandwidths) * 1000
+    steps = percentiles(step_times)
     # Greedy output tokens, in request order: runs that differ only in speed options
     # (--decode-steps, XLA flags) must give the same digest.
     ordered = [t for i in range(args.num_requests) for t in tokens[f"b{i}"]]
@@ -144,11 +145,11 @@ def main() -> None:
         "decode_steps": config.scheduler.decode_steps,
         "attention_backend": config.runner.attention_backend,
         "paged_prefill": config.runner.paged_prefill,
-        "step_time": percentiles(step_times), "num_steps": len(step_times),
+        "step_time": steps, "num_steps": len(step_times),
         "floor": {"weight_bytes": weight_bytes,
                   "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],
                   "floor_ms": floor_ms,
-                  "step_p50_over_floor": percentiles(step_times)["p50_ms"] / floor_ms},
+                  "step_p50_over_floor": steps["p50_ms"] / floor_ms},
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,

@@ -57,7 +57,7 @@ from engine_runs import (
 )
 from timing import copy_bandwidth, read_bandwidth
 
-from jaxserve.config import load_config
+from jaxserve.config import QUANTIZATIONS, load_config
 from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
@@ -216,7 +216,7 @@ def main() -> None:
                     help="every request's temperature (default greedy)")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--quantization", choices=["none", "int8", "fp8", "q8_0"],
+    ap.add_argument("--quantization", choices=QUANTIZATIONS,
                     help="model.quantization (default: the config's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
