@@ -100,7 +100,9 @@ def main() -> None:
             engine.step()
 
     gib = 1.0 if jax.default_backend() == "cpu" else 4.0
+    before_probe = engine.runner.num_compilations
     bandwidths = [read_bandwidth(gib)]
+    probe_compiles = engine.runner.num_compilations - before_probe  # the sum's, not the engine's
     engine.step_times = StepTimes()
     preempted_before = engine.scheduler.num_preemptions
     start = time.perf_counter()
@@ -116,6 +118,7 @@ def main() -> None:
         for o in outs:
             tokens[o.request_id] += o.token_ids
     elapsed = time.perf_counter() - start
+    compiles_after = engine.runner.num_compilations - compiles_at_warmup - probe_compiles
     bandwidths.append(read_bandwidth(gib))
     weight_bytes = step_weight_bytes(engine)
     floor_ms = weight_bytes / max(bandwidths) * 1000
@@ -153,7 +156,7 @@ def main() -> None:
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
-        "compilations_after_warmup": engine.runner.num_compilations - compiles_at_warmup,
+        "compilations_after_warmup": compiles_after,
         "preemptions": engine.scheduler.num_preemptions - preempted_before,
         "tokens_digest": digest(ordered),
     }
