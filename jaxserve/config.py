@@ -174,6 +174,8 @@ class RunnerSection:
     transposed_weights: bool = False  # with layer_arrays: linear weights outputs-first (README)
     # with fp8 weights outputs-first: programs of 128+ tokens multiply fp8 activations (README)
     fp8_activations: bool = False
+    # with int8 weights outputs-first: programs of 2+ tokens multiply int8 activations (README)
+    int8_activations: bool = False
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
@@ -188,6 +190,9 @@ class RunnerSection:
                "needs runner.layer_arrays: true (it tiles per-layer weight arrays)")
         _check(self.transposed_weights or not self.fp8_activations, "fp8_activations",
                "needs runner.transposed_weights: true (fp8 x fp8 GEMMs take the weights "
+               "outputs-first)")
+        _check(self.transposed_weights or not self.int8_activations, "int8_activations",
+               "needs runner.transposed_weights: true (the s8 x s8 matmuls take the weights "
                "outputs-first)")
         for key in ("token_buckets", "seq_buckets"):
             buckets = getattr(self, key)
@@ -250,6 +255,10 @@ class Config:
                "runner.fp8_activations",
                f"needs model.quantization: fp8 (got {self.model.quantization!r}): only fp8 "
                "weights multiply fp8 activations")
+        _check(not self.runner.int8_activations or self.model.quantization == "int8",
+               "runner.int8_activations",
+               f"needs model.quantization: int8 (got {self.model.quantization!r}): only int8 "
+               "weights multiply int8 activations")
         _check(self.scheduler.decode_steps == 1 or (self.mesh.pipeline == 1
                                                     and not self.speculative.enabled),
                "scheduler.decode_steps",

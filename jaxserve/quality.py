@@ -37,18 +37,19 @@ class Score:
 
 def score(loaded: LoadedModel, ids: list[int], dtype: str, kv_dtype: str = "auto",
           chunk: int = 512, kv_rotation: bool = False, transposed: bool = False,
-          fp8_activations: bool = False, q8_0_tiles: bool = False) -> Score:
+          quantized_activations: bool = False, q8_0_tiles: bool = False) -> Score:
     """Teacher-forced top-1 and loss of `loaded` (one device) over the token ids `ids`, with
     its KV cache in `dtype` (kv_dtype auto) or quantized (int8 | fp8, as cache.kv_dtype),
     its vectors rotated first with kv_rotation (as cache.kv_rotation). `transposed`,
-    `fp8_activations` and `q8_0_tiles` are the runner's keys the model was loaded with."""
+    `quantized_activations` (runner.fp8_activations or int8_activations) and `q8_0_tiles`
+    are the runner's keys the model was loaded with."""
     c = loaded.model_config
     model = LlamaModel(c, jnp.dtype(dtype), ragged_paged_attention_reference,
                        scan_unroll=1, kv_rotation=kv_rotation,
                        layer_arrays=has_layer_arrays(loaded.params),
                        fused_qkv=has_fused_qkv(loaded.params),
                        fused_gate_up=has_fused_gate_up(loaded.params),
-                       transposed=transposed, fp8_activations=fp8_activations,
+                       transposed=transposed, quantized_activations=quantized_activations,
                        q8_0_tiles=q8_0_tiles)
     n = len(ids)
     pages = -(-n // PAGE)

@@ -13,7 +13,9 @@ For each weight mode (`model.quantization`, KV cache as the reference's) and eac
 `cache.kv_rotation`): the share of positions whose top-1 next token matches the
 reference's, and both perplexities. --fp8-activations adds fp8 weights with
 `runner.fp8_activations` (outputs-first): in chunks of 512 tokens every matmul then
-multiplies fp8 activations, as a prefill program of 256+ tokens does.
+multiplies fp8 activations, as a prefill program of 128+ tokens does. --int8-activations
+adds int8 weights with `runner.int8_activations` likewise (int8 activations, as every
+program of 2+ tokens has them).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
                     help="also run each KV dtype with cache.kv_rotation (Hadamard-rotated vectors)")
     ap.add_argument("--fp8-activations", action="store_true",
                     help="also fp8 weights times fp8 activations (runner.fp8_activations)")
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="also int8 weights times int8 activations (runner.int8_activations)")
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -69,14 +73,16 @@ def main() -> None:
             + [("kv_cache", m, {}) for m in args.kv_modes]
             + [("kv_cache", m, {"kv_rotation": True}) for m in args.kv_modes
                if args.kv_rotation]
-            + [("weights", "fp8", {"fp8_activations": True})] * args.fp8_activations)
+            + [("weights", "fp8", {"fp8_activations": True})] * args.fp8_activations
+            + [("weights", "int8", {"int8_activations": True})] * args.int8_activations)
     for what, mode, extra in runs:
         t = time.perf_counter()
-        if extra.get("fp8_activations"):
+        if what == "weights" and extra:  # {"<mode>_activations": True}
             on = config.replace(model__quantization=mode, runner__layer_arrays=True,
-                                runner__transposed_weights=True, runner__fp8_activations=True)
+                                runner__transposed_weights=True,
+                                **{f"runner__{key}": True for key in extra})
             result = compare(reference, score(load_model(on, progress=False), ids, dtype,
-                                              transposed=True, fp8_activations=True))
+                                              transposed=True, quantized_activations=True))
         elif what == "weights":
             model = load_model(config.replace(model__quantization=mode), progress=False)
             result = compare(reference, score(model, ids, dtype, **layout))

@@ -34,6 +34,11 @@ def test_demo_config_values():
      "runner.fp8_activations: needs runner.transposed_weights: true"),
     ("runner:\n  layer_arrays: true\n  transposed_weights: true\n  fp8_activations: true\n",
      "runner.fp8_activations: needs model.quantization: fp8 (got 'none')"),
+    ("runner:\n  layer_arrays: true\n  int8_activations: true\n",
+     "runner.int8_activations: needs runner.transposed_weights: true"),
+    ("model:\n  quantization: fp8\nrunner:\n  layer_arrays: true\n  transposed_weights: true\n"
+     "  int8_activations: true\n",
+     "runner.int8_activations: needs model.quantization: int8 (got 'fp8')"),
     ("model:\n  dtype: float64\n", "model.dtype: must be one of"),
     ("cache:\n  page_size: big\n", "cache.page_size: expected int"),
     ("mesh:\n  tensor: 0\n", "mesh.tensor: must be >= 1"),

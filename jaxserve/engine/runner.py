@@ -300,7 +300,8 @@ class Runner:
                            fused_gate_up=has_fused_gate_up(params),
                            layer_loop=config.runner.layer_loop,
                            transposed=config.runner.transposed_weights,
-                           fp8_activations=config.runner.fp8_activations,
+                           quantized_activations=(config.runner.fp8_activations
+                                                  or config.runner.int8_activations),
                            q8_0_tiles=config.runner.q8_0_tiles)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of self._prefill_tokens tokens or more

@@ -63,8 +63,8 @@ from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.moe import moe_forward, moe_params
 from jaxserve.models.q8_0_tiles import TILE_AXIS, Tiled, tile, tile_width_of, tiled_shapes
 from jaxserve.models.quant import (
+    ACTIVATION_ROWS,
     BLOCKS,
-    FP8_ACTIVATION_ROWS,
     SCALE,
     STORAGE,
     block_axis,
@@ -113,16 +113,17 @@ def _param(module, name, shape, names, dtype, init=_init):
 
 
 def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str,
-            transposed: bool = False, fp8_activations: bool = False, q8_0_tiles: bool = False):
+            transposed: bool = False, quantized_activations: bool = False,
+            q8_0_tiles: bool = False):
     """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
     weight's axes less the `contracted` ones: (weight, scale or None). `shape` and `names`
     list the contracted axes first. With `transposed` (runner.transposed_weights) the weight
     is stored outputs-first and comes back as a Transposed (models/transposed.py); q8_0
-    weights keep their layout (their scales run along the inputs). `fp8_activations`
-    (runner.fp8_activations): fp8 weights outputs-first multiply activations quantized to
-    fp8 in programs of FP8_ACTIVATION_ROWS tokens or more. `q8_0_tiles` (runner.q8_0_tiles):
-    a q8_0 weight whose outputs tile is stored in column tiles, with its scale, and comes
-    back as a Tiled (models/q8_0_tiles.py)."""
+    weights keep their layout (their scales run along the inputs). `quantized_activations`
+    (runner.fp8_activations, runner.int8_activations): 8-bit weights outputs-first multiply
+    activations quantized to their format in programs of ACTIVATION_ROWS[mode] tokens or
+    more. `q8_0_tiles` (runner.q8_0_tiles): a q8_0 weight whose outputs tile is stored in
+    column tiles, with its scale, and comes back as a Tiled (models/q8_0_tiles.py)."""
     c = len(contracted)
     block_n = tile_width_of(shape, c) if q8_0_tiles and mode == "q8_0" \
         and names[:c] == contracted else None
@@ -137,8 +138,8 @@ def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode
     if stored and names[:len(contracted)] != contracted:
         raise ValueError(f"{name}: a transposed weight needs its contracted axes {contracted} "
                          f"first (got {names})")
-    fp8_rows = FP8_ACTIVATION_ROWS if fp8_activations and mode == "fp8" else 0
-    wrap = (lambda w: Transposed(w, len(contracted), fp8_rows)) if stored else (lambda w: w)
+    rows = ACTIVATION_ROWS.get(mode, 0) if quantized_activations else 0
+    wrap = (lambda w: Transposed(w, len(contracted), rows)) if stored else (lambda w: w)
     w_shape, w_names = ((transposed_shape(shape, len(contracted)),
                          transposed_shape(names, len(contracted))) if stored else (shape, names))
     if mode == "none":
@@ -173,7 +174,7 @@ class Projection(nn.Module):
     dtype: jnp.dtype
     quantization: str = "none"
     transposed: bool = False  # the kernel stored outputs-first (runner.transposed_weights)
-    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
@@ -181,7 +182,7 @@ class Projection(nn.Module):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
                                 self.dtype, ("embed",), self.quantization, self.transposed,
-                                self.fp8_activations, self.q8_0_tiles)
+                                self.quantized_activations, self.q8_0_tiles)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -198,7 +199,7 @@ class Attention(nn.Module):
     kv_rotation: bool = False  # cache.kv_rotation: Q, K, V rotated, the output back
     fused_qkv: bool = False  # one qkv_proj weight (fuse_qkv), not three
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
-    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
@@ -206,7 +207,7 @@ class Attention(nn.Module):
         c = self.config
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
                                                 self.dtype, c.quantization, self.transposed,
-                                                self.fp8_activations, self.q8_0_tiles,
+                                                self.quantized_activations, self.q8_0_tiles,
                                                 name=name)(x)
         if self.fused_qkv:
             h, kvh = c.num_heads, c.num_kv_heads
@@ -261,7 +262,7 @@ class Attention(nn.Module):
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization, self.transposed,
-                                    self.fp8_activations, self.q8_0_tiles)
+                                    self.quantized_activations, self.q8_0_tiles)
         out = out.astype(self.dtype)
         if isinstance(o_kernel, LayerSelect) and (
                 o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
@@ -292,7 +293,7 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
 
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
                 quantization: str = "none", fused: bool = False,
-                transposed: bool = False, fp8_activations: bool = False,
+                transposed: bool = False, quantized_activations: bool = False,
                 q8_0_tiles: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
@@ -301,7 +302,7 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
               (("gate", (e, f), ("embed", "mlp")), ("up", (e, f), ("embed", "mlp"))))
     for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
-                                axes[:1], quantization, transposed, fp8_activations,
+                                axes[:1], quantization, transposed, quantized_activations,
                                 q8_0_tiles and not stack)
         if scale is not None:
             w[f"{key}_scale"] = scale
@@ -327,14 +328,15 @@ class MLP(nn.Module):
     parallel: Parallel = Parallel()
     fused_gate_up: bool = False  # one gate_up_proj weight (fuse_gate_up), not two
     transposed: bool = False  # weights stored outputs-first (transpose_weights)
-    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
 
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
                         fused=self.fused_gate_up, transposed=self.transposed,
-                        fp8_activations=self.fp8_activations, q8_0_tiles=self.q8_0_tiles)
+                        quantized_activations=self.quantized_activations,
+                        q8_0_tiles=self.q8_0_tiles)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -417,7 +419,7 @@ class DecoderLayer(nn.Module):
     fused_qkv: bool = False
     fused_gate_up: bool = False
     transposed: bool = False
-    fp8_activations: bool = False
+    quantized_activations: bool = False
     q8_0_tiles: bool = False
 
     @nn.compact
@@ -426,7 +428,7 @@ class DecoderLayer(nn.Module):
         c, par = self.config, self.parallel
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
-                          self.fused_qkv, self.transposed, self.fp8_activations,
+                          self.fused_qkv, self.transposed, self.quantized_activations,
                           self.q8_0_tiles, name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
@@ -436,7 +438,7 @@ class DecoderLayer(nn.Module):
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
             y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
-                             self.fp8_activations, self.q8_0_tiles, name="mlp")(h), None
+                             self.quantized_activations, self.q8_0_tiles, name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -462,7 +464,7 @@ class LlamaModel(nn.Module):
     fused_gate_up: bool = False  # each dense MLP's gate/up as one weight (fuse_gate_up)
     layer_loop: bool = False  # with layer_arrays: one loop body for every layer (layer_select)
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
-    fp8_activations: bool = False  # runner.fp8_activations (see _linear)
+    quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles (tile_q8_0)
 
     def setup(self):
@@ -477,7 +479,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
                                         self.fused_qkv, self.fused_gate_up, self.transposed,
-                                        self.fp8_activations, self.q8_0_tiles)
+                                        self.quantized_activations, self.q8_0_tiles)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(

@@ -51,6 +51,12 @@ BLOCKS = "_blocks"  # suffix of the logical name of a block scale's blocked axis
 # (a tie at 64, slower at 32), from 512 rows 0.53-0.56x (docs/performance.md, "x . W^T for
 # 8-bit weights on a GPU", "fp8 activations for prefill")
 FP8_ACTIVATION_ROWS = 128
+# tokens from which int8 weights outputs-first multiply int8 activations
+# (runner.int8_activations): on a 2-core CPU the demo's layer matmuls take 0.56-0.65x the
+# converting matmul's time s8 x s8 -> s32 at 2-16 rows, and no less at 1 row
+# (docs/quantization.md, "int8 activations on CPU")
+INT8_ACTIVATION_ROWS = 2
+ACTIVATION_ROWS = {"fp8": FP8_ACTIVATION_ROWS, "int8": INT8_ACTIVATION_ROWS}
 
 
 def scale_spec(names: tuple[str, ...], shape: tuple[int, ...], contracted: tuple[str, ...],
@@ -177,18 +183,22 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     scaled by `scale` (broadcast over the output's trailing axes, which are w's outputs).
     A LayerSelect w (runner.layer_loop) runs the einsum on its layer's weight as it lies; a
     Transposed w (runner.transposed_weights) is stored outputs-first (models/transposed.py).
-    An fp8 Transposed w with `fp8_rows` (runner.fp8_activations), given at least that many
-    tokens (x's first axis, and the output's), multiplies x quantized to fp8 with one scale
-    per token: fp8 x fp8 on a GPU's tensor cores, a bfloat16 result, then both scales. A
-    Tiled w is a q8_0 weight in column tiles (runner.q8_0_tiles, models/q8_0_tiles.py)."""
+    An 8-bit Transposed w with `activation_rows` (runner.fp8_activations,
+    runner.int8_activations), given at least that many tokens (x's first axis, and the
+    output's), multiplies x quantized to the weight's format with one scale per token: fp8 x
+    fp8 on a GPU's tensor cores with a bfloat16 result, or int8 x int8 with an int32 one,
+    then both scales. A Tiled w is a q8_0 weight in column tiles (runner.q8_0_tiles,
+    models/q8_0_tiles.py)."""
     if isinstance(w, Tiled):
         return tiled_einsum(eq, x, w, scale, kernel=_q8_0_kernel_here(x))
     if isinstance(w, Transposed):
         if scale is None:
             return transposed_einsum(eq, x, w)
-        if w.fp8_rows and x.shape[0] >= w.fp8_rows and w.weight.dtype == STORAGE["fp8"]:
-            xq, x_scale = quantize(x, tuple(range(1, x.ndim)), "fp8")  # x_scale [tokens]
-            y = transposed_einsum(eq, xq, w, preferred_element_type=jnp.bfloat16)
+        mode = kv_mode(w.weight.dtype)  # int8 | fp8: the cache's storage is the weights' too
+        if w.activation_rows and x.shape[0] >= w.activation_rows and mode:
+            xq, x_scale = quantize(x, tuple(range(1, x.ndim)), mode)  # x_scale [tokens]
+            acc = jnp.bfloat16 if mode == "fp8" else jnp.int32
+            y = transposed_einsum(eq, xq, w, preferred_element_type=acc)
             y = y.astype(jnp.float32) * x_scale.reshape(-1, *(1,) * (y.ndim - 1))
             return (y * scale.astype(jnp.float32)).astype(x.dtype)
         y = transposed_einsum(eq, x, w, preferred_element_type=jnp.float32)

@@ -15,8 +15,9 @@ copy of a few kilobytes) back into the matmul, which would bring back the slow f
 On a GPU every matmul takes the x . W^T form: there XLA's GEMM takes 4-8% less time so
 on fp8 weights at 1-32 rows than as W . x^T (int8 within -8% and +4%; docs/performance.md,
 "x . W^T for 8-bit weights on a GPU"). fp8 weights stored outputs-first are also
-cuBLASLt's own fp8 layout: with `fp8_rows` set (runner.fp8_activations) models/quant.py's
-qeinsum multiplies them by fp8 activations.
+cuBLASLt's own fp8 layout: with `activation_rows` set (runner.fp8_activations) models/quant.py's
+qeinsum multiplies them by fp8 activations; int8 weights so set (runner.int8_activations)
+multiply int8 activations, s8 x s8 -> s32, which a CPU runs faster from 2 rows on.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class Transposed:
 
     weight: jax.Array | LayerSelect
     inputs: int  # how many of the weight's axes (its last ones) are contracted
-    fp8_rows: int = 0  # fp8 weights: rows from which x is quantized to fp8 too (0: never)
+    # 8-bit weights: rows from which x is quantized to the weight's format too (0: never)
+    activation_rows: int = 0
 
     def tree_flatten(self):
-        return (self.weight,), (self.inputs, self.fp8_rows)
+        return (self.weight,), (self.inputs, self.activation_rows)
 
     @classmethod
     def tree_unflatten(cls, static, leaves):
