@@ -91,7 +91,7 @@ def forced(form: str):
 
 def fp8_activations(x, w, s):
     """runner.fp8_activations' product: x quantized to fp8 per token, fp8 x fp8."""
-    return qeinsum("tk,kn->tn", x, Transposed(w, 1, fp8_rows=1), s)
+    return qeinsum("tk,kn->tn", x, Transposed(w, 1, activation_rows=1), s)
 
 
 def bf16(x, w, s):
