@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q "$@"
+# Two pytest workers, each test file whole on one of them (module fixtures built once): on a
+# 2-core machine the suite takes 0.77x its time in one process (docs/performance.md, "The
+# test suite in two processes"). JAXSERVE_TEST_WORKERS=0 runs it in one.
+exec .venv/bin/python -m pytest -q -n "${JAXSERVE_TEST_WORKERS:-2}" --dist loadfile "$@"
