@@ -1,5 +1,6 @@
-"""The demo's matmuls on CPU with int8 weights: converted to float32 before the dot (the
-int8 path today), or times int8 activations in an s8 x s8 -> s32 dot; float32 beside them.
+"""The demo's matmuls on CPU with int8 weights: converted to float32 before the dot (int8
+weights alone), or times int8 activations in an s8 x s8 -> s32 dot (runner.int8_activations,
+here from one row); float32 beside them. Each is the model's own product (qeinsum).
 
     python scripts/bench_cpu_int8_matmul.py --rows 1 2 4 16 --out X.json
 
@@ -23,29 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_seconds
 
+from jaxserve.models.quant import qeinsum, quantize
+from jaxserve.models.transposed import Transposed
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q/k/v, o, gate/up, down
 LAYERS = 30
 
 
-def per_channel_int8(w):
-    scale = jnp.max(jnp.abs(w), axis=1) / 127
-    return jnp.round(w / scale[:, None]).astype(jnp.int8), scale
-
-
-def float32(w, scale, x):
-    return (w @ x.T).T
-
-
-def converted(w, scale, x):
-    return (w.astype(jnp.float32) @ x.T).T * scale
-
-
-def int8_activations(w, scale, x):
-    x_scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True), 1e-12) / 127
-    xq = jnp.round(x / x_scale).astype(jnp.int8)
-    acc = jax.lax.dot_general(w, xq, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32).T
-    return acc.astype(jnp.float32) * x_scale * scale
+def matmul(activation_rows: int):
+    """The model's own product (models/quant.py's qeinsum) of x [rows, K] and a weight
+    stored outputs-first [N, K]: float32 (no scale), int8 converted (activation_rows 0), or
+    int8 times int8 activations from `activation_rows` rows (runner.int8_activations)."""
+    def run(w, scale, x):
+        return qeinsum("tk,kn->tn", x, Transposed(w, 1, activation_rows), scale)
+    return run
 
 
 def layer_loop(matmul):
@@ -71,16 +63,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     w32 = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.05) for s in SHAPES]
            for _ in range(LAYERS)]
-    ones = [[jnp.ones(s[0], jnp.float32) for s in SHAPES] for _ in range(LAYERS)]
-    q = [[per_channel_int8(w) for w in ws] for ws in w32]
+    none = [[None] * len(SHAPES) for _ in range(LAYERS)]
+    q = [[quantize(w, (1,), "int8") for w in ws] for ws in w32]  # per output channel
     w8, s8 = [[a for a, _ in ws] for ws in q], [[s for _, s in ws] for ws in q]
-    forms = {"float32_ms": (layer_loop(float32), w32, ones),
-             "int8_converted_ms": (layer_loop(converted), w8, s8),
-             "int8_activations_ms": (layer_loop(int8_activations), w8, s8)}
+    forms = {"float32_ms": (layer_loop(matmul(0)), w32, none),
+             "int8_converted_ms": (layer_loop(matmul(0)), w8, s8),
+             "int8_activations_ms": (layer_loop(matmul(1)), w8, s8)}
     rows = []
     for n in args.rows:
         x = jnp.asarray(rng.standard_normal((n, 576), dtype=np.float32))
-        ref = forms["float32_ms"][0](w32, ones, x)
+        ref = forms["float32_ms"][0](w32, none, x)
         row = {"rows": n}
         for _ in range(2):
             for name, (fn, w, s) in forms.items():
