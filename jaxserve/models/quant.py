@@ -52,7 +52,7 @@ BLOCKS = "_blocks"  # suffix of the logical name of a block scale's blocked axis
 # 8-bit weights on a GPU", "fp8 activations for prefill")
 FP8_ACTIVATION_ROWS = 128
 # tokens from which int8 weights outputs-first multiply int8 activations
-# (runner.int8_activations): on a 2-core CPU the demo's layer matmuls take 0.56-0.65x the
+# (runner.int8_activations): on a 2-core CPU the demo's layer matmuls take 0.59-0.80x the
 # converting matmul's time s8 x s8 -> s32 at 2-16 rows, and no less at 1 row
 # (docs/quantization.md, "int8 activations on CPU")
 INT8_ACTIVATION_ROWS = 2

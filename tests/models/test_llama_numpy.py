@@ -166,6 +166,27 @@ def test_transposed_matmul_form_by_backend(backend, monkeypatch):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_transposed_int8_activations_contract_x_as_it_lies_on_a_cpu(monkeypatch):
+    """int8 activations (s8 x s8) on a CPU up to SMALL_ROWS rows: W [N, K] . x [M, K]^T,
+    both operands contracted on their last axis, with no barrier and no transpose of x
+    before the dot (the float form's barriers made XLA's CPU backend run the integer dot
+    2-5x slower); the int32 product is numpy's."""
+    monkeypatch.setattr(transposed.jax, "default_backend", lambda: "cpu")
+    rng = np.random.default_rng(1)
+    w = Transposed(jnp.asarray(rng.integers(-127, 128, (48, 16)), jnp.int8), 1)  # [N, K]
+    for rows in (2, 8, transposed.SMALL_ROWS):
+        x = jnp.asarray(rng.integers(-127, 128, (rows, 16)), jnp.int8)
+        fn = jax.jit(lambda x, w: transposed.transposed_einsum(
+            "tk,kn->tn", x, w, preferred_element_type=jnp.int32))
+        text = fn.lower(x, w).as_text()
+        assert "optimization_barrier" not in text, rows
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert len(dots) == 1 and "contracting_dims = [1] x [1]" in dots[0], dots
+        assert f"tensor<48x16xi8>, tensor<{rows}x16xi8>" in dots[0], dots
+        np.testing.assert_array_equal(
+            np.asarray(fn(x, w)), np.asarray(x, np.int64) @ np.asarray(w.weight, np.int64).T)
+
+
 def test_transpose_weights_puts_outputs_first():
     """Each layer's q/k/v kernels, gate and up become [outputs, embed], o_proj [embed, heads,
     head_dim] and down [embed, mlp]; biases, norms, scales, the embedding and a q8_0 weight
