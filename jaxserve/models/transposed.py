@@ -77,19 +77,8 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
     k, m = math.prod(sizes[a] for a in w_in), math.prod(sizes[a] for a in rows)
     out_dtype = preferred_element_type or x.dtype
 
-    if not rows_first(m) and jnp.issubdtype(x.dtype, jnp.integer):
-        # int8 activations (s8 x s8 -> s32): y^T [N, M] = W [N, K] . x [M, K]^T with x as it
-        # lies, both operands contracted on their last axis; XLA's CPU backend runs this form
-        # 2-5x faster than the float form below at 2-16 rows (docs/quantization.md)
-        x2 = jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k)
-
-        def dot(weight, x2):
-            return jax.lax.dot_general(weight.reshape(-1, k).astype(x.dtype), x2,
-                                       (((1,), (1,)), ((), ())),
-                                       preferred_element_type=out_dtype)
-
-        y = _apply(w.weight, dot, x2).T  # [M, N]
-    elif not rows_first(m):  # y^T [N, M] = W [N, K] . x^T [K, M]
+    integer = jnp.issubdtype(x.dtype, jnp.integer)
+    if not rows_first(m) and not integer:  # y^T [N, M] = W [N, K] . x^T [K, M]
         xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
 
         def dot(weight, xt):
@@ -97,15 +86,21 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
                            preferred_element_type=out_dtype)
 
         y = jax.lax.optimization_barrier(_apply(w.weight, dot, xt)).T  # [M, N]
-    else:  # y [M, N] = x [M, K] . W [N, K]^T
+    else:  # y [M, N] = x [M, K] . W [N, K]^T, both operands contracted on their last axis
+        # int8 activations (s8 x s8 -> s32) where a CPU takes W . x^T: y^T = W . x^T with x
+        # as it lies and no barrier; XLA's CPU backend runs the integer dot 2-5x slower in the
+        # float form above at 2-16 rows (docs/quantization.md)
+        weight_first = not rows_first(m)
         x2 = jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k)
 
         def dot(weight, x2):
-            return jax.lax.dot_general(x2, weight.reshape(-1, k).astype(x.dtype),
+            w2 = weight.reshape(-1, k).astype(x.dtype)
+            return jax.lax.dot_general(*((w2, x2) if weight_first else (x2, w2)),
                                        (((1,), (1,)), ((), ())),
                                        preferred_element_type=out_dtype)
 
         y = _apply(w.weight, dot, x2)
+        y = y.T if weight_first else y  # [M, N]
     y = y.reshape(*(sizes[a] for a in rows), *w.weight.shape[:len(w_out)])
     return jnp.einsum(f"{rows}{w_out}->{out}", y)
 
