@@ -323,10 +323,13 @@ class EngineLoop:
                     self._fatal(f"a step failed across processes: {type(e).__name__}: {e}")
                 return []
             # A failure outside any one request (per-request failures come back as outputs
-            # with FinishReason.ERROR): end the requests in flight, keep serving new ones.
+            # with FinishReason.ERROR): end the requests the engine holds, keep serving new
+            # ones. Submissions that arrived during the step are still in the inbox, not in
+            # the engine: they run next.
             log.exception("engine step failed")
             with self._cv:
-                engine_ids = list(self._streams)
+                queued = {sub.stream.engine_id for sub in self._inbox}
+                engine_ids = [i for i in self._streams if i not in queued]
             for engine_id in engine_ids:
                 self.engine.abort(engine_id)
             self._fail(engine_ids, Failure(FailureKind.INTERNAL,

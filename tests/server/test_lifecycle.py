@@ -4,6 +4,8 @@ cancels leaves no leaked pages."""
 
 import asyncio
 import random
+import threading
+import time
 
 import grpc
 import pytest
@@ -96,6 +98,41 @@ def test_failing_request_gets_internal_others_go_on(served, client, baseline, pa
     monkeypatch.undo()
     pages_back(client, baseline)
     assert len(list(client.generate("Still serving", params))) > 0
+
+
+def test_step_fault_fails_its_requests_not_later_arrivals(served, client, baseline,
+                                                          pages_back, monkeypatch):
+    """A step that fails as a whole ends the requests it held with INTERNAL; a request
+    submitted while that step ran was not in it: it runs to its end, and nothing is left
+    running behind the clients' backs."""
+    engine = served[0].server.engine
+    execute = engine.runner.execute
+    in_step, release = threading.Event(), threading.Event()
+
+    def faulty(*args, **kwargs):
+        monkeypatch.setattr(engine.runner, "execute", execute)  # only this step fails
+        in_step.set()
+        release.wait(30)
+        raise RuntimeError("injected step fault")
+
+    monkeypatch.setattr(engine.runner, "execute", faulty)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = client.generate("In the failing step", params)
+    assert in_step.wait(60)
+    late = client.generate("Submitted during it", params)
+    loop = served[0].server.engine_loop
+    for _ in range(600):  # the late submission is in the loop's inbox before the step fails
+        if loop.num_waiting:
+            break
+        time.sleep(0.01)
+    assert loop.num_waiting == 1
+    release.set()
+    with pytest.raises(grpc.RpcError) as e:
+        list(first)
+    assert e.value.code() == grpc.StatusCode.INTERNAL
+    assert "injected step fault" in e.value.details()
+    assert sum(len(c.token_ids) for c in late) == 4
+    pages_back(client, baseline)
 
 
 def test_soak_with_random_cancels_leaks_nothing(served, client, baseline, pages_back):
