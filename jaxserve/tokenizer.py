@@ -97,13 +97,16 @@ class Tokenizer(abc.ABC):
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         template = _compile_template(self.chat_template)
-        return template.render(
-            messages=messages,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **self._template_tokens,
-        )
+        try:
+            return template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._template_tokens,
+            )
+        except jinja2.exceptions.TemplateError as e:  # raise_exception() or a template bug
+            raise ValueError(f"the chat template refused the messages: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     plain_content: bool = False) -> list[int]:
@@ -120,10 +123,41 @@ class Tokenizer(abc.ABC):
             return self.encode(text, add_special_tokens=False)
         ids: list[int] = []
         pos = 0
-        for a, b in _content_spans(text, contents):
+        for a, b in self._content_spans(text, messages, add_generation_prompt):
             ids += self._encode_text(text[pos:a]) + self._encode_plain(text[a:b])
             pos = b
         return ids + self._encode_text(text[pos:])
+
+    def _content_spans(self, text: str, messages: list[dict],
+                       add_generation_prompt: bool) -> list[tuple[int, int]]:
+        """Where each message's content sits in `text`, the rendered conversation, in order.
+        The template is rendered again with a marker in place of each content, so a content
+        is found where the template put it, never where the same string occurs earlier (in a
+        default system prompt, say). Verbatim, or stripped of surrounding whitespace as some
+        templates do; ValueError if the template changes a content otherwise."""
+        marked = [dict(m, content=_MARK.format(i)) if m["content"] else m
+                  for i, m in enumerate(messages)]
+        parts = _MARK_RE.split(self.apply_chat_template(marked, add_generation_prompt))
+        between, order = parts[0::2], [int(i) for i in parts[1::2]]
+        if order != [i for i, m in enumerate(messages) if m["content"]]:
+            raise ValueError(_ALTERED)
+        spans, pos = [], 0
+        for k, i in enumerate(order):
+            if not text.startswith(between[k], pos):
+                raise ValueError(_ALTERED)
+            pos += len(between[k])
+            content = messages[i]["content"]
+            for candidate in (content, content.strip()):
+                end = pos + len(candidate)
+                if text.startswith(candidate, pos) and text.startswith(between[k + 1], end):
+                    spans.append((pos, end))
+                    pos = end
+                    break
+            else:
+                raise ValueError(_ALTERED)
+        if text[pos:] != between[-1]:
+            raise ValueError(_ALTERED)
+        return spans
 
 
 class HFTokenizer(Tokenizer):
@@ -211,22 +245,12 @@ class SentencePieceTokenizer(Tokenizer):
 # ---------------------------------------------------------------------------- chat templates
 
 
-def _content_spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
-    """Where each message's content sits in the rendered conversation, in order (verbatim,
-    or stripped of surrounding whitespace as some templates do)."""
-    spans, pos = [], 0
-    for content in contents:
-        for candidate in (content, content.strip()):
-            start = text.find(candidate, pos) if candidate else -1
-            if start >= 0:
-                spans.append((start, start + len(candidate)))
-                pos = start + len(candidate)
-                break
-        else:
-            if content.strip():
-                raise ValueError("the chat template changes message content, so special-token "
-                                 "strings in it cannot be kept as plain text")
-    return spans
+# A content's stand-in when the template is rendered to find where contents go (private-use
+# characters, which no template writes).
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_ALTERED = ("the chat template changes message content, so special-token strings in it "
+            "cannot be kept as plain text")
 
 
 class _GenerationTag(jinja2.ext.Extension):

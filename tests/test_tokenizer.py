@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import gguf
-import jinja2
 import pytest
 import sentencepiece as spm
 import tokenizers
@@ -333,7 +332,7 @@ def test_chat_template_renders_like_transformers(bpe_dir):
     assert tok.apply_chat_template(messages[:1], add_generation_prompt=False) == (
         '<|im_start|>\n[user] "héllo <b>"\n'
     )
-    with pytest.raises(jinja2.TemplateError, match="bad role: oops"):
+    with pytest.raises(ValueError, match="bad role: oops"):
         tok.apply_chat_template([{"role": "bad", "content": "oops"}])
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):

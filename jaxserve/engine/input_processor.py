@@ -3,8 +3,9 @@
 Both the offline `LLM` and the gRPC server turn prompts into ids here, so both refuse the
 same inputs with the same InvalidRequestError (naming the field):
 * a text longer in bytes than the context could hold is refused before it is tokenized
-  (at most `max_model_len` tokens of at most `Tokenizer.max_token_bytes` bytes each), so
-  tokenizing costs a bounded time however large the message;
+  (at most `max_model_len` tokens of at most `Tokenizer.max_token_bytes` bytes each), and
+  so are more chat messages than the context has tokens, so rendering and tokenizing cost
+  a bounded time however large the message;
 * chat roles are the template's usual ones (system, user, assistant, tool);
 * message content is plain text: a special-token string inside it (say `<|im_end|>`)
   stays text and cannot open or close a turn, unless `tokenizer.special_tokens_in_content`
@@ -54,6 +55,9 @@ class InputProcessor:
     def encode_messages(self, messages) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages", "expected a non-empty list of messages")
+        if len(messages) > self.max_model_len:  # bounds the rendering's work, like the bytes
+            raise InvalidRequestError("messages", f"{len(messages)} messages exceed the "
+                                                  f"context of {self.max_model_len} tokens")
         total = 0
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
@@ -69,8 +73,11 @@ class InputProcessor:
         if tokenizer.chat_template is None:
             raise InvalidRequestError("messages", "this model has no chat template")
         self._check_bytes("messages", total, "".join(m["content"] for m in messages))
-        return tokenizer.encode_chat(messages,
-                                     plain_content=not self.special_tokens_in_content)
+        try:
+            return tokenizer.encode_chat(messages,
+                                         plain_content=not self.special_tokens_in_content)
+        except ValueError as e:  # the template refused these messages, or altered content
+            raise InvalidRequestError("messages", str(e)) from None
 
     def _need_tokenizer(self, field: str) -> Tokenizer:
         if self.tokenizer is None:
