@@ -159,7 +159,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     protocol.messages_of(request.messages))
             return self._engine.inputs.encode(request.text)
         except InvalidRequestError as e:
-            raise RpcError.invalid(e.field, e.message) from None
+            raise RpcError.invalid(protocol.request_field(e.field, "text"), e.message) from None
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         async with self._rpc("Detokenize", context, request):

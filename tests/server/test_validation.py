@@ -4,7 +4,7 @@ the engine (nothing runs, nothing waits)."""
 import grpc
 import pytest
 
-from jaxserve.engine.request import SamplingParams
+from jaxserve.engine.request import DEFAULT_MAX_TOKENS, SamplingParams
 from jaxserve.server.client import Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.servicer import FIELD_METADATA_KEY
@@ -129,6 +129,31 @@ def test_tokenizer_rpcs_validate(client, call, field):
         call(client)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith(f"{field}: ")
+
+
+def test_tokenize_bounds_name_the_request_fields(client):
+    """Text too long for the context, and more messages than the context has tokens, are
+    refused before tokenizing, naming TokenizeRequest's own fields."""
+    context = client.model_info().context_length
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Tokenize(pb.TokenizeRequest(text="x" * (context * 1024)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("text: the text is longer than the context")
+    many = [pb.ChatMessage(role="user", content="")] * (context + 1)
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Tokenize(pb.TokenizeRequest(messages=many), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == (f"messages: {context + 1} messages exceed the context of "
+                                 f"{context} tokens")
+
+
+def test_unset_max_tokens_takes_the_documented_default(client):
+    """docs/serving.md and the proto say 64 tokens when a request names none."""
+    reply = client.stub.GenerateUnary(pb.GenerateRequest(
+        prompt="Count:", sampling=pb.SamplingParams(temperature=0.0, ignore_eos=True)),
+        timeout=120)
+    assert reply.usage.completion_tokens == DEFAULT_MAX_TOKENS == 64
+    assert reply.finish_reason == pb.FINISH_REASON_LENGTH
 
 
 def _raw(client, method: str, data: bytes) -> grpc.RpcError:
