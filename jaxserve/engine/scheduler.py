@@ -148,7 +148,9 @@ class Scheduler:
         load = [0] * len(self.page_tables)
         for req in self.running:
             load[req.shard] += 1
-        while self._waiting:
+        # A multi-step call runs decode attention only: a seat freed by a preemption in it
+        # is taken next tick, in single steps.
+        while self._waiting and multi == 1:
             req = self._waiting[0][2]
             if req.num_pending:  # a token from before its preemption is still on the device
                 break
@@ -228,7 +230,10 @@ class Scheduler:
         if req.draft:  # speculative decoding: the proposed tokens are computed too
             del req.draft[max(0, budget - remaining):]  # as many as the budget takes
             remaining += len(req.draft)
-        if not self.config.chunked_prefill and remaining > budget:
+        # Without chunked prefill a prompt waits for a step with room for all of it; a
+        # preempted request's recompute that has outgrown every step is chunked.
+        if not self.config.chunked_prefill \
+                and budget < remaining <= self.config.max_num_batched_tokens:
             return 0
         return min(remaining, budget)
 

@@ -3,6 +3,7 @@ sequence, so budgets, chunking, admission, preemption and recompute can be check
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -117,6 +118,32 @@ def test_preemption_recomputes_and_loses_nothing():
     while other.has_work():
         run_step(other)
     assert first.output_ids == alone.output_ids == second.output_ids
+    assert pt.num_used_pages == 0
+
+
+def test_without_chunked_prefill_a_recompute_longer_than_a_step_is_chunked():
+    """chunked_prefill: false keeps each prompt whole, but a preempted request's recompute
+    (prompt and the tokens it produced) may have outgrown one step's budget: it is chunked,
+    instead of waiting forever at the head of the queue."""
+    pt = PageTable(num_pages=10, page_size=2, enable_prefix_cache=False)  # no shared prompt
+    config = SchedulerSection(max_num_seqs=4, max_num_batched_tokens=8, chunked_prefill=False)
+    sched = Scheduler(config, [pt])
+    first, second = make_request(6, 8, t=0), make_request(6, 8, t=1)
+    sched.add(first)
+    sched.add(second)
+    log, steps = [], 0
+    while sched.has_work() and steps < 200:
+        run_step(sched, log)
+        steps += 1
+    assert not sched.has_work()
+    assert second.num_preemptions >= 1
+    chunks = [s.num_tokens for out in log for s in out.seqs if s.request is second]
+    assert chunks[0] == 6  # its prompt, whole
+    assert max(chunks) == 8 and chunks.count(8) >= 1  # a recompute of more than 8, chunked
+    alone = make_request(6, 8)
+    while len(alone.output_ids) < 8:
+        alone.output_ids.append(next_token(alone))
+    assert first.output_ids == second.output_ids == alone.output_ids
     assert pt.num_used_pages == 0
 
 
@@ -258,6 +285,40 @@ def test_multi_step_decode_only_while_every_request_decodes_and_no_one_could_be_
     assert run_multi_step(sched) == [(a.request_id, 4), (c.request_id, 3)]  # c's last 3
     assert c.status is Status.FINISHED and len(c.output_ids) == 8
     assert run_multi_step(sched) == [(a.request_id, 1), (d.request_id, 1)]  # d admitted
+
+
+@pytest.mark.parametrize("num_pages", range(6, 14))
+def test_a_multi_step_call_carries_only_decodes(num_pages):
+    """A multi-step call's program runs decode attention only. When a preemption inside
+    such a tick frees a seat, nobody is admitted into the call: the next tick, in single
+    steps, admits. Every request still finishes with all its tokens."""
+    pt = PageTable(num_pages=num_pages, page_size=4)
+    sched = Scheduler(SchedulerSection(max_num_seqs=2, max_num_batched_tokens=16,
+                                       decode_steps=4), [pt])
+    reqs = [make_request(3, max_tokens=12, t=float(i)) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    preempted = 0
+    for _ in range(200):
+        out = sched.schedule()
+        preempted += len(out.preempted)
+        if any(s.steps > 1 for s in out.seqs):
+            assert all(s.num_tokens == 1 for s in out.seqs), \
+                [(s.request.request_id, s.start, s.num_tokens, s.steps) for s in out.seqs]
+        for s in out.seqs:
+            req = s.request
+            if s.samples:
+                for _ in range(s.steps):
+                    req.output_ids.append(next_token(req))
+                if len(req.output_ids) >= req.params.max_tokens:
+                    req.status = Status.FINISHED
+                    sched.remove(req)
+        if not sched.has_work():
+            break
+    assert not sched.has_work() and all(len(r.output_ids) == 12 for r in reqs)
+    assert pt.num_used_pages == 0
+    if num_pages < 9:
+        assert preempted  # the pool is small enough to preempt inside multi-step ticks
 
 
 def test_multi_step_decode_stops_at_the_last_step_min_tokens_bans_stops_in():
