@@ -343,7 +343,7 @@ class Engine:
                 tracked.held = ""
                 return held[:min(hits)], True
         keep = max((len(s) for s in stops), default=1) - 1
-        cut = len(held) - keep if keep else len(held)
+        cut = max(len(held) - keep, 0)  # all of it held while shorter than keep
         tracked.held = held[cut:]
         return held[:cut], False
 

@@ -114,13 +114,16 @@ def test_stop_strings_are_matched_across_tokens_and_never_emitted(demo_config, d
     ids = demo_model.tokenizer.encode("Once upon a time, in a small village,")
     free = run(engine, {0: [("a", ids, SamplingParams(max_tokens=30, temperature=0.0))]})["a"]
     text = free[1]
-    stop = text[9:16]  # a piece that starts and ends inside tokens
-    assert len(demo_model.tokenizer.encode(stop, add_special_tokens=False)) > 1
-    params = SamplingParams(max_tokens=30, temperature=0.0, stop=(stop, "zzzz"))
-    tokens, got, reason = run(engine, {0: [("b", ids, params)]})["b"]
-    assert reason is FinishReason.STOP
-    assert got == text[: text.index(stop)]
-    assert tokens == free[0][: len(tokens)]
+    # a piece that starts and ends inside tokens; and one longer than the text of the first
+    # tokens, so text is held back before there is as much as a stop string's length
+    for i, (a, b) in enumerate([(9, 16), (1, 25)]):
+        stop = text[a:b]
+        assert len(demo_model.tokenizer.encode(stop, add_special_tokens=False)) > 1
+        params = SamplingParams(max_tokens=30, temperature=0.0, stop=(stop, "zzzz"))
+        tokens, got, reason = run(engine, {0: [(f"b{i}", ids, params)]})[f"b{i}"]
+        assert reason is FinishReason.STOP
+        assert got == text[: text.index(stop)]
+        assert tokens == free[0][: len(tokens)]
 
 
 def test_eos_min_tokens_and_ignore_eos(demo_config, demo_model):
