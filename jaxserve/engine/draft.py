@@ -60,11 +60,21 @@ class DraftProposer:
         self.runner.warm_up(progress)
 
     def propose(self, requests: list[Request], room: dict[str, int]) -> dict[str, list[int]]:
-        """Up to room[id] greedy draft tokens following each request's known tokens."""
-        shadows = [self._sync(req) for req in requests[:self.max_shadows]
+        """Up to room[id] greedy draft tokens following each request's known tokens, as
+        many as the draft's own context (its cache.max_model_len) still holds; a request
+        past it gets none, and its shadow is dropped."""
+        limit = self.config.cache.max_model_len
+        fits = []
+        for req in requests:
+            if req.num_tokens < limit:
+                fits.append(req)
+            else:
+                self.forget(req.request_id)
+        shadows = [self._sync(req) for req in fits[:self.max_shadows]
                    if req.request_id in self._shadows or len(self._shadows) < self.max_shadows]
         drafts = {sh.request_id: [] for sh in shadows}
-        want = {sh.request_id: room[sh.request_id] for sh in shadows}
+        want = {sh.request_id: min(room[sh.request_id], limit - sh.num_tokens)
+                for sh in shadows}
         # Each step computes what each shadow still lacks (all of it at first sight, in
         # chunks of the budget) and samples one token where it reaches the end.
         for _ in range(max(want.values(), default=0) + len(shadows) * 64):

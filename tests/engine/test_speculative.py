@@ -174,13 +174,13 @@ def test_sampled_tokens_follow_the_same_distribution(demo_config, demo_model):
 
 # ----- a draft model --------------------------------------------------------------------
 
-def draft_yaml(tmp_path, demo_config, checkpoint: str) -> str:
+def draft_yaml(tmp_path, demo_config, checkpoint: str, max_model_len: int = 256) -> str:
     """A draft model's config file: small buckets and KV pool, the demo's cache dirs."""
     c = demo_config
     path = tmp_path / "draft.yaml"
     path.write_text(f"""model: {{name: draft, dtype: float32}}
 checkpoint: {{{checkpoint}, cache_dir: {c.checkpoint.cache_dir}}}
-cache: {{page_size: 16, kv_cache_memory: 67108864, max_model_len: 256}}
+cache: {{page_size: 16, kv_cache_memory: 67108864, max_model_len: {max_model_len}}}
 scheduler: {{max_num_seqs: 16, max_num_batched_tokens: 64}}
 runner: {{token_buckets: [16, 64], seq_buckets: [4, 16],
           compilation_cache_dir: {c.runner.compilation_cache_dir}}}
@@ -228,6 +228,24 @@ def test_a_random_draft_is_mostly_rejected_and_changes_nothing(
         assert_same(results[rid], baseline[rid], rid)
     assert metrics["rep"].draft_tokens > 0
     assert engine.proposer.page_table.num_used_pages == 0
+
+
+def test_a_draft_with_a_shorter_context_proposes_only_within_it(
+        tmp_path, demo_config, demo_model, workload, baseline):
+    """The draft's cache.max_model_len is shorter than the requests grow: it proposes while
+    a request fits its context, then no more for it; the output is unchanged."""
+    limit = len(demo_model.tokenizer.encode(REPEAT)) + 8
+    spec = SpeculativeSection(method="draft", num_tokens=4, draft_config=draft_yaml(
+        tmp_path, demo_config, "source: demo", max_model_len=limit))
+    engine = make_engine(demo_config, demo_model, speculative=spec)
+    results, metrics = run(engine, workload)
+    for rid in baseline:
+        assert_same(results[rid], baseline[rid], rid)
+    # the model is its own draft and agrees with itself: its proposals cover at most the 8
+    # tokens left in the draft's context, not the 24 the request produces
+    assert 0 < metrics["rep"].draft_tokens <= 8
+    draft = engine.proposer
+    assert draft.page_table.num_used_pages == 0 and not draft._shadows
 
 
 def test_a_draft_with_another_vocabulary_is_refused(tmp_path, demo_config, demo_model):
