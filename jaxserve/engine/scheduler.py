@@ -120,8 +120,10 @@ class Scheduler:
         while i < len(running):
             req = running[i]
             shard = req.shard
-            if req.ready_tick > tick or seats[shard] <= 0:
-                i += 1
+            if req.ready_tick > tick or seats[shard] <= 0 or (
+                    req.num_pending
+                    and len(req.output_ids) + req.num_pending >= req.params.max_tokens):
+                i += 1  # (its last token is on its way: nothing more to compute)
                 continue
             if multi == 1 and not req.draft and budgets[shard] > 0 \
                     and req.num_tokens - req.num_computed_tokens == 1:

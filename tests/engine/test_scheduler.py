@@ -209,6 +209,41 @@ def test_random_workloads_keep_invariants_and_finish(workload, budget, max_seqs,
     assert all(pt.num_used_pages == 0 for pt in pts)
 
 
+@pytest.mark.parametrize("decode_steps", [1, 3])
+def test_no_step_after_the_last_token_is_on_its_way(decode_steps):
+    """As the engine runs it, a step is dispatched before the previous one is read back.
+    A request whose max_tokens-th token is in flight is not scheduled again: each request
+    samples exactly max_tokens tokens, none past them."""
+    pt = PageTable(num_pages=64, page_size=4)
+    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=32,
+                                       decode_steps=decode_steps), [pt])
+    reqs = [make_request(5, max_tokens=m, t=float(i)) for i, m in enumerate([1, 2, 5, 7])]
+    for r in reqs:
+        sched.add(r)
+    sampled = dict.fromkeys((r.request_id for r in reqs), 0)
+    in_flight = []
+    for _ in range(100):
+        out = sched.schedule()
+        for s in out.seqs:
+            if s.samples:
+                s.request.num_pending += s.steps
+                sampled[s.request.request_id] += s.steps
+        previous, in_flight = in_flight, [s for s in out.seqs if s.samples]
+        for s in previous:  # the previous step's tokens come back
+            req = s.request
+            req.num_pending -= s.steps
+            for _ in range(s.steps):
+                if not req.is_finished:
+                    req.output_ids.append(next_token(req))
+                    if len(req.output_ids) >= req.params.max_tokens:
+                        req.status = Status.FINISHED
+                        sched.remove(req)
+        if not sched.has_work() and not in_flight:
+            break
+    assert sampled == {r.request_id: r.params.max_tokens for r in reqs}
+    assert pt.num_used_pages == 0
+
+
 def test_pipeline_stages_split_the_batch_into_micro_batches_in_flight():
     """Two stages: a sequence's token comes back two ticks after it went in, so the running
     batch alternates between two micro-batches and every tick has work."""
