@@ -13,6 +13,8 @@ same exact rule as for n-gram proposals (speculative.py): the output does not ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 
 from jaxserve.config import Config
@@ -56,8 +58,8 @@ class DraftProposer:
                               f"{target_vocab}; a draft must share the tokenizer")
         return cls(config, loaded.model_config, loaded.params, loaded.mesh)
 
-    def warm_up(self, progress: bool = False) -> None:
-        self.runner.warm_up(progress)
+    def warm_up(self, progress: bool = False, stop: Callable[[], bool] | None = None) -> bool:
+        return self.runner.warm_up(progress, stop)
 
     def propose(self, requests: list[Request], room: dict[str, int]) -> dict[str, list[int]]:
         """Up to room[id] greedy draft tokens following each request's known tokens, as

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import random
 import time
+from collections.abc import Callable
 
 from jaxserve.config import Config
 from jaxserve.engine.input_processor import InputProcessor
@@ -165,10 +166,12 @@ class Engine:
                            self._spec_totals.proposed, self._spec_totals.accepted,
                            self._spec_totals.steps)
 
-    def warm_up(self, progress: bool = True) -> None:
-        self.runner.warm_up(progress)
-        if self.proposer is not None:
-            self.proposer.warm_up(progress)
+    def warm_up(self, progress: bool = True, stop: Callable[[], bool] | None = None) -> bool:
+        """Compile (and run once) every program serving may run. `stop` is asked between
+        programs; False if it ended warm-up early (one process only: Runner.warm_up)."""
+        if not self.runner.warm_up(progress, stop):
+            return False
+        return self.proposer is None or self.proposer.warm_up(progress, stop)
 
     def ping(self) -> None:
         """Over several processes: a collective that returns only if they are all there."""

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -489,14 +490,20 @@ class Runner:
                                 for n in range(1, most + 1)})
         return programs
 
-    def warm_up(self, progress: bool = True) -> None:
-        """Compile every bucket now, so serving never compiles (the followers too)."""
+    def warm_up(self, progress: bool = True, stop: Callable[[], bool] | None = None) -> bool:
+        """Compile every bucket now, so serving never compiles (the followers too). `stop`
+        is asked between programs: when it says so, warm-up ends there and returns False
+        (one process only: over several, every process runs the same programs)."""
         if self.channel is not None and self.channel.is_leader():
             self.channel.send(Message(Op.WARM_UP))
+        if self.channel is not None:
+            stop = None
         setup_compilation_cache(self.config.runner.compilation_cache_dir)
         programs = self.step_programs()
         for bucket in tqdm(programs, desc="compiling buckets", disable=not progress,
                            unit="bucket"):
+            if stop is not None and stop():
+                return False
             self._executable(*bucket)
         # A program's first run sets it up, and that time would land on a request: on a GPU
         # its CUDA graphs (35-90 ms measured on an H200 for the SmolLM2 shape), on a CPU the
@@ -506,9 +513,12 @@ class Runner:
         # programs a decode step can land in run; a prefill chunk's program pays its first
         # run on its first chunk.
         for bucket in programs:
+            if stop is not None and stop():
+                return False
             if jax.default_backend() != "cpu" or bucket[0] <= self._decode_tokens():
                 self.run_padding(bucket)
         jax.block_until_ready(self.state)
+        return True
 
     def _decode_tokens(self) -> int:
         """The token bucket of a step that decodes every slot (the largest a decode-only

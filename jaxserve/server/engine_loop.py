@@ -218,8 +218,9 @@ class EngineLoop:
     def _run(self, warm_up: bool, progress: bool, on_ready) -> None:
         error = None
         try:
-            if warm_up:
-                self.engine.warm_up(progress)
+            # A stop (SIGTERM while compiling) ends warm-up between programs.
+            if warm_up and not self.engine.warm_up(progress, stop=lambda: self._stopping):
+                log.warning("warm-up stopped: the server is shutting down")
         except Exception as e:  # reported to the server, which refuses to serve
             log.exception("engine warm-up failed")
             error = e

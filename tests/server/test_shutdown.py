@@ -43,8 +43,10 @@ def test_drain_finishes_running_requests_and_refuses_new(server_config, demo_mod
         thread.close()
 
 
-def _write_config(demo_config, path):
+def _write_config(demo_config, path, compilation_cache_dir="same"):
     c = demo_config
+    cache_dir = c.runner.compilation_cache_dir if compilation_cache_dir == "same" \
+        else compilation_cache_dir
     path.write_text(yaml.safe_dump({
         "model": {"name": c.model.name, "dtype": c.model.dtype},
         "checkpoint": {"source": c.checkpoint.source, "cache_dir": c.checkpoint.cache_dir},
@@ -54,7 +56,7 @@ def _write_config(demo_config, path):
                       "max_num_batched_tokens": c.scheduler.max_num_batched_tokens},
         "runner": {"token_buckets": list(c.runner.token_buckets),
                    "seq_buckets": list(c.runner.seq_buckets),
-                   "compilation_cache_dir": c.runner.compilation_cache_dir},
+                   "compilation_cache_dir": cache_dir},
         "server": {"host": "127.0.0.1", "port": 0, "metrics_port": None,
                    "grace_period_s": 1.0},
     }))
@@ -101,3 +103,28 @@ def test_serve_command_sigterm_cuts_after_grace_and_exits_0(demo_config, tmp_pat
             proc.kill()
         _, err = proc.communicate(timeout=30)
     assert "draining" in err and "stopped" in err, err
+
+
+def test_sigterm_during_warm_up_stops_it_between_programs(demo_config, tmp_path):
+    """A stop while the programs compile (no compilation cache: each one compiles) ends
+    warm-up after the program under way, not after all of them; the exit is still 0."""
+    config = tmp_path / "serve.yaml"
+    _write_config(demo_config, config, compilation_cache_dir=None)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", "--config",
+                             str(config), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list[str] = []
+    try:
+        _read_until(proc, r"warming up", lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate(timeout=30)
+    assert "warm-up stopped: the server is shutting down" in err, err
+    assert "health SERVING" not in "".join(lines) + out
+    done = [int(n) for n in re.findall(r"compiling buckets: +\d+%.*?\| *(\d+)/\d+", err)]
+    total = int(re.search(r"compiling buckets: .*?/(\d+)", err)[1])
+    assert max(done) < total, err  # it did not compile them all
