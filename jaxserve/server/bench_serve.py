@@ -16,7 +16,9 @@ max_tokens, ignore_eos), which `--dataset` reads back and `scripts/bench_hf_peer
 --requests` runs through transformers, so a peer gets exactly the same work.
 
 The report gives TTFT, TPOT, inter-token latency and end-to-end latency percentiles,
-throughput and errors by gRPC code.
+throughput and errors by gRPC code. Inter-token latency is the gap between streamed chunks;
+a chunk holds several tokens with multi-step decode or accepted speculative tokens (TPOT
+is per token).
 """
 
 from __future__ import annotations
