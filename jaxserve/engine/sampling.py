@@ -99,7 +99,9 @@ def _filter_top_k_top_p(logits, top_k, top_p):
     target = top_p[:, None]
 
     def by_top_k(logits):
-        lo, hi = logits.min(-1, keepdims=True), logits.max(-1, keepdims=True)
+        hi = logits.max(-1, keepdims=True)
+        # from the smallest finite logit: a banned token's -inf would make every midpoint -inf
+        lo = jnp.where(jnp.isfinite(logits), logits, hi).min(-1, keepdims=True)
         kth = _bisect(lo, hi, lambda t: (logits >= t).sum(-1, keepdims=True) >= k)
         return jnp.where((logits >= kth) | (k >= vocab), logits, NEG_INF)
 

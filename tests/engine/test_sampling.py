@@ -63,6 +63,9 @@ def test_greedy_is_argmax():
     (dict(top_k=3, top_p=0.5), {0, 1}),
     (dict(top_k=3, top_p=0.35), {0}),
     (dict(banned=[0, 1]), {2, 3, 4, 5, 6, 7}),
+    # a banned token (EOS under min_tokens) leaves the others' top-k as it is
+    (dict(banned=[0, 7], top_k=2), {1, 2}),
+    (dict(banned=[5, 7], top_k=1), {0}),
 ])
 def test_filters_never_choose_excluded_tokens(kw, allowed):
     tokens = set(draw(LOGITS, n=2048, **kw).tolist())
