@@ -116,7 +116,10 @@ def quantize(w, contracted_axes: tuple[int, ...], mode: str):
         scale = d.astype(jnp.float16).astype(jnp.float32)
         return q.astype(STORAGE[mode]).reshape(w32.shape), jnp.squeeze(scale, axis + 1)
     amax = jnp.max(jnp.abs(w32), axis=contracted_axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / QMAX[mode], jnp.float32(1.0)).astype(jnp.float32)
+    # The quotient is tested, not amax: below about 1e-35 it is a denormal that XLA
+    # flushes to zero, and w / 0 would store NaN (fp8) where zeros belong.
+    scale = amax / QMAX[mode]
+    scale = jnp.where(scale > 0, scale, jnp.float32(1.0)).astype(jnp.float32)
     x = w32 / scale
     if mode == "int8":
         q = jnp.clip(jnp.round(x), -127, 127).astype(STORAGE[mode])

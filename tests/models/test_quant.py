@@ -35,6 +35,7 @@ from jaxserve.models.quant import (
     hadamard,
     qeinsum,
     quantize,
+    quantize_vectors,
     quantized_weights,
 )
 from jaxserve.models.transposed import Transposed
@@ -83,6 +84,19 @@ def test_fp8_round_trip_against_ml_dtypes():
     back = dequantize(*quantize(w, (1, 2), "fp8"), (1, 2))
     # e4m3 keeps 3 mantissa bits: at most 1/16 relative error, once above its normal range
     assert np.all(np.abs(back - w) <= np.abs(w) / 16 + scale * 2.0**-6)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_row_too_small_for_its_scale_comes_back_as_zeros(mode):
+    """max |w| / QMAX below float32's normal range is flushed to zero by XLA: such a row
+    (or a K/V vector) gets the scale 1 of an all-zero one, never NaN."""
+    w = np.array([[1e-37, -2e-38, 0.0, 5e-38], [1.0, -2.0, 3.0, 0.5]], np.float32)
+    q, scale = quantize(jnp.asarray(w), (1,), mode)
+    back = np.asarray(dequantize(q, scale, (1,)))
+    assert np.asarray(scale)[0] == 1.0 and np.all(back[0] == 0.0)
+    np.testing.assert_allclose(back[1], w[1], rtol=1 / 16)
+    q, scale = quantize_vectors(jnp.asarray(w), mode)
+    assert np.all(np.isfinite(np.asarray(dequantize(q, scale, (1,)))))
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
