@@ -26,6 +26,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import flax.core.meta
@@ -64,9 +65,16 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     tokenizer: also write the tokenizer assets (needs jaxserve.tokenizer).
     """
     dtype = check_dtype(dtype or source.default_dtype)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; remove it or pass overwrite")
+    out_dir = Path(out_dir).resolve()  # "." has no name to put .tmp after
+    if out_dir.exists():
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} already exists; remove it or pass overwrite")
+        # Only a checkpoint of ours, or an empty folder, is replaced: never a folder of other
+        # files (a model's source, say).
+        if not out_dir.is_dir() or not ((out_dir / MARKER).is_file()
+                                        or not any(out_dir.iterdir())):
+            raise CheckpointError(f"{out_dir} exists and is not a jaxserve checkpoint; "
+                                  "refusing to replace it (remove it or choose another path)")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted conversion
@@ -96,7 +104,8 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
+        # A name no earlier, interrupted replacement can have left behind.
+        old = out_dir.with_name(f"{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old)

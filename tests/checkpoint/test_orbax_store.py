@@ -172,6 +172,38 @@ def test_existing_output_needs_overwrite(saved, tmp_path, mesh):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_overwrite_replaces_only_a_checkpoint_or_an_empty_folder(saved, tmp_path, mesh,
+                                                                  monkeypatch):
+    """A folder of other files (a model's source, say) is never replaced, even with
+    overwrite; an empty one is; a leftover of an interrupted replacement does not stand in
+    the way of the next one."""
+    flat = random_flat(seed=5)
+    other = tmp_path / "models"
+    other.mkdir()
+    (other / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="is not a jaxserve checkpoint; refusing"):
+        save_params(nest_params(flat), CONFIG, other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["model.gguf"]
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a jaxserve checkpoint"):
+        save_params(nest_params(flat), CONFIG, tmp_path / "a-file", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    save_params(nest_params(flat), CONFIG, tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / MARKER).is_file()
+    path = _copy(saved, tmp_path)
+    (tmp_path / "ckpt.old").mkdir()  # what an earlier replacement, cut short, left
+    (tmp_path / "ckpt.old" / "x").write_text("x")
+    save_params(nest_params(flat), CONFIG, path, overwrite=True)
+    _, params = load(path, mesh)
+    np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]),
+                                  flat["final_norm/scale"])
+    monkeypatch.chdir(path)  # "." names the folder it is
+    save_params(nest_params(random_flat(seed=6)), CONFIG, ".", overwrite=True)
+    _, params = load(path, mesh)
+    np.testing.assert_array_equal(np.asarray(params["final_norm"]["scale"]),
+                                  random_flat(seed=6)["final_norm/scale"])
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: f.pop("layers/mlp/up_proj"), r"layers/mlp/up_proj\[layer 0\]"),
     (lambda f: f.update({"layers/attn/extra": np.zeros((2, 3), np.float32)}),
