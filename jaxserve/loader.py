@@ -124,6 +124,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     else:
         directory = checkpoint_dir(config, progress)
         model_config = orbax_store.read_config(directory)
+        check_context(config, model_config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
         check_layer_arrays(config, model_config)
@@ -165,6 +166,18 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         if hint:
             print(hint, file=sys.stderr, flush=True)
     return LoadedModel(model_config, nest_params(flat), tokenizer, mesh)
+
+
+def check_context(config: Config, model_config: ModelConfig) -> None:
+    """A context longer than the model's positions (max_position_embeddings; a Mistral
+    model's sliding window, which the converter caps it at) is refused: past it the output
+    would quietly stop being the model's."""
+    limit = model_config.max_position_embeddings
+    if config.cache.max_model_len > limit:
+        raise ConfigError(
+            f"cache.max_model_len: {config.cache.max_model_len} is longer than the model's "
+            f"context of {limit} positions (max_position_embeddings, or a sliding window); "
+            f"set it to {limit} or less")
 
 
 def quantized_gpu_hint(config: Config, platform: str, xla_flags: str) -> str | None:

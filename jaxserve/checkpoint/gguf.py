@@ -67,13 +67,19 @@ class GGUFCheckpoint:
             raise CheckpointError(f"checkpoint not found: {self.path}")
         try:
             self.reader = gguf.GGUFReader(self.path)
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{self.path}: not a readable GGUF file: {e}") from e
+        except Exception as e:  # a truncated header fails inside the reader in many ways
+            raise CheckpointError(f"{self.path}: not a readable GGUF file: "
+                                  f"{type(e).__name__}: {e}") from e
         if self._get("split.count", 1) > 1:
             raise CheckpointError(f"{self.path}: split GGUF files are not supported; "
                                   "merge them first (llama-gguf-split --merge)")
         self._by_name = {t.name: t for t in self.reader.tensors}
-        self.config = self._model_config()
+        try:
+            self.config = self._model_config()
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.path}: malformed model metadata: {e}") from e
         self._plan = self._tensor_plan()
         self.default_dtype = self._default_dtype()
 

@@ -16,6 +16,7 @@ fp8 maximum, as quantizers write them, comes back to the same bytes.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Iterator
@@ -79,8 +80,10 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"checkpoint not found: {config_path}")
         try:
             hf = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{config_path}: expected a JSON object")
         self.config = model_config_from_hf(hf, config_path, name=self.path.name)
         self._files = self._tensor_files()
         self._headers = {f: _read_header(f) for f in self._files}
@@ -203,10 +206,10 @@ def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> Mo
             raise ValueError(f"one architecture expected, got {archs}")
         family = registry.by_hf_class(archs[0])
         fields = family.read_hf(hf)
-    except ValueError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
     heads = hf.get("num_attention_heads")
     try:
         common = dict(
@@ -225,8 +228,10 @@ def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> Mo
             rope_scaling=_rope_scaling(_rope_params(hf), config_path),
             name=name,
         )
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise CheckpointError(f"{config_path}: missing key {e}") from e
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{config_path}: malformed model settings: {e}") from e
     try:
         return ModelConfig(**{**common, **fields})
     except CheckpointError as e:
@@ -256,6 +261,11 @@ def _rope_scaling(params: dict, config_path: Path) -> RopeScaling | None:
         raise CheckpointError(f"{config_path}: rope scaling is missing {e}") from e
 
 
+# Bytes per element of the safetensors dtypes (others are refused when read).
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+             "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
 def _read_header(file: Path) -> tuple[dict, int]:
     """The safetensors JSON header (tensor entries only) and where the data starts."""
     with open(file, "rb") as f:
@@ -263,13 +273,38 @@ def _read_header(file: Path) -> tuple[dict, int]:
         if len(head) < 8:
             raise CheckpointError(f"{file}: truncated safetensors file")
         (size,) = struct.unpack("<Q", head)
+        if size > file.stat().st_size - 8:
+            raise CheckpointError(f"{file}: not a safetensors file (its header length, "
+                                  f"{size} bytes, is past the end of the file)")
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: unreadable safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: unreadable safetensors header: not a JSON object")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        _check_entry(file, name, entry)
     end = max((e["data_offsets"][1] for e in header.values()), default=0)
     if file.stat().st_size < 8 + size + end:
         raise CheckpointError(f"{file}: truncated safetensors file "
                               f"({file.stat().st_size} bytes, header needs {8 + size + end})")
     return header, 8 + size
+
+
+def _check_entry(file: Path, name: str, entry) -> None:
+    """A tensor entry of a safetensors header: a dtype, a shape of sizes and data offsets
+    whose span holds exactly that many elements."""
+    def ints(value, n=None):
+        return isinstance(value, list) and (n is None or len(value) == n) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and ints(entry.get("shape")) and ints(entry.get("data_offsets"), 2)
+            and entry["data_offsets"][0] <= entry["data_offsets"][1]):
+        raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry "
+                              "(it needs a dtype, a shape and two data offsets)")
+    itemsize = _ITEMSIZE.get(entry["dtype"])
+    begin, end = entry["data_offsets"]
+    if itemsize is not None and math.prod(entry["shape"]) * itemsize != end - begin:
+        raise CheckpointError(f"{file}: tensor {name!r} of shape {entry['shape']} and dtype "
+                              f"{entry['dtype']} does not fill its {end - begin} bytes")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from pathlib import Path
 
 from jaxserve.config import QUANTIZATIONS as MODES
@@ -23,6 +24,11 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+               "num_kv_heads", "head_dim", "max_position_embeddings", "num_experts",
+               "num_experts_per_tok", "moe_intermediate_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,16 @@ class ModelConfig:
                 f"unsupported architecture {self.architecture!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise CheckpointError(f"model config: {name}={value!r} must be an integer")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise CheckpointError(f"model config: {name}={value!r} must be a number")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise CheckpointError(f"model config: {name}={getattr(self, name)} must be > 0")
         if self.num_heads % self.num_kv_heads:

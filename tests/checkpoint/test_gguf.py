@@ -221,6 +221,22 @@ def test_unknown_tensor_is_an_error(tmp_path):
         GGUFCheckpoint(path)
 
 
+def test_a_file_cut_anywhere_in_its_header_is_a_checkpoint_error(tmp_path):
+    """Truncated downloads: the reader fails in many ways inside a cut header; each is a
+    CheckpointError naming the file, never a traceback."""
+    whole = write_gguf(tmp_path / "m.gguf", hf_weights()).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    refused = 0
+    for n in range(0, 4096, 13):
+        cut.write_bytes(whole[:n])
+        try:
+            GGUFCheckpoint(cut)
+        except CheckpointError as e:
+            assert "cut.gguf" in str(e)
+            refused += 1
+    assert refused == len(range(0, 4096, 13))
+
+
 def test_missing_file():
     with pytest.raises(CheckpointError, match="checkpoint not found: /nonexistent/x.gguf"):
         GGUFCheckpoint("/nonexistent/x.gguf")

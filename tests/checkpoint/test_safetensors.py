@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.flax
 import safetensors.numpy
+import tokenizers
 
 from jaxserve.checkpoint.convert import convert, open_source
 from jaxserve.checkpoint.orbax_store import load
@@ -181,6 +182,28 @@ def test_mistral_untied_sliding_window(tmp_path):
     assert_all_equal(got, weights)
 
 
+def test_a_context_past_the_sliding_window_is_refused(tmp_path):
+    """The window caps the model's context: a longer cache.max_model_len would attend past
+    it, where Mistral's own attention does not."""
+    from jaxserve.config import Config
+    from jaxserve.errors import ConfigError
+    from jaxserve.loader import load_model
+
+    config = hf_config("MistralForCausalLM", tie_word_embeddings=False, sliding_window=512)
+    path = write_hf(tmp_path / "m", hf_weights(seed=4, untied=True), config)
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")).save(
+        str(path / "tokenizer.json"))
+    serve = Config().replace(
+        model__name="m", model__dtype="float32", checkpoint__source=str(path),
+        checkpoint__cache_dir=str(tmp_path / "cache"), cache__max_model_len=1024,
+        cache__kv_cache_memory=float(1 << 20), runner__compilation_cache_dir=None)
+    with pytest.raises(ConfigError, match="cache.max_model_len: 1024 is longer than the "
+                                          "model's context of 512 positions"):
+        load_model(serve, progress=False)
+    loaded = load_model(serve.replace(cache__max_model_len=512), progress=False)
+    assert loaded.model_config.max_position_embeddings == 512
+
+
 def test_tied_checkpoint_with_redundant_lm_head(tmp_path):
     weights = hf_weights(seed=5, untied=True)
     weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
@@ -243,6 +266,38 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="expected a .gguf file or a Hugging Face"):
         convert(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff" * 8 + b"{}", "header length, 18446744073709551615 bytes, is past the end"),
+    (b"just some text, not a model", "is past the end of the file"),
+    (len(b"[]").to_bytes(8, "little") + b"[]", "not a JSON object"),
+    (len(b'{"x": {"dtype": "F32", "shape": [2]}}').to_bytes(8, "little")
+     + b'{"x": {"dtype": "F32", "shape": [2]}}', "'x' has a malformed header entry"),
+    (len(b'{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}').to_bytes(8, "little")
+     + b'{"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}' + bytes(8),
+     r"'x' of shape \[3\] and dtype F32 does not fill its 8 bytes"),
+], ids=["huge-header-length", "text", "list-header", "no-offsets", "short-data"])
+def test_malformed_safetensors_files_are_checkpoint_errors(tmp_path, data, message):
+    path = write_hf(tmp_path / "m", hf_weights(), hf_config())
+    (path / "model.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsCheckpoint(path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "expected a JSON object"),
+    (hf_config(vocab_size=None), "vocab_size=None must be an integer"),
+    (hf_config(num_hidden_layers="2"), "num_layers='2' must be an integer"),
+    (hf_config(hidden_size=64.0), "hidden_size=64.0 must be an integer"),
+    (hf_config(rope_scaling="llama3"), "malformed model settings"),
+    (hf_config(num_attention_heads=0), "malformed model settings"),
+], ids=["list", "null", "string", "float", "rope-string", "zero-heads"])
+def test_malformed_config_json_is_a_checkpoint_error(tmp_path, config, message):
+    path = write_hf(tmp_path / "m", hf_weights(), hf_config())
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        SafetensorsCheckpoint(path)
 
 
 def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
