@@ -20,7 +20,7 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     p.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: server.port; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int,
-                   help="Prometheus port (default: server.metrics_port; 0 picks a free one)")
+                   help="Prometheus port (default: server.metrics_port; 0 turns the endpoint off)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without TLS and a bearer token")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -222,6 +222,8 @@ class ServerSection:
 
     def __post_init__(self):
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535] (got {self.port})")
+        _check(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port",
+               f"must be in [0, 65535] or null (got {self.metrics_port})")
         _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                "tls_cert and tls_key must be given together")
 
@@ -318,7 +320,7 @@ def _build_section(cls, data, section: str):
         raise ValueError(f"{section}: expected a mapping (got {data!r})")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(map(str, set(data) - fields))
     if unknown:
         known = ", ".join(sorted(fields))
         raise ValueError(f"{section}.{unknown[0]}: unknown key (known: {known})")
@@ -334,7 +336,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         if not isinstance(data, dict):
             raise ValueError(f"top level: expected a mapping (got {type(data).__name__})")
         hints = typing.get_type_hints(Config)
-        unknown = sorted(set(data) - set(hints))
+        unknown = sorted(map(str, set(data) - set(hints)))
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(hints)})")
         sections = {name: _build_section(hints[name], data.get(name), name) for name in hints}
@@ -348,7 +350,9 @@ def load_config(path: str | os.PathLike) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     return config_from_dict(data, str(path))

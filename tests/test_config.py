@@ -47,10 +47,14 @@ def test_demo_config_values():
     ("scheduler:\n  max_num_seqs: 64\n", "scheduler.max_num_seqs: (64) must be <="),
     ("- a\n- b\n", "top level: expected a mapping"),
     ("model: [\n", "invalid YAML"),
+    ("server:\n  metrics_port: 70000\n", "server.metrics_port: must be in [0, 65535] or null"),
+    ("1: a\nfoo: b\n", "1: unknown section"),
+    ("cache:\n  1: a\n  foo: b\n", "cache.1: unknown key"),
+    ("cache:\n  page_size: 16\n# caf\xe9\n", "not UTF-8 text"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1"))  # latin-1: one byte per character, not UTF-8
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value).startswith(f"{path}: ")
