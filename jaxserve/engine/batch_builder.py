@@ -268,8 +268,9 @@ class BatchBuilder:
         out_index = num_out + pending  # the output index of each sequence's next token
         host.output_index[:S] = out_index
         for row in np.flatnonzero(out_index < min_tokens).tolist():
-            p = reqs[row].params  # EOS and stop ids are banned until min_tokens
-            banned = [*p.stop_token_ids, *self.eos_ids]
+            p = reqs[row].params  # what would stop it is banned until min_tokens (with
+            # ignore_eos an EOS stops nothing: an ordinary token)
+            banned = [*p.stop_token_ids, *(() if p.ignore_eos else self.eos_ids)]
             host.banned[row, :len(banned)] = banned
 
     def release(self, request_id: str) -> None:

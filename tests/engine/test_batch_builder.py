@@ -87,6 +87,28 @@ def test_mixed_batch_inputs():
     assert (h.banned[:3] == -1).all()
 
 
+def test_min_tokens_bans_what_would_stop_the_request():
+    """Until min_tokens, a request's stop ids and EOS are banned; with ignore_eos an EOS
+    stops nothing, so it stays allowed."""
+    config = load_config("configs/smollm2-135m-cpu.yaml").replace(
+        cache__page_size=4, cache__max_model_len=64, scheduler__max_num_seqs=4,
+        scheduler__max_num_batched_tokens=16, runner__token_buckets=(16,),
+        runner__seq_buckets=(4,))
+    builder = BatchBuilder(config, num_shards=1, stages=1, eos_ids=[EOS])
+    table = PageTable(num_pages=16, page_size=4)
+    reqs = [make("stops", 3, min_tokens=2, stop_token_ids=[5]),
+            make("no-eos", 3, min_tokens=2, ignore_eos=True, stop_token_ids=[5]),
+            make("no-eos-no-stops", 3, min_tokens=2, ignore_eos=True)]
+    for req in reqs:
+        table.admit(req.request_id, req.token_ids, use_cache=False)
+        assert table.ensure(req.request_id, 3)
+    seqs = tuple(ScheduledSeq(req, 0, 3, samples=True) for req in reqs)
+    h = builder.micro_batch(SchedulerOutput(seqs, ()), [table], []).host.blocks[0][0]
+    assert h.banned[0, :2].tolist() == [5, EOS]
+    assert h.banned[1, 0] == 5 and (h.banned[1, 1:] == -1).all()
+    assert (h.banned[2:] == -1).all()
+
+
 def test_same_rows_again_copy_what_did_not_change():
     """Steps that run the same requests in the same rows copy their penalty slots, sampling
     parameters and unchanged page tables from the last micro-batch instead of gathering them
