@@ -79,14 +79,19 @@ def cmd_generate(args) -> int:
             print(json.dumps({
                 "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
                 "text": out.text, "finish_reason": out.finish_reason.value,
+                **({"error": out.error} if out.error else {}),
                 "usage": {"prompt_tokens": len(out.prompt_token_ids),
                           "completion_tokens": len(out.token_ids),
                           **_speculative_usage(out.metrics)},
             }, ensure_ascii=False))
         else:
             print(out.text)
-            print(f"--- [{out.finish_reason.value}, {len(out.token_ids)} tokens]")
-    return 0
+            print(f"--- [{out.finish_reason.value}, {len(out.token_ids)} tokens]"
+                  + (f" {out.error}" if out.error else ""))
+    failed = sum(out.error is not None for out in outs)
+    if failed:
+        print(f"generate: {failed} of {len(outs)} prompts failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _speculative_usage(metrics) -> dict:

@@ -137,6 +137,11 @@ def cmd_client(args, sampling_params) -> int:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, stop_token_ids=tuple(args.stop_token_id),
         ignore_eos=args.ignore_eos)
+    # What the request's own fields cannot hold is refused here, naming the option (the
+    # server checks the rest, against its model).
+    params.validate(vocab_size=INT32_LIMIT, max_logprobs=INT32_LIMIT)
+    if not -INT32_LIMIT <= args.priority < INT32_LIMIT:
+        raise JaxserveError(f"--priority: {args.priority} is outside the 32-bit range")
     last = None
     with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
         try:
@@ -159,6 +164,9 @@ def cmd_client(args, sampling_params) -> int:
     return 0
 
 
+INT32_LIMIT = 2**31  # the proto's int32 fields hold [-2**31, 2**31)
+
+
 def _token(args) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV)
 
@@ -176,6 +184,9 @@ def _client_query(client, args) -> str:
         except ValueError:
             raise JaxserveError(f"--detokenize {args.detokenize!r}: expected token ids such "
                                 'as "1 2 3"') from None
+        if any(not 0 <= t < INT32_LIMIT for t in ids):
+            raise JaxserveError(f"--detokenize {args.detokenize!r}: token ids are in "
+                                f"[0, {INT32_LIMIT})")
         return client.detokenize(ids, timeout=args.timeout)
     if args.info:
         return json_format.MessageToJson(client.model_info(timeout=args.timeout))

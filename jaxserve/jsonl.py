@@ -20,7 +20,10 @@ def read_jsonl(path: str | Path, what: str = "input file") -> list[tuple[int, di
         raise JaxserveError(f"{p}:{line}: not UTF-8 text (byte {e.start}: "
                             f"{p.read_bytes()[e.start:e.start + 1]!r})") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: JSON strings may hold U+2028 and the like unescaped, which
+    # str.splitlines() would also break at.
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -149,6 +149,45 @@ def test_generate_json_reports_speculation(config_file, capsys, tmp_path):
     assert usage["mean_accepted_length"] > 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "hi", "--seed", "99999999999999999999"], "seed: must be in [0, 2**32)"),
+    (["--prompt", "hi", "--priority", "99999999999"],
+     "--priority: 99999999999 is outside the 32-bit range"),
+    (["--detokenize", "1 99999999999999999999"], "token ids are in [0, 2147483648)"),
+], ids=["seed", "priority", "detokenize"])
+def test_client_refuses_numbers_its_request_cannot_hold(capsys, args, message):
+    """Checked before any connection (port 1 has no server): one line, exit 2."""
+    code, _, err = run(capsys, "client", "--port", "1", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_generate_input_rows_of_token_ids_must_be_integers(config_file, capsys, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": [504.9, 3575.7]}\n')
+    code, _, err = run(capsys, "generate", "--config", config_file, "--input", str(rows))
+    assert code == 2 and "token_ids: token ids must be integers (got 504.9)" in err
+
+
+def test_generate_reports_a_failed_prompt_and_exits_1(config_file, capsys, monkeypatch):
+    from jaxserve.engine.engine import Engine
+
+    append = Engine._append
+
+    def faulty(self, tracked, token, logprob):
+        if tracked.request.request_id.endswith("1"):
+            raise RuntimeError("injected fault")
+        return append(self, tracked, token, logprob)
+
+    monkeypatch.setattr(Engine, "_append", faulty)
+    code, out, err = run(capsys, "generate", "--config", config_file, "--json",
+                         "--prompt", "Hello", "--prompt", "Bye", "--max-tokens", "3")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "generate: 1 of 2 prompts failed" in err
+    assert rows[0]["finish_reason"] == "length" and "error" not in rows[0]
+    assert rows[1]["finish_reason"] == "error"
+    assert rows[1]["error"] == "RuntimeError: injected fault"
+
+
 def test_python_dash_m_runs_the_same_command_line(tmp_path):
     """`python -m jaxserve` is the `jaxserve` command: same parser, same exit codes."""
     ok = subprocess.run([sys.executable, "-m", "jaxserve", "serve", "--help"],

@@ -14,6 +14,8 @@ same inputs with the same InvalidRequestError (naming the field):
 
 from __future__ import annotations
 
+import numbers
+
 from jaxserve.errors import InvalidRequestError
 from jaxserve.tokenizer import Tokenizer
 
@@ -43,6 +45,10 @@ class InputProcessor:
             if len(prompt) > self.max_model_len:
                 raise InvalidRequestError("token_ids", f"{len(prompt)} token ids exceed the "
                                                        f"context of {self.max_model_len}")
+            for t in prompt:  # 1.0 or True is no token id
+                if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+                    raise InvalidRequestError("token_ids",
+                                              f"token ids must be integers (got {t!r})")
             return [int(t) for t in prompt]
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequestError("prompt", "the prompt is empty")

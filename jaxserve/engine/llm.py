@@ -21,6 +21,7 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[TokenLogprob]
     metrics: RequestMetrics | None
+    error: str | None = None  # why it failed, when finish_reason is ERROR
 
 
 class LLM:
@@ -49,16 +50,31 @@ class LLM:
         ids = [self.engine.add_request(e, p) for e, p in zip(encoded, params_list, strict=True)]
         results = {i: dict(tokens=[], text=[], logprobs=[]) for i in ids}
         done: dict[str, Completion] = {}
-        while self.engine.has_unfinished():  # also drains the step still in flight
-            for out in self.engine.step():
-                r = results[out.request_id]
-                r["tokens"].extend(out.token_ids)
-                r["text"].append(out.text)
-                r["logprobs"].extend(out.logprobs)
-                if out.finished:
-                    done[out.request_id] = out
+        try:
+            while self.engine.has_unfinished():  # also drains the step still in flight
+                for out in self.engine.step():
+                    r = results[out.request_id]
+                    r["tokens"].extend(out.token_ids)
+                    r["text"].append(out.text)
+                    r["logprobs"].extend(out.logprobs)
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:  # Ctrl-C or a failed step: leave the engine empty for next time
+            self._abandon(ids)
+            raise
         return [
             Completion(i, e, results[i]["tokens"], "".join(results[i]["text"]),
-                       done[i].finish_reason, results[i]["logprobs"], done[i].metrics)
+                       done[i].finish_reason, results[i]["logprobs"], done[i].metrics,
+                       done[i].error)
             for i, e in zip(ids, encoded, strict=True)
         ]
+
+    def _abandon(self, ids: list[str]) -> None:
+        """Abort these requests and let the step still in flight finish."""
+        for i in ids:
+            self.engine.abort(i)
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except Exception:  # the engine is broken: the original error is the one to see
+            pass

@@ -144,16 +144,44 @@ def dataset_requests(cfg: BenchConfig) -> list[pb.GenerateRequest]:
     path = Path(cfg.dataset)
     rows = []
     for n, row in read_jsonl(path, "--dataset file"):
-        prompt = next((row[k] for k in ("prompt", "token_ids", "messages")
-                       if k in row), None)
-        if prompt is None:
-            raise JaxserveError(f'{path}:{n}: expected "prompt", "token_ids" or "messages"')
-        params = SamplingParams(max_tokens=int(row.get("max_tokens", cfg.output_len)),
-                                temperature=0.0, ignore_eos=bool(row.get("ignore_eos", False)))
+        try:
+            prompt, max_tokens, ignore_eos = _dataset_row(row, cfg.output_len)
+        except ValueError as e:
+            raise JaxserveError(f"{path}:{n}: {e}") from None
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
         rows.append(make_request(prompt, params=params))
     if not rows:
         raise JaxserveError(f"{path}: no requests")
     return [rows[i % len(rows)] for i in range(cfg.num_requests)]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _dataset_row(row: dict, output_len: int) -> tuple[str | list, int, bool]:
+    """(prompt, max_tokens, ignore_eos) of one dataset row; ValueError names what is wrong."""
+    kinds = [k for k in ("prompt", "token_ids", "messages") if k in row]
+    if len(kinds) != 1:
+        raise ValueError('expected one of "prompt", "token_ids" or "messages"')
+    prompt = row[kinds[0]]
+    if kinds[0] == "prompt" and not (isinstance(prompt, str) and prompt):
+        raise ValueError('"prompt" must be a non-empty string')
+    if kinds[0] == "token_ids" and not (isinstance(prompt, list) and prompt
+                                        and all(map(_is_int, prompt))):
+        raise ValueError('"token_ids" must be a non-empty list of integers')
+    if kinds[0] == "messages" and not (
+            isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in prompt)):
+        raise ValueError('"messages" must be a non-empty list of {"role", "content"} strings')
+    max_tokens = row.get("max_tokens", output_len)
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise ValueError(f'"max_tokens" must be an integer >= 1 (got {max_tokens!r})')
+    ignore_eos = row.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ValueError(f'"ignore_eos" must be true or false (got {ignore_eos!r})')
+    return prompt, max_tokens, ignore_eos
 
 
 # ----- running ---------------------------------------------------------------------------

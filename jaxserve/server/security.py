@@ -35,7 +35,7 @@ def check_bind_security(server: ServerSection, insecure: bool) -> None:
         return
     missing = [what for what, ok in (("TLS (server.tls_cert and server.tls_key)",
                                       server.tls_cert is not None),
-                                     ("a bearer token (server.auth_token)",
+                                     ("bearer token (server.auth_token)",
                                       bool(server.auth_token))) if not ok]
     if missing:
         raise ConfigError(

@@ -3,6 +3,7 @@ chat roles, and special-token strings in message content kept as plain text."""
 
 import copy
 
+import numpy as np
 import pytest
 
 from jaxserve.engine.input_processor import InputProcessor
@@ -94,6 +95,17 @@ def test_text_that_cannot_fit_is_refused_by_its_bytes(inputs, demo_model):
     with pytest.raises(InvalidRequestError) as e:
         inputs.encode(list(range(65)))
     assert e.value.field == "token_ids"
+
+
+@pytest.mark.parametrize("ids", [[1, 2.0], [True, 3], ["5"], [None]])
+def test_token_ids_must_be_integers(inputs, ids):
+    with pytest.raises(InvalidRequestError) as e:
+        inputs.encode(ids)
+    assert e.value.field == "token_ids" and "token ids must be integers" in e.value.message
+
+
+def test_numpy_integers_are_token_ids(inputs):
+    assert inputs.encode([np.int64(5), np.int32(7), 9]) == [5, 7, 9]
 
 
 def test_stop_strings_are_bounded():

@@ -320,6 +320,35 @@ def test_bench_serve_rejects_bad_options_before_sending(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("row, message", [
+    ('{"max_tokens": 3}', 'expected one of "prompt", "token_ids" or "messages"'),
+    ('{"prompt": 5}', '"prompt" must be a non-empty string'),
+    ('{"token_ids": ["a"]}', '"token_ids" must be a non-empty list of integers'),
+    ('{"token_ids": [1.5]}', '"token_ids" must be a non-empty list of integers'),
+    ('{"messages": "Say hi"}', '"messages" must be a non-empty list'),
+    ('{"messages": [{"role": "user"}]}', '"messages" must be a non-empty list'),
+    ('{"prompt": "x", "max_tokens": null}', '"max_tokens" must be an integer >= 1 (got None)'),
+    ('{"prompt": "x", "max_tokens": "abc"}', '"max_tokens" must be an integer >= 1'),
+    ('{"prompt": "x", "ignore_eos": "false"}', '"ignore_eos" must be true or false'),
+], ids=["no-prompt", "prompt-int", "ids-str", "ids-float", "messages-str", "no-content",
+        "max-null", "max-str", "eos-str"])
+def test_bench_serve_dataset_rows_are_checked_field_by_field(tmp_path, row, message):
+    from jaxserve.errors import JaxserveError
+    from jaxserve.server.bench_serve import dataset_requests
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + row + "\n")
+    with pytest.raises(JaxserveError) as e:
+        dataset_requests(BenchConfig(concurrency=1, num_requests=2, dataset=str(path)))
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+    path.write_text('{"token_ids": [5, 6], "max_tokens": 3, "ignore_eos": true}\n'
+                    '{"prompt": "a\u2028b"}\n')  # a JSON string may hold U+2028 as it is
+    first, second = dataset_requests(BenchConfig(concurrency=1, num_requests=2,
+                                                 dataset=str(path)))
+    assert list(first.token_ids) == [5, 6] and first.sampling.max_tokens == 3
+    assert first.sampling.ignore_eos and second.prompt == "a\u2028b"
+
+
 def test_bench_serve_writes_outside_the_source_tree_by_default(monkeypatch, tmp_path):
     from jaxserve.server.bench_serve import default_out
 
