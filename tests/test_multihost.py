@@ -253,3 +253,32 @@ def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():
     assert initialize(DistributedConfig(), environ={}) is False  # one process: nothing to do
     with pytest.raises(ValueError, match="--num-processes is missing"):
         initialize(DistributedConfig(coordinator_address="h:1", process_id=0), environ={})
+
+
+FAKE_NVIDIA_SMI = "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H200 (UUID: x$i)\"; done\n"
+SHOW_GPUS = "#!/bin/sh\necho \"$9 CVD=${CUDA_VISIBLE_DEVICES-unset}\" >&2\n"
+
+
+@pytest.mark.parametrize("n, visible, expected", [
+    ("2", None, ["0 CVD=0,1", "1 CVD=2,3"]),
+    ("2", "2,3", ["0 CVD=2", "1 CVD=3"]),  # only the GPUs the caller left visible
+    ("3", "2,3", "2 GPUs (2 3) do not split into 3 processes evenly"),
+    ("0", None, "N must be a whole number >= 1 (got '0')"),
+    ("1.5", None, "N must be a whole number >= 1 (got '1.5')"),
+])
+def test_local_sh_splits_the_visible_gpus_and_checks_n(tmp_path, n, visible, expected):
+    """A fake nvidia-smi with 4 GPUs and a fake jaxserve that prints its process id and GPUs."""
+    for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("show", SHOW_GPUS)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    e = {**env(JAXSERVE=str(tmp_path / "show")), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    e.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible is not None:
+        e["CUDA_VISIBLE_DEVICES"] = visible
+    done = subprocess.run(["bash", str(LOCAL), n, "x.yaml"], env=e, capture_output=True,
+                          text=True, timeout=60)
+    if isinstance(expected, str):
+        assert done.returncode == 2 and expected in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert sorted(line for line in done.stderr.splitlines() if "CVD=" in line) == expected

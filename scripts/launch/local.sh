@@ -5,7 +5,8 @@
 #   scripts/launch/local.sh N CONFIG [serve args...]
 #   COMMAND=generate scripts/launch/local.sh 2 configs/x.yaml --prompt "Hello" --json
 #
-# GPUs: process i sees GPUs [i*G/N, (i+1)*G/N) (CUDA_VISIBLE_DEVICES). Without GPUs each
+# GPUs: process i sees the i-th N-th of the GPUs (of CUDA_VISIBLE_DEVICES where it is set,
+# else of all of them); their number must be a multiple of N. Without GPUs each
 # process gets DEVICES_PER_PROCESS host CPU devices (default 1). The coordinator listens on
 # 127.0.0.1:$COORDINATOR_PORT (default: a free port). SIGTERM or SIGINT goes to the leader,
 # which drains and then releases the followers. Exits with the leader's code; a follower
@@ -18,18 +19,34 @@ fi
 n=$1
 config=$2
 shift 2
+if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+  echo "$0: N must be a whole number >= 1 (got '$n')" >&2
+  exit 2
+fi
 here=$(cd "$(dirname "$0")/../.." && pwd)
 jaxserve=${JAXSERVE:-$here/.venv/bin/jaxserve}
 command=${COMMAND:-serve}
 port=${COORDINATOR_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+# The GPUs to split: CUDA_VISIBLE_DEVICES's list where it is set (nvidia-smi ignores it).
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  IFS=, read -r -a gpu_ids <<< "$CUDA_VISIBLE_DEVICES"
+else
+  mapfile -t gpu_ids < <( (nvidia-smi -L 2>/dev/null || true) | grep '^GPU' \
+    | sed -E 's/^GPU ([0-9]+):.*/\1/' || true)
+fi
+gpus=${#gpu_ids[@]}
+if [ "$gpus" -gt 0 ] && [ $((gpus % n)) -ne 0 ]; then
+  echo "$0: $gpus GPUs (${gpu_ids[*]}) do not split into $n processes evenly" >&2
+  exit 2
+fi
 
 pids=()
 for ((i = 0; i < n; i++)); do
   env_vars=()
   if [ "$gpus" -gt 0 ]; then
     per=$((gpus / n))
-    env_vars+=("CUDA_VISIBLE_DEVICES=$(seq -s, $((i * per)) $((i * per + per - 1)))")
+    mine=$(IFS=,; echo "${gpu_ids[*]:$((i * per)):$per}")
+    env_vars+=("CUDA_VISIBLE_DEVICES=$mine")
   else
     env_vars+=("XLA_FLAGS=${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}")
   fi
