@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except JaxserveError as e:
         print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
-        if isinstance(e, DeploymentError):  # no shutdown barrier with the other processes
+        launch = sys.modules.get("jaxserve.launch")
+        if isinstance(e, DeploymentError) or (launch is not None and launch.joined):
+            # No shutdown barrier with the other processes: JAX's would wait for processes
+            # that wait for this one (they notice it is gone and leave too).
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_USAGE)

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from jaxserve.config import Config
-from jaxserve.errors import ConfigError
+from jaxserve.errors import ConfigError, DeploymentError
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -31,18 +31,26 @@ def with_distributed_args(config: Config, args, source: str) -> Config:
         raise ConfigError(f"{source}: distributed.{e}") from None
 
 
+joined = False  # this process runs with others (jax.distributed): main() then leaves at once
+
+
 def join(config: Config) -> bool:
     """Join the deployment's other processes, if any (before anything touches a device);
     returns whether this process leads. Errors are ConfigErrors, one line each."""
+    global joined
     import jax
 
     from jaxserve.engine.multihost import check_same_config
     from sharding.distributed import initialize
 
     try:
-        initialize(config.distributed)
+        joined = initialize(config.distributed)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
+    if joined and len(jax.devices()) != jax.process_count() * jax.local_device_count():
+        raise DeploymentError(f"the processes hold different numbers of devices (this one "
+                              f"{jax.local_device_count()}, {len(jax.devices())} in all over "
+                              f"{jax.process_count()} processes); give each the same number")
     check_same_config(config)
     return jax.process_index() == 0
 

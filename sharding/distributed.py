@@ -47,6 +47,11 @@ class DistributedConfig:
             raise ValueError("init_timeout_s and step_timeout_s: must be positive")
         if not 0 <= self.step_port <= 65535:
             raise ValueError(f"step_port: {self.step_port} is not a TCP port (0: any free one)")
+        if self.coordinator_address is not None:
+            host, _, port = self.coordinator_address.rpartition(":")
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"coordinator_address: {self.coordinator_address!r} is not "
+                                 "HOST:PORT")
 
     def resolved(self, environ=os.environ) -> DistributedConfig:
         """These values, completed from LeaderWorkerSet's variables where unset."""
@@ -87,6 +92,13 @@ def initialize(config: DistributedConfig, environ=os.environ) -> bool:
                       num_processes=c.num_processes, process_id=c.process_id)
         if c.process_id != 0:  # JAX aborts the process on an unreachable coordinator
             _wait_for_coordinator(c.coordinator_address, c.init_timeout_s)
+        else:  # and the leader on a host name that does not resolve, once it times out
+            host = c.coordinator_address.rpartition(":")[0].strip("[]")
+            try:
+                socket.getaddrinfo(host, None)
+            except OSError as e:
+                raise ValueError(f"--coordinator-address {c.coordinator_address!r}: cannot "
+                                 f"resolve {host!r} ({e.strerror or e})") from None
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(

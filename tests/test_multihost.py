@@ -253,6 +253,12 @@ def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():
     assert initialize(DistributedConfig(), environ={}) is False  # one process: nothing to do
     with pytest.raises(ValueError, match="--num-processes is missing"):
         initialize(DistributedConfig(coordinator_address="h:1", process_id=0), environ={})
+    for address in ("localhost", "localhost:", ":8476", "h:port", "h:70000"):
+        with pytest.raises(ValueError, match=f"coordinator_address: '{address}' is not "
+                                             "HOST:PORT"):
+            DistributedConfig(address, 2, 0)
+    with pytest.raises(ValueError, match="cannot resolve 'bogus.invalid'"):  # the leader
+        initialize(DistributedConfig("bogus.invalid:8476", 2, 0), environ={})
 
 
 FAKE_NVIDIA_SMI = "#!/bin/sh\nfor i in 0 1 2 3; do echo \"GPU $i: NVIDIA H200 (UUID: x$i)\"; done\n"
@@ -282,3 +288,46 @@ def test_local_sh_splits_the_visible_gpus_and_checks_n(tmp_path, n, visible, exp
     else:
         assert done.returncode == 0, done.stderr
         assert sorted(line for line in done.stderr.splitlines() if "CVD=" in line) == expected
+
+
+def test_an_error_only_the_leader_sees_ends_it_at_once(config_file):
+    """The leader's gRPC port is taken, which only the leader checks, after the processes
+    met: it says so in one line and leaves at once, without JAX's shutdown barrier (which
+    waited 300 s for a follower that waits for the leader); the follower leaves too."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        address = f"127.0.0.1:{free_port()}"
+        procs = [subprocess.Popen([JAXSERVE, "serve", "--config", str(config_file), "--port",
+                                   str(port), "--coordinator-address", address,
+                                   "--num-processes", "2", "--process-id", str(i)],
+                                  env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        try:
+            _, err = procs[0].communicate(timeout=120)
+            assert procs[0].returncode == 2, err
+            assert err.strip().splitlines()[-1].startswith(
+                f"jaxserve serve: error: server.port={port}: cannot listen on 127.0.0.1")
+            procs[1].communicate(timeout=120)
+            assert procs[1].returncode != 0
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+
+
+def test_processes_with_different_numbers_of_devices_both_refuse(config_file):
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([JAXSERVE, "serve", "--config", str(config_file), "--port", "0",
+                               "--coordinator-address", address, "--num-processes", "2",
+                               "--process-id", str(i)],
+                              env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"),
+                              stderr=subprocess.PIPE, text=True)
+             for i, n in enumerate((3, 2))]
+    for p, n in zip(procs, (3, 2), strict=True):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert err.strip().splitlines()[-1] == (
+            f"jaxserve serve: error: the processes hold different numbers of devices (this "
+            f"one {n}, 5 in all over 2 processes); give each the same number")
