@@ -146,9 +146,13 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     return bytes(data)
 
 
+HELLO_TIMEOUT_S = 2.0  # a follower sends its hello as it connects; a silent peer is dropped
+
+
 def _hello(conn: socket.socket, secret: bytes, deadline: float) -> int | None:
-    """The process index a new connection presents with the right secret, else None."""
-    conn.settimeout(max(0.01, deadline - time.monotonic()))
+    """The process index a new connection presents with the right secret, else None (also
+    when it says nothing within HELLO_TIMEOUT_S: it must not hold up the others)."""
+    conn.settimeout(max(0.01, min(deadline - time.monotonic(), HELLO_TIMEOUT_S)))
     try:
         data = _recv_exactly(conn, _HELLO)
     except OSError:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxserve.engine.multihost import Message, Op, StepChannel
-from jaxserve.engine.step_socket import StepSocket
+from jaxserve.engine.step_socket import HELLO_TIMEOUT_S, StepSocket
 from jaxserve.errors import DeploymentError
 
 
@@ -131,6 +131,27 @@ def test_a_stranger_without_the_secret_is_dropped():
     thread.join()
     made[0].send(b"only for process 1")
     assert follower.receive() == b"only for process 1"
+    made[0].close(), follower.close()
+
+
+def test_a_silent_stranger_holds_up_the_leader_for_its_hello_time_only():
+    """A connection that never says hello is dropped after HELLO_TIMEOUT_S, not at the
+    deadline of the whole start-up, so the followers behind it get in."""
+    store = Store()
+    made = {}
+    thread = threading.Thread(target=lambda: made.setdefault(0, StepSocket(
+        store, "t/", process_index=0, num_processes=2, leader_host="127.0.0.1",
+        timeout_s=30.0)))
+    thread.start()
+    port = int(store.blocking_key_value_get_bytes("t/port", 5000))
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        follower = StepSocket(store, "t/", process_index=1, num_processes=2,
+                              leader_host="127.0.0.1", timeout_s=30.0)
+        thread.join(timeout=HELLO_TIMEOUT_S + 10)  # not the 30 s of timeout_s
+        assert not thread.is_alive()
+        assert silent.recv(16) == b""  # the leader closed it
+    made[0].send(b"after the stranger")
+    assert follower.receive() == b"after the stranger"
     made[0].close(), follower.close()
 
 
