@@ -146,7 +146,7 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     return bytes(data)
 
 
-HELLO_TIMEOUT_S = 2.0  # a follower sends its hello as it connects; a silent peer is dropped
+HELLO_TIMEOUT_S = 5.0  # a follower sends its hello as it connects; a silent peer is dropped
 
 
 def _hello(conn: socket.socket, secret: bytes, deadline: float) -> int | None:
