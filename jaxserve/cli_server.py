@@ -35,7 +35,8 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     what.add_argument("--tokenize", metavar="TEXT", help="print the token ids of TEXT")
     what.add_argument("--detokenize", metavar="IDS", help='print the text of "1 2 3"')
     what.add_argument("--info", action="store_true", help="print the model and engine figures")
-    what.add_argument("--health", action="store_true", help="print the health status")
+    what.add_argument("--health", action="store_true",
+                      help="print the health status; exit 1 unless SERVING (a probe)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
@@ -127,10 +128,11 @@ def cmd_client(args, sampling_params) -> int:
     if args.prompt is None:
         with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
             try:
-                print(_client_query(client, args))
+                answer = _client_query(client, args)
             except grpc.RpcError as e:
                 raise JaxserveError(f"{e.code().name}: {e.details()}") from None
-        return 0
+        print(answer)
+        return 1 if args.health and answer != "SERVING" else 0  # a probe's exit code
 
     params = dataclasses.replace(
         sampling_params(args), min_tokens=args.min_tokens,

@@ -31,14 +31,17 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def served(server_config, start_server, unused_port):
-    """(thread, port, health statuses seen before and after warm-up)."""
+    """(thread, port, health statuses seen before and after warm-up, and the exit codes of
+    `jaxserve client --health` then)."""
     config = server_config.replace(server__metrics_port=unused_port())
+    probe = ["client", "--port", None, "--health"]
     with start_server(config, warm_up=False) as (thread, port):
+        probe[2] = str(port)
         with Client("127.0.0.1", port) as client:
-            before = client.health()
+            before, probe_before = client.health(), cli.main(probe)
             thread.run(thread.server.warm_up())
-            after = client.health()
-        yield thread, port, (before, after)
+            after, probe_after = client.health(), cli.main(probe)
+        yield thread, port, (before, after), (probe_before, probe_after)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,7 @@ def _same(completion, text, ids, last):
 def test_health_goes_not_serving_to_serving(served):
     assert served[2] == (health_pb2.HealthCheckResponse.NOT_SERVING,
                          health_pb2.HealthCheckResponse.SERVING)
+    assert served[3] == (1, 0)  # `client --health` as a probe: 1 unless SERVING
 
 
 def test_reflection_lists_services(served):
@@ -238,9 +242,13 @@ def test_client_command_tokenizes_detokenizes_and_reports(served, client, capsys
 
 def test_client_command_reports_errors(served, capsys):
     code = cli.main(["client", "--port", str(served[1]), "--prompt", "x",
-                     "--temperature", "-1"])
+                     "--temperature", "-1"])  # refused before it is sent
     assert code == 2
-    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert "error: temperature: must be >= 0 (got -1.0)" in capsys.readouterr().err
+    code = cli.main(["client", "--port", str(served[1]), "--prompt", "x",
+                     "--max-tokens", "100000"])  # the server's context: its answer
+    assert code == 2
+    assert "INVALID_ARGUMENT: sampling.max_tokens: " in capsys.readouterr().err
 
 
 def test_bench_serve_concurrency_and_rate(served, tmp_path, capsys):
