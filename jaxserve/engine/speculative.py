@@ -50,8 +50,8 @@ class NgramProposer:
     def forget(self, request_id: str) -> None:
         pass  # nothing kept per request
 
-    def warm_up(self, progress: bool = False) -> None:
-        pass
+    def warm_up(self, progress: bool = False, stop=None) -> bool:
+        return True  # nothing to compile
 
     def lookup(self, token_ids, k: int) -> list[int]:
         """Up to k tokens that followed the last earlier occurrence of the longest suffix
