@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from jaxserve.config import SchedulerSection
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import Request, SamplingParams, Status
-from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 
 _ids = itertools.count()
 
@@ -282,8 +282,12 @@ def run_token(sched: Scheduler, req: Request) -> None:
 
 
 def run_multi_step(sched: Scheduler) -> list[tuple[str, int]]:
-    """One schedule; the simulated device samples every step of each sequence. Returns
-    (request id, steps) of the scheduled sequences."""
+    """`multi_step`, as (request id, steps) of the scheduled sequences."""
+    return [(s.request.request_id, s.steps) for s in multi_step(sched).seqs]
+
+
+def multi_step(sched: Scheduler) -> SchedulerOutput:
+    """One schedule; the simulated device samples every step of each sequence."""
     out = sched.schedule()
     for s in out.seqs:
         req = s.request
@@ -294,7 +298,7 @@ def run_multi_step(sched: Scheduler) -> list[tuple[str, int]]:
             if len(req.output_ids) >= req.params.max_tokens:
                 req.status = Status.FINISHED
                 sched.remove(req)
-    return [(s.request.request_id, s.steps) for s in out.seqs]
+    return out
 
 
 def test_multi_step_decode_only_while_every_request_decodes_and_no_one_could_be_admitted():
@@ -335,19 +339,11 @@ def test_a_multi_step_call_carries_only_decodes(num_pages):
         sched.add(r)
     preempted = 0
     for _ in range(200):
-        out = sched.schedule()
+        out = multi_step(sched)
         preempted += len(out.preempted)
         if any(s.steps > 1 for s in out.seqs):
             assert all(s.num_tokens == 1 for s in out.seqs), \
                 [(s.request.request_id, s.start, s.num_tokens, s.steps) for s in out.seqs]
-        for s in out.seqs:
-            req = s.request
-            if s.samples:
-                for _ in range(s.steps):
-                    req.output_ids.append(next_token(req))
-                if len(req.output_ids) >= req.params.max_tokens:
-                    req.status = Status.FINISHED
-                    sched.remove(req)
         if not sched.has_work():
             break
     assert not sched.has_work() and all(len(r.output_ids) == 12 for r in reqs)

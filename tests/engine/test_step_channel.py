@@ -115,14 +115,20 @@ def test_large_messages_arrive_whole():
     leader.close(), follower.close()
 
 
-def test_a_stranger_without_the_secret_is_dropped():
-    store = Store()
+def leader_in_a_thread(store, timeout_s: float):
+    """(thread making the leader's StepSocket for 2 processes, {0: the socket} once made,
+    its port)."""
     made = {}
     thread = threading.Thread(target=lambda: made.setdefault(0, StepSocket(
         store, "t/", process_index=0, num_processes=2, leader_host="127.0.0.1",
-        timeout_s=10.0)))
+        timeout_s=timeout_s)))
     thread.start()
-    port = int(store.blocking_key_value_get_bytes("t/port", 5000))
+    return thread, made, int(store.blocking_key_value_get_bytes("t/port", 5000))
+
+
+def test_a_stranger_without_the_secret_is_dropped():
+    store = Store()
+    thread, made, port = leader_in_a_thread(store, timeout_s=10.0)
     with socket.create_connection(("127.0.0.1", port)) as stranger:
         stranger.sendall(b"0" * 32 + (1).to_bytes(4, "little"))  # a real index, no secret
         assert stranger.recv(16) == b""  # the leader closed it
@@ -138,12 +144,7 @@ def test_a_silent_stranger_holds_up_the_leader_for_its_hello_time_only():
     """A connection that never says hello is dropped after HELLO_TIMEOUT_S, not at the
     deadline of the whole start-up, so the followers behind it get in."""
     store = Store()
-    made = {}
-    thread = threading.Thread(target=lambda: made.setdefault(0, StepSocket(
-        store, "t/", process_index=0, num_processes=2, leader_host="127.0.0.1",
-        timeout_s=30.0)))
-    thread.start()
-    port = int(store.blocking_key_value_get_bytes("t/port", 5000))
+    thread, made, port = leader_in_a_thread(store, timeout_s=30.0)
     with socket.create_connection(("127.0.0.1", port)) as silent:
         follower = StepSocket(store, "t/", process_index=1, num_processes=2,
                               leader_host="127.0.0.1", timeout_s=30.0)
