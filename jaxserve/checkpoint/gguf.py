@@ -76,9 +76,9 @@ class GGUFCheckpoint:
         self._by_name = {t.name: t for t in self.reader.tensors}
         try:
             self.config = self._model_config()
+        except CheckpointError:  # a ValueError too, already naming the file
+            raise
         except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-            if isinstance(e, CheckpointError):
-                raise
             raise CheckpointError(f"{self.path}: malformed model metadata: {e}") from e
         self._plan = self._tensor_plan()
         self.default_dtype = self._default_dtype()
