@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from jaxserve.config import Config
-from jaxserve.errors import ConfigError, DeploymentError
+from jaxserve.errors import ConfigError
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -40,17 +40,14 @@ def join(config: Config) -> bool:
     global joined
     import jax
 
-    from jaxserve.engine.multihost import check_same_config
+    from jaxserve.engine.multihost import check_same_config, check_same_devices
     from sharding.distributed import initialize
 
     try:
         joined = initialize(config.distributed)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
-    if joined and len(jax.devices()) != jax.process_count() * jax.local_device_count():
-        raise DeploymentError(f"the processes hold different numbers of devices (this one "
-                              f"{jax.local_device_count()}, {len(jax.devices())} in all over "
-                              f"{jax.process_count()} processes); give each the same number")
+    check_same_devices(config.distributed.init_timeout_s)
     check_same_config(config)
     return jax.process_index() == 0
 

@@ -156,6 +156,26 @@ def config_digest(config: Config) -> bytes:
     return hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).digest()
 
 
+def check_same_devices(timeout_s: float) -> None:
+    """DeploymentError on every process when the processes hold different numbers of
+    devices. The counts go through the coordinator's key-value store, not a collective (one
+    over unequal device counts fails), and a barrier follows the reads, so no process leaves
+    while another still needs the coordinator."""
+    if jax.process_count() == 1:
+        return
+    client, ms = distributed.global_state.client, int(timeout_s * 1000)
+    client.key_value_set(f"jaxserve/devices/{jax.process_index()}",
+                         str(jax.local_device_count()))
+    client.wait_at_barrier("jaxserve/devices/set", ms)
+    counts = [int(client.blocking_key_value_get(f"jaxserve/devices/{i}", ms))
+              for i in range(jax.process_count())]
+    client.wait_at_barrier("jaxserve/devices/read", ms)
+    if len(set(counts)) > 1:
+        raise DeploymentError(f"the processes hold different numbers of devices (this one "
+                              f"{jax.local_device_count()}, {sum(counts)} in all over "
+                              f"{jax.process_count()} processes); give each the same number")
+
+
 def check_same_config(config: Config) -> None:
     """DeploymentError on every process when some process was started with another config, or
     was told another number of processes than the deployment has."""
