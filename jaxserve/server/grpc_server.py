@@ -239,14 +239,14 @@ async def serve(config: Config, model: LoadedModel, *, insecure: bool = False,
     code (EXIT_PEER_LOST when a peer process was lost)."""
     server = InferenceServer(config, model, insecure=insecure)
     port = await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the line that says it is up
+        loop.add_signal_handler(sig, stop.set)
     s = config.server
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"jaxserve: listening on {host_port(s.host, port)} "
           f"({'TLS' if s.tls_cert else 'plaintext'}{metrics}); warming up", flush=True)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     warm_started = time.monotonic()
     warm = asyncio.create_task(server.warm_up(progress))
     stopped = asyncio.create_task(stop.wait())
