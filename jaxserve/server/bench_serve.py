@@ -17,8 +17,10 @@ max_tokens, ignore_eos), which `--dataset` reads back and `scripts/bench_hf_peer
 
 The report gives TTFT, TPOT, inter-token latency and end-to-end latency percentiles,
 throughput and errors by gRPC code. Inter-token latency is the gap between streamed chunks;
-a chunk holds several tokens with multi-step decode or accepted speculative tokens (TPOT
-is per token).
+a chunk holds several tokens with multi-step decode or accepted speculative tokens. TPOT
+is per token after the first chunk: the time from the first chunk to the last over the
+tokens that came after the first chunk (a request whose tokens all came in one chunk has
+none, rather than a TPOT of 0).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Result:
     end: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    first_chunk_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -99,9 +102,12 @@ class Result:
 
     @property
     def tpot(self) -> float | None:
-        if self.output_tokens < 2 or not self.chunk_times:
+        """Time per output token after the first chunk: None when every token came in the
+        first chunk (nothing after it was timed; 0 would pull the percentiles down)."""
+        after_first = self.output_tokens - self.first_chunk_tokens
+        if not self.chunk_times or after_first < 1:
             return None
-        return (self.chunk_times[-1] - self.chunk_times[0]) / (self.output_tokens - 1)
+        return (self.chunk_times[-1] - self.chunk_times[0]) / after_first
 
 
 # ----- requests --------------------------------------------------------------------------
@@ -193,6 +199,8 @@ async def _one(client: AsyncClient, request: pb.GenerateRequest, timeout) -> Res
             if chunk.token_ids:
                 result.chunk_times.append(time.perf_counter())
                 result.output_tokens += len(chunk.token_ids)
+                if len(result.chunk_times) == 1:
+                    result.first_chunk_tokens = len(chunk.token_ids)
             if chunk.HasField("usage"):
                 result.prompt_tokens = chunk.usage.prompt_tokens
     except grpc.aio.AioRpcError as e:

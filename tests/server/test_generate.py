@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jaxserve import cli
 from jaxserve.engine.request import FinishReason, SamplingParams
 from jaxserve.errors import JaxserveError
-from jaxserve.server.bench_serve import BenchConfig, request_lengths
+from jaxserve.server.bench_serve import BenchConfig, Result, request_lengths
 from jaxserve.server.client import AsyncClient, Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import FINISH_NAMES, make_request
@@ -304,6 +304,19 @@ def test_bench_serve_lognormal_sweep_replays_its_saved_requests(served, client, 
     replay = json.loads(again.read_text())
     assert replay["total_output_tokens"] == report["runs"][0]["total_output_tokens"]
     assert replay["total_input_tokens"] == report["runs"][0]["total_input_tokens"]
+
+
+def test_tpot_counts_the_tokens_after_the_first_chunk():
+    # 1 token, then 2 chunks of 4 tokens 0.1 s apart each: 8 tokens in 0.2 s after the first
+    r = Result("OK", 0.0, chunk_times=[1.0, 1.1, 1.2], output_tokens=9, first_chunk_tokens=1)
+    assert r.tpot == pytest.approx(0.2 / 8)
+    assert r.ttft == 1.0
+    # every token in the first chunk: nothing after it was timed, so no TPOT (not 0)
+    assert Result("OK", 0.0, chunk_times=[1.0], output_tokens=5, first_chunk_tokens=5).tpot \
+        is None
+    assert Result("OK", 0.0, chunk_times=[1.0], output_tokens=1, first_chunk_tokens=1).tpot \
+        is None
+    assert Result("UNAVAILABLE", 0.0).tpot is None
 
 
 def test_lognormal_lengths_have_the_asked_means_and_fit_the_context():
