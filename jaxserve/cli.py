@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from jaxserve.config import QUANTIZATIONS
 from jaxserve.errors import DeploymentError, JaxserveError
@@ -106,9 +107,14 @@ def _speculative_usage(metrics) -> dict:
 
 def cmd_convert(args) -> int:
     from jaxserve.checkpoint.convert import convert
+    from jaxserve.checkpoint.file_lock import exclusive, lock_path
 
-    cfg = convert(args.source, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                  quantization=args.quantize)
+    # The lock a server's loader takes to convert into the same folder: two conversions
+    # into one folder share its .tmp, and each would remove the other's files.
+    out = Path(args.out).resolve()
+    with exclusive(lock_path(out), f"waiting for another process converting into {out}"):
+        cfg = convert(args.source, out, dtype=args.dtype, overwrite=args.overwrite,
+                      quantization=args.quantize)
     quantized = "" if cfg.quantization == "none" else f", linear layers in {cfg.quantization}"
     print(f"wrote {args.out}: {cfg.architecture}, {cfg.num_layers} layers, "
           f"{cfg.num_params / 1e6:.0f}M parameters{quantized}")

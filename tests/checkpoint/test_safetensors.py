@@ -372,6 +372,28 @@ def test_processes_starting_together_convert_once(tmp_path):
                                   hf_weights(seed=3)["model.embed_tokens.weight"])
 
 
+def test_the_convert_command_waits_for_the_folders_lock(tmp_path):
+    """`jaxserve convert` takes the lock a server's loader takes on the same folder: while
+    another process converts into it, the command waits and writes nothing; afterwards it
+    finds the folder written and says so (or replaces it with --overwrite)."""
+    from jaxserve.checkpoint.file_lock import exclusive, lock_path
+
+    src = write_hf(tmp_path / "hf", hf_weights(seed=4), hf_config())
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "jaxserve", "convert", str(src), str(out)]
+    with exclusive(lock_path(out), "the test holds the lock"):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        line = proc.stderr.readline()
+        assert line.startswith(f"waiting for another process converting into {out}"), line
+        assert proc.poll() is None
+        assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+        out.mkdir()  # what the other process wrote meanwhile
+        (out / "x").write_text("")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and f"{out} already exists" in err, err
+
+
 # ----- FP8 checkpoints (compressed-tensors' weight_scale; transformers' weight_scale_inv) --
 
 _ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
