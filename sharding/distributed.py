@@ -7,8 +7,8 @@ global mesh (multi-controller SPMD).
 Where the coordinates come from, first found wins:
   1. explicit values (CLI flags or the config's `distributed:` section);
   2. LeaderWorkerSet's LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, LWS_WORKER_INDEX;
-  3. JAX's own cluster detection, when a cluster launcher is evident (SLURM with more than
-     one task, Open MPI with more than one rank, or JAX_COORDINATOR_ADDRESS set);
+  3. JAX's own cluster detection, when a cluster launcher is evident (an srun step of more
+     than one task, Open MPI with more than one rank, or JAX_COORDINATOR_ADDRESS set);
   4. none: one process, nothing to initialize.
 """
 
@@ -65,7 +65,12 @@ class DistributedConfig:
 
 
 def _cluster_launched(environ) -> bool:
-    return (int(environ.get("SLURM_NTASKS", "1")) > 1
+    """A launcher started this program as one of several processes: srun (a job step of
+    more than one task: a `salloc -n 2` shell has SLURM_NTASKS=2 too, but no step), mpirun,
+    or JAX's own JAX_COORDINATOR_ADDRESS."""
+    srun_step = "SLURM_PROCID" in environ and "SLURM_STEP_NODELIST" in environ
+    step_tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1"))
+    return ((srun_step and int(step_tasks) > 1)
             or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
             or "JAX_COORDINATOR_ADDRESS" in environ)
 

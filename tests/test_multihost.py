@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from jaxserve.engine.request import SamplingParams
 from jaxserve.server.client import Client
-from sharding.distributed import DistributedConfig, initialize
+from sharding.distributed import DistributedConfig, _cluster_launched, initialize
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOCAL = REPO / "scripts" / "launch" / "local.sh"
@@ -251,6 +251,14 @@ def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():
     explicit = DistributedConfig("h:1", 2, 0)
     assert explicit.resolved(lws) == explicit  # flags win
     assert initialize(DistributedConfig(), environ={}) is False  # one process: nothing to do
+    # A `salloc -n 2` shell is one process: SLURM_NTASKS=2, but no srun step around it.
+    salloc = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NODELIST": "n[1-2]"}
+    assert initialize(DistributedConfig(), environ=salloc) is False
+    srun = {**salloc, "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_NODELIST": "n[1-2]",
+            "SLURM_STEP_NUM_TASKS": "2"}
+    assert _cluster_launched(srun)  # each task of `srun -n 2`: JAX's SLURM detection applies
+    assert not _cluster_launched({**srun, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"})
+    assert _cluster_launched({"OMPI_COMM_WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="--num-processes is missing"):
         initialize(DistributedConfig(coordinator_address="h:1", process_id=0), environ={})
     for address in ("localhost", "localhost:", ":8476", "h:port", "h:70000"):
