@@ -190,6 +190,31 @@ def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
     assert "local.sh: process 0 exited with 3" in out, out
 
 
+@pytest.mark.slow
+def test_a_follower_lost_during_warm_up_ends_the_leader_at_once(config_file):
+    """No step runs during warm-up, so the step watchdog has nothing to time (a cold compile
+    can outlast it); the closed step channel tells the leader instead, long before JAX's
+    heartbeat timeout would abort it (exit 134)."""
+    group = start_group(config_file, free_port())
+    try:
+        while "warming up" not in (line := group.stdout.readline()):
+            assert line, "the group ended before warming up"
+        children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        follower = [int(c) for c in children
+                    if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(follower) == 1, children
+        os.kill(follower[0], signal.SIGKILL)
+        lost = time.monotonic()
+        code, out = finish(group, timeout=60)
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+    assert code == 3, out
+    assert "process(es) [1] closed the step channel: they stopped; exiting" in out, out
+    assert time.monotonic() - lost < 20
+
+
 def test_a_follower_with_a_wrong_coordinator_says_so_in_one_line(config_file, tmp_path):
     short = tmp_path / "short-wait.yaml"  # nobody answers: waiting 20 s proves nothing more
     short.write_text(config_file.read_text().replace("init_timeout_s: 20", "init_timeout_s: 3"))

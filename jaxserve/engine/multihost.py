@@ -105,6 +105,10 @@ class StepChannel:
         if message.op == Op.PING:
             _all_here()
 
+    def lost_peers(self) -> list[int]:
+        """The leader's side: the processes whose connection has closed (they stopped)."""
+        return self._transport.lost_peers()
+
     def receive(self) -> Message:
         payload = self._transport.receive()
         op, *bucket, continues = np.frombuffer(payload[:HEADER], np.int32).tolist()

@@ -12,13 +12,15 @@ process within `init_timeout_s` and drops any that does not present the secret: 
 messages carry token ids, so only processes that can read the deployment's store join.
 
 A message is its length (4 bytes, little-endian) and its bytes. A follower that dies
-breaks its connection, and the leader's next send raises a DeploymentError naming it; a
-leader that dies closes every connection, and each follower's receive raises one.
+breaks its connection: the leader's next send raises a DeploymentError naming it, and
+`lost_peers` names it at once (the server's watchdog asks it every second); a leader that
+dies closes every connection, and each follower's receive raises one.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
@@ -90,6 +92,27 @@ class StepSocket:
                 raise DeploymentError(f"process {index} dropped the step channel "
                                       f"({e.strerror or e}): it stopped or lost its "
                                       "network") from None
+
+    def lost_peers(self) -> list[int]:
+        """The followers whose connection has closed (the leader's side, without waiting):
+        a follower never writes after its hello, so a connection with something to read is
+        one that ended. A process that dies is seen here at once, also during warm-up, when
+        no step message is sent that could fail."""
+        if not self._peers:
+            return []
+        readable, _, _ = select.select(list(self._peers.values()), [], [], 0)
+        lost = []
+        for index, conn in self._peers.items():
+            if conn in readable:
+                try:
+                    ended = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    ended = False
+                except OSError:  # reset by the peer's host
+                    ended = True
+                if ended:
+                    lost.append(index)
+        return sorted(lost)
 
     # ----- follower ----------------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class InferenceServer:
         self.failed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False  # the followers are let go: the watchdog stops
 
     async def start(self) -> int:
         """Bind and start serving (health NOT_SERVING until warm_up); returns the port."""
@@ -154,10 +155,18 @@ class InferenceServer:
         self.failed.set()
 
     async def _watchdog(self) -> None:
-        """A step (or idle ping) that does not return means a peer process is hung or gone."""
+        """A step (or idle ping) that does not return means a peer process is hung or gone;
+        a peer whose step channel closed is gone (seen at once, warm-up included)."""
         limit = self.config.distributed.step_timeout_s
-        while self.fault is None:
+        channel = self.engine.runner.channel
+        while self.fault is None and not self._closing:
             await asyncio.sleep(min(1.0, limit / 4))
+            if self._closing:  # the followers leave once the engine closes: no fault
+                break
+            lost = channel.lost_peers() if channel is not None else []
+            if lost:
+                self._fault(f"process(es) {lost} closed the step channel: they stopped")
+                break
             busy = self.engine_loop.busy_for()
             if busy > limit:
                 self._fault(f"a step across processes has not finished in {busy:.0f} s "
@@ -180,6 +189,7 @@ class InferenceServer:
         if self._server is not None:
             await self._server.stop(1.0)  # lets the cut handlers send their status
         await loop.run_in_executor(None, self.engine_loop.stop, 60.0)
+        self._closing = True
         await loop.run_in_executor(None, self.engine.close)  # let the followers go
         self.metrics.stop_http()
         self._executor.shutdown(wait=False, cancel_futures=True)

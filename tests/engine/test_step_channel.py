@@ -4,6 +4,7 @@ get a DeploymentError that names them."""
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -177,6 +178,20 @@ def test_a_dropped_follower_fails_the_leaders_send_and_a_closed_leader_the_recei
     with pytest.raises(DeploymentError, match="the leader closed the step channel"):
         follower.receive()
     follower.close()
+
+
+def test_the_leader_names_a_follower_whose_connection_closed_without_sending():
+    leader, followers = sockets(3)
+    leader.send(b"x")  # unread by the followers: what waits on their side is no sign
+    assert leader.lost_peers() == []
+    followers[1].close()  # process 2 stops (during warm-up, say: no step is sent)
+    deadline = time.monotonic() + 5
+    while not (lost := leader.lost_peers()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost == [2]
+    assert followers[0].receive() == b"x"
+    leader.close()
+    followers[0].close()
 
 
 def test_a_step_like_the_last_one_in_its_bucket_travels_as_its_changed_entries():
