@@ -312,10 +312,11 @@ class Engine:
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             reason, text = FinishReason.STOP, self._flush(tracked)
         else:
-            if tracked.detokenizer is not None:
-                tracked.held += tracked.detokenizer.add([token])
+            added = tracked.detokenizer.add([token]) if tracked.detokenizer is not None else ""
+            tracked.held += added
             if p.stop:
-                text, stopped = self._release_text(tracked, check_stop=n_out >= p.min_tokens)
+                text, stopped = self._release_text(tracked, len(added),
+                                                   check_stop=n_out >= p.min_tokens)
             else:  # no stop string to hold text back for
                 text, stopped, tracked.held = tracked.held, False, ""
             reason = FinishReason.STOP if stopped else None
@@ -333,15 +334,21 @@ class Engine:
         tracked.held = ""
         return text
 
-    def _release_text(self, tracked: _Tracked, check_stop: bool) -> tuple[str, bool]:
-        """Emit held text, keeping back what could still become a stop string."""
+    def _release_text(self, tracked: _Tracked, added: int,
+                      check_stop: bool) -> tuple[str, bool]:
+        """Emit held text, keeping back what could still become a stop string. Only a stop
+        string that ends in the `added` characters (this token's text) stops the request: one
+        completed before min_tokens was reached is passed over for good, however long the
+        other stop strings keep the text held."""
         stops = tracked.request.params.stop
         held = tracked.held
         if not stops:
             tracked.held = ""
             return held, False
         if check_stop:
-            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            before = len(held) - added  # held text that earlier tokens' checks have seen
+            hits = [i for i in (held.find(s, max(0, before - len(s) + 1)) for s in stops)
+                    if i >= 0]
             if hits:
                 tracked.held = ""
                 return held[:min(hits)], True

@@ -126,6 +126,21 @@ def test_stop_strings_are_matched_across_tokens_and_never_emitted(demo_config, d
         assert tokens == free[0][: len(tokens)]
 
 
+def test_a_stop_string_completed_before_min_tokens_is_passed_over(demo_config, demo_model):
+    """Whatever the other stop strings: a long one holds more text back, and the short one,
+    completed before min_tokens, was then still found once min_tokens was reached."""
+    engine = make_engine(demo_config, demo_model)
+    tok = demo_model.tokenizer
+    ids = tok.encode("Once upon a time, in a small village,")
+    free = run(engine, {0: [("a", ids, SamplingParams(max_tokens=12, temperature=0.0))]})["a"]
+    stop = tok.decode(free[0][:2])  # completed by the second token
+    assert free[1].startswith(stop) and free[1].find(stop, 1) == -1
+    for i, stops in enumerate([(stop,), (stop, "x" * 40)]):
+        params = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=4, stop=stops)
+        got = run(engine, {0: [(f"b{i}", ids, params)]})[f"b{i}"]
+        assert got[:3] == free[:3], stops
+
+
 def test_eos_min_tokens_and_ignore_eos(demo_config, demo_model):
     engine = make_engine(demo_config, demo_model)
     tok = demo_model.tokenizer
