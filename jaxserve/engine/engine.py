@@ -263,11 +263,10 @@ class Engine:
             proposed = len(req.draft)
             if proposed:
                 req.draft = []
-            if req.spec_eligible:
-                req.spec_eligible = False
-                record(req, proposed, accepted, self.config.speculative)
-                self._spec_totals.add(proposed, accepted)
+            eligible, req.spec_eligible = req.spec_eligible, False
             if req.is_finished:
+                if eligible:  # none of its proposals is used
+                    self._record_spec(req, proposed, 0)
                 continue
             if proposed > accepted:  # rejected tokens: their K/V and pages are dropped
                 req.num_computed_tokens -= proposed - accepted
@@ -275,15 +274,19 @@ class Engine:
                                                                req.num_computed_tokens)
             tracked = self._tracked[req.request_id]
             if not accepted and req.params.logprobs is None:  # most steps: one token
+                if eligible:
+                    self._record_spec(req, proposed, 0)
                 try:
                     self._append(tracked, tokens[shard][row][0], None)
                 except Exception as e:  # one request's failure never stops the others
                     self._fail(tracked, e)
                 continue
+            appended = 0
             try:
                 for j in range(accepted + 1):
                     if req.is_finished:  # a stop inside the accepted run ends it there
                         break
+                    appended += 1
                     logprob = None
                     if req.params.logprobs is not None:
                         n = req.params.logprobs
@@ -295,6 +298,15 @@ class Engine:
                     self._append(tracked, tokens[shard][row][j], logprob)
             except Exception as e:  # one request's failure never stops the others
                 self._fail(tracked, e)
+            if eligible:  # the accepted proposals it kept: none after a stop among them
+                self._record_spec(req, proposed, min(appended, accepted))
+                last = tracked.queued[-1] if tracked.queued else None
+                if last is not None and last.metrics is not None:  # it finished: its usage
+                    tracked.queued[-1] = dataclasses.replace(last, metrics=req.metrics())
+
+    def _record_spec(self, req: Request, proposed: int, accepted: int) -> None:
+        record(req, proposed, accepted, self.config.speculative)
+        self._spec_totals.add(proposed, accepted)
 
     def _fail(self, tracked: _Tracked, e: Exception) -> None:
         req = tracked.request

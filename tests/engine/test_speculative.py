@@ -85,6 +85,10 @@ def test_output_is_unchanged_and_proposals_are_accepted(demo_config, demo_model,
     # ... and what may not speculate did not.
     for rid in ("optout", "penalty"):
         assert metrics[rid].draft_tokens == 0, rid
+    # Accepted proposals after a stop are not the request's: the first token comes from
+    # the prefill, so at most completion - 1 (the stop string and stop id end inside runs).
+    for rid, m in metrics.items():
+        assert m.accepted_tokens <= m.completion_tokens - 1, (rid, m)
     stats = engine.stats()
     assert stats.accepted_tokens == sum(m.accepted_tokens for m in metrics.values())
     assert stats.draft_tokens > stats.accepted_tokens  # some were rejected (and rolled back)
@@ -206,11 +210,13 @@ def test_the_model_as_its_own_draft_is_accepted_and_changes_nothing(
     results, metrics = run(engine, workload)
     for rid in baseline:
         assert_same(results[rid], baseline[rid], rid)
+    # (proposals after a stop inside an accepted run are not counted as accepted: the
+    # requests that end on a stop string or id are left out of the agreement)
     greedy = [rid for rid, _, p in workload if p.temperature == 0 and p.speculative
-              and not p.uses_penalties]
+              and not p.uses_penalties and rid not in ("stop", "eos-id")]
     proposed = sum(metrics[rid].draft_tokens for rid in greedy)
     accepted = sum(metrics[rid].accepted_tokens for rid in greedy)
-    assert proposed >= 40 and accepted >= 0.95 * proposed  # the same model agrees with itself
+    assert proposed >= 30 and accepted >= 0.95 * proposed  # the same model agrees with itself
     assert metrics["optout"].draft_tokens == metrics["penalty"].draft_tokens == 0
     draft = engine.proposer
     assert draft.page_table.num_used_pages == 0 and not draft._shadows  # all given back
