@@ -183,7 +183,20 @@ class Engine:
 
     # ----- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and dispatch one step, then process the previous step's tokens."""
+        """Schedule and dispatch one step, then process the previous step's tokens.
+
+        A step that raises (a device fault, an interrupt) may leave pages it registered in
+        the prefix cache unwritten, or half written: the prefix cache is dropped, so no
+        later request shares them. The requests keep their pages; callers that go on
+        serving abort them (server/engine_loop.py, llm.py)."""
+        try:
+            return self._step()
+        except BaseException:
+            for table in self.page_tables:
+                table.forget_cached()
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         times, t0 = self.step_times, time.perf_counter()
         if self.proposer is not None:
             self._propose(times)

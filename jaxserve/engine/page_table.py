@@ -167,6 +167,15 @@ class PageTable:
                 else:
                     self._free.append(page)
 
+    def forget_cached(self) -> None:
+        """Drop the whole prefix cache: after a step failed, which registered pages its
+        writes reached is unknown. Pages in use stay with their sequences, unshared from now
+        on; registered pages nobody uses go back to the pool."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._cached.clear()
+        self._page_of_hash.clear()
+
     # ----- internals -----------------------------------------------------------------
     def _cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], bytes]:
         """Cached pages of the prefix's full pages (leaving at least one token to compute),

@@ -163,6 +163,32 @@ def test_eos_min_tokens_and_ignore_eos(demo_config, demo_model):
     assert by_id[0] == base[0][:3] and by_id[2] is FinishReason.STOP
 
 
+def test_a_failed_step_leaves_no_unwritten_page_in_the_prefix_cache(demo_config, demo_model):
+    """The scheduler offers a prompt's full pages to the prefix cache as it schedules them;
+    when the step then fails (here before it is dispatched, so nothing is written), those
+    pages must not serve the same prompt later."""
+    ids = demo_model.tokenizer.encode("A failed step, then the same prompt again: " * 4)
+    assert len(ids) > 2 * 16  # two full pages
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    cold = run(make_engine(demo_config, demo_model), {0: [("cold", ids, params)]})["cold"]
+    engine = make_engine(demo_config, demo_model)
+    execute = engine.runner.execute
+
+    def fails_once(*args):
+        engine.runner.execute = execute
+        raise RuntimeError("injected step fault")
+
+    engine.runner.execute = fails_once
+    engine.add_request(ids, params, request_id="failed")
+    with pytest.raises(RuntimeError, match="injected step fault"):
+        engine.step()
+    assert engine.abort("failed")  # what the server's loop and the offline API do then
+    assert [o.finish_reason for o in engine.step()] == [FinishReason.ABORT]
+    assert engine.stats().pages_used == 0 and not engine.has_unfinished()
+    again = run(engine, {0: [("again", ids, params)]})["again"]
+    assert again == cold
+
+
 def test_abort_frees_pages_and_ends_with_abort(demo_config, demo_model):
     engine = make_engine(demo_config, demo_model)
     ids = demo_model.tokenizer.encode("Tell me a long story about dragons")

@@ -51,6 +51,27 @@ def test_prefix_pages_are_shared_and_outlive_their_first_owner():
     pt.check_integrity()
 
 
+def test_forgetting_the_cache_frees_unused_pages_and_shares_nothing_more():
+    pt = PageTable(num_pages=10, page_size=4)
+    tokens = list(range(11))
+    for seq in ("a", "b"):
+        pt.admit(seq, tokens if seq == "a" else [50 + t for t in tokens])
+        pt.ensure(seq, 11)
+        pt.register(seq, tokens if seq == "a" else [50 + t for t in tokens], 11)
+    pt.free("b")  # its two registered pages: unreferenced, still cached
+    assert pt.num_free_pages == 9 - 3 and pt.num_cached_tokens([50 + t for t in tokens]) == 8
+    pt.forget_cached()
+    pt.check_integrity()
+    assert pt.num_free_pages == 9 - 3  # b's pages are plainly free now
+    assert pt.admit("c", tokens) == 0  # a's registered pages are no longer shared
+    assert pt.num_cached_tokens([50 + t for t in tokens]) == 0
+    pt.ensure("c", 11)
+    pt.free("a")
+    pt.free("c")
+    pt.check_integrity()
+    assert pt.num_used_pages == 0
+
+
 def test_at_least_one_token_is_left_to_compute():
     pt = PageTable(num_pages=10, page_size=4)
     tokens = list(range(8))
