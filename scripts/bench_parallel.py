@@ -13,7 +13,9 @@ Figures:
                      --output-len steps (see run_batch for how they all reach decode at once);
   decode_tok_s       output tokens per second over those steps (all replicas);
   floor_ms           (weight bytes + KV bytes read per step) of one device over the copy
-                     bandwidth measured at the start of the run; for an MoE model only
+                     bandwidth measured at the start of the run (the weights without an
+                     untied embedding table, of which a step reads one row per token, as
+                     engine_runs.step_weight_bytes counts them); for an MoE model only
                      the experts a step routes to are read: B decode tokens each routed
                      to k of n experts touch an expected 1 - (1 - k/n)^B of them (uniform
                      routing, which random routers give), and that share of the device's
@@ -54,7 +56,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from engine_runs import tokens_digest
+from engine_runs import step_weight_bytes, tokens_digest
 from timing import copy_bandwidth, median_seconds
 
 from jaxserve.config import load_config
@@ -313,7 +315,7 @@ def bench_mesh(config, mesh_text: str, args, bandwidth: float, rng, keep) -> Non
     print(f"{mesh_text}: compiled in {compile_s:.0f} s, step scratch bytes {temp}", flush=True)
     compiled = engine.runner.num_compilations
     run_batch(engine, 1, 32, 4, rng)  # first executions stay out of the figures
-    weights = device0_bytes(loaded.params)
+    weights = step_weight_bytes(engine)  # an untied embedding table: one row per token
     c = loaded.model_config
     experts = device0_bytes([v for k, v in flatten_params(loaded.params).items()
                              if "moe/" in k and k.endswith("_proj")])

@@ -2,8 +2,14 @@
 
 Requests arrive as a Poisson process (`rate` per second) or as `concurrency` clients that
 each send the next request when the last one ends (both: Poisson arrivals, at most
-`concurrency` in flight). Several rates make a sweep: the same requests at each rate, one
-after the other, to find where the server saturates.
+`concurrency` in flight). Several rates make a sweep: one run per rate, one after the
+other, to find where the server saturates. Each run sends requests of the same lengths,
+arrival gaps and parameters; random prompts get new token ids in each run (the server's
+prefix cache would otherwise hold most of the later runs' prompts, and their TTFT would
+measure cache hits).
+A dataset's prompts are the same in every run: the report's `total_cached_input_tokens`
+(the prompt tokens the server took from its prefix cache, from each response's usage)
+shows how much of a run that is.
 
 Prompts are random token ids, generated with ignore_eos, or rows of a JSONL dataset. The
 random lengths are `input_len` prompt tokens and `output_len` generated tokens each, or
@@ -64,6 +70,7 @@ class BenchConfig:
     #                                     "ignore_eos"?}
     save_requests: str | None = None  # write the random requests here as a JSONL dataset
     seed: int = 0
+    prompt_round: int = 0  # random prompts: the token ids' draw (a sweep's run index)
     timeout_s: float | None = None  # per-request deadline
     progress: bool = True
 
@@ -93,6 +100,7 @@ class Result:
     chunk_times: list[float] = dataclasses.field(default_factory=list)  # chunks with tokens
     end: float = 0.0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache
     output_tokens: int = 0
     first_chunk_tokens: int = 0
 
@@ -128,8 +136,10 @@ def request_lengths(cfg: BenchConfig, context_length: int) -> list[tuple[int, in
 
 
 def synthetic_rows(cfg: BenchConfig, vocab_size: int, context_length: int) -> list[dict]:
-    """The random requests as dataset rows: token ids, max_tokens, ignore_eos."""
-    rng = np.random.default_rng(cfg.seed)
+    """The random requests as dataset rows: token ids, max_tokens, ignore_eos. The
+    lengths come from `seed` alone; the token ids from `seed` and `prompt_round`."""
+    rng = np.random.default_rng(cfg.seed if cfg.prompt_round == 0
+                                else (cfg.seed, cfg.prompt_round))
     return [{"token_ids": rng.integers(0, vocab_size, n_in).tolist(), "max_tokens": n_out,
              "ignore_eos": True} for n_in, n_out in request_lengths(cfg, context_length)]
 
@@ -203,6 +213,7 @@ async def _one(client: AsyncClient, request: pb.GenerateRequest, timeout) -> Res
                     result.first_chunk_tokens = len(chunk.token_ids)
             if chunk.HasField("usage"):
                 result.prompt_tokens = chunk.usage.prompt_tokens
+                result.cached_tokens = chunk.usage.cached_tokens
     except grpc.aio.AioRpcError as e:
         result.code = e.code().name
     result.end = time.perf_counter()
@@ -281,6 +292,7 @@ def make_report(cfg: BenchConfig, results: list[Result], duration: float,
         "input_token_throughput": in_tokens / duration if duration else 0.0,
         "total_output_tokens": out_tokens,
         "total_input_tokens": in_tokens,
+        "total_cached_input_tokens": sum(r.cached_tokens for r in ok),
         "ttft_s": _summary([r.ttft for r in ok if r.ttft is not None]),
         "tpot_s": _summary([r.tpot for r in ok if r.tpot is not None]),
         "itl_s": _summary(itl),
@@ -305,7 +317,9 @@ def format_report(report: dict) -> str:
         f"in {report['duration_s']:.2f} s; errors: {errors}",
         f"throughput    {report['request_throughput']:.2f} req/s, "
         f"{report['output_token_throughput']:.1f} output tok/s, "
-        f"{report['input_token_throughput']:.1f} input tok/s",
+        f"{report['input_token_throughput']:.1f} input tok/s "
+        f"({report['total_cached_input_tokens']} of {report['total_input_tokens']} prompt "
+        "tokens from the prefix cache)",
     ]
     return "\n".join(lines)
 
@@ -329,12 +343,14 @@ def measure(cfg: BenchConfig) -> dict:
 def format_sweep(reports: list[dict]) -> str:
     ms = lambda v: "-" if v is None else f"{v * 1e3:.0f}"
     lines = [f"{'rate (req/s)':>12}{'achieved':>10}{'out tok/s':>11}{'TTFT p50':>10}"
-             f"{'p99':>8}{'TPOT p50':>10}{'p99':>8}{'errors':>8}"]
+             f"{'p99':>8}{'TPOT p50':>10}{'p99':>8}{'cached':>8}{'errors':>8}"]
     for r in reports:
+        cached = r["total_cached_input_tokens"] / max(r["total_input_tokens"], 1)
         lines.append(f"{r['config']['rate']:>12g}{r['request_throughput']:>10.2f}"
                      f"{r['output_token_throughput']:>11.1f}{ms(r['ttft_s']['p50']):>10}"
                      f"{ms(r['ttft_s']['p99']):>8}{ms(r['tpot_s']['p50']):>10}"
-                     f"{ms(r['tpot_s']['p99']):>8}{sum(r['errors'].values()):>8}")
+                     f"{ms(r['tpot_s']['p99']):>8}{cached:>8.0%}"
+                     f"{sum(r['errors'].values()):>8}")
     return "\n".join(lines)
 
 
@@ -349,8 +365,10 @@ def run(cfg: BenchConfig, out: str | Path | None = None,
         rates: list[float] | None = None) -> dict:
     """Run the load (once, or once per rate of a sweep), print the tables and write the JSON
     report; returns it. A sweep's report holds one run's report per rate."""
-    # Checked before any run; the same requests at every rate, saved by the first run only.
-    configs = [dataclasses.replace(cfg, rate=rate, save_requests=None if i else cfg.save_requests)
+    # Checked before any run; requests of the same lengths at every rate, random prompts
+    # drawn anew for each (see the module docstring), saved by the first run only.
+    configs = [dataclasses.replace(cfg, rate=rate, prompt_round=i,
+                                   save_requests=None if i else cfg.save_requests)
                for i, rate in enumerate(rates or [cfg.rate])]
     if len(configs) == 1:
         report = measure(configs[0])

@@ -2,6 +2,7 @@
 health, reflection, metrics, `jaxserve client` and `jaxserve bench serve`."""
 
 import asyncio
+import dataclasses
 import json
 import socket
 import urllib.request
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jaxserve import cli
 from jaxserve.engine.request import FinishReason, SamplingParams
 from jaxserve.errors import JaxserveError
-from jaxserve.server.bench_serve import BenchConfig, Result, request_lengths
+from jaxserve.server.bench_serve import BenchConfig, Result, request_lengths, synthetic_rows
 from jaxserve.server.client import AsyncClient, Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
 from jaxserve.server.protocol import FINISH_NAMES, make_request
@@ -304,6 +305,29 @@ def test_bench_serve_lognormal_sweep_replays_its_saved_requests(served, client, 
     replay = json.loads(again.read_text())
     assert replay["total_output_tokens"] == report["runs"][0]["total_output_tokens"]
     assert replay["total_input_tokens"] == report["runs"][0]["total_input_tokens"]
+
+
+def test_a_sweeps_later_rates_do_not_find_their_prompts_in_the_prefix_cache(served, tmp_path):
+    """Each rate sends random prompts of the same lengths but new token ids; a dataset is
+    the same each time, and the report counts the prompt tokens the cache served."""
+    saved, out = tmp_path / "requests.jsonl", tmp_path / "sweep.json"
+    assert cli.main(["bench", "serve", "--port", str(served[1]), "--rate", "50", "50",
+                     "--num-requests", "3", "--input-len", "40", "--output-len", "2",
+                     "--seed", "7", "--save-requests", str(saved), "--out", str(out),
+                     "--no-progress"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["total_input_tokens"] for r in runs] == [120, 120]
+    assert [r["total_cached_input_tokens"] for r in runs] == [0, 0]
+    again = tmp_path / "again.json"  # the first rate's prompts: two full pages each cached
+    assert cli.main(["bench", "serve", "--port", str(served[1]), "--concurrency", "3",
+                     "--num-requests", "3", "--dataset", str(saved), "--out", str(again),
+                     "--no-progress"]) == 0
+    assert json.loads(again.read_text())["total_cached_input_tokens"] == 3 * 32
+    cfg = BenchConfig(rate=1, num_requests=3, input_len=40, output_len=2, seed=7)
+    first, second = (synthetic_rows(dataclasses.replace(cfg, prompt_round=i), 1000, 100)
+                     for i in (0, 1))
+    assert [len(r["token_ids"]) for r in first] == [len(r["token_ids"]) for r in second]
+    assert all(a["token_ids"] != b["token_ids"] for a, b in zip(first, second, strict=True))
 
 
 def test_tpot_counts_the_tokens_after_the_first_chunk():
