@@ -58,23 +58,26 @@ class EngineStats:
 class StepTimes:
     """Seconds spent in each phase of `step()`, summed over steps (benchmarks read these).
 
-    host = schedule + inputs + outputs: the Python work of a step, which the device step
-    must hide; wait: blocked reading back the previous step (the device is behind)."""
+    host = propose + schedule + inputs + outputs: the Python work of a step, which the
+    device step must hide; wait: blocked reading back the previous step (the device is
+    behind). With speculative decoding a step may read back and process the step in flight
+    before proposing: that counts in wait and outputs as in any step."""
 
     steps: int = 0
     schedule: float = 0.0  # the scheduler's choice of sequences and pages
     inputs: float = 0.0  # building the step's inputs and dispatching it
     wait: float = 0.0  # reading back the previous step's tokens
     outputs: float = 0.0  # appending tokens, detokenizing, stop checks, output records
+    propose: float = 0.0  # speculative decoding: the proposer's draft tokens
 
     @property
     def host(self) -> float:
-        return self.schedule + self.inputs + self.outputs
+        return self.propose + self.schedule + self.inputs + self.outputs
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
         return {f"{k}_ms": getattr(self, k) / n * 1e3
-                for k in ("host", "schedule", "inputs", "outputs", "wait")}
+                for k in ("host", "propose", "schedule", "inputs", "outputs", "wait")}
 
 
 class Engine:
@@ -236,8 +239,11 @@ class Engine:
             t = time.perf_counter()
             previous, self._inflight = self._inflight, None
             out = previous.fetch()
-            times.wait += time.perf_counter() - t
+            t1 = time.perf_counter()
             self._process(previous, out)
+            times.wait += t1 - t
+            times.outputs += time.perf_counter() - t1
+        t = time.perf_counter()
         k = self.config.speculative.num_tokens
         ready = [req for req in running if req.num_pending == 0 and may_speculate(req)
                  and req.num_computed_tokens == req.num_tokens - 1]
@@ -250,6 +256,7 @@ class Engine:
             drafts = self.proposer.propose(ready, room)
             for req in ready:
                 req.draft = drafts.get(req.request_id, [])
+        times.propose += time.perf_counter() - t
 
     def _drain(self) -> list[RequestOutput]:
         outputs = []

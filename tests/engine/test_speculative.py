@@ -95,6 +95,36 @@ def test_output_is_unchanged_and_proposals_are_accepted(demo_config, demo_model,
     assert stats.num_compilations == compiled  # the verification shapes were warmed up
 
 
+def test_the_step_timers_count_the_proposals_and_what_is_read_back_for_them(demo_config,
+                                                                             demo_model):
+    """With speculation a step may read back and process the step in flight before
+    proposing, then propose: both are phases of the step (outputs, propose), so the phases
+    add up to the step's wall time."""
+    import time
+
+    engine = make_engine(demo_config, demo_model, speculative=SPEC)
+    propose, calls = engine.proposer.propose, []
+
+    def slow_propose(ready, room):
+        calls.append(1)
+        time.sleep(0.02)  # a proposer that costs a visible 20 ms
+        return propose(ready, room)
+
+    engine.proposer.propose = slow_propose
+    ids = demo_model.tokenizer.encode(REPEAT)
+    engine.add_request(ids, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+                       request_id="a")
+    wall = 0.0
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        wall += time.perf_counter() - t
+    times = engine.step_times
+    assert calls and times.propose >= 0.02 * len(calls)
+    phases = times.host + times.wait
+    assert phases <= wall and wall - phases < 0.005 * times.steps, (wall, phases, times)
+
+
 def test_output_is_unchanged_under_preemption(demo_config, demo_model, workload, baseline):
     # 12 pages of 16 tokens for requests of ~45-60 tokens each: preemption is certain.
     engine = make_engine(demo_config, demo_model, speculative=SPEC,
