@@ -224,6 +224,12 @@ class EngineLoop:
         except Exception as e:  # reported to the server, which refuses to serve
             log.exception("engine warm-up failed")
             error = e
+        if error is None:  # the figures as warm-up left them (its compilations, every
+            stats = self.engine.stats()  # page free), before any request is served
+            with self._cv:
+                self.stats = stats
+            if self._observer is not None:
+                self._observer(stats, [], 0)
         if on_ready is not None:
             on_ready(error)
         while (work := self._take_work()) is not None:

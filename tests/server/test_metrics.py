@@ -25,6 +25,24 @@ def counted(server, method, code):
         "jaxserve_requests_total", {"method": method, "code": code}) or 0.0
 
 
+def latency_count(server) -> float:
+    return server.metrics.registry.get_sample_value(
+        "jaxserve_request_latency_seconds_count") or 0.0
+
+
+def test_a_fresh_server_reports_its_warm_up_not_zeros(server_config, start_server):
+    """Before its first request: every page free, warm-up's compilations counted."""
+    with start_server(server_config) as (thread, port):
+        engine, registry = thread.server.engine, thread.server.metrics.registry
+        stats = engine.stats()
+        assert stats.pages_free > 0 and stats.num_compilations > 0
+        assert registry.get_sample_value("jaxserve_kv_pages_free") == stats.pages_free
+        assert registry.get_sample_value("jaxserve_compilations_total") == \
+            stats.num_compilations
+        with Client("127.0.0.1", port) as c:
+            assert c.model_info(timeout=30).num_compilations == stats.num_compilations
+
+
 def expect(server, wait, method, code, before, n=1):
     wait(lambda: counted(server, method, code) == before + n, 30,
          what=f"{n} more {method} {code}")
@@ -69,9 +87,13 @@ def test_every_rpc_is_counted_under_the_code_its_client_got(served, wait, pages_
         assert failure(lambda: c.generate_unary("x" * (LIMIT + 10), LONG, timeout=30)) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED  # the request is over the limit
         big = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=20)
+        latencies = latency_count(server)
         assert failure(lambda: c.generate_unary("Hi", big, timeout=60)) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED  # the response would be
         expect(server, wait, "GenerateUnary", "RESOURCE_EXHAUSTED", before, n=2)
+        assert latency_count(server) == latencies  # not a request that finished normally
+        c.generate_unary("Hi", SamplingParams(max_tokens=2), timeout=60)
+        assert latency_count(server) == latencies + 1
         pages_back(c, 0)
 
     with Client("127.0.0.1", port) as no_token:
