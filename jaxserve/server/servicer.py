@@ -73,22 +73,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     # ----- generation ----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> None:
         async with self._rpc("Generate", context, request):
-            async with contextlib.aclosing(self._generate(request, context)) as responses:
+            timing: list[tuple] = []
+            async with contextlib.aclosing(self._generate(request, context,
+                                                          timing)) as responses:
                 async for response in responses:
                     await context.write(self._fits(response))
+            self._metrics.observe_request(*timing[0])  # every response was sent
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         async with self._rpc("GenerateUnary", context, request):
-            whole, texts = pb.GenerateResponse(), []
-            async with contextlib.aclosing(self._generate(request, context)) as responses:
+            whole, texts, timing = pb.GenerateResponse(), [], []
+            async with contextlib.aclosing(self._generate(request, context,
+                                                          timing)) as responses:
                 async for response in responses:
                     texts.append(response.text)
                     whole.MergeFrom(response)  # appends repeated fields; last chunk's scalars
             whole.text = "".join(texts)
-            return self._fits(whole)
+            whole = self._fits(whole)
+            self._metrics.observe_request(*timing[0])  # it fits: it finished normally
+            return whole
 
-    async def _generate(self, request: pb.GenerateRequest, context):
-        """Responses of one request, each holding what arrived since the previous one."""
+    async def _generate(self, request: pb.GenerateRequest, context, timing: list[tuple]):
+        """Responses of one request, each holding what arrived since the previous one. Once
+        the request has finished, `timing` gets its (arrival, first token, end, tokens) for
+        the latency metrics, which the caller records once the response is delivered."""
         arrival = time.monotonic()
         prompt_ids, params = await self._run(self._prepare, request)
         stream = self._submit(request, prompt_ids, params)
@@ -106,7 +114,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 if first_token is None and n_tokens:
                     first_token = time.monotonic()
                 yield _response(stream.request_id, outputs)
-            self._metrics.observe_request(arrival, first_token, time.monotonic(), n_tokens)
+            timing.append((arrival, first_token, time.monotonic(), n_tokens))
         finally:
             self._abort_unfinished(stream)
 
