@@ -190,12 +190,14 @@ class SafetensorsCheckpoint:
                                       f"{name!r} {list(w.shape)} needs {list(blocks)} blocks")
             full = np.repeat(np.repeat(scale, FP8_BLOCK, 0), FP8_BLOCK, 1)
             return w * full[:out, :cols]
-        if scale.size == 1:
+        # By shape, not by size: a block scale [out / 128, in / 128] can hold `out` values.
+        if scale.shape in ((), (1,), (1, 1)):
             return w * scale.reshape(())
-        if scale.size == out:
+        if scale.shape in ((out,), (out, 1)):
             return w * scale.reshape(out, 1)
-        raise CheckpointError(f"{file}: {scale_name!r} has {scale.size} values; {name!r} "
-                              f"[{out}, {cols}] takes 1 (per tensor) or {out} (per channel)")
+        raise CheckpointError(f"{file}: {scale_name!r} has shape {list(scale.shape)}; "
+                              f"{name!r} [{out}, {cols}] takes [] or [1] (per tensor), or "
+                              f"[{out}] or [{out}, 1] (per channel)")
 
 
 def model_config_from_hf(hf: dict, config_path: Path, name: str = "model") -> ModelConfig:

@@ -488,3 +488,12 @@ def test_fp8_checkpoint_errors(tmp_path):
     src = SafetensorsCheckpoint(write_raw(tmp_path / "b", tensors, hf_config()))
     with pytest.raises(CheckpointError, match=r"weight_scale_inv' has shape \[2, 2\]"):
         streamed(src)
+    # A scale of `out` values in another shape (a block scale [out / 128, in / 128] can have
+    # as many) is not taken for one per channel.
+    tensors, _ = fp8_checkpoint(hf_weights(seed=7), "channel")
+    name = "model.layers.0.mlp.up_proj.weight_scale"
+    out = tensors[name].shape[0]
+    tensors[name] = tensors[name].reshape(2, out // 2)
+    src = SafetensorsCheckpoint(write_raw(tmp_path / "c", tensors, hf_config()))
+    with pytest.raises(CheckpointError, match=rf"weight_scale' has shape \[2, {out // 2}\]"):
+        streamed(src)
