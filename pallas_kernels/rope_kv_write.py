@@ -56,7 +56,8 @@ def _quantized(x1, x2, dtype, qmax: float):
     (q1, q2 in the storage dtype, scale [R] float32)."""
     amax = jnp.maximum(jnp.max(jnp.abs(x1), axis=1), jnp.max(jnp.abs(x2), axis=1))
     scale = amax / qmax
-    scale = jnp.where(scale > 0, scale, 1.0)  # (a denormal quotient is flushed to zero)
+    # (a denormal quotient is flushed to zero; a NaN stays, as quantize_vectors keeps it)
+    scale = jnp.where(scale == 0, 1.0, scale)
     out = []
     for x in (x1 / scale[:, None], x2 / scale[:, None]):
         x = _round_half_even(x) if dtype == jnp.int8 else x

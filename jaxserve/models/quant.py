@@ -112,14 +112,18 @@ def quantize(w, contracted_axes: tuple[int, ...], mode: str):
         # rounded half away from zero, and d stored as float16.
         d = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True) / QMAX[mode]
         v = blocks * jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1.0), 0.0)
-        q = jnp.clip(jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5), -127, 127)
+        # (floor(|v| + 0.5) is not exact: 0.49999997 + 0.5 rounds up to 1 in float32)
+        a = jnp.abs(v)
+        whole = jnp.floor(a)
+        q = jnp.clip(jnp.sign(v) * (whole + (a - whole >= 0.5)), -127, 127)
         scale = d.astype(jnp.float16).astype(jnp.float32)
         return q.astype(STORAGE[mode]).reshape(w32.shape), jnp.squeeze(scale, axis + 1)
     amax = jnp.max(jnp.abs(w32), axis=contracted_axes, keepdims=True)
     # The quotient is tested, not amax: below about 1e-35 it is a denormal that XLA
-    # flushes to zero, and w / 0 would store NaN (fp8) where zeros belong.
+    # flushes to zero, and w / 0 would store NaN (fp8) where zeros belong. A NaN (a NaN in
+    # the row) stays: the row dequantizes to NaN, as its float weights compute.
     scale = amax / QMAX[mode]
-    scale = jnp.where(scale > 0, scale, jnp.float32(1.0)).astype(jnp.float32)
+    scale = jnp.where(scale == 0, jnp.float32(1.0), scale).astype(jnp.float32)
     x = w32 / scale
     if mode == "int8":
         q = jnp.clip(jnp.round(x), -127, 127).astype(STORAGE[mode])

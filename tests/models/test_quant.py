@@ -100,6 +100,17 @@ def test_a_row_too_small_for_its_scale_comes_back_as_zeros(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_a_nan_in_a_row_comes_back_as_nan_not_as_zeros(mode):
+    """A NaN weight (or K/V value) makes its row's float result NaN: quantized, the row
+    dequantizes to NaN too, and never to a finite, wrong row of zeros."""
+    w = np.array([[0.02, np.nan, -0.01, 0.03], [1.0, -2.0, 3.0, 0.5]], np.float32)
+    for q, scale in (quantize(jnp.asarray(w), (1,), mode), quantize_vectors(jnp.asarray(w), mode)):
+        back = np.asarray(dequantize(q, scale, (1,)))
+        assert np.all(np.isnan(back[0]))
+        np.testing.assert_allclose(back[1], w[1], rtol=1 / 16)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_einsum_is_the_einsum_of_the_dequantized_weight(mode):
     w = weights(2)[0]  # [E, N, H], contracted over E like q_proj
     x = np.random.default_rng(3).standard_normal((6, 40)).astype(np.float32)
@@ -201,6 +212,17 @@ def test_q8_0_gives_the_bytes_of_gguf_q8_0():
     np.testing.assert_array_equal(
         np.asarray(dequantize(q, scale)).T,
         gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0))
+
+
+def test_q8_0_rounds_halves_exactly_as_gguf():
+    # 0.49999997 (the float32 below 0.5) + 0.5 is 1.0 in float32: it must still round to 0
+    w = np.zeros((32, 1), np.float32)
+    w[0, 0], w[1, 0] = 127.0, np.nextafter(np.float32(0.5), np.float32(0))
+    w[2, 0], w[3, 0] = 0.5, -2.5  # halves: away from zero
+    q, _ = quantize(jnp.asarray(w), (0,), "q8_0")
+    want = gguf.quants.quantize(w.T, Q.Q8_0)[0, 2:].view(np.int8)
+    np.testing.assert_array_equal(np.asarray(q)[:, 0], want)
+    assert want[:4].tolist() == [127, 0, 1, -3]
 
 
 def test_q8_0_einsum_is_the_einsum_of_the_dequantized_weight():
