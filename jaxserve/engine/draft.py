@@ -51,6 +51,11 @@ class DraftProposer:
         if config.speculative.enabled:
             raise ConfigError(f"speculative.draft_config: {path} speculates itself "
                               f"(speculative.method: {config.speculative.method})")
+        if config.mesh.data > 1 or config.mesh.pipeline > 1:  # one page table, read at once
+            raise ConfigError(f"speculative.draft_config: {path} has mesh.data "
+                              f"{config.mesh.data} and mesh.pipeline {config.mesh.pipeline}; "
+                              "a draft runs as one replica with no pipeline stages (its "
+                              "mesh.tensor may be > 1)")
         loaded = load_model(config, progress=False)
         if loaded.model_config.vocab_size != target_vocab:
             raise ConfigError(f"speculative.draft_config: the draft's vocabulary has "

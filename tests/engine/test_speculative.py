@@ -284,6 +284,18 @@ def test_a_draft_with_a_shorter_context_proposes_only_within_it(
     assert draft.page_table.num_used_pages == 0 and not draft._shadows
 
 
+@pytest.mark.parametrize("mesh", ["data: 2", "pipeline: 2"])
+def test_a_draft_with_data_shards_or_pipeline_stages_is_refused(tmp_path, demo_config,
+                                                                demo_model, mesh):
+    path = draft_yaml(tmp_path, demo_config, "source: demo")
+    with open(path, "a") as f:
+        f.write(f"mesh: {{{mesh}}}\n")
+    spec = SpeculativeSection(method="draft", draft_config=path)
+    with pytest.raises(ConfigError, match=r"draft.yaml has mesh.data \d and mesh.pipeline "
+                                          r"\d; a draft runs as one replica"):
+        make_engine(demo_config, demo_model, speculative=spec)
+
+
 def test_a_draft_with_another_vocabulary_is_refused(tmp_path, demo_config, demo_model):
     checkpoint = f"source: random, random_shape: {random_draft_shape(tmp_path, 1000)}"
     spec = SpeculativeSection(method="draft",
