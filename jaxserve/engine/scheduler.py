@@ -152,13 +152,14 @@ class Scheduler:
             load[req.shard] += 1
         # A multi-step call runs decode attention only: a seat freed by a preemption in it
         # is taken next tick, in single steps.
+        full: set[int] = set()  # shards the head of the queue found without pages for it
         while self._waiting and multi == 1:
             req = self._waiting[0][2]
             if req.num_pending:  # a token from before its preemption is still on the device
                 break
             # Penalty tables are rebuilt from the tokens a request computes: no shared prefix.
             use_cache = not req.params.uses_penalties
-            shard = self._place(req, budgets, load, seats, use_cache)
+            shard = self._place(req, budgets, load, seats, use_cache, full)
             if shard is None:
                 break
             table = self.page_tables[shard]
@@ -168,7 +169,9 @@ class Scheduler:
             if n == 0 or not table.ensure(req.request_id, cached + n):
                 table.free(req.request_id)
                 req.num_computed_tokens = 0
-                break
+                full.add(shard)  # another replica may have the room this one lacks
+                continue
+            full.clear()
             heapq.heappop(self._waiting)
             req.status = Status.RUNNING
             req.shard = shard
@@ -186,11 +189,13 @@ class Scheduler:
         return SchedulerOutput(tuple(scheduled), tuple(preempted))
 
     def _place(self, req: Request, budgets: list[int], load: list[int], seats: list[int],
-               use_cache: bool) -> int | None:
+               use_cache: bool, full: set[int]) -> int | None:
         """The data shard for a request being admitted: of those with token budget and a free
-        sequence slot, the one caching most of its prefix, then the least loaded."""
+        sequence slot (and not in `full`: tried this tick, without the pages or the budget
+        for its chunk), the one caching most of its prefix, then the least loaded."""
         open_shards = [s for s in range(len(self.page_tables)) if budgets[s] > 0
-                       and seats[s] > 0 and load[s] < self.config.max_num_seqs]
+                       and seats[s] > 0 and load[s] < self.config.max_num_seqs
+                       and s not in full]
         if len(open_shards) <= 1:
             return open_shards[0] if open_shards else None
         def score(s: int):

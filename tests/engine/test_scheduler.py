@@ -59,6 +59,27 @@ def test_chunked_prefill_runs_beside_decodes():
     assert chunks == [15, 15, 10]
 
 
+def test_a_data_shard_without_pages_sends_the_queue_to_another():
+    """The shard caching most of a prompt may lack the pages for the rest of it: the
+    request goes to another replica instead of holding up the queue behind it."""
+    tables = [PageTable(num_pages=5, page_size=4) for _ in range(2)]  # 4 pages each
+    sched = Scheduler(SchedulerSection(max_num_seqs=4, max_num_batched_tokens=64), tables)
+    a = make_request(13, max_tokens=3)
+    sched.add(a)
+    run_step(sched)
+    assert a.shard == 0 and tables[0].num_free_pages == 0  # a's 4 pages, 3 of them cached
+    b = Request("b", a.prompt_ids[:8] + [90, 91, 92], SamplingParams(max_tokens=2), seed=0,
+                arrival_time=1.0)  # 8 tokens cached on shard 0, which has no page for more
+    c = make_request(3, max_tokens=2, t=2.0)
+    sched.add(b)
+    sched.add(c)
+    out = run_step(sched)
+    assert {s.request.request_id for s in out.seqs} == {a.request_id, "b", c.request_id}
+    assert (b.shard, c.shard) == (1, 1) and sched.num_waiting == 0
+    for t in tables:
+        t.check_integrity()
+
+
 def test_max_num_seqs_bounds_the_running_set():
     pt = PageTable(num_pages=64, page_size=4)
     sched = Scheduler(SchedulerSection(max_num_seqs=2, max_num_batched_tokens=64), [pt])
