@@ -11,13 +11,14 @@ import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from jaxserve.checkpoint import orbax_store
-from jaxserve.checkpoint.convert import convert, source_identity
+from jaxserve.checkpoint.convert import convert, open_source, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.checkpoint.file_lock import exclusive, lock_path
 from jaxserve.config import Config
@@ -52,8 +53,11 @@ class LoadedModel:
     mesh: jax.sharding.Mesh
 
 
-def checkpoint_dir(config: Config, progress: bool = True) -> Path:
-    """The converted checkpoint for this config, converting the source on first use.
+def checkpoint_dir(config: Config, progress: bool = True,
+                   check: Callable[[ModelConfig], None] | None = None) -> Path:
+    """The converted checkpoint for this config, converting the source on first use;
+    `check(model_config)` runs on the source's config before a conversion starts (a config
+    that cannot serve the model fails before its weights are converted).
 
     Converted checkpoints are keyed by their source's identity (path, file sizes and times,
     conversion options): a changed or different source converts anew, never reusing
@@ -76,6 +80,8 @@ def checkpoint_dir(config: Config, progress: bool = True) -> Path:
     # the others then find the checkpoint complete.
     with exclusive(lock_path(out), f"waiting for another process converting {src} -> {out}"):
         if not _converted(out, identity, src, ck.path):
+            if check is not None:
+                check(open_source(src).config)
             print(f"converting {src} -> {out} (once; later starts reuse it)", file=sys.stderr)
             convert(src, out, progress=progress, overwrite=out.exists())
     return out
@@ -122,7 +128,11 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
                                replicate=_held_whole(tensor, pipeline))
         directory = None
     else:
-        directory = checkpoint_dir(config, progress)
+        def check(model_config: ModelConfig) -> None:  # a fresh source's, before converting
+            check_context(config, model_config)
+            parallel_plans(model_config, config.mesh)
+
+        directory = checkpoint_dir(config, progress, check)
         model_config = orbax_store.read_config(directory)
         check_context(config, model_config)
         tensor, pipeline = parallel_plans(model_config, config.mesh)

@@ -327,6 +327,25 @@ def test_a_changed_source_converts_anew_and_a_missing_one_is_an_error(tmp_path):
         checkpoint_dir(missing, progress=False)
 
 
+def test_a_mesh_that_cannot_serve_the_model_fails_before_its_conversion(tmp_path):
+    from jaxserve.checkpoint.convert import source_identity
+    from jaxserve.config import Config
+    from jaxserve.errors import ConfigError
+    from jaxserve.loader import load_model
+
+    src = write_hf(tmp_path / "hf", hf_weights(seed=1), hf_config())
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0")).save(
+        str(src / "tokenizer.json"))
+    config = Config().replace(model__name="tiny", checkpoint__source=str(src),
+                              checkpoint__cache_dir=str(tmp_path / "cache"), mesh__tensor=3,
+                              cache__kv_cache_memory=float(2**20), cache__max_model_len=512)
+    with pytest.raises(ConfigError, match=r"4 .*3|3 .*4"):  # heads and tensor, both named
+        load_model(config, progress=False)
+    out = config.checkpoint.converted_path("tiny", source_identity(src))
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
 CONVERT = """
 import sys
 from jaxserve.config import Config
