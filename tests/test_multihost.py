@@ -163,15 +163,20 @@ def test_two_processes_decode_four_steps_per_call_with_the_transformers_tokens(
     assert code == 0, out
 
 
+def kill_follower(group: subprocess.Popen) -> None:
+    """SIGKILL the group's process 1 (a child of local.sh)."""
+    children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
+                              text=True).stdout.split()
+    follower = [int(c) for c in children
+                if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(follower) == 1, children
+    os.kill(follower[0], signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_a_lost_follower_makes_the_leader_unavailable_and_exit(config_file):
     with serving_group(config_file) as (group, port):
-        children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
-                                  text=True).stdout.split()
-        follower = [int(c) for c in children
-                    if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(follower) == 1, children
-        os.kill(follower[0], signal.SIGKILL)
+        kill_follower(group)
         lost = time.monotonic()
         seen = []
         with Client("127.0.0.1", port) as client:
@@ -199,12 +204,7 @@ def test_a_follower_lost_during_warm_up_ends_the_leader_at_once(config_file):
     try:
         while "warming up" not in (line := group.stdout.readline()):
             assert line, "the group ended before warming up"
-        children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
-                                  text=True).stdout.split()
-        follower = [int(c) for c in children
-                    if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(follower) == 1, children
-        os.kill(follower[0], signal.SIGKILL)
+        kill_follower(group)
         lost = time.monotonic()
         code, out = finish(group, timeout=60)
     finally:
