@@ -70,6 +70,11 @@ def argmax(x):
 
 
 BISECTION_STEPS = 32  # threshold resolution: (max - min) / 2**32 of the row's range
+# The top-k search starts at most this far below a row's largest logit: a token further
+# down has probability exp(-1e4) of the largest's, zero in float32, so leaving it out
+# changes no draw, and one far outlier (a huge repetition penalty) cannot coarsen the
+# resolution between the top tokens.
+TOP_K_SPAN = 1e4
 
 
 def _bisect(lo, hi, feasible):
@@ -102,6 +107,7 @@ def _filter_top_k_top_p(logits, top_k, top_p):
         hi = logits.max(-1, keepdims=True)
         # from the smallest finite logit: a banned token's -inf would make every midpoint -inf
         lo = jnp.where(jnp.isfinite(logits), logits, hi).min(-1, keepdims=True)
+        lo = jnp.maximum(lo, hi - TOP_K_SPAN)
         kth = _bisect(lo, hi, lambda t: (logits >= t).sum(-1, keepdims=True) >= k)
         return jnp.where((logits >= kth) | (k >= vocab), logits, NEG_INF)
 

@@ -199,6 +199,14 @@ def test_a_search_no_row_asks_for_is_skipped_exactly(ks, ps):
     np.testing.assert_array_equal(np.asarray(out)[kept], logits[kept])
 
 
+def test_a_far_outlier_does_not_coarsen_top_k():
+    """One logit 1e8 below the rest stretched the searched range so far that a 32-step
+    search could no longer tell 10, 9.9999 and 9.9998 apart: k=2 kept 3."""
+    logits = jnp.asarray([[10.0, 9.9999, 9.9998, -1e8]], jnp.float32)
+    out = _filter_top_k_top_p(logits, jnp.asarray([2], jnp.int32), jnp.asarray([1.0]))
+    assert np.isfinite(np.asarray(out)).tolist() == [[True, True, False, False]]
+
+
 def test_top_k_top_p_keep_what_a_full_sort_keeps():
     """The bisected thresholds keep exactly the tokens that numpy's sort keeps."""
     rng = np.random.default_rng(11)
