@@ -159,7 +159,7 @@ class InferenceServer:
         a peer whose step channel closed is gone (seen at once, warm-up included)."""
         limit = self.config.distributed.step_timeout_s
         channel = self.engine.runner.channel
-        while self.fault is None and not self._closing:
+        while self.fault is None:
             await asyncio.sleep(min(1.0, limit / 4))
             if self._closing:  # the followers leave once the engine closes: no fault
                 break
