@@ -175,9 +175,9 @@ def check_same_devices(timeout_s: float) -> None:
               for i in range(jax.process_count())]
     client.wait_at_barrier("jaxserve/devices/read", ms)
     if len(set(counts)) > 1:
-        raise DeploymentError(f"the processes hold different numbers of devices (this one "
-                              f"{jax.local_device_count()}, {sum(counts)} in all over "
-                              f"{jax.process_count()} processes); give each the same number")
+        _refuse_together(f"the processes hold different numbers of devices (this one "
+                         f"{jax.local_device_count()}, {sum(counts)} in all over "
+                         f"{jax.process_count()} processes); give each the same number")
 
 
 def check_same_config(config: Config) -> None:
@@ -192,11 +192,20 @@ def check_same_config(config: Config) -> None:
     counts = every[:, -1]
     wrong = [i for i, n in enumerate(counts) if n != jax.process_count()]
     if wrong:
-        raise DeploymentError(f"process(es) {wrong} were told --num-processes "
-                          f"{sorted({int(counts[i]) for i in wrong})}, but the deployment "
-                          f"has {jax.process_count()} processes")
+        _refuse_together(f"process(es) {wrong} were told --num-processes "
+                         f"{sorted({int(counts[i]) for i in wrong})}, but the deployment "
+                         f"has {jax.process_count()} processes")
     differ = [i for i, d in enumerate(every) if not np.array_equal(d, every[0])]
     if differ:
-        raise DeploymentError(f"process(es) {differ} were started with a config that differs "
-                          "from process 0's (model, checkpoint, cache, scheduler, runner or "
-                          "mesh); start every process with the same config")
+        _refuse_together(f"process(es) {differ} were started with a config that differs "
+                         "from process 0's (model, checkpoint, cache, scheduler, runner or "
+                         "mesh); start every process with the same config")
+
+
+def _refuse_together(message: str) -> None:
+    """DeploymentError(message), after leaving jax.distributed together: every process
+    found the same problem, so all reach the shutdown barrier. Without it process 0 (which
+    hosts the coordinator) could exit first, and JAX aborted a process still on its way
+    out (SIGABRT, not the message)."""
+    jax.distributed.shutdown()
+    raise DeploymentError(message)
