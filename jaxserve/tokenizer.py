@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import os
 import re
 import shutil
 import struct
@@ -644,22 +645,41 @@ class IncrementalDetokenizer:
     """Text deltas of generated ids, never ending inside a UTF-8 character.
 
     Each step decodes a short window of earlier tokens with and without the new one and
-    emits the difference, so sentencepiece's dummy-prefix space and byte-level BPE's
+    emits where they differ, so sentencepiece's dummy-prefix space and byte-level BPE's
     multi-byte characters come out as in `tokenizer.decode`.
+
+    The window starts on a character boundary. A prompt may end inside a character (ids
+    given as such): its text up to the character is the base the first delta starts from,
+    so the character comes out whole once generated tokens complete it. A prompt that ends
+    in a real U+FFFD character streams nothing of itself again.
     """
 
     _CONTEXT = 5  # prompt tokens decoded in front of the first generated one
+    _CHAR_TOKENS = 4  # a UTF-8 character takes at most 4 bytes, so at most 4 byte tokens
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None,
                  skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids = list(prompt_ids or [])
-        self._read = len(self._ids)  # ids before this one are emitted
+        self._read = len(self._ids)  # ids before this one are emitted (or are the prompt)
         self._prefix = max(self._read - self._CONTEXT, 0)  # window start
-        while self._read > self._prefix and self._window(self._read).endswith("\ufffd"):
-            self._read -= 1  # the prompt ends inside a character: emit it once complete
+        # A window that starts inside a character decodes its first bytes as U+FFFD (a
+        # byte-fallback decoder turns the whole run of byte tokens into U+FFFD then): move
+        # its start back to the character's first token.
+        for _ in range(self._CHAR_TOKENS - 1):
+            if self._prefix == 0 or not self._window(self._read).startswith("\ufffd"):
+                break
+            self._prefix -= 1
         self._prefix_text = self._window(self._read)
+        # The prompt's text before a character it leaves unfinished (U+FFFD at its end: an
+        # unfinished character, or a real U+FFFD, which the common prefix then keeps).
+        end = self._read
+        while end > max(self._prefix, self._read - self._CHAR_TOKENS + 1) \
+                and self._window(end).endswith("\ufffd"):
+            end -= 1
+        self._base = self._window(end)
+        self._on_boundary = end == self._read  # may the window slide to the read point
         self.text = ""
 
     def add(self, token_ids: list[int]) -> str:
@@ -668,7 +688,7 @@ class IncrementalDetokenizer:
         for token_id in token_ids:
             self._ids.append(token_id)
             full = self._window(len(self._ids))
-            if len(full) > len(self._prefix_text) and not full.endswith("\ufffd"):
+            if full != self._prefix_text and not full.endswith("\ufffd"):
                 delta += self._advance(full)
         self.text += delta
         return delta
@@ -676,7 +696,7 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Emit whatever is held back (an unfinished character comes out as U+FFFD)."""
         full = self._window(len(self._ids))
-        delta = self._advance(full) if len(full) > len(self._prefix_text) else ""
+        delta = self._advance(full) if full != self._prefix_text else ""
         self.text += delta
         return delta
 
@@ -684,8 +704,17 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(self._ids[self._prefix:end], self._skip)
 
     def _advance(self, full: str) -> str:
-        """Emit `full` past the prefix and slide the window to start at the read point."""
-        delta = full[len(self._prefix_text):]
-        self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._window(self._read)
+        """Emit `full` past the text already out (or the prompt's), and slide the window to
+        start at the read point."""
+        common = len(os.path.commonprefix([self._prefix_text, full]))
+        if full.startswith(self._base):
+            delta = full[max(common, len(self._base)):]
+        elif full.endswith("\ufffd"):  # flush: unfinished bytes spoil the window's run of
+            delta = self._tokenizer.decode(self._ids[self._read:], self._skip)  # byte tokens
+        else:
+            delta = full[common:]
+        if self._on_boundary:  # else the window keeps the prompt's unfinished character
+            self._prefix = self._read
+        self._read, self._on_boundary = len(self._ids), True
+        self._prefix_text = self._base = self._window(self._read)
         return delta

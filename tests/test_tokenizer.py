@@ -383,6 +383,66 @@ def test_incremental_detokenizer_batches_specials_and_flush(bpe_dir):
     assert detok.add(emoji[3:] + tok.encode("!")) == "🎉!"
 
 
+@pytest.mark.parametrize("backend", ["bpe", "spm"])
+def test_a_prompt_ending_in_a_real_replacement_character_is_not_streamed_again(
+        backend, bpe_dir, sp_hf_dir, tmp_path):
+    """U+FFFD typed in a prompt (pasted mojibake) is a character, not an unfinished one."""
+    if backend == "spm":
+        copy_tokenizer_assets_from_hf(sp_hf_dir, tmp_path)
+    tok = load_tokenizer(bpe_dir if backend == "bpe" else tmp_path)
+    for text in ("Caf\ufffd", "Name: Jos\ufffd\ufffd\ufffd\ufffd\ufffd\ufffd"):
+        prompt, ok = tok.encode(text), tok.encode(" ok", add_special_tokens=False)
+        want = tok.decode(prompt + ok)[len(tok.decode(prompt)):]
+        assert want.strip() == "ok"
+        deltas, _ = _stream(tok, ok, prompt_ids=prompt)
+        assert "".join(deltas) == want
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_dir(tmp_path_factory) -> Path:
+    """A tokenizer.json as Llama-2 and Mistral ship it: BPE with byte fallback (<0xNN>
+    tokens), decoded by Replace, ByteFallback, Fuse and Strip."""
+    from tokenizers import models, normalizers
+    bpe = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    hf, out = tmp_path_factory.mktemp("byte_fallback_hf"), tmp_path_factory.mktemp("bf")
+    (hf / "tokenizer.json").write_text(json.dumps(spec))
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    copy_tokenizer_assets_from_hf(hf, out)
+    return out
+
+
+def test_a_prompt_ending_in_byte_fallback_characters_streams_only_the_answer(
+        byte_fallback_dir):
+    """The detokenizer's window of the prompt's last tokens may start inside a character;
+    a byte-fallback decoder then turns the whole run of byte tokens into U+FFFD, which must
+    not reach the stream."""
+    tok = load_tokenizer(byte_fallback_dir)
+    assert len(tok.encode("\U0001f389", add_special_tokens=False)) >= 4  # byte tokens
+    for text, answer in (("Party time \U0001f389\U0001f389", " Yes"),
+                         ("Party time \U0001f389", "\U0001f389 ok"),
+                         ("Tokyo is \u65e5\u672c\u8a9e", " ok")):
+        prompt, both = tok.encode(text), tok.encode(text + answer)
+        assert both[:len(prompt)] == prompt
+        deltas, _ = _stream(tok, both[len(prompt):], prompt_ids=prompt)
+        assert "".join(deltas) == answer
+        assert not any("\ufffd" in d for d in deltas)
+    # A prompt cut inside its last character (token ids): the character comes out whole.
+    ids = tok.encode("x \U0001f389\U0001f389!")
+    deltas, _ = _stream(tok, ids[-3:], prompt_ids=ids[:-3])
+    assert "".join(deltas) == "\U0001f389!"
+
+
 # ---------------------------------------------------------------------------- the real model
 
 
