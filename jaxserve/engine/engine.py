@@ -342,7 +342,7 @@ class Engine:
         req.output_ids.append(token)
         n_out = len(req.output_ids)
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            reason, text = FinishReason.STOP, self._flush(tracked)
+            reason, text = FinishReason.STOP, self._flush(tracked, n_out >= p.min_tokens)[0]
         else:
             added = tracked.detokenizer.add([token]) if tracked.detokenizer is not None else ""
             tracked.held += added
@@ -353,18 +353,24 @@ class Engine:
                 text, stopped, tracked.held = tracked.held, False, ""
             reason = FinishReason.STOP if stopped else None
             if reason is None and n_out >= p.max_tokens:
-                reason, text = FinishReason.LENGTH, text + self._flush(tracked)
+                rest, stopped = self._flush(tracked, n_out >= p.min_tokens)
+                reason, text = FinishReason.STOP if stopped else FinishReason.LENGTH, text + rest
         lp = (logprob,) if logprob is not None else ()
         if reason is not None:
             self._finish(tracked, reason)
         tracked.queued.append(RequestOutput(req.request_id, (token,), text, reason is not None,
                                             reason, lp, req.metrics() if reason else None))
 
-    @staticmethod
-    def _flush(tracked: _Tracked) -> str:
-        text = tracked.held + (tracked.detokenizer.flush() if tracked.detokenizer else "")
-        tracked.held = ""
-        return text
+    def _flush(self, tracked: _Tracked, check_stop: bool) -> tuple[str, bool]:
+        """All the text still held, at the end: the detokenizer's too (a token that ended in
+        an unfinished character was held whole), cut before a stop string that it completes;
+        and whether one did."""
+        added = tracked.detokenizer.flush() if tracked.detokenizer else ""
+        tracked.held += added
+        text, stopped = self._release_text(tracked, len(added), check_stop)
+        if not stopped:
+            text, tracked.held = text + tracked.held, ""
+        return text, stopped
 
     def _release_text(self, tracked: _Tracked, added: int,
                       check_stop: bool) -> tuple[str, bool]:

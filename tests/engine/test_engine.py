@@ -141,6 +141,30 @@ def test_a_stop_string_completed_before_min_tokens_is_passed_over(demo_config, d
         assert got[:3] == free[:3], stops
 
 
+def test_a_stop_string_in_a_last_token_held_for_its_unfinished_character_still_stops(
+        demo_config, demo_model):
+    """A token that completes a stop string and starts a multi-byte character (" \\xe2\\x80")
+    is held whole by the detokenizer; when it is the last token (max_tokens, or EOS next)
+    its text is checked for the stop string too."""
+    engine = make_engine(demo_config, demo_model)
+    tok = demo_model.tokenizer
+    held = next(i for i in range(tok.vocab_size) if tok.decode([i]) == " \ufffd")
+    said = tok.encode(" He said:", add_special_tokens=False)
+    prompt = tok.encode("Q:")
+    for name, tail in (("length", []), ("eos", [tok.eos_ids[0]])):
+        ids = [*said, held, *tail]
+        params = SamplingParams(max_tokens=len(said) + 1 if not tail else 50,
+                                stop=("said: ",))
+        rid = engine.add_request(prompt, params, name)
+        tracked = engine._tracked[rid]
+        for token in ids:
+            engine._append(tracked, token, None)
+        assert "".join(out.text for out in tracked.queued) == " He ", name
+        assert tracked.queued[-1].finish_reason is FinishReason.STOP, name
+    engine.step()  # the finished requests leave
+    assert not engine.has_unfinished()
+
+
 def test_eos_min_tokens_and_ignore_eos(demo_config, demo_model):
     engine = make_engine(demo_config, demo_model)
     tok = demo_model.tokenizer
