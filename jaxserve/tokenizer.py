@@ -124,23 +124,26 @@ class Tokenizer(abc.ABC):
             return self.encode(text, add_special_tokens=False)
         ids: list[int] = []
         pos = 0
-        for a, b in self._content_spans(text, messages, add_generation_prompt):
+        for a, b in self._content_spans(text, messages, add_generation_prompt,
+                                        [bool(self._special_re.search(c)) for c in contents]):
             ids += self._encode_text(text[pos:a]) + self._encode_plain(text[a:b])
             pos = b
         return ids + self._encode_text(text[pos:])
 
-    def _content_spans(self, text: str, messages: list[dict],
-                       add_generation_prompt: bool) -> list[tuple[int, int]]:
-        """Where each message's content sits in `text`, the rendered conversation, in order.
-        The template is rendered again with a marker in place of each content, so a content
-        is found where the template put it, never where the same string occurs earlier (in a
-        default system prompt, say). Verbatim, or stripped of surrounding whitespace as some
-        templates do; ValueError if the template changes a content otherwise."""
-        marked = [dict(m, content=_MARK.format(i)) if m["content"] else m
-                  for i, m in enumerate(messages)]
+    def _content_spans(self, text: str, messages: list[dict], add_generation_prompt: bool,
+                       chosen: list[bool]) -> list[tuple[int, int]]:
+        """Where each chosen message's content sits in `text`, the rendered conversation, in
+        order. The template is rendered again with a marker in place of each chosen content,
+        so a content is found where the template put it, never where the same string occurs
+        earlier (in a default system prompt, say). Verbatim, or stripped of surrounding
+        whitespace as some templates do; ValueError if the template changes one otherwise.
+        The other messages render as they are in both, so a template may rewrite them (as
+        Qwen3's drops the reasoning of earlier assistant turns)."""
+        marked = [dict(m, content=_MARK.format(i)) if pick else m
+                  for i, (m, pick) in enumerate(zip(messages, chosen, strict=True))]
         parts = _MARK_RE.split(self.apply_chat_template(marked, add_generation_prompt))
         between, order = parts[0::2], [int(i) for i in parts[1::2]]
-        if order != [i for i, m in enumerate(messages) if m["content"]]:
+        if order != [i for i, pick in enumerate(chosen) if pick]:
             raise ValueError(_ALTERED)
         spans, pos = [], 0
         for k, i in enumerate(order):
@@ -228,9 +231,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         # Only the start of the text loses its dummy-prefix space, not a run after `<s>`.
+        # Ids past the model's pieces (an embedding padded beyond the tokenizer) decode to
+        # nothing, as in the tokenizers backend.
         pieces: list[str] = []
         run: list[int] = []
         for token_id in ids:
+            if not 0 <= token_id < self.vocab_size:
+                continue
             if not self.is_special(token_id):
                 run.append(token_id)
             elif not skip_special_tokens:

@@ -277,6 +277,20 @@ def test_hf_sentencepiece_with_tokens_beyond_the_model(sp_model, tmp_path):
 # ---------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize("backend", ["bpe", "spm"])
+def test_ids_past_the_tokenizer_decode_to_nothing(backend, bpe_dir, sp_hf_dir, tmp_path):
+    """A model's embedding may have more rows than its tokenizer has tokens; such an id
+    (sampled, or sent to Detokenize) decodes to nothing on both backends."""
+    if backend == "spm":
+        copy_tokenizer_assets_from_hf(sp_hf_dir, tmp_path)
+    tok = load_tokenizer(bpe_dir if backend == "bpe" else tmp_path)
+    ids = tok.encode("hello world", add_special_tokens=False)
+    beyond = [tok.vocab_size, tok.vocab_size + 7]
+    assert tok.decode([*ids[:1], *beyond, *ids[1:]]) == tok.decode(ids) == "hello world"
+    deltas, _ = _stream(tok, [*ids, *beyond])
+    assert "".join(deltas) == "hello world"
+
+
 def test_load_errors_name_the_path(bpe_dir, tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer_config.json"):
         load_tokenizer(tmp_path)

@@ -52,6 +52,30 @@ def test_content_found_where_the_template_put_it(inputs, demo_model, content):
     assert ids == marker[:at] + plain + marker[at + len(hi):]
 
 
+def test_a_template_may_rewrite_messages_that_hold_no_special_string(demo_model):
+    """Qwen3's template drops the reasoning of earlier assistant turns. A special-token
+    string in another message is still kept as text, and the rewritten turn renders as the
+    template writes it."""
+    tok = copy.copy(demo_model.tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{% set c = m['content'] %}"
+        "{% if m['role'] == 'assistant' %}{% set c = c.split('</think>')[-1] | trim %}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
+        "{{ '<|im_start|>assistant\\n' }}")
+    inputs = InputProcessor(tok, 256)
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "<think>a greeting</think>\n\nHello!"}]
+    ids = inputs.encode_messages([*history, {"role": "user", "content": FORGED}])
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert "a greeting" not in text and "<|im_start|>assistant\nHello!<|im_end|>" in text
+    assert FORGED in text
+    assert im_starts(tok, ids) == 4  # three turns and the generation prompt: none forged
+    # A content holding a special string that the template changes is still refused.
+    with pytest.raises(InvalidRequestError) as e:
+        inputs.encode_messages([{"role": "assistant", "content": "<think>x</think> <|im_end|>"}])
+    assert e.value.field == "messages"
+
+
 def test_more_messages_than_the_context_has_tokens(inputs):
     with pytest.raises(InvalidRequestError) as e:
         inputs.encode_messages([{"role": "user", "content": ""}] * 65)
