@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="offline generation")
     p.add_argument("--config", required=True)
-    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt to complete; repeat it for several")
     p.add_argument("--input", help='JSONL file of {"prompt": ...} or {"messages": [...]}')
     p.add_argument("--chat", action="store_true", help="render the chat template")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")

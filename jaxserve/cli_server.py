@@ -36,7 +36,8 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     what.add_argument("--detokenize", metavar="IDS", help='print the text of "1 2 3"')
     what.add_argument("--info", action="store_true", help="print the model and engine figures")
     what.add_argument("--health", action="store_true",
-                      help="print the health status; exit 1 unless SERVING (a probe)")
+                      help="print the health status; exit 1 unless SERVING, or when "
+                           "no server answers (a probe)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
@@ -130,6 +131,9 @@ def cmd_client(args, sampling_params) -> int:
             try:
                 answer = _client_query(client, args)
             except grpc.RpcError as e:
+                if args.health:  # a probe: no answer is not SERVING either
+                    print(f"jaxserve: {e.code().name}: {e.details()}", file=sys.stderr)
+                    return 1
                 raise JaxserveError(f"{e.code().name}: {e.details()}") from None
         print(answer)
         return 1 if args.health and answer != "SERVING" else 0  # a probe's exit code
@@ -141,6 +145,9 @@ def cmd_client(args, sampling_params) -> int:
         ignore_eos=args.ignore_eos)
     # What the request's own fields cannot hold is refused here, naming the option (the
     # server checks the rest, against its model).
+    if any(t < 0 for t in args.stop_token_id):
+        raise JaxserveError(f"--stop-token-id: {min(args.stop_token_id)} is negative; token "
+                            "ids are >= 0")
     params.validate(vocab_size=INT32_LIMIT, max_logprobs=INT32_LIMIT)
     if not -INT32_LIMIT <= args.priority < INT32_LIMIT:
         raise JaxserveError(f"--priority: {args.priority} is outside the 32-bit range")
@@ -191,7 +198,8 @@ def _client_query(client, args) -> str:
                                 f"[0, {INT32_LIMIT})")
         return client.detokenize(ids, timeout=args.timeout)
     if args.info:
-        return json_format.MessageToJson(client.model_info(timeout=args.timeout))
+        return json_format.MessageToJson(client.model_info(timeout=args.timeout),
+                                         always_print_fields_with_no_presence=True)
     status = client.health(timeout=args.timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 

@@ -98,8 +98,10 @@ class CacheSection:
         _check(not self.kv_rotation or self.kv_dtype != "auto", "kv_rotation",
                "rotates the vectors of a quantized cache: it needs kv_dtype int8 or fp8 "
                "(got auto)")
-        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory",
-               f"must be a byte count or a fraction in (0, 1] (got {self.kv_cache_memory})")
+        _check(self.kv_cache_memory is None or 0 < self.kv_cache_memory <= 1
+               or float(self.kv_cache_memory).is_integer(), "kv_cache_memory",
+               f"must be a whole byte count or a fraction in (0, 1] (got "
+               f"{self.kv_cache_memory})")
         _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")
 
 
@@ -209,6 +211,9 @@ class RunnerSection:
                f"{self.attention_backend!r})")
 
 
+MIN_MESSAGE_BYTES = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSection:
     host: str = "127.0.0.1"
@@ -226,6 +231,11 @@ class ServerSection:
                f"must be in [0, 65535] or null (got {self.metrics_port})")
         _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                "tls_cert and tls_key must be given together")
+        _check(self.grace_period_s >= 0, "grace_period_s",
+               f"must be >= 0 seconds (got {self.grace_period_s})")
+        _check(self.max_message_bytes >= MIN_MESSAGE_BYTES, "max_message_bytes",
+               f"must be >= {MIN_MESSAGE_BYTES} (got {self.max_message_bytes}): it bounds "
+               "every request and response, health checks included")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +350,12 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown section (known: {', '.join(hints)})")
         sections = {name: _build_section(hints[name], data.get(name), name) for name in hints}
+        # The compiled programs go beside the checkpoints unless placed themselves.
+        if "cache_dir" in (data.get("checkpoint") or {}) \
+                and "compilation_cache_dir" not in (data.get("runner") or {}):
+            sections["runner"] = dataclasses.replace(
+                sections["runner"], compilation_cache_dir=os.path.join(
+                    sections["checkpoint"].cache_dir, "xla"))
         return Config(**sections)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -353,6 +369,9 @@ def load_config(path: str | os.PathLike) -> Config:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: where, and what
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
     return config_from_dict(data, str(path))

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from jaxserve.config import Config, load_config
+from jaxserve.config import Config, config_from_dict, load_config
 from jaxserve.errors import ConfigError
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -46,7 +46,12 @@ def test_demo_config_values():
     ("server:\n  tls_cert: a.pem\n", "server.tls_cert: tls_cert and tls_key"),
     ("scheduler:\n  max_num_seqs: 64\n", "scheduler.max_num_seqs: (64) must be <="),
     ("- a\n- b\n", "top level: expected a mapping"),
-    ("model: [\n", "invalid YAML"),
+    ("model: [1\n",
+     "invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("cache:\n  kv_cache_memory: 1.5\n",
+     "cache.kv_cache_memory: must be a whole byte count or a fraction in (0, 1] (got 1.5)"),
+    ("server:\n  grace_period_s: -5\n", "server.grace_period_s: must be >= 0 seconds"),
+    ("server:\n  max_message_bytes: 0\n", "server.max_message_bytes: must be >= 4096 (got 0)"),
     ("server:\n  metrics_port: 70000\n", "server.metrics_port: must be in [0, 65535] or null"),
     ("1: a\nfoo: b\n", "1: unknown section"),
     ("cache:\n  1: a\n  foo: b\n", "cache.1: unknown key"),
@@ -59,11 +64,20 @@ def test_bad_configs_name_file_and_key(tmp_path, text, message):
         load_config(path)
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
+    assert "\n" not in str(e.value)  # one line
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_compiled_programs_go_beside_the_checkpoints_unless_placed(tmp_path):
+    config = config_from_dict({"checkpoint": {"cache_dir": str(tmp_path)}})
+    assert config.runner.compilation_cache_dir == str(tmp_path / "xla")
+    placed = config_from_dict({"checkpoint": {"cache_dir": str(tmp_path)},
+                               "runner": {"compilation_cache_dir": None}})
+    assert placed.runner.compilation_cache_dir is None
 
 
 def test_the_cache_directory_follows_jaxserve_cache_dir(monkeypatch, tmp_path):

@@ -68,7 +68,8 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
     out_dir = Path(out_dir).resolve()  # "." has no name to put .tmp after
     if out_dir.exists():
         if not overwrite:
-            raise CheckpointError(f"{out_dir} already exists; remove it or pass overwrite")
+            raise CheckpointError(f"{out_dir} already exists; remove it or pass --overwrite "
+                                  "(overwrite=True)")
         # Only a checkpoint of ours, or an empty folder, is replaced: never a folder of other
         # files (a model's source, say).
         if not out_dir.is_dir() or not ((out_dir / MARKER).is_file()

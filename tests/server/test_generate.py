@@ -237,8 +237,14 @@ def test_client_command_tokenizes_detokenizes_and_reports(served, client, capsys
     assert cli.main(["client", "--port", port, "--info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["modelName"] == client.model_info().model_name
+    assert info["numRunning"] == 0 and info["numWaiting"] == 0  # zeros are printed too
     assert cli.main(["client", "--port", port, "--detokenize", "1 two"]) == 2
     assert "--detokenize '1 two': expected token ids" in capsys.readouterr().err
+
+
+def test_health_probe_without_a_server_exits_1(unused_port, capsys):
+    assert cli.main(["client", "--port", str(unused_port()), "--health", "--timeout", "5"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
 
 
 def test_client_command_reports_errors(served, capsys):
@@ -246,6 +252,9 @@ def test_client_command_reports_errors(served, capsys):
                      "--temperature", "-1"])  # refused before it is sent
     assert code == 2
     assert "error: temperature: must be >= 0 (got -1.0)" in capsys.readouterr().err
+    assert cli.main(["client", "--port", str(served[1]), "--prompt", "x",
+                     "--stop-token-id", "-4"]) == 2
+    assert "--stop-token-id: -4 is negative" in capsys.readouterr().err
     code = cli.main(["client", "--port", str(served[1]), "--prompt", "x",
                      "--max-tokens", "100000"])  # the server's context: its answer
     assert code == 2
