@@ -17,7 +17,8 @@ sets min_chunk where the kernel takes the KV pages (`runner.paged_prefill`); her
 inputs (quantized pages, other page sizes) keep those chunks on the ragged kernel.
 
 Same arguments and result as `ragged_paged_attention`, plus this step's K/V rows (k_new,
-v_new [T, KVH, D], as written into the pages but before any KV quantization).
+v_new [T, KVH, D]) as the pages hold them: with int8/fp8 pages, dequantized, so a fresh
+prompt attends the same keys as every other row and the reference.
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ from jaxserve.models.quant import (
     SCALE,
     STORAGE,
     block_axis,
+    dequantize,
     hadamard,
     kv_mode,
     qeinsum,
@@ -248,6 +249,9 @@ class Attention(nn.Module):
             if scales:  # a quantized cache: one scale per (token, KV head)
                 mode = kv_mode(k_pages.dtype)
                 (k, k_scale), (v, v_scale) = quantize_vectors(k, mode), quantize_vectors(v, mode)
+                if takes_new_kv:  # the rows as the pages hold them, as every other row reads
+                    new_kv = dict(k_new=dequantize(k, k_scale, (2,)),
+                                  v_new=dequantize(v, v_scale, (2,)))
                 extra = dict(k_scales=scales[0].at[layer, page, offset].set(k_scale),
                              v_scales=scales[1].at[layer, page, offset].set(v_scale))
             k_pages = k_pages.at[layer, page, offset].set(k.astype(k_pages.dtype))
