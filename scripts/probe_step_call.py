@@ -1,0 +1,152 @@
+"""What one call of a compiled step costs the host, apart from building its inputs.
+
+    python scripts/probe_step_call.py --out probe.json
+
+Issue 12's host target (1 ms a step at B=64) leaves little beside the compiled step's call,
+which `scripts/bench_host.py` times inside the engine (`call_ms`). This probe times calls
+alone, each the median over --calls calls in a loop, with one call in flight as in the
+engine (no wait between them), in microseconds:
+
+* fusion_numpy / fusion_device / fusion_no_input / fusion_device_put: a jitted function of
+  one small fusion that donates a [1, 1, 4096] state, given a [1, 1, 16000] int32 buffer as
+  numpy, already on the device, not at all, or put on the device first (`jax.device_put`);
+* engine_call_numpy / engine_call_device: the engine's own compiled B=64 decode step (the
+  tiny model of bench_host.py, 512-token prompts), given its packed input buffer as numpy
+  or already on the device; `_with_wait_per_call`: 50 calls and a final wait, per call
+  (so the device's time when it sets the pace).
+
+The engine's config is the demo's for the backend (the GPU config on a GPU), as in
+bench_host.py; --decode-steps K makes the step a call of K decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bench_host import REPO, TINY
+from engine_runs import decode_together
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxserve.config import load_config
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.request import SamplingParams
+from jaxserve.loader import load_model
+
+
+def median_us(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1e6, 1)
+
+
+def fusion_calls(calls: int) -> dict:
+    mesh = jax.make_mesh((1, 1), ("data", "pipeline"))
+    spec = NamedSharding(mesh, P("data", "pipeline"))
+    state = {"s": jax.device_put(jnp.zeros((1, 1, 4096)), spec)}
+    with_input = jax.jit(lambda s, b: s + b[:, :, :1].astype(jnp.float32), donate_argnums=(0,))
+    no_input = jax.jit(lambda s: s + 1.0, donate_argnums=(0,))
+    host = np.zeros((1, 1, 16000), np.int32)
+    device = jax.device_put(host, spec)
+    variants = {
+        "fusion_numpy": lambda: state.update(s=with_input(state["s"], host)),
+        "fusion_device": lambda: state.update(s=with_input(state["s"], device)),
+        "fusion_no_input": lambda: state.update(s=no_input(state["s"])),
+        "fusion_device_put": lambda: state.update(
+            s=with_input(state["s"], jax.device_put(host, spec))),
+    }
+    out = {}
+    for name, fn in variants.items():
+        fn()
+        fn()
+        jax.block_until_ready(state["s"])
+        out[name] = median_us(fn, calls)
+        jax.block_until_ready(state["s"])
+    return out
+
+
+def engine_calls(config_path: Path, decode_steps: int, calls: int) -> dict:
+    shape = Path(f"/tmp/probe-step-call-{os.getpid()}.shape.json")
+    TINY.save(shape)
+    config = load_config(config_path).replace(
+        model__dtype="float32", checkpoint__source="random",
+        checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
+        cache__max_model_len=1024, cache__kv_cache_memory=float(2**30),
+        runner__token_buckets=(64, 2048), runner__seq_buckets=(64,),
+        scheduler__max_num_seqs=64, scheduler__max_num_batched_tokens=2048,
+        scheduler__decode_steps=decode_steps)
+    loaded = load_model(config, progress=False)
+    shape.unlink()
+    engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
+    prompt = np.random.default_rng(0).integers(3, TINY.vocab_size, 512).tolist()
+    decode_together(engine, [prompt] * 64, SamplingParams(
+        max_tokens=400, temperature=0.0, ignore_eos=True), "r")
+    for _ in range(5):
+        engine.step()
+    jax.block_until_ready(engine.in_flight.out)
+    runner = engine.runner
+    sched = engine.scheduler.schedule()
+    bucket, (device_buffer,) = runner.prepare(sched, engine.page_tables, engine.in_flight)
+    host_buffer = np.asarray(device_buffer)
+    step = runner._executable(*bucket)
+    prev = engine.in_flight.prev_tokens
+
+    def call(buffer):
+        runner.state, _, _ = step(runner.params, runner.state, buffer, prev)
+
+    out = {"bucket": list(bucket), "buffer_bytes": host_buffer.nbytes,
+           "param_leaves": len(jax.tree.leaves(runner.params)),
+           "state_leaves": len(jax.tree.leaves(runner.state))}
+    for name, buffer in (("engine_call_numpy", host_buffer),
+                         ("engine_call_device", device_buffer)):
+        call(buffer)
+        call(buffer)
+        jax.block_until_ready(runner.state)
+        out[name] = median_us(lambda b=buffer: call(b), calls)
+        jax.block_until_ready(runner.state)
+        t = time.perf_counter()
+        for _ in range(50):
+            call(buffer)
+        jax.block_until_ready(runner.state)
+        out[name + "_with_wait_per_call"] = round((time.perf_counter() - t) / 50 * 1e6, 1)
+    text = step.as_text()
+    out["hlo_kernels_approx"] = text.count("fusion(") + text.count("custom-call(")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--decode-steps", type=int, default=1)
+    ap.add_argument("--config", default=None,
+                    help="base config (default: the demo's config for this backend)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    base = Path(args.config) if args.config else REPO / "configs" / (
+        "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml")
+    result = {"benchmark": "step-call-host-cost",
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}",
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": base.name,
+              "decode_steps": args.decode_steps, "unit": "microseconds per call (median)",
+              **fusion_calls(args.calls),
+              **engine_calls(base, args.decode_steps, min(args.calls, 200))}
+    print(json.dumps(result), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
