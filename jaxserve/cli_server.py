@@ -83,6 +83,8 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help=f"bearer token; ${TOKEN_ENV} when not given")
     p.add_argument("--tls-ca", help="PEM file of the CA that signed the server's cert: "
                                     "use TLS")
+    p.add_argument("--tls-server-name", help="the name the server's cert is checked for "
+                                             "(default: --host)")
 
 
 def cmd_serve(args) -> int:
@@ -106,10 +108,12 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"{args.config}: server.{e}") from None
     config = launch.with_distributed_args(config, args, args.config)
     progress = not args.no_progress
+    # Every process refuses an unsafe bind before joining (the processes share their
+    # arguments): a leader that left alone would take the coordinator with it.
+    check_bind_security(config.server, args.insecure)
     if not launch.join(config):  # a follower: no gRPC, the leader's steps until it stops
         return launch.follow(config, progress)
-    check_bind_security(config.server, args.insecure)  # before the slow part
-    server_credentials(config.server)
+    server_credentials(config.server)  # before the slow part
     check_ports_free(config.server)
     model = load_model(config, progress=progress)
     code = asyncio.run(serve(config, model, insecure=args.insecure, progress=progress))
@@ -127,7 +131,8 @@ def cmd_client(args, sampling_params) -> int:
     from jaxserve.server.protocol import FINISH_NAMES
 
     if args.prompt is None:
-        with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
+        with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca,
+                    tls_server_name=args.tls_server_name) as client:
             try:
                 answer = _client_query(client, args)
             except grpc.RpcError as e:
@@ -152,7 +157,8 @@ def cmd_client(args, sampling_params) -> int:
     if not -INT32_LIMIT <= args.priority < INT32_LIMIT:
         raise JaxserveError(f"--priority: {args.priority} is outside the 32-bit range")
     last = None
-    with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca) as client:
+    with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca,
+                    tls_server_name=args.tls_server_name) as client:
         try:
             for chunk in client.generate(args.prompt, params, chat=args.chat,
                                          priority=args.priority, timeout=args.timeout):
@@ -209,6 +215,7 @@ def cmd_bench_serve(args) -> int:
 
     rates = args.rate or []
     cfg = BenchConfig(host=args.host, port=args.port, token=_token(args), tls_ca=args.tls_ca,
+                      tls_server_name=args.tls_server_name,
                       rate=rates[0] if rates else None, concurrency=args.concurrency,
                       num_requests=args.num_requests, input_len=args.input_len,
                       output_len=args.output_len, lengths=args.lengths,

@@ -8,7 +8,9 @@ Where the coordinates come from, first found wins:
   1. explicit values (CLI flags or the config's `distributed:` section);
   2. LeaderWorkerSet's LWS_LEADER_ADDRESS, LWS_GROUP_SIZE, LWS_WORKER_INDEX;
   3. JAX's own cluster detection, when a cluster launcher is evident (an srun step of more
-     than one task, Open MPI with more than one rank, or JAX_COORDINATOR_ADDRESS set);
+     than one task, Open MPI with more than one rank), where JAX_COORDINATOR_ADDRESS may
+     name the coordinator; without a launcher JAX_COORDINATOR_ADDRESS stands for
+     --coordinator-address, and the process count and id must be given too;
   4. none: one process, nothing to initialize.
 """
 
@@ -66,13 +68,12 @@ class DistributedConfig:
 
 def _cluster_launched(environ) -> bool:
     """A launcher started this program as one of several processes: srun (a job step of
-    more than one task: a `salloc -n 2` shell has SLURM_NTASKS=2 too, but no step), mpirun,
-    or JAX's own JAX_COORDINATOR_ADDRESS."""
+    more than one task: a `salloc -n 2` shell has SLURM_NTASKS=2 too, but no step) or
+    mpirun. (JAX's cluster detection gives the process count and id only under these.)"""
     srun_step = "SLURM_PROCID" in environ and "SLURM_STEP_NODELIST" in environ
     step_tasks = environ.get("SLURM_STEP_NUM_TASKS", environ.get("SLURM_NTASKS", "1"))
     return ((srun_step and int(step_tasks) > 1)
-            or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or "JAX_COORDINATOR_ADDRESS" in environ)
+            or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
 def initialize(config: DistributedConfig, environ=os.environ) -> bool:
@@ -82,6 +83,9 @@ def initialize(config: DistributedConfig, environ=os.environ) -> bool:
     the processes do not all meet within `init_timeout_s`.
     """
     c = config.resolved(environ)
+    if (c.coordinator_address is None and environ.get("JAX_COORDINATOR_ADDRESS")
+            and not _cluster_launched(environ)):
+        c = dataclasses.replace(c, coordinator_address=environ["JAX_COORDINATOR_ADDRESS"])
     explicit = (c.coordinator_address, c.num_processes, c.process_id)
     if all(v is None for v in explicit):
         if not _cluster_launched(environ):

@@ -238,11 +238,11 @@ def test_a_process_id_out_of_range_is_refused(config_file):
                                 "distributed.process_id: 2 is outside [0, 2)")
 
 
-def start_pair(configs, counts):
+def start_pair(configs, counts, *args):
     address = f"127.0.0.1:{free_port()}"
     return [subprocess.Popen([JAXSERVE, "serve", "--config", str(path), "--port", "0",
                               "--coordinator-address", address, "--num-processes", str(n),
-                              "--process-id", str(i)],
+                              "--process-id", str(i), *args],
                              env=env(XLA_FLAGS="--xla_force_host_platform_device_count=3"),
                              stderr=subprocess.PIPE, text=True)
             for i, (path, n) in enumerate(zip(configs, counts, strict=True))]
@@ -258,6 +258,19 @@ def test_processes_started_with_different_configs_both_refuse(config_file, tmp_p
             "jaxserve serve: error: process(es) [1] were started with a config that differs "
             "from process 0's (model, checkpoint, cache, scheduler, runner or mesh); start "
             "every process with the same config")
+
+
+def test_an_unsafe_bind_is_refused_by_every_process_in_one_line(config_file):
+    """Every process gets the deployment's arguments: each refuses a public bind without
+    TLS and a token before joining (a follower left behind by its leader was aborted by
+    JAX)."""
+    for p in start_pair((config_file, config_file), (2, 2), "--host", "0.0.0.0"):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert err.strip().splitlines() == [
+            "jaxserve serve: error: server.host='0.0.0.0' is not a loopback address and the "
+            "server has no TLS (server.tls_cert and server.tls_key) and no bearer token "
+            "(server.auth_token); configure them, or pass --insecure to serve without them"]
 
 
 def test_a_mismatched_number_of_processes_is_refused_by_both(config_file):
@@ -284,6 +297,13 @@ def test_coordinates_come_from_flags_leaderworkerset_or_nowhere():
     assert _cluster_launched(srun)  # each task of `srun -n 2`: JAX's SLURM detection applies
     assert not _cluster_launched({**srun, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"})
     assert _cluster_launched({"OMPI_COMM_WORLD_SIZE": "2"})
+    # JAX_COORDINATOR_ADDRESS alone gives JAX no process count: it is the coordinator flag
+    assert not _cluster_launched({"JAX_COORDINATOR_ADDRESS": "h:1"})
+    with pytest.raises(ValueError, match="--num-processes is missing"):
+        initialize(DistributedConfig(), environ={"JAX_COORDINATOR_ADDRESS": "h:1"})
+    with pytest.raises(ValueError, match="--process-id is missing"):
+        initialize(DistributedConfig(num_processes=2),
+                   environ={"JAX_COORDINATOR_ADDRESS": "h:1"})
     with pytest.raises(ValueError, match="--num-processes is missing"):
         initialize(DistributedConfig(coordinator_address="h:1", process_id=0), environ={})
     for address in ("localhost", "localhost:", ":8476", "h:port", "h:70000"):
@@ -321,6 +341,29 @@ def test_local_sh_splits_the_visible_gpus_and_checks_n(tmp_path, n, visible, exp
     else:
         assert done.returncode == 0, done.stderr
         assert sorted(line for line in done.stderr.splitlines() if "CVD=" in line) == expected
+
+
+# A fake jaxserve: the leader ($9 is the process id) exits at once, a follower 3 s later.
+LEADER_FIRST = "#!/bin/sh\nif [ \"$9\" = 1 ]; then sleep 3; exit 5; fi\nexit 0\n"
+
+
+def test_local_sh_waits_out_a_signal_for_each_process_s_own_code(tmp_path):
+    """SIGTERM while local.sh waits for a follower: `wait` returns 143 at once, but the
+    follower runs on; its own code is the one recorded, once it exits."""
+    fake = tmp_path / "fake"
+    fake.write_text(LEADER_FIRST)
+    fake.chmod(0o755)
+    e = {**env(JAXSERVE=str(fake)), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    e.pop("CUDA_VISIBLE_DEVICES", None)
+    started = time.monotonic()
+    group = subprocess.Popen(["bash", str(LOCAL), "2", "x.yaml"], env=e, text=True,
+                             stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    group.send_signal(signal.SIGTERM)
+    _, err = group.communicate(timeout=30)
+    assert group.returncode == 5, err
+    assert "local.sh: process 1 exited with 5" in err and "143" not in err
+    assert time.monotonic() - started > 2.5
 
 
 def test_an_error_only_the_leader_sees_ends_it_at_once(config_file):

@@ -59,6 +59,7 @@ class BenchConfig:
     port: int = 50051
     token: str | None = None
     tls_ca: str | None = None
+    tls_server_name: str | None = None
     rate: float | None = None  # requests/s, Poisson arrivals
     concurrency: int | None = None  # requests in flight at most
     num_requests: int = 100
@@ -229,7 +230,8 @@ def arrival_times(cfg: BenchConfig) -> list[float]:
 
 
 async def run_load(cfg: BenchConfig) -> tuple[list[Result], float, pb.ModelInfo]:
-    async with AsyncClient(cfg.host, cfg.port, token=cfg.token, tls_ca=cfg.tls_ca) as client:
+    async with AsyncClient(cfg.host, cfg.port, token=cfg.token, tls_ca=cfg.tls_ca,
+                           tls_server_name=cfg.tls_server_name) as client:
         try:
             info = await client.model_info(timeout=30)
         except grpc.aio.AioRpcError as e:

@@ -9,8 +9,9 @@
 # else of all of them); their number must be a multiple of N. Without GPUs each
 # process gets DEVICES_PER_PROCESS host CPU devices (default 1). The coordinator listens on
 # 127.0.0.1:$COORDINATOR_PORT (default: a free port). SIGTERM or SIGINT goes to the leader,
-# which drains and then releases the followers. Exits with the leader's code; a follower
-# that fails first ends the group with its code.
+# which drains and then releases the followers. Exits with the leader's code when it is not
+# 0, else with the first non-zero code of a follower. A follower that fails makes the
+# leader exit too (3: a peer was lost), so that is the code a lost follower gives.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 N CONFIG [args...]" >&2
@@ -61,16 +62,27 @@ for ((i = 0; i < n; i++)); do
 done
 
 trap 'kill -TERM "${pids[0]}" 2>/dev/null || true' TERM INT
+# reap I: wait for process I and record its exit code. A trapped signal makes `wait`
+# return at once (128 + the signal) while the process runs on: then wait again.
+reap() {
+  local code
+  while true; do
+    code=0
+    wait "${pids[$1]}" || code=$?
+    if ! kill -0 "${pids[$1]}" 2>/dev/null; then
+      break
+    fi
+  done
+  codes[$1]=$code
+  echo "local.sh: process $1 exited with $code" >&2
+}
 # The group's exit code: the first non-zero one, the leader's first; 0 when all exit 0.
 # A follower that fails ends the wait at once (the leader then notices the loss itself).
 codes=()
 while true; do
   for ((i = 0; i < n; i++)); do
     if [ -z "${codes[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      code=0
-      wait "${pids[$i]}" || code=$?
-      codes[$i]=$code
-      echo "local.sh: process $i exited with $code" >&2
+      reap "$i"
     fi
   done
   if [ -n "${codes[0]:-}" ] || [[ " ${codes[*]} " =~ \ [1-9] ]]; then
@@ -80,10 +92,7 @@ while true; do
 done
 for ((i = 0; i < n; i++)); do
   if [ -z "${codes[$i]:-}" ]; then
-    code=0
-    wait "${pids[$i]}" || code=$?
-    codes[$i]=$code
-    echo "local.sh: process $i exited with $code" >&2
+    reap "$i"
   fi
 done
 if [ "${codes[0]}" -ne 0 ]; then
