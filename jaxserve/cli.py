@@ -41,30 +41,44 @@ def _sampling_params(args):
                           seed=args.seed, stop=tuple(args.stop))
 
 
-def _read_prompts(path: str) -> list[dict]:
+def _read_prompts(path: str) -> list[tuple[int, dict]]:
+    """(line, record) of each prompt; a record is one "prompt" (text or token ids) or one
+    "messages" list, and nothing else (sampling comes from the command line)."""
     rows = []
     for n, row in read_jsonl(path):
-        if not ({"prompt", "messages"} & set(row)):
-            raise JaxserveError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": [...]}}')
-        rows.append(row)
+        keys = set(row) & {"prompt", "messages"}
+        if len(keys) != 1 or set(row) - keys:
+            raise JaxserveError(f'{path}:{n}: expected {{"prompt": ...}} or {{"messages": '
+                                f'[...]}} and no other key (got {sorted(row)}); sampling '
+                                "options are the command line's")
+        value = row.get("prompt", row.get("messages"))
+        if "prompt" in row and not isinstance(value, str | list):
+            raise JaxserveError(f"{path}:{n}: prompt: expected text or a list of token ids "
+                                f"(got {type(value).__name__})")
+        if "messages" in row and not isinstance(value, list):
+            raise JaxserveError(f"{path}:{n}: messages: expected a list (got "
+                                f"{type(value).__name__})")
+        rows.append((n, row))
     return rows
 
 
 def cmd_generate(args) -> int:
     from jaxserve import launch
     from jaxserve.config import load_config
-    from jaxserve.engine.llm import LLM
+    from jaxserve.engine.llm import LLM, PromptError
 
     # Everything that can be checked without the model is checked before it loads.
     prompts: list = list(args.prompt)
     if any(not p for p in prompts):
         raise JaxserveError("--prompt: the prompt is empty")
+    where = [f"--prompt #{i + 1}" for i in range(len(prompts))]  # for errors
     if args.input:
         rows = _read_prompts(args.input)
         if not rows:
             raise JaxserveError(f"{args.input}: no prompts in it (expected JSONL lines of "
                                 '{"prompt": ...} or {"messages": [...]})')
-        prompts += rows
+        prompts += [row for _, row in rows]
+        where += [f"{args.input}:{n}" for n, _ in rows]
     if not prompts:
         raise JaxserveError("generate: give at least one --prompt or an --input file")
     config = launch.with_distributed_args(load_config(args.config), args, args.config)
@@ -73,7 +87,10 @@ def cmd_generate(args) -> int:
     if not launch.join(config):  # a follower: the leader's steps until it is done
         return launch.follow(config, progress=not args.json)
     llm = LLM(config, progress=not args.json)
-    outs = llm.generate(prompts, params, chat=args.chat)
+    try:
+        outs = llm.generate(prompts, params, chat=args.chat)
+    except PromptError as e:  # name the prompt: its --prompt or its file and line
+        raise JaxserveError(f"{where[e.index]}: {e.error}") from None
     llm.engine.close()
     for out in outs:
         if args.json:

@@ -78,6 +78,25 @@ def test_generate_bad_input_is_one_line_and_exit_2(config_file, capsys, args, me
     assert message in err.splitlines()[-1] and err.count("generate: error") == 1
 
 
+def test_a_bad_input_record_is_named_by_file_and_line(config_file, capsys, tmp_path):
+    rows = tmp_path / "in.jsonl"
+    for records, message in (
+            (['{"prompt": "a"}', '{"prompt": "b", "max_tokens": 2}'],
+             f"{rows}:2: expected {{\"prompt\": ...}} or {{\"messages\": [...]}} and no other "
+             "key (got ['max_tokens', 'prompt'])"),
+            (['{"prompt": 7}'], f"{rows}:1: prompt: expected text or a list of token ids (got "
+                                "int)"),
+            (['{"prompt": "a"}', '{"messages": [{"role": "user", "content": "' + "word " * 2100
+              + '"}]}'], f"{rows}:2: prompt: the prompt has 2131 tokens"),
+            (['{"prompt": "bad \\ud800"}'], f"{rows}:1: prompt: the text is not valid "
+                                              "Unicode")):
+        rows.write_text("\n".join(records) + "\n")
+        code, _, err = run(capsys, "generate", "--config", config_file, "--prompt", "hi",
+                           "--input", str(rows))
+        assert code == 2 and "Traceback" not in err, err
+        assert message in err.splitlines()[-1], err
+
+
 def test_bad_files_exit_2(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--config", str(tmp_path / "x.yaml"), "--prompt", "a")
     assert code == 2 and "config file not found" in err

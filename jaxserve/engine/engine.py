@@ -107,7 +107,9 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0) -> str:
         """Queue a request; raises InvalidRequestError naming the bad field."""
-        request_id = request_id or f"req-{next(self._ids)}"
+        if not request_id:  # the next automatic id that no caller's request holds
+            request_id = next(i for i in (f"req-{n}" for n in self._ids)
+                              if i not in self._tracked)
         if request_id in self._tracked:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_ids, params)

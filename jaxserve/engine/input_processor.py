@@ -50,7 +50,10 @@ class InputProcessor:
                     raise InvalidRequestError("token_ids",
                                               f"token ids must be integers (got {t!r})")
             return [int(t) for t in prompt]
-        if not isinstance(prompt, str) or not prompt:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("prompt", "expected text or a list of token ids (got "
+                                                f"{type(prompt).__name__})")
+        if not prompt:
             raise InvalidRequestError("prompt", "the prompt is empty")
         tokenizer = self._need_tokenizer("prompt")
         if chat:
@@ -93,7 +96,17 @@ class InputProcessor:
     def _check_bytes(self, field: str, num_chars: int, text: str) -> None:
         """Refuse text that cannot fit the context, without tokenizing it."""
         limit = self.max_prompt_bytes
-        if num_chars > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        if num_chars > limit:
+            raise InvalidRequestError(
+                field, f"the text is longer than the context of {self.max_model_len} tokens "
+                f"could hold ({limit} bytes at most)")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer takes it
+            raise InvalidRequestError(field, f"the text is not valid Unicode: a lone "
+                                             f"surrogate {text[e.start]!r} at character "
+                                             f"{e.start}") from None
+        if size > limit:
             raise InvalidRequestError(
                 field, f"the text is longer than the context of {self.max_model_len} tokens "
                 f"could hold ({limit} bytes at most)")

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import uuid
 
 from jaxserve.config import Config, load_config
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.input_processor import Prompt
 from jaxserve.engine.request import FinishReason, RequestMetrics, SamplingParams, TokenLogprob
+from jaxserve.errors import InvalidRequestError
 from jaxserve.loader import load_model
+
+
+class PromptError(InvalidRequestError):
+    """Prompt `index` of a generate() call is invalid: `error` says why (its field is
+    named within that prompt)."""
+
+    def __init__(self, index: int, error: InvalidRequestError):
+        super().__init__(f"prompts[{index}].{error.field}", error.message)
+        self.index, self.error = index, error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,26 +46,41 @@ class LLM:
                              loaded.mesh)
         if warm_up:
             self.engine.warm_up(progress)
+        # Request ids of their own: a caller may add requests to self.engine directly.
+        self._ids = (f"llm-{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
 
     def generate(self, prompts: Prompt | list[Prompt],
                  params: SamplingParams | list[SamplingParams] | None = None, *,
                  chat: bool = False) -> list[Completion]:
-        """Run prompts to completion; results come back in input order."""
+        """Run prompts to completion; results come back in input order. An invalid prompt
+        raises PromptError naming its index before any is queued. Requests added to
+        self.engine directly run on meanwhile; their outputs are not returned here."""
         if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts
                                                and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        encoded = [self.engine.inputs.encode(p, chat) for p in prompts]
-        for ids, p in zip(encoded, params_list, strict=True):
-            self.engine.validate(ids, p)  # reject before anything is queued
-        ids = [self.engine.add_request(e, p) for e, p in zip(encoded, params_list, strict=True)]
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError("params", f"{len(params_list)} SamplingParams for "
+                                                f"{len(prompts)} prompts")
+        encoded = []
+        for index, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            try:  # reject before anything is queued
+                encoded.append(self.engine.inputs.encode(prompt, chat))
+                self.engine.validate(encoded[-1], p)
+            except InvalidRequestError as e:
+                raise PromptError(index, e) from None
+        ids = [next(self._ids) for _ in prompts]
         results = {i: dict(tokens=[], text=[], logprobs=[]) for i in ids}
         done: dict[str, Completion] = {}
         try:
+            for i, e, p in zip(ids, encoded, params_list, strict=True):
+                self.engine.add_request(e, p, i)
             while self.engine.has_unfinished():  # also drains the step still in flight
                 for out in self.engine.step():
-                    r = results[out.request_id]
+                    r = results.get(out.request_id)
+                    if r is None:  # a request someone else added to the engine
+                        continue
                     r["tokens"].extend(out.token_ids)
                     r["text"].append(out.text)
                     r["logprobs"].extend(out.logprobs)

@@ -6,6 +6,7 @@ import collections.abc
 import dataclasses
 import enum
 import math
+import numbers
 
 from jaxserve.errors import InvalidRequestError
 
@@ -34,8 +35,12 @@ class SamplingParams:
     speculative: bool = True  # False: this request never speculates (speculative: config)
 
     def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # One string is one stop string (tuple() would split it into its characters).
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        ids = self.stop_token_ids
+        ids = (ids,) if isinstance(ids, numbers.Integral) else tuple(ids)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", ids)
 
     @property
     def uses_penalties(self) -> bool:
