@@ -146,9 +146,11 @@ class EngineLoop:
                 raise NotAdmittingError("the server is shutting down")
             if request_id in self._client_ids:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+            # Aborts the engine has not applied yet (a step is under way) free their seats
+            # now: a burst of cancels must not leave the queue looking full for a step.
             waiting = len(self._inbox) + self._engine_waiting
-            free = max(0, self._slots - self.stats.num_running)
-            if waiting >= self.max_waiting + free:
+            held = waiting + self.stats.num_running - len(self._aborts)
+            if held >= self.max_waiting + self._slots:
                 raise QueueFullError(f"{waiting} requests are waiting or starting "
                                      f"(scheduler.max_waiting={self.max_waiting} beyond the "
                                      f"{self._slots} running slots)")

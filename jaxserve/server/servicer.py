@@ -220,8 +220,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         The count is taken when gRPC reports the RPC done: a handler that returned after the
         client's deadline (or was cut by it) counts DEADLINE_EXCEEDED, not OK or CANCELLED.
+        The deadline is read when the handler's verdict is made, not when gRPC reports the
+        RPC done (after the client's close, which may come after the deadline).
         """
-        outcome: list[grpc.StatusCode] = []  # the handler's own verdict, when it has one
+        # the handler's own verdict, when it has one, and the time left when it was made
+        outcome: list[tuple[grpc.StatusCode, float | None]] = []
         context.add_done_callback(lambda _: self._metrics.count(
             method, _final_code(outcome, context).name))
         try:
@@ -235,15 +238,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                f"{self._config.server.max_message_bytes} "
                                "(server.max_message_bytes)")
             yield
-            outcome.append(grpc.StatusCode.OK)
+            outcome.append((grpc.StatusCode.OK, context.time_remaining()))
         except RpcError as e:
-            outcome.append(e.code)
+            outcome.append((e.code, context.time_remaining()))
             metadata = ((FIELD_METADATA_KEY, e.field),) if e.field else ()
             await context.abort(e.code, e.details, metadata)
         except asyncio.CancelledError:
             raise  # the client went away or its deadline passed: _final_code tells which
         except Exception as e:
-            outcome.append(grpc.StatusCode.INTERNAL)
+            outcome.append((grpc.StatusCode.INTERNAL, context.time_remaining()))
             log.exception("%s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"internal error: {type(e).__name__}: {e}")
@@ -266,14 +269,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 DEADLINE_SLACK_S = 0.1
 
 
-def _final_code(outcome: list[grpc.StatusCode], context) -> grpc.StatusCode:
-    """What the client got: a deadline that passed wins over whatever the handler did, and a
-    cancel that comes within DEADLINE_SLACK_S of the deadline is the client's deadline."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
+def _final_code(outcome: list[tuple[grpc.StatusCode, float | None]],
+                context) -> grpc.StatusCode:
+    """What the client got: a handler's verdict, unless the deadline had passed when it was
+    made; without one (the call was cancelled), a cancel that comes within DEADLINE_SLACK_S
+    of the deadline, or after it, is the client's deadline."""
     if outcome:
-        return outcome[0]
+        code, remaining = outcome[0]
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return code
+    remaining = context.time_remaining()
     if remaining is not None and remaining < DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED

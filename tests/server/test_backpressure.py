@@ -62,3 +62,51 @@ def test_message_over_the_limit_is_resource_exhausted(client):
         client.generate_unary("x" * (MAX_MESSAGE + 1), SamplingParams(max_tokens=1),
                               timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_cancelled_requests_free_their_seats_before_the_engine_steps_again(demo_config,
+                                                                           demo_model):
+    """Requests cancelled while a step is under way still count against the queue in the
+    engine's figures until that step ends: admission counts them gone at once."""
+    import asyncio
+    import threading
+
+    from jaxserve.engine.engine import Engine
+    from jaxserve.server.engine_loop import EngineLoop, QueueFullError
+
+    config = demo_config.replace(scheduler__max_num_seqs=1)
+    engine = Engine(config, demo_model.model_config, demo_model.params, demo_model.tokenizer,
+                    demo_model.mesh)
+    step, steps, release = engine.step, [], threading.Event()
+
+    def held_step():  # the second step stays under way until released
+        steps.append(1)
+        if len(steps) == 2:
+            release.wait(60)
+        return step()
+
+    engine.step = held_step
+    loop = EngineLoop(engine, max_waiting=2)
+    loop.start(warm_up=False)
+    aio = asyncio.new_event_loop()
+    ids = engine.inputs.encode("Count to ten")
+    try:
+        streams = [loop.submit(ids, LONG, request_id=f"r{i}", priority=0, loop=aio)
+                   for i in range(3)]  # one runs, two wait
+        while len(steps) < 2:
+            threading.Event().wait(0.01)
+        assert loop.stats.num_running == 1 and loop.num_waiting == 2
+        with pytest.raises(QueueFullError):
+            loop.submit(ids, LONG, request_id="full", priority=0, loop=aio)
+        for s in streams:
+            loop.abort(s)
+        fresh = [loop.submit(ids, LONG, request_id=f"n{i}", priority=0, loop=aio)
+                 for i in range(3)]  # the seats of the three cancelled
+        with pytest.raises(QueueFullError):
+            loop.submit(ids, LONG, request_id="full", priority=0, loop=aio)
+        for s in fresh:
+            loop.abort(s)
+    finally:
+        release.set()
+        loop.stop(60.0)
+        aio.close()

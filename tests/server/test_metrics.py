@@ -101,3 +101,29 @@ def test_every_rpc_is_counted_under_the_code_its_client_got(served, wait, pages_
         assert failure(lambda: no_token.generate("Hi", LONG, timeout=30)) == \
             grpc.StatusCode.UNAUTHENTICATED
         expect(server, wait, "Generate", "UNAUTHENTICATED", before)
+
+
+class _Context:
+    def __init__(self, remaining):
+        self.remaining = remaining
+
+    def time_remaining(self):
+        return self.remaining
+
+
+def test_the_code_counted_is_the_verdict_when_it_was_made():
+    """gRPC reports an RPC done only after the client's close, which may come after the
+    deadline: an answer sent in time still counts as its own code."""
+    from jaxserve.server.servicer import _final_code
+
+    ok, internal = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
+    late = _Context(-0.5)  # the deadline has passed when the done callback runs
+    assert _final_code([(ok, 0.01)], late) is ok
+    assert _final_code([(internal, 0.2)], late) is internal
+    assert _final_code([(ok, -0.001)], _Context(5.0)) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _final_code([(ok, None)], _Context(None)) is ok  # no deadline
+    # cancelled, no verdict: a cancel near or after the deadline is the deadline's
+    assert _final_code([], _Context(0.05)) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _final_code([], late) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _final_code([], _Context(5.0)) is grpc.StatusCode.CANCELLED
+    assert _final_code([], _Context(None)) is grpc.StatusCode.CANCELLED
