@@ -99,7 +99,8 @@ class CacheSection:
                "rotates the vectors of a quantized cache: it needs kv_dtype int8 or fp8 "
                "(got auto)")
         _check(self.kv_cache_memory is None or 0 < self.kv_cache_memory <= 1
-               or float(self.kv_cache_memory).is_integer(), "kv_cache_memory",
+               or (self.kv_cache_memory > 1 and float(self.kv_cache_memory).is_integer()),
+               "kv_cache_memory",
                f"must be a whole byte count or a fraction in (0, 1] (got "
                f"{self.kv_cache_memory})")
         _check(self.max_model_len >= 2, "max_model_len", f"must be >= 2 (got {self.max_model_len})")

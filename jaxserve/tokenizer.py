@@ -124,8 +124,9 @@ class Tokenizer(abc.ABC):
             return self.encode(text, add_special_tokens=False)
         ids: list[int] = []
         pos = 0
-        for a, b in self._content_spans(text, messages, add_generation_prompt,
-                                        [bool(self._special_re.search(c)) for c in contents]):
+        # marked: the contents with a special string, and any that holds marker text
+        marked = [bool(self._special_re.search(c) or _MARK_RE.search(c)) for c in contents]
+        for a, b in self._content_spans(text, messages, add_generation_prompt, marked):
             ids += self._encode_text(text[pos:a]) + self._encode_plain(text[a:b])
             pos = b
         return ids + self._encode_text(text[pos:])
@@ -713,7 +714,10 @@ class IncrementalDetokenizer:
     def _advance(self, full: str) -> str:
         """Emit `full` past the text already out (or the prompt's), and slide the window to
         start at the read point."""
-        common = len(os.path.commonprefix([self._prefix_text, full]))
+        if full.startswith(self._prefix_text):  # most tokens: one comparison
+            common = len(self._prefix_text)
+        else:
+            common = len(os.path.commonprefix([self._prefix_text, full]))
         if full.startswith(self._base):
             delta = full[max(common, len(self._base)):]
         elif full.endswith("\ufffd"):  # flush: unfinished bytes spoil the window's run of

@@ -50,6 +50,8 @@ def test_demo_config_values():
      "invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
     ("cache:\n  kv_cache_memory: 1.5\n",
      "cache.kv_cache_memory: must be a whole byte count or a fraction in (0, 1] (got 1.5)"),
+    ("cache:\n  kv_cache_memory: 0\n", "cache.kv_cache_memory: must be a whole byte count"),
+    ("cache:\n  kv_cache_memory: -4096\n", "cache.kv_cache_memory: must be a whole byte"),
     ("server:\n  grace_period_s: -5\n", "server.grace_period_s: must be >= 0 seconds"),
     ("server:\n  max_message_bytes: 0\n", "server.max_message_bytes: must be >= 4096 (got 0)"),
     ("server:\n  metrics_port: 70000\n", "server.metrics_port: must be in [0, 65535] or null"),

@@ -343,27 +343,34 @@ def test_local_sh_splits_the_visible_gpus_and_checks_n(tmp_path, n, visible, exp
         assert sorted(line for line in done.stderr.splitlines() if "CVD=" in line) == expected
 
 
-# A fake jaxserve: the leader ($9 is the process id) exits at once, a follower 3 s later.
-LEADER_FIRST = "#!/bin/sh\nif [ \"$9\" = 1 ]; then sleep 3; exit 5; fi\nexit 0\n"
+# A fake jaxserve: the leader ($9 is the process id) exits at once; a follower 3 s later,
+# or at once on SIGTERM, with 5 either way.
+LEADER_FIRST = ("#!/bin/bash\nif [ \"$9\" = 1 ]; then trap 'exit 5' TERM; sleep 3 & wait; "
+                "exit 5; fi\nexit 0\n")
 
 
-def test_local_sh_waits_out_a_signal_for_each_process_s_own_code(tmp_path):
-    """SIGTERM while local.sh waits for a follower: `wait` returns 143 at once, but the
-    follower runs on; its own code is the one recorded, once it exits."""
+@pytest.mark.parametrize("group", [False, True], ids=["local.sh", "its process group"])
+def test_local_sh_waits_out_a_signal_for_each_process_s_own_code(tmp_path, group):
+    """SIGTERM while local.sh waits for a follower (to local.sh alone, or to its whole
+    process group as systemd or a terminal sends it): each process's own code is recorded,
+    once it exits (`wait` returned 143 at once, and -1 when asked again)."""
     fake = tmp_path / "fake"
     fake.write_text(LEADER_FIRST)
     fake.chmod(0o755)
     e = {**env(JAXSERVE=str(fake)), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     e.pop("CUDA_VISIBLE_DEVICES", None)
     started = time.monotonic()
-    group = subprocess.Popen(["bash", str(LOCAL), "2", "x.yaml"], env=e, text=True,
-                             stderr=subprocess.PIPE)
+    group_ = subprocess.Popen(["bash", str(LOCAL), "2", "x.yaml"], env=e, text=True,
+                              stderr=subprocess.PIPE, start_new_session=True)
     time.sleep(1.0)
-    group.send_signal(signal.SIGTERM)
-    _, err = group.communicate(timeout=30)
-    assert group.returncode == 5, err
+    if group:
+        os.killpg(group_.pid, signal.SIGTERM)
+    else:
+        group_.send_signal(signal.SIGTERM)
+    _, err = group_.communicate(timeout=30)
+    assert group_.returncode == 5, err
     assert "local.sh: process 1 exited with 5" in err and "143" not in err
-    assert time.monotonic() - started > 2.5
+    assert group or time.monotonic() - started > 2.5
 
 
 def test_an_error_only_the_leader_sees_ends_it_at_once(config_file):

@@ -104,6 +104,10 @@ class Engine:
         self._spec_totals = SpecCounts()  # every request's, since start
 
     # ----- requests ------------------------------------------------------------------
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is queued or running here (not finished and handed out)."""
+        return request_id in self._tracked
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None, priority: int = 0) -> str:
         """Queue a request; raises InvalidRequestError naming the bad field."""

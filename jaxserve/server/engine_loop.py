@@ -274,6 +274,8 @@ class EngineLoop:
         with self._cv:
             self._engine_waiting = stats.num_waiting
             self.stats = stats
+            # aborts of requests this step finished no longer hold a seat in these figures
+            self._aborts = [a for a in self._aborts if self.engine.has_request(a)]
             num_waiting = len(self._inbox) + stats.num_waiting
         self._route(outputs)
         if self._observer is not None:

@@ -62,17 +62,15 @@ for ((i = 0; i < n; i++)); do
 done
 
 trap 'kill -TERM "${pids[0]}" 2>/dev/null || true' TERM INT
-# reap I: wait for process I and record its exit code. A trapped signal makes `wait`
-# return at once (128 + the signal) while the process runs on: then wait again.
+# reap I: wait for process I and record its exit code. It polls rather than blocking in
+# `wait`, which a trapped signal interrupts (returning 128 + the signal, and sometimes -1
+# when asked again) while the process runs on or is just exiting.
 reap() {
-  local code
-  while true; do
-    code=0
-    wait "${pids[$1]}" || code=$?
-    if ! kill -0 "${pids[$1]}" 2>/dev/null; then
-      break
-    fi
+  while kill -0 "${pids[$1]}" 2>/dev/null; do
+    sleep 0.2 || true  # a group-wide signal ends the sleep too
   done
+  local code=0
+  wait "${pids[$1]}" || code=$?
   codes[$1]=$code
   echo "local.sh: process $1 exited with $code" >&2
 }
@@ -88,7 +86,7 @@ while true; do
   if [ -n "${codes[0]:-}" ] || [[ " ${codes[*]} " =~ \ [1-9] ]]; then
     break
   fi
-  sleep 0.5
+  sleep 0.5 || true
 done
 for ((i = 0; i < n; i++)); do
   if [ -z "${codes[$i]:-}" ]; then

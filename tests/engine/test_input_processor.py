@@ -70,6 +70,10 @@ def test_a_template_may_rewrite_messages_that_hold_no_special_string(demo_model)
     assert "a greeting" not in text and "<|im_start|>assistant\nHello!<|im_end|>" in text
     assert FORGED in text
     assert im_starts(tok, ids) == 4  # three turns and the generation prompt: none forged
+    # Marker text in a plain message is marked too (it would be read as a marker).
+    ids = inputs.encode_messages([{"role": "user", "content": "x \ue0000\ue001 y"},
+                                  {"role": "user", "content": FORGED}])
+    assert "x \ue0000\ue001 y" in tok.decode(ids, skip_special_tokens=False)
     # A content holding a special string that the template changes is still refused.
     with pytest.raises(InvalidRequestError) as e:
         inputs.encode_messages([{"role": "assistant", "content": "<think>x</think> <|im_end|>"}])

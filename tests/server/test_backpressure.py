@@ -110,3 +110,89 @@ def test_cancelled_requests_free_their_seats_before_the_engine_steps_again(demo_
         release.set()
         loop.stop(60.0)
         aio.close()
+
+
+class _OneSlotEngine:
+    """A stand-in engine with one running slot, stepped by hand: a waiting request starts
+    at one step and finishes at the next."""
+
+    def __init__(self):
+        import threading
+        import types
+
+        self.config = types.SimpleNamespace(scheduler=types.SimpleNamespace(max_num_seqs=1))
+        self.runner = types.SimpleNamespace(num_shards=1)
+        self.waiting, self.running = [], []
+        self.during_step = None
+        self.gate = threading.Semaphore(0)
+
+    def stats(self):
+        from jaxserve.engine.engine import EngineStats
+
+        return EngineStats(len(self.waiting), len(self.running), 0, 0, 0, 0, 0)
+
+    def has_unfinished(self):
+        return bool(self.waiting or self.running)
+
+    def has_request(self, request_id):
+        return request_id in self.waiting or request_id in self.running
+
+    def add_request(self, ids, params, request_id, priority):
+        self.waiting.append(request_id)
+
+    def abort(self, request_id):
+        for queue in (self.waiting, self.running):
+            if request_id in queue:
+                queue.remove(request_id)
+
+    def step(self):
+        from jaxserve.engine.request import FinishReason, RequestOutput
+
+        self.gate.acquire()
+        if self.during_step:
+            self.during_step()
+            self.during_step = None
+        if self.running:
+            return [RequestOutput(self.running.pop(0), (1,), "x", True, FinishReason.LENGTH)]
+        if self.waiting:
+            self.running.append(self.waiting.pop(0))
+        return []
+
+
+def test_a_cancel_of_a_request_its_step_finished_frees_one_seat_not_two():
+    """The client cancels a request during the step that finishes it: once that step's
+    figures are in, its seat is free once (the abort no longer counts as a second one)."""
+    import asyncio
+    import threading
+
+    from jaxserve.server.engine_loop import EngineLoop, QueueFullError
+
+    engine, aio, answers, done = _OneSlotEngine(), asyncio.new_event_loop(), [], threading.Event()
+    params = SamplingParams(max_tokens=5)
+
+    def observer(stats, outputs, num_waiting):  # right after the step that finished R
+        if outputs and not answers:
+            for name in ("X", "Y"):
+                try:
+                    loop.submit([1], params, request_id=name, priority=0, loop=aio)
+                    answers.append(f"{name} admitted")
+                except QueueFullError:
+                    answers.append(f"{name} refused")
+            done.set()
+
+    loop = EngineLoop(engine, max_waiting=0, observer=observer)  # one seat, no waiting
+    loop.start(warm_up=False)
+    try:
+        first = loop.submit([1], params, request_id="R", priority=0, loop=aio)
+        engine.gate.release()  # R starts running
+        while not engine.running:
+            threading.Event().wait(0.01)
+        engine.during_step = lambda: loop.abort(first)  # cancelled as its last step runs
+        engine.gate.release()
+        assert done.wait(10)
+        assert answers == ["X admitted", "Y refused"]
+    finally:
+        for _ in range(20):
+            engine.gate.release()
+        loop.stop(10.0)
+        aio.close()
