@@ -1,5 +1,6 @@
 """Paged attention steps for the kernel tests: random pages behind shuffled page tables,
-the reference output, and interpreted kernel checks run in a child process."""
+the reference output, and interpreted kernel checks run in a child process; and the
+attention metadata of one sequence's chunk, for the model tests."""
 
 import os
 import pathlib
@@ -11,7 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.models.llama import AttentionMetadata
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
+
+def one_sequence(pages: np.ndarray, start: int, n: int, page_size: int) -> AttentionMetadata:
+    """Tokens start..start + n of one sequence whose K/V go to `pages` (its page table)."""
+    pos = np.arange(start, start + n)
+    return AttentionMetadata(
+        positions=jnp.asarray(pos, jnp.int32),
+        slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size,
+                                 jnp.int32),
+        page_tables=jnp.asarray(pages[None]),
+        seq_lens=jnp.asarray([start + n], jnp.int32),
+        query_start=jnp.asarray([0, n], jnp.int32))
 
 
 def paged_step(seqs, page, num_tokens, heads=4, kv_heads=2, head_dim=64, seed=0):

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged_steps import one_sequence
 
 from jaxserve.models import transposed
 from jaxserve.models.llama import (
-    AttentionMetadata,
     LlamaModel,
     flatten_params,
     fuse_gate_up,
@@ -256,14 +256,7 @@ def test_rope_kv_writer_on_quantized_pages_matches_the_models_ops(mode):
               jnp.ones(kv_shape[:4], jnp.float32), jnp.ones(kv_shape[:4], jnp.float32))
         start, logits = 0, []
         for n in (4, 1, 6):
-            pos = np.arange(start, start + n)
-            meta = AttentionMetadata(
-                positions=jnp.asarray(pos, jnp.int32),
-                slot_mapping=jnp.asarray(pages[pos // page_size] * page_size
-                                         + pos % page_size, jnp.int32),
-                page_tables=jnp.asarray(pages[None]),
-                seq_lens=jnp.asarray([start + n], jnp.int32),
-                query_start=jnp.asarray([0, n], jnp.int32))
+            meta = one_sequence(pages, start, n, page_size)
             out, kv = model.apply({"params": params}, jnp.asarray(ids[start:start + n]), kv,
                                   meta, jnp.arange(n, dtype=jnp.int32))
             logits.append(np.asarray(out))
@@ -304,13 +297,7 @@ def test_fresh_prompts_on_the_flash_kernel_read_quantized_pages_as_the_rest(mode
     page_size, n = 16, 40  # one fresh prompt of 40 tokens: more than a decode item
     kv_shape = (c.num_layers, 5, page_size, c.num_kv_heads, c.head_dim)
     ids = np.random.default_rng(2).integers(0, c.vocab_size, n).astype(np.int32)
-    pages, pos = np.array([3, 1, 4], np.int32), np.arange(n)
-    meta = AttentionMetadata(
-        positions=jnp.asarray(pos, jnp.int32),
-        slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size,
-                                 jnp.int32),
-        page_tables=jnp.asarray(pages[None]), seq_lens=jnp.asarray([n], jnp.int32),
-        query_start=jnp.asarray([0, n], jnp.int32))
+    meta = one_sequence(np.array([3, 1, 4], np.int32), 0, n, page_size)
     logits = []
     for attention in (ragged_paged_attention_reference, flash):
         kv = (jnp.zeros(kv_shape, KV_STORAGE[mode]), jnp.zeros(kv_shape, KV_STORAGE[mode]),
@@ -396,15 +383,7 @@ def check_against_numpy(name, chunks, kv_rotation=False, joined=False, layer_arr
         assert layer["mlp"]["gate_up_proj"].shape[-3:] == (c.hidden_size, 2, c.intermediate_size)
     start = 0
     for n in chunks:  # feed the sequence chunk by chunk; logits of every chunk's tokens
-        pos = np.arange(start, start + n)
-        meta = AttentionMetadata(
-            positions=jnp.asarray(pos, jnp.int32),
-            slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size,
-                                     jnp.int32),
-            page_tables=jnp.asarray(pages[None]),
-            seq_lens=jnp.asarray([start + n], jnp.int32),
-            query_start=jnp.asarray([0, n], jnp.int32),
-        )
+        meta = one_sequence(pages, start, n, page_size)
         logits, kv = model.apply({"params": params}, jnp.asarray(ids[start:start + n]), kv,
                                  meta, jnp.arange(n, dtype=jnp.int32))
         np.testing.assert_allclose(np.asarray(logits), want[start:start + n],

@@ -9,12 +9,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged_steps import one_sequence
 
 from jaxserve import cli
 from jaxserve.checkpoint import orbax_store
 from jaxserve.engine.llm import LLM
 from jaxserve.engine.request import SamplingParams
-from jaxserve.models.llama import AttentionMetadata, LlamaModel
+from jaxserve.models.llama import LlamaModel
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from sharding.mesh import MeshConfig, make_mesh
 
@@ -103,13 +104,7 @@ def test_router_topk_matches_transformers_on_the_first_prefill(converted, name):
     ids = np.asarray(golden["cases"][0]["prompt_ids"], np.int32)
     n, page_size = len(ids), 16
     pages = np.arange(1, -(-n // page_size) + 1, dtype=np.int32)
-    pos = np.arange(n)
-    meta = AttentionMetadata(
-        positions=jnp.asarray(pos, jnp.int32),
-        slot_mapping=jnp.asarray(pages[pos // page_size] * page_size + pos % page_size,
-                                 jnp.int32),
-        page_tables=jnp.asarray(pages[None]), seq_lens=jnp.asarray([n], jnp.int32),
-        query_start=jnp.asarray([0, n], jnp.int32))
+    meta = one_sequence(pages, 0, n, page_size)
     kv_shape = (config.num_layers, len(pages) + 1, page_size, config.num_kv_heads,
                 config.head_dim)
     kv = (jnp.zeros(kv_shape), jnp.zeros(kv_shape))
