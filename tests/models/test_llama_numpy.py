@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from paged_steps import one_sequence
+from random_models import random_params
 
 from jaxserve.models import transposed
 from jaxserve.models.llama import (
@@ -18,14 +19,12 @@ from jaxserve.models.llama import (
     fuse_gate_up,
     fuse_qkv,
     nest_params,
-    param_specs,
     split_layers,
     transpose_weights,
 )
 from jaxserve.models.model_config import ModelConfig, RopeScaling
 from jaxserve.models.quant import KV_STORAGE
 from jaxserve.models.transposed import Transposed
-from pallas_kernels.flash_prefill import ragged_paged_attention_flash
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.rope_kv_write import rope_and_write_kv_interpret
 
@@ -102,13 +101,6 @@ def np_forward(c: ModelConfig, p: dict, ids: np.ndarray) -> np.ndarray:
     x = rms(x, p["final_norm"]["scale"])
     head = p["embedding"].T if c.tie_word_embeddings else p["lm_head"]
     return x @ head
-
-
-def random_params(c: ModelConfig, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    flat = {path: rng.normal(0, 0.2, shape).astype(np.float32) + (1.0 if "norm" in path else 0)
-            for path, (shape, _) in param_specs(c).items()}
-    return nest_params(flat)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -279,33 +271,6 @@ def test_rope_kv_writer_on_quantized_pages_matches_the_models_ops(mode):
     pos = np.arange(len(ids))  # every written slot got its own scale
     assert np.all(want_kv[2][:, pages[pos // page_size], pos % page_size] != 1.0)
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("mode,tolerance", [("int8", 1e-3), ("fp8", 0.05)])
-def test_fresh_prompts_on_the_flash_kernel_read_quantized_pages_as_the_rest(mode, tolerance):
-    """With int8/fp8 pages, the flash kernel (interpret mode) takes a fresh prompt's keys
-    and values from this step's rows, which must be the rows as the pages hold them: the
-    logits match the reference, which reads them from the pages. (Given the rows before
-    quantization, the int8 logits were 0.64 off.) fp8's coarse steps let the last-bit
-    differences of the two backends flip a rare entry of a later layer: a looser bound."""
-    c = ModelConfig("llama", vocab_size=50, hidden_size=128, intermediate_size=96,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64)
-    params = nest_params(split_layers(
-        jax.tree.map(jnp.asarray, flatten_params(random_params(c, seed=3))), c.num_layers))
-    flash = functools.partial(ragged_paged_attention_flash, interpret=True)
-    flash.takes_new_kv = True
-    page_size, n = 16, 40  # one fresh prompt of 40 tokens: more than a decode item
-    kv_shape = (c.num_layers, 5, page_size, c.num_kv_heads, c.head_dim)
-    ids = np.random.default_rng(2).integers(0, c.vocab_size, n).astype(np.int32)
-    meta = one_sequence(np.array([3, 1, 4], np.int32), 0, n, page_size)
-    logits = []
-    for attention in (ragged_paged_attention_reference, flash):
-        kv = (jnp.zeros(kv_shape, KV_STORAGE[mode]), jnp.zeros(kv_shape, KV_STORAGE[mode]),
-              jnp.ones(kv_shape[:4], jnp.float32), jnp.ones(kv_shape[:4], jnp.float32))
-        out, _ = LlamaModel(c, jnp.float32, attention, layer_arrays=True).apply(
-            {"params": params}, jnp.asarray(ids), kv, meta, jnp.arange(n, dtype=jnp.int32))
-        logits.append(np.asarray(out))
-    np.testing.assert_allclose(logits[1], logits[0], atol=tolerance, rtol=0)
 
 
 def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
