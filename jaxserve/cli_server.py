@@ -127,12 +127,10 @@ def cmd_serve(args) -> int:
 def cmd_client(args, sampling_params) -> int:
     import grpc
 
-    from jaxserve.server.client import Client
     from jaxserve.server.protocol import FINISH_NAMES
 
     if args.prompt is None:
-        with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca,
-                    tls_server_name=args.tls_server_name) as client:
+        with _connect(args) as client:
             try:
                 answer = _client_query(client, args)
             except grpc.RpcError as e:
@@ -157,8 +155,7 @@ def cmd_client(args, sampling_params) -> int:
     if not -INT32_LIMIT <= args.priority < INT32_LIMIT:
         raise JaxserveError(f"--priority: {args.priority} is outside the 32-bit range")
     last = None
-    with Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca,
-                    tls_server_name=args.tls_server_name) as client:
+    with _connect(args) as client:
         try:
             for chunk in client.generate(args.prompt, params, chat=args.chat,
                                          priority=args.priority, timeout=args.timeout):
@@ -184,6 +181,14 @@ INT32_LIMIT = 2**31  # the proto's int32 fields hold [-2**31, 2**31)
 
 def _token(args) -> str | None:
     return args.token or os.environ.get(TOKEN_ENV)
+
+
+def _connect(args):
+    """A Client for the connection options (_add_connection_args)."""
+    from jaxserve.server.client import Client
+
+    return Client(args.host, args.port, token=_token(args), tls_ca=args.tls_ca,
+                  tls_server_name=args.tls_server_name)
 
 
 def _client_query(client, args) -> str:

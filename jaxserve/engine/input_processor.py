@@ -96,17 +96,13 @@ class InputProcessor:
     def _check_bytes(self, field: str, num_chars: int, text: str) -> None:
         """Refuse text that cannot fit the context, without tokenizing it."""
         limit = self.max_prompt_bytes
-        if num_chars > limit:
-            raise InvalidRequestError(
-                field, f"the text is longer than the context of {self.max_model_len} tokens "
-                f"could hold ({limit} bytes at most)")
-        try:
-            size = len(text.encode("utf-8"))
+        try:  # (the character count first: it spares encoding a text far too long)
+            too_long = num_chars > limit or len(text.encode("utf-8")) > limit
         except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer takes it
             raise InvalidRequestError(field, f"the text is not valid Unicode: a lone "
                                              f"surrogate {text[e.start]!r} at character "
                                              f"{e.start}") from None
-        if size > limit:
+        if too_long:
             raise InvalidRequestError(
                 field, f"the text is longer than the context of {self.max_model_len} tokens "
                 f"could hold ({limit} bytes at most)")
