@@ -13,7 +13,9 @@ engine (no wait between them), in microseconds:
 * engine_call_numpy / engine_call_device: the engine's own compiled B=64 decode step (the
   tiny model of bench_host.py, 512-token prompts), given its packed input buffer as numpy
   or already on the device; `_with_wait_per_call`: 50 calls and a final wait, per call
-  (so the device's time when it sets the pace).
+  (so the device's time when it sets the pace);
+* engine_chain_prev...: the same call with what the engine does around it added one thing
+  at a time (engine_pattern_calls), to find where the engine's call loses its time.
 
 The engine's config is the demo's for the backend (the GPU config on a GPU), as in
 bench_host.py; --decode-steps K makes the step a call of K decode steps.
@@ -121,9 +123,52 @@ def engine_calls(config_path: Path, decode_steps: int, calls: int) -> dict:
             call(buffer)
         jax.block_until_ready(runner.state)
         out[name + "_with_wait_per_call"] = round((time.perf_counter() - t) / 50 * 1e6, 1)
+    out.update(engine_pattern_calls(step, runner, host_buffer, prev, calls))
     text = step.as_text()
     out["hlo_kernels_approx"] = text.count("fusion(") + text.count("custom-call(")
     return out
+
+
+def engine_pattern_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> dict:
+    """The engine's step call timed alone while the loop around it adds, one at a time, what
+    the engine does between calls: chain_prev passes the tokens of the call before (still in
+    flight) as the engine does; + copy_async starts the outputs' copy to the host
+    (`copy_to_host_async`); + fetch reads the previous call's outputs after the call;
+    + python runs ~0.6 ms of Python between calls (the engine's scheduling and processing);
+    + spin waits 0.6 ms in a tight loop instead (the device idles, little Python runs)."""
+    def busy_python():
+        t = time.perf_counter() + 6e-4
+        junk = []
+        while time.perf_counter() < t:
+            junk.append({"i": len(junk), "s": str(len(junk))})
+
+    def spin():
+        t = time.perf_counter() + 6e-4
+        while time.perf_counter() < t:
+            pass
+
+    variants = {"chain_prev": (False, False, None),
+                "chain_prev_copy_async": (True, False, None),
+                "chain_prev_copy_async_fetch": (True, True, None),
+                "chain_prev_copy_async_fetch_python": (True, True, busy_python),
+                "chain_prev_copy_async_fetch_spin": (True, True, spin)}
+    result = {}
+    for name, (copy, fetch, between) in variants.items():
+        tokens, pending, times = prev, None, []
+        for _ in range(calls + 3):
+            t = time.perf_counter()
+            runner.state, o, tokens = step(runner.params, runner.state, buffer, tokens)
+            times.append(time.perf_counter() - t)
+            if copy:
+                o.copy_to_host_async()
+            if fetch and pending is not None:
+                np.asarray(jax.device_get(pending))
+            pending = o
+            if between is not None:
+                between()
+        jax.block_until_ready(runner.state)
+        result["engine_" + name] = round(float(np.median(times[3:])) * 1e6, 1)
+    return result
 
 
 def main() -> None:
