@@ -182,6 +182,8 @@ class RunnerSection:
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
+    # the compiled step's calls made by a thread of their own: null = on a GPU (README)
+    dispatch_thread: bool | None = None
 
     def __post_init__(self):
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")

@@ -225,7 +225,13 @@ class Engine:
         previous, self._inflight = self._inflight, handle
         t2 = t3 = time.perf_counter()
         if previous is not None:
-            out = previous.fetch()
+            try:
+                out = previous.fetch()
+            except BaseException:
+                # its call failed (or the device did): the step dispatched after it took
+                # its tokens, so it is lost too; the caller aborts their requests
+                self._inflight = None
+                raise
             t3 = time.perf_counter()
             self._process(previous, out)
         outputs = self._drain()

@@ -10,6 +10,8 @@ of (tokens, sequences) buckets, each compiled ahead of time at warm-up.
 
 Overlap: a decode's input token may come from the previous step's sampled tokens, still on
 the device (`prev_index`), so the host dispatches step N+1 before it reads step N back.
+On a GPU the compiled call itself (0.4-0.6 ms of host time at B=64) is made by a dispatch
+thread, while the engine's thread reads back and processes step N (runner.dispatch_thread).
 
 Meshes: the step runs under `jax.shard_map` over the whole mesh, so every collective in it
 is one we wrote. Each `data` shard runs its own sequences on its own KV pages and penalty
@@ -21,6 +23,7 @@ row-parallel projections. The KV cache is never gathered, moved or reduced.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -88,12 +91,23 @@ class StepHandle:
     """A dispatched step: its device outputs and which request sampled in which row."""
 
     rows: list[tuple[Request, int, int]]  # (request, data shard, row) of each sampled token
-    out: jax.Array  # [D, P, S, W] packed sampler output (step_outputs.py); the last
-    #                 stage's ([:, -1]) are the samples
-    prev_tokens: jax.Array  # [D, P, S_max] tokens each stage received, for the next step
+    # (out, prev_tokens) once the step's call has been made (by the dispatch thread, or
+    # already); a call that raised raises here
+    call: concurrent.futures.Future
     sampled_rows: int  # J: rows sampled per sequence (a multi-step call's: its steps)
     num_top: int  # N: top logprobs per row
     steps: int = 1  # decode steps in the call (multi-step decode: > 1)
+
+    @property
+    def out(self) -> jax.Array:
+        """[D, P, S, W] packed sampler output (step_outputs.py); the last stage's ([:, -1])
+        are the samples."""
+        return self.call.result()[0]
+
+    @property
+    def prev_tokens(self) -> jax.Array:
+        """[D, P, S_max] tokens each stage received, for the next step."""
+        return self.call.result()[1]
 
     def fetch(self) -> SamplerOutput:
         """The samples [D, S, ...] as numpy views of one device-to-host transfer."""
@@ -333,6 +347,16 @@ class Runner:
         self._prev_tokens = self._to_global(
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
+        # One thread makes the compiled calls, in order, while the engine's thread goes on
+        # (runner.dispatch_thread; null: on a GPU). The batch builder's ring keeps a step's
+        # input buffer unwritten until two later steps have been built, and the engine reads
+        # a step back before it builds the one after the next, so a buffer waiting for its
+        # call is never rewritten.
+        dispatch = config.runner.dispatch_thread
+        if dispatch is None:
+            dispatch = jax.default_backend() == "gpu"
+        self._dispatcher = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="jaxserve-step") if dispatch else None
         self._compiled: dict[tuple[int, int, int], object] = {}
         # Seconds each program took to trace, lower and compile, or to load whole.
         self.compile_times: dict[tuple[int, int, int, int], dict[str, float]] = {}
@@ -550,11 +574,23 @@ class Runner:
                 seq.request.num_pending += seq.steps
         if self.channel is not None:
             self.channel.send(Message(Op.STEP, bucket, prev is not None, host.buffer))
-        out, next_prev = self._run(bucket, host.buffer,
-                                   prev.prev_tokens if prev is not None else None)
-        out.copy_to_host_async()
+        prev_call = prev.call if prev is not None else None
+        if self._dispatcher is not None:
+            call = self._dispatcher.submit(self._call, bucket, host.buffer, prev_call)
+        else:
+            call = concurrent.futures.Future()
+            call.set_result(self._call(bucket, host.buffer, prev_call))
         steps = bucket[3]
-        return StepHandle(rows, out, next_prev, bucket[2] * steps, self.num_top, steps)
+        return StepHandle(rows, call, bucket[2] * steps, self.num_top, steps)
+
+    def _call(self, bucket, buffer: np.ndarray, prev_call: concurrent.futures.Future | None):
+        """Make one step's call and start its outputs' copy to the host: (outputs, tokens to
+        send on). On the dispatch thread the previous step's call has been made (one thread
+        makes them in order), so prev_call is done; if it raised, so does this one."""
+        out, next_prev = self._run(bucket, buffer,
+                                   prev_call.result()[1] if prev_call is not None else None)
+        out.copy_to_host_async()
+        return out, next_prev
 
     def _run(self, bucket, buffer: np.ndarray, prev_tokens):
         """Dispatch one compiled step (every process does, with the same inputs): one
@@ -584,9 +620,17 @@ class Runner:
             self.channel.send(Message(Op.PING))
 
     def close(self) -> None:
-        """Let the followers go (the leader, once it has finished serving)."""
+        """Let the followers go (the leader, once it has finished serving), and the
+        dispatch thread."""
         if self.channel is not None and self.channel.is_leader():
             self.channel.send(Message(Op.STOP))
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown(wait=True)
+
+    @property
+    def dispatches_on_thread(self) -> bool:
+        """Whether a thread of its own makes the compiled calls (runner.dispatch_thread)."""
+        return self._dispatcher is not None
 
     @property
     def pipeline_busy(self) -> bool:
