@@ -59,6 +59,8 @@ def main() -> None:
                     help="runner.attention_backend (default: the config's)")
     ap.add_argument("--paged-prefill", choices=("on", "off"), default=None,
                     help="runner.paged_prefill (default: the config's)")
+    ap.add_argument("--dispatch-thread", choices=("on", "off"), default=None,
+                    help="runner.dispatch_thread (default: the config's; null = on a GPU)")
     ap.add_argument("--warm-runs", type=int, default=1,
                     help="untimed runs of the workload first, with other prompts")
     ap.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
@@ -75,6 +77,8 @@ def main() -> None:
         config = config.replace(model__quantization=args.quantization)
     if args.paged_prefill is not None:
         config = config.replace(runner__paged_prefill=args.paged_prefill == "on")
+    if args.dispatch_thread is not None:
+        config = config.replace(runner__dispatch_thread=args.dispatch_thread == "on")
     t0 = time.perf_counter()
     loaded = load_model(config)
     load_s = time.perf_counter() - t0
@@ -148,6 +152,7 @@ def main() -> None:
         "decode_steps": config.scheduler.decode_steps,
         "attention_backend": config.runner.attention_backend,
         "paged_prefill": config.runner.paged_prefill,
+        "dispatch_thread": engine.runner.dispatches_on_thread,
         "step_time": steps, "num_steps": len(step_times),
         "floor": {"weight_bytes": weight_bytes,
                   "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],
