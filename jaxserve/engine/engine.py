@@ -187,7 +187,8 @@ class Engine:
         self.runner.ping()
 
     def close(self) -> None:
-        """Over several processes: release the followers (call once, when done)."""
+        """Release the followers (over several processes) and the dispatch thread (call once,
+        when done: no step after it)."""
         self.runner.close()
 
     # ----- the step ------------------------------------------------------------------
