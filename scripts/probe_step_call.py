@@ -135,7 +135,10 @@ def engine_pattern_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> 
     flight) as the engine does; + copy_async starts the outputs' copy to the host
     (`copy_to_host_async`); + fetch reads the previous call's outputs after the call;
     + python runs ~0.6 ms of Python between calls (the engine's scheduling and processing);
-    + spin waits 0.6 ms in a tight loop instead (the device idles, little Python runs)."""
+    + spin waits 0.6 ms in a tight loop instead (the device idles, little Python runs).
+    chain_prev_kept keeps every call's outputs alive to the end of the loop, so no buffer
+    still in use on the device is freed between calls (is the cost the input not ready, or
+    freeing the one before?)."""
     def busy_python():
         t = time.perf_counter() + 6e-4
         junk = []
@@ -147,18 +150,21 @@ def engine_pattern_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> 
         while time.perf_counter() < t:
             pass
 
-    variants = {"chain_prev": (False, False, None),
-                "chain_prev_copy_async": (True, False, None),
-                "chain_prev_copy_async_fetch": (True, True, None),
-                "chain_prev_copy_async_fetch_python": (True, True, busy_python),
-                "chain_prev_copy_async_fetch_spin": (True, True, spin)}
+    variants = {"chain_prev": (False, False, None, False),
+                "chain_prev_kept": (False, False, None, True),
+                "chain_prev_copy_async": (True, False, None, False),
+                "chain_prev_copy_async_fetch": (True, True, None, False),
+                "chain_prev_copy_async_fetch_python": (True, True, busy_python, False),
+                "chain_prev_copy_async_fetch_spin": (True, True, spin, False)}
     result = {}
-    for name, (copy, fetch, between) in variants.items():
-        tokens, pending, times = prev, None, []
+    for name, (copy, fetch, between, keep) in variants.items():
+        tokens, pending, times, kept = prev, None, [], []
         for _ in range(calls + 3):
             t = time.perf_counter()
             runner.state, o, tokens = step(runner.params, runner.state, buffer, tokens)
             times.append(time.perf_counter() - t)
+            if keep:
+                kept.append((o, tokens))
             if copy:
                 o.copy_to_host_async()
             if fetch and pending is not None:
@@ -167,6 +173,7 @@ def engine_pattern_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> 
             if between is not None:
                 between()
         jax.block_until_ready(runner.state)
+        del kept
         result["engine_" + name] = round(float(np.median(times[3:])) * 1e6, 1)
     return result
 
