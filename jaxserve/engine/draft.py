@@ -30,7 +30,10 @@ class DraftProposer:
     def __init__(self, config: Config, model_config, params, mesh):
         """config: the draft model's own jaxserve config."""
         self.config = config
-        self.runner = Runner(config, model_config, params, mesh, eos_ids=())
+        # Its steps are read back as soon as they are dispatched (nothing to overlap), so
+        # its calls are made inline, with no thread of their own to close.
+        self.runner = Runner(config.replace(runner__dispatch_thread=False), model_config,
+                             params, mesh, eos_ids=())
         # No prefix cache: a shadow's pages are cut back and rewritten as the target moves.
         self.page_table = PageTable(self.runner.num_pages, config.cache.page_size,
                                     enable_prefix_cache=False)

@@ -357,6 +357,7 @@ class Runner:
             dispatch = jax.default_backend() == "gpu"
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="jaxserve-step") if dispatch else None
+        self._last_call: concurrent.futures.Future | None = None  # submitted to it last
         self._compiled: dict[tuple[int, int, int], object] = {}
         # Seconds each program took to trace, lower and compile, or to load whole.
         self.compile_times: dict[tuple[int, int, int, int], dict[str, float]] = {}
@@ -576,7 +577,15 @@ class Runner:
             self.channel.send(Message(Op.STEP, bucket, prev is not None, host.buffer))
         prev_call = prev.call if prev is not None else None
         if self._dispatcher is not None:
-            call = self._dispatcher.submit(self._call, bucket, host.buffer, prev_call)
+            if tuple(bucket) not in self._compiled:
+                # A program warm-up did not compile is traced and compiled here, under the
+                # caller's JAX settings (they are per thread: default_matmul_precision), once
+                # the calls before it are made (each replaces the state that tracing reads).
+                if self._last_call is not None:
+                    concurrent.futures.wait([self._last_call])
+                self._executable(*bucket)
+            call = self._last_call = self._dispatcher.submit(self._call, bucket, host.buffer,
+                                                             prev_call)
         else:
             call = concurrent.futures.Future()
             call.set_result(self._call(bucket, host.buffer, prev_call))

@@ -3,8 +3,10 @@ tokens as calls made inline, and a call that fails there fails the engine's step
 failing the steps after it."""
 
 import dataclasses
+import re
 import threading
 
+import jax
 import pytest
 from engine_checks import REPEAT, make_engine, run
 
@@ -70,3 +72,19 @@ def test_a_call_that_fails_on_the_dispatch_thread_fails_one_step_only(demo_confi
     # the step dispatched after the failed one is dropped with it, not failed again later
     assert run(engine, [("again", ids, params)])[0]["again"] == cold
     engine.close()
+
+
+def test_programs_compile_under_the_callers_jax_settings(demo_config, demo_model):
+    """JAX's settings are per thread: a program warm-up did not compile must be compiled on
+    the engine's thread, or default_matmul_precision set around the step is lost (on the
+    dispatch thread its dots compiled at the default precision)."""
+    engine = make_engine(demo_config, demo_model, runner__dispatch_thread=True,
+                         runner__compilation_cache_dir=None)
+    ids = demo_model.tokenizer.encode("The capital of France is")
+    with jax.default_matmul_precision("highest"):
+        run(engine, [("r", ids, SamplingParams(max_tokens=3, temperature=0.0))])
+    engine.close()
+    assert engine.runner._compiled  # compiled on the way, with no warm-up
+    for program in engine.runner._compiled.values():
+        dots = re.findall(r"operand_precision=\{([^}]*)\}", program.as_text())
+        assert dots and set(dots) == {"highest,highest"}

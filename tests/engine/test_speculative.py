@@ -208,8 +208,10 @@ def test_sampled_tokens_follow_the_same_distribution(demo_config, demo_model):
 
 # ----- a draft model --------------------------------------------------------------------
 
-def draft_yaml(tmp_path, demo_config, checkpoint: str, max_model_len: int = 256) -> str:
-    """A draft model's config file: small buckets and KV pool, the demo's cache dirs."""
+def draft_yaml(tmp_path, demo_config, checkpoint: str, max_model_len: int = 256,
+               runner: str = "") -> str:
+    """A draft model's config file: small buckets and KV pool, the demo's cache dirs;
+    `runner`: more runner settings (YAML flow mapping entries)."""
     c = demo_config
     path = tmp_path / "draft.yaml"
     path.write_text(f"""model: {{name: draft, dtype: float32}}
@@ -217,7 +219,7 @@ checkpoint: {{{checkpoint}, cache_dir: {c.checkpoint.cache_dir}}}
 cache: {{page_size: 16, kv_cache_memory: 67108864, max_model_len: {max_model_len}}}
 scheduler: {{max_num_seqs: 16, max_num_batched_tokens: 64}}
 runner: {{token_buckets: [16, 64], seq_buckets: [4, 16],
-          compilation_cache_dir: {c.runner.compilation_cache_dir}}}
+          compilation_cache_dir: {c.runner.compilation_cache_dir}{runner}}}
 """)
     return str(path)
 
@@ -256,10 +258,17 @@ def test_a_random_draft_is_mostly_rejected_and_changes_nothing(
         tmp_path, demo_config, demo_model, workload, baseline):
     vocab = demo_model.model_config.vocab_size
     checkpoint = f"source: random, random_shape: {random_draft_shape(tmp_path, vocab)}"
-    spec = SpeculativeSection(method="draft", num_tokens=3,
-                              draft_config=draft_yaml(tmp_path, demo_config, checkpoint))
-    engine = make_engine(demo_config, demo_model, speculative=spec)
+    # the target's calls on the dispatch thread; the draft's inline whatever its config
+    # says (it reads each step back at once: a thread would only add its hand-over, and
+    # Engine.close would leave it running)
+    spec = SpeculativeSection(method="draft", num_tokens=3, draft_config=draft_yaml(
+        tmp_path, demo_config, checkpoint, runner=", dispatch_thread: true"))
+    engine = make_engine(demo_config, demo_model, speculative=spec,
+                         runner__dispatch_thread=True)
+    assert engine.runner.dispatches_on_thread
+    assert not engine.proposer.runner.dispatches_on_thread
     results, metrics = run(engine, workload, arrive_every=2)
+    engine.close()
     for rid in baseline:
         assert_same(results[rid], baseline[rid], rid)
     assert metrics["rep"].draft_tokens > 0
