@@ -104,8 +104,10 @@ def cmd_serve(args) -> int:
                  if getattr(args, k) is not None}
     try:
         config = config.replace(**overrides)
-    except ValueError as e:
-        raise ConfigError(f"{args.config}: server.{e}") from None
+    except ValueError as e:  # name the flags: the file alone may be fine
+        flags = " ".join(f"--{k.split('__')[1].replace('_', '-')} {v}"
+                         for k, v in overrides.items())
+        raise ConfigError(f"{args.config} with {flags}: server.{e}") from None
     config = launch.with_distributed_args(config, args, args.config)
     progress = not args.no_progress
     # Every process refuses an unsafe bind before joining (the processes share their

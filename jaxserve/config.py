@@ -7,7 +7,10 @@ Unknown keys and bad values raise ConfigError naming the file and the key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -229,9 +232,17 @@ class ServerSection:
     auth_token: str | None = None
 
     def __post_init__(self):
+        _check(self.host == self.host.strip() and self.host != "", "host",
+               f"must be a host name or an IP address with no spaces (got {self.host!r})")
+        _check(":" not in self.host or _is_ipv6(self.host), "host",
+               f"{self.host!r} is not an IP address or a host name; a port goes in "
+               "server.port")
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535] (got {self.port})")
         _check(self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port",
                f"must be in [0, 65535] or null (got {self.metrics_port})")
+        _check(not self.port or self.metrics_port != self.port, "metrics_port",
+               f"must differ from server.port (both {self.port}): the metrics are served "
+               "over HTTP on a port of their own")
         _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert",
                "tls_cert and tls_key must be given together")
         _check(self.grace_period_s >= 0, "grace_period_s",
@@ -296,6 +307,27 @@ class Config:
         return dataclasses.replace(self, **updates)
 
 
+def _is_ipv6(host: str) -> bool:
+    """An IPv6 address, bare or in brackets ([::1])."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value: str):
+    """A number YAML left as text: PyYAML reads 1e9 (no dot, no sign in the exponent) as
+    a string. Returns the number, or None when the text is not a finite decimal one."""
+    if not _DECIMAL.fullmatch(value) or not math.isfinite(number := float(value)):
+        return None
+    return int(number) if number.is_integer() and abs(number) < 2**63 else number
+
+
 def _coerce(value, hint, key: str):
     """Check a YAML value against a field's type hint; tuples come from YAML lists."""
     origin = typing.get_origin(hint)
@@ -315,6 +347,8 @@ def _coerce(value, hint, key: str):
             raise ValueError(f"{key}: expected a list (got {value!r})")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(v, item, key) for v in value)
+    if hint in (int, float) and isinstance(value, str) and _number(value) is not None:
+        value = _number(value)  # 1e9: YAML's text, meant as a number
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -364,12 +398,27 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: with the plain
+    loader the last one wins silently (a second `cache:` section replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeyLoader) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:  # one line: where, and what

@@ -27,8 +27,9 @@ def with_distributed_args(config: Config, args, source: str) -> Config:
         return config
     try:
         return config.replace(distributed=dataclasses.replace(config.distributed, **flags))
-    except ValueError as e:
-        raise ConfigError(f"{source}: distributed.{e}") from None
+    except ValueError as e:  # name the flags: the file alone may be fine
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+        raise ConfigError(f"{source} with {given}: distributed.{e}") from None
 
 
 joined = False  # this process runs with others (jax.distributed): main() then leaves at once

@@ -132,6 +132,19 @@ def test_serve_reports_a_busy_port_in_one_line_before_loading(tmp_path, capsys, 
     assert len(err.splitlines()) == 1
 
 
+def test_a_bad_flag_value_is_named_as_the_flag_not_blamed_on_the_file(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("checkpoint:\n  source: /nonexistent/model.gguf\n")
+    code = cli.main(["serve", "--config", str(config), "--port", "70000"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"jaxserve serve: error: {config} with --port 70000: server.port: must "
+                   "be in [0, 65535] (got 70000)"), err
+    code = cli.main(["serve", "--config", str(config), "--num-processes", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{config} with --num-processes 0: distributed." in err, err
+
+
 def test_generate_checks_its_input_before_loading_the_model(capsys, tmp_path):
     config = tmp_path / "c.yaml"  # loading would fail: each error below must come first
     config.write_text("checkpoint:\n  source: /nonexistent/model.gguf\n")

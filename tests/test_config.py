@@ -58,6 +58,19 @@ def test_demo_config_values():
     ("1: a\nfoo: b\n", "1: unknown section"),
     ("cache:\n  1: a\n  foo: b\n", "cache.1: unknown key"),
     ("cache:\n  page_size: 16\n# caf\xe9\n", "not UTF-8 text"),
+    # a second section (or key) of the same name silently replaced the first
+    ("cache:\n  kv_cache_memory: 268435456\ncache:\n  max_model_len: 4096\n",
+     "invalid YAML at line 3, column 1: 'cache' is given twice in one mapping"),
+    ("cache: {page_size: 16, page_size: 32}\n", "'page_size' is given twice"),
+    ("server:\n  host: localhost:50181\n",
+     "server.host: 'localhost:50181' is not an IP address or a host name; a port goes in "
+     "server.port"),
+    ("server:\n  host: '127.0.0.1 '\n", "server.host: must be a host name or an IP address "
+     "with no spaces"),
+    ("server:\n  port: 50171\n  metrics_port: 50171\n",
+     "server.metrics_port: must differ from server.port (both 50171)"),
+    ("cache:\n  kv_cache_memory: 1e400\n", "cache.kv_cache_memory: expected float"),
+    ("cache:\n  page_size: 1.6e1x\n", "cache.page_size: expected int (got '1.6e1x')"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -67,6 +80,17 @@ def test_bad_configs_name_file_and_key(tmp_path, text, message):
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
     assert "\n" not in str(e.value)  # one line
+
+
+def test_numbers_yaml_reads_as_text_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e9 (no dot, no signed exponent) as text; it means a number."""
+    path = tmp_path / "sci.yaml"
+    path.write_text("cache:\n  kv_cache_memory: 1e9\n  page_size: 3.2E1\n"
+                    "server:\n  host: '[::1]'\n  grace_period_s: 5e0\n")
+    c = load_config(path)
+    assert (c.cache.kv_cache_memory, c.cache.page_size) == (1e9, 32)
+    assert type(c.cache.page_size) is int
+    assert (c.server.host, c.server.grace_period_s) == ("[::1]", 5.0)
 
 
 def test_missing_config_file(tmp_path):
