@@ -53,6 +53,14 @@ class LoadedModel:
     mesh: jax.sharding.Mesh
 
 
+def make_dir(path, key: str) -> None:
+    """Create a directory the config names, or say which setting names one that cannot be."""
+    try:
+        os.makedirs(os.path.expanduser(path), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path}: {e.strerror}") from None
+
+
 def checkpoint_dir(config: Config, progress: bool = True,
                    check: Callable[[ModelConfig], None] | None = None) -> Path:
     """The converted checkpoint for this config, converting the source on first use;
@@ -65,6 +73,7 @@ def checkpoint_dir(config: Config, progress: bool = True,
     """
     ck = config.checkpoint
     if ck.source == "demo":
+        make_dir(ck.cache_dir, "checkpoint.cache_dir")
         src = demo_gguf(ck.cache_dir)
     else:
         src = Path(ck.source).expanduser()
@@ -76,6 +85,7 @@ def checkpoint_dir(config: Config, progress: bool = True,
     out = ck.converted_path(config.model.name, identity)
     if _converted(out, identity, src, ck.path):
         return out
+    make_dir(out.parent, "checkpoint.path" if ck.path else "checkpoint.cache_dir")
     # Processes started together (local.sh, servers sharing a cache) convert one at a time;
     # the others then find the checkpoint complete.
     with exclusive(lock_path(out), f"waiting for another process converting {src} -> {out}"):

@@ -26,3 +26,28 @@ def test_load_model_compiles_into_the_persistent_cache(tmp_path):
     subprocess.run([sys.executable, "-c", SCRIPT, str(shape), str(cache)], check=True,
                    timeout=300)
     assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_directories_that_cannot_be_created_name_their_setting(tmp_path):
+    import pytest
+
+    from jaxserve.config import Config
+    from jaxserve.engine.runner import setup_compilation_cache
+    from jaxserve.errors import ConfigError
+    from jaxserve.loader import checkpoint_dir
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError) as e:
+        setup_compilation_cache(str(a_file / "xla"))
+    assert str(e.value) == (f"runner.compilation_cache_dir: cannot create {a_file / 'xla'}: "
+                            "Not a directory")
+    config = Config().replace(checkpoint__source="demo", checkpoint__cache_dir=str(a_file / "c"))
+    with pytest.raises(ConfigError) as e:
+        checkpoint_dir(config, progress=False)
+    assert str(e.value) == f"checkpoint.cache_dir: cannot create {a_file / 'c'}: Not a directory"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    config = Config().replace(checkpoint__source=str(gguf), checkpoint__path=str(a_file / "o"))
+    with pytest.raises(ConfigError, match=r"^checkpoint.path: cannot create .*a-file: File "):
+        checkpoint_dir(config, progress=False)

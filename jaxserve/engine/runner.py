@@ -249,17 +249,37 @@ def kv_bytes_per_head_token(config: Config, head_dim: int) -> int:
     return head_dim * kv_dtype(config).itemsize + (4 if config.cache.kv_dtype != "auto" else 0)
 
 
+def kv_page_bytes(config: Config, model: ModelConfig, kv_heads_per_device: int,
+                  layers_per_device: int) -> int:
+    """Bytes of one KV page (K and V, every layer) on one device."""
+    return 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
+        * kv_bytes_per_head_token(config, model.head_dim)
+
+
 def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int,
                  layers_per_device: int) -> int:
     """Pages per data shard that fit the KV budget of every device: bytes per device, or a
-    fraction of the free memory of the device that has least (weights already loaded)."""
-    page_bytes = 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
-        * kv_bytes_per_head_token(config, model.head_dim)
-    budget = kv_budget(config, mesh.local_devices)
+    fraction of the free memory of the device that has least (weights already loaded). A
+    byte count larger than that free memory (on a CPU: than the host's memory, which its
+    devices share) is a ConfigError."""
+    page_bytes = kv_page_bytes(config, model, kv_heads_per_device, layers_per_device)
+    devices = mesh.local_devices
+    budget = kv_budget(config, devices)
+    stats = [d.memory_stats() or {} for d in devices]
+    free, there = None, ""
+    if all("bytes_limit" in st for st in stats):
+        free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+        there = (f"the device with least free memory has {free} bytes free after the "
+                 "weights; give a smaller byte count or a fraction of free memory")
+    elif all(d.platform == "cpu" for d in devices):  # CPU devices share the host's memory
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+        there = (f"this host has {free * len(devices)} bytes of memory"
+                 + (f" for {len(devices)} devices" if len(devices) > 1 else "")
+                 + "; give a smaller byte count")
     if budget <= 1:
-        free = [device.memory_stats()["bytes_limit"]
-                - device.memory_stats().get("bytes_in_use", 0) for device in mesh.local_devices]
-        budget = budget * min(free)
+        budget = budget * free
+    elif free is not None and budget > free:
+        raise ConfigError(f"cache.kv_cache_memory={budget:.0f} bytes per device, but {there}")
     pages = int(budget // page_bytes)
     if jax.process_count() > 1:  # every process must build the same cache
         pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
@@ -277,6 +297,9 @@ class Runner:
         self.max_seqs = config.runner.seq_buckets[-1]
         self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
         self.num_top = config.runner.max_logprobs
+        if self.num_top > model_config.vocab_size:
+            raise ConfigError(f"runner.max_logprobs: {self.num_top} is more than the model's "
+                              f"vocabulary of {model_config.vocab_size} tokens")
         self.num_shards = mesh.shape["data"]
         self.stages = mesh.shape[PIPELINE_AXIS]
         # Arrays with leading [D, P] axes (step inputs, sampled tokens): a block per data
@@ -289,9 +312,14 @@ class Runner:
         self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads,
                                       self.pipeline.slots)
         if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
+            need = -(-config.cache.max_model_len // self.page_size) + 1
+            page = kv_page_bytes(config, model_config, self.plan.kv_heads, self.pipeline.slots)
             raise ConfigError(
-                f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} tokens, "
-                f"fewer than one sequence of cache.max_model_len={config.cache.max_model_len}")
+                f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} "
+                f"tokens, one of them reserved: {(self.num_pages - 1) * self.page_size} "
+                f"tokens, fewer than one sequence of cache.max_model_len="
+                f"{config.cache.max_model_len}; one needs {need} pages, {need * page} bytes "
+                "per device")
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts, tensor = mesh.shape[EXPERT_AXIS], mesh.shape[TENSOR_AXIS]
@@ -670,7 +698,11 @@ def setup_compilation_cache(directory: str | None) -> None:
     if not directory:
         return
     path = os.path.expanduser(directory)
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"runner.compilation_cache_dir: cannot create {directory}: "
+                          f"{e.strerror}") from None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

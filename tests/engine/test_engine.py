@@ -415,3 +415,42 @@ def test_kv_cache_size_defaults_to_bytes_on_cpu_and_a_fraction_fails_first(demo_
     with pytest.raises(ConfigError, match=r"cache.kv_cache_memory=0.9 is a fraction of free "
                                           r"device memory, but cpu devices report no memory"):
         load_model(missing, progress=False)  # before the source is even looked at
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a CPU host's memory")
+def test_kv_cache_sizes_that_cannot_hold_a_sequence_or_fit_the_host_are_named(demo_config,
+                                                                           demo_model):
+    # exactly 128 pages: 2048 tokens, but page 0 is reserved, so 2032 hold tokens
+    with pytest.raises(ConfigError) as e:
+        make_engine(demo_config, demo_model, cache__max_model_len=2048,
+                    cache__kv_cache_memory=128 * PAGE_BYTES)
+    assert str(e.value) == (
+        "cache.kv_cache_memory holds 128 pages of 16 tokens, one of them reserved: 2032 "
+        "tokens, fewer than one sequence of cache.max_model_len=2048; one needs 129 pages, "
+        f"{129 * PAGE_BYTES} bytes per device")
+    assert make_engine(demo_config, demo_model, cache__max_model_len=2048,
+                       cache__kv_cache_memory=129 * PAGE_BYTES).runner.num_pages == 129
+    # more than the host has: refused before the cache is allocated (it was XLA's
+    # RESOURCE_EXHAUSTED traceback)
+    with pytest.raises(ConfigError, match=r"^cache.kv_cache_memory=1125899906842624 bytes per "
+                                          r"device, but this host has \d+ bytes of memory; "
+                                          r"give a smaller byte count$"):
+        make_engine(demo_config, demo_model, cache__kv_cache_memory=float(2**50))
+
+
+def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path):
+    from engine_checks import save_tiny_shape
+
+    from jaxserve.config import Config
+    from jaxserve.loader import load_model
+
+    config = Config().replace(
+        model__name="tiny", model__dtype="float32", checkpoint__source="random",
+        checkpoint__random_shape=str(save_tiny_shape(tmp_path / "tiny.json")),
+        cache__max_model_len=64, cache__kv_cache_memory=float(1 << 20),
+        runner__compilation_cache_dir=None, runner__max_logprobs=200)
+    m = load_model(config, progress=False)
+    with pytest.raises(ConfigError) as e:  # it was top_k's ValueError from the first step
+        Engine(config, m.model_config, m.params, None, m.mesh)
+    assert str(e.value) == ("runner.max_logprobs: 200 is more than the model's vocabulary of "
+                            "128 tokens")
