@@ -2,11 +2,13 @@
 
 Each step has a token budget. Running requests go first, in priority order (lower value
 first, then arrival): a decode takes one token, an unfinished prefill takes the next chunk.
-Then waiting requests are admitted while the budget, `max_num_seqs` and free pages allow.
-When a running request needs a page and none is free, the least important running request
-is preempted: its pages are freed and it goes back to the waiting queue, to be recomputed
-from its prompt and the tokens it already produced (so nothing is lost and greedy output
-is unchanged).
+Then waiting requests are admitted, in priority order then arrival, while the budget,
+`max_num_seqs` and free pages allow: a request is admitted only when the pages of its
+whole prefill are free (its chunks then never preempt it). When a running request needs a
+page and none is free, the least important running request is preempted: its pages are
+freed and it goes back to the waiting queue, in its place by arrival, to be recomputed from
+its prompt and the tokens it already produced (so nothing is lost and greedy output is
+unchanged).
 
 Data parallelism: each data shard has its own page table, token budget and `max_num_seqs`.
 One waiting queue feeds them all; a request is placed when it is admitted, on the shard
@@ -75,7 +77,8 @@ class Scheduler:
         self.stages = stages
         self.tick = 0  # steps scheduled so far
         self._per_tick = -(-config.max_num_seqs // stages)  # sequences per shard per tick
-        self._waiting: list[tuple[int, int, Request]] = []  # heap of (priority, order, req)
+        # heap of (priority, arrival, order, req): a preempted request keeps its place
+        self._waiting: list[tuple[int, float, int, Request]] = []
         self._order = itertools.count()
         self.running: list[Request] = []
         self._in_order = True  # running is sorted by (priority, arrival)
@@ -87,14 +90,15 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
-        heapq.heappush(self._waiting, (request.priority, next(self._order), request))
+        heapq.heappush(self._waiting, (request.priority, request.arrival_time,
+                                       next(self._order), request))
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queues (finished or aborted) and free its pages."""
         if request in self.running:
             self.running.remove(request)
         else:
-            self._waiting = [e for e in self._waiting if e[2] is not request]
+            self._waiting = [e for e in self._waiting if e[-1] is not request]
             heapq.heapify(self._waiting)
         self.page_tables[request.shard].free(request.request_id)
 
@@ -154,7 +158,7 @@ class Scheduler:
         # is taken next tick, in single steps.
         full: set[int] = set()  # shards the head of the queue found without pages for it
         while self._waiting and multi == 1:
-            req = self._waiting[0][2]
+            req = self._waiting[0][-1]
             if req.num_pending:  # a token from before its preemption is still on the device
                 break
             # Penalty tables are rebuilt from the tokens a request computes: no shared prefix.
@@ -166,7 +170,12 @@ class Scheduler:
             cached = table.admit(req.request_id, req.token_ids, use_cache=use_cache)
             req.num_computed_tokens = cached
             n = self._chunk(req, budgets[shard])
-            if n == 0 or not table.ensure(req.request_id, cached + n):
+            # Admit only what can finish its prefill with the pages free now: a request
+            # admitted with its first chunk alone preempts itself at its next chunk, and
+            # (without a prefix-cache hit, e.g. with penalties) is admitted again from
+            # scratch in the same tick, tick after tick.
+            if n == 0 or table.pages_needed(req.request_id, req.num_tokens) \
+                    > table.num_free_pages or not table.ensure(req.request_id, cached + n):
                 table.free(req.request_id)
                 req.num_computed_tokens = 0
                 full.add(shard)  # another replica may have the room this one lacks
