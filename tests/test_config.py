@@ -82,6 +82,16 @@ def test_bad_configs_name_file_and_key(tmp_path, text, message):
     assert "\n" not in str(e.value)  # one line
 
 
+def test_yaml_merge_keys_still_merge_and_unhashable_keys_are_a_yaml_error(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("server:\n  <<: {port: 50052, host: 0.0.0.0}\n  port: 50053\n")
+    c = load_config(path)
+    assert (c.server.port, c.server.host) == (50053, "0.0.0.0")
+    path.write_text("server:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line 2, column 5: found unhashable"):
+        load_config(path)
+
+
 def test_numbers_yaml_reads_as_text_are_numbers(tmp_path):
     """YAML 1.1 reads 1e9 (no dot, no signed exponent) as text; it means a number."""
     path = tmp_path / "sci.yaml"

@@ -279,7 +279,9 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: 
     if budget <= 1:
         budget = budget * free
     elif free is not None and budget > free:
-        raise ConfigError(f"cache.kv_cache_memory={budget:.0f} bytes per device, but {there}")
+        given = "" if config.cache.kv_cache_memory is not None else " (unset: the default)"
+        raise ConfigError(f"cache.kv_cache_memory={budget:.0f} bytes per device{given}, but "
+                          f"{there}")
     pages = int(budget // page_bytes)
     if jax.process_count() > 1:  # every process must build the same cache
         pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))

@@ -4,7 +4,8 @@ Each step has a token budget. Running requests go first, in priority order (lowe
 first, then arrival): a decode takes one token, an unfinished prefill takes the next chunk.
 Then waiting requests are admitted, in priority order then arrival, while the budget,
 `max_num_seqs` and free pages allow: a request is admitted only when the pages of its
-whole prefill are free (its chunks then never preempt it). When a running request needs a
+whole prefill are free (they are not reserved: decodes that grow meanwhile may still
+preempt it). When a running request needs a
 page and none is free, the least important running request is preempted: its pages are
 freed and it goes back to the waiting queue, in its place by arrival, to be recomputed from
 its prompt and the tokens it already produced (so nothing is lost and greedy output is
@@ -170,9 +171,9 @@ class Scheduler:
             cached = table.admit(req.request_id, req.token_ids, use_cache=use_cache)
             req.num_computed_tokens = cached
             n = self._chunk(req, budgets[shard])
-            # Admit only what can finish its prefill with the pages free now: a request
-            # admitted with its first chunk alone preempts itself at its next chunk, and
-            # (without a prefix-cache hit, e.g. with penalties) is admitted again from
+            # Admit only what could finish its prefill with the pages free now: admitted
+            # on its first chunk's pages alone, a request preempted itself at its next
+            # chunk and (no prefix-cache hit, e.g. with penalties) was admitted again from
             # scratch in the same tick, tick after tick.
             if n == 0 or table.pages_needed(req.request_id, req.num_tokens) \
                     > table.num_free_pages or not table.ensure(req.request_id, cached + n):
