@@ -234,8 +234,9 @@ def test_a_process_id_out_of_range_is_refused(config_file):
                         "--process-id", "2"], env=env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"jaxserve serve: error: {config_file}: "
-                                "distributed.process_id: 2 is outside [0, 2)")
+    assert r.stderr.strip() == (f"jaxserve serve: error: {config_file} with "
+                                "--coordinator-address 127.0.0.1:1 --num-processes 2 "
+                                "--process-id 2: distributed.process_id: 2 is outside [0, 2)")
 
 
 def start_pair(configs, counts, *args):
