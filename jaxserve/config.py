@@ -285,6 +285,10 @@ class Config:
                "runner.int8_activations",
                f"needs model.quantization: int8 (got {self.model.quantization!r}): only int8 "
                "weights multiply int8 activations")
+        _check(not self.runner.q8_0_tiles or self.model.quantization == "q8_0",
+               "runner.q8_0_tiles",
+               f"needs model.quantization: q8_0 (got {self.model.quantization!r}): it tiles "
+               "q8_0 weights only")
         _check(self.scheduler.decode_steps == 1 or (self.mesh.pipeline == 1
                                                     and not self.speculative.enabled),
                "scheduler.decode_steps",

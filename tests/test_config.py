@@ -39,6 +39,8 @@ def test_demo_config_values():
     ("model:\n  quantization: fp8\nrunner:\n  layer_arrays: true\n  transposed_weights: true\n"
      "  int8_activations: true\n",
      "runner.int8_activations: needs model.quantization: int8 (got 'fp8')"),
+    ("runner:\n  layer_arrays: true\n  q8_0_tiles: true\n",
+     "runner.q8_0_tiles: needs model.quantization: q8_0 (got 'none')"),
     ("model:\n  dtype: float64\n", "model.dtype: must be one of"),
     ("cache:\n  page_size: big\n", "cache.page_size: expected int"),
     ("mesh:\n  tensor: 0\n", "mesh.tensor: must be >= 1"),

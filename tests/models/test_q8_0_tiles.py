@@ -182,7 +182,8 @@ def test_tiles_need_layer_arrays_and_dense_layers(demo_config):
     moe = ModelConfig("mixtral", vocab_size=64, hidden_size=64, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, num_experts=4,
                       num_experts_per_tok=2, moe_intermediate_size=64)
-    config = demo_config.replace(runner__layer_arrays=True, runner__q8_0_tiles=True)
+    config = demo_config.replace(model__quantization="q8_0", runner__layer_arrays=True,
+                                 runner__q8_0_tiles=True)
     with pytest.raises(ConfigError, match=r"runner.q8_0_tiles: true cannot be used with "
                                           r".*: expert weights keep their layout"):
         check_layer_arrays(config, moe)
