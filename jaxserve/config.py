@@ -351,8 +351,9 @@ def _coerce(value, hint, key: str):
             raise ValueError(f"{key}: expected a list (got {value!r})")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
         return tuple(_coerce(v, item, key) for v in value)
-    if hint in (int, float) and isinstance(value, str) and _number(value) is not None:
-        value = _number(value)  # 1e9: YAML's text, meant as a number
+    if hint in (int, float) and isinstance(value, str) \
+            and (number := _number(value)) is not None:
+        value = number  # 1e9: YAML's text, meant as a number
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
@@ -419,6 +420,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"{key!r} is given twice in one mapping", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def make_dir(path, key: str) -> str:
+    """Create a directory the config names (its path, ~ expanded), or say which setting
+    names one that cannot be."""
+    expanded = os.path.expanduser(path)
+    try:
+        os.makedirs(expanded, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path}: {e.strerror}") from None
+    return expanded
 
 
 def load_config(path: str | os.PathLike) -> Config:

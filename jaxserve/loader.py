@@ -21,7 +21,7 @@ from jaxserve.checkpoint import orbax_store
 from jaxserve.checkpoint.convert import convert, open_source, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.checkpoint.file_lock import exclusive, lock_path
-from jaxserve.config import Config
+from jaxserve.config import Config, make_dir
 from jaxserve.engine.runner import kv_budget, setup_compilation_cache
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.models.llama import (
@@ -51,14 +51,6 @@ class LoadedModel:
     params: dict  # sharded; k/v projections hold plan.served_kv_heads heads
     tokenizer: Tokenizer | None
     mesh: jax.sharding.Mesh
-
-
-def make_dir(path, key: str) -> None:
-    """Create a directory the config names, or say which setting names one that cannot be."""
-    try:
-        os.makedirs(os.path.expanduser(path), exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot create {path}: {e.strerror}") from None
 
 
 def checkpoint_dir(config: Config, progress: bool = True,

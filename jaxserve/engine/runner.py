@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxserve.config import Config
+from jaxserve.config import Config, make_dir
 from jaxserve.engine import step_outputs
 from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
 from jaxserve.engine.decode_loop import decode_steps
@@ -699,12 +699,7 @@ def setup_compilation_cache(directory: str | None) -> None:
     """Enable JAX's persistent compilation cache, so a second start skips compiling."""
     if not directory:
         return
-    path = os.path.expanduser(directory)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"runner.compilation_cache_dir: cannot create {directory}: "
-                          f"{e.strerror}") from None
+    path = make_dir(directory, "runner.compilation_cache_dir")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
