@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -118,8 +119,13 @@ def main() -> None:
                     help="runner.dispatch_thread (auto: on a GPU)")
     ap.add_argument("--config", default=None,
                     help="base config (default: the demo's config for this backend)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval in seconds (Python's default: 0.005): how "
+                         "long a thread waits for the GIL before it asks for it")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     base = args.config or REPO / "configs" / (
         "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml")
     shape = Path(args.out).with_suffix(".shape.json")
@@ -150,6 +156,7 @@ def main() -> None:
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": Path(base).name,
               "attention_backend": args.attention_backend, "backend": jax.default_backend(),
               "dispatch_thread": engine.runner.dispatches_on_thread,
+              "switch_interval_s": sys.getswitchinterval(),
               "model": dataclasses.asdict(TINY), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -15,7 +15,12 @@ engine (no wait between them), in microseconds:
   or already on the device; `_with_wait_per_call`: 50 calls and a final wait, per call
   (so the device's time when it sets the pace);
 * engine_chain_prev...: the same call with what the engine does around it added one thing
-  at a time (engine_pattern_calls), to find where the engine's call loses its time.
+  at a time (engine_pattern_calls), to find where the engine's call loses its time;
+* engine_thread_...: the same chained calls made on a thread while this thread runs Python,
+  as with runner.dispatch_thread (thread_calls): the call's median there and how much of
+  its Python rate alone this thread keeps (a call that held the GIL while it launches the
+  step would take its share), at Python's default switch interval and at 0.1 ms
+  (`sys.setswitchinterval`).
 
 The engine's config is the demo's for the backend (the GPU config on a GPU), as in
 bench_host.py; --decode-steps K makes the step a call of K decode steps.
@@ -28,6 +33,8 @@ import datetime
 import json
 import os
 import platform
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +131,7 @@ def engine_calls(config_path: Path, decode_steps: int, calls: int) -> dict:
         jax.block_until_ready(runner.state)
         out[name + "_with_wait_per_call"] = round((time.perf_counter() - t) / 50 * 1e6, 1)
     out.update(engine_pattern_calls(step, runner, host_buffer, prev, calls))
+    out.update(thread_calls(step, runner, host_buffer, prev, calls))
     text = step.as_text()
     out["hlo_kernels_approx"] = text.count("fusion(") + text.count("custom-call(")
     return out
@@ -175,6 +183,48 @@ def engine_pattern_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> 
         jax.block_until_ready(runner.state)
         del kept
         result["engine_" + name] = round(float(np.median(times[3:])) * 1e6, 1)
+    return result
+
+
+def thread_calls(step, runner, buffer: np.ndarray, prev, calls: int) -> dict:
+    """Chained calls on a second thread, back to back, while this thread runs Python: the
+    calls' median (microseconds) and this thread's Python rate as a share of its rate
+    alone."""
+    def python_for(seconds: float) -> int:
+        n, t = 0, time.perf_counter() + seconds
+        while time.perf_counter() < t:
+            _ = {"i": n, "s": str(n)}
+            n += 1
+        return n
+
+    result, default = {}, sys.getswitchinterval()
+    for label, interval in (("default", default), ("0.1ms", 1e-4)):
+        sys.setswitchinterval(interval)
+        try:
+            alone = python_for(0.2) / 0.2
+            times, done = [], threading.Event()
+
+            def loop(times=times, done=done):
+                tokens = prev
+                for _ in range(calls + 3):
+                    t = time.perf_counter()
+                    runner.state, _, tokens = step(runner.params, runner.state, buffer, tokens)
+                    times.append(time.perf_counter() - t)
+                jax.block_until_ready(runner.state)
+                done.set()
+
+            worker = threading.Thread(target=loop)
+            t0 = time.perf_counter()
+            worker.start()
+            n = 0
+            while not done.is_set():
+                n += python_for(1e-3)
+            elapsed = time.perf_counter() - t0
+            worker.join()
+        finally:
+            sys.setswitchinterval(default)
+        result[f"engine_thread_call_{label}"] = round(float(np.median(times[3:])) * 1e6, 1)
+        result[f"engine_thread_python_share_{label}"] = round(n / elapsed / alone, 3)
     return result
 
 
