@@ -29,6 +29,30 @@ def test_slots_follow_the_table():
     assert pt.slots("a", 2, 6).tolist() == [p0 * 4 + 2, p0 * 4 + 3, p1 * 4, p1 * 4 + 1]
 
 
+def test_a_row_follows_its_table_page_by_page_past_its_buffer_and_after_truncation():
+    """The step inputs' row of a sequence (a view of a buffer with room to grow) equals its
+    table after every change, and is a new object whenever the table changed (the batch
+    builder copies a row again only then)."""
+    pt = PageTable(num_pages=200, page_size=2)
+    pt.admit("b", [9])
+    pt.ensure("b", 2 * 20)  # another sequence's pages between a's
+    pt.admit("a", [1])
+    before = pt.row("a")
+    for n in range(1, 101):  # past the row's first buffers (16, 32, 64 pages)
+        assert pt.ensure("a", 2 * n)
+        row = pt.row("a")
+        assert row.tolist() == pt.pages("a") and row.dtype.name == "int32"
+        assert row is not before
+        before = row
+        assert pt.ensure("a", 2 * n) and pt.row("a") is row  # nothing to grow: the same
+    pt.truncate("a", 2 * 30)
+    assert pt.row("a").tolist() == pt.pages("a") and len(pt.pages("a")) == 30
+    assert pt.ensure("a", 2 * 40)
+    assert pt.row("a").tolist() == pt.pages("a") and len(set(pt.pages("a"))) == 40
+    assert pt.row("b").tolist() == pt.pages("b")
+    pt.check_integrity()
+
+
 def test_prefix_pages_are_shared_and_outlive_their_first_owner():
     pt = PageTable(num_pages=10, page_size=4)
     tokens = list(range(11))  # two full pages + 3 tokens
