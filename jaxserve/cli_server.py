@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -77,9 +78,21 @@ def add_commands(sub, add_sampling_args, sampling_params) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
+def _port(text: str) -> int:
+    """A server's port: an int in [1, 65535] (gRPC would dial another port for one outside
+    it, taken modulo 65536)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside [1, 65535]")
+    return port
+
+
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=_port, default=50051)
     p.add_argument("--token", help=f"bearer token; ${TOKEN_ENV} when not given")
     p.add_argument("--tls-ca", help="PEM file of the CA that signed the server's cert: "
                                     "use TLS")
@@ -131,6 +144,9 @@ def cmd_client(args, sampling_params) -> int:
 
     from jaxserve.server.protocol import FINISH_NAMES
 
+    _check_texts(args)
+    if args.timeout is not None and not args.timeout > 0:
+        raise JaxserveError(f"--timeout: must be > 0 seconds (got {args.timeout})")
     if args.prompt is None:
         with _connect(args) as client:
             try:
@@ -153,9 +169,21 @@ def cmd_client(args, sampling_params) -> int:
     if any(t < 0 for t in args.stop_token_id):
         raise JaxserveError(f"--stop-token-id: {min(args.stop_token_id)} is negative; token "
                             "ids are >= 0")
+    for flag in ("max_tokens", "top_k", "min_tokens", "priority"):
+        value = getattr(args, flag)
+        if not -INT32_LIMIT <= value < INT32_LIMIT:
+            raise JaxserveError(f"--{flag.replace('_', '-')}: {value} is outside the 32-bit "
+                                "range")
+    if any(t >= INT32_LIMIT for t in args.stop_token_id):
+        raise JaxserveError(f"--stop-token-id: {max(args.stop_token_id)} is outside the "
+                            "32-bit range")
+    for flag in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(args, flag)
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise JaxserveError(f"--{flag.replace('_', '-')}: {value} does not fit a 32-bit "
+                                "float")
     params.validate(vocab_size=INT32_LIMIT, max_logprobs=INT32_LIMIT)
-    if not -INT32_LIMIT <= args.priority < INT32_LIMIT:
-        raise JaxserveError(f"--priority: {args.priority} is outside the 32-bit range")
     last = None
     with _connect(args) as client:
         try:
@@ -179,6 +207,23 @@ def cmd_client(args, sampling_params) -> int:
 
 
 INT32_LIMIT = 2**31  # the proto's int32 fields hold [-2**31, 2**31)
+FLOAT32_MAX = 3.4028234663852886e38  # its float fields: larger values become inf
+
+
+def _check_texts(args) -> None:
+    """Text options travel as UTF-8: one that is not (bytes the shell passed that do not
+    decode, held as surrogates) is named here, not met as an encoder's traceback."""
+    for flag in ("prompt", "tokenize", "stop"):
+        values = getattr(args, flag, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = value[e.start:e.end].encode("utf-8", "surrogateescape")
+                raise JaxserveError(f"--{flag}: not UTF-8 text (bytes {bad!r} at character "
+                                    f"{e.start})") from None
 
 
 def _token(args) -> str | None:

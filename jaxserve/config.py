@@ -218,6 +218,8 @@ class RunnerSection:
 
 
 MIN_MESSAGE_BYTES = 4096
+# gRPC holds message sizes as int32, and the server lets twice the limit reach its handlers.
+MAX_MESSAGE_BYTES = (2**31 - 1) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +252,9 @@ class ServerSection:
         _check(self.max_message_bytes >= MIN_MESSAGE_BYTES, "max_message_bytes",
                f"must be >= {MIN_MESSAGE_BYTES} (got {self.max_message_bytes}): it bounds "
                "every request and response, health checks included")
+        _check(self.max_message_bytes <= MAX_MESSAGE_BYTES, "max_message_bytes",
+               f"must be <= {MAX_MESSAGE_BYTES} (got {self.max_message_bytes}): gRPC "
+               "holds message sizes in 32 bits, and twice this reaches the server")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -186,11 +186,49 @@ def test_generate_json_reports_speculation(config_file, capsys, tmp_path):
     (["--prompt", "hi", "--priority", "99999999999"],
      "--priority: 99999999999 is outside the 32-bit range"),
     (["--detokenize", "1 99999999999999999999"], "token ids are in [0, 2147483648)"),
-], ids=["seed", "priority", "detokenize"])
+    (["--prompt", "hi", "--max-tokens", "3000000000"],
+     "--max-tokens: 3000000000 is outside the 32-bit range"),
+    (["--prompt", "hi", "--top-k", "3000000000"], "--top-k: 3000000000 is outside the 32-bit"),
+    (["--prompt", "hi", "--min-tokens", "-3000000000"], "--min-tokens: -3000000000 is outside"),
+    (["--prompt", "hi", "--stop-token-id", "3000000000"], "--stop-token-id: 3000000000 is "),
+    (["--prompt", "hi", "--temperature", "1e300"], "--temperature: 1e+300 does not fit a "
+                                                   "32-bit float"),
+    (["--prompt", "caf\udce9"], "--prompt: not UTF-8 text (bytes b'\\xe9' at character 3)"),
+    (["--tokenize", "caf\udce9"], "--tokenize: not UTF-8 text"),
+    (["--prompt", "hi", "--stop", "\udcff"], "--stop: not UTF-8 text (bytes b'\\xff'"),
+    (["--info", "--timeout", "0"], "--timeout: must be > 0 seconds (got 0.0)"),
+], ids=["seed", "priority", "detokenize", "max-tokens", "top-k", "min-tokens", "stop-token-id",
+        "temperature", "prompt-not-utf8", "tokenize-not-utf8", "stop-not-utf8", "timeout"])
 def test_client_refuses_numbers_its_request_cannot_hold(capsys, args, message):
-    """Checked before any connection (port 1 has no server): one line, exit 2."""
+    """Checked before any connection (port 1 has no server): one line, exit 2. (Bytes the
+    shell passes that are not UTF-8 reach argv as surrogates, as in these strings.)"""
     code, _, err = run(capsys, "client", "--port", "1", *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["client", "--info"],
+                                     ["bench", "serve", "--concurrency", "1"]])
+@pytest.mark.parametrize("port", ["99999", "-5", "0", "x"])
+def test_a_port_outside_1_to_65535_is_refused_not_dialled_modulo_65536(capsys, command,
+                                                                         port):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--port", port])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --port:" in err and "Traceback" not in err
+
+
+def test_bench_serve_refuses_files_it_could_not_write_before_sending(capsys, tmp_path):
+    """Port 1 has no server: each refusal comes before any connection is tried."""
+    bench = ["bench", "serve", "--port", "1", "--concurrency", "1"]
+    code, _, err = run(capsys, *bench, "--out", str(tmp_path))
+    assert code == 2 and f"--out: {tmp_path} is a directory" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, *bench, "--out", str(tmp_path / "r.json"),
+                       "--save-requests", str(blocker / "requests.jsonl"))
+    assert code == 2 and f"--save-requests: cannot create {blocker}" in err
+    code, _, err = run(capsys, *bench, "--timeout", "-1")
+    assert code == 2 and "--timeout: must be > 0 seconds (got -1.0)" in err
 
 
 def test_generate_input_rows_of_token_ids_must_be_integers(config_file, capsys, tmp_path):

@@ -56,6 +56,8 @@ def test_demo_config_values():
     ("cache:\n  kv_cache_memory: -4096\n", "cache.kv_cache_memory: must be a whole byte"),
     ("server:\n  grace_period_s: -5\n", "server.grace_period_s: must be >= 0 seconds"),
     ("server:\n  max_message_bytes: 0\n", "server.max_message_bytes: must be >= 4096 (got 0)"),
+    ("server:\n  max_message_bytes: 1073741824\n",
+     "server.max_message_bytes: must be <= 1073741823 (got 1073741824): gRPC holds message"),
     ("server:\n  metrics_port: 70000\n", "server.metrics_port: must be in [0, 65535] or null"),
     ("1: a\nfoo: b\n", "1: unknown section"),
     ("cache:\n  1: a\n  foo: b\n", "cache.1: unknown key"),

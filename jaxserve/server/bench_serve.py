@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -92,6 +93,8 @@ class BenchConfig:
         if self.save_requests and self.dataset:
             raise JaxserveError("--save-requests: writes random requests; it cannot be "
                                 "combined with --dataset")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise JaxserveError(f"--timeout: must be > 0 seconds (got {self.timeout_s})")
 
 
 @dataclasses.dataclass
@@ -150,8 +153,11 @@ def synthetic_requests(cfg: BenchConfig, vocab_size: int,
     rows = synthetic_rows(cfg, vocab_size, context_length)
     if cfg.save_requests:
         path = Path(cfg.save_requests)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        check_writable(path, "--save-requests")
+        try:
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as e:
+            raise JaxserveError(f"--save-requests: cannot write {path}: {e.strerror}") from None
     return [make_request(row["token_ids"], params=SamplingParams(
         max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)) for row in rows]
 
@@ -356,10 +362,24 @@ def format_sweep(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(report: dict, out: str | Path | None) -> None:
-    path = Path(out) if out else default_out()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any request is sent, a file the results could not be written to (a
+    run's figures would be lost at its end)."""
+    if path.is_dir():
+        raise JaxserveError(f"{flag}: {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JaxserveError(f"{flag}: cannot create {path.parent}: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise JaxserveError(f"{flag}: cannot write {path}")
+
+
+def _write(report: dict, path: Path) -> None:
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise JaxserveError(f"--out: cannot write {path}: {e.strerror}") from None
     print(f"wrote {path}")
 
 
@@ -372,6 +392,10 @@ def run(cfg: BenchConfig, out: str | Path | None = None,
     configs = [dataclasses.replace(cfg, rate=rate, prompt_round=i,
                                    save_requests=None if i else cfg.save_requests)
                for i, rate in enumerate(rates or [cfg.rate])]
+    path = Path(out) if out else default_out()
+    check_writable(path, "--out")
+    if cfg.save_requests:
+        check_writable(Path(cfg.save_requests), "--save-requests")
     if len(configs) == 1:
         report = measure(configs[0])
     else:
@@ -382,5 +406,5 @@ def run(cfg: BenchConfig, out: str | Path | None = None,
         print(format_sweep(runs))
         report = {"benchmark": "serve-sweep", "date": runs[0]["date"],
                   "rates": list(rates), "runs": runs}
-    _write(report, out)
+    _write(report, path)
     return report

@@ -111,7 +111,8 @@ class ServerMetrics:
         """Serve /metrics on host:port; returns the bound port (None: disabled)."""
         if not port:
             return None
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        # an IPv6 address as the config may give it, in brackets: the socket takes it bare
+        self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         bound = self._http.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,12 +67,21 @@ def server_credentials(server: ServerSection) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files, or None for plaintext."""
     if server.tls_cert is None or server.tls_key is None:
         return None
-    pem = {}
+    pem, paths = {}, {}
     for key in ("tls_cert", "tls_key"):
-        path = Path(getattr(server, key)).expanduser()
+        path = paths[key] = Path(getattr(server, key)).expanduser()
         if not path.is_file():
             raise ConfigError(f"server.{key}: {path} not found")
         pem[key] = path.read_bytes()
+    # gRPC reads the pair only when the server binds, after the model has loaded, and says
+    # no more than that it could not bind: load it here, where the error can name it.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(paths["tls_cert"],
+                                                                paths["tls_key"])
+    except ssl.SSLError as e:
+        raise ConfigError(f"server.tls_cert / server.tls_key: {paths['tls_cert']} and "
+                          f"{paths['tls_key']} are not a PEM certificate and its private "
+                          f"key ({e.reason or e})") from None
     return grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])])
 
 

@@ -127,3 +127,25 @@ def test_the_code_counted_is_the_verdict_when_it_was_made():
     assert _final_code([], late) is grpc.StatusCode.DEADLINE_EXCEEDED
     assert _final_code([], _Context(5.0)) is grpc.StatusCode.CANCELLED
     assert _final_code([], _Context(None)) is grpc.StatusCode.CANCELLED
+
+
+def test_the_metrics_endpoint_binds_an_ipv6_host_given_in_brackets():
+    """server.host may be "[::1]" (the form a URL takes); the HTTP socket takes it bare."""
+    import socket
+    import urllib.request
+
+    from jaxserve.server.metrics import ServerMetrics
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    metrics = ServerMetrics()
+    assert metrics.start_http("[::1]", port) == port
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"jaxserve_requests_total" in r.read()
+    finally:
+        metrics.stop_http()

@@ -16,7 +16,7 @@ from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
 from jaxserve.server.client import Client
 from jaxserve.server.proto import jaxserve_pb2 as pb
-from jaxserve.server.security import check_bind_security, is_loopback
+from jaxserve.server.security import check_bind_security, is_loopback, server_credentials
 
 TOKEN = "s3cret-token"
 PARAMS = SamplingParams(max_tokens=2, temperature=0.0)
@@ -115,6 +115,19 @@ def test_non_loopback_bind_needs_tls_and_token(cert):
         check_bind_security(section, insecure=True)
     check_bind_security(ServerSection(host="0.0.0.0", auth_token=TOKEN, **tls), False)
     check_bind_security(ServerSection(host="127.0.0.1"), False)
+
+
+def test_tls_files_that_are_not_a_pem_pair_are_named_before_loading(cert, tmp_path):
+    """gRPC would read them only at the bind, after the model loads, and say it could not
+    bind."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for tls_cert, tls_key in ((junk, cert[1]), (cert[0], junk), (cert[1], cert[0])):
+        section = ServerSection(tls_cert=str(tls_cert), tls_key=str(tls_key))
+        with pytest.raises(ConfigError, match=r"^server.tls_cert / server.tls_key: .* are not "
+                                              r"a PEM certificate and its private key"):
+            server_credentials(section)
+    assert server_credentials(ServerSection(tls_cert=str(cert[0]), tls_key=str(cert[1])))
 
 
 def test_serve_refuses_insecure_public_bind_before_loading(capsys):
