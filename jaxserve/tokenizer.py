@@ -421,7 +421,14 @@ def write_tokenizer_assets_from_gguf(reader: gguf.GGUFReader, out_dir: Path) -> 
     types = _gguf(reader, "tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)
     if model == "gpt2":
         backend, default_add_bos = "tokenizers", False
-        _byte_level_bpe(reader, name, tokens, types).save(str(out_dir / HF_FILE))
+        try:
+            bpe = _byte_level_bpe(reader, name, tokens, types)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception
+            raise CheckpointError(f"{name}: its tokenizer.ggml tokens and merges do not make "
+                                  f"a BPE tokenizer: {e}") from None
+        bpe.save(str(out_dir / HF_FILE))
     elif model == "llama":
         backend, default_add_bos = "sentencepiece", True
         (out_dir / SPM_FILE).write_bytes(_spm_model_proto(reader, name, tokens, types))
@@ -558,11 +565,18 @@ def copy_tokenizer_assets_from_hf(hf_dir: Path, out_dir: Path) -> None:
     model = _read_json(hf_dir / "config.json")
     if (hf_dir / HF_FILE).is_file():
         backend, source = "tokenizers", hf_dir / HF_FILE
-        hf = tokenizers.Tokenizer.from_file(str(source))
+        try:
+            hf = tokenizers.Tokenizer.from_file(str(source))
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception
+            raise CheckpointError(f"{source}: not a tokenizer the tokenizers library can "
+                                  f"load: {e}") from None
         token_id: Callable[[str], int | None] = hf.token_to_id
     elif (hf_dir / SPM_FILE).is_file():
         backend, source = "sentencepiece", hf_dir / SPM_FILE
-        sp = spm.SentencePieceProcessor(model_file=str(source))
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(source))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(f"{source}: not a SentencePiece model: {e}") from None
         token_id = lambda text: _spm_piece_id(sp, text)
         _check_no_extra_added(hf_config, sp.get_piece_size(), hf_dir)
     else:

@@ -16,13 +16,19 @@ import os
 import sys
 from pathlib import Path
 
+from jaxserve.errors import CheckpointError
+
 
 @contextlib.contextmanager
 def exclusive(path: Path, waiting: str):
     """Hold an exclusive lock on `path` (created if missing) for the block. If another
     process holds it, print `waiting` to stderr and block until it lets go."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # the folder cannot be made or written (a file in the way, say)
+        raise CheckpointError(f"cannot create {path}, the lock beside the output: "
+                              f"{e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,9 +12,9 @@ A converted checkpoint is a directory:
 With `quantize` (int8 | fp8 | q8_0) the linear layers' weights are stored quantized, each with its
 `_scale` array (models/quant.py), and model_config.json records the mode.
 
-`save` streams a source tensor by tensor into stacked arrays memory-mapped on disk, so host
-RAM stays bounded by the largest tensor, then has Orbax write them. It builds everything
-in `<out_dir>.tmp` and renames that into place at the end.
+`save` streams a source tensor by tensor into stacked arrays memory-mapped on disk, then has
+Orbax write them a parameter at a time, so host RAM stays bounded by the largest parameter.
+It builds everything in `<out_dir>.tmp` and renames that into place at the end.
 
 `load` restores straight into the target shardings (`sharding/rules.py`): each device
 reads only its own shard, and no whole-model copy lands on one device.
@@ -50,6 +50,7 @@ MARKER = "jaxserve_checkpoint.json"
 FORMAT = "jaxserve-orbax"
 FORMAT_VERSION = 1
 _STAGING = "_staging"
+_PYTREE = "state"  # where Orbax's v1 API keeps a saved PyTree inside its checkpoint
 _CHUNK_BYTES = 64 << 20  # Orbax storage chunks: a device reading its shard reads little else
 
 Specs = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]
@@ -83,6 +84,8 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
         raise CheckpointError(f"{source.path}: {problem}")
     tmp.mkdir(parents=True)
     try:
+        if tokenizer:  # first: a tokenizer that cannot be written fails before the weights
+            source.write_tokenizer_assets(tmp)
         config = dataclasses.replace(source.config, quantization=quantization)
         specs = param_specs(config)
         # Weights about to be quantized are staged in float32 whatever dtype says, so they
@@ -92,12 +95,10 @@ def save(source: SourceCheckpoint, out_dir: Path | str, dtype: str | None = None
                         progress, float32=set(quantized_weights(specs)))
         if quantization != "none":
             staged = _quantize(staged, specs, quantization, tmp / _STAGING, progress)
-        _write_orbax(staged, tmp / PARAMS_DIR)
+        _write_orbax(staged, tmp / PARAMS_DIR, progress)
         del staged
         shutil.rmtree(tmp / _STAGING)
         config.save(tmp / CONFIG_FILE)
-        if tokenizer:
-            source.write_tokenizer_assets(tmp)
         _write_marker(tmp, {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype,
                             "quantization": quantization, "source": str(source.path),
                             "source_identity": identity})
@@ -282,12 +283,27 @@ def _label(path: str, index: tuple[int, ...]) -> str:
         f"{path}[{', '.join(f'{k} {i}' for k, i in zip(kinds, index, strict=False))}]"
 
 
-def _write_orbax(flat: dict[str, np.ndarray], params_dir: Path) -> None:
-    tree = nest_params(flat)
-    save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), tree)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir.absolute(), tree, save_args=save_args)
-        ckptr.wait_until_finished()
+def _write_orbax(flat: dict[str, np.ndarray], params_dir: Path, progress: bool) -> None:
+    """Write the staged arrays as one Orbax tree, a parameter at a time (Orbax's partial
+    saves): host RAM holds one parameter's copy at a time. Saved whole, Orbax copied every
+    array into memory first, twice the model's size at the peak."""
+    session = params_dir.with_name(params_dir.name + "_partial").absolute()
+    storage = ocp.v1.options.ArrayOptions.Saving.StorageOptions(chunk_byte_size=_CHUNK_BYTES)
+    context = ocp.v1.Context(array_options=ocp.v1.options.ArrayOptions(
+        saving=ocp.v1.options.ArrayOptions.Saving(storage_options=storage)))
+    with context:
+        for path in tqdm(flat, desc="writing params", unit="param", file=sys.stderr,
+                         disable=not progress):
+            ocp.v1.partial.save(session, nest_params({path: flat[path]}))
+        ocp.v1.partial.finalize(session)
+    # The session is a checkpoint of one PyTree, kept in its `_PYTREE` folder: that folder
+    # is the tree `load` restores.
+    tree = session / _PYTREE
+    if not (tree / "_METADATA").is_file():
+        raise CheckpointError(f"{session}: Orbax wrote no {_PYTREE}/ tree (an Orbax version "
+                              "with another layout?)")
+    tree.rename(params_dir)
+    shutil.rmtree(session)
 
 
 def _write_marker(ckpt_dir: Path, info: dict) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxserve.checkpoint.source import (
     Index,
@@ -167,8 +167,11 @@ class SafetensorsCheckpoint:
         if entry["dtype"] not in _NUMPY_DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype "
                                   f"{entry['dtype']}")
-        with safe_open(file, framework="numpy") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:  # what the header check before could not see
+            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {e}") from None
 
     def _fp8_to_f32(self, file: Path, name: str, q: np.ndarray) -> np.ndarray:
         """An F8_E4M3 weight [out, in] times its scale: per tensor, per output channel, or

@@ -228,3 +228,35 @@ def test_jax_arrays_and_boxed_params_are_accepted(tmp_path, mesh):
     _, params = load(tmp_path / "ckpt", mesh)
     for p, value in flat.items():
         np.testing.assert_array_equal(np.asarray(leaf(params, p)), value, err_msg=p)
+
+
+def test_orbax_is_handed_one_parameter_at_a_time(tmp_path, mesh, monkeypatch):
+    """Saved whole, Orbax copied every staged array into memory at once (twice the model in
+    host RAM at the peak); saved a parameter at a time it holds one copy."""
+    import orbax.checkpoint as ocp
+
+    calls, save = [], ocp.v1.partial.save
+
+    def counted(path, tree, **kwargs):
+        calls.append(sorted(tree_paths(tree)))
+        return save(path, tree, **kwargs)
+
+    monkeypatch.setattr(ocp.v1.partial, "save", counted)
+    flat = random_flat(seed=5)
+    save_params(nest_params(flat), CONFIG, tmp_path / "ckpt")
+    assert all(len(c) == 1 for c in calls)
+    assert sorted(p for c in calls for p in c) == sorted(param_specs(CONFIG))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == \
+        [MARKER, "model_config.json", "params"]
+    _, params = load(tmp_path / "ckpt", mesh)
+    for p, value in flat.items():
+        np.testing.assert_array_equal(np.asarray(leaf(params, p)), value, err_msg=p)
+
+
+def tree_paths(tree: dict, prefix: str = "") -> list[str]:
+    """The "a/b/c" paths of a nested dict's leaves."""
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out += tree_paths(value, path + "/") if isinstance(value, dict) else [path]
+    return out

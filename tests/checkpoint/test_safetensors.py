@@ -516,3 +516,60 @@ def test_fp8_checkpoint_errors(tmp_path):
     src = SafetensorsCheckpoint(write_raw(tmp_path / "c", tensors, hf_config()))
     with pytest.raises(CheckpointError, match=rf"weight_scale' has shape \[2, {out // 2}\]"):
         streamed(src)
+
+
+# ----- damaged inputs found at conversion, named, before the weights are written ----------
+
+def word_level_tokenizer(path: Path) -> None:
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(V)},
+                                                     unk_token="t0")).save(
+        str(path / "tokenizer.json"))
+
+
+def test_a_file_the_header_check_passes_but_safetensors_cannot_read_is_named(tmp_path):
+    src = write_hf(tmp_path / "hf", hf_weights(), hf_config())
+    word_level_tokenizer(src)
+    with open(src / "model.safetensors", "ab") as f:
+        f.write(b"xxxxxxxx")  # bytes past the last tensor: safetensors refuses the file
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read tensor '.*': "):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated tokenizer.json", "tokenizer.json: not a tokenizer the tokenizers library "
+                                 "can load: EOF while parsing"),
+    ("corrupt tokenizer.model", "tokenizer.model: not a SentencePiece model"),
+    ("no tokenizer", "no tokenizer.json or tokenizer.model in"),
+])
+def test_a_bad_tokenizer_fails_the_conversion_before_any_weight_is_read(tmp_path, monkeypatch,
+                                                                        damage, message):
+    from jaxserve.checkpoint import orbax_store
+
+    src = write_hf(tmp_path / "hf", hf_weights(), hf_config())
+    if damage == "truncated tokenizer.json":
+        word_level_tokenizer(src)
+        text = (src / "tokenizer.json").read_text()
+        (src / "tokenizer.json").write_text(text[:len(text) // 2])
+    elif damage == "corrupt tokenizer.model":
+        (src / "tokenizer.model").write_bytes(bytes(100))
+
+    def no_staging(*args, **kwargs):
+        raise AssertionError("the weights were read before the tokenizer was checked")
+
+    monkeypatch.setattr(orbax_store, "_stage", no_staging)
+    with pytest.raises(CheckpointError, match=message):
+        convert(src, tmp_path / "out", progress=False)
+
+
+def test_convert_into_a_path_under_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from jaxserve import cli
+
+    src = write_hf(tmp_path / "hf", hf_weights(), hf_config())
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["convert", str(src), str(tmp_path / "afile" / "out")]) == 2
+    err = capsys.readouterr().err
+    lock = tmp_path / "afile" / "out.lock"
+    assert err.startswith(f"jaxserve convert: error: cannot create {lock}, the lock beside "
+                          "the output: "), err
+    assert "Traceback" not in err
