@@ -30,6 +30,9 @@ def read_jsonl(path: str | Path, what: str = "input file") -> list[tuple[int, di
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise JaxserveError(f"{p}:{n}: invalid JSON: {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting
+            # deeper than Python's recursion limit
+            raise JaxserveError(f"{p}:{n}: JSON this reader cannot take: {e}") from None
         if not isinstance(row, dict):
             raise JaxserveError(f"{p}:{n}: expected a JSON object")
         rows.append((n, row))

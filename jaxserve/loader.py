@@ -22,7 +22,7 @@ from jaxserve.checkpoint.convert import convert, open_source, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.checkpoint.file_lock import exclusive, lock_path
 from jaxserve.config import Config, make_dir
-from jaxserve.engine.runner import kv_budget, setup_compilation_cache
+from jaxserve.engine.runner import check_cache, kv_budget, setup_compilation_cache
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.models.llama import (
     LlamaModel,
@@ -112,6 +112,10 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     kv_budget(config, mesh.local_devices)  # a KV size these devices cannot take fails now
+    if config.speculative.method == "draft":  # its config's errors, before this model loads
+        from jaxserve.engine.draft import read_draft_config
+
+        read_draft_config(config.speculative.draft_config)
     dtype = jnp.dtype(config.model.dtype)
     mode = config.model.quantization
     started = time.monotonic()
@@ -123,6 +127,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
         check_layer_arrays(config, model_config)
+        check_cache(config, model_config, mesh)
         # Random weights are made in the asked mode, so a quantized model never exists in
         # full precision (a 70B model in fp8 fits one GPU that its bf16 weights do not).
         model_config = dataclasses.replace(model_config, quantization=mode)
@@ -140,6 +145,7 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
         tensor, pipeline = parallel_plans(model_config, config.mesh)
         check_quantization(config, model_config)
         check_layer_arrays(config, model_config)
+        check_cache(config, model_config, mesh)
         if progress:
             print(f"jaxserve: loading {model_config.num_params / 1e6:,.0f}M parameters "
                   f"from {directory} onto {mesh.devices.size} {jax.default_backend()} "

@@ -78,6 +78,14 @@ _DECODE_PROGRAMS = 512
 _SEQ, _T0, _N, _KV_END = range(4)
 
 
+def unsupported_head_dim(head_dim: int) -> str | None:
+    """Why the Pallas attention kernels cannot take this head_dim, or None: their Triton dot
+    tiles need a power of two of at least 16."""
+    if not is_pow2(head_dim) or head_dim < 16:
+        return f"need head_dim a power of two >= 16 (this model's is {head_dim})"
+    return None
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
@@ -424,7 +432,7 @@ def _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start
     _, _, _, kv_heads, kv_head_dim = k_pages.shape
     if kv_head_dim != head_dim:
         raise ValueError(f"head_dim of q ({head_dim}) and k_pages ({kv_head_dim}) differ")
-    if not is_pow2(head_dim) or head_dim < 16:
+    if unsupported_head_dim(head_dim):
         raise ValueError(f"{head_dim=} must be a power of two >= 16 (64 and 128 are tested)")
     if num_heads % kv_heads:
         raise ValueError(f"num_q_heads ({num_heads}) must be a multiple of {kv_heads=}")

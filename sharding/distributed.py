@@ -26,6 +26,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 DEFAULT_PORT = 8476  # coordinator port when only a host is known (LeaderWorkerSet)
+# A week: JAX's distributed runtime takes the timeouts as 32-bit counts (in milliseconds,
+# this still fits); .inf or 1e10 failed inside it with a TypeError or an OverflowError.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,10 @@ class DistributedConfig:
                              f"{self.num_processes})")
         if self.init_timeout_s < 1 or self.step_timeout_s <= 0:
             raise ValueError("init_timeout_s and step_timeout_s: must be positive")
+        if not self.init_timeout_s <= MAX_TIMEOUT_S or not self.step_timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"init_timeout_s and step_timeout_s: must be at most "
+                             f"{MAX_TIMEOUT_S} s (got {self.init_timeout_s} and "
+                             f"{self.step_timeout_s})")
         if not 0 <= self.step_port <= 65535:
             raise ValueError(f"step_port: {self.step_port} is not a TCP port (0: any free one)")
         if self.coordinator_address is not None:

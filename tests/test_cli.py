@@ -89,7 +89,12 @@ def test_a_bad_input_record_is_named_by_file_and_line(config_file, capsys, tmp_p
             (['{"prompt": "a"}', '{"messages": [{"role": "user", "content": "' + "word " * 2100
               + '"}]}'], f"{rows}:2: prompt: the prompt has 2131 tokens"),
             (['{"prompt": "bad \\ud800"}'], f"{rows}:1: prompt: the text is not valid "
-                                              "Unicode")):
+                                              "Unicode"),
+            # Python's json raises ValueError and RecursionError for these, not a decode error
+            (['{"prompt": [' + "7" * 5000 + "]}"], f"{rows}:1: JSON this reader cannot take: "
+                                                   "Exceeds the limit"),
+            (['{"prompt": ' + "[" * 100000 + "]" * 100000 + "}"],
+             f"{rows}:1: JSON this reader cannot take: maximum recursion depth")):
         rows.write_text("\n".join(records) + "\n")
         code, _, err = run(capsys, "generate", "--config", config_file, "--prompt", "hi",
                            "--input", str(rows))

@@ -56,6 +56,9 @@ def test_demo_config_values():
     ("cache:\n  kv_cache_memory: -4096\n", "cache.kv_cache_memory: must be a whole byte"),
     ("server:\n  grace_period_s: -5\n", "server.grace_period_s: must be >= 0 seconds"),
     ("server:\n  max_message_bytes: 0\n", "server.max_message_bytes: must be >= 4096 (got 0)"),
+    ("distributed:\n  step_timeout_s: .inf\n", "distributed.init_timeout_s and "
+     "step_timeout_s: must be at most 604800 s (got 60 and inf)"),
+    ("distributed:\n  init_timeout_s: 10000000000\n", "must be at most 604800 s"),
     ("server:\n  max_message_bytes: 1073741824\n",
      "server.max_message_bytes: must be <= 1073741823 (got 1073741824): gRPC holds message"),
     ("server:\n  metrics_port: 70000\n", "server.metrics_port: must be in [0, 65535] or null"),

@@ -26,6 +26,31 @@ from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30)
 
 
+def read_draft_config(path: str):
+    """The draft model's config, checked before any model loads: it is a config file that
+    loads, does not speculate itself and runs as one replica with no pipeline stages, in
+    one process. Its errors name speculative.draft_config."""
+    from jaxserve.config import load_config
+    from jaxserve.errors import ConfigError
+
+    if jax.process_count() > 1:
+        raise ConfigError("speculative.method: draft runs in one process; over "
+                          f"{jax.process_count()} processes use ngram")
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        raise ConfigError(f"speculative.draft_config: {e}") from None
+    if config.speculative.enabled:
+        raise ConfigError(f"speculative.draft_config: {path} speculates itself "
+                          f"(speculative.method: {config.speculative.method})")
+    if config.mesh.data > 1 or config.mesh.pipeline > 1:  # one page table, read at once
+        raise ConfigError(f"speculative.draft_config: {path} has mesh.data "
+                          f"{config.mesh.data} and mesh.pipeline {config.mesh.pipeline}; "
+                          "a draft runs as one replica with no pipeline stages (its "
+                          "mesh.tensor may be > 1)")
+    return config
+
+
 class DraftProposer:
     def __init__(self, config: Config, model_config, params, mesh):
         """config: the draft model's own jaxserve config."""
@@ -43,22 +68,10 @@ class DraftProposer:
 
     @classmethod
     def load(cls, path: str, target_vocab: int) -> DraftProposer:
-        from jaxserve.config import load_config
         from jaxserve.errors import ConfigError
         from jaxserve.loader import load_model
 
-        if jax.process_count() > 1:
-            raise ConfigError("speculative.method: draft runs in one process; over "
-                              f"{jax.process_count()} processes use ngram")
-        config = load_config(path)
-        if config.speculative.enabled:
-            raise ConfigError(f"speculative.draft_config: {path} speculates itself "
-                              f"(speculative.method: {config.speculative.method})")
-        if config.mesh.data > 1 or config.mesh.pipeline > 1:  # one page table, read at once
-            raise ConfigError(f"speculative.draft_config: {path} has mesh.data "
-                              f"{config.mesh.data} and mesh.pipeline {config.mesh.pipeline}; "
-                              "a draft runs as one replica with no pipeline stages (its "
-                              "mesh.tensor may be > 1)")
+        config = read_draft_config(path)
         loaded = load_model(config, progress=False)
         if loaded.model_config.vocab_size != target_vocab:
             raise ConfigError(f"speculative.draft_config: the draft's vocabulary has "

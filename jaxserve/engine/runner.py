@@ -141,8 +141,13 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
     (ConfigError where it cannot), False never. kv_writer: a Pallas choice also applies RoPE
     and writes the layers' new K/V rows with one kernel (pallas_kernels/rope_kv_write.py;
     the model says where it applies)."""
+    from pallas_kernels.paged_attention import unsupported_head_dim
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "reference"
+        if backend == "pallas" and (reason := unsupported_head_dim(head_dim)):
+            _note_once(f"jaxserve: note: attention_backend auto uses the reference attention "
+                       f"(slower) on this GPU: the Pallas kernels {reason}")
+            backend = "reference"
         if backend == "pallas" and flash_prefill_unsupported(dtype, head_dim) is None:
             backend = "pallas_flash"
         if paged_prefill and backend != "pallas_flash":
@@ -153,11 +158,19 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
         if jax.default_backend() != "gpu":
             raise ConfigError(f"runner.attention_backend: {backend} needs a GPU (this is "
                               f"{jax.default_backend()}); use auto or reference")
+        if reason := unsupported_head_dim(head_dim):
+            raise ConfigError(f"runner.attention_backend: {backend}: the Pallas kernels "
+                              f"{reason}; use auto or reference")
         fn = _pallas_attention(backend, decode_only, dtype, head_dim, paged_prefill,
                                pages_dtype, page_size)
         return _with_kv_writer(fn) if kv_writer else fn
     from pallas_kernels.paged_attention import ragged_paged_attention_reference
     return ragged_paged_attention_reference
+
+
+@functools.cache
+def _note_once(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _pallas_attention(backend, decode_only, dtype, head_dim, paged_prefill, pages_dtype,
@@ -288,6 +301,41 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: 
     return pages
 
 
+def check_cache(config: Config, model: ModelConfig, mesh) -> None:
+    """What can be checked of the cache before the weights load: runner.max_logprobs within
+    the vocabulary, and a KV budget given in bytes that holds one sequence of
+    cache.max_model_len (a fraction of free memory is known once the weights are in)."""
+    _check_logprobs(config, model)
+    budget = kv_budget(config, mesh.local_devices)
+    if budget > 1:
+        kv_heads = TensorPlan.for_model(model, mesh.shape[TENSOR_AXIS]).kv_heads
+        slots = PipelinePlan.make(model.num_layers, mesh.shape[PIPELINE_AXIS],
+                                  config.mesh.pipeline_layers).slots
+        page = kv_page_bytes(config, model, kv_heads, slots)
+        _check_pages(config, int(budget // page), page)
+
+
+def _check_logprobs(config: Config, model: ModelConfig) -> None:
+    if config.runner.max_logprobs > model.vocab_size:
+        raise ConfigError(f"runner.max_logprobs: {config.runner.max_logprobs} is more than "
+                          f"the model's vocabulary of {model.vocab_size} tokens")
+
+
+def _check_pages(config: Config, num_pages: int, page_bytes: int) -> None:
+    """ConfigError unless num_pages (one of them the reserved null page) hold a sequence of
+    cache.max_model_len."""
+    page_size = config.cache.page_size
+    if (num_pages - 1) * page_size >= config.cache.max_model_len:
+        return
+    need = -(-config.cache.max_model_len // page_size) + 1
+    usable = f"{(num_pages - 1) * page_size} tokens" if num_pages > 0 else "no token"
+    raise ConfigError(
+        f"cache.kv_cache_memory holds {num_pages} pages of {page_size} tokens, one of them "
+        f"reserved: {usable}, fewer than one sequence of cache.max_model_len="
+        f"{config.cache.max_model_len}; one needs {need} pages, {need * page_bytes} bytes per "
+        "device")
+
+
 class Runner:
     def __init__(self, config: Config, model_config: ModelConfig, params, mesh, eos_ids):
         self.config = config
@@ -299,9 +347,7 @@ class Runner:
         self.max_seqs = config.runner.seq_buckets[-1]
         self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
         self.num_top = config.runner.max_logprobs
-        if self.num_top > model_config.vocab_size:
-            raise ConfigError(f"runner.max_logprobs: {self.num_top} is more than the model's "
-                              f"vocabulary of {model_config.vocab_size} tokens")
+        _check_logprobs(config, model_config)
         self.num_shards = mesh.shape["data"]
         self.stages = mesh.shape[PIPELINE_AXIS]
         # Arrays with leading [D, P] axes (step inputs, sampled tokens): a block per data
@@ -313,15 +359,9 @@ class Runner:
                                           config.mesh.pipeline_layers)
         self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads,
                                       self.pipeline.slots)
-        if (self.num_pages - 1) * self.page_size < config.cache.max_model_len:
-            need = -(-config.cache.max_model_len // self.page_size) + 1
-            page = kv_page_bytes(config, model_config, self.plan.kv_heads, self.pipeline.slots)
-            raise ConfigError(
-                f"cache.kv_cache_memory holds {self.num_pages} pages of {self.page_size} "
-                f"tokens, one of them reserved: {(self.num_pages - 1) * self.page_size} "
-                f"tokens, fewer than one sequence of cache.max_model_len="
-                f"{config.cache.max_model_len}; one needs {need} pages, {need * page} bytes "
-                "per device")
+        _check_pages(config, self.num_pages,
+                     kv_page_bytes(config, model_config, self.plan.kv_heads,
+                                   self.pipeline.slots))
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts, tensor = mesh.shape[EXPERT_AXIS], mesh.shape[TENSOR_AXIS]
@@ -369,7 +409,7 @@ class Runner:
         self._decode_step = self._step  # the body of multi-step decode programs
         if config.scheduler.decode_steps > 1:
             decode_attention = pick_attention(config.runner.attention_backend, decode_only=True,
-                                              kv_writer=writer)
+                                              head_dim=model_config.head_dim, kv_writer=writer)
             self._decode_step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=decode_attention))
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)

@@ -313,6 +313,28 @@ def test_pallas_backend_without_gpu_is_a_config_error(demo_config, demo_model):
         make_engine(demo_config, demo_model, runner__attention_backend="pallas")
 
 
+def test_a_head_dim_the_pallas_kernels_cannot_take_is_refused_or_auto_says_so(monkeypatch,
+                                                                              capsys):
+    """On a GPU: head_dim 80 (OpenLLaMA-3B has 100) failed in the kernel with a traceback
+    after the model had loaded. Now pallas is a ConfigError and auto takes the reference
+    attention, saying so once."""
+    from jaxserve.engine import runner
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for backend in ("pallas", "pallas_flash"):
+        with pytest.raises(ConfigError, match=rf"^runner.attention_backend: {backend}: the "
+                                              r"Pallas kernels need head_dim a power of two "
+                                              r">= 16 \(this model's is 80\); use auto or "):
+            pick_attention(backend, head_dim=80)
+    runner._note_once.cache_clear()
+    for decode_only in (False, True):
+        fn = pick_attention("auto", head_dim=80, decode_only=decode_only)
+        assert fn is ragged_paged_attention_reference
+    err = capsys.readouterr().err
+    assert err.count("attention_backend auto uses the reference attention (slower) on this "
+                     "GPU: the Pallas kernels need head_dim a power of two >= 16") == 1
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
 def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
     with pytest.raises(ConfigError, match="attention_backend: pallas_flash needs a GPU"):
@@ -438,9 +460,10 @@ def test_kv_cache_sizes_that_cannot_hold_a_sequence_or_fit_the_host_are_named(de
         make_engine(demo_config, demo_model, cache__kv_cache_memory=float(2**50))
 
 
-def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path):
+def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path, monkeypatch):
     from engine_checks import save_tiny_shape
 
+    from jaxserve import loader
     from jaxserve.config import Config
     from jaxserve.loader import load_model
 
@@ -449,8 +472,21 @@ def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path):
         checkpoint__random_shape=str(save_tiny_shape(tmp_path / "tiny.json")),
         cache__max_model_len=64, cache__kv_cache_memory=float(1 << 20),
         runner__compilation_cache_dir=None, runner__max_logprobs=200)
-    m = load_model(config, progress=False)
-    with pytest.raises(ConfigError) as e:  # it was top_k's ValueError from the first step
-        Engine(config, m.model_config, m.params, None, m.mesh)
-    assert str(e.value) == ("runner.max_logprobs: 200 is more than the model's vocabulary of "
-                            "128 tokens")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were made before the check")
+
+    with monkeypatch.context() as m:
+        m.setattr(loader, "random_params", no_weights)
+        with pytest.raises(ConfigError) as e:  # it was top_k's ValueError from the first step
+            load_model(config, progress=False)
+        assert str(e.value) == ("runner.max_logprobs: 200 is more than the model's "
+                                "vocabulary of 128 tokens")
+        # a KV budget in bytes that holds no sequence: before the weights too
+        with pytest.raises(ConfigError, match=r"^cache.kv_cache_memory holds 0 pages of 16 "
+                                              r"tokens, one of them reserved: no token, fewer "):
+            load_model(config.replace(runner__max_logprobs=20,
+                                      cache__kv_cache_memory=float(1 << 10)), progress=False)
+    m = load_model(config.replace(runner__max_logprobs=20), progress=False)
+    with pytest.raises(ConfigError, match="runner.max_logprobs: 200 is more than"):
+        Engine(config, m.model_config, m.params, None, m.mesh)  # the engine checks it too

@@ -312,3 +312,27 @@ def test_a_draft_with_another_vocabulary_is_refused(tmp_path, demo_config, demo_
     with pytest.raises(ConfigError, match="the draft's vocabulary has 1000 tokens, the "
                                           "model's 49152"):
         make_engine(demo_config, demo_model, speculative=spec)
+
+
+def test_a_bad_draft_config_is_named_before_the_model_loads(tmp_path, demo_config,
+                                                           monkeypatch):
+    """A missing draft config, or one that speculates itself, was found only once the
+    target model had loaded, and the first was not named as speculative.draft_config."""
+    from jaxserve import loader
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the draft config was checked")
+
+    monkeypatch.setattr(loader, "checkpoint_dir", no_load)
+    missing = tmp_path / "missing.yaml"
+    spec = SpeculativeSection(method="draft", draft_config=str(missing))
+    with pytest.raises(ConfigError, match=rf"^speculative.draft_config: {missing}: config "
+                                          "file not found$"):
+        loader.load_model(demo_config.replace(speculative=spec), progress=False)
+    path = draft_yaml(tmp_path, demo_config, "source: demo")
+    with open(path, "a") as f:
+        f.write("speculative: {method: ngram}\n")
+    spec = SpeculativeSection(method="draft", draft_config=path)
+    with pytest.raises(ConfigError, match=r"draft.yaml speculates itself \(speculative.method: "
+                                          r"ngram\)"):
+        loader.load_model(demo_config.replace(speculative=spec), progress=False)
