@@ -257,9 +257,11 @@ def test_rope_kv_writer_on_quantized_pages_matches_the_models_ops(mode):
     (want_logits, want_kv), (got_logits, got_kv) = runs
     assert calls == [True] * (3 * c.num_layers)  # every layer of every chunk
     assert len(got_kv) == 4  # pages and scales came back from the kernel
-    # layer 0's V: no RoPE before it, the same bytes
+    # layer 0's V: no RoPE before it, the same bytes; its scales the same, or (XLA's CPU
+    # code for the kernel's absmax and the model's differs between processors) one ulp
+    # apart: on an Intel Xeon with AVX-512, 1 of the 24 fp8 scales
     np.testing.assert_array_equal(got_kv[1][0], want_kv[1][0])
-    np.testing.assert_array_equal(got_kv[3][0], want_kv[3][0])
+    np.testing.assert_array_max_ulp(got_kv[3][0], want_kv[3][0], maxulp=1)
     # the kernel's float32 RoPE differs from XLA's fusion in the last bit, and later layers
     # inherit that: scales within ulps, a rare entry one step off
     for values, scales in ((0, 2), (1, 3)):
