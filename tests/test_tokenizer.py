@@ -175,6 +175,16 @@ def test_gguf_pre_tokenizers(bpe, tmp_path, pre, pieces):
     assert [p for p, _ in saved.pre_tokenizer.pre_tokenize_str("Hi 12345 world")] == pieces
 
 
+def test_gguf_merges_of_tokens_not_in_its_vocabulary_are_a_checkpoint_error(bpe, tmp_path):
+    """The tokenizers library refused them with a bare Exception, a traceback at convert."""
+    tokens, merges = _vocab_and_merges(bpe)
+    reader = _write_gguf(tmp_path / "t.gguf", model="gpt2", tokens=tokens, types=[1] * len(tokens),
+                         token_merges=[*merges, "qq zz"])
+    with pytest.raises(CheckpointError, match=r"t.gguf: its tokenizer.ggml tokens and merges "
+                                              r"do not make a BPE tokenizer: "):
+        write_tokenizer_assets_from_gguf(reader, tmp_path / "out")
+
+
 def test_gguf_add_bos_and_encode_chat(bpe, tmp_path):
     tokens, merges = _vocab_and_merges(bpe)
     types = [3 if t in SPECIALS else 1 for t in tokens]
