@@ -17,11 +17,12 @@ from collections.abc import Callable
 
 import jax
 
-from jaxserve.config import Config
+from jaxserve.config import Config, load_config
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.request import Request, SamplingParams, Status
 from jaxserve.engine.runner import Runner
 from jaxserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+from jaxserve.errors import ConfigError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30)
 
@@ -30,9 +31,6 @@ def read_draft_config(path: str):
     """The draft model's config, checked before any model loads: it is a config file that
     loads, does not speculate itself and runs as one replica with no pipeline stages, in
     one process. Its errors name speculative.draft_config."""
-    from jaxserve.config import load_config
-    from jaxserve.errors import ConfigError
-
     if jax.process_count() > 1:
         raise ConfigError("speculative.method: draft runs in one process; over "
                           f"{jax.process_count()} processes use ngram")
@@ -68,7 +66,6 @@ class DraftProposer:
 
     @classmethod
     def load(cls, path: str, target_vocab: int) -> DraftProposer:
-        from jaxserve.errors import ConfigError
         from jaxserve.loader import load_model
 
         config = read_draft_config(path)

@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from jaxserve.config import make_dir
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import JaxserveError
 from jaxserve.jsonl import read_jsonl
@@ -152,8 +153,7 @@ def synthetic_requests(cfg: BenchConfig, vocab_size: int,
                        context_length: int) -> list[pb.GenerateRequest]:
     rows = synthetic_rows(cfg, vocab_size, context_length)
     if cfg.save_requests:
-        path = Path(cfg.save_requests)
-        check_writable(path, "--save-requests")
+        path = Path(cfg.save_requests)  # checked writable by run(), before any request
         try:
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         except OSError as e:
@@ -367,10 +367,7 @@ def check_writable(path: Path, flag: str) -> None:
     run's figures would be lost at its end)."""
     if path.is_dir():
         raise JaxserveError(f"{flag}: {path} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise JaxserveError(f"{flag}: cannot create {path.parent}: {e.strerror}") from None
+    make_dir(path.parent, flag)
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise JaxserveError(f"{flag}: cannot write {path}")
 
