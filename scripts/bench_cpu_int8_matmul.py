@@ -1,15 +1,18 @@
-"""The demo's matmuls on CPU with int8 weights: converted to float32 before the dot (int8
-weights alone), or times int8 activations in an s8 x s8 -> s32 dot (runner.int8_activations,
-here from one row); float32 beside them. Each is the model's own product (qeinsum).
+"""The demo's matmuls on CPU with int8 weights: x split in two int8 parts times the int8
+weight in an s8 x s8 -> s32 dot (int8 weights alone, the model's product on a CPU), the
+weight converted to float32 before a float dot (the product before that), or x rounded once
+to int8 (runner.int8_activations, here from one row); float32 beside them. All but the
+converted form are the model's own product (qeinsum).
 
     python scripts/bench_cpu_int8_matmul.py --rows 1 2 4 16 --out X.json
 
 30 layers of the demo's four matmul shapes (q/k/v 960 x 576, o 576 x 576, gate/up 3072 x
 576, down 576 x 1536), random weights stored outputs-first and rounded per output channel
-(absmax / 127), run as W . x^T in a fori_loop whose matmuls pick their layer by lax.switch,
-as the demo's layer loop does. The int8 activations take one absmax scale per row,
-computed in the step. Medians of --reps calls, best of two passes; `max_rel_err` is the
-largest difference from the float32 run over the largest float32 output.
+(absmax / 127), run in the model's form (W . x^T up to 32 rows, x . W^T above) in a
+fori_loop whose matmuls pick their layer by lax.switch, as the demo's layer loop does. The
+int8 activations take one absmax scale per row, computed in the step. Medians of --reps
+calls, best of two passes; `max_rel_err` is the largest difference from the float32 run
+over the largest float32 output.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from timing import median_seconds
 
 from jaxserve.models.quant import qeinsum, quantize
-from jaxserve.models.transposed import Transposed
+from jaxserve.models.transposed import Transposed, transposed_einsum
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # q/k/v, o, gate/up, down
 LAYERS = 30
@@ -33,11 +36,19 @@ LAYERS = 30
 
 def matmul(activation_rows: int):
     """The model's own product (models/quant.py's qeinsum) of x [rows, K] and a weight
-    stored outputs-first [N, K]: float32 (no scale), int8 converted (activation_rows 0), or
-    int8 times int8 activations from `activation_rows` rows (runner.int8_activations)."""
+    stored outputs-first [N, K]: float32 (no scale), int8 with x in two int8 parts
+    (activation_rows 0), or int8 times int8 activations from `activation_rows` rows
+    (runner.int8_activations)."""
     def run(w, scale, x):
         return qeinsum("tk,kn->tn", x, Transposed(w, 1, activation_rows), scale)
     return run
+
+
+def converted(w, scale, x):
+    """The int8 weight converted to float32 for a float dot, then scaled: qeinsum's product
+    on a CPU before x was split in two int8 parts (as it still is on a GPU)."""
+    y = transposed_einsum("tk,kn->tn", x, Transposed(w, 1), preferred_element_type=jnp.float32)
+    return y * scale
 
 
 def layer_loop(matmul):
@@ -67,7 +78,8 @@ def main() -> None:
     q = [[quantize(w, (1,), "int8") for w in ws] for ws in w32]  # per output channel
     w8, s8 = [[a for a, _ in ws] for ws in q], [[s for _, s in ws] for ws in q]
     forms = {"float32_ms": (layer_loop(matmul(0)), w32, none),
-             "int8_converted_ms": (layer_loop(matmul(0)), w8, s8),
+             "int8_split_ms": (layer_loop(matmul(0)), w8, s8),
+             "int8_converted_ms": (layer_loop(converted), w8, s8),
              "int8_activations_ms": (layer_loop(matmul(1)), w8, s8)}
     rows = []
     for n in args.rows:

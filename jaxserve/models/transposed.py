@@ -17,7 +17,8 @@ on fp8 weights at 1-32 rows than as W . x^T (int8 within -8% and +4%; docs/perfo
 "x . W^T for 8-bit weights on a GPU"). fp8 weights stored outputs-first are also
 cuBLASLt's own fp8 layout: with `activation_rows` set (runner.fp8_activations) models/quant.py's
 qeinsum multiplies them by fp8 activations; int8 weights so set (runner.int8_activations)
-multiply int8 activations, s8 x s8 -> s32, which a CPU runs faster from 2 rows on.
+multiply int8 activations, s8 x s8 -> s32, which a CPU runs faster from 2 rows on. On a CPU
+int8 weights alone multiply x split in two int8 parts the same way (models/quant.py).
 """
 
 from __future__ import annotations
