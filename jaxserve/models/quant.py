@@ -11,7 +11,7 @@ layer axis included). A weight w with contraction axes C is
 and a matmul over C reads q converted to the activation dtype, then multiplies its output
 by the scale: x . (q * scale) = (x . q) * scale, because the scale does not depend on the
 contracted index. On a CPU an int8 q is not converted: x is split into two int8 parts and
-multiplied s8 x s8 -> s32 (`_split_int8_einsum`), which XLA's CPU backend runs 2-3x faster
+multiplied s8 x s8 -> s32 (`_rounded_x_einsum`), which XLA's CPU backend runs 2-3x faster
 than the float dot of a converted weight, for a product within about 1e-5 of it. Under
 tensor parallelism a row-parallel weight (o_proj, down_proj) keeps its whole output axis,
 so each device's partial sum is scaled before the all-reduce.
@@ -58,7 +58,7 @@ FP8_ACTIVATION_ROWS = 128
 # (runner.int8_activations): on a 2-core CPU the demo's layer matmuls took 0.59-0.80x the
 # converting matmul's time s8 x s8 -> s32 at 2-16 rows, and no less at 1 row, where XLA runs
 # a one-row dot as a matrix-vector loop (docs/quantization.md, "int8 activations on CPU");
-# below it, x is split in two int8 parts as for int8 weights alone (_split_int8_einsum)
+# below it, x is split in two int8 parts as for int8 weights alone (_rounded_x_einsum)
 INT8_ACTIVATION_ROWS = 2
 ACTIVATION_ROWS = {"fp8": FP8_ACTIVATION_ROWS, "int8": INT8_ACTIVATION_ROWS}
 
@@ -199,7 +199,7 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
     output's), multiplies x quantized to the weight's format with one scale per token: fp8 x
     fp8 on a GPU's tensor cores with a bfloat16 result, or int8 x int8 with an int32 one,
     then both scales. Otherwise, on a CPU, an int8 w (per channel) multiplies x split into
-    two int8 parts (_split_int8_einsum). A Tiled w is a q8_0 weight in column tiles
+    two int8 parts (_rounded_x_einsum). A Tiled w is a q8_0 weight in column tiles
     (runner.q8_0_tiles, models/q8_0_tiles.py)."""
     if isinstance(w, Tiled):
         return tiled_einsum(eq, x, w, scale, kernel=_q8_0_kernel_here(x))
@@ -208,13 +208,9 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
             return transposed_einsum(eq, x, w)
         mode = kv_mode(w.weight.dtype)  # int8 | fp8: the cache's storage is the weights' too
         if w.activation_rows and x.shape[0] >= w.activation_rows and mode:
-            xq, x_scale = quantize(x, tuple(range(1, x.ndim)), mode)  # x_scale [tokens]
-            acc = jnp.bfloat16 if mode == "fp8" else jnp.int32
-            y = transposed_einsum(eq, xq, w, preferred_element_type=acc)
-            y = y.astype(jnp.float32) * x_scale.reshape(-1, *(1,) * (y.ndim - 1))
-            return (y * scale.astype(jnp.float32)).astype(x.dtype)
+            return _rounded_x_einsum(eq, x, w, scale, mode, parts=1)
         if mode == "int8" and jax.default_backend() == "cpu":
-            return _split_int8_einsum(eq, x, w, scale)
+            return _rounded_x_einsum(eq, x, w, scale, mode, parts=2)
         y = transposed_einsum(eq, x, w, preferred_element_type=jnp.float32)
         return (y * scale.astype(jnp.float32)).astype(x.dtype)
     if isinstance(w, LayerSelect):
@@ -229,32 +225,40 @@ def qeinsum(eq: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax
         y = q8_0_kernel_einsum(eq, x, w, scale) if _q8_0_kernel_here(x) else None
         return y if y is not None else jnp.einsum(eq, x, dequantize(w, scale).astype(x.dtype))
     if kv_mode(w.dtype) == "int8" and jax.default_backend() == "cpu":
-        return _split_int8_einsum(eq, x, w, scale)
+        return _rounded_x_einsum(eq, x, w, scale, "int8", parts=2)
     y = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def _split_int8_einsum(eq: str, x: jax.Array, w, scale: jax.Array) -> jax.Array:
-    """qeinsum of x and an int8 w (per channel, either layout) on a CPU, with x split per
-    token into two int8 parts: hi, x rounded to int8 (absmax / 127), and lo, what that
-    rounding left, rounded the same way; both multiply w in one s8 x s8 -> s32 dot of twice
-    the rows, which is exact, and y = (acc_hi * s_hi + acc_lo * s_lo) * scale. x so split is
-    within 1 / 254^2 of its token's absmax, where one int8 rounding (runner.int8_activations)
-    is within 1 / 254 of it: the product stays within about 1e-5 of the converted weight's.
-    XLA's CPU backend converts an int8 weight to float32 in memory before a float dot, and
-    runs a one-row dot as a matrix-vector loop; the integer dot of two or more rows goes to
-    its GEMM library and reads the int8 bytes as they lie (docs/quantization.md, "int8
-    weights on a CPU: x in two int8 parts")."""
+def _rounded_x_einsum(eq: str, x: jax.Array, w, scale: jax.Array, mode: str,
+                      parts: int) -> jax.Array:
+    """qeinsum of x and an 8-bit w (per channel, either layout) with x rounded per token to
+    w's format `mode` in `parts` parts, each the rounding (absmax / QMAX) of what the parts
+    before it left; all multiply w in one dot of `parts` times the rows, fp8 x fp8 with a
+    bfloat16 result or int8 x int8 with an exact int32 one, then each part's scale and w's.
+    One part: runner.fp8_/int8_activations. Two int8 parts: int8 weights alone on a CPU, x
+    within 1 / 254^2 of its token's absmax (one rounding: 1 / 254), so the product stays
+    within about 1e-5 of the converted weight's. XLA's CPU backend converts an int8 weight
+    to float32 in memory before a float dot, and runs a one-row dot as a matrix-vector loop;
+    the integer dot of two or more rows goes to its GEMM library and reads the int8 bytes as
+    they lie (docs/quantization.md, "int8 weights on a CPU: x in two int8 parts")."""
     axes = tuple(range(1, x.ndim))
-    hi, s_hi = quantize(x, axes, "int8")  # s_hi [tokens]
-    lo, s_lo = quantize(x.astype(jnp.float32) - dequantize(hi, s_hi, axes), axes, "int8")
-    parts = jnp.concatenate([hi, lo])  # int32 sums are exact while K * 127^2 < 2^31: K < 133k
-    acc = (transposed_einsum(eq, parts, w, preferred_element_type=jnp.int32)
+    rest, xq, x_scales = x.astype(jnp.float32), [], []
+    for _ in range(parts):
+        q, s = quantize(rest, axes, mode)  # s [tokens]
+        xq.append(q)
+        x_scales.append(s)
+        rest = rest - dequantize(q, s, axes)  # (unused after the last part: not computed)
+    xq = jnp.concatenate(xq) if parts > 1 else xq[0]
+    # int8: int32 sums are exact while K * 127^2 < 2^31, K < 133k
+    acc_type = jnp.bfloat16 if mode == "fp8" else jnp.int32
+    acc = (transposed_einsum(eq, xq, w, preferred_element_type=acc_type)
            if isinstance(w, Transposed) else
-           jnp.einsum(eq, parts, w, preferred_element_type=jnp.int32))
+           jnp.einsum(eq, xq, w, preferred_element_type=acc_type))
     t, b = x.shape[0], (-1, *(1,) * (acc.ndim - 1))
-    y = acc[:t].astype(jnp.float32) * s_hi.reshape(b) \
-        + acc[t:].astype(jnp.float32) * s_lo.reshape(b)
+    y = acc[:t].astype(jnp.float32) * x_scales[0].reshape(b)
+    for i in range(1, parts):
+        y = y + acc[i * t:(i + 1) * t].astype(jnp.float32) * x_scales[i].reshape(b)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
