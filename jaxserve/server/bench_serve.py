@@ -153,11 +153,9 @@ def synthetic_requests(cfg: BenchConfig, vocab_size: int,
                        context_length: int) -> list[pb.GenerateRequest]:
     rows = synthetic_rows(cfg, vocab_size, context_length)
     if cfg.save_requests:
-        path = Path(cfg.save_requests)  # checked writable by run(), before any request
-        try:
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        except OSError as e:
-            raise JaxserveError(f"--save-requests: cannot write {path}: {e.strerror}") from None
+        # checked writable by run(), before any request
+        _write_text(Path(cfg.save_requests), "".join(json.dumps(row) + "\n" for row in rows),
+                    "--save-requests")
     return [make_request(row["token_ids"], params=SamplingParams(
         max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)) for row in rows]
 
@@ -372,11 +370,15 @@ def check_writable(path: Path, flag: str) -> None:
         raise JaxserveError(f"{flag}: cannot write {path}")
 
 
-def _write(report: dict, path: Path) -> None:
+def _write_text(path: Path, text: str, flag: str) -> None:
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(text)
     except OSError as e:
-        raise JaxserveError(f"--out: cannot write {path}: {e.strerror}") from None
+        raise JaxserveError(f"{flag}: cannot write {path}: {e.strerror}") from None
+
+
+def _write(report: dict, path: Path) -> None:
+    _write_text(path, json.dumps(report, indent=2) + "\n", "--out")
     print(f"wrote {path}")
 
 
