@@ -49,10 +49,23 @@ def reference(step, scale):
         return np.asarray(ragged_paged_attention_reference(**step, sm_scale=scale), np.float32)
 
 
+INTERPRETER_THREADS = 32
+
+
 def run_interpreted_checks(test_file: str, limit_s: int):
     """`interpreted_checks()` of the test module test_file, on CPU, in a child process with a
-    time limit: the Mosaic GPU interpreter deadlocked on an earlier paged kernel, and a
-    deadlock must fail the test, not hang the suite."""
+    time limit: a deadlock must fail the test, not hang the suite.
+
+    Mosaic GPU's interpreter runs each simulated GPU thread as a computation that blocks in
+    host callbacks (barriers, TMA waits) and runs more computations from those callbacks. Two
+    of XLA's CPU limits then let it wait on itself forever (seen with gdb on a 2-core machine),
+    and the child lifts both:
+    * the thread pool, one thread per core: both threads blocked in callbacks, and the
+      kernel's threads waited for inputs that no free thread could compute. The child's pool
+      gets INTERPRETER_THREADS threads (`PJRT_NPROC`);
+    * the 32 computations a device may have in flight: ops dispatched behind the kernel took
+      them all, and a callback's computation waited for one. The child dispatches
+      synchronously (`jax_cpu_enable_async_dispatch` off), so nothing queues behind it."""
     path = pathlib.Path(test_file)
     code = (f"import sys; sys.path[:0] = sys.argv[1:]; "
             f"import {path.stem} as t; t.interpreted_checks()")
@@ -60,7 +73,9 @@ def run_interpreted_checks(test_file: str, limit_s: int):
         done = subprocess.run([sys.executable, "-c", code, str(path.parent),
                                str(pathlib.Path(__file__).parent)],
                               capture_output=True, text=True, timeout=limit_s,
-                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                              env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                   "PJRT_NPROC": str(INTERPRETER_THREADS),
+                                   "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"})
     except subprocess.TimeoutExpired:
         pytest.fail(f"the interpreted kernel did not finish in {limit_s} s (a deadlock)")
     assert done.returncode == 0, done.stderr[-4000:]
