@@ -177,6 +177,14 @@ def test_fp8_weights_outputs_first_multiply_fp8_activations_from_their_rows(rows
     assert np.max(np.abs(np.asarray(got) - exact)) <= 0.05 * np.max(np.abs(exact))
 
 
+def int8_rows(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's (values as int64, float32 scales [rows]): each row of v rounded to int8 with
+    its absmax / 127 (1 for a row of zeros), as x is rounded for an s8 x s8 dot."""
+    s = (np.abs(v).max(axis=1) / np.float32(127)).astype(np.float32)
+    s = np.where(s == 0, np.float32(1), s)
+    return np.clip(np.round(v / s[:, None]), -127, 127).astype(np.int64), s
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8, 40])
 def test_int8_weights_outputs_first_multiply_int8_activations_from_their_rows(rows):
     """runner.int8_activations: from `activation_rows` rows on (2 here), x is rounded per
@@ -193,10 +201,9 @@ def test_int8_weights_outputs_first_multiply_int8_activations_from_their_rows(ro
     if rows < 2:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))
         return
-    sx = np.abs(x).max(axis=1) / 127
-    xq = np.clip(np.round(x / sx[:, None]), -127, 127).astype(np.int64)
+    xq, sx = int8_rows(x)
     acc = np.einsum("TE,ENH->TNH", xq, np.asarray(q, np.int64))
-    want = acc.astype(np.float32) * sx.astype(np.float32)[:, None, None] * np.asarray(scale)
+    want = acc.astype(np.float32) * sx[:, None, None] * np.asarray(scale)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(got), np.asarray(plain), rtol=1e-4, atol=0)
     # int8 rounding of x keeps the product within a few percent of the converted weight's
@@ -207,12 +214,8 @@ def test_int8_weights_outputs_first_multiply_int8_activations_from_their_rows(ro
 def split_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """numpy's (hi, hi scale, lo, lo scale): x rounded per row to int8 (absmax / 127), then
     what that rounding left, rounded per row to int8 the same way."""
-    def q(v):
-        s = (np.abs(v).max(axis=1) / np.float32(127)).astype(np.float32)
-        s = np.where(s == 0, np.float32(1), s)
-        return np.clip(np.round(v / s[:, None]), -127, 127).astype(np.int64), s
-    hi, s_hi = q(x)
-    lo, s_lo = q((x - hi.astype(np.float32) * s_hi[:, None]).astype(np.float32))
+    hi, s_hi = int8_rows(x)
+    lo, s_lo = int8_rows((x - hi.astype(np.float32) * s_hi[:, None]).astype(np.float32))
     return hi, s_hi, lo, s_lo
 
 
