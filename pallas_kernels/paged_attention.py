@@ -515,6 +515,7 @@ def ragged_paged_attention(
 
 
 FORMULATIONS = ("token", "sequence", "window")
+FEW_TOKENS = 4  # the "token" formulation's calls of at most this many tokens: head_keys
 SMALL_WINDOW = 8  # the "window" formulation's window for decodes and short chunks
 
 
@@ -596,6 +597,25 @@ def ragged_paged_attention_reference(
             v = v * gather(v_scales)[..., None]
         return k, v
 
+    def head_keys(pages):
+        """K, V [T, KVH, block_len, D] float32 of pages [T, ppb], dequantized: each (token,
+        KV head) gathers its head's [page_size, D] slice of each page. For a few tokens this
+        costs 0.7x the whole pages' gather and its products laid out by key (1-4 decodes on
+        2 CPU cores); for 16 it costs 1.0-1.3x (scripts/bench_cpu_attention.py)."""
+        rows = (first_row + pages)[:, None, :]
+        heads = jnp.arange(num_kv_heads)[None, :, None]
+
+        def gather(a):  # [L, N, page_size, KVH, ...] -> [T, KVH, block_len, ...]
+            part = a.reshape(-1, *a.shape[2:])[rows, :, heads]  # [T, KVH, ppb, page, ...]
+            return part.reshape(num_tokens, num_kv_heads, block_len, *a.shape[4:])
+
+        k = gather(k_pages).astype(jnp.float32)
+        v = gather(v_pages).astype(jnp.float32)
+        if k_scales is not None:
+            k = k * gather(k_scales)[..., None]
+            v = v * gather(v_scales)[..., None]
+        return k, v
+
     if formulation == "window":
         from_rows, rows_window = None, 0
         if k_new is not None and k_scales is None:
@@ -615,6 +635,12 @@ def ragged_paged_attention_reference(
 
     seq, pos = token_positions(query_start, seq_lens, num_tokens)
     by_seq = formulation == "sequence"
+    few = not by_seq and num_tokens <= FEW_TOKENS
+    if few:  # twice the pages a block: fewer steps, where each step is mostly fixed cost
+        ppb = min(2 * pages_per_block, pages_per_seq)
+        padded = -(-pages_per_seq // ppb) * ppb
+        tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))
+        block_len = ppb * page_size
     if not by_seq:
         tables = tables[seq]  # [T, padded]
     owner = seq[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
@@ -623,6 +649,11 @@ def ragged_paged_attention_reference(
     def body(j, carry):
         pages = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)
         causal = j * block_len + jnp.arange(block_len)[None, :] <= pos[:, None]  # [T, K]
+        if few:  # K, V [T, KVH, K, D]: scores and values summed in place, as below
+            k, v = head_keys(pages)
+            s = jnp.sum(qg[:, :, :, None, :] * k[:, :, None], axis=-1)  # [T, KVH, G, K]
+            return _online_block(carry, s, causal[:, None, None, :],
+                                 lambda p: jnp.sum(p[..., None] * v[:, :, None], axis=3))
         k, v = keys(pages)
         if by_seq:  # pages [S, ppb]: keys of every sequence's block
             k = k.reshape(num_seqs * block_len, num_kv_heads, head_dim)

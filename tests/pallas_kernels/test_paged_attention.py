@@ -17,6 +17,7 @@ import pytest
 
 from jaxserve.models.quant import quantize_vectors
 from pallas_kernels.paged_attention import (
+    FEW_TOKENS,
     BlockSizes,
     decode_splits,
     ragged_paged_attention,
@@ -294,6 +295,38 @@ def test_reference_formulations_agree(batch, formulation, window):
     np.testing.assert_allclose(np.asarray(other)[:num_valid],
                                np.asarray(per_token)[:num_valid], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(other)[num_valid:], 0.0)
+
+
+def _first_decodes(args, n):
+    """The first n sequences of a "decode" batch (one token each) as a call of n tokens."""
+    q, k, v, layer, tables, seq_lens, _ = args
+    return (q[:n], k, v, layer, tables[:n], seq_lens[:n], jnp.arange(n + 1, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("quantized", [None, "int8", "fp8"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_reference_few_decodes_read_heads_apart(n, quantized):
+    """A call of at most FEW_TOKENS decodes gathers each KV head's slice of a page, in blocks
+    of twice the pages; a larger call gathers whole pages. Both give the same attention: a
+    call of the first n decodes against the same rows of the six-decode batch, over several
+    blocks (2 pages a block in the large call, 4 in the small one; the longest sequence
+    has 8 pages)."""
+    assert n <= FEW_TOKENS < 6
+    if quantized:
+        _, _, (args, (ks, vs)), _, _ = quantized_case(7, "decode", quantized)
+        scales = dict(k_scales=ks, v_scales=vs)
+    else:
+        args, scales = CASE_A(7, *BATCHES_A["decode"])[1], {}
+    seq_lens = np.asarray(args[5])
+    order = np.argsort(-seq_lens)  # the longest sequences first: the first n span blocks
+    args = (args[0][order], *args[1:4], args[4][order], args[5][order], args[6])
+    with jax.default_matmul_precision("highest"):
+        run = functools.partial(ragged_paged_attention_reference, sm_scale=SM_SCALE,
+                                pages_per_block=2, formulation="token", **scales)
+        every = np.asarray(run(*args))
+        few = np.asarray(run(*_first_decodes(args, n)))
+    assert few.shape == (n, *every.shape[1:])
+    np.testing.assert_allclose(few, every[:n], rtol=1e-5, atol=1e-5)
 
 
 def _new_rows(args, num_valid, page_size):
