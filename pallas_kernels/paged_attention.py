@@ -542,8 +542,9 @@ def ragged_paged_attention_reference(
     """Plain-jnp ragged paged attention with an online softmax over blocks of pages.
 
     Three formulations of the same sums, chosen by the shapes (static):
-    - token: each token gathers its own sequence's pages. Right for decode; for a prefill
-      chunk it moves the chunk's K/V once per token.
+    - token: each token gathers its own sequence's pages (up to FEW_TOKENS tokens: each KV
+      head's slice of them, `head_keys`). Right for decode; for a prefill chunk it moves the
+      chunk's K/V once per token.
     - sequence: each block of pages is gathered once per sequence and every token is scored
       against every sequence's block in one matmul, the other sequences' keys masked out.
       For a few sequences (<= 4) with several tokens each, off CPU.
