@@ -519,8 +519,8 @@ FEW_TOKENS = 4  # the "token" formulation's calls of at most this many tokens: h
 SMALL_WINDOW = 8  # the "window" formulation's window for decodes and short chunks
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "formulation",
-                                             "window"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block",
+                                             "decode_pages_per_block", "formulation", "window"))
 def ragged_paged_attention_reference(
     q,  # [T, H, D]
     k_pages,  # [L, N, page_size, KVH, D]
@@ -532,6 +532,7 @@ def ragged_paged_attention_reference(
     *,
     sm_scale: float,
     pages_per_block: int = 8,
+    decode_pages_per_block: int = 6,
     formulation: str | None = None,
     window: int = 64,
     k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
@@ -555,7 +556,9 @@ def ragged_paged_attention_reference(
       against 1.05 s with per-token gathers. Off CPU it is not chosen: its nested loops
       of small steps suit a CPU, were not measured on a GPU, and GPUs run the Pallas
       kernel anyway.
-    formulation forces one of them (None: chosen by the shapes).
+    formulation forces one of them (None: chosen by the shapes). The token formulation
+    walks blocks of decode_pages_per_block pages (twice that for FEW_TOKENS tokens or
+    fewer), the others blocks of pages_per_block.
 
     With k_new and v_new (this step's K/V rows) and unquantized pages, the window
     formulation takes a prefill chunk's own keys from those rows instead of the pages, and
@@ -637,13 +640,14 @@ def ragged_paged_attention_reference(
     seq, pos = token_positions(query_start, seq_lens, num_tokens)
     by_seq = formulation == "sequence"
     few = not by_seq and num_tokens <= FEW_TOKENS
-    if few:  # twice the pages a block: fewer steps, where each step is mostly fixed cost
-        ppb = min(2 * pages_per_block, pages_per_seq)
-        padded = -(-pages_per_seq // ppb) * ppb
-        tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))
-        block_len = ppb * page_size
     if not by_seq:
-        tables = tables[seq]  # [T, padded]
+        # Blocks whose K/V for all the tokens fit in 2 CPU cores' L2 caches: for 16 decodes
+        # of the demo, 6 pages a block take 0.8x the time of 8 at 150-250 tokens, the same at
+        # 400-1000. For a few tokens twice the pages: fewer steps, each mostly fixed cost.
+        ppb = min(decode_pages_per_block * (2 if few else 1), pages_per_seq)
+        padded = -(-pages_per_seq // ppb) * ppb
+        tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))[seq]  # [T, padded]
+        block_len = ppb * page_size
     owner = seq[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
     num_blocks = jnp.minimum((jnp.max(pos) + block_len) // block_len, padded // ppb)
 

@@ -309,7 +309,7 @@ def test_reference_few_decodes_read_heads_apart(n, quantized):
     """A call of at most FEW_TOKENS decodes gathers each KV head's slice of a page, in blocks
     of twice the pages; a larger call gathers whole pages. Both give the same attention: a
     call of the first n decodes against the same rows of the six-decode batch, over several
-    blocks (2 pages a block in the large call, 4 in the small one; the longest sequence
+    blocks (1 page a block in the large call, 2 in the small one; the longest sequence
     has 8 pages)."""
     assert n <= FEW_TOKENS < 6
     if quantized:
@@ -322,7 +322,7 @@ def test_reference_few_decodes_read_heads_apart(n, quantized):
     args = (args[0][order], *args[1:4], args[4][order], args[5][order], args[6])
     with jax.default_matmul_precision("highest"):
         run = functools.partial(ragged_paged_attention_reference, sm_scale=SM_SCALE,
-                                pages_per_block=2, formulation="token", **scales)
+                                decode_pages_per_block=1, formulation="token", **scales)
         every = np.asarray(run(*args))
         few = np.asarray(run(*_first_decodes(args, n)))
     assert few.shape == (n, *every.shape[1:])
