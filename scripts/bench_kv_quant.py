@@ -12,6 +12,14 @@ shape (`vs_bf16`: 0.5 is the target). --block-kv 0 (the default) is the kernel's
 for the page dtype. Every config is checked against the jnp reference
 on the same quantized pages once before it is timed. 32 query heads over --kv-heads,
 head_dim 128, pages of 16 tokens.
+
+--head-major also times each config on the same bytes laid out head-major, each KV head's
+16 keys of a page one contiguous run ([pages, KV heads, page_size, head_dim], 2 KiB in fp8
+against 128 bytes per key), without changing the kernel: each (sequence, KV head) pair is
+given to it as a sequence of its own with one KV head and its group of query heads, page p
+of head h being page p * KV heads + h of a pool of one KV head. The kernel then runs the
+same programs over the same keys (the split count follows rows x KV heads, the same
+product), and only the addresses differ: a probe of the page layout (`layout` in the rows).
 """
 
 from __future__ import annotations
@@ -51,9 +59,11 @@ def token_bytes(kv_dtype: str, kv_heads: int) -> int:
     return 2 * kv_heads * (HEAD_DIM * KV_STORAGE[kv_dtype].itemsize + 4)
 
 
-def make_pools(kv_dtype: str, kv_heads: int, num_pages: int):
-    """(k_pages, v_pages, k_scales, v_scales) for one layer; scales None for bf16."""
-    shape = (1, num_pages, PAGE, kv_heads, HEAD_DIM)
+def make_pools(kv_dtype: str, kv_heads: int, num_pages: int, head_major: bool = False):
+    """(k_pages, v_pages, k_scales, v_scales) for one layer; scales None for bf16. Head-major:
+    a pool of one KV head whose page p * kv_heads + h is head h's part of page p."""
+    shape = (1, num_pages * kv_heads, PAGE, 1, HEAD_DIM) if head_major else \
+        (1, num_pages, PAGE, kv_heads, HEAD_DIM)
     k, v = filled(shape, jnp.bfloat16, 1), filled(shape, jnp.bfloat16, 2)
     if kv_dtype == "bf16":
         return k, v, None, None
@@ -76,12 +86,25 @@ def decode_args(batch: int, ctx: int, num_pages: int, n_sets: int, key):
     return sets
 
 
-def bench(kv_dtype: str, kv_heads: int, batches, contexts, block_sizes: pa.BlockSizes):
+def as_head_major(kv_heads: int, q, tables, lens, starts):
+    """A decode batch's arguments with each (sequence, KV head) pair a sequence of its own
+    over the head-major pool (`make_pools`): q [B * KVH, group, D], tables [B * KVH, P]."""
+    batch = q.shape[0]
+    q = q.reshape(batch * kv_heads, Q_HEADS // kv_heads, HEAD_DIM)
+    heads = jnp.arange(kv_heads, dtype=jnp.int32)
+    tables = (tables[:, None, :] * kv_heads + heads[None, :, None]).reshape(batch * kv_heads, -1)
+    return (q, tables, jnp.repeat(lens, kv_heads),
+            jnp.arange(batch * kv_heads + 1, dtype=jnp.int32))
+
+
+def bench(kv_dtype: str, kv_heads: int, batches, contexts, block_sizes: pa.BlockSizes,
+          head_major: bool = False):
     scale = HEAD_DIM ** -0.5
     per_token = token_bytes(kv_dtype, kv_heads)
     capacity = max(max(batches) * max(contexts), L2_BYTES // per_token)
     num_pages = -(-capacity // PAGE) + 1
-    k, v, ks, vs = make_pools(kv_dtype, kv_heads, num_pages)
+    k, v, ks, vs = make_pools(kv_dtype, kv_heads, num_pages, head_major)
+    pool_heads = 1 if head_major else kv_heads
 
     @jax.jit
     def kernel(q, k, v, ks, vs, tables, lens, starts):
@@ -101,11 +124,14 @@ def bench(kv_dtype: str, kv_heads: int, batches, contexts, block_sizes: pa.Block
             n_sets = max(1, min(MAX_SETS, -(-L2_BYTES // (batch * ctx * per_token)),
                                 (num_pages - 1) // (batch * ctx // PAGE)))
             sets = decode_args(batch, ctx, num_pages, n_sets, key)
+            if head_major:
+                sets = [as_head_major(kv_heads, *args) for args in sets]
             q, tables, lens, starts = sets[0]
-            resolved = block_sizes.resolve(group=Q_HEADS // kv_heads, num_seqs=batch,
-                                           kv_heads=kv_heads, max_kv_len=ctx,
+            resolved = block_sizes.resolve(group=Q_HEADS // kv_heads, num_seqs=q.shape[0],
+                                           kv_heads=pool_heads, max_kv_len=ctx,
                                            kv_bytes=k.dtype.itemsize)
             row = {"kv_dtype": kv_dtype, "kv_heads": kv_heads, "batch": batch, "context": ctx,
+                   "layout": "head-major" if head_major else "token-major",
                    "default_tiling": block_sizes == pa.BlockSizes(),
                    "block_kv_decode": resolved.block_kv_decode,
                    "num_stages_decode": block_sizes.num_stages_decode,
@@ -148,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--decode-programs", type=int, nargs="+", default=[-1],
                     help="BlockSizes.decode_programs: the split-K programs wanted; 0: every "
                          "split runs; -1: the kernel's default")
+    ap.add_argument("--head-major", action="store_true",
+                    help="also time each config on the same pages laid out head-major")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     rows = []
@@ -159,9 +187,12 @@ def main(argv=None):
                                              num_stages_decode=stages, num_warps_decode=warps)
                     if programs >= 0:
                         bs = dataclasses.replace(bs, decode_programs=programs or None)
-                    rows += bench(kv_dtype, args.kv_heads, args.batch, args.context, bs)
+                    for head_major in (False, True)[:1 + args.head_major]:
+                        rows += bench(kv_dtype, args.kv_heads, args.batch, args.context, bs,
+                                      head_major)
     base = {(r["batch"], r["context"]): r["time_us"] for r in rows
-            if r["kv_dtype"] == "bf16" and "time_us" in r and r["default_tiling"]}
+            if r["kv_dtype"] == "bf16" and "time_us" in r and r["default_tiling"]
+            and r["layout"] == "token-major"}
     for r in rows:
         b = base.get((r["batch"], r["context"]))
         if b and "time_us" in r:
@@ -170,10 +201,11 @@ def main(argv=None):
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "q_heads": Q_HEADS,
               "head_dim": HEAD_DIM, "page_size": PAGE, "rows": rows}
-    print(f"{'dtype':5s} {'bk':>4s} {'st':>3s} {'w':>2s} {'prog':>5s} {'B':>4s} {'ctx':>6s} "
-          f"{'us':>9s} {'TB/s':>6s} {'vs bf16':>7s}")
+    print(f"{'layout':11s} {'dtype':5s} {'bk':>4s} {'st':>3s} {'w':>2s} {'prog':>5s} {'B':>4s} "
+          f"{'ctx':>6s} {'us':>9s} {'TB/s':>6s} {'vs bf16':>7s}")
     for r in rows:
-        print(f"{r['kv_dtype']:5s} {r['block_kv_decode']:4d} {r['num_stages_decode']:3d} "
+        print(f"{r['layout']:11s} {r['kv_dtype']:5s} {r['block_kv_decode']:4d} "
+              f"{r['num_stages_decode']:3d} "
               f"{r['num_warps_decode']:2d} {r['decode_programs'] or 0:5d} {r['batch']:4d} "
               f"{r['context']:6d} "
               f"{r.get('time_us', float('nan')):9.1f} {r.get('tbps', float('nan')):6.3f} "

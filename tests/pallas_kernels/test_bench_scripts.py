@@ -74,3 +74,47 @@ def test_bench_kv_quant_smoke_times_every_page_dtype(tmp_path):
     qo = 2 * 2 * 32 * 128 * 2
     assert rows[0]["bytes"] == 2 * 64 * 2 * 2 * 128 * 2 + qo
     assert rows[4]["bytes"] == 2 * 64 * 2 * 2 * (128 + 4) + qo
+
+
+@pytest.mark.slow
+def test_bench_kv_quant_head_major_probe_reads_the_same_keys(tmp_path):
+    """--head-major gives the kernel each (sequence, KV head) pair as a sequence of one KV
+    head: the same bytes, checked against the reference on those arguments."""
+    out = tmp_path / "kvq.json"
+    load("bench_kv_quant").main(["--batch", "2", "--context", "64", "--kv-heads", "2",
+                                 "--kv-dtype", "bf16", "fp8", "--head-major",
+                                 "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kv_dtype"], r["layout"]) for r in rows] == [
+        ("bf16", "token-major"), ("bf16", "head-major"), ("fp8", "token-major"),
+        ("fp8", "head-major")]
+    for row in rows:
+        assert row["check"]["max_abs_err"] < 1e-2, row
+    assert rows[0]["bytes"] == rows[1]["bytes"] and rows[2]["bytes"] == rows[3]["bytes"]
+    assert rows[0]["num_kv_splits"] == rows[1]["num_kv_splits"]
+
+
+def test_bench_kv_quant_head_major_arguments_attend_the_same_keys():
+    """The head-major view of a pool (each page's KV heads as pages of their own) with
+    as_head_major's arguments gives the same attention as the pool as it is."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
+    kvq = load("bench_kv_quant")
+    kv_heads, pages, batch, ctx = 4, 12, 3, 48
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((1, pages, kvq.PAGE, kv_heads, kvq.HEAD_DIM)),
+                        jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((batch, kvq.Q_HEADS, kvq.HEAD_DIM)), jnp.float32)
+    tables = jnp.asarray(rng.permutation(pages)[:batch * 3].reshape(batch, 3), jnp.int32)
+    lens = jnp.asarray([ctx, 20, 33], jnp.int32)
+    starts = jnp.arange(batch + 1, dtype=jnp.int32)
+    head_major = lambda a: jnp.moveaxis(a, 3, 2).reshape(1, pages * kv_heads, kvq.PAGE, 1, -1)
+    want = ragged_paged_attention_reference(q, k, v, 0, tables, lens, starts, sm_scale=0.1)
+    q2, tables2, lens2, starts2 = kvq.as_head_major(kv_heads, q, tables, lens, starts)
+    got = ragged_paged_attention_reference(q2, head_major(k), head_major(v), 0, tables2, lens2,
+                                           starts2, sm_scale=0.1)
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), np.asarray(want),
+                               rtol=1e-5, atol=1e-5)
