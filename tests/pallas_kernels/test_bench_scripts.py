@@ -6,7 +6,11 @@ import json
 import pathlib
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
 
@@ -97,11 +101,6 @@ def test_bench_kv_quant_head_major_probe_reads_the_same_keys(tmp_path):
 def test_bench_kv_quant_head_major_arguments_attend_the_same_keys():
     """The head-major view of a pool (each page's KV heads as pages of their own) with
     as_head_major's arguments gives the same attention as the pool as it is."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from pallas_kernels.paged_attention import ragged_paged_attention_reference
-
     kvq = load("bench_kv_quant")
     kv_heads, pages, batch, ctx = 4, 12, 3, 48
     rng = np.random.default_rng(0)
