@@ -577,6 +577,12 @@ def ragged_paged_attention_reference(
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS} (got {formulation!r})")
     pages_per_seq = page_tables.shape[1]
+    few = formulation == "token" and num_tokens <= FEW_TOKENS
+    if formulation == "token":
+        # Blocks whose K/V for all the tokens fit in 2 CPU cores' L2 caches: for 16 decodes
+        # of the demo, 6 pages a block take 0.8x the time of 8 at 150-250 tokens, the same at
+        # 400-1000. For a few tokens twice the pages: fewer steps, each mostly fixed cost.
+        pages_per_block = decode_pages_per_block * (2 if few else 1)
     ppb = min(pages_per_block, pages_per_seq)
     padded = -(-pages_per_seq // ppb) * ppb
     tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))
@@ -639,15 +645,8 @@ def ragged_paged_attention_reference(
 
     seq, pos = token_positions(query_start, seq_lens, num_tokens)
     by_seq = formulation == "sequence"
-    few = not by_seq and num_tokens <= FEW_TOKENS
     if not by_seq:
-        # Blocks whose K/V for all the tokens fit in 2 CPU cores' L2 caches: for 16 decodes
-        # of the demo, 6 pages a block take 0.8x the time of 8 at 150-250 tokens, the same at
-        # 400-1000. For a few tokens twice the pages: fewer steps, each mostly fixed cost.
-        ppb = min(decode_pages_per_block * (2 if few else 1), pages_per_seq)
-        padded = -(-pages_per_seq // ppb) * ppb
-        tables = jnp.pad(page_tables, ((0, 0), (0, padded - pages_per_seq)))[seq]  # [T, padded]
-        block_len = ppb * page_size
+        tables = tables[seq]  # [T, padded]
     owner = seq[:, None] == jnp.arange(num_seqs)[None, :]  # [T, S]
     num_blocks = jnp.minimum((jnp.max(pos) + block_len) // block_len, padded // ppb)
 
