@@ -59,6 +59,7 @@ from jaxserve.models.llama import (
 )
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import kv_pages_dtype
+from pallas_kernels.cpu_matmul import available as cpu_matmul_available
 from sharding import rules
 from sharding.pipeline import PipelinePlan
 from sharding.tensor import TensorPlan
@@ -387,7 +388,8 @@ class Runner:
                            transposed=config.runner.transposed_weights,
                            quantized_activations=(config.runner.fp8_activations
                                                   or config.runner.int8_activations),
-                           q8_0_tiles=config.runner.q8_0_tiles)
+                           q8_0_tiles=config.runner.q8_0_tiles,
+                           cpu_matmul=use_cpu_matmul(config))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of self._prefill_tokens tokens or more
         self._prefill_tokens = FLASH_MIN_TOKENS
@@ -733,6 +735,19 @@ class Runner:
     def unpack(self, bucket: tuple[int, int, int], inputs) -> StepInputs:
         """Prepared inputs of the first data shard's stage 0 as named arrays (profiling)."""
         return self.batch.layout(*bucket).unpack(inputs[0][0, 0])
+
+
+def use_cpu_matmul(config: Config) -> bool:
+    """runner.cpu_matmul resolved: null is on where the backend is a CPU and the kernel runs
+    there (pallas_kernels/cpu_matmul.py); true where it cannot run is a ConfigError."""
+    if not config.runner.transposed_weights or config.runner.cpu_matmul is False:
+        return False
+    runs = jax.default_backend() == "cpu" and cpu_matmul_available()
+    if config.runner.cpu_matmul and not runs:
+        raise ConfigError("runner.cpu_matmul: true needs a CPU backend with AVX-512 and a C++ "
+                          f"compiler (backend: {jax.default_backend()}; see the message "
+                          "above, if any); set it to null or false")
+    return runs
 
 
 def setup_compilation_cache(directory: str | None) -> None:

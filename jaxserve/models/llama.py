@@ -115,7 +115,7 @@ def _param(module, name, shape, names, dtype, init=_init):
 
 def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode: str,
             transposed: bool = False, quantized_activations: bool = False,
-            q8_0_tiles: bool = False):
+            q8_0_tiles: bool = False, cpu_matmul: bool = False):
     """A linear layer's weight and, quantized (models/quant.py), its scale, which has the
     weight's axes less the `contracted` ones: (weight, scale or None). `shape` and `names`
     list the contracted axes first. With `transposed` (runner.transposed_weights) the weight
@@ -124,7 +124,9 @@ def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode
     (runner.fp8_activations, runner.int8_activations): 8-bit weights outputs-first multiply
     activations quantized to their format in programs of ACTIVATION_ROWS[mode] tokens or
     more. `q8_0_tiles` (runner.q8_0_tiles): a q8_0 weight whose outputs tile is stored in
-    column tiles, with its scale, and comes back as a Tiled (models/q8_0_tiles.py)."""
+    column tiles, with its scale, and comes back as a Tiled (models/q8_0_tiles.py).
+    `cpu_matmul` (runner.cpu_matmul): a float32 weight stored outputs-first is multiplied by
+    pallas_kernels/cpu_matmul.py at 2-16 rows (models/transposed.py)."""
     c = len(contracted)
     block_n = tile_width_of(shape, c) if q8_0_tiles and mode == "q8_0" \
         and names[:c] == contracted else None
@@ -140,7 +142,8 @@ def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode
         raise ValueError(f"{name}: a transposed weight needs its contracted axes {contracted} "
                          f"first (got {names})")
     rows = ACTIVATION_ROWS.get(mode, 0) if quantized_activations else 0
-    wrap = (lambda w: Transposed(w, len(contracted), rows)) if stored else (lambda w: w)
+    wrap = (lambda w: Transposed(w, len(contracted), rows, cpu_matmul)) if stored \
+        else (lambda w: w)
     w_shape, w_names = ((transposed_shape(shape, len(contracted)),
                          transposed_shape(names, len(contracted))) if stored else (shape, names))
     if mode == "none":
@@ -177,13 +180,14 @@ class Projection(nn.Module):
     transposed: bool = False  # the kernel stored outputs-first (runner.transposed_weights)
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
+    cpu_matmul: bool = False  # runner.cpu_matmul (see _linear)
 
     @nn.compact
     def __call__(self, x):
         shape = (x.shape[-1], self.num_heads, self.head_dim)
         kernel, scale = _linear(self, "kernel", shape, ("embed", self.head_axis, "head_dim"),
                                 self.dtype, ("embed",), self.quantization, self.transposed,
-                                self.quantized_activations, self.q8_0_tiles)
+                                self.quantized_activations, self.q8_0_tiles, self.cpu_matmul)
         y = qeinsum("TE,ENH->TNH", x, kernel, scale)
         if self.use_bias:
             bias = _param(self, "bias", shape[1:], (self.head_axis, "head_dim"), self.dtype,
@@ -202,6 +206,7 @@ class Attention(nn.Module):
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
+    cpu_matmul: bool = False  # runner.cpu_matmul (see _linear)
 
     @nn.compact
     def __call__(self, x, kv, layer, meta: AttentionMetadata):
@@ -209,7 +214,7 @@ class Attention(nn.Module):
         proj = lambda name, n, axis: Projection(n, c.head_dim, axis, c.attention_bias,
                                                 self.dtype, c.quantization, self.transposed,
                                                 self.quantized_activations, self.q8_0_tiles,
-                                                name=name)(x)
+                                                self.cpu_matmul, name=name)(x)
         if self.fused_qkv:
             h, kvh = c.num_heads, c.num_kv_heads
             qkv = proj("qkv_proj", h + 2 * kvh, "heads")  # [T, H + 2K, D]
@@ -266,7 +271,8 @@ class Attention(nn.Module):
         o_kernel, o_scale = _linear(self, "o_proj", (c.num_heads, c.head_dim, c.hidden_size),
                                     ("heads", "head_dim", "embed"), self.dtype,
                                     ("heads", "head_dim"), c.quantization, self.transposed,
-                                    self.quantized_activations, self.q8_0_tiles)
+                                    self.quantized_activations, self.q8_0_tiles,
+                                    self.cpu_matmul)
         out = out.astype(self.dtype)
         if isinstance(o_kernel, LayerSelect) and (
                 o_scale is None or block_axis(o_kernel.shape, o_scale.shape) is None):
@@ -298,7 +304,7 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
 def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
                 quantization: str = "none", fused: bool = False,
                 transposed: bool = False, quantized_activations: bool = False,
-                q8_0_tiles: bool = False) -> dict:
+                q8_0_tiles: bool = False, cpu_matmul: bool = False) -> dict:
     e, f = config.hidden_size, config.intermediate_size
     lead, names = ((stack[0],), (stack[1],)) if stack else ((), ())
     w = {}
@@ -307,7 +313,7 @@ def _mlp_params(module, config, dtype, stack: tuple[int, str] | None = None,
     for key, shape, axes in (*inputs, ("down", (f, e), ("mlp", "embed"))):
         w[key], scale = _linear(module, f"{key}_proj", (*lead, *shape), (*names, *axes), dtype,
                                 axes[:1], quantization, transposed, quantized_activations,
-                                q8_0_tiles and not stack)
+                                q8_0_tiles and not stack, cpu_matmul)
         if scale is not None:
             w[f"{key}_scale"] = scale
     return w
@@ -334,13 +340,14 @@ class MLP(nn.Module):
     transposed: bool = False  # weights stored outputs-first (transpose_weights)
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
+    cpu_matmul: bool = False  # runner.cpu_matmul (see _linear)
 
     @nn.compact
     def __call__(self, x):
         w = _mlp_params(self, self.config, self.dtype, quantization=self.config.quantization,
                         fused=self.fused_gate_up, transposed=self.transposed,
                         quantized_activations=self.quantized_activations,
-                        q8_0_tiles=self.q8_0_tiles)
+                        q8_0_tiles=self.q8_0_tiles, cpu_matmul=self.cpu_matmul)
         return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
 
 
@@ -425,6 +432,7 @@ class DecoderLayer(nn.Module):
     transposed: bool = False
     quantized_activations: bool = False
     q8_0_tiles: bool = False
+    cpu_matmul: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -433,7 +441,7 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="attn_norm")(x)
         a, kv = Attention(c, self.dtype, self.attention_fn, par.tensor_axis, self.kv_rotation,
                           self.fused_qkv, self.transposed, self.quantized_activations,
-                          self.q8_0_tiles, name="attn")(h, kv, layer, meta)
+                          self.q8_0_tiles, self.cpu_matmul, name="attn")(h, kv, layer, meta)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="mlp_norm")(x)
         if c.is_mixed:
@@ -442,7 +450,8 @@ class DecoderLayer(nn.Module):
             y, experts = MoE(c, self.dtype, par, name="moe")(h)
         else:
             y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
-                             self.quantized_activations, self.q8_0_tiles, name="mlp")(h), None
+                             self.quantized_activations, self.q8_0_tiles, self.cpu_matmul,
+                             name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -470,6 +479,9 @@ class LlamaModel(nn.Module):
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles (tile_q8_0)
+    # with transposed: float32 matmuls of 2-16 rows, the tied LM head's too, by
+    # pallas_kernels/cpu_matmul.py (runner.cpu_matmul)
+    cpu_matmul: bool = False
 
     def setup(self):
         c = self.config
@@ -483,7 +495,8 @@ class LlamaModel(nn.Module):
                 raise ValueError("layer_loop: MoE layers are not run by one loop body")
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
                                         self.fused_qkv, self.fused_gate_up, self.transposed,
-                                        self.quantized_activations, self.q8_0_tiles)
+                                        self.quantized_activations, self.q8_0_tiles,
+                                        self.cpu_matmul)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
@@ -543,7 +556,8 @@ class LlamaModel(nn.Module):
         """Float32 logits [S, vocab] of the rows `logits_indices` of x [T, embed]."""
         x = self.final_norm(x[logits_indices])
         if self.config.tie_word_embeddings and self.transposed:  # [vocab, embed]: outputs-first
-            logits = transposed_einsum("SE,EV->SV", x, Transposed(self.embedding, 1),
+            logits = transposed_einsum("SE,EV->SV", x,
+                                       Transposed(self.embedding, 1, cpu_kernel=self.cpu_matmul),
                                        preferred_element_type=jnp.float32)
         elif self.config.tie_word_embeddings:
             logits = jnp.einsum("SE,VE->SV", x, self.embedding,

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.models.layer_select import LayerSelect
+from pallas_kernels.cpu_matmul import MAX_ROWS, cpu_matmul
 
 SMALL_ROWS = 32  # on a CPU, rows of x up to which a Transposed weight is multiplied as W . x^T
 
@@ -45,9 +46,11 @@ class Transposed:
     inputs: int  # how many of the weight's axes (its last ones) are contracted
     # 8-bit weights: rows from which x is quantized to the weight's format too (0: never)
     activation_rows: int = 0
+    # float32 matmuls of 2-16 rows by pallas_kernels/cpu_matmul.py (runner.cpu_matmul)
+    cpu_kernel: bool = False
 
     def tree_flatten(self):
-        return (self.weight,), (self.inputs, self.activation_rows)
+        return (self.weight,), (self.inputs, self.activation_rows, self.cpu_kernel)
 
     @classmethod
     def tree_unflatten(cls, static, leaves):
@@ -65,6 +68,16 @@ def rows_first(m: int) -> bool:
     return m > SMALL_ROWS or jax.default_backend() != "cpu"
 
 
+def kernel_rows(m: int, x_dtype, w_dtype, out_dtype) -> bool:
+    """Whether a matmul of m rows goes to the CPU kernel (where Transposed.cpu_kernel is
+    set): float32 throughout, 2 to MAX_ROWS rows. One row stays with XLA, whose
+    matrix-vector loop reads the weight faster (docs/performance.md, "A CPU kernel for the
+    decode matmuls")."""
+    f32 = jnp.dtype(jnp.float32)
+    return (2 <= m <= MAX_ROWS and jnp.dtype(x_dtype) == f32 and jnp.dtype(w_dtype) == f32
+            and jnp.dtype(out_dtype) == f32)
+
+
 def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
                       preferred_element_type=None) -> jax.Array:
     """einsum(eq, x, weight) for a `eq` "x_axes,w_axes->out_axes" that names w's axes
@@ -79,7 +92,11 @@ def transposed_einsum(eq: str, x: jax.Array, w: Transposed,
     out_dtype = preferred_element_type or x.dtype
 
     integer = jnp.issubdtype(x.dtype, jnp.integer)
-    if not rows_first(m) and not integer:  # y^T [N, M] = W [N, K] . x^T [K, M]
+    if w.cpu_kernel and kernel_rows(m, x.dtype, w.weight.dtype, out_dtype):
+        # y [M, N] by pallas_kernels/cpu_matmul.py: x [M, K] . W [N, K]^T as they lie
+        x2 = jnp.einsum(f"{x_axes}->{rows}{w_in}", x).reshape(m, k)
+        y = _apply(w.weight, lambda weight, x2: cpu_matmul(x2, weight.reshape(-1, k)), x2)
+    elif not rows_first(m) and not integer:  # y^T [N, M] = W [N, K] . x^T [K, M]
         xt = jax.lax.optimization_barrier(jnp.einsum(f"{x_axes}->{w_in}{rows}", x).reshape(k, m))
 
         def dot(weight, xt):
