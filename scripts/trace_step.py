@@ -13,7 +13,8 @@ On CPU, XLA's executors name each event after its HLO op (`dot.50`,
 `dynamic-slice_bitcast_fusion.2`, ...), so the classes below are taken from those names:
   weight copies   dynamic-slice / slice / copy fusions (on CPU: layer weights copied out of
                   the stacked arrays before their matmuls)
-  matmuls         dot, and the oneDNN/YNNPACK fusions that hold a dot
+  matmuls         dot, the oneDNN/YNNPACK fusions that hold a dot, and the CPU matmul
+                  kernel's calls (ffi_call)
   loop            while / conditional bodies' own bookkeeping
   other ops       every other XLA op event
   host            the engine's step() wall time, less the time blocked on the device
@@ -66,7 +67,9 @@ from jaxserve.loader import load_model
 # frames) and no '::' (runtime internals).
 OP = re.compile(r"^[a-z][a-z0-9_\-]*(\.\d+)?$")
 CLASSES = (("weight copies", re.compile(r"^(dynamic-slice|slice|copy)")),
-           ("matmuls", re.compile(r"^(dot|ynn_fusion|onednn|custom-call)")),
+           # ffi_call: the CPU matmul kernel (pallas_kernels/cpu_matmul.py), the only jax.ffi
+           # call a CPU step makes
+           ("matmuls", re.compile(r"^(dot|ynn_fusion|onednn|custom-call|ffi_call)")),
            ("loop", re.compile(r"^(while|conditional|call)")),
            ("other ops", re.compile(r".")))
 # GPU kernels, by kernel name: cuBLAS/cuBLASLt (sm90_xmma_*, nvjet_*, cutlass_*), XLA's own
