@@ -183,9 +183,9 @@ class RunnerSection:
     # with int8 weights outputs-first: programs of 2+ tokens multiply int8 activations (README)
     int8_activations: bool = False
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
-    # with transposed_weights: float32 matmuls of 2-16 rows by the CPU kernel; null = on a
-    # CPU that runs it (README)
-    cpu_matmul: bool | None = None
+    # float32 decode attention, and matmuls of 2-16 rows with transposed_weights, by the
+    # CPU kernels; null = on a CPU that runs them (README)
+    cpu_kernels: bool | None = None
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)
     paged_prefill: bool | None = None
     # the compiled step's calls made by a thread of their own: null = on a GPU (README)
@@ -199,9 +199,6 @@ class RunnerSection:
                "needs runner.layer_arrays: true (it transposes per-layer weight arrays)")
         _check(self.layer_arrays or not self.q8_0_tiles, "q8_0_tiles",
                "needs runner.layer_arrays: true (it tiles per-layer weight arrays)")
-        _check(self.transposed_weights or not self.cpu_matmul, "cpu_matmul",
-               "needs runner.transposed_weights: true (the kernel takes the weights "
-               "outputs-first)")
         _check(self.transposed_weights or not self.fp8_activations, "fp8_activations",
                "needs runner.transposed_weights: true (fp8 x fp8 GEMMs take the weights "
                "outputs-first)")

@@ -50,6 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import cpu_decode_attention
 from pallas_kernels.online_softmax import DEFAULT_MASK_VALUE, is_pow2, load, softmax_step
 
 LOG2_E = math.log2(math.e)
@@ -520,7 +521,8 @@ SMALL_WINDOW = 8  # the "window" formulation's window for decodes and short chun
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block",
-                                             "decode_pages_per_block", "formulation", "window"))
+                                             "decode_pages_per_block", "formulation", "window",
+                                             "cpu_kernel"))
 def ragged_paged_attention_reference(
     q,  # [T, H, D]
     k_pages,  # [L, N, page_size, KVH, D]
@@ -539,6 +541,7 @@ def ragged_paged_attention_reference(
     v_scales=None,
     k_new=None,  # [T, KVH, D]: this step's K/V rows, as written into the pages (optional)
     v_new=None,
+    cpu_kernel: bool = False,
 ):
     """Plain-jnp ragged paged attention with an online softmax over blocks of pages.
 
@@ -556,7 +559,9 @@ def ragged_paged_attention_reference(
       against 1.05 s with per-token gathers. Off CPU it is not chosen: its nested loops
       of small steps suit a CPU, were not measured on a GPU, and GPUs run the Pallas
       kernel anyway.
-    formulation forces one of them (None: chosen by the shapes). The token formulation
+    formulation forces one of them (None: chosen by the shapes). With `cpu_kernel` (the
+    runner's runner.cpu_kernels, on a CPU that runs it) the token formulation over float32
+    pages is pallas_kernels/cpu_decode_attention.py's kernel. The token formulation
     walks blocks of decode_pages_per_block pages (twice that for FEW_TOKENS tokens or
     fewer), the others blocks of pages_per_block.
 
@@ -576,6 +581,12 @@ def ragged_paged_attention_reference(
             else "sequence" if num_seqs <= 4 else "token"
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation must be one of {FORMULATIONS} (got {formulation!r})")
+    if cpu_kernel and formulation == "token" and k_scales is None \
+            and cpu_decode_attention.takes(q, k_pages):
+        seq, pos = token_positions(query_start, seq_lens, num_tokens)
+        return cpu_decode_attention.cpu_decode_attention(
+            q.astype(jnp.float32), k_pages, v_pages, layer, page_tables[seq], pos,
+            sm_scale=sm_scale).astype(q.dtype)
     pages_per_seq = page_tables.shape[1]
     few = formulation == "token" and num_tokens <= FEW_TOKENS
     if formulation == "token":

@@ -59,6 +59,7 @@ from jaxserve.models.llama import (
 )
 from jaxserve.models.model_config import ModelConfig
 from jaxserve.models.quant import kv_pages_dtype
+from pallas_kernels.cpu_decode_attention import available as cpu_attention_available
 from pallas_kernels.cpu_matmul import available as cpu_matmul_available
 from sharding import rules
 from sharding.pipeline import PipelinePlan
@@ -374,6 +375,11 @@ class Runner:
                                    paged_prefill=config.runner.paged_prefill,
                                    pages_dtype=kv_dtype(config), page_size=self.page_size,
                                    kv_writer=writer)
+        from pallas_kernels.paged_attention import ragged_paged_attention_reference
+        reference = attention is ragged_paged_attention_reference
+        cpu_kernels = use_cpu_kernels(config)
+        if reference and cpu_kernels:  # its decode tokens by pallas_kernels/cpu_decode_attention
+            attention = functools.partial(ragged_paged_attention_reference, cpu_kernel=True)
         model = LlamaModel(local, self.dtype, attention,
                            min(config.runner.scan_unroll, local.num_layers),
                            # no collectives over an axis of one device: XLA's CPU backend
@@ -389,17 +395,16 @@ class Runner:
                            quantized_activations=(config.runner.fp8_activations
                                                   or config.runner.int8_activations),
                            q8_0_tiles=config.runner.q8_0_tiles,
-                           cpu_matmul=use_cpu_matmul(config))
+                           cpu_matmul=cpu_kernels and config.runner.transposed_weights)
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of self._prefill_tokens tokens or more
         self._prefill_tokens = FLASH_MIN_TOKENS
-        from pallas_kernels.paged_attention import ragged_paged_attention_reference
-        if attention is ragged_paged_attention_reference:
+        if reference:
             # Prefill programs hand it this step's K/V rows: on a CPU its window formulation
             # reads a chunk's own keys from them instead of gathering pages. Decode
             # programs pass none: with the rows in every program the demo's B=16 decode step
             # p50 measured 77.2 and 99.8 ms against 70.1 and 74.2 ms (two clean rounds).
-            rows = functools.partial(ragged_paged_attention_reference)
+            rows = functools.partial(ragged_paged_attention_reference, cpu_kernel=cpu_kernels)
             rows.takes_new_kv = True
             self._prefill_step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=rows))
@@ -737,14 +742,15 @@ class Runner:
         return self.batch.layout(*bucket).unpack(inputs[0][0, 0])
 
 
-def use_cpu_matmul(config: Config) -> bool:
-    """runner.cpu_matmul resolved: null is on where the backend is a CPU and the kernel runs
-    there (pallas_kernels/cpu_matmul.py); true where it cannot run is a ConfigError."""
-    if not config.runner.transposed_weights or config.runner.cpu_matmul is False:
+def use_cpu_kernels(config: Config) -> bool:
+    """runner.cpu_kernels resolved: null is on where the backend is a CPU and the kernels run
+    there (pallas_kernels/cpu_build.py); true where they cannot run is a ConfigError."""
+    if config.runner.cpu_kernels is False:
         return False
-    runs = jax.default_backend() == "cpu" and cpu_matmul_available()
-    if config.runner.cpu_matmul and not runs:
-        raise ConfigError("runner.cpu_matmul: true needs a CPU backend with AVX-512 and a C++ "
+    runs = jax.default_backend() == "cpu" and cpu_matmul_available() \
+        and cpu_attention_available()
+    if config.runner.cpu_kernels and not runs:
+        raise ConfigError("runner.cpu_kernels: true needs a CPU backend with AVX-512 and a C++ "
                           f"compiler (backend: {jax.default_backend()}; see the message "
                           "above, if any); set it to null or false")
     return runs

@@ -15,6 +15,8 @@ from jaxserve.engine.runner import (
     pick_attention,
 )
 from jaxserve.errors import ConfigError, InvalidRequestError
+from pallas_kernels.cpu_decode_attention import available as cpu_attention_available
+from pallas_kernels.cpu_matmul import available as cpu_matmul_available
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 PAGE_BYTES = 2 * 30 * 16 * 3 * 64 * 4  # K and V, 30 layers, 16 tokens, 3 heads x 64, f32
@@ -347,12 +349,22 @@ def test_flash_prefill_backend_needs_a_hopper_gpu(demo_config, demo_model):
 def test_cpu_prefill_programs_hand_the_reference_the_new_kv_rows(demo_config, demo_model):
     """Programs of 64 tokens or more (prefill buckets) pass this step's K/V rows to the
     reference attention, whose window formulation reads prefill chunks' keys from them;
-    smaller programs (decodes) pass none."""
-    runner = make_engine(demo_config, demo_model).runner
-    assert runner._prefill_tokens == REFERENCE_ROWS_MIN_TOKENS == 64
-    prefill = runner._prefill_step.model.attention_fn
-    assert prefill.func is ragged_paged_attention_reference and prefill.takes_new_kv
-    assert runner._step.model.attention_fn is ragged_paged_attention_reference
+    smaller programs (decodes) pass none. With runner.cpu_kernels (null: on where the
+    kernels run) both hand the token formulation to the CPU decode attention kernel."""
+    kernels = cpu_attention_available() and cpu_matmul_available()
+    for setting in (None, False):
+        runner = make_engine(demo_config, demo_model, runner__cpu_kernels=setting).runner
+        on = kernels and setting is None
+        assert runner._prefill_tokens == REFERENCE_ROWS_MIN_TOKENS == 64
+        prefill = runner._prefill_step.model.attention_fn
+        assert prefill.func is ragged_paged_attention_reference and prefill.takes_new_kv
+        assert prefill.keywords == {"cpu_kernel": on}
+        decode = runner._step.model.attention_fn
+        if on:
+            assert decode.func is ragged_paged_attention_reference
+            assert decode.keywords == {"cpu_kernel": True}
+        else:
+            assert decode is ragged_paged_attention_reference
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU note")

@@ -12,6 +12,7 @@ from jaxserve.engine import runner
 from jaxserve.errors import ConfigError
 from jaxserve.models.layer_select import LayerSelect
 from jaxserve.models.transposed import Transposed, transposed_einsum
+from pallas_kernels import cpu_build
 from pallas_kernels import cpu_matmul as kernel
 from pallas_kernels.cpu_matmul import MAX_ROWS, available, cpu_matmul
 
@@ -75,9 +76,9 @@ def test_refuses_what_it_cannot_take(x_shape, w_shape, dtype, words):
 
 def test_builds_into_the_cache_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
-    library = kernel._build()
+    library = cpu_build.build("cpu_matmul")
     assert library.parent == tmp_path / "kernels" and library.exists()
-    assert kernel._build() == library  # found, not built again
+    assert cpu_build.build("cpu_matmul") == library  # found, not built again
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [library.name]
 
 
@@ -85,7 +86,7 @@ def test_a_missing_compiler_fails_the_build(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXSERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(OSError):
-        kernel._build()
+        cpu_build.build("cpu_matmul")
     assert list((tmp_path / "kernels").iterdir()) == []  # no partial library left behind
 
 
@@ -122,15 +123,9 @@ def test_the_runner_resolves_the_setting(monkeypatch):
         return Config(runner=RunnerSection(layer_arrays=True, transposed_weights=True,
                                            **runner_keys))
 
-    assert runner.use_cpu_matmul(config()) is True  # null: on where it runs
-    assert runner.use_cpu_matmul(config(cpu_matmul=False)) is False
-    assert runner.use_cpu_matmul(Config(runner=RunnerSection(layer_arrays=True))) is False
+    assert runner.use_cpu_kernels(config()) is True  # null: on where they run
+    assert runner.use_cpu_kernels(config(cpu_kernels=False)) is False
     monkeypatch.setattr(runner, "cpu_matmul_available", lambda: False)
-    assert runner.use_cpu_matmul(config()) is False
-    with pytest.raises(ConfigError, match="runner.cpu_matmul: true needs"):
-        runner.use_cpu_matmul(config(cpu_matmul=True))
-
-
-def test_the_config_needs_outputs_first_weights():
-    with pytest.raises(ValueError, match="cpu_matmul: needs runner.transposed_weights"):
-        RunnerSection(cpu_matmul=True)
+    assert runner.use_cpu_kernels(config()) is False
+    with pytest.raises(ConfigError, match="runner.cpu_kernels: true needs"):
+        runner.use_cpu_kernels(config(cpu_kernels=True))
