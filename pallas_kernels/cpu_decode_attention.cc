@@ -47,6 +47,17 @@ inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Keys ahead whose rows are prefetched: a key's row is a few lines apart from the next
+// key's, and the pages lie anywhere in the pool, so the hardware cannot guess them. On the
+// demo's B=16 step: 2 keys ahead (one line each) 6.5 ms of attention, 8 keys 5.2, 16 keys
+// 4.5-4.9, 32 keys 4.8.
+constexpr int64_t kAhead = 16;
+
+inline void Prefetch(const float* row, int64_t dim) {
+  for (int64_t c = 0; c < dim; c += kLanes)  // one 64-byte line per 16 floats
+    _mm_prefetch(reinterpret_cast<const char*>(row + c), _MM_HINT_T0);
+}
+
 struct Shapes {
   int64_t tokens, heads, dim, kv_heads, group, page_size, pages_per_seq, pool_pages;
 };
@@ -84,7 +95,7 @@ void Pair(const Shapes& s, const float* q, const float* k, const float* v, const
           _mm512_set1_ps(scale));
   for (int64_t j = 0; j < keys; ++j) {
     const float* kr = row(k, j);
-    if (j + 2 < keys) _mm_prefetch(reinterpret_cast<const char*>(row(k, j + 2)), _MM_HINT_T0);
+    if (j + kAhead < keys) Prefetch(row(k, j + kAhead), s.dim);
     for (int64_t g = 0; g < g_count; ++g) {
       __m512 acc = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kr));
       for (int64_t c = 1; c < d_regs; ++c)
@@ -118,7 +129,7 @@ void Pair(const Shapes& s, const float* q, const float* k, const float* v, const
     for (int64_t c = 0; c < d_regs; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < keys; ++j) {
     const float* vr = row(v, j);
-    if (j + 2 < keys) _mm_prefetch(reinterpret_cast<const char*>(row(v, j + 2)), _MM_HINT_T0);
+    if (j + kAhead < keys) Prefetch(row(v, j + kAhead), s.dim);
     for (int64_t g = 0; g < g_count; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * keys + j]);
       for (int64_t c = 0; c < d_regs; ++c)
