@@ -584,9 +584,8 @@ def ragged_paged_attention_reference(
     if cpu_kernel and formulation == "token" and k_scales is None \
             and cpu_decode_attention.takes(q, k_pages):
         seq, pos = token_positions(query_start, seq_lens, num_tokens)
-        return cpu_decode_attention.cpu_decode_attention(
-            q.astype(jnp.float32), k_pages, v_pages, layer, page_tables[seq], pos,
-            sm_scale=sm_scale).astype(q.dtype)
+        return cpu_decode_attention.cpu_decode_attention(  # float32 q and pages (takes)
+            q, k_pages, v_pages, layer, page_tables[seq], pos, sm_scale=sm_scale)
     pages_per_seq = page_tables.shape[1]
     few = formulation == "token" and num_tokens <= FEW_TOKENS
     if formulation == "token":
