@@ -1,11 +1,12 @@
 """Building and loading the CPU kernels (pallas_kernels/cpu_*.cc), C++ behind jax.ffi.
 
-A kernel's source is compiled on first use with the machine's C++ compiler (`$CXX`, else
-`c++`) against jaxlib's XLA FFI headers, into `$JAXSERVE_CACHE_DIR/kernels` (default
-`~/.cache/jaxserve/kernels`), keyed by a hash of the source, the flags and jaxlib's version,
-and loaded from there after; its handler is registered with XLA as an FFI target of the
-same name. `register(name)` says whether this machine runs it (x86 with AVX-512F, a
-compiler, a successful build); where it cannot, the reason is printed once.
+A kernel's source, with the headers beside it (cpu_pool.h), is compiled on first use with
+the machine's C++ compiler (`$CXX`, else `c++`) against jaxlib's XLA FFI headers, into
+`$JAXSERVE_CACHE_DIR/kernels` (default `~/.cache/jaxserve/kernels`), keyed by a hash of the
+sources, the flags and jaxlib's version, and loaded from there after; its handler is
+registered with XLA as an FFI target of the same name. `register(name)` says whether this
+machine runs it (x86 with AVX-512F, a compiler, a successful build); where it cannot, the
+reason is printed once.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def build(name: str) -> Path:
     """`<name>.cc`'s shared library, compiled into the cache directory if it is not there."""
     compiler = os.environ.get("CXX", "c++")
     source_path = HERE / f"{name}.cc"
-    source = source_path.read_bytes()
+    # the kernel's source and the headers beside it (cpu_pool.h) make the key
+    source = b"".join(p.read_bytes() for p in (source_path, *sorted(HERE.glob("*.h"))))
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS, jaxlib.__version__)).encode())
     cache = Path(os.path.expanduser(os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")))
     directory = cache / "kernels"
@@ -82,8 +84,9 @@ def build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source_path), "-o",
-                        partial], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}",
+                        str(source_path), "-o", partial], check=True, capture_output=True,
+                       text=True)
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):

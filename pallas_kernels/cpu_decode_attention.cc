@@ -18,6 +18,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -143,24 +144,18 @@ void Pair(const Shapes& s, const float* q, const float* k, const float* v, const
   }
 }
 
-// The pairs of one call, taken in turn by the calling thread and the pool's threads (the
-// caller never waits for a pool thread to start; see cpu_matmul.cc).
-struct Work {
+// One call's work: its (token, KV head) pairs, shared by the threads (cpu_pool.h).
+struct Work : jaxserve::SharedItems {
+  using Scratch = std::vector<float>;  // a thread's scores, reused from pair to pair
   Shapes s;
   const float *q, *k, *v;
   const int32_t *tables, *pos;
   float scale;
   float* out;
-  int64_t pairs;
-  std::atomic<int64_t> next{0}, done{0};
   std::atomic<bool> bad{false};  // a page table entry outside the pool
 
-  void Run() {
-    std::vector<float> scores;
-    for (int64_t i; (i = next.fetch_add(1)) < pairs;) {
-      Pair(s, q, k, v, tables, pos, scale, i / s.kv_heads, i % s.kv_heads, out, scores, bad);
-      done.fetch_add(1, std::memory_order_release);
-    }
+  void Item(int64_t i, Scratch& scores) {
+    Pair(s, q, k, v, tables, pos, scale, i / s.kv_heads, i % s.kv_heads, out, scores, bad);
   }
 };
 
@@ -197,12 +192,7 @@ ffi::Error CpuDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   work->pos = pos.typed_data();
   work->scale = sm_scale;
   work->out = out->typed_data();
-  work->pairs = s.tokens * s.kv_heads;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, work->pairs); ++t)
-    pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->pairs) _mm_pause();
+  jaxserve::RunShared(pool, work, s.tokens * s.kv_heads);
   if (work->bad) return ffi::Error::InvalidArgument("cpu_decode_attention: a page outside the pool");
   return ffi::Error::Success();
 }

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -54,24 +55,17 @@ void RowBlocks(const float* xt, const float* w, float* y, int64_t m, int64_t n, 
   }
 }
 
-// One call's work: chunks of whole row blocks, taken in turn by the calling thread and the
-// pool's threads. The caller never waits for a pool thread to start (the pool may be busy,
-// or its threads in calls like this one): it takes every chunk left, then waits only for
-// the chunks others took. A task that starts late finds none; the state outlives the call
-// while a task holds it.
-struct Work {
+// One call's work: chunks of whole row blocks, shared by the threads (cpu_pool.h).
+struct Work : jaxserve::SharedItems {
+  struct Scratch {};
   const float* w;
   float* y;
   float* xt;
-  int64_t m, n, k, chunk_rows, chunks;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t m, n, k, chunk_rows;
   ~Work() { std::free(xt); }
 
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      RowBlocks(xt, w, y, m, n, k, c * chunk_rows, std::min(n, (c + 1) * chunk_rows));
-      done.fetch_add(1, std::memory_order_release);
-    }
+  void Item(int64_t c, Scratch&) {
+    RowBlocks(xt, w, y, m, n, k, c * chunk_rows, std::min(n, (c + 1) * chunk_rows));
   }
 };
 
@@ -99,11 +93,7 @@ ffi::Error CpuMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t blocks = (n + kRows - 1) / kRows;
   const int64_t per_chunk = std::max<int64_t>(1, blocks / (threads * kChunksPerThread));
   work->chunk_rows = per_chunk * kRows;
-  work->chunks = (n + work->chunk_rows - 1) / work->chunk_rows;
-  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t)
-    pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  jaxserve::RunShared(pool, work, (n + work->chunk_rows - 1) / work->chunk_rows);
   return ffi::Error::Success();
 }
 
