@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,13 +67,26 @@ def unsupported() -> str | None:
     return None
 
 
+def unbuildable() -> str | None:
+    """Why the kernels cannot be built here (unsupported, or no C++ compiler), or None: then
+    a failed build is a fault, not this machine's lack."""
+    if shutil.which(compiler()) is None:
+        return f"no C++ compiler ({compiler()})"
+    return unsupported()
+
+
+def compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def build(name: str) -> Path:
     """`<name>.cc`'s shared library, compiled into the cache directory if it is not there."""
-    compiler = os.environ.get("CXX", "c++")
+    compiler_path = compiler()
     source_path = HERE / f"{name}.cc"
     # the kernel's source and the headers beside it (cpu_pool.h) make the key
     source = b"".join(p.read_bytes() for p in (source_path, *sorted(HERE.glob("*.h"))))
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, jaxlib.__version__)).encode())
+    key = hashlib.sha256(source + " ".join((compiler_path, *FLAGS,
+                                            jaxlib.__version__)).encode())
     cache = Path(os.path.expanduser(os.environ.get("JAXSERVE_CACHE_DIR", "~/.cache/jaxserve")))
     directory = cache / "kernels"
     library = directory / f"{name}-{key.hexdigest()[:16]}.so"
@@ -84,7 +98,7 @@ def build(name: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}",
+        subprocess.run([compiler_path, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE}",
                         str(source_path), "-o", partial], check=True, capture_output=True,
                        text=True)
         os.replace(partial, library)
