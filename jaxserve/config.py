@@ -183,7 +183,7 @@ class RunnerSection:
     # with int8 weights outputs-first: programs of 2+ tokens multiply int8 activations (README)
     int8_activations: bool = False
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles for a GPU (README)
-    # float32 decode attention, and matmuls of 2-16 rows with transposed_weights, by the
+    # float32 decode attention, and matmuls of 1-16 rows with transposed_weights, by the
     # CPU kernels; null = on a CPU that runs them (README)
     cpu_kernels: bool | None = None
     # later chunks of 128+ tokens on the Mosaic kernel: null = where it can run (README)

@@ -2,11 +2,12 @@
 a C++ kernel (cpu_matmul.cc) behind jax.ffi, for the matmuls of decode batches.
 
 XLA's CPU GEMM runs the demo's decode matmuls of 4-16 rows at 100-130 GFLOP/s on 2 cores,
-where the weight's bytes alone would allow more than twice that. The kernel holds the 16
-rows' values of one input in one register, broadcasts each weight value into it, and
-prefetches the weight's next rows while it multiplies these (cpu_matmul.cc). Each output is
-one float32 sum over the inputs in order, so it differs from XLA's dot by rounding only
-(tests/pallas_kernels/test_cpu_matmul.py bounds it against a float64 product).
+where the weight's bytes alone would allow more than twice that, and its one-row
+matrix-vector loop reads the weights more slowly than this kernel does. Up to 4 rows the
+kernel takes dot products along the weight's rows; above, it holds the 16 rows' values of
+one input in one register and broadcasts each weight value into it; both prefetch the
+weight while they multiply (cpu_matmul.cc). The outputs differ from XLA's dot by rounding
+only (tests/pallas_kernels/test_cpu_matmul.py bounds them against a float64 product).
 
 The kernel is compiled on first use (pallas_kernels/cpu_build.py); `available()` says
 whether this machine runs it.

@@ -126,7 +126,7 @@ def _linear(module, name, shape, names, dtype, contracted: tuple[str, ...], mode
     more. `q8_0_tiles` (runner.q8_0_tiles): a q8_0 weight whose outputs tile is stored in
     column tiles, with its scale, and comes back as a Tiled (models/q8_0_tiles.py).
     `cpu_matmul` (runner.cpu_kernels): a float32 weight stored outputs-first is multiplied by
-    pallas_kernels/cpu_matmul.py at 2-16 rows (models/transposed.py)."""
+    pallas_kernels/cpu_matmul.py at 1-16 rows (models/transposed.py)."""
     c = len(contracted)
     block_n = tile_width_of(shape, c) if q8_0_tiles and mode == "q8_0" \
         and names[:c] == contracted else None
@@ -479,7 +479,7 @@ class LlamaModel(nn.Module):
     transposed: bool = False  # linear weights stored outputs-first (transpose_weights)
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # with layer_arrays: q8_0 weights in column tiles (tile_q8_0)
-    # with transposed: float32 matmuls of 2-16 rows, the tied LM head's too, by
+    # with transposed: float32 matmuls of 1-16 rows, the tied LM head's too, by
     # pallas_kernels/cpu_matmul.py (runner.cpu_kernels)
     cpu_matmul: bool = False
 

@@ -46,7 +46,7 @@ class Transposed:
     inputs: int  # how many of the weight's axes (its last ones) are contracted
     # 8-bit weights: rows from which x is quantized to the weight's format too (0: never)
     activation_rows: int = 0
-    # float32 matmuls of 2-16 rows by pallas_kernels/cpu_matmul.py (runner.cpu_kernels)
+    # float32 matmuls of 1-16 rows by pallas_kernels/cpu_matmul.py (runner.cpu_kernels)
     cpu_kernel: bool = False
 
     def tree_flatten(self):
@@ -70,11 +70,10 @@ def rows_first(m: int) -> bool:
 
 def kernel_rows(m: int, x_dtype, w_dtype, out_dtype) -> bool:
     """Whether a matmul of m rows goes to the CPU kernel (where Transposed.cpu_kernel is
-    set): float32 throughout, 2 to MAX_ROWS rows. One row stays with XLA, whose
-    matrix-vector loop reads the weight faster (docs/performance.md, "CPU kernels for decode
-    attention and matmuls")."""
+    set): float32 throughout, 1 to MAX_ROWS rows (docs/performance.md, "CPU kernels for
+    decode attention and matmuls"; "One row by the CPU matmul kernel")."""
     f32 = jnp.dtype(jnp.float32)
-    return (2 <= m <= MAX_ROWS and jnp.dtype(x_dtype) == f32 and jnp.dtype(w_dtype) == f32
+    return (1 <= m <= MAX_ROWS and jnp.dtype(x_dtype) == f32 and jnp.dtype(w_dtype) == f32
             and jnp.dtype(out_dtype) == f32)
 
 
