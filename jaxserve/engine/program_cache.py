@@ -10,7 +10,8 @@ and loads it without tracing:
   `distributed`), and the model's shape and options;
 * the arguments' structure, shapes, dtypes and shardings (so the number of KV pages too);
 * the source of the packages that build the step (`jaxserve`, `sharding`,
-  `pallas_kernels`), JAX's and jaxlib's versions, the devices and `XLA_FLAGS`.
+  `pallas_kernels`: their Python, and the C++ of the CPU kernels a program calls), JAX's and
+  jaxlib's versions, the devices and `XLA_FLAGS`.
 
 A change to any of these misses and compiles as before (a program that JAX's cache
 already holds is then not saved here: see `compile_and_save`). One process only: over several
@@ -43,21 +44,28 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 PACKAGES = ("jaxserve", "sharding", "pallas_kernels")
+SOURCES = ("*.py", "*.cc", "*.h")  # the step's Python, and the CPU kernels it calls (jax.ffi)
 KEEP = 8
 SECTIONS = ("model", "tokenizer", "checkpoint", "cache", "scheduler", "runner", "mesh",
             "speculative")
 
 
-@functools.cache
-def source_digest() -> str:
-    """sha256 over every Python file of the packages that build the step."""
+def tree_digest(top: Path) -> str:
+    """sha256 over the SOURCES files of the PACKAGES folders under `top`."""
     h = hashlib.sha256()
-    for name in PACKAGES:  # installed side by side, checked out or not
-        root = Path(__file__).resolve().parents[2] / name
-        for path in sorted(root.rglob("*.py")):
+    for name in PACKAGES:
+        root = top / name
+        for path in sorted(p for pattern in SOURCES for p in root.rglob(pattern)):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """tree_digest of the packages that build the step (installed side by side, checked out
+    or not)."""
+    return tree_digest(Path(__file__).resolve().parents[2])
 
 
 # JAX's own cache hits, counted: a program JAX loaded from its cache does not serialize

@@ -14,7 +14,7 @@ import pytest
 from engine_checks import save_tiny_shape
 
 from jaxserve.config import Config
-from jaxserve.engine.program_cache import KEEP, ProgramCache
+from jaxserve.engine.program_cache import KEEP, PACKAGES, ProgramCache, tree_digest
 
 START = """
 import json, sys
@@ -126,3 +126,23 @@ def test_only_the_folders_used_last_are_kept(tmp_path):
     cache._prune()
     kept = {p.name for p in root.iterdir()}
     assert kept == {cache.directory.name} | {f"old{i}" for i in range(4, KEEP + 3)}
+
+
+def test_the_key_covers_the_kernels_cpp_as_well_as_the_python(tmp_path):
+    """A program calls the CPU kernels by name: one saved before a kernel's source changed
+    must not run against the kernel rebuilt from the new source."""
+    for name in PACKAGES:
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "step.py").write_text("x = 1\n")
+    kernels = tmp_path / "pallas_kernels"
+    (kernels / "k.cc").write_text("int f() { return 1; }\n")
+    (kernels / "k.h").write_text("int f();\n")
+    digests = [tree_digest(tmp_path)]
+    for path, text in [(kernels / "k.cc", "int f() { return 2; }\n"),
+                       (kernels / "k.h", "int f(void);\n"),
+                       (tmp_path / "sharding" / "sub" / "step.py", "x = 2\n")]:
+        path.write_text(text)
+        digests.append(tree_digest(tmp_path))
+    (tmp_path / "jaxserve" / "notes.txt").write_text("not a source\n")
+    digests.append(tree_digest(tmp_path))
+    assert len(set(digests[:4])) == 4 and digests[4] == digests[3]
