@@ -220,6 +220,9 @@ FLASH_MIN_TOKENS = 512
 # The reference attention: programs of at least this many tokens (the CPU demo's prefill
 # buckets) pass it this step's K/V rows.
 REFERENCE_ROWS_MIN_TOKENS = 64
+# Threads that load saved step programs at warm-up (Runner._load_saved): on a 2-core machine
+# the demo's 24 programs load in 2.1 s on two threads, 3.4-3.5 s on one.
+LOAD_THREADS = min(4, os.cpu_count() or 1)
 # runner.paged_prefill: later chunks of at least this many tokens go to the Mosaic GPU paged
 # prefill kernel (its smallest item; from 128 up it measured 1.0-2.2x the ragged kernel).
 PAGED_MIN_CHUNK = 128
@@ -535,13 +538,41 @@ class Runner:
                              in_specs=(spec(self.params), state, per_block, per_block),
                              out_specs=(state, out_spec, per_block), check_vma=False)
 
+    def _args(self, key: tuple[int, int, int, int]) -> tuple:
+        """The arguments of a step program, the inputs' buffer as its shape."""
+        buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
+                                      sharding=self._per_block)
+        return self.params, self.state, buffer, self._prev_tokens
+
+    def _load_saved(self, keys: list, done: Callable[[], None],
+                    stop: Callable[[], bool] | None) -> list:
+        """Load the programs of `keys` saved whole (engine/program_cache.py) on LOAD_THREADS
+        threads, calling `done` after each; returns the keys not loaded. Loading a program
+        links its machine code outside the GIL, so a few threads load them in less time than
+        one does."""
+        def load(key):
+            if stop is not None and stop():
+                return key, None, 0.0
+            t0 = time.perf_counter()
+            program = self._programs.load(self._programs.path(key, self._args(key)))
+            return key, program, time.perf_counter() - t0
+
+        missing = []
+        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
+            for key, program, seconds in pool.map(load, keys):
+                if program is None:
+                    missing.append(key)
+                    continue
+                self._compiled[key] = program
+                self.compile_times[key] = {"load": seconds}
+                done()
+        return missing
+
     def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1):
         key = (num_tokens, num_seqs, rows, steps)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            buffer = jax.ShapeDtypeStruct(self._buffer_shape(key), jnp.int32,
-                                          sharding=self._per_block)
-            args = (self.params, self.state, buffer, self._prev_tokens)
+            args = self._args(key)
             saved = self._programs.path(key, args) if self._programs else None
             loaded = self._programs.load(saved) if saved else None
             if loaded is not None:
@@ -602,11 +633,17 @@ class Runner:
             stop = None
         setup_compilation_cache(self.config.runner.compilation_cache_dir)
         programs = self.step_programs()
-        for bucket in tqdm(programs, desc="compiling buckets", disable=not progress,
-                           unit="bucket"):
-            if stop is not None and stop():
-                return False
-            self._executable(*bucket)
+        with tqdm(total=len(programs), desc="compiling buckets", disable=not progress,
+                  unit="bucket") as bar:
+            pending = [p for p in programs if p not in self._compiled]
+            bar.update(len(programs) - len(pending))
+            if self._programs is not None:  # those saved whole first, on several threads
+                pending = self._load_saved(pending, bar.update, stop)
+            for bucket in pending:
+                if stop is not None and stop():
+                    return False
+                self._executable(*bucket)
+                bar.update()
         # A program's first run sets it up, and that time would land on a request: on a GPU
         # its CUDA graphs (35-90 ms measured on an H200 for the SmolLM2 shape), on a CPU the
         # library state of its matmuls (YNNPACK's; the demo's programs take 80-430 ms more

@@ -84,6 +84,16 @@ def test_a_second_start_loads_the_program_and_gives_the_same_tokens(tmp_path, me
     assert second["phases"] == ["load"] and second["tokens"] == first["tokens"]
 
 
+def test_several_saved_programs_load_together_and_give_the_same_tokens(tmp_path):
+    """Warm-up loads the saved programs on several threads (Runner._load_saved)."""
+    starts = Starts(tmp_path)
+    buckets = {"runner__token_buckets": (4, 16), "runner__seq_buckets": (2, 4)}
+    first = starts.run(**buckets)
+    assert first["phases"] == COMPILED and starts.saved() == 4  # (4, 2) (4, 4) (16, 2) (16, 4)
+    second = starts.run(**buckets)
+    assert second["phases"] == ["load"] and second["tokens"] == first["tokens"]
+
+
 def test_other_shapes_or_config_miss_and_jax_cached_programs_are_not_saved(tmp_path):
     starts = Starts(tmp_path)
     first = starts.run()
