@@ -54,6 +54,14 @@ def register(name: str) -> bool:
 _loaded: list[ctypes.CDLL] = []
 
 
+def require(name: str) -> None:
+    """register(name), or a RuntimeError where the kernel cannot run here: a kernel's
+    wrapper calls it before its ffi_call, so the handler is registered whoever calls first."""
+    if not register(name):
+        raise RuntimeError(f"the CPU kernel {name} cannot run on this machine (the reason is "
+                           "printed above)")
+
+
 def unsupported() -> str | None:
     """Why this machine cannot run the kernels, or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):

@@ -44,7 +44,8 @@ def takes(q, k_pages) -> bool:
 def cpu_decode_attention(q, k_pages, v_pages, layer, tables, pos, *, sm_scale: float):
     """out [T, H, D] float32: token t's query q [T, H, D] over the keys 0..pos[t] of its page
     table row tables [T, P] in layer `layer` of k_pages, v_pages [L, N, page_size, KVH, D];
-    pos[t] < 0 (padding) gives zeros. Call only where `available()` and `takes(q, k_pages)`."""
+    pos[t] < 0 (padding) gives zeros. Call only where `takes(q, k_pages)`; the kernel is
+    registered on first use (a RuntimeError where `available()` is False)."""
     if not takes(q, k_pages) or v_pages.shape != k_pages.shape or q.ndim != 3 \
             or k_pages.ndim != 5 or k_pages.shape[4] != q.shape[2]:
         raise ValueError(f"cpu_decode_attention: q {q.shape} {q.dtype} and pages "
@@ -52,6 +53,7 @@ def cpu_decode_attention(q, k_pages, v_pages, layer, tables, pos, *, sm_scale: f
     if tables.shape[0] != q.shape[0] or pos.shape != (q.shape[0],):
         raise ValueError(f"cpu_decode_attention: a table row and a position per token, got "
                          f"{tables.shape} and {pos.shape} for {q.shape[0]} tokens")
+    cpu_build.require(NAME)
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(
         q, k_pages, v_pages, jnp.asarray(layer, jnp.int32), tables.astype(jnp.int32),

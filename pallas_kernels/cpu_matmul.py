@@ -33,7 +33,8 @@ def cpu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] float32 (M <= MAX_ROWS) . w [N, K] float32 ^T -> [M, N] float32, by the
-    kernel. Call only where `available()`; the shapes are checked here."""
+    kernel, registered on first use (a RuntimeError where `available()` is False); the
+    shapes are checked here."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"cpu_matmul: x [M, K] and w [N, K] expected, got {x.shape} and "
                          f"{w.shape}")
@@ -41,6 +42,7 @@ def cpu_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
         raise ValueError(f"cpu_matmul: x has {x.shape[0]} rows; 1 to {MAX_ROWS} are taken")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"cpu_matmul: float32 operands expected, got {x.dtype} and {w.dtype}")
+    cpu_build.require(NAME)
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, w)
 

@@ -6,23 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cpu_kernel_marks import needs_cpu_kernels
 
-from pallas_kernels import cpu_build
 from pallas_kernels import cpu_decode_attention as kernel
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
-# Skipped only where the kernel cannot be built; a failed build on a machine that has what it
-# needs fails test_it_is_built_and_registered.
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or cpu_build.unbuildable() is not None,
-    reason="needs a CPU with AVX-512 and a C++ compiler")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    """Built and registered before the first test calls it, whichever tests are selected
-    (test_it_is_built_and_registered is the one that asserts it worked)."""
-    kernel.available()
+pytestmark = needs_cpu_kernels
 
 
 def test_it_is_built_and_registered():

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cpu_kernel_marks import needs_cpu_kernels
 
 from jaxserve.config import Config, RunnerSection
 from jaxserve.engine import runner
@@ -16,18 +17,7 @@ from pallas_kernels import cpu_build
 from pallas_kernels import cpu_matmul as kernel
 from pallas_kernels.cpu_matmul import MAX_ROWS, available, cpu_matmul
 
-# Skipped only where the kernel cannot be built; a failed build on a machine that has what it
-# needs fails test_it_is_built_and_registered.
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or cpu_build.unbuildable() is not None,
-    reason="needs a CPU with AVX-512 and a C++ compiler")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    """Built and registered before the first test calls it, whichever tests are selected
-    (test_it_is_built_and_registered is the one that asserts it worked)."""
-    available()
+pytestmark = needs_cpu_kernels
 
 
 def test_it_is_built_and_registered():
@@ -102,6 +92,12 @@ def test_a_missing_compiler_fails_the_build(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         cpu_build.build("cpu_matmul")
     assert list((tmp_path / "kernels").iterdir()) == []  # no partial library left behind
+
+
+def test_a_kernel_that_cannot_be_registered_is_refused_before_its_call(capsys):
+    with pytest.raises(RuntimeError, match="CPU kernel no_such_kernel cannot run"):
+        cpu_build.require("no_such_kernel")
+    assert "the CPU kernel no_such_kernel is off" in capsys.readouterr().err
 
 
 def hlo(fn, *args) -> str:
