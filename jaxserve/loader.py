@@ -167,11 +167,14 @@ def load_model(config: Config, progress: bool = True) -> LoadedModel:
     flat = replicate_kv_heads(flat, padded_specs(specs, pipeline), tensor, mesh)
     if config.runner.layer_arrays:
         flat = split_layers(flat, model_config.num_layers)
-        # One GEMM for q/k/v, and one for gate/up, where the heads and mlp axes are whole.
-        # Not for stacked layers: on the CPU demo (a layer scan) the joined q/k/v weight
-        # made the B=1 step 2-3 ms slower.
-        if config.mesh.tensor == 1:
-            flat = fuse_gate_up(fuse_qkv(flat))
+        # One GEMM for q/k/v, and one for gate/up (each device's own heads and columns
+        # under tensor parallelism). Not for stacked layers: on the CPU demo (a layer scan)
+        # the joined q/k/v weight made the B=1 step 2-3 ms slower. Column tiles (below)
+        # split a weight's first output axis only, and a joined gate/up split over tensor
+        # ranks is split on its second: there gate and up stay apart.
+        flat = fuse_qkv(flat)
+        if not (config.runner.q8_0_tiles and config.mesh.tensor > 1):
+            flat = fuse_gate_up(flat)
         if config.runner.transposed_weights:
             flat = transpose_weights(flat)
         if config.runner.q8_0_tiles:

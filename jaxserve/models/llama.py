@@ -20,14 +20,14 @@ Parameter tree under "params" (logical axis names in brackets; see sharding/rule
   final_norm/scale                 [embed]
   lm_head                          [embed, vocab]                      (untied only)
 `param_specs(config)` lists them with shapes; converters fill exactly that table. At load,
-`runner.layer_arrays` splits the stacks into `layers_{i}/...` arrays (split_layers), and on
-one tensor rank each layer's q/k/v then become one `attn/qkv_proj` [embed, heads + 2
-kv_heads, head_dim] (fuse_qkv), and a dense MLP's gate and up one `mlp/gate_up_proj` [embed, 2,
-mlp] (fuse_gate_up): one GEMM each instead of three and two. Per-layer arrays run unrolled,
-or with `runner.layer_loop` in one loop body whose matmuls pick their layer's weight
-(models/layer_select.py). `runner.transposed_weights` then stores each layer's linear
-weights outputs-first, [outputs..., inputs...] (transpose_weights; models/transposed.py), for
-XLA's CPU matmuls.
+`runner.layer_arrays` splits the stacks into `layers_{i}/...` arrays (split_layers), and
+each layer's q/k/v then become one `attn/qkv_proj` [embed, heads + 2 kv_heads, head_dim]
+(fuse_qkv; under tensor parallelism joined shard by shard), and a dense MLP's gate and up
+one `mlp/gate_up_proj` [embed, 2, mlp] (fuse_gate_up): one GEMM each instead of three and
+two. Per-layer arrays run unrolled, or with `runner.layer_loop` in one loop body whose
+matmuls pick their layer's weight (models/layer_select.py). `runner.transposed_weights`
+then stores each layer's linear weights outputs-first, [outputs..., inputs...]
+(transpose_weights; models/transposed.py), for XLA's CPU matmuls.
 
 A model that mixes dense and MoE layers (Qwen3-MoE with `mlp_only_layers` or a
 `decoder_sparse_step`) cannot stack both MLP kinds on one layer axis. Its MLP weights are
@@ -648,30 +648,58 @@ def fuse_qkv(flat: dict) -> dict:
     head_dim] (and biases, quantization scales) concatenated on the heads axis, each trio
     deleted once joined; stacked `layers/...` or split `layers_{i}/...` alike. One GEMM then
     reads one contiguous weight (the 8B shape's q/k/v on an H200: 26 -> 18 us a layer at 128
-    tokens, 20 -> 16 us at 32; docs/performance.md). Only for weights whose heads axis is
-    not split over devices (mesh.tensor 1): a split one would need each device's heads
-    regrouped."""
+    tokens, 20 -> 16 us at 32; docs/performance.md). Where the heads axis is split over n
+    devices (mesh.tensor), the heads are joined shard by shard, [q_0 k_0 v_0 | q_1 k_1 v_1
+    | ...], so that each device's slice of the joined axis is its own q, k and v heads, in
+    the order the model splits them (`Attention`)."""
     return _join_each(flat, "attn", QKV, "qkv_proj", _join_heads)
 
 
 @functools.cache
-def _join_heads(sharding, ndim: int):
-    """Arrays [..., heads_i, head_dim] -> [..., sum(heads_i), head_dim], placed as the first
-    (a layer axis split over pipeline stages stays split); one compile per shape."""
-    return jax.jit(lambda parts: jnp.concatenate(parts, axis=ndim - 2), out_shardings=sharding)
+def _join_heads(sharding, ndim: int, shards: int):
+    """A jitted join: arrays [..., heads_i, head_dim], their heads axis split in `shards`
+    equal shards -> [..., sum(heads_i), head_dim] holding shard 0's heads of every part,
+    then shard 1's, and so on; placed as the first part (a layer axis split over pipeline
+    stages stays split). One compile per shape."""
+    axis = ndim - 2
+
+    def join(parts):
+        lead, dim = parts[0].shape[:axis], parts[0].shape[-1]
+        split = [p.reshape(*lead, shards, p.shape[axis] // shards, dim) for p in parts]
+        return jnp.concatenate(split, axis=axis + 1).reshape(*lead, -1, dim)
+
+    return jax.jit(join, out_shardings=sharding)
+
+
+def _head_shards(part) -> int:
+    """How many shards a weight's heads axis (its second to last) is split in."""
+    if not isinstance(part, jax.Array):
+        return 1
+    axis = part.ndim - 2
+    return part.shape[axis] // part.sharding.shard_shape(part.shape)[axis]
 
 
 def _join_each(flat: dict, group: str, names: tuple[str, ...], joined: str, join) -> dict:
     """Each layer's weights `{prefix}/{group}/{name}{rest}` (name in `names`; rest: a leaf
     such as `/kernel`, or `_scale`) -> one `{prefix}/{group}/{joined}{rest}`, made by
-    join(sharding, ndim of the first part)(parts); each part deleted once joined."""
+    join(sharding, ndim of the first part[, shards])(parts); each part deleted once joined.
+    A join of heads (`_join_heads`) is also given the number of shards of the parts' heads
+    axis, which must be the same for every part."""
     out = dict(flat)
     marker = f"/{group}/{names[0]}"
     for key in [k for k in flat if marker in k]:
         prefix, rest = key.split(marker)
         parts = tuple(out.pop(f"{prefix}/{group}/{name}{rest}") for name in names)
         sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
-        out[f"{prefix}/{group}/{joined}{rest}"] = join(sharding, parts[0].ndim)(parts)
+        if join is _join_heads:
+            shards = {_head_shards(part) for part in parts}
+            if len(shards) != 1:
+                raise ValueError(f"{prefix}/{group}: the heads of {', '.join(names)} are split "
+                                 f"in different numbers of shards ({sorted(shards)})")
+            made = join(sharding, parts[0].ndim, shards.pop())
+        else:
+            made = join(sharding, parts[0].ndim)
+        out[f"{prefix}/{group}/{joined}{rest}"] = made(parts)
         for part in parts:
             if isinstance(part, jax.Array):
                 part.delete()
@@ -688,8 +716,8 @@ def fuse_gate_up(flat: dict) -> dict:
     """Each dense MLP's gate and up weights -> one `mlp/gate_up_proj` [..., embed, 2, mlp]
     (quantization scales [..., 2, mlp], q8_0's [..., embed_blocks, 2, mlp]), each pair
     deleted once joined; stacked or split layers alike. One GEMM then reads both, and its
-    output holds gate's and up's columns side by side for the SwiGLU product. Only where
-    the mlp axis is whole on each device (mesh.tensor 1), as for fuse_qkv."""
+    output holds gate's and up's columns side by side for the SwiGLU product. The mlp axis
+    keeps its sharding (mesh.tensor): each device holds its own gate and up columns."""
     return _join_each(flat, "mlp", ("gate_proj", "up_proj"), "gate_up_proj", _stack_halves)
 
 

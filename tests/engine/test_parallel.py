@@ -257,13 +257,20 @@ def test_serve_on_a_bad_mesh_exits_2_with_one_line(demo_config, tmp_path, capsys
 
 def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts, demo_reference):
     """runner.layer_arrays: each layer's weights are arrays of their own (no stacked
-    `layers` axis), sharded as the stacked ones were, and greedy tokens do not change."""
+    `layers` axis), sharded as the stacked ones were, q/k/v and gate/up joined on each
+    tensor rank, and greedy tokens do not change."""
     engine = engine_on(small_config.replace(runner__layer_arrays=True), tensor=3)
     params = engine.runner.params
     assert "layers" not in params and len([k for k in params if k.startswith("layers_")]) == 30
     c = engine.model_config
-    assert "q_proj" in params["layers_7"]["attn"]  # heads split over tensor: not joined
-    assert "gate_proj" in params["layers_7"]["mlp"]  # nor the mlp columns
+    attn, mlp = params["layers_7"]["attn"], params["layers_7"]["mlp"]
+    assert "q_proj" not in attn and "gate_proj" not in mlp
+    qkv = attn["qkv_proj"]["kernel"]  # each rank: its 3 q heads, then its k and v heads
+    assert qkv.shape == (c.hidden_size, c.num_heads + 2 * c.num_kv_heads, c.head_dim)
+    assert {s.data.shape for s in qkv.addressable_shards} == {
+        (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) // 3, c.head_dim)}
+    assert {s.data.shape for s in mlp["gate_up_proj"].addressable_shards} == {
+        (c.hidden_size, 2, c.intermediate_size // 3)}
     o_proj = params["layers_7"]["attn"]["o_proj"]
     assert o_proj.shape == (c.num_heads, c.head_dim, c.hidden_size)
     assert {s.data.shape for s in o_proj.addressable_shards} == {
@@ -274,8 +281,8 @@ def test_layer_arrays_give_the_same_tokens_on_a_mesh(small_config, demo_prompts,
 def test_layer_arrays_join_qkv_where_heads_are_not_split(small_config, demo_prompts,
                                                          demo_reference):
     """On one tensor rank (here two data shards) each layer's q/k/v weights become one
-    `qkv_proj` weight and its gate/up one `gate_up_proj`, one GEMM each; greedy tokens do not
-    change."""
+    `qkv_proj` weight, in the checkpoint's head order, and its gate/up one `gate_up_proj`,
+    one GEMM each; greedy tokens do not change."""
     engine = engine_on(small_config.replace(runner__layer_arrays=True), data=2)
     layer = engine.runner.params["layers_7"]
     attn, mlp = layer["attn"], layer["mlp"]
@@ -291,7 +298,7 @@ def test_layer_arrays_join_qkv_where_heads_are_not_split(small_config, demo_prom
 @pytest.mark.parametrize("mesh", [dict(tensor=3), dict(data=2)], ids=["tensor3", "data2"])
 def test_layer_loop_gives_the_same_tokens(small_config, demo_prompts, demo_reference, mesh):
     """runner.layer_loop: the per-layer arrays run by one loop body, each matmul picking its
-    layer's weight by lax.switch; q/k/v apart (heads split over tensor) or joined."""
+    layer's weight by lax.switch; q/k/v joined, shard by shard over tensor ranks."""
     config = small_config.replace(runner__layer_arrays=True, runner__layer_loop=True)
     assert greedy(engine_on(config, **mesh), demo_prompts) == demo_reference
 
@@ -307,12 +314,10 @@ def test_transposed_weights_give_the_same_tokens(small_config, demo_prompts, dem
     engine = engine_on(config, **mesh)
     attn = engine.runner.params["layers_0"]["attn"]
     c = engine.model_config
-    if mesh.get("tensor"):  # q/k/v apart, heads split: [heads, head_dim, embed] per rank
-        assert attn["q_proj"]["kernel"].shape == (c.num_heads, c.head_dim, c.hidden_size)
-        assert attn["q_proj"]["kernel"].sharding.spec[0] == "tensor"
-    else:
-        assert attn["qkv_proj"]["kernel"].shape == (c.num_heads + 2 * c.num_kv_heads,
-                                                    c.head_dim, c.hidden_size)
+    qkv = attn["qkv_proj"]["kernel"]  # [heads, head_dim, embed], heads split over tensor
+    assert qkv.shape == (c.num_heads + 2 * c.num_kv_heads, c.head_dim, c.hidden_size)
+    if mesh.get("tensor"):
+        assert qkv.sharding.spec[0] == "tensor"
     assert attn["o_proj"].shape == (c.hidden_size, c.num_heads, c.head_dim)
     assert greedy(engine, demo_prompts) == demo_reference
 

@@ -297,6 +297,44 @@ def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
     np.testing.assert_array_equal(out["layers_1/attn/o_proj"], want["layers_1/attn/o_proj"])
 
 
+@pytest.mark.parametrize("shards", [2, 4])
+def test_fuse_qkv_joins_split_heads_shard_by_shard(shards):
+    """Heads split over `shards` devices: each device's slice of the joined axis is its own q
+    heads, then its k heads, then its v heads (the per-device model splits them so), and it
+    holds exactly that slice; the join moves no head to another device."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:shards]), ("tensor",))
+    spec = jax.sharding.PartitionSpec
+    rng = np.random.default_rng(1)
+    heads = {"q_proj": 8, "k_proj": 4, "v_proj": 4}
+    want, flat = {}, {}
+    for name, n in heads.items():
+        for leaf, shape, split in (("kernel", (6, n, 3), spec(None, "tensor", None)),
+                                   ("kernel_scale", (n, 3), spec("tensor", None))):
+            want[name, leaf] = rng.normal(size=shape).astype(np.float32)
+            flat[f"layers_0/attn/{name}/{leaf}"] = jax.device_put(
+                want[name, leaf], jax.sharding.NamedSharding(mesh, split))
+    out = fuse_qkv(flat)
+    for leaf, axis in (("kernel", 1), ("kernel_scale", 0)):
+        joined = out[f"layers_0/attn/qkv_proj/{leaf}"]
+        assert joined.sharding.spec == flat[f"layers_0/attn/q_proj/{leaf}"].sharding.spec
+        by_device = {s.device: np.asarray(s.data) for s in joined.addressable_shards}
+        for rank, device in enumerate(mesh.devices.flat):
+            mine = [np.take(want[name, leaf], range(rank * n // shards, (rank + 1) * n // shards),
+                            axis=axis) for name, n in heads.items()]
+            np.testing.assert_array_equal(by_device[device], np.concatenate(mine, axis=axis))
+
+
+def test_fuse_qkv_refuses_parts_split_in_different_numbers_of_shards():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tensor",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor", None))
+    flat = {"layers_3/attn/q_proj/kernel": jax.device_put(np.zeros((6, 4, 3), np.float32), split),
+            "layers_3/attn/k_proj/kernel": jnp.zeros((6, 2, 3)),
+            "layers_3/attn/v_proj/kernel": jnp.zeros((6, 2, 3))}
+    with pytest.raises(ValueError, match=r"layers_3/attn: the heads of q_proj, k_proj, v_proj "
+                                         r"are split in different numbers of shards \(\[1, 2\]\)"):
+        fuse_qkv(flat)
+
+
 def test_fuse_gate_up_stacks_each_layers_halves_before_the_mlp_axis():
     rng = np.random.default_rng(0)
     arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -162,15 +162,19 @@ def test_an_engine_on_tiles_gives_the_plain_layouts_tokens(tmp_path, demo_config
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs two devices")
 def test_tiles_split_over_a_tensor_parallel_mesh(tmp_path, demo_config):
     """Column-parallel weights split over their tiles (each device's 64 columns one tile),
-    row-parallel ones over K; the tokens are one device's."""
+    row-parallel ones over K; q/k/v joined shard by shard, gate and up apart (a joined
+    gate/up would be split on its second output axis); the tokens are one device's."""
     _, want = run(tiles_config(tmp_path, demo_config, tiles=True))
     engine, got = run(tiles_config(tmp_path, demo_config, tiles=True, tensor=2))
     assert got == want
     layer = engine.runner.params["layers_0"]
     shards = lambda a: {s.data.shape for s in a.addressable_shards}
-    assert layer["attn"]["q_proj"]["kernel"].shape == (2, 128, 64)  # 2 heads x 32 a device
-    assert shards(layer["attn"]["q_proj"]["kernel"]) == {(1, 128, 64)}
-    assert shards(layer["attn"]["q_proj"]["kernel_scale"]) == {(1, 4, 64)}
+    assert "gate_up_proj" not in layer["mlp"]
+    qkv = layer["attn"]["qkv_proj"]
+    # 4 q and 2 x 4 kv heads of 32: 384 columns, each device's 2 + 2 + 2 heads 3 tiles of 64
+    assert qkv["kernel"].shape == (6, 128, 64)
+    assert shards(qkv["kernel"]) == {(3, 128, 64)}
+    assert shards(qkv["kernel_scale"]) == {(3, 4, 64)}
     assert shards(layer["attn"]["o_proj"]) == {(1, 64, 128)}  # K = 4 heads x 32, halved
     assert shards(layer["attn"]["o_proj_scale"]) == {(1, 2, 128)}
     assert shards(layer["mlp"]["down_proj"]) == {(1, 128, 128)}
