@@ -3,6 +3,7 @@ each device holding only its shard of the KV cache, no collective on the KV cach
 weights in the compiled step, no compilation after warm-up, and clear errors for meshes
 that cannot work."""
 
+import functools
 import json
 import re
 
@@ -12,6 +13,7 @@ import pytest
 
 from jaxserve import cli
 from jaxserve.config import Config
+from jaxserve.engine import runner as runner_module
 from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.errors import ConfigError
@@ -121,6 +123,41 @@ def random_config(tmp_path, demo_config, num_kv_heads: int, num_heads: int = 8) 
 
 def random_prompts(n: int = 5) -> list[list[int]]:
     return [[(7 * i + 13 * j) % 509 + 3 for j in range(5 + 9 * i)] for i in range(n)]
+
+
+@pytest.mark.parametrize("num_kv_heads,tensor", [(8, 2), (2, 4)],
+                         ids=["kv8-tensor2", "kv2-tensor4"])
+def test_rope_kv_writer_runs_on_each_tensor_rank(tmp_path, demo_config, monkeypatch,
+                                                 num_kv_heads, tensor):
+    """Per-layer arrays on a tensor mesh: each rank's joined q/k/v go through the RoPE +
+    K/V-write kernel (as the Pallas backends run it on GPUs; here in interpret mode, beside
+    the reference attention), on its own q heads and its own (or replicated) KV heads: the
+    tokens of one device running the same kernel."""
+    from pallas_kernels.paged_attention import ragged_paged_attention_reference
+    from pallas_kernels.rope_kv_write import rope_and_write_kv_interpret
+
+    calls = []
+
+    def writer(qkv, *args, num_heads, **kwargs):
+        calls.append((qkv.shape[1], num_heads, args[2].shape[3]))  # heads, q heads, KV heads
+        return rope_and_write_kv_interpret(qkv, *args, num_heads=num_heads, **kwargs)
+
+    def attention_with_writer(*args, kv_writer=False, **kwargs):
+        fn = functools.partial(ragged_paged_attention_reference)
+        if kv_writer:
+            fn.rope_kv_writer = writer
+        return fn
+
+    monkeypatch.setattr(runner_module, "pick_attention", attention_with_writer)
+    config = random_config(tmp_path, demo_config, num_kv_heads).replace(
+        runner__layer_arrays=True)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    ref = greedy(engine_on(config), random_prompts(3), params)
+    assert calls and {c[1:] for c in calls} == {(8, num_kv_heads)}
+    calls.clear()
+    assert greedy(engine_on(config, tensor=tensor), random_prompts(3), params) == ref
+    kv_local = max(num_kv_heads, tensor) // tensor  # replicated up to one a rank
+    assert {c for c in calls} == {(8 // tensor + 2 * kv_local, 8 // tensor, kv_local)}
 
 
 @pytest.mark.parametrize("num_kv_heads,tensor", [(8, 2), (8, 4), (8, 8), (2, 4)],
