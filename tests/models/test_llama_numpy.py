@@ -4,6 +4,7 @@ embeddings, GQA ratios, and a prefill split into chunks over the paged cache."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from random_models import random_params
 from jaxserve.models import transposed
 from jaxserve.models.llama import (
     LlamaModel,
+    _join_heads,
     flatten_params,
     fuse_gate_up,
     fuse_qkv,
@@ -301,7 +303,8 @@ def test_fuse_qkv_joins_each_layers_weights_on_the_heads_axis():
 def test_fuse_qkv_joins_split_heads_shard_by_shard(shards):
     """Heads split over `shards` devices: each device's slice of the joined axis is its own q
     heads, then its k heads, then its v heads (the per-device model splits them so), and it
-    holds exactly that slice; the join moves no head to another device."""
+    holds exactly that slice; the join moves no head to another device (its compiled program
+    has no collective)."""
     if jax.device_count() < shards:
         pytest.skip(f"needs {shards} devices")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:shards]), ("tensor",))
@@ -315,6 +318,9 @@ def test_fuse_qkv_joins_split_heads_shard_by_shard(shards):
             want[name, leaf] = rng.normal(size=shape).astype(np.float32)
             flat[f"layers_0/attn/{name}/{leaf}"] = jax.device_put(
                 want[name, leaf], jax.sharding.NamedSharding(mesh, split))
+    parts = tuple(flat[f"layers_0/attn/{name}/kernel"] for name in heads)
+    program = _join_heads(parts[0].sharding, 3, shards).lower(parts).compile().as_text()
+    assert not re.search(r"all-gather|all-to-all|collective-permute|all-reduce", program)
     out = fuse_qkv(flat)
     for leaf, axis in (("kernel", 1), ("kernel_scale", 0)):
         joined = out[f"layers_0/attn/qkv_proj/{leaf}"]
