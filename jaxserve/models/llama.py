@@ -652,7 +652,17 @@ def fuse_qkv(flat: dict) -> dict:
     devices (mesh.tensor), the heads are joined shard by shard, [q_0 k_0 v_0 | q_1 k_1 v_1
     | ...], so that each device's slice of the joined axis is its own q, k and v heads, in
     the order the model splits them (`Attention`)."""
-    return _join_each(flat, "attn", QKV, "qkv_proj", _join_heads)
+    return _join_each(flat, "attn", QKV, "qkv_proj", _heads_join)
+
+
+def _heads_join(prefix: str, parts: tuple):
+    """The jitted join of one layer's q/k/v parts (`_join_heads`), for the number of shards
+    their heads axis is split in, which must be the same for every part."""
+    shards = {_head_shards(part) for part in parts}
+    if len(shards) != 1:
+        raise ValueError(f"{prefix}: the heads of {', '.join(QKV)} are split in different "
+                         f"numbers of shards ({sorted(shards)})")
+    return _join_heads(_sharding_of(parts[0]), parts[0].ndim, shards.pop())
 
 
 @functools.cache
@@ -679,27 +689,20 @@ def _head_shards(part) -> int:
     return part.shape[axis] // part.sharding.shard_shape(part.shape)[axis]
 
 
+def _sharding_of(part):
+    return part.sharding if isinstance(part, jax.Array) else None
+
+
 def _join_each(flat: dict, group: str, names: tuple[str, ...], joined: str, join) -> dict:
     """Each layer's weights `{prefix}/{group}/{name}{rest}` (name in `names`; rest: a leaf
     such as `/kernel`, or `_scale`) -> one `{prefix}/{group}/{joined}{rest}`, made by
-    join(sharding, ndim of the first part[, shards])(parts); each part deleted once joined.
-    A join of heads (`_join_heads`) is also given the number of shards of the parts' heads
-    axis, which must be the same for every part."""
+    join(f"{prefix}/{group}", parts)(parts); each part deleted once joined."""
     out = dict(flat)
     marker = f"/{group}/{names[0]}"
     for key in [k for k in flat if marker in k]:
         prefix, rest = key.split(marker)
         parts = tuple(out.pop(f"{prefix}/{group}/{name}{rest}") for name in names)
-        sharding = parts[0].sharding if isinstance(parts[0], jax.Array) else None
-        if join is _join_heads:
-            shards = {_head_shards(part) for part in parts}
-            if len(shards) != 1:
-                raise ValueError(f"{prefix}/{group}: the heads of {', '.join(names)} are split "
-                                 f"in different numbers of shards ({sorted(shards)})")
-            made = join(sharding, parts[0].ndim, shards.pop())
-        else:
-            made = join(sharding, parts[0].ndim)
-        out[f"{prefix}/{group}/{joined}{rest}"] = made(parts)
+        out[f"{prefix}/{group}/{joined}{rest}"] = join(f"{prefix}/{group}", parts)(parts)
         for part in parts:
             if isinstance(part, jax.Array):
                 part.delete()
@@ -718,7 +721,8 @@ def fuse_gate_up(flat: dict) -> dict:
     deleted once joined; stacked or split layers alike. One GEMM then reads both, and its
     output holds gate's and up's columns side by side for the SwiGLU product. The mlp axis
     keeps its sharding (mesh.tensor): each device holds its own gate and up columns."""
-    return _join_each(flat, "mlp", ("gate_proj", "up_proj"), "gate_up_proj", _stack_halves)
+    return _join_each(flat, "mlp", ("gate_proj", "up_proj"), "gate_up_proj",
+                      lambda _, parts: _stack_halves(_sharding_of(parts[0]), parts[0].ndim))
 
 
 @functools.cache
