@@ -54,6 +54,23 @@ TINY = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=12
                    num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, name="tiny")
 
 
+def host_cpu() -> str:
+    """The host's CPU model, core count and Python: the host phases vary several-fold between
+    machines of one GPU kind (docs/performance.md, "Host work per step on three H100
+    hosts")."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in lines
+                               if line.startswith(name)), None)
+    model = field("model name") or platform.processor() or "unknown CPU"
+    mhz, cache = field("cpu MHz"), field("cache size")
+    return ", ".join([model, *([f"{float(mhz):.0f} MHz"] if mhz else []),
+                      *([f"cache {cache}"] if cache else []), f"{os.cpu_count()} cores",
+                      f"Python {platform.python_version()}"])
+
+
 def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> dict:
     k = engine.config.scheduler.decode_steps
     rng = np.random.default_rng(seed)
@@ -153,6 +170,7 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
                          f"{jax.devices()[0].device_kind}",
+              "host_cpu": host_cpu(),
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": Path(base).name,
               "attention_backend": args.attention_backend, "backend": jax.default_backend(),
               "dispatch_thread": engine.runner.dispatches_on_thread,
