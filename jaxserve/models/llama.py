@@ -652,10 +652,10 @@ def fuse_qkv(flat: dict) -> dict:
     devices (mesh.tensor), the heads are joined shard by shard, [q_0 k_0 v_0 | q_1 k_1 v_1
     | ...], so that each device's slice of the joined axis is its own q, k and v heads, in
     the order the model splits them (`Attention`)."""
-    return _join_each(flat, "attn", QKV, "qkv_proj", _heads_join)
+    return _join_each(flat, "attn", QKV, "qkv_proj", _qkv_join)
 
 
-def _heads_join(prefix: str, parts: tuple):
+def _qkv_join(prefix: str, parts: tuple):
     """The jitted join of one layer's q/k/v parts (`_join_heads`), for the number of shards
     their heads axis is split in, which must be the same for every part."""
     shards = {_head_shards(part) for part in parts}
@@ -690,6 +690,7 @@ def _head_shards(part) -> int:
 
 
 def _sharding_of(part):
+    """A weight's sharding (None for a host array)."""
     return part.sharding if isinstance(part, jax.Array) else None
 
 
@@ -768,7 +769,7 @@ def transpose_weights(flat: dict) -> dict:
         if scale is not None and block_axis(value.shape, scale.shape) is not None:
             continue
         perm = transposed_shape(tuple(range(value.ndim)), inputs)
-        sharding = value.sharding if isinstance(value, jax.Array) else None
+        sharding = _sharding_of(value)
         if isinstance(sharding, NamedSharding):
             spec = _full_spec(sharding, value.ndim)
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in perm)))
@@ -789,7 +790,7 @@ def tile_q8_0(flat: dict) -> dict:
     for path, value, scale, inputs in _layer_linear_weights(flat):
         if scale is None or block_axis(value.shape, scale.shape) is None:
             continue
-        sharding = value.sharding if isinstance(value, jax.Array) else None
+        sharding = _sharding_of(value)
         local = sharding.shard_shape(value.shape) if sharding is not None else value.shape
         block_n = tile_width_of(local, inputs)
         if block_n is None:

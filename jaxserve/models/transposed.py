@@ -71,7 +71,7 @@ def rows_first(m: int) -> bool:
 def kernel_rows(m: int, x_dtype, w_dtype, out_dtype) -> bool:
     """Whether a matmul of m rows goes to the CPU kernel (where Transposed.cpu_kernel is
     set): float32 throughout, 1 to MAX_ROWS rows (docs/performance.md, "CPU kernels for
-    decode attention and matmuls"; "One row by the CPU matmul kernel")."""
+    decode attention and matmuls"; "One to four rows by the CPU matmul kernel")."""
     f32 = jnp.dtype(jnp.float32)
     return (1 <= m <= MAX_ROWS and jnp.dtype(x_dtype) == f32 and jnp.dtype(w_dtype) == f32
             and jnp.dtype(out_dtype) == f32)
