@@ -124,12 +124,12 @@ class ProgramCache:
         os.utime(self.directory)  # used now: kept by the pruning below
         return compiled
 
-    def compile_and_save(self, path: Path, lowered):
-        """Compile a step and save it, unless JAX found it in its own cache: that copy does
-        not serialize whole, and compiling it again would cost a cold compile at every
-        start whose config differs only where the program does not."""
+    def compile_and_save(self, path: Path, lowered, compiler_options: dict | None = None):
+        """Compile a step (with XLA's `compiler_options`) and save it, unless JAX found it in
+        its own cache: that copy does not serialize whole, and compiling it again would cost
+        a cold compile at every start whose config differs only where the program does not."""
         hits = _jax_cache_hits[0]
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options)
         if _jax_cache_hits[0] == hits:
             self.save(path, compiled)
         return compiled

@@ -117,6 +117,19 @@ class StepHandle:
                                    self.sampled_rows, self.num_top)
 
 
+def step_compiler_options(platform: str) -> dict[str, str]:
+    """XLA options for compiling step programs on `platform`.
+
+    On a GPU, XLA's rematerialization pass is left out. Its memory limit counts the donated
+    KV cache more than once, so every step program looks over the limit whatever the
+    cache's size (docs/performance.md, "Serving sweep: Llama-3-8B shape, one H200"), and
+    the pass recomputes what small buffers it can once per layer: the attention's zeroed
+    output and its work-item table. In the 8B shape's B=1 and B=32 steps on one H100 that was
+    90 of 572 kernels, with the same tokens without it (docs/performance.md, "XLA's
+    rematerialization off for step programs")."""
+    return {"xla_disable_hlo_passes": "rematerialization"} if platform == "gpu" else {}
+
+
 def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
     """Why the Mosaic GPU flash kernel (pallas_kernels/flash_prefill.py) cannot take fresh
     prompts here, or None when it can."""
@@ -584,8 +597,9 @@ class Runner:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            self._compiled[key] = self._programs.compile_and_save(saved, lowered) \
-                if saved else lowered.compile()
+            options = step_compiler_options(self.mesh.devices.flat[0].platform)
+            self._compiled[key] = self._programs.compile_and_save(saved, lowered, options) \
+                if saved else lowered.compile(options)
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,
                                        "compile": time.perf_counter() - t2}
         return self._compiled[key]

@@ -14,7 +14,10 @@ import pytest
 from engine_checks import save_tiny_shape
 
 from jaxserve.config import Config
+from jaxserve.engine import runner
+from jaxserve.engine.engine import Engine
 from jaxserve.engine.program_cache import KEEP, PACKAGES, ProgramCache, tree_digest
+from jaxserve.loader import load_model
 
 START = """
 import json, sys
@@ -156,3 +159,34 @@ def test_the_key_covers_the_kernels_cpp_as_well_as_the_python(tmp_path):
     (tmp_path / "jaxserve" / "notes.txt").write_text("not a source\n")
     digests.append(tree_digest(tmp_path))
     assert len(set(digests[:4])) == 4 and digests[4] == digests[3]
+
+
+def test_the_gpu_step_options_are_options_xla_knows():
+    """`step_compiler_options` names XLA debug options: a misspelt one is refused by the
+    compile (checked here on this backend), so a GPU start would fail, not ignore it."""
+    f = jax.jit(lambda x: x * 2)
+    assert runner.step_compiler_options("cpu") == {}
+    options = runner.step_compiler_options("gpu")
+    assert options == {"xla_disable_hlo_passes": "rematerialization"}
+    assert float(f.lower(1.0).compile(options)(1.0)) == 2.0
+    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
+        f.lower(2.0).compile({"xla_disable_hlo_passes_typo": "rematerialization"})
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["compiled", "compiled-and-saved"])
+def test_step_programs_compile_with_the_step_options(tmp_path, monkeypatch, saved):
+    """Both ways a step program is compiled (with and without the program cache) take the
+    options: with an option XLA does not know, the first program refuses to compile."""
+    monkeypatch.setattr(runner, "step_compiler_options",
+                        lambda platform: {"xla_no_such_option_for_this_test": "1"})
+    config = Config().replace(
+        model__dtype="float32", checkpoint__source="random",
+        checkpoint__random_shape=str(save_tiny_shape(tmp_path / "tiny.json")),
+        cache__max_model_len=64, cache__kv_cache_memory=float(1 << 20),
+        runner__token_buckets=(16,), runner__seq_buckets=(4,), scheduler__max_num_seqs=4,
+        scheduler__max_num_batched_tokens=16,
+        runner__compilation_cache_dir=str(tmp_path / "xla") if saved else None)
+    m = load_model(config, progress=False)
+    engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
+        engine.runner.compiled_text(16, 4)
