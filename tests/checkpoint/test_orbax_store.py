@@ -151,9 +151,9 @@ except CheckpointError as e:
 
 def test_corrupt_data_is_a_checkpoint_error(saved, tmp_path):
     """In a process of its own: when a read fails, Orbax leaves the other shards' reads
-    behind (coroutines never awaited, callbacks into its closed event loop), and in this
-    process the garbage collector found them during later tests, whose warnings they became
-    (test_speculative.py's, in CI)."""
+    behind (coroutines never awaited, callbacks into its closed event loop). In the test
+    process they surfaced as unraisable-exception warnings during later tests: this file's,
+    and in CI likely test_speculative.py's, whose warnings name the same Orbax coroutine."""
     path = _copy(saved, tmp_path)
     victim = max((f for f in (path / "params").rglob("*") if f.is_file()),
                  key=lambda f: f.stat().st_size)
