@@ -19,6 +19,18 @@ from jaxserve.engine.engine import Engine
 from jaxserve.engine.program_cache import KEEP, PACKAGES, ProgramCache, tree_digest
 from jaxserve.loader import load_model
 
+
+def tiny_overrides(shape: Path, cache: Path | None) -> dict:
+    """Config overrides for the tiny random model of `shape`, its programs saved under
+    `cache` (None: not saved)."""
+    return {"model__dtype": "float32", "checkpoint__source": "random",
+            "checkpoint__random_shape": str(shape), "cache__max_model_len": 64,
+            "cache__kv_cache_memory": float(1 << 20), "runner__token_buckets": (16,),
+            "runner__seq_buckets": (4,), "scheduler__max_num_seqs": 4,
+            "scheduler__max_num_batched_tokens": 16,
+            "runner__compilation_cache_dir": None if cache is None else str(cache)}
+
+
 START = """
 import json, sys
 from jaxserve.config import Config
@@ -26,15 +38,9 @@ from jaxserve.engine.engine import Engine
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 from sharding.mesh import MeshConfig
-shape, cache, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+overrides = json.loads(sys.argv[1])
 mesh = MeshConfig(**overrides.pop("mesh", {}))
-config = Config().replace(**{
-    "model__dtype": "float32", "checkpoint__source": "random",
-    "checkpoint__random_shape": shape, "cache__max_model_len": 64,
-    "cache__kv_cache_memory": float(1 << 20), "runner__token_buckets": (16,),
-    "runner__seq_buckets": (4,), "scheduler__max_num_seqs": 4,
-    "scheduler__max_num_batched_tokens": 16, "runner__compilation_cache_dir": cache,
-    "mesh": mesh, **overrides})
+config = Config().replace(**{**overrides, "mesh": mesh})
 m = load_model(config, progress=False)
 engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
 engine.warm_up(progress=False)
@@ -59,9 +65,9 @@ class Starts:
         self.steps = self.cache / "steps"
 
     def run(self, **overrides) -> dict:
-        done = subprocess.run([sys.executable, "-c", START, str(self.shape), str(self.cache),
-                               json.dumps(overrides)], timeout=300, capture_output=True,
-                              text=True)
+        overrides = {**tiny_overrides(self.shape, self.cache), **overrides}
+        done = subprocess.run([sys.executable, "-c", START, json.dumps(overrides)],
+                              timeout=300, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
         out = json.loads(done.stdout.strip().splitlines()[-1])
         out["stderr"] = done.stderr
@@ -179,13 +185,8 @@ def test_step_programs_compile_with_the_step_options(tmp_path, monkeypatch, save
     options: with an option XLA does not know, the first program refuses to compile."""
     monkeypatch.setattr(runner, "step_compiler_options",
                         lambda platform: {"xla_no_such_option_for_this_test": "1"})
-    config = Config().replace(
-        model__dtype="float32", checkpoint__source="random",
-        checkpoint__random_shape=str(save_tiny_shape(tmp_path / "tiny.json")),
-        cache__max_model_len=64, cache__kv_cache_memory=float(1 << 20),
-        runner__token_buckets=(16,), runner__seq_buckets=(4,), scheduler__max_num_seqs=4,
-        scheduler__max_num_batched_tokens=16,
-        runner__compilation_cache_dir=str(tmp_path / "xla") if saved else None)
+    config = Config().replace(**tiny_overrides(save_tiny_shape(tmp_path / "tiny.json"),
+                                               tmp_path / "xla" if saved else None))
     m = load_model(config, progress=False)
     engine = Engine(config, m.model_config, m.params, m.tokenizer, m.mesh)
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
