@@ -8,6 +8,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
+from hf_weights import D, E, F, H, K, L, V, hf_weights
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.checkpoint.convert import convert
@@ -19,30 +20,6 @@ from jaxserve.models.rope import inverse_frequencies
 from sharding.mesh import MeshConfig, make_mesh
 
 Q = gguf.GGMLQuantizationType
-V, E, F, L, H, K, D = 96, 64, 128, 2, 4, 2, 16  # vocab, embed, mlp, layers, heads, kv, head_dim
-
-
-def hf_weights(seed: int = 0, *, untied: bool = False, bias: bool = False) -> dict:
-    """Random weights under HF names, HF [out, in] layout, float32."""
-    rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-    w = {"model.embed_tokens.weight": r(V, E), "model.norm.weight": r(E)}
-    if untied:
-        w["lm_head.weight"] = r(V, E)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": r(E), p + "post_attention_layernorm.weight": r(E),
-              p + "self_attn.q_proj.weight": r(H * D, E),
-              p + "self_attn.k_proj.weight": r(K * D, E),
-              p + "self_attn.v_proj.weight": r(K * D, E),
-              p + "self_attn.o_proj.weight": r(E, H * D),
-              p + "mlp.gate_proj.weight": r(F, E), p + "mlp.up_proj.weight": r(F, E),
-              p + "mlp.down_proj.weight": r(E, F)}
-        if bias:
-            w |= {p + "self_attn.q_proj.bias": r(H * D), p + "self_attn.k_proj.bias": r(K * D),
-                  p + "self_attn.v_proj.bias": r(K * D)}
-    return w
-
 
 _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
                "model.norm.weight": "output_norm.weight"}

@@ -14,6 +14,7 @@ import pytest
 import safetensors.flax
 import safetensors.numpy
 import tokenizers
+from hf_weights import E, F, H, K, L, V, hf_weights
 
 from jaxserve.checkpoint.convert import convert, open_source
 from jaxserve.checkpoint.orbax_store import load
@@ -21,30 +22,6 @@ from jaxserve.checkpoint.safetensors import SafetensorsCheckpoint
 from jaxserve.errors import CheckpointError
 from jaxserve.models.model_config import RopeScaling
 from sharding.mesh import MeshConfig, make_mesh
-
-V, E, F, L, H, K = 96, 64, 128, 2, 4, 2  # vocab, embed, mlp, layers, heads, kv heads
-
-
-def hf_weights(seed: int = 0, *, d: int = E // H, untied: bool = False,
-               bias: bool = False) -> dict:
-    rng = np.random.default_rng(seed)
-    r = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-    w = {"model.embed_tokens.weight": r(V, E), "model.norm.weight": r(E)}
-    if untied:
-        w["lm_head.weight"] = r(V, E)
-    for i in range(L):
-        p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": r(E), p + "post_attention_layernorm.weight": r(E),
-              p + "self_attn.q_proj.weight": r(H * d, E),
-              p + "self_attn.k_proj.weight": r(K * d, E),
-              p + "self_attn.v_proj.weight": r(K * d, E),
-              p + "self_attn.o_proj.weight": r(E, H * d),
-              p + "mlp.gate_proj.weight": r(F, E), p + "mlp.up_proj.weight": r(F, E),
-              p + "mlp.down_proj.weight": r(E, F)}
-        if bias:
-            w |= {p + "self_attn.q_proj.bias": r(H * d), p + "self_attn.k_proj.bias": r(K * d),
-                  p + "self_attn.v_proj.bias": r(K * d)}
-    return w
 
 
 def hf_config(arch: str = "LlamaForCausalLM", **overrides) -> dict:
