@@ -8,7 +8,7 @@ import gguf
 import jax
 import numpy as np
 import pytest
-from hf_weights import D, E, F, H, K, L, V, hf_weights
+from hf_weights import D, E, F, H, K, L, V, hf_weights, our_key, ours
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxserve.checkpoint.convert import convert
@@ -81,37 +81,6 @@ def _add(writer: gguf.GGUFWriter, name: str, value: np.ndarray, qtype) -> None:
         writer.add_tensor(name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
 
 
-def ours(hf: dict, name: str) -> np.ndarray:
-    """The HF tensor in our layout, written out independently of jaxserve.checkpoint.source."""
-    w = hf[name]
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return w.T.reshape(E, -1, D)
-    if name.endswith("bias"):
-        return w.reshape(-1, D)
-    if name.endswith("o_proj.weight"):
-        return w.T.reshape(H, D, E)
-    if name.endswith(("_proj.weight", "lm_head.weight")):
-        return w.T
-    return w
-
-
-_PATHS = {"model.embed_tokens.weight": "embedding", "lm_head.weight": "lm_head",
-          "model.norm.weight": "final_norm/scale",
-          "input_layernorm.weight": "layers/attn_norm/scale",
-          "post_attention_layernorm.weight": "layers/mlp_norm/scale",
-          "self_attn.o_proj.weight": "layers/attn/o_proj",
-          **{f"self_attn.{p}_proj.weight": f"layers/attn/{p}_proj/kernel" for p in "qkv"},
-          **{f"self_attn.{p}_proj.bias": f"layers/attn/{p}_proj/bias" for p in "qkv"},
-          **{f"mlp.{p}_proj.weight": f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")}}
-
-
-def our_key(hf_name: str) -> tuple[str, int | None]:
-    if hf_name in _PATHS:
-        return _PATHS[hf_name], None
-    _, _, i, rest = hf_name.split(".", 3)
-    return _PATHS[rest], int(i)
-
-
 def streamed(source) -> dict:
     out = {}
     for path, layer, value in source.tensors():
@@ -139,7 +108,7 @@ def test_f32_tensors_bit_exact_in_our_layout(tmp_path):
     got = streamed(GGUFCheckpoint(write_gguf(tmp_path / "m.gguf", hf)))
     assert set(got) == {our_key(n) for n in hf}
     for name in hf:
-        np.testing.assert_array_equal(got[our_key(name)], ours(hf, name), err_msg=name)
+        np.testing.assert_array_equal(got[our_key(name)], ours(hf[name], name), err_msg=name)
 
 
 def test_quantized_and_unpermuted(tmp_path):
@@ -154,9 +123,9 @@ def test_quantized_and_unpermuted(tmp_path):
     for name, w in hf.items():
         q = qtype(gguf_name(name))
         expected = w if w.ndim == 1 else gguf.quants.dequantize(gguf.quants.quantize(w, q), q)
-        np.testing.assert_array_equal(got[our_key(name)], ours({name: expected}, name), name)
+        np.testing.assert_array_equal(got[our_key(name)], ours(expected, name), name)
         tolerance = {Q.Q8_0: 0.02, Q.F16: 2e-3, Q.Q4_0: 0.3}.get(q, 0) * np.abs(w).max()
-        np.testing.assert_allclose(got[our_key(name)], ours(hf, name), atol=tolerance, rtol=0)
+        np.testing.assert_allclose(got[our_key(name)], ours(hf[name], name), atol=tolerance, rtol=0)
 
 
 def test_untied_output(tmp_path):
@@ -174,7 +143,7 @@ def test_qwen2_biases_and_no_permutation(tmp_path):
     assert src.config.architecture == "qwen2" and src.config.attention_bias
     got = streamed(src)
     for name in hf:
-        np.testing.assert_array_equal(got[our_key(name)], ours(hf, name), err_msg=name)
+        np.testing.assert_array_equal(got[our_key(name)], ours(hf[name], name), err_msg=name)
     assert got["layers/attn/q_proj/bias", 1].shape == (H, D)
 
 

@@ -14,7 +14,7 @@ import pytest
 import safetensors.flax
 import safetensors.numpy
 import tokenizers
-from hf_weights import E, F, H, K, L, V, hf_weights
+from hf_weights import E, F, H, K, L, V, hf_weights, our_key, ours
 
 from jaxserve.checkpoint.convert import convert, open_source
 from jaxserve.checkpoint.orbax_store import load
@@ -48,36 +48,6 @@ def write_hf(path: Path, weights: dict, config: dict, *, shards: int = 1,
         weight_map = {n: file for file, part in files.items() for n in part}
         (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return path
-
-
-_PATHS = {"model.embed_tokens.weight": "embedding", "lm_head.weight": "lm_head",
-          "model.norm.weight": "final_norm/scale",
-          "input_layernorm.weight": "layers/attn_norm/scale",
-          "post_attention_layernorm.weight": "layers/mlp_norm/scale",
-          "self_attn.o_proj.weight": "layers/attn/o_proj",
-          **{f"self_attn.{p}_proj.weight": f"layers/attn/{p}_proj/kernel" for p in "qkv"},
-          **{f"self_attn.{p}_proj.bias": f"layers/attn/{p}_proj/bias" for p in "qkv"},
-          **{f"mlp.{p}_proj.weight": f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")}}
-
-
-def our_key(hf_name: str) -> tuple[str, int | None]:
-    if hf_name in _PATHS:
-        return _PATHS[hf_name], None
-    _, _, i, rest = hf_name.split(".", 3)
-    return _PATHS[rest], int(i)
-
-
-def ours(w: np.ndarray, name: str, d: int = E // H) -> np.ndarray:
-    """HF [out, in] -> our layout, written independently of jaxserve.checkpoint.source."""
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return w.T.reshape(E, -1, d)
-    if name.endswith("bias"):
-        return w.reshape(-1, d)
-    if name.endswith("o_proj.weight"):
-        return w.T.reshape(H, d, E)
-    if name.endswith(("_proj.weight", "lm_head.weight")):
-        return w.T
-    return w
 
 
 def streamed(source) -> dict:

@@ -1,5 +1,6 @@
-"""Random weights of a tiny Llama under Hugging Face names and layout, for the checkpoint
-source tests (safetensors directories and the GGUFs llama.cpp's converter would write)."""
+"""Random weights of a tiny Llama under Hugging Face names and layout, and where each lands
+in jaxserve's checkpoint (path and layout), for the checkpoint source tests (safetensors
+directories and the GGUFs llama.cpp's converter would write)."""
 
 import numpy as np
 
@@ -26,4 +27,35 @@ def hf_weights(seed: int = 0, *, d: int = D, untied: bool = False, bias: bool = 
         if bias:
             w |= {p + "self_attn.q_proj.bias": r(H * d), p + "self_attn.k_proj.bias": r(K * d),
                   p + "self_attn.v_proj.bias": r(K * d)}
+    return w
+
+
+_PATHS = {"model.embed_tokens.weight": "embedding", "lm_head.weight": "lm_head",
+          "model.norm.weight": "final_norm/scale",
+          "input_layernorm.weight": "layers/attn_norm/scale",
+          "post_attention_layernorm.weight": "layers/mlp_norm/scale",
+          "self_attn.o_proj.weight": "layers/attn/o_proj",
+          **{f"self_attn.{p}_proj.weight": f"layers/attn/{p}_proj/kernel" for p in "qkv"},
+          **{f"self_attn.{p}_proj.bias": f"layers/attn/{p}_proj/bias" for p in "qkv"},
+          **{f"mlp.{p}_proj.weight": f"layers/mlp/{p}_proj" for p in ("gate", "up", "down")}}
+
+
+def our_key(hf_name: str) -> tuple[str, int | None]:
+    """(jaxserve param path, layer or None) of an HF tensor name."""
+    if hf_name in _PATHS:
+        return _PATHS[hf_name], None
+    _, _, i, rest = hf_name.split(".", 3)
+    return _PATHS[rest], int(i)
+
+
+def ours(w: np.ndarray, name: str, d: int = D) -> np.ndarray:
+    """HF [out, in] -> our layout, written independently of jaxserve.checkpoint.source."""
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return w.T.reshape(E, -1, d)
+    if name.endswith("bias"):
+        return w.reshape(-1, d)
+    if name.endswith("o_proj.weight"):
+        return w.T.reshape(H, d, E)
+    if name.endswith(("_proj.weight", "lm_head.weight")):
+        return w.T
     return w
