@@ -36,12 +36,17 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _channel_options(tls_server_name: str | None, max_message_bytes: int):
+def _open_channel(grpc_module, host: str, port: int, tls_ca: str | None,
+                  tls_server_name: str | None, max_message_bytes: int):
+    """A channel of `grpc_module` (grpc, or grpc.aio): TLS with `tls_ca`, else plaintext."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
-    return options
+    creds = channel_credentials(tls_ca)
+    address = host_port(host, port)
+    return (grpc_module.insecure_channel(address, options) if creds is None
+            else grpc_module.secure_channel(address, creds, options))
 
 
 class Client:
@@ -50,11 +55,8 @@ class Client:
     def __init__(self, host: str = "127.0.0.1", port: int = 50051, *, token: str | None = None,
                  tls_ca: str | None = None, tls_server_name: str | None = None,
                  max_message_bytes: int = 16 * 1024 * 1024):
-        creds = channel_credentials(tls_ca)
-        options = _channel_options(tls_server_name, max_message_bytes)
-        address = host_port(host, port)
-        self.channel = (grpc.insecure_channel(address, options) if creds is None
-                        else grpc.secure_channel(address, creds, options))
+        self.channel = _open_channel(grpc, host, port, tls_ca, tls_server_name,
+                                     max_message_bytes)
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = auth_metadata(token)
@@ -110,11 +112,8 @@ class AsyncClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 50051, *, token: str | None = None,
                  tls_ca: str | None = None, tls_server_name: str | None = None,
                  max_message_bytes: int = 16 * 1024 * 1024):
-        creds = channel_credentials(tls_ca)
-        options = _channel_options(tls_server_name, max_message_bytes)
-        address = host_port(host, port)
-        self.channel = (grpc.aio.insecure_channel(address, options) if creds is None
-                        else grpc.aio.secure_channel(address, creds, options))
+        self.channel = _open_channel(grpc.aio, host, port, tls_ca, tls_server_name,
+                                     max_message_bytes)
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.metadata = auth_metadata(token)
 
