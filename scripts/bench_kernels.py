@@ -13,6 +13,7 @@ Every kernel config is checked against a reference once before it is timed.
   python scripts/bench_kernels.py              # full sweep (~4-5 min on an H100)
   python scripts/bench_kernels.py --quick      # a few shapes
   python scripts/bench_kernels.py --autotune   # also sweep block sizes per shape class
+  python scripts/bench_kernels.py --decode-only  # paged decode alone (~1 min on an H100)
   python scripts/bench_kernels.py --smoke      # tiny shapes (interpret mode without a GPU)
 JSON goes to --out, else $OUT/bench_kernels.json, else bench/results/; a table is printed last.
 """
@@ -454,19 +455,20 @@ def print_table(results):
         extra = f"  reference {ref['tbps']:.2f} TB/s" if "tbps" in ref else ""
         print(f"{r['batch']:5d} {r['context']:6d} {r['kv_heads']:4d} {r['page_size']:5d} "
               f"{timing}  {check}{extra}")
-    print("\nflash prefill (causal, bf16) vs cuDNN")
-    print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
-          f"{'ratio':>6} {'ragged TF/s':>12} {'ratio':>6} {'cudnn TF/s':>11}  "
-          "err (triton, mosaic, ragged)")
-    for r in results["prefill"]:
-        fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
-        ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
-        print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
-              f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
-              f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['ragged'].get('tflops')):>12} "
-              f"{ratio('ragged_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
-              f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}, "
-              f"{r['ragged_max_abs_err_vs_cudnn']}")
+    if "prefill" in results:
+        print("\nflash prefill (causal, bf16) vs cuDNN")
+        print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
+              f"{'ratio':>6} {'ragged TF/s':>12} {'ratio':>6} {'cudnn TF/s':>11}  "
+              "err (triton, mosaic, ragged)")
+        for r in results["prefill"]:
+            fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
+            ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+            print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
+                  f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
+                  f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['ragged'].get('tflops')):>12} "
+                  f"{ratio('ragged_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
+                  f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}, "
+                  f"{r['ragged_max_abs_err_vs_cudnn']}")
     if "autotune" in results:
         for a in results["autotune"]["decode"]:
             print(f"autotune decode B={a['batch']} ctx={a['context']}: best {a['best']}")
@@ -482,6 +484,8 @@ def main(argv=None):
                       help="tiny shapes; interpret mode when there is no GPU (plumbing check)")
     parser.add_argument("--autotune", action="store_true",
                         help="also sweep 4 block-size candidates per shape class")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="paged decode only, no flash prefill")
     parser.add_argument("--out", help="JSON path (default: $OUT/bench_kernels.json or "
                                       "bench/results/)")
     args = parser.parse_args(argv)
@@ -498,9 +502,10 @@ def main(argv=None):
     results["copy"] = bench_copy(plan)
     print(f"copy {results['copy']['tbps']:.2f} TB/s", flush=True)
     results["decode"] = bench_decode(plan, interpret, pa.BlockSizes())
-    results["prefill_reference_check"] = guarded(
-        lambda: prefill_reference_check(plan, fa.BlockSizes(), interpret))
-    results["prefill"] = bench_prefill(plan, interpret, fa.BlockSizes())
+    if not args.decode_only:
+        results["prefill_reference_check"] = guarded(
+            lambda: prefill_reference_check(plan, fa.BlockSizes(), interpret))
+        results["prefill"] = bench_prefill(plan, interpret, fa.BlockSizes())
     if args.autotune:
         results["autotune"] = autotune(plan, interpret)
     results["wall_s"] = time.perf_counter() - t0
