@@ -394,8 +394,9 @@ FLASH_CANDIDATES = (
 )
 
 
-def autotune(plan, interpret):
-    """Best of a few block-size candidates per shape class (decode: small/large batch)."""
+def autotune(plan, interpret, prefill=True):
+    """Best of a few block-size candidates per shape class (decode: small/large batch), and
+    for flash prefill unless `prefill` is False."""
     result = {"decode": [], "prefill": []}
     for batch, ctx, kv_heads in plan.autotune_decode:
         sub = dataclasses.replace(plan, contexts=(ctx,))
@@ -405,6 +406,8 @@ def autotune(plan, interpret):
             runs.append({"block_sizes": dataclasses.asdict(cand), "result": rows[-1]})
         result["decode"].append({"batch": batch, "context": ctx, "kv_heads": kv_heads,
                                  "runs": runs, "best": _best(runs, "tbps")})
+    if not prefill:
+        return result
     seq_len = plan.prefill_lens[len(plan.prefill_lens) // 2]
     runs = []
     for cand in FLASH_CANDIDATES:
@@ -456,24 +459,28 @@ def print_table(results):
         print(f"{r['batch']:5d} {r['context']:6d} {r['kv_heads']:4d} {r['page_size']:5d} "
               f"{timing}  {check}{extra}")
     if "prefill" in results:
-        print("\nflash prefill (causal, bf16) vs cuDNN")
-        print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
-              f"{'ratio':>6} {'ragged TF/s':>12} {'ratio':>6} {'cudnn TF/s':>11}  "
-              "err (triton, mosaic, ragged)")
-        for r in results["prefill"]:
-            fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
-            ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
-            print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
-                  f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
-                  f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['ragged'].get('tflops')):>12} "
-                  f"{ratio('ragged_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
-                  f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}, "
-                  f"{r['ragged_max_abs_err_vs_cudnn']}")
+        print_prefill_table(results["prefill"])
     if "autotune" in results:
         for a in results["autotune"]["decode"]:
             print(f"autotune decode B={a['batch']} ctx={a['context']}: best {a['best']}")
         for a in results["autotune"]["prefill"]:
             print(f"autotune prefill T={a['seq_len']}: best {a['best']}")
+
+
+def print_prefill_table(rows):
+    print("\nflash prefill (causal, bf16) vs cuDNN")
+    print(f"{'T':>6} {'B':>4} {'triton TF/s':>12} {'ratio':>6} {'mosaic TF/s':>12} "
+          f"{'ratio':>6} {'ragged TF/s':>12} {'ratio':>6} {'cudnn TF/s':>11}  "
+          "err (triton, mosaic, ragged)")
+    for r in rows:
+        fmt = lambda x: f"{x:.0f}" if x is not None else "error"  # noqa: E731
+        ratio = lambda k, r=r: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        print(f"{r['seq_len']:6d} {r['batch']:4d} {fmt(r['pallas'].get('tflops')):>12} "
+              f"{ratio('ratio_vs_cudnn'):>6} {fmt(r['mosaic'].get('tflops')):>12} "
+              f"{ratio('mosaic_ratio_vs_cudnn'):>6} {fmt(r['ragged'].get('tflops')):>12} "
+              f"{ratio('ragged_ratio_vs_cudnn'):>6} {fmt(r['cudnn'].get('tflops')):>11}  "
+              f"{r['max_abs_err_vs_cudnn']}, {r['mosaic_max_abs_err_vs_cudnn']}, "
+              f"{r['ragged_max_abs_err_vs_cudnn']}")
 
 
 def main(argv=None):
@@ -485,7 +492,7 @@ def main(argv=None):
     parser.add_argument("--autotune", action="store_true",
                         help="also sweep 4 block-size candidates per shape class")
     parser.add_argument("--decode-only", action="store_true",
-                        help="paged decode only, no flash prefill")
+                        help="paged decode only, no flash prefill (nor its autotuning)")
     parser.add_argument("--out", help="JSON path (default: $OUT/bench_kernels.json or "
                                       "bench/results/)")
     args = parser.parse_args(argv)
@@ -507,7 +514,7 @@ def main(argv=None):
             lambda: prefill_reference_check(plan, fa.BlockSizes(), interpret))
         results["prefill"] = bench_prefill(plan, interpret, fa.BlockSizes())
     if args.autotune:
-        results["autotune"] = autotune(plan, interpret)
+        results["autotune"] = autotune(plan, interpret, prefill=not args.decode_only)
     results["wall_s"] = time.perf_counter() - t0
     path = output_path(args.out, device.device_kind, now.strftime("%Y%m%dT%H%M%SZ"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,11 @@ def test_bench_kernels_smoke_times_every_kernel(tmp_path):
 @pytest.mark.slow
 def test_bench_kernels_decode_only_leaves_prefill_out(tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    load("bench_kernels").main(["--smoke", "--decode-only", "--out", str(out)])
+    load("bench_kernels").main(["--smoke", "--decode-only", "--autotune", "--out", str(out)])
     result = json.loads(out.read_text())
     assert len(result["decode"]) == 4
     assert "prefill" not in result and "prefill_reference_check" not in result
+    assert result["autotune"]["decode"] and result["autotune"]["prefill"] == []
     printed = capsys.readouterr().out
     assert "paged decode" in printed and "flash prefill" not in printed
 
