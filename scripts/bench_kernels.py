@@ -4,7 +4,11 @@
   decode:   ragged_paged_attention, one query token per sequence, achieved TB/s on the
             bytes it must read (K/V of every sequence's context + q + out), B x context x
             GQA (32 q heads over 8 and 4 KV heads) x page size, head_dim 128, bf16;
-            plus the jnp reference at one shape as a sanity baseline
+            plus the jnp reference at one shape as a sanity baseline. Three timings:
+            the full call, the decode kernel alone, and per layer in a step (the call
+            once per layer of a 32-layer cache, each layer's output the next one's
+            query, in one jitted program, as the engine's step runs it; rows with
+            B >= 32 and context >= 2k)
   prefill:  flash_attention (Triton), flash_attention_mgpu (Mosaic GPU) and the ragged paged
             kernel (B fresh prompts, K/V in pages) TFLOP/s (causal: 2*2*B*H*T*T*D/2) against
             jax.nn.dot_product_attention(implementation="cudnn") on the same data
@@ -66,6 +70,13 @@ class Plan:
     reference_at: tuple[int, int, int, int] = (32, 2048, 8, 16)  # batch, ctx, kv_heads, page
     # --autotune shape classes (batch, ctx, kv_heads): small batch / long context, large batch
     autotune_decode: tuple[tuple[int, int, int], ...] = ((8, 8192, 8), (64, 2048, 4))
+    # per-layer timing in a step: up to step_layers layers (the 8B shape's 32), as many as
+    # fit step_pool_bytes, for rows of at least step_min_batch and step_min_context
+    step_layers: int = 32
+    step_pool_bytes: int = 12 * GiB
+    step_min_batch: int = 32
+    step_min_context: int = 2048
+    step_max_sets: int = 64
 
 
 PLANS = {
@@ -74,8 +85,12 @@ PLANS = {
     "quick": Plan((1, 32, 128), (2048, 8192), (8,), (16,), (), (1024, 4096)),
     "smoke": Plan((2, 3), (64, 128), (2,), (16,), (), (64,), q_heads=8, head_dim=64,
                   prefill_tokens=128, kv_cap_bytes=64 << 20, copy_bytes=64 << 20,
-                  reference_at=(2, 64, 2, 16), autotune_decode=((2, 128, 2),)),
+                  reference_at=(2, 64, 2, 16), autotune_decode=((2, 128, 2),),
+                  step_layers=2, step_pool_bytes=64 << 20, step_min_batch=0,
+                  step_min_context=0, step_max_sets=2),
 }
+# Rows that issue 12's paged-decode target covers, and its share of copy bandwidth.
+TARGET_MIN_BATCH, TARGET_MIN_CONTEXT, TARGET_SHARE = 32, 2048, 0.85
 
 
 def time_calls(fn, arg_sets, *, carry=None, rounds=7, min_round_s=0.02):
@@ -201,6 +216,7 @@ class DecodeSetup:
     reference: object
     phase_only: object
     key: jax.Array
+    check_step: bool  # check the step timing's output against the reference, layer by layer
 
 
 def decode_setup(plan, batch, kv_heads, page_size, max_ctx, resolved, block_sizes, interpret):
@@ -216,7 +232,7 @@ def decode_setup(plan, batch, kv_heads, page_size, max_ctx, resolved, block_size
                                   block_sizes=block_sizes, interpret=interpret)),
         jax.jit(functools.partial(pa.ragged_paged_attention_reference, sm_scale=scale)),
         decode_phase_only(batch, resolved, scale, interpret),
-        jax.random.key(batch * 1000 + kv_heads * 10 + page_size))
+        jax.random.key(batch * 1000 + kv_heads * 10 + page_size), check_step=interpret)
 
 
 def bench_decode_ctx(su: DecodeSetup, ctx, with_reference):
@@ -237,6 +253,63 @@ def bench_decode_ctx(su: DecodeSetup, ctx, with_reference):
     row["kernel_only"] = guarded(lambda: timing(su.phase_only, phase_sets, useful, carry=out))
     if with_reference:
         row["reference"] = guarded(lambda: timing(su.reference, arg_sets, useful))
+    layers = step_layers(su.plan, su.batch, ctx, su.kv_heads)
+    if layers:
+        row["step"] = guarded(lambda: bench_decode_step(su, ctx, layers))
+    return row
+
+
+def step_layers(plan, batch, ctx, kv_heads):
+    """Layers of the per-layer step timing for this row (0: not timed): up to
+    plan.step_layers, as many as fit plan.step_pool_bytes, at least 2."""
+    if batch < plan.step_min_batch or ctx < plan.step_min_context:
+        return 0
+    fit = plan.step_pool_bytes // (batch * ctx * kv_token_bytes(plan, kv_heads))
+    layers = min(plan.step_layers, fit)
+    return layers if layers >= 2 else 0
+
+
+def decode_step(kernel, layers):
+    """The decode attention of a step: `kernel` once per layer, layers base..base+layers-1
+    of the cache, each layer's output the next one's query (so no layer can be skipped or
+    overlapped), in one jitted program."""
+    def run(q, k_pages, v_pages, base, tables, seq_lens, query_start):
+        for layer in range(layers):
+            q = kernel(q, k_pages, v_pages, base + layer, tables, seq_lens, query_start)
+        return q
+    return jax.jit(run)
+
+
+def bench_decode_step(su: DecodeSetup, ctx, layers):
+    """Per-layer time of the full call inside a step of `layers` layers, each layer's pages
+    its own (the page table is shared by the layers, as in the engine). Sets of layers
+    rotate until L2_DEFEAT_BYTES of K/V are touched."""
+    per_layer = su.batch * ctx * kv_token_bytes(su.plan, su.kv_heads)
+    n_sets = max(1, min(su.plan.step_max_sets, -(-L2_DEFEAT_BYTES // (layers * per_layer))))
+    need = ctx // su.page_size
+    num_pages = su.batch * need
+    shape = (layers * n_sets, num_pages, su.page_size, su.kv_heads, su.plan.head_dim)
+    pools = (filled(shape, DTYPE, 3), filled(shape, DTYPE, 4))
+    key = jax.random.fold_in(su.key, ctx)
+    tables = np.zeros((su.batch, su.pages_per_seq), np.int32)
+    tables[:, :need] = np.asarray(jax.random.permutation(key, num_pages)).reshape(
+        su.batch, need)
+    tables = jnp.asarray(tables)
+    q = jax.random.normal(key, (su.batch, su.plan.q_heads, su.plan.head_dim), DTYPE)
+    lens = jnp.full((su.batch,), ctx, jnp.int32)
+    qs = jnp.arange(su.batch + 1, dtype=jnp.int32)
+    arg_sets = [(q, *pools, jnp.int32(s * layers), tables, lens, qs) for s in range(n_sets)]
+    fn = decode_step(su.kernel, layers)
+    med, best = time_calls(fn, arg_sets)
+    useful = per_layer + 2 * q.size * q.dtype.itemsize
+    row = {"layers": layers, "sets": n_sets, "time_us": med / layers * 1e6,
+           "best_us": best / layers * 1e6, "tbps": useful * layers / med / 1e12}
+    if su.check_step:
+        ref = q
+        for layer in range(layers):
+            ref = su.reference(ref, *pools, jnp.int32(layer), tables, lens, qs)
+        err = jnp.abs(fn(*arg_sets[0]).astype(jnp.float32) - ref.astype(jnp.float32))
+        row["max_abs_err"] = float(err.max())
     return row
 
 
@@ -283,9 +356,16 @@ def bench_decode(plan, interpret, block_sizes):
                 ref_batch, ref_ctx, ref_kvh, ref_page = plan.reference_at
                 ref_at = ref_ctx if (batch, kv_heads, page_size) == (
                     ref_batch, ref_kvh, ref_page) else None
-                rows += bench_decode_group(plan, batch, kv_heads, page_size, block_sizes,
+                group = bench_decode_group(plan, batch, kv_heads, page_size, block_sizes,
                                            interpret, ref_at)
-                print(f"decode B={batch} kvh={kv_heads} page={page_size} done", flush=True)
+                rows += group
+                times = "; ".join(
+                    f"ctx {r['context']} " + " ".join(
+                        f"{t.get('time_us', float('nan')):.1f}"
+                        for t in (r, r.get("kernel_only", {}), r.get("step", {})) if t)
+                    for r in group if "skipped" not in r)
+                print(f"decode B={batch} kvh={kv_heads} page={page_size} done (us: full call, "
+                      f"kernel-only, step per layer): {times}", flush=True)
     return rows
 
 
@@ -444,7 +524,7 @@ def print_table(results):
     print("\npaged decode (bf16, q heads "
           f"{results['plan']['q_heads']}, head_dim {results['plan']['head_dim']})")
     print(f"{'B':>5} {'ctx':>6} {'kvh':>4} {'page':>5} {'us':>9} {'TB/s':>6} {'%copy':>6} "
-          f"{'kernel-only':>12}  check")
+          f"{'kernel-only':>12} {'step, per layer':>22}  check")
     for r in results["decode"]:
         if "skipped" in r:
             continue
@@ -454,10 +534,15 @@ def print_table(results):
         only = r.get("kernel_only", {})
         timing += (f" {only['tbps']:5.2f} {100 * only['tbps'] / copy:4.0f}%" if "tbps" in only
                    else f" {'-':>11}")
+        step = r.get("step", {})
+        timing += (f" {step['time_us']:7.1f} {step['tbps']:5.2f} {100 * step['tbps'] / copy:4.0f}%"
+                   f" x{step['layers']:<2d}" if "tbps" in step else f" {'-':>22}")
         ref = r.get("reference", {})
         extra = f"  reference {ref['tbps']:.2f} TB/s" if "tbps" in ref else ""
         print(f"{r['batch']:5d} {r['context']:6d} {r['kv_heads']:4d} {r['page_size']:5d} "
               f"{timing}  {check}{extra}")
+    for line in target_summary(results["decode"], copy):
+        print(line)
     if "prefill" in results:
         print_prefill_table(results["prefill"])
     if "autotune" in results:
@@ -465,6 +550,27 @@ def print_table(results):
             print(f"autotune decode B={a['batch']} ctx={a['context']}: best {a['best']}")
         for a in results["autotune"]["prefill"]:
             print(f"autotune prefill T={a['seq_len']}: best {a['best']}")
+
+
+def target_summary(rows, copy):
+    """Lines counting the rows of issue 12's paged-decode target (B >= 32, context >= 2k) at
+    85% of copy bandwidth or more, by timing."""
+    rows = [r for r in rows if "skipped" not in r and r["batch"] >= TARGET_MIN_BATCH
+            and r["context"] >= TARGET_MIN_CONTEXT]
+    if not rows:
+        return []
+    lines = [f"\nrows with B >= {TARGET_MIN_BATCH} and context >= {TARGET_MIN_CONTEXT}: "
+             f"{len(rows)}; at {100 * TARGET_SHARE:.0f}% of copy bandwidth or more:"]
+    for name, get in (("full call", lambda r: r), ("kernel-only", lambda r: r.get("kernel_only")),
+                      ("step, per layer", lambda r: r.get("step"))):
+        timed = [r for r in rows if "tbps" in (get(r) or {})]
+        met = [r for r in timed if get(r)["tbps"] >= TARGET_SHARE * copy]
+        missed = ", ".join(f"B={r['batch']} ctx={r['context']} kvh={r['kv_heads']} "
+                           f"page={r['page_size']} ({100 * get(r)['tbps'] / copy:.0f}%)"
+                           for r in timed if r not in met)
+        lines.append(f"  {name}: {len(met)} of {len(timed)} timed"
+                     + (f"; missed: {missed}" if missed else ""))
+    return lines
 
 
 def print_prefill_table(rows):

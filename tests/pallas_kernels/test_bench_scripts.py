@@ -34,6 +34,9 @@ def test_bench_kernels_smoke_times_every_kernel(tmp_path):
         assert row["check"]["max_abs_err"] < 1e-2, row
         assert row["tbps"] > 0, row
         assert row["kernel_only"]["tbps"] > 0, row  # not {"error": ...}
+        step = row["step"]  # two layers, each layer's output the next one's query
+        assert step["layers"] == 2 and step["sets"] == 2 and step["tbps"] > 0, row
+        assert step["max_abs_err"] < 1e-2, row
     check = result["prefill_reference_check"]
     assert check["max_abs_err"] < 2e-2 and check["mosaic_max_abs_err"] < 2e-2, check
     (prefill,) = result["prefill"]  # T = 64, two sequences: all three kernels timed
@@ -51,6 +54,37 @@ def test_bench_kernels_decode_only_leaves_prefill_out(tmp_path, capsys):
     assert result["autotune"]["decode"] and result["autotune"]["prefill"] == []
     printed = capsys.readouterr().out
     assert "paged decode" in printed and "flash prefill" not in printed
+
+
+def test_bench_kernels_step_layers_fit_the_pool_and_the_target_rows():
+    bk = load("bench_kernels")
+    plan = bk.PLANS["full"]
+    token = 2 * 4 * 128 * 2  # K and V of 4 KV heads, head_dim 128, bf16
+    assert bk.step_layers(plan, 32, 2048, 4) == 32  # 134 MB a layer
+    assert bk.step_layers(plan, 64, 2048, 8) == (12 << 30) // (64 * 2048 * 2 * token)
+    assert bk.step_layers(plan, 256, 32768, 8) == 0  # one layer would not fit twice
+    assert bk.step_layers(plan, 8, 8192, 8) == 0  # below the target's batch
+    assert bk.step_layers(plan, 32, 512, 8) == 0  # below its context
+
+
+def test_bench_kernels_target_summary_counts_each_timing():
+    bk = load("bench_kernels")
+    copy = 3.0
+
+    def row(batch, ctx, full, only, step=None):
+        r = {"batch": batch, "context": ctx, "kv_heads": 4, "page_size": 16, "tbps": full,
+             "kernel_only": {"tbps": only}}
+        if step is not None:
+            r["step"] = {"tbps": step}
+        return r
+    rows = [row(32, 2048, 2.0, 2.2, 2.6), row(64, 8192, 2.7, 2.8, 2.9),
+            row(8, 8192, 1.0, 1.0), {"batch": 256, "context": 32768, "skipped": "cap"}]
+    lines = bk.target_summary(rows, copy)
+    assert lines[0].endswith("rows with B >= 32 and context >= 2048: 2; at 85% of copy "
+                             "bandwidth or more:")
+    assert lines[1] == "  full call: 1 of 2 timed; missed: B=32 ctx=2048 kvh=4 page=16 (67%)"
+    assert lines[2] == "  kernel-only: 1 of 2 timed; missed: B=32 ctx=2048 kvh=4 page=16 (73%)"
+    assert lines[3] == "  step, per layer: 2 of 2 timed"
 
 
 @pytest.mark.slow
