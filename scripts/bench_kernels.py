@@ -6,8 +6,8 @@
             GQA (32 q heads over 8 and 4 KV heads) x page size, head_dim 128, bf16;
             plus the jnp reference at one shape as a sanity baseline. Three timings:
             the full call, the decode kernel alone, and per layer in a step (the call
-            once per layer of a 32-layer cache, each layer's output the next one's
-            query, in one jitted program, as the engine's step runs it; rows with
+            once per layer of a cache of up to 32 layers, each layer's output the next
+            one's query, in one jitted program, as the engine's step runs it; rows with
             B >= 32 and context >= 2k)
   prefill:  flash_attention (Triton), flash_attention_mgpu (Mosaic GPU) and the ragged paged
             kernel (B fresh prompts, K/V in pages) TFLOP/s (causal: 2*2*B*H*T*T*D/2) against
@@ -17,7 +17,7 @@ Every kernel config is checked against a reference once before it is timed.
   python scripts/bench_kernels.py              # full sweep (~4-5 min on an H100)
   python scripts/bench_kernels.py --quick      # a few shapes
   python scripts/bench_kernels.py --autotune   # also sweep block sizes per shape class
-  python scripts/bench_kernels.py --decode-only  # paged decode alone (~1 min on an H100)
+  python scripts/bench_kernels.py --decode-only  # paged decode alone (~2 min on an H100)
   python scripts/bench_kernels.py --smoke      # tiny shapes (interpret mode without a GPU)
 JSON goes to --out, else $OUT/bench_kernels.json, else bench/results/; a table is printed last.
 """
