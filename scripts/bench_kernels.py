@@ -52,6 +52,8 @@ GiB = 1 << 30
 L2_DEFEAT_BYTES = 256 << 20  # rotate input sets until this much KV is touched (L2: 50 MB)
 MAX_SETS = 64
 DTYPE = jnp.bfloat16
+# Rows that issue 12's paged-decode target covers, and its share of copy bandwidth.
+TARGET_MIN_BATCH, TARGET_MIN_CONTEXT, TARGET_SHARE = 32, 2048, 0.85
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +76,8 @@ class Plan:
     # fit step_pool_bytes, for rows of at least step_min_batch and step_min_context
     step_layers: int = 32
     step_pool_bytes: int = 12 * GiB
-    step_min_batch: int = 32
-    step_min_context: int = 2048
+    step_min_batch: int = TARGET_MIN_BATCH
+    step_min_context: int = TARGET_MIN_CONTEXT
     step_max_sets: int = 64
 
 
@@ -89,8 +91,6 @@ PLANS = {
                   step_layers=2, step_pool_bytes=64 << 20, step_min_batch=0,
                   step_min_context=0, step_max_sets=2),
 }
-# Rows that issue 12's paged-decode target covers, and its share of copy bandwidth.
-TARGET_MIN_BATCH, TARGET_MIN_CONTEXT, TARGET_SHARE = 32, 2048, 0.85
 
 
 def time_calls(fn, arg_sets, *, carry=None, rounds=7, min_round_s=0.02):
@@ -286,18 +286,11 @@ def bench_decode_step(su: DecodeSetup, ctx, layers):
     rotate until L2_DEFEAT_BYTES of K/V are touched."""
     per_layer = su.batch * ctx * kv_token_bytes(su.plan, su.kv_heads)
     n_sets = max(1, min(su.plan.step_max_sets, -(-L2_DEFEAT_BYTES // (layers * per_layer))))
-    need = ctx // su.page_size
-    num_pages = su.batch * need
+    num_pages = su.batch * (ctx // su.page_size)
     shape = (layers * n_sets, num_pages, su.page_size, su.kv_heads, su.plan.head_dim)
     pools = (filled(shape, DTYPE, 3), filled(shape, DTYPE, 4))
-    key = jax.random.fold_in(su.key, ctx)
-    tables = np.zeros((su.batch, su.pages_per_seq), np.int32)
-    tables[:, :need] = np.asarray(jax.random.permutation(key, num_pages)).reshape(
-        su.batch, need)
-    tables = jnp.asarray(tables)
-    q = jax.random.normal(key, (su.batch, su.plan.q_heads, su.plan.head_dim), DTYPE)
-    lens = jnp.full((su.batch,), ctx, jnp.int32)
-    qs = jnp.arange(su.batch + 1, dtype=jnp.int32)
+    (q, tables, lens, qs), = decode_sets(su.plan, su.batch, ctx, su.page_size, su.pages_per_seq,
+                                         num_pages, 1, jax.random.fold_in(su.key, ctx))
     arg_sets = [(q, *pools, jnp.int32(s * layers), tables, lens, qs) for s in range(n_sets)]
     fn = decode_step(su.kernel, layers)
     med, best = time_calls(fn, arg_sets)
