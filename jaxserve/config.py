@@ -190,6 +190,10 @@ class RunnerSection:
     paged_prefill: bool | None = None
     # the compiled step's calls made by a thread of their own: null = on a GPU (README)
     dispatch_thread: bool | None = None
+    # steps whose sequences each compute one token run programs that launch the decode
+    # attention alone: null = where the Pallas attention serves, with one pipeline stage
+    # (README)
+    decode_programs: bool | None = None
 
     def __post_init__(self):
         _check(self.scan_unroll >= 1, "scan_unroll", f"must be >= 1 (got {self.scan_unroll})")
@@ -297,6 +301,10 @@ class Config:
                "runner.q8_0_tiles",
                f"needs model.quantization: q8_0 (got {self.model.quantization!r}): it tiles "
                "q8_0 weights only")
+        _check(self.runner.decode_programs is not True or self.mesh.pipeline == 1,
+               "runner.decode_programs",
+               f"true needs mesh.pipeline: 1 (got {self.mesh.pipeline}): a pipeline step "
+               "runs several micro-batches in one program")
         _check(self.scheduler.decode_steps == 1 or (self.mesh.pipeline == 1
                                                     and not self.speculative.enabled),
                "scheduler.decode_steps",

@@ -5,10 +5,10 @@
             bytes it must read (K/V of every sequence's context + q + out), B x context x
             GQA (32 q heads over 8 and 4 KV heads) x page size, head_dim 128, bf16;
             plus the jnp reference at one shape as a sanity baseline. Three timings:
-            the full call, the decode kernel alone, and per layer in a step (the call
-            once per layer of a cache of up to 32 layers, each layer's output the next
-            one's query, in one jitted program, as the engine's step runs it; rows with
-            B >= 32 and context >= 2k)
+            the full call, the decode kernel alone, and per layer in a step (the call of a
+            decode-only program, decode_only=True, once per layer of a cache of up to 32
+            layers, each layer's output the next one's query, in one jitted program, as
+            the engine's decode steps run it; rows with B >= 32 and context >= 2k)
   prefill:  flash_attention (Triton), flash_attention_mgpu (Mosaic GPU) and the ragged paged
             kernel (B fresh prompts, K/V in pages) TFLOP/s (causal: 2*2*B*H*T*T*D/2) against
             jax.nn.dot_product_attention(implementation="cudnn") on the same data
@@ -213,6 +213,7 @@ class DecodeSetup:
     num_pages: int
     pools: tuple
     kernel: object
+    step_kernel: object  # the kernel of a decode-only step program: no prefill launch
     reference: object
     phase_only: object
     key: jax.Array
@@ -230,6 +231,9 @@ def decode_setup(plan, batch, kv_heads, page_size, max_ctx, resolved, block_size
         (filled(shape, DTYPE, 1), filled(shape, DTYPE, 2)),
         jax.jit(functools.partial(pa.ragged_paged_attention, sm_scale=scale,
                                   block_sizes=block_sizes, interpret=interpret)),
+        jax.jit(functools.partial(pa.ragged_paged_attention, sm_scale=scale,
+                                  block_sizes=block_sizes, interpret=interpret,
+                                  decode_only=True)),
         jax.jit(functools.partial(pa.ragged_paged_attention_reference, sm_scale=scale)),
         decode_phase_only(batch, resolved, scale, interpret),
         jax.random.key(batch * 1000 + kv_heads * 10 + page_size), check_step=interpret)
@@ -281,7 +285,8 @@ def decode_step(kernel, layers):
 
 
 def bench_decode_step(su: DecodeSetup, ctx, layers):
-    """Per-layer time of the full call inside a step of `layers` layers, each layer's pages
+    """Per-layer time of the decode-only call (as the engine's decode-only programs make
+    it: no prefill launch) inside a step of `layers` layers, each layer's pages
     its own (the page table is shared by the layers, as in the engine). Sets of layers
     rotate until L2_DEFEAT_BYTES of K/V are touched."""
     per_layer = su.batch * ctx * kv_token_bytes(su.plan, su.kv_heads)
@@ -292,7 +297,7 @@ def bench_decode_step(su: DecodeSetup, ctx, layers):
     (q, tables, lens, qs), = decode_sets(su.plan, su.batch, ctx, su.page_size, su.pages_per_seq,
                                          num_pages, 1, jax.random.fold_in(su.key, ctx))
     arg_sets = [(q, *pools, jnp.int32(s * layers), tables, lens, qs) for s in range(n_sets)]
-    fn = decode_step(su.kernel, layers)
+    fn = decode_step(su.step_kernel, layers)
     med, best = time_calls(fn, arg_sets)
     useful = per_layer + 2 * q.size * q.dtype.itemsize
     row = {"layers": layers, "sets": n_sets, "time_us": med / layers * 1e6,

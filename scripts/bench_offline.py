@@ -61,6 +61,9 @@ def main() -> None:
                     help="runner.paged_prefill (default: the config's)")
     ap.add_argument("--dispatch-thread", choices=("on", "off"), default=None,
                     help="runner.dispatch_thread (default: the config's; null = on a GPU)")
+    ap.add_argument("--decode-programs", choices=("on", "off"), default=None,
+                    help="runner.decode_programs (default: the config's; null = where the "
+                         "Pallas attention serves)")
     ap.add_argument("--warm-runs", type=int, default=1,
                     help="untimed runs of the workload first, with other prompts")
     ap.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
@@ -79,6 +82,8 @@ def main() -> None:
         config = config.replace(runner__paged_prefill=args.paged_prefill == "on")
     if args.dispatch_thread is not None:
         config = config.replace(runner__dispatch_thread=args.dispatch_thread == "on")
+    if args.decode_programs is not None:
+        config = config.replace(runner__decode_programs=args.decode_programs == "on")
     t0 = time.perf_counter()
     loaded = load_model(config)
     load_s = time.perf_counter() - t0
@@ -153,6 +158,7 @@ def main() -> None:
         "attention_backend": config.runner.attention_backend,
         "paged_prefill": config.runner.paged_prefill,
         "dispatch_thread": engine.runner.dispatches_on_thread,
+        "decode_programs": engine.runner.batch.decode_programs,
         "step_time": steps, "num_steps": len(step_times),
         "floor": {"weight_bytes": weight_bytes,
                   "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],

@@ -221,6 +221,9 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--quantization", choices=QUANTIZATIONS,
                     help="model.quantization (default: the config's)")
+    ap.add_argument("--decode-programs", choices=("on", "off"), default=None,
+                    help="runner.decode_programs (default: the config's; null = where the "
+                         "Pallas attention serves)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
@@ -230,6 +233,8 @@ def main() -> None:
         over["cache__kv_cache_memory"] = args.kv_cache_memory * 2**30
     if args.quantization:
         over["model__quantization"] = args.quantization
+    if args.decode_programs:
+        over["runner__decode_programs"] = args.decode_programs == "on"
     config = load_config(args.config).replace(**over)
     loaded = load_model(config, progress=False)
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
@@ -247,6 +252,7 @@ def main() -> None:
               "device": jax.devices()[0].device_kind, "config": args.config,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "sampling": sampling,
               "quantization": config.model.quantization,
+              "decode_programs": engine.runner.batch.decode_programs,
               "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,12 @@ class _Ring:
 
 
 class BatchBuilder:
-    def __init__(self, config: Config, num_shards: int, stages: int, eos_ids):
+    def __init__(self, config: Config, num_shards: int, stages: int, eos_ids,
+                 decode_programs: bool = False):
         self.config = config
+        # Steps whose sequences each compute one token run decode-only programs
+        # (runner.decode_programs, resolved by the runner).
+        self.decode_programs = decode_programs
         self.num_shards = num_shards
         self.stages = stages
         self.num_slots = config.scheduler.max_num_seqs  # penalty slots per data shard
@@ -97,7 +101,7 @@ class BatchBuilder:
         return ring.take()
 
     @functools.cache  # noqa: B019 -- a handful of buckets, for the builder's lifetime
-    def layout(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1) -> Layout:
+    def layout(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 0) -> Layout:
         return Layout(num_tokens, num_seqs, self.pages_per_seq, self.num_banned, rows, steps)
 
     def bucket(self, buckets, n: int, what: str) -> int:
@@ -130,22 +134,30 @@ class BatchBuilder:
         # Rows sampled per sequence: 1, or 1 + k when a sequence verifies proposed tokens
         # (speculative decoding): two programs per bucket, so plain steps stay plain.
         J = self.config.speculative.rows if any(s.request.draft for s in sched.seqs) else 1
-        # Multi-step decode: the program of decode_steps steps, if any sequence takes more
-        # than one (the others stop early inside it).
-        K = self.config.scheduler.decode_steps if any(s.steps > 1 for s in sched.seqs) else 1
+        # The program (Layout.steps): multi-step decode's of decode_steps steps, if any
+        # sequence takes more than one (the others stop early inside it); a decode-only
+        # step's if every sequence computes one token (a decode, or a prompt's one-token
+        # chunk, which attends as a decode does); else the general step.
+        if any(s.steps > 1 for s in sched.seqs):
+            K = self.config.scheduler.decode_steps
+        elif self.decode_programs and J == 1 and all(s.num_tokens == 1 for s in sched.seqs):
+            K = 1
+        else:
+            K = 0
         prev_row = {req: row for req, _, row in prev_rows}  # requests hash by identity
         rows: list[tuple[Request, int, int]] = []
         host = self.host_inputs(self.layout(T, S, J, K))
         for shard, seqs in enumerate(by_shard):
             self._fill(host.blocks[shard][0], seqs, page_tables[shard], prev_row, shard,
-                       plain=J == 1 and K == 1)
+                       plain=J == 1 and K <= 1)
             rows += [(seq.request, shard, row) for row, seq in enumerate(seqs) if seq.samples]
         return MicroBatch(host, rows)
 
     def tick_inputs(self, ring: list[MicroBatch]) -> tuple[tuple[int, int, int, int],
                                                            HostInputs]:
         """Inputs of one step: stage s gets ring[s], all in the largest bucket among them.
-        The bucket is (tokens, sequences, rows sampled per sequence, decode steps)."""
+        The bucket is (tokens, sequences, rows sampled per sequence, decode steps of a
+        decode-only program or 0: Layout.steps)."""
         T = max(mb.host.layout.T for mb in ring)
         S = max(mb.host.layout.S for mb in ring)
         if self.stages == 1:
@@ -156,7 +168,7 @@ class BatchBuilder:
             for stage, mb in enumerate(ring):
                 for shard in range(self.num_shards):
                     mb.host.blocks[shard][0].copy_into(host.blocks[shard][stage])
-        return (T, S, 1, 1), host
+        return (T, S, 1, 0), host
 
     def _fill(self, host: ShardInputs, seqs: list[ScheduledSeq], page_table: PageTable,
               prev_row: dict[Request, int], shard: int, plain: bool) -> None:

@@ -54,7 +54,7 @@ class Op(enum.IntEnum):
 @dataclasses.dataclass(frozen=True)
 class Message:
     op: Op
-    bucket: tuple[int, int, int, int] = (0, 0, 1, 1)  # tokens, sequences, rows per
+    bucket: tuple[int, int, int, int] = (0, 0, 1, 0)  # tokens, sequences, rows per
     #                                                    sequence, decode steps
     continues: bool = False  # the step takes the previous step's sampled tokens
     buffer: np.ndarray | None = None  # int32 [D, P, n]: the step's packed inputs

@@ -429,13 +429,20 @@ class Runner:
             self._step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=pick_attention("pallas",
                                                                           kv_writer=writer)))
-        self._decode_step = self._step  # the body of multi-step decode programs
-        if config.scheduler.decode_steps > 1:
+        # Decode-only programs (Layout.steps >= 1): the decode kernel alone, with no launch
+        # for prefill chunks. On by default where the Pallas attention serves; the
+        # reference attention has nothing to leave out.
+        decode_programs = config.runner.decode_programs
+        if decode_programs is None:
+            decode_programs = not reference and self.stages == 1
+        self._decode_step = self._step  # the body of decode-only programs
+        if (config.scheduler.decode_steps > 1 or decode_programs) and not reference:
             decode_attention = pick_attention(config.runner.attention_backend, decode_only=True,
                                               head_dim=model_config.head_dim, kv_writer=writer)
             self._decode_step = dataclasses.replace(
                 self._step, model=model.clone(attention_fn=decode_attention))
-        self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids)
+        self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids,
+                                  decode_programs)
         self.state = self._init_state()
         self._prev_tokens = self._to_global(
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
@@ -535,6 +542,8 @@ class Runner:
             if layout.steps > 1:
                 state, out, send = decode_steps(self._decode_step, layout.steps, self.page_size,
                                                 params, state, inp, recv[0, 0])
+            elif layout.steps == 1:
+                state, out, send = self._decode_step(params, state, inp, recv[0, 0])
             else:
                 step = self._prefill_step if layout.T >= self._prefill_tokens else self._step
                 state, out, send = step(params, state, inp, recv[0, 0])
@@ -581,7 +590,7 @@ class Runner:
                 done()
         return missing
 
-    def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 1):
+    def _executable(self, num_tokens: int, num_seqs: int, rows: int = 1, steps: int = 0):
         key = (num_tokens, num_seqs, rows, steps)
         if key not in self._compiled:
             t0 = time.perf_counter()
@@ -624,17 +633,20 @@ class Runner:
 
     def step_programs(self) -> list[tuple[int, int, int, int]]:
         """Every (tokens, sequences, rows per sequence, decode steps) program serving may
-        run: each bucket pair; with speculative decoding its verifying variant too; with
-        multi-step decode, the multi-step variant of each bucket a decode batch lands in."""
+        run: the general step of each bucket pair (decode steps 0); with speculative
+        decoding its verifying variant too; for each bucket a decode batch lands in, the
+        decode-only program of one step (runner.decode_programs) and of decode_steps steps
+        (multi-step decode)."""
         rows = sorted({1, self.config.speculative.rows})
-        programs = [(t, s, j, 1) for t, s in self.bucket_pairs() for j in rows]
+        programs = [(t, s, j, 0) for t, s in self.bucket_pairs() for j in rows]
         k = self.config.scheduler.decode_steps
-        if k > 1:
-            runner, bucket = self.config.runner, self.batch.bucket
-            most = min(self.num_slots, self.config.scheduler.max_num_batched_tokens)
-            programs += sorted({(bucket(runner.token_buckets, n, "tokens"),
-                                 bucket(runner.seq_buckets, n, "sequences"), 1, k)
-                                for n in range(1, most + 1)})
+        steps = ([1] if self.batch.decode_programs else []) + ([k] if k > 1 else [])
+        runner, bucket = self.config.runner, self.batch.bucket
+        most = min(self.num_slots, self.config.scheduler.max_num_batched_tokens)
+        for n in steps:
+            programs += sorted({(bucket(runner.token_buckets, b, "tokens"),
+                                 bucket(runner.seq_buckets, b, "sequences"), 1, n)
+                                for b in range(1, most + 1)})
         return programs
 
     def warm_up(self, progress: bool = True, stop: Callable[[], bool] | None = None) -> bool:
@@ -717,7 +729,7 @@ class Runner:
         else:
             call = concurrent.futures.Future()
             call.set_result(self._call(bucket, host.buffer, prev_call))
-        steps = bucket[3]
+        steps = max(bucket[3], 1)
         return StepHandle(rows, call, bucket[2] * steps, self.num_top, steps)
 
     def _call(self, bucket, buffer: np.ndarray, prev_call: concurrent.futures.Future | None):

@@ -61,14 +61,17 @@ _FIELDS = (
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each field sits in a block's buffer (int32 fields, then float32 ones), for one
-    (T, S, J) bucket; `steps` names the program that reads it (the buffer is the same)."""
+    (T, S, J) bucket."""
 
     T: int  # padded tokens
     S: int  # padded sequences
     P: int  # pages per sequence
     K: int  # banned token ids per sequence
     J: int = 1  # rows sampled per sequence
-    steps: int = 1  # decode steps per call: > 1 in a multi-step decode (J is then 1)
+    # The program that reads it (the buffer is the same): a general step (0; prefill chunks,
+    # decodes and verifications together), or a decode-only program of `steps` decode steps
+    # (every sequence one query token a step, J = 1), one or several (multi-step decode).
+    steps: int = 0
 
     def shape(self, dims: str) -> tuple[int, ...]:
         return {"T": (self.T,), "S": (self.S,), "S+1": (self.S + 1,), "SP": (self.S, self.P),
