@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--quantization", choices=QUANTIZATIONS,
                     help="model.quantization (default: the config's)")
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="scheduler.decode_steps (default: the config's)")
     ap.add_argument("--decode-programs", choices=("on", "off"), default=None,
                     help="runner.decode_programs (default: the config's; null = where the "
                          "Pallas attention serves)")
@@ -233,6 +235,8 @@ def main() -> None:
         over["cache__kv_cache_memory"] = args.kv_cache_memory * 2**30
     if args.quantization:
         over["model__quantization"] = args.quantization
+    if args.decode_steps:
+        over["scheduler__decode_steps"] = args.decode_steps
     if args.decode_programs:
         over["runner__decode_programs"] = args.decode_programs == "on"
     config = load_config(args.config).replace(**over)
@@ -253,6 +257,7 @@ def main() -> None:
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "sampling": sampling,
               "quantization": config.model.quantization,
               "decode_programs": engine.runner.batch.decode_programs,
+              "decode_steps": config.scheduler.decode_steps,
               "bandwidth_tb_per_s": round(bandwidth / 1e12, 3) if bandwidth else None,
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
