@@ -31,6 +31,13 @@ Each row also holds `tokens_digest`, a hash of the greedy tokens the steps produ
 of one config under other XLA flags (`xla_flags` in the JSON) must give the same digest.
 `--temperature`, `--top-k` and `--top-p` make every request sample instead (seed 0), to
 profile the sampler's random path.
+
+`--prefill` profiles prefill steps instead: each row's B prompts of --context tokens, one
+output token each, are stepped through once unprofiled (first executions) and again, new
+prompts of the same lengths, under the profiler; the row is per prefill step, with the
+matmuls' rate in TFLOP/s (2 x the layers' matmul weights x the step's tokens, plus the LM
+head's rows), to set against a peer's GEMM rate on the same GPU
+(`scripts/bench_prefill_gemms.py`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -94,11 +102,18 @@ def kernel_class(name: str) -> str:
 
 def trace_steps(engine: Engine, steps: int) -> list[dict]:
     """The complete events of `steps` engine steps, each with its process's name."""
+    def run():
+        for _ in range(steps):
+            engine.step()
+    return trace_events(run)
+
+
+def trace_events(run) -> list[dict]:
+    """The complete events of run() under jax.profiler.trace, each with its process's name."""
     directory = tempfile.mkdtemp(prefix="trace-")
     try:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
-            for _ in range(steps):
-                engine.step()
+            run()
         path = sorted(glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True))[-1]
         with gzip.open(path) as f:
             data = json.load(f)
@@ -163,6 +178,69 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25)
             "top_host_events": top(h_ms, h_count)}
 
 
+def matmul_flops_per_token(params) -> int:
+    """2 x the elements of every layer's matmul weights (2-D and up, not the quantization
+    scales): a token's matmul FLOPs in the layers. The embedding and LM head are not
+    layers' (the head's rows are counted apart)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        key = jax.tree_util.keystr(path)
+        if re.search(r"layers", key) and leaf.ndim >= 2 and "scale" not in key:
+            total += leaf.size
+    return 2 * total
+
+
+def profile_prefill(engine: Engine, batch: int, context: int, rng, top_n: int = 25) -> dict:
+    """Prefill steps of `batch` prompts of `context` tokens (one output token each, so no
+    decode rides along), per step: their kernels, and the matmuls' TFLOP/s. A round is the
+    steps until every prompt is computed, then the step that hands the tokens out; its
+    wall time is divided by the prefill steps."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, ignore_eos=True, seed=0, temperature=0.0)
+
+    def prefill_round(prefix: str) -> tuple[int, float]:
+        for i in range(batch):
+            engine.add_request(rng.integers(3, vocab, context).tolist(), params,
+                               f"{prefix}{i}")
+        t, steps = time.perf_counter(), 0
+        while engine.scheduler.num_waiting or any(
+                r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+            engine.step()
+            steps += 1
+        while engine.has_unfinished():
+            engine.step()
+        return steps, time.perf_counter() - t
+
+    prefill_round(f"p{batch}-warm-")  # first executions
+    steps, seconds = prefill_round(f"p{batch}-")
+    traced = []
+    events = trace_events(lambda: traced.append(prefill_round(f"p{batch}-traced-")))
+    if traced[0][0] != steps:
+        raise RuntimeError(f"the traced prefill of {batch} x {context} tokens took "
+                           f"{traced[0][0]} steps, the untraced one {steps}")
+    tokens = batch * context / steps
+    flops = (matmul_flops_per_token(engine.runner.params) * tokens
+             + 2 * batch / steps * engine.model_config.hidden_size
+             * engine.model_config.vocab_size)
+    row = {"batch": batch, "context": context, "prefill": True, "steps": steps,
+           "tokens_per_step": round(tokens, 1),
+           "matmul_tflop_per_step": round(flops / 1e12, 3),
+           "step_ms_unprofiled": round(seconds / steps * 1e3, 3),
+           "step_ms": round(traced[0][1] / steps * 1e3, 3)}
+    if any("/device:" in e["process"] for e in events):
+        row.update(summarise_gpu(events, steps, {}, top_n))
+        matmul = row["device_classes"].get("matmuls", {}).get("ms")
+        if matmul:
+            row["matmul_tflops"] = round(flops / (matmul * 1e-3) / 1e12, 1)
+        row["step_tflops_unprofiled"] = round(flops / (row["step_ms_unprofiled"] * 1e-3)
+                                              / 1e12, 1)
+    else:
+        ms, _ = per_step(events, steps)
+        row["top_ops_ms"] = {n: round(us / 1e3, 3) for n, us in
+                             sorted(ms.items(), key=lambda kv: -kv[1])[:top_n] if OP.match(n)}
+    return row
+
+
 def profile(engine: Engine, batch: int, context: int, steps: int, rng,
             bandwidth: float | None, top_n: int = 25, sampling: dict | None = None) -> dict:
     vocab = engine.model_config.vocab_size
@@ -203,7 +281,7 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng,
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -226,8 +304,10 @@ def main() -> None:
     ap.add_argument("--decode-programs", choices=("on", "off"), default=None,
                     help="runner.decode_programs (default: the config's; null = where the "
                          "Pallas attention serves)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="profile prefill steps of B prompts of --context tokens instead")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     over = {"scheduler__max_num_seqs": max(args.batch),
             **bucket_overrides(args.token_buckets, args.seq_buckets)}
@@ -248,8 +328,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:
-        rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth, args.top,
-                            sampling))
+        if args.prefill:
+            rows.append(profile_prefill(engine, b, args.context, rng, args.top))
+        else:
+            rows.append(profile(engine, b, args.context, args.steps, rng, bandwidth, args.top,
+                                sampling))
         print(json.dumps(rows[-1], indent=1), flush=True)
     result = {"benchmark": "trace-step",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -1,0 +1,74 @@
+"""The engine-level profile scripts on a tiny random model on CPU: what they count is exact,
+so a figure they report about a GPU run can be trusted to count the same."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+from engine_checks import save_tiny_shape
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name):
+    sys.path.insert(0, str(SCRIPTS))  # the scripts import their helpers by module name
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def tiny_config(tmp_path) -> pathlib.Path:
+    shape = save_tiny_shape(tmp_path / "tiny.json")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""\
+model: {{name: tiny, dtype: float32}}
+checkpoint: {{source: random, random_shape: {shape}}}
+cache: {{max_model_len: 256, kv_cache_memory: 4194304}}
+scheduler: {{max_num_seqs: 8, max_num_batched_tokens: 64}}
+runner: {{token_buckets: [8, 64], seq_buckets: [8], compilation_cache_dir: null}}
+""")
+    return path
+
+
+def test_trace_step_prefill_counts_steps_tokens_and_matmul_flops(tmp_path):
+    ts = load("trace_step")
+    out = tmp_path / "trace.json"
+    ts.main(["--config", str(tiny_config(tmp_path)), "--prefill", "--batch", "2", "4",
+             "--context", "48", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    # 96 prompt tokens in steps of at most 64: 64 + 32; 192 tokens: three steps of 64
+    assert [(r["batch"], r["steps"], r["tokens_per_step"]) for r in rows] == \
+        [(2, 2, 48.0), (4, 3, 64.0)]
+    assert all(r["prefill"] and r["step_ms_unprofiled"] > 0 and r["top_ops_ms"] for r in rows)
+
+
+def test_matmul_flops_per_token_counts_each_layer_weight_once(tmp_path):
+    ts = load("trace_step")
+    from jaxserve.config import load_config
+    from jaxserve.loader import load_model
+
+    loaded = load_model(load_config(tiny_config(tmp_path)), progress=False)
+    # hidden 32, intermediate 64, 2 heads and 1 KV head of 16, 2 layers: per layer
+    # q 32x32, k and v 32x16, o 32x32, gate and up 32x64, down 64x32
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert ts.matmul_flops_per_token(loaded.params) == 2 * 2 * per_layer
+
+
+def test_bench_prefill_gemms_times_a_layers_four_matmuls(tmp_path):
+    pg = load("bench_prefill_gemms")
+    llama8b = json.loads((SCRIPTS.parent / "configs/shapes/llama3-8b.json").read_text())
+    assert pg.layer_gemms(llama8b) == {"qkv": (4096, 6144), "o": (4096, 4096),
+                                       "gate_up": (4096, 28672), "down": (14336, 4096)}
+    out = tmp_path / "gemms.json"
+    pg.main(["--shape", str(save_tiny_shape(tmp_path / "tiny.json")), "--tokens", "8",
+             "--reps", "1", "--rounds", "1", "--no-torch", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gemm"] for r in rows] == ["qkv", "o", "gate_up", "down", "layer"]
+    assert [(r["k"], r["n"]) for r in rows[:4]] == [(32, 64), (32, 32), (32, 128), (64, 32)]
+    assert all(r["xla_us"] > 0 and "torch_us" not in r for r in rows[:4])
