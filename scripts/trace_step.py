@@ -61,6 +61,7 @@ from engine_runs import (
     abort_all,
     bucket_overrides,
     decode_together,
+    digest,
     step_weight_bytes,
     tokens_digest,
 )
@@ -198,21 +199,23 @@ def profile_prefill(engine: Engine, batch: int, context: int, rng, top_n: int = 
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, ignore_eos=True, seed=0, temperature=0.0)
 
-    def prefill_round(prefix: str) -> tuple[int, float]:
+    def prefill_round(prefix: str) -> tuple[int, float, list[int]]:
+        """(prefill steps, seconds, each prompt's first token in prompt order)"""
         for i in range(batch):
             engine.add_request(rng.integers(3, vocab, context).tolist(), params,
                                f"{prefix}{i}")
-        t, steps = time.perf_counter(), 0
+        t, steps, first = time.perf_counter(), 0, {}
         while engine.scheduler.num_waiting or any(
                 r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
-            engine.step()
+            first.update((o.request_id, o.token_ids) for o in engine.step() if o.token_ids)
             steps += 1
         while engine.has_unfinished():
-            engine.step()
-        return steps, time.perf_counter() - t
+            first.update((o.request_id, o.token_ids) for o in engine.step() if o.token_ids)
+        return steps, time.perf_counter() - t, [tok for i in range(batch)
+                                                 for tok in first[f"{prefix}{i}"]]
 
     prefill_round(f"p{batch}-warm-")  # first executions
-    steps, seconds = prefill_round(f"p{batch}-")
+    steps, seconds, _ = prefill_round(f"p{batch}-")
     traced = []
     events = trace_events(lambda: traced.append(prefill_round(f"p{batch}-traced-")))
     if traced[0][0] != steps:
@@ -224,6 +227,7 @@ def profile_prefill(engine: Engine, batch: int, context: int, rng, top_n: int = 
              * engine.model_config.vocab_size)
     row = {"batch": batch, "context": context, "prefill": True, "steps": steps,
            "tokens_per_step": round(tokens, 1),
+           "tokens_digest": digest(traced[0][2]),
            "matmul_tflop_per_step": round(flops / 1e12, 3),
            "step_ms_unprofiled": round(seconds / steps * 1e3, 3),
            "step_ms": round(traced[0][1] / steps * 1e3, 3)}

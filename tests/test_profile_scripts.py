@@ -46,6 +46,7 @@ def test_trace_step_prefill_counts_steps_tokens_and_matmul_flops(tmp_path):
     assert [(r["batch"], r["steps"], r["tokens_per_step"]) for r in rows] == \
         [(2, 2, 48.0), (4, 3, 64.0)]
     assert all(r["prefill"] and r["step_ms_unprofiled"] > 0 and r["top_ops_ms"] for r in rows)
+    assert all(len(r["tokens_digest"]) == 16 for r in rows)
 
 
 def test_matmul_flops_per_token_counts_each_layer_weight_once(tmp_path):
