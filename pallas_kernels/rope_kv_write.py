@@ -14,7 +14,11 @@ Inputs (one layer):
 Output: q rotated, [num_tokens, num_heads, head_dim], and the pages with layer `layer`'s
 slots holding each token's rotated k and its v (quantized pages: each (token, KV head)
 vector rounded to qkv's dtype, then stored as models/quant.quantize_vectors stores it, its
-scale beside it).
+scale beside it). With `new_k` (unquantized pages), also the rotated k rows
+[num_tokens, num_kv_heads, head_dim]: what an attention that takes this step's K/V rows
+(pallas_kernels/flash_prefill.py, fresh prompts) reads as k_new, so that a prefill step
+needs neither XLA's RoPE fusions nor its two scatters (22 us each a layer for 2048 tokens of
+the 8B shape on an H100, where their 8 MB take 3 us at copy bandwidth).
 
 XLA runs this as three kernels a layer: RoPE on q and k, and one scatter for K and one for
 V (3 us each for one token, 6-7 us each for 128 on an H200, the 8B shape). Here one program
@@ -66,10 +70,11 @@ def _quantized(x1, x2, dtype, qmax: float):
 
 
 def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, *refs, num_heads: int,
-            num_kv_heads: int, qmax: float | None):
+            num_kv_heads: int, qmax: float | None, new_k: bool):
     # refs: k, v pages [, k, v scales] in (the same buffers as the outputs), then the outputs
-    # q, k, v pages [, k, v scales]
+    # q, k, v pages [, k, v scales] [, k rows]
     q_out, k_out, v_out, *scale_outs = refs[2 if qmax is None else 4:]
+    k_rows = scale_outs.pop() if new_k else None
     t = pl.program_id(0)
     half = inv_freq_ref.shape[0]
     lo = lax.iota(jnp.int32, _next_pow2(half))[None, :]  # Triton tiles are powers of two
@@ -109,7 +114,11 @@ def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, *refs, num_hea
 
     k_scales, v_scales = scale_outs if scale_outs else (None, None)
     h, rows, mask = heads(num_heads, num_kv_heads)
-    write(k_out, k_scales, h, mask, *rotated(rows, mask))
+    k1, k2 = rotated(rows, mask)
+    if k_rows is not None:
+        plgpu.store(k_rows.at[t, h, lo], k1.astype(k_rows.dtype), mask=mask)
+        plgpu.store(k_rows.at[t, h, hi], k2.astype(k_rows.dtype), mask=mask)
+    write(k_out, k_scales, h, mask, k1, k2)
     h, rows, mask = heads(num_heads + num_kv_heads, num_kv_heads)
     v1, v2 = (plgpu.load(qkv_ref.at[t, rows, cols], mask=mask, other=0) for cols in (lo, hi))
     if qmax is not None:
@@ -118,11 +127,12 @@ def _kernel(layer_ref, pos_ref, slots_ref, inv_freq_ref, qkv_ref, *refs, num_hea
 
 
 def rope_and_write_kv(qkv, positions, inv_freq, k_pages, v_pages, layer, slot_mapping, *,
-                      num_heads: int, k_scales=None, v_scales=None, interpret: bool = False):
+                      num_heads: int, k_scales=None, v_scales=None, new_k: bool = False,
+                      interpret: bool = False):
     """(q rotated [T, H, D], k_pages, v_pages with layer `layer` written[, k_scales,
-    v_scales]), as `apply_rope` on qkv's q and k heads followed by
-    `k_pages.at[layer, slot // page_size, slot % page_size].set(k)` (and v; for quantized
-    pages, of quantize_vectors' values and scales), in one launch.
+    v_scales][, k rotated [T, KVH, D] with `new_k`]), as `apply_rope` on qkv's q and k heads
+    followed by `k_pages.at[layer, slot // page_size, slot % page_size].set(k)` (and v; for
+    quantized pages, of quantize_vectors' values and scales), in one launch.
     A token whose slot repeats another's (padding) may leave either's rows."""
     tokens, all_heads, head_dim = qkv.shape
     kv_heads = k_pages.shape[3]
@@ -141,11 +151,16 @@ def rope_and_write_kv(qkv, positions, inv_freq, k_pages, v_pages, layer, slot_ma
         raise ValueError(f"pages of {k_pages.dtype} take float32 k_scales and v_scales of "
                          f"shape {k_pages.shape[:4]} exactly when they are int8 or fp8 "
                          f"(got {got})")
+    if new_k and scales:
+        raise ValueError(f"new_k: the k rows as {k_pages.dtype} pages hold them are "
+                         "dequantized values, which this kernel does not write")
     paged = (k_pages, v_pages, *scales)
     out_shape = (jax.ShapeDtypeStruct((tokens, num_heads, head_dim), qkv.dtype),
                  *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in paged))
+    if new_k:
+        out_shape += (jax.ShapeDtypeStruct((tokens, kv_heads, head_dim), qkv.dtype),)
     kernel = functools.partial(_kernel, num_heads=num_heads, num_kv_heads=kv_heads,
-                               qmax=qmax)
+                               qmax=qmax, new_k=new_k)
     return pl.pallas_call(
         kernel, grid=(tokens,), out_shape=out_shape,
         input_output_aliases={5 + i: 1 + i for i in range(len(paged))},

@@ -233,12 +233,17 @@ class Attention(nn.Module):
         takes_new_kv = getattr(self.attention_fn, "takes_new_kv", False)
         writer = getattr(self.attention_fn, "rope_kv_writer", None)
         if (writer is not None and self.fused_qkv and not c.qk_norm and not self.kv_rotation
-                and not takes_new_kv):
-            # one kernel: RoPE on q and k, and the K/V rows (quantized: and scales) written
+                and not (takes_new_kv and scales)):
+            # one kernel: RoPE on q and k, and the K/V rows (quantized: and scales) written;
+            # for an attention that takes this step's K/V rows (unquantized pages), the
+            # rotated k rows too
             named = lambda s: dict(zip(("k_scales", "v_scales"), s, strict=True)) if s else {}
+            rows = {"new_k": True} if takes_new_kv else {}
             q, k_pages, v_pages, *scales = writer(
                 qkv, pos, inv_freq, k_pages, v_pages, layer, meta.slot_mapping,
-                num_heads=c.num_heads, **named(scales))
+                num_heads=c.num_heads, **named(scales), **rows)
+            if takes_new_kv:
+                new_kv = dict(k_new=scales.pop(), v_new=v)
             extra = named(scales)
         else:
             if c.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE

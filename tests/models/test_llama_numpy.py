@@ -221,6 +221,43 @@ def test_rope_and_kv_written_by_the_pallas_kernel_match_numpy(name):
     check_against_numpy(name, (4, 1, 6), joined=True, layer_arrays=True, attention=attention)
 
 
+def fresh_from_rows(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start, *,
+                    sm_scale, k_new, v_new, **kwargs):
+    """An attention that takes this step's K/V rows, as the flash path does: a chunk that is
+    its sequence's whole context (one sequence here) attends k_new/v_new alone, causally;
+    any later chunk reads the pages (the reference)."""
+    paged = ragged_paged_attention_reference(q, k_pages, v_pages, layer, page_tables,
+                                             seq_lens, query_start, sm_scale=sm_scale)
+    group = q.shape[1] // k_new.shape[1]
+    k, v = (jnp.repeat(x, group, axis=1) for x in (k_new, v_new))
+    scores = jnp.einsum("thd,shd->hts", q, k) * sm_scale
+    t = jnp.arange(q.shape[0])
+    scores = jnp.where(t[None, :, None] >= t[None, None, :], scores, -jnp.inf)
+    fresh = jnp.einsum("hts,shd->thd", jax.nn.softmax(scores, axis=-1), v)
+    return jnp.where(query_start[1] == seq_lens[0], fresh.astype(paged.dtype), paged)
+
+
+fresh_from_rows.takes_new_kv = True
+
+
+def test_rope_kv_writer_gives_the_rotated_k_rows_to_an_attention_that_takes_them():
+    """A fresh prompt's attention from this step's rotated K/V rows, handed out by the
+    RoPE + K/V kernel (new_k) instead of XLA's RoPE and scatters, as the flash path runs
+    prefill on a GPU; later chunks read the pages the kernel wrote: numpy's logits."""
+    calls = []
+
+    def writer(*args, **kwargs):
+        calls.append(kwargs.get("new_k", False))
+        return rope_and_write_kv_interpret(*args, **kwargs)
+
+    attention = functools.partial(fresh_from_rows)
+    attention.takes_new_kv = True
+    attention.rope_kv_writer = writer
+    check_against_numpy("llama3-scaled-untied", (6, 1, 4), joined=True, layer_arrays=True,
+                        attention=attention)
+    assert calls == [True] * (3 * CONFIGS["llama3-scaled-untied"].num_layers)
+
+
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_rope_kv_writer_on_quantized_pages_matches_the_models_ops(mode):
     """int8/fp8 pages (cache.kv_dtype): the kernel's RoPE, quantization and writes give the

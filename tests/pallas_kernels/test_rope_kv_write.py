@@ -59,6 +59,39 @@ def test_matches_rope_then_scatter(interpret, shape, dtype):
     np.testing.assert_array_equal(f32(got_k)[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_new_k_hands_out_the_rotated_k_rows(interpret, dtype):
+    """new_k: the rotated k rows come back beside the pages, the same values the pages got."""
+    layers, pages, page_size, heads, kv_heads, head_dim, tokens = 2, 9, 16, 32, 8, 128, 40
+    rng = np.random.default_rng(5)
+    kv_shape = (layers, pages, page_size, kv_heads, head_dim)
+    qkv = jnp.asarray(rng.normal(size=(tokens, heads + 2 * kv_heads, head_dim)), dtype)
+    positions = jnp.asarray(rng.integers(0, 8000, tokens), jnp.int32)
+    inv_freq = jnp.asarray(inverse_frequencies(head_dim, 500000.0, None))
+    slots = jnp.asarray(rng.permutation(pages * page_size)[:tokens], jnp.int32)
+    k = apply_rope(qkv[:, heads:heads + kv_heads], positions, inv_freq)
+    run = jax.jit(lambda *a: rope_and_write_kv(*a, num_heads=heads, new_k=True,
+                                               interpret=interpret), donate_argnums=(3, 4))
+    got_q, got_k, got_v, got_rows = run(qkv, positions, inv_freq, jnp.zeros(kv_shape, dtype),
+                                        jnp.zeros(kv_shape, dtype), jnp.int32(1), slots)
+    f32 = lambda a: np.asarray(a, np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+    assert got_rows.shape == (tokens, kv_heads, head_dim) and got_rows.dtype == dtype
+    np.testing.assert_allclose(f32(got_rows), f32(k), rtol=tol, atol=tol)
+    s = np.asarray(slots)
+    np.testing.assert_array_equal(f32(got_k)[1, s // page_size, s % page_size], f32(got_rows))
+
+
+def test_new_k_with_quantized_pages_is_refused():
+    pages = jnp.zeros((1, 2, 4, 2, 8), jnp.int8)
+    scales = jnp.ones((1, 2, 4, 2), jnp.float32)
+    with pytest.raises(ValueError, match=r"^new_k: the k rows as int8 pages hold them"):
+        rope_and_write_kv(jnp.zeros((3, 8, 8)), jnp.zeros(3, jnp.int32), jnp.zeros(4), pages,
+                          pages, 0, jnp.zeros(3, jnp.int32), num_heads=4, k_scales=scales,
+                          v_scales=scales, new_k=True, interpret=True)
+
+
 def test_mismatched_shapes_are_refused():
     pages = jnp.zeros((1, 2, 4, 2, 8))
     inv_freq = jnp.zeros(4)
