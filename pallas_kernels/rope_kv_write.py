@@ -18,7 +18,7 @@ scale beside it). With `new_k` (unquantized pages), also the rotated k rows
 [num_tokens, num_kv_heads, head_dim]: what an attention that takes this step's K/V rows
 (pallas_kernels/flash_prefill.py, fresh prompts) reads as k_new, so that a prefill step
 needs neither XLA's RoPE fusions nor its two scatters (22 us each a layer for 2048 tokens of
-the 8B shape on an H100, where their 8 MB take 3 us at copy bandwidth).
+the 8B shape on an H100, where copy bandwidth moves each one's 4 MB in and out in 3 us).
 
 XLA runs this as three kernels a layer: RoPE on q and k, and one scatter for K and one for
 V (3 us each for one token, 6-7 us each for 128 on an H200, the 8B shape). Here one program
