@@ -181,7 +181,8 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25)
 
 def matmul_flops_per_token(params) -> int:
     """2 x the elements of every layer's matmul weights (2-D and up, not the quantization
-    scales): a token's matmul FLOPs in the layers. The embedding and LM head are not
+    scales): a token's matmul FLOPs in the layers of a dense model (an MoE layer's experts
+    would all be counted, not the ones a token uses). The embedding and LM head are not
     layers' (the head's rows are counted apart)."""
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
     engine.warm_up(progress=False)
     on_gpu = jax.devices()[0].platform == "gpu"
-    bandwidth = max(copy_bandwidth(), read_bandwidth()) if on_gpu else None
+    # the decode rows' floors; prefill steps are set against FLOP/s instead
+    bandwidth = max(copy_bandwidth(), read_bandwidth()) if on_gpu and not args.prefill else None
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:
