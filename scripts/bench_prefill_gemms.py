@@ -41,11 +41,12 @@ def layer_gemms(shape: dict) -> dict[str, tuple[int, int]]:
             "gate_up": (h, 2 * inter), "down": (inter, h)}
 
 
-def time_xla(m: int, k: int, n: int, rounds: int) -> tuple[float, str]:
-    """(Seconds a product, how it was timed), XLA: one jitted product, called on each of
-    the WEIGHTS x INPUTS pairs in turn (one program per product: no pass of XLA's can merge
-    products that share an operand, as it may inside one program), the device's kernel time
-    from a profiler trace, best of `rounds`. Without a device timeline (CPU), wall time."""
+def time_xla(m: int, k: int, n: int, rounds: int) -> tuple[float, str, list[str]]:
+    """(Seconds a product, how it was timed, the names of the kernels it ran), XLA: one
+    jitted product, called on each of the WEIGHTS x INPUTS pairs in turn (one program per
+    product: no pass of XLA's can merge products that share an operand, as it may inside
+    one program), the device's kernel time from a profiler trace, best of `rounds`. Without
+    a device timeline (CPU), wall time and no kernel names."""
     keys = jax.random.split(jax.random.key(0), WEIGHTS + INPUTS)
     ws = [jax.random.normal(keys[i], (k, n), jnp.bfloat16) * 0.02 for i in range(WEIGHTS)]
     xs = [jax.random.normal(keys[WEIGHTS + i], (m, k), jnp.bfloat16)
@@ -53,7 +54,7 @@ def time_xla(m: int, k: int, n: int, rounds: int) -> tuple[float, str]:
     product = jax.jit(lambda x, w: x @ w)
     pairs = [(x, w) for w in ws for x in xs]
     jax.block_until_ready([product(x, w) for x, w in pairs[:2]])
-    best, how = float("inf"), "wall"
+    best, how, names = float("inf"), "wall", []
     for _ in range(rounds):
         t = time.perf_counter()
         events = trace_events(lambda: jax.block_until_ready([product(x, w) for x, w in pairs]))
@@ -61,11 +62,13 @@ def time_xla(m: int, k: int, n: int, rounds: int) -> tuple[float, str]:
         devices = sorted({e["process"] for e in events if "/device:" in e["process"]})
         if devices:
             how = "kernels"
-            seconds = sum(e.get("dur", 0) for e in events if e["process"] == devices[0]) / 1e6
+            kernels = [e for e in events if e["process"] == devices[0]]
+            seconds = sum(e.get("dur", 0) for e in kernels) / 1e6
+            names = sorted({e["name"] for e in kernels})
         else:
             seconds = wall
         best = min(best, seconds / len(pairs))
-    return best, how
+    return best, how, names
 
 
 def time_torch(m: int, k: int, n: int, reps: int, rounds: int) -> float | None:
@@ -117,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, (k, n) in layer_gemms(shape).items():
             flop = 2 * m * k * n
             row = {"tokens": m, "gemm": name, "k": k, "n": n}
-            xla, how = time_xla(m, k, n, args.rounds)
+            xla, how, names = time_xla(m, k, n, args.rounds)
             row["xla_us"], row["xla_tflops"] = round(xla * 1e6, 2), round(flop / xla / 1e12, 1)
-            row["xla_timed_by"] = how
+            row["xla_timed_by"], row["xla_kernels"] = how, names
             peer = None if args.no_torch else time_torch(m, k, n, args.reps, args.rounds)
             if peer is not None:
                 row["torch_us"] = round(peer * 1e6, 2)
