@@ -238,10 +238,9 @@ class Attention(nn.Module):
             # for an attention that takes this step's K/V rows (unquantized pages), the
             # rotated k rows too
             named = lambda s: dict(zip(("k_scales", "v_scales"), s, strict=True)) if s else {}
-            rows = {"new_k": True} if takes_new_kv else {}
             q, k_pages, v_pages, *scales = writer(
                 qkv, pos, inv_freq, k_pages, v_pages, layer, meta.slot_mapping,
-                num_heads=c.num_heads, **named(scales), **rows)
+                num_heads=c.num_heads, new_k=takes_new_kv, **named(scales))
             if takes_new_kv:
                 new_kv = dict(k_new=scales.pop(), v_new=v)
             extra = named(scales)
