@@ -56,7 +56,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from engine_runs import step_weight_bytes, tokens_digest
+from engine_runs import prefilling, step_weight_bytes, tokens_digest
 from timing import copy_bandwidth, median_seconds
 
 from jaxserve.config import load_config
@@ -143,8 +143,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
     for i, ids in enumerate(prompts):
         engine.add_request(ids, params, f"d{i}")
     steps = 0
-    while engine.stats().num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+    while prefilling(engine):
         engine.step()
         steps += 1
         if steps > ADMISSION_STEPS:

@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from trace_step import trace_events
+from trace_step import first_device, trace_events
 
 WEIGHTS, INPUTS = 8, 4
 
@@ -59,10 +59,10 @@ def time_xla(m: int, k: int, n: int, rounds: int) -> tuple[float, str, list[str]
         t = time.perf_counter()
         events = trace_events(lambda: jax.block_until_ready([product(x, w) for x, w in pairs]))
         wall = time.perf_counter() - t
-        devices = sorted({e["process"] for e in events if "/device:" in e["process"]})
-        if devices:
+        device = first_device(events)
+        if device:
             how = "kernels"
-            kernels = [e for e in events if e["process"] == devices[0]]
+            kernels = [e for e in events if e["process"] == device]
             seconds = sum(e.get("dur", 0) for e in kernels) / 1e6
             names = sorted({e["name"] for e in kernels})
         else:

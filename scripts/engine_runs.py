@@ -25,14 +25,19 @@ def bucket_overrides(token_buckets: list[int] | None, seq_buckets: list[int] | N
     return over
 
 
+def prefilling(engine: Engine) -> bool:
+    """Whether a request still waits or has prompt tokens left to compute."""
+    return bool(engine.scheduler.num_waiting) or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running)
+
+
 def decode_together(engine: Engine, prompts: list[list[int]], params: SamplingParams,
                     prefix: str) -> None:
     """Add the prompts, step until every one is past its prefill, then 3 more steps (first
     executions stay out of what follows); the engine's step timers start from zero."""
     for i, ids in enumerate(prompts):
         engine.add_request(ids, params, f"{prefix}{i}")
-    while engine.scheduler.num_waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+    while prefilling(engine):
         engine.step()
     for _ in range(3):
         engine.step()

@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from engine_runs import replay_ms
+from engine_runs import prefilling, replay_ms
 from timing import median_seconds
 
 from jaxserve.config import load_config
@@ -45,8 +45,7 @@ def main() -> None:
     for _ in range(args.batch):
         engine.add_request(rng.integers(3, vocab, args.context).tolist(),
                            SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) \
-            or engine.scheduler.num_waiting:
+    while prefilling(engine):
         engine.step()
     for _ in range(3):
         engine.step()

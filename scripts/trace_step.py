@@ -62,6 +62,7 @@ from engine_runs import (
     bucket_overrides,
     decode_together,
     digest,
+    prefilling,
     step_weight_bytes,
     tokens_digest,
 )
@@ -148,10 +149,16 @@ def floors_ms(engine: Engine, kv_tokens: int, bandwidth: float) -> dict:
     return {"matmuls": weights / bandwidth * 1e3, "attention": kv / bandwidth * 1e3}
 
 
+def first_device(events: list[dict]) -> str | None:
+    """The trace process of the first device's kernels; None where the trace has no device
+    timeline (CPU)."""
+    return min((e["process"] for e in events if "/device:" in e["process"]), default=None)
+
+
 def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25) -> dict:
     """Kernels of the first GPU by class (time, count, floor), and the host's events."""
-    devices = sorted({e["process"] for e in events if "/device:" in e["process"]})
-    kernels = [e for e in events if e["process"] == devices[0]]
+    device = first_device(events)
+    kernels = [e for e in events if e["process"] == device]
     host = [e for e in events if "/device:" not in e["process"]]
     k_ms, k_count = per_step(kernels, steps)
     classes: dict[str, dict] = {}
@@ -170,7 +177,7 @@ def summarise_gpu(events: list[dict], steps: int, floors: dict, top_n: int = 25)
     h_ms, h_count = per_step(host, steps)
     top = lambda ms, n: {name: {"ms": round(us / 1e3, 3), "per_step": round(n[name], 1)}
                          for name, us in sorted(ms.items(), key=lambda kv: -kv[1])[:top_n]}
-    return {"device": devices[0],
+    return {"device": device,
             "kernels_per_step": round(sum(k_count.values()), 1),
             "kernel_ms": round(sum(k_ms.values()) / 1e3, 3),
             "device_classes": dict(sorted(classes.items(), key=lambda kv: -kv[1]["ms"])),
@@ -206,8 +213,7 @@ def profile_prefill(engine: Engine, batch: int, context: int, rng, top_n: int = 
             engine.add_request(rng.integers(3, vocab, context).tolist(), params,
                                f"{prefix}{i}")
         t, steps, first = time.perf_counter(), 0, {}
-        while engine.scheduler.num_waiting or any(
-                r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        while prefilling(engine):
             first.update((o.request_id, o.token_ids) for o in engine.step() if o.token_ids)
             steps += 1
         while engine.has_unfinished():
@@ -232,7 +238,7 @@ def profile_prefill(engine: Engine, batch: int, context: int, rng, top_n: int = 
            "matmul_tflop_per_step": round(flops / 1e12, 3),
            "step_ms_unprofiled": round(seconds / steps * 1e3, 3),
            "step_ms": round(traced[0][1] / steps * 1e3, 3)}
-    if any("/device:" in e["process"] for e in events):
+    if first_device(events):
         row.update(summarise_gpu(events, steps, {}, top_n))
         matmul = row["device_classes"].get("matmuls", {}).get("ms")
         if matmul:
@@ -270,7 +276,7 @@ def profile(engine: Engine, batch: int, context: int, steps: int, rng,
            "host_ms_unprofiled": round(plain["host_ms"], 3),
            "step_ms": round(step_ms, 3), "host_ms": round(times["host_ms"], 3),
            "phases_ms": {k: round(v, 3) for k, v in times.items()}}
-    if any("/device:" in e["process"] for e in events):
+    if first_device(events):
         row.update(summarise_gpu(events, steps, floors_ms(engine, kv_tokens, bandwidth),
                                 top_n))
     else:
