@@ -1,26 +1,12 @@
 """The engine-level profile scripts on a tiny random model on CPU: what they count is exact,
 so a figure they report about a GPU run can be trusted to count the same."""
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 from engine_checks import save_tiny_shape
-
-SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load(name):
-    sys.path.insert(0, str(SCRIPTS))  # the scripts import their helpers by module name
-    try:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPTS))
+from script_modules import SCRIPTS
+from script_modules import load_script as load
 
 
 def tiny_config(tmp_path) -> pathlib.Path:

@@ -1,26 +1,14 @@
 """The kernel benchmarks' --smoke runs: every timing they report comes back, on CPU in
 interpret mode (tiny shapes), so a kernel signature change cannot silently blank a column."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from script_modules import load_script as load
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
-
-SCRIPTS = pathlib.Path(__file__).resolve().parents[2] / "scripts"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
