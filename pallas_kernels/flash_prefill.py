@@ -37,14 +37,17 @@ from pallas_kernels.paged_prefill_mgpu import paged_prefill_mgpu, unsupported
 def fresh_rows(seq_lens, query_start, num_tokens, min_tokens):
     """(fresh [S], row_fresh [T], kv_start [T]): the sequences that are fresh prompts of more
     than min_tokens, the rows in them, and each row's first key row for the flash kernel:
-    its sequence's first row if fresh, else the row itself (a one-key window, discarded)."""
+    its sequence's first row if fresh; the row itself for the other sequences' rows (a
+    one-key window, which the ragged kernel's rows overwrite); num_tokens for padding rows
+    (no key: zeros), which keeps kv_start non-decreasing."""
     q_len = query_start[1:] - query_start[:-1]
     fresh = (q_len == seq_lens) & (q_len > min_tokens)
     seq, valid = sequence_rows(query_start, num_tokens)
     seq = jnp.minimum(seq, seq_lens.shape[0] - 1)
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     row_fresh = valid & fresh[seq]
-    return fresh, row_fresh, jnp.where(row_fresh, query_start[seq], t).astype(jnp.int32)
+    kv_start = jnp.where(row_fresh, query_start[seq], jnp.where(valid, t, num_tokens))
+    return fresh, row_fresh, kv_start.astype(jnp.int32)
 
 
 def long_chunks(seq_lens, query_start, fresh, min_chunk):
@@ -73,7 +76,7 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
     min_tokens = block_sizes.resolve(group=num_heads // kv_heads, num_seqs=num_seqs,
                                      kv_heads=kv_heads,
                                      max_kv_len=pages_per_seq * page_size).block_q_decode
-    fresh, row_fresh, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
+    fresh, _, kv_start = fresh_rows(seq_lens, query_start, num_tokens, min_tokens)
     # quantized pages (k_scales) have a dtype the kernel does not take
     chunks = (min_chunk is not None and num_tokens >= min_chunk
               and unsupported(q.dtype, k_pages.dtype, q.shape[-1], page_size) is None)
@@ -81,18 +84,20 @@ def ragged_paged_attention_flash(q, k_pages, v_pages, layer, page_tables, seq_le
     if chunks:
         long = long_chunks(seq_lens, query_start, fresh, min_chunk)
         skip = fresh | long
-    paged = ragged_paged_attention(q, k_pages, v_pages, layer, page_tables, seq_lens,
-                                   query_start, sm_scale=sm_scale, block_sizes=block_sizes,
-                                   interpret=interpret, k_scales=k_scales, v_scales=v_scales,
-                                   skip=skip)
+    # The flash kernel's output is the buffer the other kernels write their rows into: a
+    # fresh prompt's rows (and the padding rows, zeros) are its own, no select merges them.
+    out = flash_attention_rows(q, k_new.astype(q.dtype), v_new.astype(q.dtype), kv_start,
+                               sm_scale=sm_scale, interpret=interpret)
+    out = ragged_paged_attention(q, k_pages, v_pages, layer, page_tables, seq_lens,
+                                 query_start, sm_scale=sm_scale, block_sizes=block_sizes,
+                                 interpret=interpret, k_scales=k_scales, v_scales=v_scales,
+                                 skip=skip, out=out)
     if chunks:  # at most num_tokens // min_chunk long chunks: one overlapping item each
-        paged = paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens,
-                                   query_start, long, paged, sm_scale=sm_scale,
-                                   max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk,
-                                   interpret=interpret)
-    flash = flash_attention_rows(q, k_new.astype(q.dtype), v_new.astype(q.dtype), kv_start,
-                                 sm_scale=sm_scale, interpret=interpret)
-    return jnp.where(row_fresh[:, None, None], flash.astype(paged.dtype), paged)
+        out = paged_prefill_mgpu(q, k_pages, v_pages, layer, page_tables, seq_lens,
+                                 query_start, long, out, sm_scale=sm_scale,
+                                 max_items=-(-num_tokens // TILE_Q) + num_tokens // min_chunk,
+                                 interpret=interpret)
+    return out.astype(q.dtype)
 
 
 ragged_paged_attention_flash.takes_new_kv = True  # the model passes k_new, v_new

@@ -468,7 +468,8 @@ def ragged_paged_attention(
     k_scales=None,  # [L, N, page_size, KVH] float32, for int8/fp8 pages
     v_scales=None,
     decode_only: bool = False,
-    skip=None,  # [S] bool: sequences left out (their rows stay zero)
+    skip=None,  # [S] bool: sequences left out (their rows keep `out`'s)
+    out=None,  # [T, H, D]: the rows skipped sequences and padding keep; None: zeros
 ):
     """Pallas ragged paged attention; same contract as `ragged_paged_attention_reference`.
 
@@ -478,7 +479,8 @@ def ragged_paged_attention(
     decode_only: the caller promises that no sequence has more than one query token (a
     multi-step decode program), so the prefill phase is not launched.
     skip: sequences another kernel attends (flash_prefill.py gives it fresh prompts); their
-    output rows are zero here.
+    output rows, and the padding rows past query_start[-1], are `out`'s (zero without it):
+    the kernels write only the rows of the sequences they attend, into `out`'s buffer.
     """
     _check_inputs(q, k_pages, v_pages, layer, page_tables, seq_lens, query_start,
                   k_scales, v_scales)
@@ -503,7 +505,11 @@ def ragged_paged_attention(
     phase = functools.partial(_paged_phase, q_in, k_pages, v_pages, scales, layer,
                               page_tables=page_tables, scale=float(sm_scale) * LOG2_E,
                               interpret=interpret)
-    out = phase(active.reshape(1), items=decode_items, out=jnp.zeros_like(q_in),
+    if out is None:
+        out = jnp.zeros_like(q_in)
+    elif out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {q.shape}; got {out.shape}")
+    out = phase(active.reshape(1), items=decode_items, out=out.astype(q_in.dtype),
                 block_q=bs.block_q_decode, block_kv=bs.block_kv_decode,
                 num_splits=bs.num_kv_splits, num_warps=bs.num_warps_decode,
                 num_stages=bs.num_stages_decode, name="ragged_paged_attention_decode")

@@ -56,8 +56,9 @@ def test_fresh_rows_picks_whole_prompts_longer_than_a_decode_item():
     fresh, row_fresh, kv_start = fresh_rows(step["seq_lens"], step["query_start"], 80, 16)
     assert fresh.tolist() == [True, False, False, False]
     assert row_fresh.tolist() == [True] * 40 + [False] * 40
-    # fresh rows start at their prompt's first row; the others at themselves
-    assert kv_start.tolist() == [0] * 40 + list(range(40, 80))
+    # fresh rows start at their prompt's first row; the others' rows at themselves; the
+    # padding rows (66 query tokens of 80) after every row, so that they see no key
+    assert kv_start.tolist() == [0] * 40 + list(range(40, 66)) + [80] * 14
 
 
 def test_matches_reference_on_a_mixed_step(interpret):
@@ -85,3 +86,24 @@ def test_ragged_kernel_skips_the_fresh_prompts(interpret):
     np.testing.assert_array_equal(out[skipped], 0.0)
     np.testing.assert_array_equal(out[~skipped], ref[~skipped])
     assert np.abs(ref[skipped]).max() > 0
+
+
+def test_ragged_kernel_writes_its_rows_into_out(interpret):
+    """With `out`, the rows of skipped sequences and the padding rows keep out's values and
+    every other row is the kernel's own (the flash path passes the flash kernel's output)."""
+    step = make_step()
+    args = {k: v for k, v in step.items() if k not in ("k_new", "v_new")}
+    skip = jnp.asarray([True, False, True, False])
+    init = jnp.asarray(np.random.default_rng(1).standard_normal((80, HEADS, HEAD_DIM)),
+                       jnp.bfloat16)
+    out = ragged_paged_attention(**args, sm_scale=0.125, interpret=interpret, skip=skip,
+                                 out=init)
+    ref = ragged_paged_attention(**args, sm_scale=0.125, interpret=interpret, skip=skip)
+    out, ref, init = (np.asarray(a, np.float32) for a in (out, ref, init))
+    kept = np.zeros(80, bool)
+    kept[0:40] = kept[41:61] = kept[66:] = True  # sequences 0 and 2, and the padding rows
+    np.testing.assert_array_equal(out[kept], init[kept])
+    np.testing.assert_array_equal(out[~kept], ref[~kept])
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        ragged_paged_attention(**args, sm_scale=0.125, interpret=interpret, skip=skip,
+                               out=init[:40])
