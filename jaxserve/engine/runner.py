@@ -117,8 +117,8 @@ class StepHandle:
                                    self.sampled_rows, self.num_top)
 
 
-def step_compiler_options(platform: str) -> dict[str, str]:
-    """XLA options for compiling step programs on `platform`.
+def step_compiler_options(platform: str, num_tokens: int = 0) -> dict[str, str | bool]:
+    """XLA options for compiling a step program of `num_tokens` tokens on `platform`.
 
     On a GPU, XLA's rematerialization pass is left out. Its memory limit counts the donated
     KV cache more than once, so every step program looks over the limit whatever the
@@ -126,8 +126,18 @@ def step_compiler_options(platform: str) -> dict[str, str]:
     the pass recomputes what small buffers it can once per layer: the attention's zeroed
     output and its work-item table. In the 8B shape's B=1 and B=32 steps on one H100 that was
     90 of 572 kernels, with the same tokens without it (docs/performance.md, "XLA's
-    rematerialization off for step programs")."""
-    return {"xla_disable_hlo_passes": "rematerialization"} if platform == "gpu" else {}
+    rematerialization off for step programs").
+
+    Programs of at least CUBLAS_ONLY_MIN_TOKENS tokens (prefill) also leave XLA's Triton
+    GEMMs out: their products all go to cuBLAS, which adds the residual stream in its
+    epilogue (beta = 1) where a Triton GEMM's fusion wrote it apart (docs/performance.md,
+    "Prefill GEMMs all on cuBLAS"). Smaller programs (decode) keep Triton's split-K GEMVs."""
+    if platform != "gpu":
+        return {}
+    options: dict[str, str | bool] = {"xla_disable_hlo_passes": "rematerialization"}
+    if num_tokens >= CUBLAS_ONLY_MIN_TOKENS:
+        options["xla_gpu_enable_triton_gemm"] = False
+    return options
 
 
 def flash_prefill_unsupported(dtype, head_dim: int) -> str | None:
@@ -227,6 +237,9 @@ def _with_kv_writer(attention):
     return fn
 
 
+# GPU step programs of at least this many tokens leave XLA's Triton GEMMs out
+# (step_compiler_options).
+CUBLAS_ONLY_MIN_TOKENS = 512
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
 # prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
 FLASH_MIN_TOKENS = 512
@@ -606,7 +619,7 @@ class Runner:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            options = step_compiler_options(self.mesh.devices.flat[0].platform)
+            options = step_compiler_options(self.mesh.devices.flat[0].platform, key[0])
             self._compiled[key] = self._programs.compile_and_save(saved, lowered, options) \
                 if saved else lowered.compile(options)
             self.compile_times[key] = {"trace": t1 - t0, "lower": t2 - t1,

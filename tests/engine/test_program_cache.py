@@ -172,9 +172,15 @@ def test_the_gpu_step_options_are_options_xla_knows():
     compile (checked here on this backend), so a GPU start would fail, not ignore it."""
     f = jax.jit(lambda x: x * 2)
     assert runner.step_compiler_options("cpu") == {}
-    options = runner.step_compiler_options("gpu")
+    assert runner.step_compiler_options("cpu", 2048) == {}
+    options = runner.step_compiler_options("gpu", runner.CUBLAS_ONLY_MIN_TOKENS - 1)
     assert options == {"xla_disable_hlo_passes": "rematerialization"}
     assert float(f.lower(1.0).compile(options)(1.0)) == 2.0
+    # prefill programs: every GEMM on cuBLAS
+    options = runner.step_compiler_options("gpu", runner.CUBLAS_ONLY_MIN_TOKENS)
+    assert options == {"xla_disable_hlo_passes": "rematerialization",
+                       "xla_gpu_enable_triton_gemm": False}
+    assert float(f.lower(3.0).compile(options)(3.0)) == 6.0
     with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
         f.lower(2.0).compile({"xla_disable_hlo_passes_typo": "rematerialization"})
 
@@ -184,7 +190,7 @@ def test_step_programs_compile_with_the_step_options(tmp_path, monkeypatch, save
     """Both ways a step program is compiled (with and without the program cache) take the
     options: with an option XLA does not know, the first program refuses to compile."""
     monkeypatch.setattr(runner, "step_compiler_options",
-                        lambda platform: {"xla_no_such_option_for_this_test": "1"})
+                        lambda platform, num_tokens: {"xla_no_such_option_for_this_test": "1"})
     config = Config().replace(**tiny_overrides(save_tiny_shape(tmp_path / "tiny.json"),
                                                tmp_path / "xla" if saved else None))
     m = load_model(config, progress=False)
