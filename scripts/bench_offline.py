@@ -17,6 +17,13 @@ run takes longer.
 bandwidth, measured (a jitted sum over 1 GiB, 4 GiB on a GPU) just before and just after
 the timed run; the higher of the two sets the floor, and `step_p50_over_floor` compares
 the median step with it (with few requests nearly every step is a decode step).
+
+`by_step_kind` splits the timed run's wall time between the steps that carried prompt
+tokens (prefill, alone or with decodes riding along) and those of one token per sequence
+(decode). The engine dispatches a step and then reads back the one before it, so the call
+after a step's dispatch is the one that waits for it: each call's time is counted to the
+step the call before it dispatched (the first call's, which waits for nothing, to
+`first_call_s`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,26 @@ def percentiles(xs: list[float]) -> dict:
             "mean_ms": float(a.mean())}
 
 
-def main() -> None:
+def by_step_kind(kinds: list[tuple[int, int]], call_seconds: list[float]) -> dict:
+    """Wall time by the kind of step it waited for. kinds[i] = (tokens, sequences) that call
+    i scheduled; call_seconds[i] its wall time, which mostly waits for step i - 1."""
+    out = {"first_call_s": call_seconds[0] if call_seconds else 0.0}
+    for name in ("prefill", "decode"):
+        out[name] = {"steps": 0, "seconds": 0.0, "tokens": 0}
+    for (tokens, seqs), seconds in zip(kinds, call_seconds[1:], strict=False):
+        if not seqs:
+            continue
+        row = out["prefill" if tokens > seqs else "decode"]
+        row["steps"] += 1
+        row["seconds"] += seconds
+        row["tokens"] += tokens
+    for name in ("prefill", "decode"):
+        row = out[name]
+        row["ms_per_step"] = row["seconds"] / row["steps"] * 1e3 if row["steps"] else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--num-requests", type=int, default=32)
@@ -69,7 +95,7 @@ def main() -> None:
     ap.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                     help="model.quantization over the config's (int8, fp8, q8_0 weights)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     config = load_config(args.config)
     if args.decode_steps is not None:
@@ -113,6 +139,15 @@ def main() -> None:
     bandwidths = [read_bandwidth(gib)]
     probe_compiles = engine.runner.num_compilations - before_probe  # the sum's, not the engine's
     engine.step_times = StepTimes()
+    kinds = []  # (tokens, sequences) each timed call scheduled
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        sched = schedule()
+        kinds.append((sched.num_tokens, len(sched.seqs)))
+        return sched
+
+    engine.scheduler.schedule = recording_schedule
     preempted_before = engine.scheduler.num_preemptions
     start = time.perf_counter()
     for i in range(args.num_requests):
@@ -160,6 +195,7 @@ def main() -> None:
         "dispatch_thread": engine.runner.dispatches_on_thread,
         "decode_programs": engine.runner.batch.decode_programs,
         "step_time": steps, "num_steps": len(step_times),
+        "by_step_kind": by_step_kind(kinds, step_times),
         "floor": {"weight_bytes": weight_bytes,
                   "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],
                   "floor_ms": floor_ms,
@@ -178,8 +214,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("device", "decode_steps", "output_tok_s",
                                              "total_tok_s", "ttft", "tpot", "step_time",
-                                             "num_steps", "floor", "tokens_digest", "compile_s",
-                                             "compilations_after_warmup")}, indent=1))
+                                             "num_steps", "by_step_kind", "floor", "tokens_digest",
+                                             "compile_s", "compilations_after_warmup")}, indent=1))
     print(f"wrote {out}")
 
 

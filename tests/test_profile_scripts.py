@@ -60,3 +60,35 @@ def test_bench_prefill_gemms_times_a_layers_four_matmuls(tmp_path):
     assert [(r["k"], r["n"]) for r in rows[:4]] == [(32, 64), (32, 32), (32, 128), (64, 32)]
     assert all(r["xla_us"] > 0 and "torch_us" not in r and r["xla_timed_by"] == "wall"
                and r["xla_kernels"] == [] for r in rows[:4])  # no device timeline on a CPU
+
+
+def test_bench_offline_counts_each_call_to_the_step_dispatched_before_it():
+    bench = load("bench_offline")
+    # call 0 dispatches a 2048-token prefill; call 1 waits for it and dispatches a mixed
+    # step (prompt rows with decodes); calls 2-3 dispatch decodes of 4 sequences; call 4
+    # schedules nothing and waits for the last decode
+    kinds = [(2048, 4), (2048, 8), (4, 4), (4, 4), (0, 0)]
+    seconds = [0.001, 0.050, 0.048, 0.010, 0.011]
+    split = bench.by_step_kind(kinds, seconds)
+    assert split["first_call_s"] == 0.001
+    assert split["prefill"]["steps"] == 2 and split["prefill"]["tokens"] == 4096
+    assert abs(split["prefill"]["seconds"] - 0.098) < 1e-12
+    assert split["decode"]["steps"] == 2 and split["decode"]["tokens"] == 8
+    assert abs(split["decode"]["seconds"] - 0.021) < 1e-12
+    assert abs(split["decode"]["ms_per_step"] - 10.5) < 1e-9
+
+
+def test_bench_offline_splits_the_run_into_prefill_and_decode_steps(tmp_path):
+    bench = load("bench_offline")
+    out = tmp_path / "offline.json"
+    # 3 prompts of 16 tokens fit one step of 64; each then decodes 3 more tokens
+    bench.main(["--config", str(tiny_config(tmp_path)), "--num-requests", "3",
+                "--input-len", "16", "--output-len", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    split = result["by_step_kind"]
+    assert (split["prefill"]["steps"], split["prefill"]["tokens"]) == (1, 48)
+    assert (split["decode"]["steps"], split["decode"]["tokens"]) == (3, 9)
+    # every call but the first is counted once: the last one waits for the last decode
+    assert result["num_steps"] == 1 + split["prefill"]["steps"] + split["decode"]["steps"]
+    counted = split["first_call_s"] + split["prefill"]["seconds"] + split["decode"]["seconds"]
+    assert 0 < counted <= result["elapsed_s"]
