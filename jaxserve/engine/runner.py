@@ -193,6 +193,23 @@ def pick_attention(backend: str, *, decode_only: bool = False, dtype=jnp.bfloat1
     return ragged_paged_attention_reference
 
 
+def pick_swiglu(config: Config, dtype, head_dim: int, layer_arrays: bool):
+    """The gate/up product with SwiGLU in its epilogue (pallas_kernels/swiglu_matmul_mgpu.py)
+    for step programs of SWIGLU_MIN_TOKENS tokens or more, where the Mosaic GPU kernels
+    serve (attention_backend auto or pallas_flash on a Hopper GPU, a bf16 / f16 model) and
+    each layer's gate_up is a plain array of its own (layer_arrays, unquantized, not stored
+    outputs-first); else None: XLA's GEMM and SwiGLU fusion."""
+    if config.runner.attention_backend not in ("auto", "pallas_flash"):
+        return None
+    if jax.default_backend() != "gpu" or flash_prefill_unsupported(dtype, head_dim):
+        return None
+    if not layer_arrays or config.model.quantization != "none" \
+            or config.runner.transposed_weights:
+        return None
+    from pallas_kernels.swiglu_matmul_mgpu import PrefillSwiglu
+    return PrefillSwiglu(min_tokens=SWIGLU_MIN_TOKENS)
+
+
 @functools.cache
 def _note_once(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -240,6 +257,10 @@ def _with_kv_writer(attention):
 # GPU step programs of at least this many tokens leave XLA's Triton GEMMs out
 # (step_compiler_options).
 CUBLAS_ONLY_MIN_TOKENS = 512
+# Step programs of at least this many tokens take gate/up and SwiGLU from one Mosaic GPU
+# kernel (pick_swiglu): on one H100 it took 0.95x the time of XLA's GEMM and fusion at 2048
+# tokens and 0.99-1.00x at 512 (docs/performance.md, "gate/up with SwiGLU in one kernel").
+SWIGLU_MIN_TOKENS = 1024
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
 # prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
 FLASH_MIN_TOKENS = 512
@@ -424,7 +445,9 @@ class Runner:
                            quantized_activations=(config.runner.fp8_activations
                                                   or config.runner.int8_activations),
                            q8_0_tiles=config.runner.q8_0_tiles,
-                           cpu_matmul=cpu_kernels and config.runner.transposed_weights)
+                           cpu_matmul=cpu_kernels and config.runner.transposed_weights,
+                           swiglu=pick_swiglu(config, self.dtype, model_config.head_dim,
+                                              has_layer_arrays(params)))
         self._step = StepFn(model, self.stages, self.num_slots, self.max_seqs, self.num_top)
         self._prefill_step = self._step  # programs of self._prefill_tokens tokens or more
         self._prefill_tokens = FLASH_MIN_TOKENS

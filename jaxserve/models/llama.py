@@ -292,14 +292,19 @@ class Attention(nn.Module):
 
 
 def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None,
-                down_scale=None, gate_up=None, gate_up_scale=None):
+                down_scale=None, gate_up=None, gate_up_scale=None, swiglu=None):
     """SwiGLU MLP: x [T, E] -> [T, E] (this device's partial sum under tensor parallelism);
     the scales of quantized weights (models/quant.py), if any. gate_up [E, 2, F] (with its
-    scale) stands for gate and up joined (fuse_gate_up)."""
-    if gate_up is not None:
+    scale) stands for gate and up joined (fuse_gate_up). swiglu(x, gate_up): a kernel that
+    gives silu(x Wg) * (x Wu) itself, or None where it does not take these operands
+    (pallas_kernels/swiglu_matmul_mgpu.py, `PrefillSwiglu`)."""
+    h = None
+    if gate_up is not None and swiglu is not None and gate_up_scale is None:
+        h = swiglu(x, gate_up)
+    if h is None and gate_up is not None:
         both = qeinsum("TE,EGF->TGF", x, gate_up, gate_up_scale)
         h = nn.silu(both[:, 0]) * both[:, 1]
-    else:
+    elif h is None:
         h = (nn.silu(qeinsum("TE,EF->TF", x, gate, gate_scale))
              * qeinsum("TE,EF->TF", x, up, up_scale))
     return qeinsum("TF,FE->TE", h, down, down_scale)
@@ -345,6 +350,7 @@ class MLP(nn.Module):
     quantized_activations: bool = False  # runner.fp8_/int8_activations (see _linear)
     q8_0_tiles: bool = False  # runner.q8_0_tiles (see _linear)
     cpu_matmul: bool = False  # runner.cpu_kernels (see _linear)
+    swiglu: Callable | None = None  # gate/up with SwiGLU by a kernel (see mlp_forward)
 
     @nn.compact
     def __call__(self, x):
@@ -352,7 +358,7 @@ class MLP(nn.Module):
                         fused=self.fused_gate_up, transposed=self.transposed,
                         quantized_activations=self.quantized_activations,
                         q8_0_tiles=self.q8_0_tiles, cpu_matmul=self.cpu_matmul)
-        return _sum_over(mlp_forward(x, **w), self.parallel.tensor_axis)
+        return _sum_over(mlp_forward(x, **w, swiglu=self.swiglu), self.parallel.tensor_axis)
 
 
 class MoE(nn.Module):
@@ -437,6 +443,7 @@ class DecoderLayer(nn.Module):
     quantized_activations: bool = False
     q8_0_tiles: bool = False
     cpu_matmul: bool = False
+    swiglu: Callable | None = None
 
     @nn.compact
     def __call__(self, carry, layer, meta, ffn_stacks=None):
@@ -455,7 +462,7 @@ class DecoderLayer(nn.Module):
         else:
             y, experts = MLP(c, self.dtype, par, self.fused_gate_up, self.transposed,
                              self.quantized_activations, self.q8_0_tiles, self.cpu_matmul,
-                             name="mlp")(h), None
+                             swiglu=self.swiglu, name="mlp")(h), None
         if experts is not None:  # kept only when asked: apply(..., mutable="intermediates")
             self.sow("intermediates", "routed_experts", experts)
         return (x + y, kv), None
@@ -486,6 +493,9 @@ class LlamaModel(nn.Module):
     # with transposed: float32 matmuls of 1-16 rows, the tied LM head's too, by
     # pallas_kernels/cpu_matmul.py (runner.cpu_kernels)
     cpu_matmul: bool = False
+    # with layer_arrays: each dense MLP's gate/up product and SwiGLU by a kernel where it takes
+    # them (mlp_forward; the runner's choice: runner.swiglu_kernel)
+    swiglu: Callable | None = None
 
     def setup(self):
         c = self.config
@@ -500,7 +510,7 @@ class LlamaModel(nn.Module):
             self.layers = [DecoderLayer(c, self.dtype, self.attention_fn, par, self.kv_rotation,
                                         self.fused_qkv, self.fused_gate_up, self.transposed,
                                         self.quantized_activations, self.q8_0_tiles,
-                                        self.cpu_matmul)
+                                        self.cpu_matmul, swiglu=self.swiglu)
                            for _ in range(c.num_layers)]
         else:
             self.layers = nn.scan(
