@@ -258,8 +258,9 @@ def _with_kv_writer(attention):
 # (step_compiler_options).
 CUBLAS_ONLY_MIN_TOKENS = 512
 # Step programs of at least this many tokens take gate/up and SwiGLU from one Mosaic GPU
-# kernel (pick_swiglu): on one H100 it took 0.95x the time of XLA's GEMM and fusion at 2048
-# tokens and 0.99-1.00x at 512 (docs/performance.md, "gate/up with SwiGLU in one kernel").
+# kernel (pick_swiglu): on one H100 it took 0.96x the time of XLA's GEMM and fusion at 2048
+# tokens, 0.92x at 8192 and 1.03x at 512 (docs/performance.md, "gate/up with SwiGLU in one
+# kernel").
 SWIGLU_MIN_TOKENS = 1024
 # pallas_flash: only programs of at least this many tokens carry the flash kernel (a fresh
 # prompt there is worth its launch); smaller ones, decode batches, keep the ragged kernel.
