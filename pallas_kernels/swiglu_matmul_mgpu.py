@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.flash_attention_mgpu import _transforms
+
 LOG2_E = 1.4426950408889634
 CONSUMERS = 2
 
@@ -61,20 +63,12 @@ def reference(x, gate_up):
     return (jax.nn.silu(both[:, 0]) * both[:, 1]).astype(x.dtype)
 
 
-def _smem_transforms(cols: int, dtype):
-    for swizzle in (128, 64, 32):
-        elems = swizzle // jnp.dtype(dtype).itemsize
-        if cols % elems == 0:
-            return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
-    raise ValueError(f"no swizzle fits a tile of {cols} columns")
-
-
 def _kernel(x_gmem, w_gmem, out_gmem, *, t: Tiles):
     m, k = x_gmem.shape
     f = w_gmem.shape[1] // 2
     band = CONSUMERS * t.cols  # columns of h (of gate, of up) in one program's tile
     m_tiles, n_tiles, k_steps = m // t.rows, f // band, k // t.depth
-    in_transforms = _smem_transforms(t.depth, x_gmem.dtype)
+    in_transforms = _transforms(t.depth, x_gmem.dtype)
     w_spec = plgpu.BlockSpec((t.depth, band), lambda kk: (kk, 0), transforms=in_transforms,
                              memory_space=plgpu.SMEM)
 
@@ -95,7 +89,7 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, t: Tiles):
         allocs=pipeline(unused, unused).get_allocations(
             x_gmem, w_gmem.at[:, pl.ds(0, band)], w_gmem.at[:, pl.ds(f, band)]),
         out_smem=plgpu.SMEM((CONSUMERS, t.rows, t.cols), out_gmem.dtype,
-                            transforms=_smem_transforms(t.cols, out_gmem.dtype)),
+                            transforms=_transforms(t.cols, out_gmem.dtype)),
         collective_axes="wg")
     def _scope(allocs, out_smem):
         wg = lax.axis_index("wg")
