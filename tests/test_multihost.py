@@ -163,12 +163,20 @@ def test_two_processes_decode_four_steps_per_call_with_the_transformers_tokens(
     assert code == 0, out
 
 
+def _cmdline(pid: str) -> bytes:
+    """A process's command line; empty once it has exited (local.sh's short-lived children
+    can end between pgrep and the read)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
 def kill_follower(group: subprocess.Popen) -> None:
     """SIGKILL the group's process 1 (a child of local.sh)."""
     children = subprocess.run(["pgrep", "-P", str(group.pid)], capture_output=True,
                               text=True).stdout.split()
-    follower = [int(c) for c in children
-                if b"--process-id\x001\x00" in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()]
+    follower = [int(c) for c in children if b"--process-id\x001\x00" in _cmdline(c)]
     assert len(follower) == 1, children
     os.kill(follower[0], signal.SIGKILL)
 
