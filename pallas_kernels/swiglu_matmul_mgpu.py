@@ -44,17 +44,19 @@ class Tiles:
     stages: int = 3
     snake: int = 8
 
-    def check(self, m: int, f: int, k: int):
+    def unfit(self, m: int, f: int, k: int) -> str | None:
+        """Why these tiles cannot cover x [m, k] . gate_up [k, 2, f], or None."""
         if self.cols % 64 or self.rows % 64 or self.depth % 64:
-            raise ValueError(f"Tiles rows={self.rows}, cols={self.cols}, depth={self.depth} "
-                             "must be multiples of 64")
+            return (f"Tiles rows={self.rows}, cols={self.cols}, depth={self.depth} must be "
+                    "multiples of 64")
         if m % self.rows:
-            raise ValueError(f"x has {m} rows, not a multiple of Tiles.rows={self.rows}")
+            return f"x has {m} rows, not a multiple of Tiles.rows={self.rows}"
         if f % (CONSUMERS * self.cols):
-            raise ValueError(f"gate_up has F={f} columns, not a multiple of "
-                             f"{CONSUMERS * self.cols} (two consumers of {self.cols})")
+            return (f"gate_up has F={f} columns, not a multiple of {CONSUMERS * self.cols} "
+                    f"(two consumers of {self.cols})")
         if k % self.depth:
-            raise ValueError(f"K={k} is not a multiple of Tiles.depth={self.depth}")
+            return f"K={k} is not a multiple of Tiles.depth={self.depth}"
+        return None
 
 
 def reference(x, gate_up):
@@ -142,7 +144,8 @@ def swiglu_matmul(x, gate_up, tiles: Tiles = Tiles(), programs: int | None = Non
         raise ValueError(f"x {x.shape} {x.dtype} and gate_up {gate_up.shape} {gate_up.dtype}: "
                          f"want gate_up [{k}, 2, F] of x's dtype")
     f = gate_up.shape[2]
-    tiles.check(m, f, k)
+    if reason := tiles.unfit(m, f, k):
+        raise ValueError(reason)
     if programs is None:
         programs = jax.devices()[0].core_count
     call = plgpu.kernel(
@@ -172,8 +175,6 @@ class PrefillSwiglu:
             return None
         if x.dtype != gate_up.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
             return None
-        try:
-            self.tiles.check(t, gate_up.shape[2], e)
-        except ValueError:
+        if self.tiles.unfit(t, gate_up.shape[2], e):
             return None
         return swiglu_matmul(x, gate_up, self.tiles, self.programs, self.interpret)

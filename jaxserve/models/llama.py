@@ -298,13 +298,12 @@ def mlp_forward(x, gate=None, up=None, down=None, gate_scale=None, up_scale=None
     scale) stands for gate and up joined (fuse_gate_up). swiglu(x, gate_up): a kernel that
     gives silu(x Wg) * (x Wu) itself, or None where it does not take these operands
     (pallas_kernels/swiglu_matmul_mgpu.py, `PrefillSwiglu`)."""
-    h = None
-    if gate_up is not None and swiglu is not None and gate_up_scale is None:
-        h = swiglu(x, gate_up)
-    if h is None and gate_up is not None:
-        both = qeinsum("TE,EGF->TGF", x, gate_up, gate_up_scale)
-        h = nn.silu(both[:, 0]) * both[:, 1]
-    elif h is None:
+    if gate_up is not None:
+        h = swiglu(x, gate_up) if swiglu is not None and gate_up_scale is None else None
+        if h is None:
+            both = qeinsum("TE,EGF->TGF", x, gate_up, gate_up_scale)
+            h = nn.silu(both[:, 0]) * both[:, 1]
+    else:
         h = (nn.silu(qeinsum("TE,EF->TF", x, gate, gate_scale))
              * qeinsum("TE,EF->TF", x, up, up_scale))
     return qeinsum("TF,FE->TE", h, down, down_scale)
@@ -494,7 +493,7 @@ class LlamaModel(nn.Module):
     # pallas_kernels/cpu_matmul.py (runner.cpu_kernels)
     cpu_matmul: bool = False
     # with layer_arrays: each dense MLP's gate/up product and SwiGLU by a kernel where it takes
-    # them (mlp_forward; the runner's choice: runner.swiglu_kernel)
+    # them (mlp_forward; the runner's choice: runner.pick_swiglu)
     swiglu: Callable | None = None
 
     def setup(self):
