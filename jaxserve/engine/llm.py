@@ -9,6 +9,7 @@ import uuid
 
 from jaxserve.config import Config, load_config
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.heap import freeze_startup
 from jaxserve.engine.input_processor import Prompt
 from jaxserve.engine.request import FinishReason, RequestMetrics, SamplingParams, TokenLogprob
 from jaxserve.errors import InvalidRequestError
@@ -46,6 +47,7 @@ class LLM:
                              loaded.mesh)
         if warm_up:
             self.engine.warm_up(progress)
+        freeze_startup()  # the model's and the engine's objects: no collection walks them
         # Request ids of their own: a caller may add requests to self.engine directly.
         self._ids = (f"llm-{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
 

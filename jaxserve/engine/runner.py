@@ -43,6 +43,7 @@ from jaxserve.engine import step_outputs
 from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
 from jaxserve.engine.decode_loop import decode_steps
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
+from jaxserve.engine.heap import freeze_startup
 from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.program_cache import ProgramCache
@@ -796,6 +797,7 @@ class Runner:
         while (message := self.channel.receive()).op != Op.STOP:
             if message.op == Op.WARM_UP:
                 self.warm_up(progress=False)
+                freeze_startup()  # a pause here would hold every process's step back
             elif message.op == Op.STEP:
                 _, prev = self._run(message.bucket, message.buffer,
                                     prev if message.continues else None)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from jaxserve.engine.engine import Engine, EngineStats
+from jaxserve.engine.heap import freeze_startup, thaw
 from jaxserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from jaxserve.errors import InvalidRequestError
 
@@ -232,15 +233,19 @@ class EngineLoop:
                 self.stats = stats
             if self._observer is not None:
                 self._observer(stats, [], 0)
+            freeze_startup()  # no collection walks start-up's objects while serving
         if on_ready is not None:
             on_ready(error)
-        while (work := self._take_work()) is not None:
-            if work is _IDLE:
-                self._ping()  # outside the lock: submit() never waits on a peer
-            else:
-                self._iterate(*work)
-            if self._failed:
-                return  # the server reports the fault and exits; no step can finish now
+        try:
+            while (work := self._take_work()) is not None:
+                if work is _IDLE:
+                    self._ping()  # outside the lock: submit() never waits on a peer
+                else:
+                    self._iterate(*work)
+                if self._failed:
+                    return  # the server reports the fault and exits; no step can finish now
+        finally:
+            thaw()
 
     def _take_work(self) -> tuple[list[_Submission], list[str]] | object | None:
         """Sleep until there is something to do; _IDLE when several processes should check
