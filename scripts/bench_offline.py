@@ -24,6 +24,10 @@ tokens (prefill, alone or with decodes riding along) and those of one token per 
 after a step's dispatch is the one that waits for it: each call's time is counted to the
 step the call before it dispatched (the first call's, which waits for nothing, to
 `first_call_s`).
+
+Once warm, the engine's start-up objects are frozen out of the garbage collector's way, as
+the server and the offline LLM do (engine/heap.py); `gc` in the JSON counts the
+collector's runs during the timed run by generation, with their summed and longest pause.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from pathlib import Path
 import jax
 import numpy as np
 from engine_runs import digest, step_weight_bytes
-from timing import read_bandwidth
+from timing import GcPauses, read_bandwidth
 
 from jaxserve.config import QUANTIZATIONS, load_config
 from jaxserve.engine.engine import Engine, StepTimes
+from jaxserve.engine.heap import freeze_startup
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     engine.warm_up()
     compile_s = time.perf_counter() - t0
+    freeze_startup()  # as the server and the offline LLM do once the engine is warm
     compiles_at_warmup = engine.runner.num_compilations
 
     rng = np.random.default_rng(args.seed)
@@ -154,13 +160,14 @@ def main(argv: list[str] | None = None) -> None:
         engine.add_request(rng.integers(3, vocab, args.input_len).tolist(), params, f"b{i}")
     step_times, metrics = [], []
     tokens = collections.defaultdict(list)
-    while engine.has_unfinished():
-        s = time.perf_counter()
-        outs = engine.step()
-        step_times.append(time.perf_counter() - s)
-        metrics += [o.metrics for o in outs if o.finished]
-        for o in outs:
-            tokens[o.request_id] += o.token_ids
+    with GcPauses() as gc_pauses:
+        while engine.has_unfinished():
+            s = time.perf_counter()
+            outs = engine.step()
+            step_times.append(time.perf_counter() - s)
+            metrics += [o.metrics for o in outs if o.finished]
+            for o in outs:
+                tokens[o.request_id] += o.token_ids
     elapsed = time.perf_counter() - start
     compiles_after = engine.runner.num_compilations - compiles_at_warmup - probe_compiles
     bandwidths.append(read_bandwidth(gib))
@@ -202,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                   "step_p50_over_floor": steps["p50_ms"] / floor_ms},
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)
         "step_phases_ms": engine.step_times.per_step_ms(),
+        # the garbage collector's runs during the timed run (start-up's objects frozen)
+        "gc": gc_pauses.summary(),
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": compiles_after,
         "preemptions": engine.scheduler.num_preemptions - preempted_before,

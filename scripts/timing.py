@@ -1,8 +1,10 @@
 """Timing helpers shared by the benchmark scripts: the median wall time of a device call,
-and the device's memory bandwidth (the roofline of a decode step)."""
+the device's memory bandwidth (the roofline of a decode step), and the garbage
+collector's pauses."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import jax
@@ -33,3 +35,33 @@ def read_bandwidth(gib: float = 4.0) -> float:
     n = int(gib * 2**30) // 4
     x = jnp.ones((n,), jnp.float32)
     return n * 4 / median_seconds(jax.jit(jnp.sum), x, reps=10)
+
+
+class GcPauses:
+    """The cyclic garbage collector's runs while the context is open: how many of each
+    generation, their summed and longest pause (`summary()`), from `gc.callbacks`."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._start))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        out = {}
+        for gen in (0, 1, 2):
+            ms = [p * 1e3 for g, p in self.pauses if g == gen]
+            out[f"gen{gen}"] = {"collections": len(ms), "total_ms": round(sum(ms), 3),
+                                "max_ms": round(max(ms, default=0.0), 3)}
+        return out

@@ -92,3 +92,35 @@ def test_bench_offline_splits_the_run_into_prefill_and_decode_steps(tmp_path):
     assert result["num_steps"] == 1 + split["prefill"]["steps"] + split["decode"]["steps"]
     counted = split["first_call_s"] + split["prefill"]["seconds"] + split["decode"]["seconds"]
     assert 0 < counted <= result["elapsed_s"]
+    # the collector's runs in the timed run, by generation (start-up's objects frozen)
+    assert set(result["gc"]) == {"gen0", "gen1", "gen2"}
+    assert all(g["collections"] >= 0 and 0 <= g["max_ms"] <= g["total_ms"] + 1e-9
+               for g in result["gc"].values())
+
+
+def test_gc_pauses_counts_the_collections_made_while_open():
+    import gc
+
+    timing = load("timing")
+    with timing.GcPauses() as pauses:
+        gc.collect(1)
+        gc.collect(2)
+        gc.collect(2)
+    gc.collect()  # after the context: not counted
+    summary = pauses.summary()
+    assert summary["gen1"]["collections"] == 1 and summary["gen2"]["collections"] == 2
+    assert summary["gen2"]["max_ms"] <= summary["gen2"]["total_ms"]
+    assert pauses._callback not in gc.callbacks
+
+
+def test_bench_gc_runs_each_setting_in_its_own_process(tmp_path):
+    bench = load("bench_gc")
+    out = tmp_path / "gc.json"
+    bench.main(["--config", str(tiny_config(tmp_path)), "--rounds", "2", "--num-requests", "3",
+                "--input-len", "16", "--output-len", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    off, on = result["rows"]
+    assert (off["freeze"], on["freeze"]) == ("off", "on")
+    assert off["frozen"] == 0 and on["frozen"] > 0  # the child froze its start-up objects
+    assert on["tracked_after_warm_up"] > 0 and on["rounds_s"] > 0
+    assert set(on["gc"]) == {"gen0", "gen1", "gen2"}
