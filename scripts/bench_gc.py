@@ -1,12 +1,16 @@
 """The garbage collector's pauses while an engine serves, with start-up's objects frozen
 (engine/heap.py, as the server and the offline LLM run) and without.
 
-    python scripts/bench_gc.py --config configs/smollm2-135m-cpu.yaml --rounds 20 \\
-        --num-requests 128 --out gc.json
+    python scripts/bench_gc.py --tiny --rounds 20 --num-requests 128 --input-len 512 \\
+        --output-len 64 --out gc.json
 
 Each setting runs in a fresh process: load, warm-up, one untimed round, then (frozen or
 not) --rounds rounds of --num-requests requests of --input-len random prompt tokens that
-generate --output-len tokens each. `gc.callbacks` times every collection
+generate --output-len tokens each. --config names the engine's config (default: the demo's
+for the backend); with --tiny its model is bench_host.py's tiny random one and its scheduler
+takes all the requests at once (prefill chunks of 2048 tokens): what the collector sees is
+the engine's Python, which does not depend on the model's size, and a round takes seconds
+on a CPU where the demo's would take minutes. `gc.callbacks` times every collection
 (scripts/timing.py, GcPauses): per generation, how many ran, their summed and longest
 pause, with the rounds' wall time and the number of objects the collector tracked after
 warm-up. The oldest generation's collections are the ones that walk start-up's objects.
@@ -19,12 +23,21 @@ import datetime
 import gc
 import json
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+
+def default_config() -> str:
+    import jax
+
+    name = "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml"
+    return str(Path(__file__).resolve().parent.parent / "configs" / name)
 
 
 def one_setting(args) -> dict:
@@ -37,7 +50,22 @@ def one_setting(args) -> dict:
     from jaxserve.loader import load_model
 
     config = load_config(args.config)
+    if args.tiny:
+        from bench_host import TINY
+
+        shape = Path(tempfile.mkdtemp()) / "tiny.json"
+        TINY.save(shape)
+        n = args.num_requests
+        config = config.replace(
+            model__dtype="float32", checkpoint__source="random",
+            checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
+            cache__max_model_len=args.input_len + args.output_len,
+            cache__kv_cache_memory=float(2**30), runner__token_buckets=(n, 2048),
+            runner__seq_buckets=(n,), scheduler__max_num_seqs=n,
+            scheduler__max_num_batched_tokens=2048)
     loaded = load_model(config, progress=False)
+    if args.tiny:
+        shutil.rmtree(shape.parent)
     engine = Engine(config, loaded.model_config, loaded.params, loaded.tokenizer, loaded.mesh)
     engine.warm_up(progress=False)
     rng = np.random.default_rng(args.seed)
@@ -64,7 +92,10 @@ def one_setting(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", default=None,
+                    help="engine config (default: the demo's for this backend)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="bench_host.py's tiny random model, every request at once")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--input-len", type=int, default=64)
@@ -74,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one", choices=("on", "off"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="JSON path (omitted with --one)")
     args = ap.parse_args(argv)
+    args.config = args.config or default_config()
     if args.one is not None:  # a child: one setting, its row on stdout
         print(json.dumps(one_setting(args)))
         return
@@ -82,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         child = [sys.executable, __file__, "--one", setting, "--config", args.config,
                  "--rounds", str(args.rounds), "--num-requests", str(args.num_requests),
                  "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                 "--seed", str(args.seed)]
+                 "--seed", str(args.seed), *(["--tiny"] if args.tiny else [])]
         out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]))
     result = {"benchmark": "gc-pauses",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "machine": platform.machine(), "config": args.config, "rounds": args.rounds,
+              "machine": platform.machine(), "config": Path(args.config).name,
+              "tiny": args.tiny, "rounds": args.rounds,
               "num_requests": args.num_requests, "input_len": args.input_len,
               "output_len": args.output_len, "rows": rows}
     out = Path(args.out or f"bench/results/gc-pauses-{datetime.date.today().isoformat()}.json")

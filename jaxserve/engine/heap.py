@@ -4,7 +4,7 @@ Loading a model and compiling its step programs leaves some 300,000 objects that
 garbage collector tracks (parameter trees, traced programs, JAX's caches), nearly all of
 them alive until the process ends. The collector's oldest generation is collected whenever
 enough objects have survived into it, and such a collection walks every tracked object:
-80-130 ms on a 2-core CPU after the demo's warm-up, time in which the engine's thread does
+80-130 ms on a 2-core CPU after warm-up, time in which the engine's thread does
 not step and the device waits for it (docs/performance.md, "Start-up's objects out of the
 garbage collector's way").
 
