@@ -2,12 +2,16 @@
 `server.metrics_port` (0 or null: no endpoint).
 
 Latencies are measured in the handlers (what a client sees, tokenization and queueing
-included); engine figures are set by the engine thread after every step.
+included); engine figures are set by the engine thread after every step. While the endpoint
+serves, every pause of Python's garbage collector is observed too (`gc.callbacks`), by
+generation: a long one stalls the engine's thread and every stream with it.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -17,6 +21,7 @@ from jaxserve.engine.request import RequestOutput
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                   0.5, 1, 2.5)
 
@@ -59,6 +64,13 @@ class ServerMetrics:
         self._last_spec = (0, 0, 0)
         self.requests = Counter("jaxserve_requests", "Finished RPCs by method and gRPC code",
                                 ["method", "code"], registry=r)
+        gc_pause = Histogram("jaxserve_gc_pause_seconds",
+                             "Pauses of Python's garbage collector, by generation (2: the "
+                             "oldest, which start-up's objects are frozen out of)",
+                             ["generation"], buckets=_GC_BUCKETS, registry=r)
+        # made now: the collector's callback allocates nothing
+        self._gc_pause = [gc_pause.labels(generation=str(g)) for g in range(3)]
+        self._gc_start = 0.0
         self._last_preemptions = 0
         self._last_compilations = 0
         self._http = None
@@ -106,19 +118,29 @@ class ServerMetrics:
     def count(self, method: str, code_name: str) -> None:
         self.requests.labels(method=method, code=code_name).inc()
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        """gc.callbacks: time each collection from its start to its stop."""
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self._gc_pause[info["generation"]].observe(time.perf_counter() - self._gc_start)
+
     # ----- HTTP ----------------------------------------------------------------------------
     def start_http(self, host: str, port: int | None) -> int | None:
-        """Serve /metrics on host:port; returns the bound port (None: disabled)."""
+        """Serve /metrics on host:port, and observe the collector's pauses meanwhile;
+        returns the bound port (None: disabled)."""
         if not port:
             return None
         # an IPv6 address as the config may give it, in brackets: the socket takes it bare
         self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        gc.callbacks.append(self._on_gc)
         bound = self._http.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
     def stop_http(self) -> None:
         if self._http is not None:
+            gc.callbacks.remove(self._on_gc)
             self._http.shutdown()
             self._http.server_close()
             self._http = None

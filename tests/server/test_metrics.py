@@ -149,3 +149,31 @@ def test_the_metrics_endpoint_binds_an_ipv6_host_given_in_brackets():
             assert r.status == 200 and b"jaxserve_requests_total" in r.read()
     finally:
         metrics.stop_http()
+
+
+def test_the_collectors_pauses_are_observed_while_the_endpoint_serves(unused_port):
+    import gc
+    import urllib.request
+
+    from jaxserve.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    count = lambda g: metrics.registry.get_sample_value(  # noqa: E731
+        "jaxserve_gc_pause_seconds_count", {"generation": str(g)})
+    gc.collect(2)  # no endpoint yet: not observed
+    assert count(2) == 0
+    port = metrics.start_http("127.0.0.1", unused_port())
+    try:
+        gc.collect(2)
+        gc.collect(2)
+        gc.collect(1)
+        assert count(2) >= 2 and count(1) >= 1  # (the collector may also run on its own)
+        assert metrics.registry.get_sample_value("jaxserve_gc_pause_seconds_sum",
+                                                 {"generation": "2"}) > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert b'jaxserve_gc_pause_seconds_count{generation="2"}' in r.read()
+    finally:
+        metrics.stop_http()
+    seen = count(2)
+    gc.collect(2)  # stopped: no longer observed, the callback gone
+    assert count(2) == seen and metrics._on_gc not in gc.callbacks
