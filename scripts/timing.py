@@ -4,12 +4,13 @@ collector's pauses."""
 
 from __future__ import annotations
 
-import gc
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxserve.engine.heap import PauseWatch
 
 
 def median_seconds(fn, *args, reps: int) -> float:
@@ -37,26 +38,13 @@ def read_bandwidth(gib: float = 4.0) -> float:
     return n * 4 / median_seconds(jax.jit(jnp.sum), x, reps=10)
 
 
-class GcPauses:
+class GcPauses(PauseWatch):
     """The cyclic garbage collector's runs while the context is open: how many of each
-    generation, their summed and longest pause (`summary()`), from `gc.callbacks`."""
+    generation, their summed and longest pause (`summary()`)."""
 
     def __init__(self):
         self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
-        self._start = 0.0
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.pauses.append((info["generation"], time.perf_counter() - self._start))
-
-    def __enter__(self) -> GcPauses:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._callback)
+        super().__init__(lambda generation, seconds: self.pauses.append((generation, seconds)))
 
     def summary(self) -> dict:
         out = {}

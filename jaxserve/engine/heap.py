@@ -15,11 +15,16 @@ are still freed by their reference counts; only reference cycles among them wait
 `thaw()` (the engine loop calls it when it stops) or for the next `freeze_startup()`, which
 thaws first. So a process that starts several engines one after the other (the tests)
 frees each one's cycles too.
+
+`PauseWatch` times each collection while it is on (`gc.callbacks`): the server's metrics
+and the benchmarks' records both take their pauses from it.
 """
 
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
 
 
 def freeze_startup() -> int:
@@ -33,3 +38,31 @@ def freeze_startup() -> int:
 def thaw() -> None:
     """Give the frozen objects back to the collector."""
     gc.unfreeze()
+
+
+class PauseWatch:
+    """While started (or inside `with`), on_pause(generation, seconds) after each collection
+    of the cyclic garbage collector, timed from its start to its stop."""
+
+    def __init__(self, on_pause: Callable[[int, float], None]):
+        self._on_pause = on_pause
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self._on_pause(info["generation"], time.perf_counter() - self._start)
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

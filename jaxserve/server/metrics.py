@@ -3,19 +3,18 @@
 
 Latencies are measured in the handlers (what a client sees, tokenization and queueing
 included); engine figures are set by the engine thread after every step. While the endpoint
-serves, every pause of Python's garbage collector is observed too (`gc.callbacks`), by
+serves, every pause of Python's garbage collector is observed too (heap.PauseWatch), by
 generation: a long one stalls the engine's thread and every stream with it.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from jaxserve.engine.engine import EngineStats
+from jaxserve.engine.heap import PauseWatch
 from jaxserve.engine.request import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -69,8 +68,9 @@ class ServerMetrics:
                              "oldest, which start-up's objects are frozen out of)",
                              ["generation"], buckets=_GC_BUCKETS, registry=r)
         # made now: the collector's callback allocates nothing
-        self._gc_pause = [gc_pause.labels(generation=str(g)) for g in range(3)]
-        self._gc_start = 0.0
+        by_generation = [gc_pause.labels(generation=str(g)) for g in range(3)]
+        self._gc_watch = PauseWatch(lambda generation, seconds:
+                                    by_generation[generation].observe(seconds))
         self._last_preemptions = 0
         self._last_compilations = 0
         self._http = None
@@ -118,13 +118,6 @@ class ServerMetrics:
     def count(self, method: str, code_name: str) -> None:
         self.requests.labels(method=method, code=code_name).inc()
 
-    def _on_gc(self, phase: str, info: dict) -> None:
-        """gc.callbacks: time each collection from its start to its stop."""
-        if phase == "start":
-            self._gc_start = time.perf_counter()
-        else:
-            self._gc_pause[info["generation"]].observe(time.perf_counter() - self._gc_start)
-
     # ----- HTTP ----------------------------------------------------------------------------
     def start_http(self, host: str, port: int | None) -> int | None:
         """Serve /metrics on host:port, and observe the collector's pauses meanwhile;
@@ -133,14 +126,14 @@ class ServerMetrics:
             return None
         # an IPv6 address as the config may give it, in brackets: the socket takes it bare
         self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
-        gc.callbacks.append(self._on_gc)
+        self._gc_watch.start()
         bound = self._http.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
     def stop_http(self) -> None:
         if self._http is not None:
-            gc.callbacks.remove(self._on_gc)
+            self._gc_watch.stop()
             self._http.shutdown()
             self._http.server_close()
             self._http = None

@@ -84,3 +84,14 @@ def test_the_engine_loop_freezes_once_ready_and_thaws_when_it_stops(demo_config,
         loop.stop(60.0)
         aio.close()
     assert gc.get_freeze_count() == 0 and _tracked(engine)
+
+
+def test_the_pause_watch_reports_each_collection_while_on():
+    from jaxserve.engine.heap import PauseWatch
+
+    seen = []
+    with PauseWatch(lambda generation, seconds: seen.append((generation, seconds))) as watch:
+        gc.collect(2)
+    gc.collect(2)  # after the context: not reported
+    assert [g for g, _ in seen if g == 2] == [2] and all(s >= 0 for _, s in seen)
+    assert watch._callback not in gc.callbacks

@@ -176,4 +176,4 @@ def test_the_collectors_pauses_are_observed_while_the_endpoint_serves(unused_por
         metrics.stop_http()
     seen = count(2)
     gc.collect(2)  # stopped: no longer observed, the callback gone
-    assert count(2) == seen and metrics._on_gc not in gc.callbacks
+    assert count(2) == seen and metrics._gc_watch._callback not in gc.callbacks
