@@ -31,13 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def default_config() -> str:
-    import jax
-
-    name = "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml"
-    return str(Path(__file__).resolve().parent.parent / "configs" / name)
+from bench_host import TINY, default_base, tiny_config
 
 
 def one_setting(args) -> dict:
@@ -49,20 +43,13 @@ def one_setting(args) -> dict:
     from jaxserve.engine.request import SamplingParams
     from jaxserve.loader import load_model
 
-    config = load_config(args.config)
     if args.tiny:
-        from bench_host import TINY
-
         shape = Path(tempfile.mkdtemp()) / "tiny.json"
         TINY.save(shape)
-        n = args.num_requests
-        config = config.replace(
-            model__dtype="float32", checkpoint__source="random",
-            checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
-            cache__max_model_len=args.input_len + args.output_len,
-            cache__kv_cache_memory=float(2**30), runner__token_buckets=(n, 2048),
-            runner__seq_buckets=(n,), scheduler__max_num_seqs=n,
-            scheduler__max_num_batched_tokens=2048)
+        config = tiny_config(args.config, shape, args.num_requests,
+                             args.input_len + args.output_len)
+    else:
+        config = load_config(args.config)
     loaded = load_model(config, progress=False)
     if args.tiny:
         shutil.rmtree(shape.parent)
@@ -105,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--one", choices=("on", "off"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="JSON path (omitted with --one)")
     args = ap.parse_args(argv)
-    args.config = args.config or default_config()
+    args.config = str(args.config or default_base())
     if args.one is not None:  # a child: one setting, its row on stdout
         print(json.dumps(one_setting(args)))
         return

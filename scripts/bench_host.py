@@ -54,6 +54,23 @@ TINY = ModelConfig("llama", vocab_size=512, hidden_size=64, intermediate_size=12
                    num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, name="tiny")
 
 
+def default_base() -> Path:
+    """The demo's config for this backend."""
+    return REPO / "configs" / (
+        "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml")
+
+
+def tiny_config(base, shape: Path, batch: int, max_model_len: int):
+    """`base` with TINY's random weights (its shape saved at `shape`), float32, and a
+    scheduler that takes `batch` sequences at once in prefill chunks of up to 2048 tokens."""
+    return load_config(base).replace(
+        model__dtype="float32", checkpoint__source="random",
+        checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
+        cache__max_model_len=max_model_len, cache__kv_cache_memory=float(2**30),
+        runner__token_buckets=(batch, 2048), runner__seq_buckets=(batch,),
+        scheduler__max_num_seqs=batch, scheduler__max_num_batched_tokens=2048)
+
+
 def host_cpu() -> str:
     """The host's CPU model, core count and Python: the host phases vary several-fold between
     machines of one GPU kind (docs/performance.md, "Host work per step on three H100
@@ -143,19 +160,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
-    base = args.config or REPO / "configs" / (
-        "smollm2-135m-gpu.yaml" if jax.default_backend() == "gpu" else "smollm2-135m-cpu.yaml")
+    base = args.config or default_base()
     shape = Path(args.out).with_suffix(".shape.json")
     TINY.save(shape)
     b_max, c_max = max(args.batch), max(args.context)
-    config = load_config(base).replace(
-        model__dtype="float32", checkpoint__source="random",
-        checkpoint__random_shape=str(shape), runner__compilation_cache_dir=None,
-        cache__max_model_len=c_max + (args.steps + 32) * args.decode_steps,
-        cache__kv_cache_memory=float(2**30),
-        runner__token_buckets=(b_max, 2048), runner__seq_buckets=(b_max,),
+    config = tiny_config(base, shape, b_max,
+                         c_max + (args.steps + 32) * args.decode_steps).replace(
         runner__attention_backend=args.attention_backend,
-        scheduler__max_num_seqs=b_max, scheduler__max_num_batched_tokens=2048,
         scheduler__decode_steps=args.decode_steps,
         runner__dispatch_thread={"auto": None, "on": True, "off": False}[args.dispatch_thread])
     loaded = load_model(config, progress=False)
