@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_s": load_s, "compile_s": compile_s, "compilations_at_warmup": compiles_at_warmup,
         "compilations_after_warmup": compiles_after,
         "preemptions": engine.scheduler.num_preemptions - preempted_before,
+        "kv_pages": engine.runner.num_pages, "page_size": config.cache.page_size,
         "tokens_digest": digest(ordered),
     }
     out = Path(args.out) if args.out else Path("bench/results") / (

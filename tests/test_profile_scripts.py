@@ -92,6 +92,9 @@ def test_bench_offline_splits_the_run_into_prefill_and_decode_steps(tmp_path):
     assert result["num_steps"] == 1 + split["prefill"]["steps"] + split["decode"]["steps"]
     counted = split["first_call_s"] + split["prefill"]["seconds"] + split["decode"]["seconds"]
     assert 0 < counted <= result["elapsed_s"]
+    # the KV pages the budget holds: 4 MiB over K and V of 2 layers x 16 tokens x 1 head
+    # x 16 float32 values
+    assert (result["kv_pages"], result["page_size"]) == (4194304 // (2 * 2 * 16 * 16 * 4), 16)
     # the collector's runs in the timed run, by generation (start-up's objects frozen)
     assert set(result["gc"]) == {"gen0", "gen1", "gen2"}
     assert all(g["collections"] >= 0 and 0 <= g["max_ms"] <= g["total_ms"] + 1e-9
