@@ -43,7 +43,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from engine_runs import digest, step_weight_bytes
-from timing import GcPauses, read_bandwidth
+from timing import GcPauses, probe_gib, read_bandwidth
 
 from jaxserve.config import QUANTIZATIONS, load_config
 from jaxserve.engine.engine import Engine, StepTimes
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         while engine.has_unfinished():
             engine.step()
 
-    gib = 1.0 if jax.default_backend() == "cpu" else 4.0
+    gib = probe_gib(1.0 if jax.default_backend() == "cpu" else 4.0)
     before_probe = engine.runner.num_compilations
     bandwidths = [read_bandwidth(gib)]
     probe_compiles = engine.runner.num_compilations - before_probe  # the sum's, not the engine's
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "by_step_kind": by_step_kind(kinds, step_times),
         "floor": {"weight_bytes": weight_bytes,
                   "read_gb_s_before_after": [round(b / 1e9, 2) for b in bandwidths],
+                  "read_probe_gib": round(gib, 3),
                   "floor_ms": floor_ms,
                   "step_p50_over_floor": steps["p50_ms"] / floor_ms},
         # host = the Python work of a step; wait = blocked on the device (engine.StepTimes)

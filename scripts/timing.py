@@ -31,6 +31,18 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 2 / median_seconds(jax.jit(lambda a: a * 1), x, reps=10)
 
 
+def probe_gib(gib: float, device=None) -> float:
+    """`gib`, or a quarter of the device's free memory where that is less: a bandwidth
+    probe run beside a warm engine (whose KV pages took a fraction of the free memory) must
+    fit, with the sum's own buffers, in what is left. Devices that report no memory size
+    get `gib`."""
+    stats = (device or jax.devices()[0]).memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return gib
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return min(gib, free / 4 / 2**30)
+
+
 def read_bandwidth(gib: float = 4.0) -> float:
     """Bytes per second read by a sum over the first device's memory."""
     n = int(gib * 2**30) // 4

@@ -66,7 +66,7 @@ from engine_runs import (
     step_weight_bytes,
     tokens_digest,
 )
-from timing import copy_bandwidth, read_bandwidth
+from timing import copy_bandwidth, probe_gib, read_bandwidth
 
 from jaxserve.config import QUANTIZATIONS, load_config
 from jaxserve.engine.engine import Engine, StepTimes
@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     engine.warm_up(progress=False)
     on_gpu = jax.devices()[0].platform == "gpu"
     # the decode rows' floors; prefill steps are set against FLOP/s instead
-    bandwidth = max(copy_bandwidth(), read_bandwidth()) if on_gpu and not args.prefill else None
+    gib = probe_gib(4.0)  # beside the engine's KV pages
+    bandwidth = max(copy_bandwidth(gib), read_bandwidth(gib)) \
+        if on_gpu and not args.prefill else None
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch:

@@ -101,6 +101,24 @@ def test_bench_offline_splits_the_run_into_prefill_and_decode_steps(tmp_path):
                for g in result["gc"].values())
 
 
+def test_bandwidth_probe_fits_beside_a_warm_engine():
+    timing = load("timing")
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    gib = 2**30
+    # 2 GiB free: a quarter of it, not the 4 GiB asked (an H100 with its KV pages taken)
+    assert timing.probe_gib(4.0, Device({"bytes_limit": 70 * gib,
+                                         "bytes_in_use": 68 * gib})) == 0.5
+    assert timing.probe_gib(4.0, Device({"bytes_limit": 70 * gib, "bytes_in_use": 0})) == 4.0
+    assert timing.probe_gib(4.0, Device(None)) == 4.0  # no memory size reported (XLA's VMM)
+
+
 def test_gc_pauses_counts_the_collections_made_while_open():
     import gc
 
