@@ -16,7 +16,7 @@ from engine_checks import save_tiny_shape
 from jaxserve.config import Config
 from jaxserve.engine import runner
 from jaxserve.engine.engine import Engine
-from jaxserve.engine.program_cache import KEEP, PACKAGES, ProgramCache, tree_digest
+from jaxserve.engine.program_cache import INDEX, KEEP, PACKAGES, ProgramCache, tree_digest
 from jaxserve.loader import load_model
 
 
@@ -74,7 +74,8 @@ class Starts:
         return out
 
     def saved(self) -> int:
-        return len(list(self.steps.rglob("*.bin")))
+        """Files saved in the config folders (not counting by-program/'s links to them)."""
+        return len([p for p in self.steps.rglob("*.bin") if INDEX not in p.parts])
 
 
 COMPILED = ["compile", "lower", "trace"]
@@ -103,29 +104,48 @@ def test_several_saved_programs_load_together_and_give_the_same_tokens(tmp_path)
     assert second["phases"] == ["load"] and second["tokens"] == first["tokens"]
 
 
-def test_other_shapes_or_config_miss_and_jax_cached_programs_are_not_saved(tmp_path):
+def test_other_shapes_or_config_miss_and_a_config_edited_elsewhere_loads_the_same_program(
+        tmp_path):
     starts = Starts(tmp_path)
     first = starts.run()
     # more KV pages: other argument shapes, a new program
     assert starts.run(cache__kv_cache_memory=float(1 << 21))["phases"] == COMPILED
     assert starts.saved() == 2
-    # another config (a model name) with the same program: JAX's cache has it. XLA:CPU
-    # does not serialize whole a program loaded from that cache (the copy fails at run time
-    # in the next process), so it is not saved, and every start of that config takes JAX's
+    # another config (a model name, the waiting queue) with the same program: a miss here,
+    # and JAX's cache has the program. XLA:CPU does not serialize whole what it loads from
+    # there (the copy fails at run time in the next process), so the file the first config
+    # saved is linked in, and the next start of this config loads it whole
+    for edit in ({"model__name": "tiny-renamed"}, {"scheduler__max_waiting": 7}):
+        other = starts.run(**edit)
+        assert other["phases"] == COMPILED and other["tokens"] == first["tokens"]
+        again = starts.run(**edit)
+        assert again["phases"] == ["load"] and again["tokens"] == first["tokens"]
+    assert starts.saved() == 4
+    # three config folders share the first one's file; by-program/ holds one link per program
+    assert len(list((starts.steps / INDEX).glob("*.bin"))) == 2
+
+
+def test_a_program_only_jax_has_is_compiled_at_each_start_of_a_config_with_no_file(tmp_path):
+    """JAX's cache holds a program whose saved file is gone: nothing to link, so each start
+    compiles it, as before."""
+    starts = Starts(tmp_path)
+    first = starts.run()
+    shutil.rmtree(starts.steps)
     for _ in range(2):
         other = starts.run(model__name="tiny-renamed")
         assert other["phases"] == COMPILED and other["tokens"] == first["tokens"]
-        assert starts.saved() == 2
+        assert starts.saved() == 0
 
 
 def test_a_file_that_does_not_load_is_removed_and_compiled_again(tmp_path):
     starts = Starts(tmp_path)
     first = starts.run()
-    [saved] = starts.steps.rglob("*.bin")
-    saved.write_bytes(b"not a program")
+    [saved] = [p for p in starts.steps.rglob("*.bin") if INDEX not in p.parts]
+    saved.write_bytes(b"not a program")  # by-program/'s link to it too: the same file
     again = starts.run()
     assert again["phases"] == COMPILED and again["tokens"] == first["tokens"]
     assert "did not load" in again["stderr"] and not saved.exists()
+    assert not list((starts.steps / INDEX).glob("*.bin"))  # not linked in again
     for entry in starts.cache.iterdir():  # JAX's own cache emptied: compiled and saved
         if entry != starts.steps:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -145,6 +165,24 @@ def test_only_the_folders_used_last_are_kept(tmp_path):
     cache._prune()
     kept = {p.name for p in root.iterdir()}
     assert kept == {cache.directory.name} | {f"old{i}" for i in range(4, KEEP + 3)}
+
+
+def test_pruning_removes_the_links_of_the_removed_folders(tmp_path):
+    root = tmp_path / "steps"
+    (root / INDEX).mkdir(parents=True)
+    for i in range(KEEP + 1):  # old0 used longest ago
+        (root / f"old{i}").mkdir()
+        (root / f"old{i}" / "p.bin").write_bytes(b"%d" % i)
+        os.link(root / f"old{i}" / "p.bin", root / INDEX / f"p{i}.bin")
+        os.utime(root / f"old{i}", (1e9 + i, 1e9 + i))
+    cache = ProgramCache(root, Config(), None, jax.devices()[:1])
+    cache.directory.mkdir()
+    cache._prune()
+    assert {p.name for p in root.iterdir()} == \
+        {cache.directory.name, INDEX} | {f"old{i}" for i in range(2, KEEP + 1)}
+    # the links of old0 and old1 went with them; by-program/ is not a config folder
+    assert sorted(p.name for p in (root / INDEX).iterdir()) == \
+        [f"p{i}.bin" for i in range(2, KEEP + 1)]
 
 
 def test_the_key_covers_the_kernels_cpp_as_well_as_the_python(tmp_path):
