@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine.heap import PauseWatch
+from jaxserve.engine.runner import free_device_bytes
 
 
 def median_seconds(fn, *args, reps: int) -> float:
@@ -36,11 +37,8 @@ def probe_gib(gib: float, device=None) -> float:
     probe run beside a warm engine (whose KV pages took a fraction of the free memory) must
     fit, with the sum's own buffers, in what is left. Devices that report no memory size
     get `gib`."""
-    stats = (device or jax.devices()[0]).memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return gib
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return min(gib, free / 4 / 2**30)
+    free = free_device_bytes([device or jax.devices()[0]])
+    return gib if free is None else min(gib, free / 4 / 2**30)
 
 
 def read_bandwidth(gib: float = 4.0) -> float:

@@ -280,12 +280,21 @@ DEFAULT_KV_FRACTION = 0.9
 DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (CPU)
 
 
+def free_device_bytes(devices) -> int | None:
+    """Free memory of the device that has least (its allocator's limit less what is in use),
+    or None where a device reports no memory size (a CPU; XLA's VMM allocator)."""
+    stats = [d.memory_stats() or {} for d in devices]
+    if not all("bytes_limit" in st for st in stats):
+        return None
+    return min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+
+
 def kv_budget(config: Config, devices) -> float:
     """cache.kv_cache_memory, or its default for these devices: a fraction (<= 1) of free
     memory, or bytes. ConfigError for a fraction on devices that report no memory size, and
     for no size at all on accelerators that report none (no silent 1 GiB on a GPU)."""
     budget = config.cache.kv_cache_memory
-    reported = all("bytes_limit" in (d.memory_stats() or {}) for d in devices)
+    reported = free_device_bytes(devices) is not None
     kind = "/".join(sorted({d.platform for d in devices}))
     if budget is None:
         if reported:
@@ -332,10 +341,8 @@ def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: 
     page_bytes = kv_page_bytes(config, model, kv_heads_per_device, layers_per_device)
     devices = mesh.local_devices
     budget = kv_budget(config, devices)
-    stats = [d.memory_stats() or {} for d in devices]
-    free, there = None, ""
-    if all("bytes_limit" in st for st in stats):
-        free = min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+    free, there = free_device_bytes(devices), ""
+    if free is not None:
         there = (f"the device with least free memory has {free} bytes free after the "
                  "weights; give a smaller byte count or a fraction of free memory")
     elif all(d.platform == "cpu" for d in devices):  # CPU devices share the host's memory
