@@ -726,9 +726,34 @@ class Runner:
             if stop is not None and stop():
                 return False
             if jax.default_backend() != "cpu" or bucket[0] <= self._decode_tokens():
-                self.run_padding(bucket)
-        jax.block_until_ready(self.state)
+                try:
+                    self.run_padding(bucket)
+                    jax.block_until_ready(self.state)
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" not in str(e):
+                        raise
+                    raise ConfigError(self._out_of_memory(bucket, e)) from e
         return True
+
+    def _out_of_memory(self, bucket: tuple[int, ...], error: Exception) -> str:
+        """What a step program that found no device memory at warm-up says: its bucket, its
+        XLA scratch where known, and the settings that make room (the KV pages are sized
+        before any program is compiled, so a large prompt step can find too little left)."""
+        try:
+            temp = self._executable(*bucket).memory_analysis().temp_size_in_bytes
+            scratch = f"{temp / 2**30:.2f} GiB"
+        except Exception:  # a program loaded whole may not report it
+            scratch = "not reported"
+        given = self.config.cache.kv_cache_memory
+        given = ("unset, the default" if given is None else
+                 f"{given:g} of free memory" if given <= 1 else f"{given:.0f} bytes")
+        said = (str(error).strip() or type(error).__name__).splitlines()[0]
+        return (f"the step program of {bucket[0]} tokens and {bucket[1]} sequences ran out "
+                f"of device memory at warm-up (its XLA scratch: {scratch}) beside "
+                f"{self.num_pages} KV pages (cache.kv_cache_memory: {given}): give the KV "
+                "pages less memory, or lower scheduler.max_num_batched_tokens and "
+                f"runner.token_buckets (largest {self.config.runner.token_buckets[-1]}); "
+                f"XLA: {said}")
 
     def _decode_tokens(self) -> int:
         """The token bucket of a step that decodes every slot (the largest a decode-only

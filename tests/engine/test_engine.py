@@ -502,3 +502,37 @@ def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path, monkeypa
     m = load_model(config.replace(runner__max_logprobs=20), progress=False)
     with pytest.raises(ConfigError, match="runner.max_logprobs: 200 is more than"):
         Engine(config, m.model_config, m.params, None, m.mesh)  # the engine checks it too
+
+
+def test_a_program_out_of_device_memory_at_warm_up_is_a_config_error_naming_the_fix(
+        demo_config, demo_model, monkeypatch):
+    """XLA's out-of-memory at a program's first run becomes a ConfigError that names the
+    program and what makes room; any other runtime error passes through as it is."""
+    engine = make_engine(demo_config, demo_model)
+    runner, ran, real = engine.runner, [], engine.runner.run_padding
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.02GiB\nmore detail"
+
+    def run_padding(bucket):
+        ran.append(bucket)
+        if len(ran) == 1:
+            raise jax.errors.JaxRuntimeError(oom)
+        real(bucket)
+
+    monkeypatch.setattr(runner, "run_padding", run_padding)
+    with pytest.raises(ConfigError) as e:
+        engine.warm_up(progress=False)
+    message = str(e.value)
+    tokens, seqs = ran[0][:2]
+    assert f"step program of {tokens} tokens and {seqs} sequences ran out" in message
+    assert f"beside {runner.num_pages} KV pages" in message
+    assert f"cache.kv_cache_memory: {demo_config.cache.kv_cache_memory:.0f} bytes" in message
+    assert "scheduler.max_num_batched_tokens" in message and "largest 64" in message
+    assert message.endswith("XLA: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                            "allocate 4.02GiB")
+    assert "XLA scratch: " in message and "not reported" not in message
+
+    ran.clear()
+    monkeypatch.setattr(runner, "run_padding", lambda bucket: (_ for _ in ()).throw(
+        jax.errors.JaxRuntimeError("INTERNAL: a kernel failed")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: a kernel failed"):
+        engine.warm_up(progress=False)
