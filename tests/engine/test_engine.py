@@ -531,8 +531,9 @@ def test_a_program_out_of_device_memory_at_warm_up_is_a_config_error_naming_the_
                             "allocate 4.02GiB")
     assert "XLA scratch: " in message and "not reported" not in message
 
-    ran.clear()
-    monkeypatch.setattr(runner, "run_padding", lambda bucket: (_ for _ in ()).throw(
-        jax.errors.JaxRuntimeError("INTERNAL: a kernel failed")))
+    def fails(bucket):
+        raise jax.errors.JaxRuntimeError("INTERNAL: a kernel failed")
+
+    monkeypatch.setattr(runner, "run_padding", fails)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: a kernel failed"):
         engine.warm_up(progress=False)
