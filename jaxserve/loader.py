@@ -22,7 +22,8 @@ from jaxserve.checkpoint.convert import convert, open_source, source_identity
 from jaxserve.checkpoint.demo import demo_gguf
 from jaxserve.checkpoint.file_lock import exclusive, lock_path
 from jaxserve.config import Config, make_dir
-from jaxserve.engine.runner import check_cache, kv_budget, setup_compilation_cache
+from jaxserve.engine.kv_memory import kv_budget
+from jaxserve.engine.runner import check_cache, setup_compilation_cache
 from jaxserve.errors import CheckpointError, ConfigError
 from jaxserve.models.llama import (
     LlamaModel,

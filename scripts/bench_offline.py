@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         "compilations_after_warmup": compiles_after,
         "preemptions": engine.scheduler.num_preemptions - preempted_before,
         "kv_pages": engine.runner.num_pages, "page_size": config.cache.page_size,
+        # free memory, the largest program's XLA scratch and the pages beside it, where the
+        # devices report their memory (engine/kv_memory.py)
+        "kv_sizing": engine.runner.kv_sizing,
         "tokens_digest": digest(ordered),
     }
     out = Path(args.out) if args.out else Path("bench/results") / (

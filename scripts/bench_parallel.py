@@ -61,8 +61,8 @@ from timing import copy_bandwidth, median_seconds
 
 from jaxserve.config import load_config
 from jaxserve.engine.engine import Engine, StepTimes
+from jaxserve.engine.kv_memory import kv_bytes_per_head_token
 from jaxserve.engine.request import SamplingParams
-from jaxserve.engine.runner import kv_bytes_per_head_token
 from jaxserve.launch import add_distributed_args, join, with_distributed_args
 from jaxserve.loader import load_model, random_model_config
 from jaxserve.models.llama import flatten_params

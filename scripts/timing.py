@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine.heap import PauseWatch
-from jaxserve.engine.runner import free_device_bytes
+from jaxserve.engine.kv_memory import free_device_bytes
 
 
 def median_seconds(fn, *args, reps: int) -> float:

@@ -44,6 +44,18 @@ from jaxserve.engine.batch_builder import BatchBuilder, MicroBatch
 from jaxserve.engine.decode_loop import decode_steps
 from jaxserve.engine.device_step import PIPELINE_AXIS, DeviceState, StepFn
 from jaxserve.engine.heap import freeze_startup
+from jaxserve.engine.kv_memory import (
+    check_bytes_beside_scratch,
+    check_pages,
+    free_device_bytes,
+    kv_budget,
+    kv_dtype,
+    kv_page_bytes,
+    num_kv_pages,
+    pages_beside_scratch,
+    per_device_bytes,
+    scratch_words,
+)
 from jaxserve.engine.multihost import Message, Op, StepChannel
 from jaxserve.engine.page_table import PageTable
 from jaxserve.engine.program_cache import ProgramCache
@@ -59,7 +71,6 @@ from jaxserve.models.llama import (
     has_layer_arrays,
 )
 from jaxserve.models.model_config import ModelConfig
-from jaxserve.models.quant import kv_pages_dtype
 from pallas_kernels.cpu_decode_attention import available as cpu_attention_available
 from pallas_kernels.cpu_matmul import available as cpu_matmul_available
 from sharding import rules
@@ -276,92 +287,6 @@ LOAD_THREADS = min(4, os.cpu_count() or 1)
 # prefill kernel (its smallest item; from 128 up it measured 1.0-2.2x the ragged kernel).
 PAGED_MIN_CHUNK = 128
 
-DEFAULT_KV_FRACTION = 0.9
-DEFAULT_KV_BYTES = 1 << 30  # per device, where devices report no memory size (CPU)
-
-
-def free_device_bytes(devices) -> int | None:
-    """Free memory of the device that has least (its allocator's limit less what is in use),
-    or None where a device reports no memory size (a CPU; XLA's VMM allocator)."""
-    stats = [d.memory_stats() or {} for d in devices]
-    if not all("bytes_limit" in st for st in stats):
-        return None
-    return min(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
-
-
-def kv_budget(config: Config, devices) -> float:
-    """cache.kv_cache_memory, or its default for these devices: a fraction (<= 1) of free
-    memory, or bytes. ConfigError for a fraction on devices that report no memory size, and
-    for no size at all on accelerators that report none (no silent 1 GiB on a GPU)."""
-    budget = config.cache.kv_cache_memory
-    reported = free_device_bytes(devices) is not None
-    kind = "/".join(sorted({d.platform for d in devices}))
-    if budget is None:
-        if reported:
-            return DEFAULT_KV_FRACTION
-        if kind != "cpu":
-            raise ConfigError(
-                f"cache.kv_cache_memory is unset, and these {kind} devices report no memory "
-                "size to take a fraction of (XLA's VMM allocator, which a "
-                "--xla_gpu_command_buffer_update_mode other than the default switches on, "
-                "reports none); give a byte count (e.g. 68719476736)")
-        return DEFAULT_KV_BYTES
-    if budget <= 1 and not reported:
-        unset = " or leave it unset" if kind == "cpu" else ""
-        raise ConfigError(f"cache.kv_cache_memory={budget:g} is a fraction of free device "
-                          f"memory, but {kind} devices report no memory size; give a byte "
-                          f"count (e.g. 268435456){unset}")
-    return budget
-
-
-def kv_dtype(config: Config) -> jnp.dtype:
-    """The KV pages' dtype: the model's, or int8/fp8 storage (cache.kv_dtype)."""
-    return jnp.dtype(kv_pages_dtype(config.cache.kv_dtype, config.model.dtype))
-
-
-def kv_bytes_per_head_token(config: Config, head_dim: int) -> int:
-    """Bytes of K or V for one token of one KV head of one layer: the vector, plus its
-    float32 scale in a quantized cache."""
-    return head_dim * kv_dtype(config).itemsize + (4 if config.cache.kv_dtype != "auto" else 0)
-
-
-def kv_page_bytes(config: Config, model: ModelConfig, kv_heads_per_device: int,
-                  layers_per_device: int) -> int:
-    """Bytes of one KV page (K and V, every layer) on one device."""
-    return 2 * layers_per_device * config.cache.page_size * kv_heads_per_device \
-        * kv_bytes_per_head_token(config, model.head_dim)
-
-
-def num_kv_pages(config: Config, model: ModelConfig, mesh, kv_heads_per_device: int,
-                 layers_per_device: int) -> int:
-    """Pages per data shard that fit the KV budget of every device: bytes per device, or a
-    fraction of the free memory of the device that has least (weights already loaded). A
-    byte count larger than that free memory (on a CPU: than the host's memory, which its
-    devices share) is a ConfigError."""
-    page_bytes = kv_page_bytes(config, model, kv_heads_per_device, layers_per_device)
-    devices = mesh.local_devices
-    budget = kv_budget(config, devices)
-    free, there = free_device_bytes(devices), ""
-    if free is not None:
-        there = (f"the device with least free memory has {free} bytes free after the "
-                 "weights; give a smaller byte count or a fraction of free memory")
-    elif all(d.platform == "cpu" for d in devices):  # CPU devices share the host's memory
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
-        there = (f"this host has {free * len(devices)} bytes of memory"
-                 + (f" for {len(devices)} devices" if len(devices) > 1 else "")
-                 + "; give a smaller byte count")
-    if budget <= 1:
-        budget = budget * free
-    elif free is not None and budget > free:
-        given = "" if config.cache.kv_cache_memory is not None else " (unset: the default)"
-        raise ConfigError(f"cache.kv_cache_memory={budget:.0f} bytes per device{given}, but "
-                          f"{there}")
-    pages = int(budget // page_bytes)
-    if jax.process_count() > 1:  # every process must build the same cache
-        pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
-    return pages
-
-
 def check_cache(config: Config, model: ModelConfig, mesh) -> None:
     """What can be checked of the cache before the weights load: runner.max_logprobs within
     the vocabulary, and a KV budget given in bytes that holds one sequence of
@@ -373,28 +298,13 @@ def check_cache(config: Config, model: ModelConfig, mesh) -> None:
         slots = PipelinePlan.make(model.num_layers, mesh.shape[PIPELINE_AXIS],
                                   config.mesh.pipeline_layers).slots
         page = kv_page_bytes(config, model, kv_heads, slots)
-        _check_pages(config, int(budget // page), page)
+        check_pages(config, int(budget // page), page)
 
 
 def _check_logprobs(config: Config, model: ModelConfig) -> None:
     if config.runner.max_logprobs > model.vocab_size:
         raise ConfigError(f"runner.max_logprobs: {config.runner.max_logprobs} is more than "
                           f"the model's vocabulary of {model.vocab_size} tokens")
-
-
-def _check_pages(config: Config, num_pages: int, page_bytes: int) -> None:
-    """ConfigError unless num_pages (one of them the reserved null page) hold a sequence of
-    cache.max_model_len."""
-    page_size = config.cache.page_size
-    if (num_pages - 1) * page_size >= config.cache.max_model_len:
-        return
-    need = -(-config.cache.max_model_len // page_size) + 1
-    usable = f"{(num_pages - 1) * page_size} tokens" if num_pages > 0 else "no token"
-    raise ConfigError(
-        f"cache.kv_cache_memory holds {num_pages} pages of {page_size} tokens, one of them "
-        f"reserved: {usable}, fewer than one sequence of cache.max_model_len="
-        f"{config.cache.max_model_len}; one needs {need} pages, {need * page_bytes} bytes per "
-        "device")
 
 
 class Runner:
@@ -420,7 +330,7 @@ class Runner:
                                           config.mesh.pipeline_layers)
         self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads,
                                       self.pipeline.slots)
-        _check_pages(config, self.num_pages,
+        check_pages(config, self.num_pages,
                      kv_page_bytes(config, model_config, self.plan.kv_heads,
                                    self.pipeline.slots))
         local = dataclasses.replace(self.plan.per_device(model_config),
@@ -488,7 +398,7 @@ class Runner:
                 self._step, model=model.clone(attention_fn=decode_attention))
         self.batch = BatchBuilder(config, self.num_shards, self.stages, eos_ids,
                                   decode_programs)
-        self.state = self._init_state()
+        self.state = self._state_shapes()  # arrays once the pages are sized, below
         self._prev_tokens = self._to_global(
             np.zeros((self.num_shards, self.stages, self.max_seqs), np.int32))
         self._ring: collections.deque[MicroBatch] = collections.deque(maxlen=self.stages)
@@ -517,11 +427,15 @@ class Runner:
             self.channel = StepChannel.connect(self._buffer_shape, port=d.step_port,
                                                timeout_s=d.init_timeout_s)
         compile_counter()
+        self.kv_sizing: dict | None = None  # set where the pages are fit beside the scratch
+        self._fit_pages_beside_scratch()
+        self.state = self._allocate(self.state)
 
     # ----- device state ----------------------------------------------------------------
 
-    def _init_state(self) -> DeviceState:
-        """The KV cache and penalty tables, each created already sharded by a jitted fill."""
+    def _state_shapes(self) -> DeviceState:
+        """The shapes, dtypes and shardings of the KV cache and penalty tables (of
+        self.num_pages pages): what the step programs compile against."""
         c = self.model_config
         kv_shape = (self.stages * self.pipeline.slots, self.num_shards * self.num_pages,
                     self.page_size, self.plan.served_kv_heads, c.head_dim)
@@ -529,27 +443,80 @@ class Runner:
         kv_sharding = rules.sharding_for(kv_names, kv_shape, self.mesh)
         table = (self.num_shards * self.num_slots, c.vocab_size)
         table_sharding = rules.sharding_for(("batch", "sampled_vocab"), table, self.mesh)
-        zeros = lambda shape, dtype, sharding: jax.jit(
-            lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        shape = jax.ShapeDtypeStruct
         pipe_x = history = None
         if self.stages > 1:  # what each stage hands the next
             blocks = (self.num_shards, self.stages)
             t_max = self.config.runner.token_buckets[-1]
-            pipe_x = zeros((*blocks, t_max, c.hidden_size), self.dtype, self._per_block)
-            history = zeros((*blocks, self.stages, self.max_seqs), jnp.int32, self._per_block)
+            pipe_x = shape((*blocks, t_max, c.hidden_size), self.dtype,
+                           sharding=self._per_block)
+            history = shape((*blocks, self.stages, self.max_seqs), jnp.int32,
+                            sharding=self._per_block)
         kv_scales = None
         if self.config.cache.kv_dtype != "auto":  # one float32 scale per (token, KV head)
             scale_sharding = rules.sharding_for(kv_names[:-1], kv_shape[:-1], self.mesh)
-            kv_scales = tuple(zeros(kv_shape[:-1], jnp.float32, scale_sharding)
+            kv_scales = tuple(shape(kv_shape[:-1], jnp.float32, sharding=scale_sharding)
                               for _ in range(2))
         cache = kv_dtype(self.config)
         return DeviceState(
-            zeros(kv_shape, cache, kv_sharding),
-            zeros(kv_shape, cache, kv_sharding),
-            zeros(table, jnp.bool_, table_sharding),
-            zeros(table, jnp.int32, table_sharding),
+            shape(kv_shape, cache, sharding=kv_sharding),
+            shape(kv_shape, cache, sharding=kv_sharding),
+            shape(table, jnp.bool_, sharding=table_sharding),
+            shape(table, jnp.int32, sharding=table_sharding),
             pipe_x, history, kv_scales,
         )
+
+    @staticmethod
+    def _allocate(shapes: DeviceState) -> DeviceState:
+        """Zeros of each shape, each created already sharded by a jitted fill."""
+        return jax.tree.map(lambda a: jax.jit(lambda: jnp.zeros(a.shape, a.dtype),
+                                              out_shardings=a.sharding)(), shapes)
+
+    def _fit_pages_beside_scratch(self) -> None:
+        """Where the devices report their memory: compile the largest step program now,
+        before the pages are allocated, and read its XLA scratch. A fraction of free memory
+        gives the pages no more than leaves it room; bytes that leave it none are a
+        ConfigError now, not an out-of-memory after every program has compiled
+        (kv_memory.py). Where the pages stay as they were, the program is the one warm-up
+        would compile; where they shrink, it compiles again against the new shapes."""
+        devices = self.mesh.local_devices
+        free = free_device_bytes(devices)
+        if free is None:
+            return
+        top = max(self.step_programs())  # the most tokens, then sequences
+        try:
+            scratch = self._executable(*top).memory_analysis().temp_size_in_bytes
+        except Exception as e:  # noqa: BLE001 - a loaded program may not report it
+            _note_once(f"jaxserve: note: the KV pages are sized without the step programs' "
+                       f"XLA scratch: the program of {top[0]} tokens reports none ({e})")
+            return
+        page_bytes = kv_page_bytes(self.config, self.model_config, self.plan.kv_heads,
+                                   self.pipeline.slots)
+        state = self.state
+        others = per_device_bytes((state.prompt_mask, state.output_counts, state.pipe_x,
+                                   state.history))
+        # what start-up measured (benchmarks record it)
+        self.kv_sizing = {"free_bytes": free, "program": top, "scratch_bytes": scratch,
+                          "other_state_bytes": others, "budget_pages": self.num_pages,
+                          "pages": self.num_pages}
+        if kv_budget(self.config, devices) > 1:
+            check_bytes_beside_scratch(self.config, self.num_pages, page_bytes, free, scratch,
+                                       others, top)
+            return
+        pages = pages_beside_scratch(self.num_pages, page_bytes, free, scratch, others)
+        if jax.process_count() > 1:  # every process must build the same cache
+            pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
+        if pages >= self.num_pages:
+            return
+        beside = f" beside {scratch_words(scratch, top)}"
+        check_pages(self.config, pages, page_bytes, beside)
+        print(f"jaxserve: note: {pages} KV pages, not the {self.num_pages} of "
+              f"cache.kv_cache_memory={self.config.cache.kv_cache_memory}: they leave room "
+              f"for {scratch_words(scratch, top)}", file=sys.stderr, flush=True)
+        self.num_pages = self.kv_sizing["pages"] = pages
+        self.state = self._state_shapes()
+        del self._compiled[top]
+        self.compile_times.pop(top, None)
 
     def _to_global(self, host: np.ndarray) -> jax.Array:
         """A [D, P, ...] host array (the same on every process) as a global array."""

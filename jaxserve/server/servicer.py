@@ -17,8 +17,8 @@ import grpc
 
 from jaxserve.config import Config
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.kv_memory import kv_dtype
 from jaxserve.engine.request import RequestOutput, SamplingParams
-from jaxserve.engine.runner import kv_dtype
 from jaxserve.errors import InvalidRequestError
 from jaxserve.server import protocol
 from jaxserve.server.engine_loop import (

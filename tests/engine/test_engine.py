@@ -422,7 +422,7 @@ class _Device:
 
 
 def test_kv_cache_size_on_a_gpu_that_reports_no_memory_must_be_given(demo_config):
-    from jaxserve.engine.runner import kv_budget
+    from jaxserve.engine.kv_memory import kv_budget
 
     unset = demo_config.replace(cache__kv_cache_memory=None)
     assert kv_budget(unset, [_Device("gpu", {"bytes_limit": 1 << 40})]) == 0.9
@@ -470,6 +470,76 @@ def test_kv_cache_sizes_that_cannot_hold_a_sequence_or_fit_the_host_are_named(de
                                           r"device, but this host has \d+ bytes of memory; "
                                           r"give a smaller byte count$"):
         make_engine(demo_config, demo_model, cache__kv_cache_memory=float(2**50))
+
+
+def _stub_free_memory(monkeypatch, free: int) -> None:
+    """Devices that report `free` bytes free after the weights, as a GPU's do (a CPU's
+    report none), with the allocator's slack at least 1 MiB instead of 256."""
+    from jaxserve.engine import kv_memory, runner
+
+    for module in (kv_memory, runner):
+        monkeypatch.setattr(module, "free_device_bytes", lambda devices: free)
+    monkeypatch.setattr(kv_memory, "SLACK_MIN_BYTES", 1 << 20)
+
+
+def test_kv_pages_as_a_fraction_leave_room_for_the_largest_programs_scratch(
+        demo_config, demo_model, monkeypatch):
+    """Where the devices report their memory, the largest step program compiles before the
+    pages are allocated: a fraction of free memory gives the pages no more than leaves
+    room for its XLA scratch, the penalty tables and the slack (it gave them the whole
+    fraction, and such a program ran out of memory at warm-up)."""
+    from jaxserve.engine.kv_memory import per_device_bytes, slack_bytes
+
+    free = 256 << 20
+    _stub_free_memory(monkeypatch, free)
+    # room to spare: the fraction's pages, and the program compiled for them is warm-up's
+    engine = make_engine(demo_config, demo_model, cache__kv_cache_memory=0.5)
+    runner = engine.runner
+    top = max(runner.step_programs())
+    assert top[:2] == (64, 16)
+    assert runner.num_pages == int(0.5 * free) // PAGE_BYTES
+    probe = runner._compiled[top]
+    scratch = probe.memory_analysis().temp_size_in_bytes
+    state = runner.state
+    others = per_device_bytes((state.prompt_mask, state.output_counts))
+    assert scratch > 0 and others == runner.num_slots * 49152 * (1 + 4)  # bool, int32
+    # too little room beside 0.9 of it: the pages that leave it, and a program for them
+    engine = make_engine(demo_config, demo_model, cache__kv_cache_memory=0.9)
+    runner = engine.runner
+    fits = (free - scratch - others - slack_bytes(free)) // PAGE_BYTES
+    assert fits < int(0.9 * free) // PAGE_BYTES
+    assert runner.num_pages == fits
+    assert runner.num_pages * PAGE_BYTES + scratch + others <= free
+    assert runner.state.k_pages.shape[1] == fits and top not in runner._compiled
+    assert engine.stats().pages_total == fits - 1
+    engine.warm_up(progress=False)
+    out = run(engine, {0: [("a", list(range(10, 60)), SamplingParams(max_tokens=4))]})
+    assert len(out["a"][0]) == 4 and engine.stats().pages_used == 0
+    # bytes that leave the scratch no room: refused before warm-up
+    given = free - (scratch + others) // 2
+    with pytest.raises(ConfigError) as e:
+        make_engine(demo_config, demo_model, cache__kv_cache_memory=float(given))
+    pages = given // PAGE_BYTES
+    assert str(e.value) == (
+        f"cache.kv_cache_memory={given} bytes per device of KV pages, the XLA scratch of the "
+        f"step program of 64 tokens and 16 sequences ({scratch / 2**30:.2f} GiB) and the "
+        f"step's other state ({others} bytes) need {pages * PAGE_BYTES + scratch + others} "
+        f"bytes, but the device with least free memory has {free} bytes free after the "
+        f"weights: give the pages at most {_fits_bytes(free, scratch, others)} bytes, or a "
+        "fraction of free memory (it leaves the scratch its room), or lower "
+        "scheduler.max_num_batched_tokens and runner.token_buckets")
+    # a fraction whose pages hold a sequence of 2048 tokens (129 pages) but not beside the
+    # scratch
+    _stub_free_memory(monkeypatch, -(-130 * PAGE_BYTES * 10 // 9))
+    with pytest.raises(ConfigError, match=r"^cache.kv_cache_memory holds \d+ pages of 16 "
+                                          r"tokens beside the XLA scratch of the step program "
+                                          r"of 64 tokens and 16 sequences \(\d.\d\d GiB\), "
+                                          r"one of them reserved: "):
+        make_engine(demo_config, demo_model, cache__kv_cache_memory=0.9)
+
+
+def _fits_bytes(free: int, scratch: int, others: int) -> int:
+    return (free - scratch - others) // PAGE_BYTES * PAGE_BYTES
 
 
 def test_max_logprobs_beyond_the_vocabulary_is_a_config_error(tmp_path, monkeypatch):
