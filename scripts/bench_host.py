@@ -11,6 +11,13 @@ schedule_ms (scheduler), inputs_ms (building and dispatching the step), outputs_
 With --decode-steps K each engine step is a call of K decode steps (multi-step decode):
 the phases are per call, and host_per_token_step_ms is host_ms / K.
 
+With --prompts N --prompt-len L it also times the first step of N fresh prompts of L tokens
+each, all in one prompt step (an offline run's first call, which the device waits for):
+`first_step` holds the medians over --first-step-reps rounds of that call's wall time and
+of its schedule_ms (admitting the prompts, taking their pages, registering their full pages
+in the prefix cache) and inputs_ms (building the step's inputs and dispatching it), each
+round's prompts new, and the engine drained between rounds.
+
 The engine's other settings (layer layout, weight layout) come from --config, by default the
 demo's config for the backend (configs/smollm2-135m-cpu.yaml on CPU, smollm2-135m-gpu.yaml
 on a GPU), so a GPU runs its layers unrolled, as the GPU configs serve them, not in the
@@ -139,6 +146,42 @@ def measure(engine: Engine, batch: int, context: int, steps: int, seed: int) -> 
     return row
 
 
+def measure_first_step(base, shape: Path, prompts: int, prompt_len: int, reps: int,
+                       dispatch_thread) -> dict:
+    """The first call of `prompts` fresh prompts of `prompt_len` tokens, in one step."""
+    tokens = prompts * prompt_len
+    config = tiny_config(base, shape, prompts, prompt_len + 8).replace(
+        runner__token_buckets=(prompts, tokens), scheduler__max_num_batched_tokens=tokens,
+        cache__kv_cache_memory=float(max(2**30, 4 * tokens * 2 * 2 * 16 * 4)),
+        runner__dispatch_thread=dispatch_thread)
+    loaded = load_model(config, progress=False)
+    engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
+    engine.warm_up(progress=False)
+    rng = np.random.default_rng(1)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    walls, schedule, inputs = [], [], []
+    for r in range(reps + 1):  # the first round unrecorded: first runs of the programs
+        for i in range(prompts):
+            engine.add_request(rng.integers(3, TINY.vocab_size, prompt_len).tolist(), params,
+                               f"p{r}-{i}")
+        engine.step_times = type(engine.step_times)()
+        t = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - t
+        phases = engine.step_times.per_step_ms()
+        if r:
+            walls.append(wall * 1e3)
+            schedule.append(phases["schedule_ms"])
+            inputs.append(phases["inputs_ms"])
+        while engine.has_unfinished():
+            engine.step()
+    engine.close()
+    med = lambda xs: round(float(np.median(xs)), 4)
+    return {"prompts": prompts, "prompt_len": prompt_len, "rounds": reps,
+            "wall_ms": med(walls), "schedule_ms": med(schedule), "inputs_ms": med(inputs),
+            "wall_ms_all": [round(w, 4) for w in walls]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
@@ -156,6 +199,10 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in seconds (Python's default: 0.005): how "
                          "long a thread waits for the GIL before it asks for it")
+    ap.add_argument("--prompts", type=int, default=0,
+                    help="also time the first step of this many fresh prompts (0: not)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--first-step-reps", type=int, default=20)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.switch_interval is not None:
@@ -170,13 +217,18 @@ def main() -> None:
         scheduler__decode_steps=args.decode_steps,
         runner__dispatch_thread={"auto": None, "on": True, "off": False}[args.dispatch_thread])
     loaded = load_model(config, progress=False)
-    shape.unlink()
     engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
     rows = []
     for b in args.batch:
         for c in args.context:
             rows.append(measure(engine, b, c, args.steps, seed=len(rows)))
             print(json.dumps(rows[-1]), flush=True)
+    first = None
+    if args.prompts:
+        first = measure_first_step(base, shape, args.prompts, args.prompt_len,
+                                   args.first_step_reps, config.runner.dispatch_thread)
+        print(json.dumps(first), flush=True)
+    shape.unlink()
     result = {"benchmark": "host-work-per-step",
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {len(jax.devices())} JAX device(s), "
@@ -186,7 +238,7 @@ def main() -> None:
               "attention_backend": args.attention_backend, "backend": jax.default_backend(),
               "dispatch_thread": engine.runner.dispatches_on_thread,
               "switch_interval_s": sys.getswitchinterval(),
-              "model": dataclasses.asdict(TINY), "rows": rows}
+              "model": dataclasses.asdict(TINY), "rows": rows, "first_step": first}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
