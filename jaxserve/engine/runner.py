@@ -331,8 +331,8 @@ class Runner:
         self.num_pages = num_kv_pages(config, model_config, mesh, self.plan.kv_heads,
                                       self.pipeline.slots)
         check_pages(config, self.num_pages,
-                     kv_page_bytes(config, model_config, self.plan.kv_heads,
-                                   self.pipeline.slots))
+                    kv_page_bytes(config, model_config, self.plan.kv_heads,
+                                  self.pipeline.slots))
         local = dataclasses.replace(self.plan.per_device(model_config),
                                     num_layers=self.pipeline.slots)
         experts, tensor = mesh.shape[EXPERT_AXIS], mesh.shape[TENSOR_AXIS]
@@ -483,9 +483,16 @@ class Runner:
         free = free_device_bytes(devices)
         if free is None:
             return
+        if jax.process_count() > 1:  # the same decision on every process
+            free = int(np.min(multihost_utils.process_allgather(np.int64(free))))
         top = max(self.step_programs())  # the most tokens, then sequences
+        if self._programs is None or not self._programs.path(top, self._args(top)).is_file():
+            print(f"jaxserve: compiling the step program of {top[0]} tokens and {top[1]} "
+                  "sequences first: the KV pages are sized beside its XLA scratch",
+                  file=sys.stderr, flush=True)
+        program = self._executable(*top)
         try:
-            scratch = self._executable(*top).memory_analysis().temp_size_in_bytes
+            scratch = program.memory_analysis().temp_size_in_bytes
         except Exception as e:  # noqa: BLE001 - a loaded program may not report it
             _note_once(f"jaxserve: note: the KV pages are sized without the step programs' "
                        f"XLA scratch: the program of {top[0]} tokens reports none ({e})")
@@ -499,20 +506,20 @@ class Runner:
         self.kv_sizing = {"free_bytes": free, "program": top, "scratch_bytes": scratch,
                           "other_state_bytes": others, "budget_pages": self.num_pages,
                           "pages": self.num_pages}
-        if kv_budget(self.config, devices) > 1:
+        budget = kv_budget(self.config, devices)
+        if budget > 1:
             check_bytes_beside_scratch(self.config, self.num_pages, page_bytes, free, scratch,
                                        others, top)
             return
         pages = pages_beside_scratch(self.num_pages, page_bytes, free, scratch, others)
-        if jax.process_count() > 1:  # every process must build the same cache
-            pages = int(np.min(multihost_utils.process_allgather(np.int64(pages))))
         if pages >= self.num_pages:
             return
         beside = f" beside {scratch_words(scratch, top)}"
         check_pages(self.config, pages, page_bytes, beside)
+        unset = " (unset: the default)" if self.config.cache.kv_cache_memory is None else ""
         print(f"jaxserve: note: {pages} KV pages, not the {self.num_pages} of "
-              f"cache.kv_cache_memory={self.config.cache.kv_cache_memory}: they leave room "
-              f"for {scratch_words(scratch, top)}", file=sys.stderr, flush=True)
+              f"cache.kv_cache_memory={budget:g}{unset}: they leave room for "
+              f"{scratch_words(scratch, top)}", file=sys.stderr, flush=True)
         self.num_pages = self.kv_sizing["pages"] = pages
         self.state = self._state_shapes()
         del self._compiled[top]

@@ -483,7 +483,7 @@ def _stub_free_memory(monkeypatch, free: int) -> None:
 
 
 def test_kv_pages_as_a_fraction_leave_room_for_the_largest_programs_scratch(
-        demo_config, demo_model, monkeypatch):
+        demo_config, demo_model, monkeypatch, capsys):
     """Where the devices report their memory, the largest step program compiles before the
     pages are allocated: a fraction of free memory gives the pages no more than leaves
     room for its XLA scratch, the penalty tables and the slack (it gave them the whole
@@ -504,11 +504,16 @@ def test_kv_pages_as_a_fraction_leave_room_for_the_largest_programs_scratch(
     others = per_device_bytes((state.prompt_mask, state.output_counts))
     assert scratch > 0 and others == runner.num_slots * 49152 * (1 + 4)  # bool, int32
     # too little room beside 0.9 of it: the pages that leave it, and a program for them
+    capsys.readouterr()
     engine = make_engine(demo_config, demo_model, cache__kv_cache_memory=0.9)
     runner = engine.runner
     fits = (free - scratch - others - slack_bytes(free)) // PAGE_BYTES
     assert fits < int(0.9 * free) // PAGE_BYTES
     assert runner.num_pages == fits
+    assert (f"jaxserve: note: {fits} KV pages, not the {int(0.9 * free) // PAGE_BYTES} of "
+            "cache.kv_cache_memory=0.9: they leave room for the XLA scratch of the step "
+            f"program of 64 tokens and 16 sequences ({scratch / 2**30:.2f} GiB)\n"
+            ) in capsys.readouterr().err
     assert runner.num_pages * PAGE_BYTES + scratch + others <= free
     assert runner.state.k_pages.shape[1] == fits and top not in runner._compiled
     assert engine.stats().pages_total == fits - 1
