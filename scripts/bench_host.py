@@ -51,7 +51,7 @@ import numpy as np
 from engine_runs import abort_all, decode_together
 
 from jaxserve.config import load_config
-from jaxserve.engine.engine import Engine
+from jaxserve.engine.engine import Engine, StepTimes
 from jaxserve.engine.request import SamplingParams
 from jaxserve.loader import load_model
 from jaxserve.models.model_config import ModelConfig
@@ -152,7 +152,6 @@ def measure_first_step(base, shape: Path, prompts: int, prompt_len: int, reps: i
     tokens = prompts * prompt_len
     config = tiny_config(base, shape, prompts, prompt_len + 8).replace(
         runner__token_buckets=(prompts, tokens), scheduler__max_num_batched_tokens=tokens,
-        cache__kv_cache_memory=float(max(2**30, 4 * tokens * 2 * 2 * 16 * 4)),
         runner__dispatch_thread=dispatch_thread)
     loaded = load_model(config, progress=False)
     engine = Engine(config, loaded.model_config, loaded.params, None, loaded.mesh)
@@ -164,7 +163,7 @@ def measure_first_step(base, shape: Path, prompts: int, prompt_len: int, reps: i
         for i in range(prompts):
             engine.add_request(rng.integers(3, TINY.vocab_size, prompt_len).tolist(), params,
                                f"p{r}-{i}")
-        engine.step_times = type(engine.step_times)()
+        engine.step_times = StepTimes()
         t = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - t

@@ -711,8 +711,9 @@ class Runner:
 
     def _out_of_memory(self, bucket: tuple[int, ...], error: Exception) -> str:
         """What a step program that found no device memory at warm-up says: its bucket, its
-        XLA scratch where known, and the settings that make room (the KV pages are sized
-        before any program is compiled, so a large prompt step can find too little left)."""
+        XLA scratch where known, and the settings that make room (the pages leave room only
+        for the largest program's scratch, and only where the devices report their memory:
+        another program, or the allocator, can still find too little left)."""
         try:
             temp = self._executable(*bucket).memory_analysis().temp_size_in_bytes
             scratch = f"{temp / 2**30:.2f} GiB"
